@@ -1,0 +1,44 @@
+# alignflow: `make align` runs the whole recipe, `make test` runs the test suite.
+SHELL := /bin/bash
+PY := .venv/bin/python
+PIP := .venv/bin/pip
+export PREFECT_HOME := $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := true
+export MLFLOW_DISABLE_TELEMETRY := true
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.DEFAULT_GOAL := help
+.PHONY: help venv align test test-fast lint ui clean
+
+help: ## list targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+.venv/.installed: pyproject.toml
+	test -x $(PY) || python3.11 -m venv .venv || python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0            # CPU wheel from local disk; never an unpinned torch
+	$(PIP) install -q setuptools wheel
+	$(PIP) install -q --no-build-isolation deepspeed==0.19.8   # builds against the torch above
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+venv: .venv/.installed ## create .venv and install pinned dependencies
+
+align: venv ## run the whole InstructGPT recipe on the embedded default (ARGS="stage.ppo.beta=0.05")
+	$(PY) -m flows.align $(ARGS)
+
+test: venv ## run the whole test suite (unit, stage, config, end-to-end flow)
+	$(PY) -m pytest tests
+
+test-fast: venv ## unit and config tests only
+	$(PY) -m pytest tests -m "not slow"
+
+lint: venv ## ruff
+	.venv/bin/ruff check stages flows tests
+
+ui: venv ## serve the MLflow UI on 127.0.0.1:5000
+	.venv/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/artifacts/mlflow.db --host 127.0.0.1 --port 5000
+
+clean: ## remove artifacts and orchestration state (keeps .venv)
+	rm -rf artifacts/*/ artifacts/mlflow.db artifacts/summary.json .prefect

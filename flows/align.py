@@ -1,0 +1,116 @@
+"""The alignment flow: `python -m flows.align [overrides]`, e.g. `stage.ppo.beta=0.05 peft=full`.
+
+The flow body reads as the DAG: prepare -> sft -> comparisons -> reward_model -> ppo -> evaluate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import flows  # noqa: F401  (environment: project-local Prefect home, telemetry off)
+import hydra
+import mlflow
+from omegaconf import DictConfig
+from prefect import flow
+
+from flows import report
+from flows.config import PIPELINES, Config, register, to_config
+from flows.runner import StageCall, flatten, stage_task
+from stages.manifest import MANIFEST, Manifest
+
+
+class Pipeline:
+    """Runs stage calls in order, recording status and timing; stops after `pipeline.stop_after`."""
+
+    def __init__(self, cfg: Config, parent_run_id: str) -> None:
+        self.cfg = cfg
+        self.parent_run_id = parent_run_id
+        self.task = stage_task()
+        self.stages: dict[str, dict[str, Any]] = {}
+        self.order = PIPELINES[cfg.pipeline.name]
+
+    def wanted(self, stage: str) -> bool:
+        stop = self.cfg.pipeline.stop_after
+        return stop is None or self.order.index(stage) <= self.order.index(stop)
+
+    def __call__(self, stage: str, *configs: Any, parents: tuple[Manifest, ...] = (), **kwargs: Any) -> Manifest:
+        inputs = {k: str(v) for k, v in kwargs.items() if isinstance(v, Path)}
+        scalars = {k: v for k, v in kwargs.items() if not isinstance(v, Path)}
+        call = StageCall(stage, configs, inputs, {p.stage: p.digest for p in parents}, scalars, self.cfg.artifacts_dir)
+        t0 = time.perf_counter()
+        state = self.task.with_options(task_run_name=stage)(call, self.parent_run_id, return_state=True)
+        manifest: Manifest = state.result()
+        cached = state.name == "Cached"
+        if cached and not Path(manifest.path, MANIFEST).exists():  # artifact deleted: recompute
+            state = self.task.with_options(task_run_name=stage, refresh_cache=True)(
+                call, self.parent_run_id, return_state=True)
+            manifest, cached = state.result(), False
+        if cached:
+            with mlflow.start_run(run_name=stage, nested=True, parent_run_id=self.parent_run_id,
+                                  tags={"alignflow.stage": stage, "alignflow.status": "cached",
+                                        "alignflow.digest": manifest.digest, "alignflow.source_run": manifest.run_id}):
+                mlflow.log_metrics(manifest.metrics)
+        self.stages[stage] = {"status": "cached" if cached else "ran", "seconds": time.perf_counter() - t0,
+                              "artifact": manifest.path, "digest": manifest.digest, "metrics": manifest.metrics}
+        return manifest
+
+
+@flow(name="align", log_prints=True)
+def align(cfg: Config) -> dict[str, Any]:
+    mlflow.set_tracking_uri(cfg.tracking.uri or f"sqlite:///{Path(cfg.artifacts_dir).resolve()}/mlflow.db")
+    mlflow.set_experiment(cfg.tracking.experiment)
+    with mlflow.start_run(run_name=f"align-{cfg.pipeline.name}") as parent:
+        mlflow.log_params(flatten(cfg))
+        run = Pipeline(cfg, parent.info.run_id)
+        s = cfg.stage
+        prep = run("prepare", cfg.data, cfg.model)
+        if run.wanted("sft"):
+            sft = run("sft", s.sft, cfg.peft, parents=(prep,),
+                      base=prep.file("base"), demonstrations=prep.file("demonstrations"))
+        if run.wanted("comparisons"):
+            cmp = run("comparisons", s.comparisons, cfg.labeler, parents=(sft, prep),
+                      policy=sft.file("policy"), prompts=prep.file("comparison_prompts"),
+                      heldout_prompts=prep.file("heldout_comparison_prompts"), target_len=cfg.data.target_len)
+        if run.wanted("reward_model"):
+            rm = run("reward_model", s.reward_model, parents=(sft, cmp), policy=sft.file("policy"),
+                     comparisons=cmp.file("comparisons"), heldout=cmp.file("heldout_comparisons"))
+        if run.wanted("ppo"):
+            ppo = run("ppo", s.ppo, parents=(sft, rm, prep), policy=sft.file("policy"),
+                      reward_model=rm.file("model"), normalization=rm.file("normalization"),
+                      prompts=prep.file("ppo_prompts"))
+        summary: dict[str, Any] = {"pipeline": cfg.pipeline.name, "stages": run.stages, "mlflow_run_id": parent.info.run_id}
+        if run.wanted("evaluate"):
+            ev = run("evaluate", s.evaluate, cfg.labeler, parents=(sft, ppo, rm, cmp, prep),
+                     sft_policy=sft.file("policy"), policy=ppo.file("policy"), reward_model=rm.file("model"),
+                     heldout_comparisons=cmp.file("heldout_comparisons"), prompts=prep.file("eval_prompts"),
+                     target_len=cfg.data.target_len)
+            summary["eval"] = json.loads(ev.file("eval").read_text())
+        path = report.write_summary(cfg.artifacts_dir, summary)
+        mlflow.log_artifact(str(path))
+    summary["summary_path"] = str(path)
+    return summary
+
+
+register()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(dcfg: DictConfig) -> None:
+    cfg = to_config(dcfg)
+    summary = align(cfg)
+    print(report.table(summary["stages"]))
+    if "eval" in summary:
+        e = summary["eval"]
+        print(f"\ngold SFT {e['gold_sft']['mean']:.3f} ± {e['gold_sft']['ci95']:.3f}   "
+              f"gold policy {e['gold_policy']['mean']:.3f} ± {e['gold_policy']['ci95']:.3f}   "
+              f"win rate {e['win_rate']:.1%}   KL/token {e['kl_to_sft']:.3f}   "
+              f"RM acc {e['rm_accuracy']:.3f} (ceiling {e['labeler_ceiling']:.3f})")
+    print(f"\nsummary: {summary['summary_path']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""How one stage runs inside a flow: cache key, atomic content-addressed folder, MLflow run.
+
+The cache key of a stage is derived from its config, the content digests of its upstream artifacts
+and the stage's code version (the source of its module and of every `stages` module it imports),
+so an unchanged stage is never recomputed, across processes. Its output folder is named by the
+digest of its content and written through a temporary folder, so a cached pointer never points at
+a folder that a later run overwrote or a crash left half-written.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import importlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from prefect import task
+
+from stages.manifest import MANIFEST, Manifest, publish, sha256_json, staging_folder
+
+STAGES_DIR = Path(__file__).resolve().parents[1] / "stages"
+
+
+@functools.cache
+def code_version(module: str) -> str:
+    """sha256 over the source of `stages.<module>` and, transitively, the stages modules it imports."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        tree = ast.parse((STAGES_DIR / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "stages":
+                todo += [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("stages."):
+                todo.append(node.module.split(".", 1)[1])
+    return sha256_json({name: (STAGES_DIR / f"{name}.py").read_text() for name in sorted(seen)})
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """{"stage.ppo.beta": 0.02, ...} from nested dataclasses / dicts."""
+    if dataclasses.is_dataclass(obj):
+        obj = dataclasses.asdict(obj)
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): obj}
+
+
+@dataclass(frozen=True)
+class StageCall:
+    """Everything that determines a stage's output: its config objects, upstream digests, scalars."""
+
+    stage: str
+    configs: tuple[Any, ...]
+    inputs: dict[str, str]  # kwarg -> path inside an upstream artifact
+    parents: dict[str, str]  # upstream stage -> content digest
+    scalars: dict[str, Any]
+    artifacts_dir: str
+
+    def key(self) -> str:
+        return sha256_json({
+            "stage": self.stage,
+            "configs": [dataclasses.asdict(c) for c in self.configs],
+            "parents": self.parents,
+            "scalars": self.scalars,
+            "inputs": sorted(self.inputs),
+            "code": code_version(self.stage),
+            "artifacts_dir": str(Path(self.artifacts_dir).resolve()),
+        })
+
+
+def _cache_key(context, parameters: dict[str, Any]) -> str:
+    return parameters["call"].key()
+
+
+def _execute(call: StageCall, parent_run_id: str | None) -> Manifest:
+    module = importlib.import_module(f"stages.{call.stage}")
+    root = Path(call.artifacts_dir) / call.stage
+    key = call.key()
+    with mlflow.start_run(run_name=call.stage, nested=parent_run_id is not None, parent_run_id=parent_run_id,
+                          tags={"alignflow.stage": call.stage, "alignflow.key": key, "alignflow.status": "ran"}) as run:
+        mlflow.log_params({k: v for c in call.configs for k, v in flatten(c, f"{call.stage}.").items()})
+        with staging_folder(root) as tmp:
+            t0 = time.perf_counter()
+            manifest = module.run(*call.configs, **{k: Path(v) for k, v in call.inputs.items()}, **call.scalars,
+                                  out_dir=tmp)
+            seconds = time.perf_counter() - t0
+            digest = manifest.digest  # the stage hashed its own folder
+            final = root / digest[:16]  # content-addressed: the same content always has the same name
+            manifest = dataclasses.replace(
+                manifest, path=str(final.resolve()), digest=digest, key=key, parents=call.parents,
+                run_id=run.info.run_id, metrics={**manifest.metrics, f"{call.stage}/seconds": seconds},
+            )
+            (tmp / MANIFEST).write_text(manifest.to_json())
+            publish(tmp, final)
+        mlflow.set_tag("alignflow.digest", digest)
+        mlflow.set_tag("alignflow.artifact", manifest.path)
+        mlflow.log_metrics(manifest.metrics)
+        mlflow.log_artifact(str(final / MANIFEST))
+        for name in ("samples", "generations", "eval"):
+            if name in manifest.files:
+                mlflow.log_artifact(str(manifest.file(name)))
+    return manifest
+
+
+def stage_task():
+    return task(
+        _execute,
+        name="stage",
+        cache_key_fn=_cache_key,
+        persist_result=True,
+    )

@@ -1,0 +1,66 @@
+"""Comparisons stage: sample K responses per prompt from the SFT policy and have a labeler rank them.
+
+InstructGPT's labelers ranked K = 4 to 9 responses per prompt; here K defaults to 4 and the labeler
+is the simulated one (`stages/labelers.py`). Writes `comparisons.jsonl` (reward-model training) and
+`heldout_comparisons.jsonl` (reward-model evaluation), rows
+`{"prompt", "responses": [K], "finished": [K], "ranking": [indices best to worst]}`.
+
+Alone: `python -m flows.align pipeline.stop_after=comparisons`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from stages.labelers import LabelerConfig, make_labeler
+from stages.manifest import Manifest, folder_digest, read_jsonl, write_jsonl
+from stages.modeling import decode_responses, load_causal_lm, load_tokenizer, sample
+from stages.tracking import log_metrics
+
+
+@dataclass(frozen=True)
+class ComparisonsConfig:
+    k: int = 4  # responses ranked per prompt (InstructGPT: 4 to 9)
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    batch_size: int = 256  # sequences per generate call
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.k < 2:
+            raise ValueError(f"stage.comparisons.k: a ranking needs at least 2 responses, got {self.k}")
+
+
+def sample_k(policy, tokenizer, prompts: list[str], cfg: ComparisonsConfig) -> list[tuple[list[str], list[bool]]]:
+    flat = [p for p in prompts for _ in range(cfg.k)]
+    texts, finished = [], []
+    for start in range(0, len(flat), cfg.batch_size):
+        batch = flat[start : start + cfg.batch_size]
+        rollout = sample(policy, tokenizer, batch, max_new_tokens=cfg.max_new_tokens,
+                         temperature=cfg.temperature, generator_seed=cfg.seed + start)
+        texts += decode_responses(tokenizer, rollout)
+        finished += rollout.finished.tolist()
+    return [(texts[i * cfg.k : (i + 1) * cfg.k], finished[i * cfg.k : (i + 1) * cfg.k]) for i in range(len(prompts))]
+
+
+def run(cfg: ComparisonsConfig, labeler_cfg: LabelerConfig, *, policy: Path, prompts: Path,
+        heldout_prompts: Path, target_len: int, out_dir: Path) -> Manifest:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(policy)
+    model = load_causal_lm(policy)
+    labeler = make_labeler(labeler_cfg, target_len)
+    metrics = {}
+    for name, source in (("comparisons", prompts), ("heldout_comparisons", heldout_prompts)):
+        texts = [r["prompt"] for r in read_jsonl(source)]
+        rows = []
+        for prompt, (responses, finished) in zip(texts, sample_k(model, tokenizer, texts, cfg)):
+            rows.append({"prompt": prompt, "responses": responses, "finished": finished,
+                         "ranking": labeler.rank(prompt, responses)})
+        write_jsonl(out_dir / f"{name}.jsonl", rows)
+        metrics[f"comparisons/{name}/prompts"] = float(len(rows))
+        metrics[f"comparisons/{name}/finished"] = sum(sum(r["finished"]) for r in rows) / (len(rows) * cfg.k)
+    log_metrics(metrics)
+    return Manifest(stage="comparisons", path=str(out_dir), digest=folder_digest(out_dir), metrics=metrics,
+                    files={"comparisons": "comparisons.jsonl", "heldout_comparisons": "heldout_comparisons.jsonl"})

@@ -1,0 +1,78 @@
+"""The arithmetic of PPO for RLHF, pure functions over tensors (unit-tested by hand).
+
+Shapes: (batch, response_len) unless stated; `mask` is 1 on response tokens, 0 on padding.
+References: Ziegler et al. 2019 (KL-penalised reward), Schulman et al. 2016 (GAE),
+Schulman et al. 2017 (clipped objectives), Ouyang et al. 2022 (InstructGPT).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """Normalise to unit variance (and zero mean if `shift_mean`) over the unmasked entries."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def kl_penalized_rewards(
+    score: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards: `-beta * (log pi - log pi_ref)` on every token, plus `score` (batch,) on
+    the last response token. Returns (rewards, kl), both (batch, response_len)."""
+    kl = (logprobs - ref_logprobs) * mask
+    rewards = -beta * kl
+    last = (mask * torch.arange(mask.shape[1])).argmax(dim=1)
+    rewards[torch.arange(mask.shape[0]), last] += score
+    return rewards * mask, kl
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over the response; the value past the last token is 0.
+
+    Returns (advantages, returns) with returns = advantages + values.
+    """
+    values = values * mask
+    advantages = torch.zeros_like(rewards)
+    last_gae = torch.zeros(rewards.shape[0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros(rewards.shape[0])
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last_gae = (delta + gamma * lam * last_gae) * mask[:, t]
+        advantages[:, t] = last_gae
+    return advantages, (advantages + values) * mask
+
+
+def policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clipped surrogate `-min(r A, clip(r, 1-e, 1+e) A)`; returns (loss, clipfrac, approxkl)."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    clipfrac = masked_mean((clipped > unclipped).float(), mask)
+    approxkl = 0.5 * masked_mean((logprobs - old_logprobs) ** 2, mask)
+    return loss, clipfrac, approxkl
+
+
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss `0.5 * max((v - R)^2, (clip(v, v_old +- e) - R)^2)`; returns (loss, clipfrac)."""
+    clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
+    unclipped = (values - returns) ** 2
+    clipped = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(unclipped, clipped), mask)
+    return loss, masked_mean((clipped > unclipped).float(), mask)

@@ -1,0 +1,139 @@
+"""Prepare stage: the embedded default's data, tokenizer and base model.
+
+Generates, deterministically from `data.seed`, the demonstrations (mixed quality), the prompt sets
+for comparisons, PPO and evaluation (disjoint draws), trains a word-level tokenizer on that corpus
+and builds a tiny Llama from a config. Both are saved with `save_pretrained` and every later stage
+loads them back through `from_pretrained`, the path a hub id or a real model folder takes.
+
+With `model.name_or_path` set, the base model and tokenizer come from there instead.
+
+Alone: `python -c "from stages import prepare; ..."` or `python -m flows.align pipeline.stop_after=prepare`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from stages import task
+from stages.manifest import Manifest, folder_digest, write_jsonl
+from stages.modeling import DEFAULT_CHAT_TEMPLATE, ModelConfig, load_causal_lm, load_tokenizer
+
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<eos>", "<|user|>", "<|assistant|>"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    seed: int = 0
+    target_len: int = 6  # the gold rule's preferred response length, in words
+    n_demonstrations: int = 3000
+    n_comparison_prompts: int = 600
+    n_heldout_comparison_prompts: int = 200
+    n_ppo_prompts: int = 2048
+    n_eval_prompts: int = 400
+
+
+def build_tokenizer(corpus: list[str]):
+    """A word-level tokenizer trained on the task corpus, wrapped for `transformers`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS))
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>",
+        additional_special_tokens=["<|user|>", "<|assistant|>"],
+    )
+    fast.chat_template = DEFAULT_CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_llama(cfg: ModelConfig, tokenizer, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_attention_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+def pretrain(model, tokenizer, documents: list[str], cfg: ModelConfig, seed: int) -> list[float]:
+    """Plain next-token training on `documents` (full weights); returns the per-epoch mean loss."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_learning_rate)
+    tokenizer.padding_side = "right"
+    model.train()
+    losses = []
+    for _ in range(cfg.pretrain_epochs):
+        order = torch.randperm(len(documents), generator=gen).tolist()
+        total, batches = 0.0, 0
+        for start in range(0, len(order), 32):
+            batch = [documents[i] + tokenizer.eos_token for i in order[start : start + 32]]
+            enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
+            labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+            loss = model(**enc, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total, batches = total + loss.item(), batches + 1
+        losses.append(total / batches)
+    return losses
+
+
+def run(cfg: DataConfig, model_cfg: ModelConfig, *, out_dir: Path) -> Manifest:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    demos = task.make_demonstrations(cfg.n_demonstrations, cfg.seed, target_len=cfg.target_len)
+    write_jsonl(out_dir / "demonstrations.jsonl", [{"prompt": d.prompt, "response": d.response} for d in demos])
+    prompt_sets = {
+        "comparison_prompts": cfg.n_comparison_prompts,
+        "heldout_comparison_prompts": cfg.n_heldout_comparison_prompts,
+        "ppo_prompts": cfg.n_ppo_prompts,
+        "eval_prompts": cfg.n_eval_prompts,
+    }
+    for i, (name, n) in enumerate(prompt_sets.items()):
+        write_jsonl(out_dir / f"{name}.jsonl", [{"prompt": p} for p in task.make_prompts(n, cfg.seed * 1000 + i + 1)])
+
+    base = out_dir / "base"
+    if model_cfg.name_or_path is None:
+        corpus = [f"{d.prompt} {d.response}" for d in demos] + [" ".join(task.vocabulary())]
+        tokenizer = build_tokenizer(corpus)
+        model = build_tiny_llama(model_cfg, tokenizer, cfg.seed)
+        web = task.make_demonstrations(model_cfg.pretrain_documents, cfg.seed + 7919, target_len=cfg.target_len)
+        pretrain_losses = pretrain(model, tokenizer, [f"{d.prompt} {d.response}" for d in web], model_cfg, cfg.seed)
+    else:
+        tokenizer = load_tokenizer(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
+        if tokenizer.chat_template is None:
+            tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+        model = load_causal_lm(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
+        pretrain_losses = []
+    tokenizer.save_pretrained(base)
+    model.save_pretrained(base, safe_serialization=True)
+    # round trip: the artifact must load through the same path a hub model takes
+    reloaded = load_causal_lm(base)
+    n_params = sum(p.numel() for p in reloaded.parameters())
+    mean_gold = sum(task.gold_score(d.prompt, d.response, target_len=cfg.target_len) for d in demos) / len(demos)
+    return Manifest(
+        stage="prepare",
+        path=str(out_dir),
+        digest=folder_digest(out_dir),
+        metrics={"prepare/params": float(n_params), "prepare/vocab": float(len(tokenizer)),
+                 "prepare/demonstrations/gold_mean": mean_gold,
+                 **({"prepare/pretrain/loss_last": pretrain_losses[-1]} if pretrain_losses else {})},
+        files={"base": "base", **{k: f"{k}.jsonl" for k in prompt_sets}, "demonstrations": "demonstrations.jsonl"},
+    )

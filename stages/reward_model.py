@@ -1,0 +1,123 @@
+"""Reward-model stage: a scalar head on the SFT model, trained on K-way rankings (InstructGPT step 2).
+
+All C(K,2) pairs of one prompt form a single batch element (one forward pass per response):
+
+    loss = -1/C(K,2) * sum_{(w, l)} log sigmoid(r(x, y_w) - r(x, y_l))
+
+After training the scores are normalised: `normalization.json` stores the bias that makes the mean
+reward over the SFT samples zero, so PPO receives normalised rewards (InstructGPT section 3.5).
+
+Alone: `python -m flows.align pipeline.stop_after=reward_model`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from stages.manifest import Manifest, folder_digest, read_jsonl
+from stages.modeling import encode_rollout, load_scalar_model, load_tokenizer, sequence_scores
+from stages.tracking import log_metrics
+
+
+@dataclass(frozen=True)
+class RewardModelConfig:
+    epochs: int = 1  # InstructGPT trains its RM for a single epoch (overfits beyond)
+    learning_rate: float = 9e-6  # InstructGPT's 6B RM
+    batch_prompts: int = 16  # prompts per step; each carries its K responses
+    weight_decay: float = 0.0
+    seed: int = 0
+
+
+def ranking_pairs(ranking: list[int]) -> list[tuple[int, int]]:
+    """All (winner, loser) index pairs implied by a best-to-worst ranking."""
+    return [(ranking[i], ranking[j]) for i in range(len(ranking)) for j in range(i + 1, len(ranking))]
+
+
+def ranking_loss(scores: torch.Tensor, pairs: list[list[tuple[int, int]]]) -> torch.Tensor:
+    """Mean over prompts of the per-prompt mean pairwise loss.
+
+    scores: (num_prompts, K) rewards; pairs[b]: (winner, loser) indices for prompt b.
+    """
+    losses = []
+    for b, prompt_pairs in enumerate(pairs):
+        w = torch.tensor([p[0] for p in prompt_pairs])
+        l = torch.tensor([p[1] for p in prompt_pairs])
+        losses.append(-F.logsigmoid(scores[b, w] - scores[b, l]).mean())
+    return torch.stack(losses).mean()
+
+
+def score_rows(model, tokenizer, rows: list[dict]) -> torch.Tensor:
+    """(num_rows, K) reward scores of each row's K responses."""
+    k = len(rows[0]["responses"])
+    rollout = encode_rollout(
+        tokenizer,
+        [r["prompt"] for r in rows for _ in range(k)],
+        [y for r in rows for y in r["responses"]],
+        [f for r in rows for f in r["finished"]],
+    )
+    return sequence_scores(model, rollout).view(len(rows), k)
+
+
+@torch.no_grad()
+def pairwise_accuracy(model, tokenizer, rows: list[dict], batch: int = 64) -> float:
+    correct, total = 0.0, 0
+    for start in range(0, len(rows), batch):
+        chunk = rows[start : start + batch]
+        scores = score_rows(model, tokenizer, chunk)
+        for b, row in enumerate(chunk):
+            for w, l in ranking_pairs(row["ranking"]):
+                correct += float(scores[b, w] > scores[b, l]) + 0.5 * float(scores[b, w] == scores[b, l])
+                total += 1
+    return correct / total
+
+
+def run(cfg: RewardModelConfig, *, policy: Path, comparisons: Path, heldout: Path, out_dir: Path) -> Manifest:
+    out_dir = Path(out_dir)
+    torch.manual_seed(cfg.seed)
+    tokenizer = load_tokenizer(policy)
+    model = load_scalar_model(policy)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    rows, held = read_jsonl(comparisons), read_jsonl(heldout)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(rows) / cfg.batch_prompts)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    step = 0
+    model.train()
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(len(rows), generator=gen).tolist()
+        for start in range(0, len(order), cfg.batch_prompts):
+            batch = [rows[i] for i in order[start : start + cfg.batch_prompts]]
+            loss = ranking_loss(score_rows(model, tokenizer, batch), [ranking_pairs(r["ranking"]) for r in batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            if step % 10 == 0:
+                log_metrics({"rm/train/loss": loss.item(), "rm/train/lr": sched.get_last_lr()[0]}, step=step)
+        log_metrics({"rm/eval/accuracy": pairwise_accuracy(model, tokenizer, held)}, step=step)
+    model.eval()
+    with torch.no_grad():  # 3. normalise: the SFT samples' mean reward becomes zero
+        bias = torch.cat([score_rows(model, tokenizer, rows[i : i + 64]).flatten() for i in range(0, len(rows), 64)]).mean()
+    metrics = {
+        "rm/train/loss_last": loss.item(),
+        "rm/train/accuracy": pairwise_accuracy(model, tokenizer, rows),
+        "rm/eval/accuracy": pairwise_accuracy(model, tokenizer, held),
+        "rm/bias": bias.item(),
+    }
+    model.save_pretrained(out_dir / "model", safe_serialization=True)
+    tokenizer.save_pretrained(out_dir / "model")
+    (out_dir / "normalization.json").write_text(json.dumps({"bias": bias.item()}))
+    return Manifest(stage="reward_model", path=str(out_dir), digest=folder_digest(out_dir), metrics=metrics,
+                    files={"model": "model", "normalization": "normalization.json"})
+
+
+def load_bias(normalization: Path) -> float:
+    return float(json.loads(Path(normalization).read_text())["bias"])

@@ -1,0 +1,90 @@
+"""SFT stage: supervised fine-tuning on demonstrations with TRL's SFTTrainer (InstructGPT step 1).
+
+Loss on the response tokens only (prompt-completion data); the prompt is rendered with the chat
+template, the response ends with EOS. With LoRA the adapters are merged before saving, so the SFT
+artifact is a plain model folder (safetensors) plus the tokenizer and chat template that every later
+stage reuses.
+
+Alone: `python -m flows.align pipeline.stop_after=sft`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from stages.manifest import Manifest, folder_digest, read_jsonl
+from stages.modeling import load_causal_lm, load_tokenizer, render_prompts
+from stages.peft_setup import PeftConfig, lora_config
+from stages.tracking import log_metrics
+
+
+@dataclass(frozen=True)
+class SftConfig:
+    epochs: float = 8.0  # a tiny random-init model needs several passes to tie response to prompt
+    learning_rate: float = 3e-3
+    batch_size: int = 32
+    max_length: int = 64
+    warmup_ratio: float = 0.03  # a float below 1 is a fraction of the steps (transformers 5)
+    seed: int = 0
+
+
+def _callback():
+    from transformers import TrainerCallback
+
+    class _Metrics(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            scalars = {f"sft/train/{k}": v for k, v in (logs or {}).items() if isinstance(v, (int, float))}
+            log_metrics(scalars, step=state.global_step)
+
+    return _Metrics()
+
+
+def run(cfg: SftConfig, peft: PeftConfig, *, base: Path, demonstrations: Path, out_dir: Path) -> Manifest:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    out_dir = Path(out_dir)
+    tokenizer = load_tokenizer(base)
+    model = load_causal_lm(base)
+    rows = read_jsonl(demonstrations)
+    prompts = render_prompts(tokenizer, [r["prompt"] for r in rows])
+    dataset = Dataset.from_dict({"prompt": prompts, "completion": [" " + r["response"] for r in rows]})
+    args = SFTConfig(
+        output_dir=str(out_dir / "trainer"),
+        num_train_epochs=cfg.epochs,
+        learning_rate=cfg.learning_rate,
+        per_device_train_batch_size=cfg.batch_size,
+        max_length=cfg.max_length,
+        warmup_steps=cfg.warmup_ratio,
+        lr_scheduler_type="cosine",
+        completion_only_loss=True,
+        bf16=False,  # TRL defaults to bf16 even on CPU
+        use_cpu=True,
+        gradient_checkpointing=False,
+        logging_steps=10,
+        save_strategy="no",
+        report_to="none",
+        seed=cfg.seed,
+        dataloader_num_workers=0,
+    )
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+        peft_config=lora_config(peft, "CAUSAL_LM"), callbacks=[_callback()],
+    )
+    result = trainer.train()
+    trained = trainer.model
+    if peft.method != "full":
+        trained = trained.merge_and_unload()
+    policy = out_dir / "policy"
+    trained.save_pretrained(policy, safe_serialization=True)
+    tokenizer.save_pretrained(policy)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return Manifest(
+        stage="sft",
+        path=str(out_dir),
+        digest=folder_digest(out_dir),
+        metrics={"sft/train/loss_first": losses[0], "sft/train/loss_last": losses[-1],
+                 "sft/train/runtime": result.metrics["train_runtime"]},
+        files={"policy": "policy"},
+    )
