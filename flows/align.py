@@ -5,13 +5,15 @@ The flow body reads as the DAG: prepare -> sft -> comparisons -> reward_model ->
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
 from typing import Any
 
-import flows  # noqa: F401  (environment: project-local Prefect home, telemetry off)
+import flows  # (environment: project-local Prefect home, telemetry off)
+
+_wait_for_server = flows.prestart_prefect_server() if __name__ == "__main__" else (lambda: None)
+
 import hydra
 import mlflow
 from omegaconf import DictConfig
@@ -47,15 +49,29 @@ class Pipeline:
         cached = state.name == "Cached"
         if cached and not Path(manifest.path, MANIFEST).exists():  # artifact deleted: recompute
             state = self.task.with_options(task_run_name=stage, refresh_cache=True)(
-                call, self.parent_run_id, return_state=True)
+                call, self.parent_run_id, return_state=True
+            )
             manifest, cached = state.result(), False
         if cached:
-            with mlflow.start_run(run_name=stage, nested=True, parent_run_id=self.parent_run_id,
-                                  tags={"alignflow.stage": stage, "alignflow.status": "cached",
-                                        "alignflow.digest": manifest.digest, "alignflow.source_run": manifest.run_id}):
+            with mlflow.start_run(
+                run_name=stage,
+                nested=True,
+                parent_run_id=self.parent_run_id,
+                tags={
+                    "alignflow.stage": stage,
+                    "alignflow.status": "cached",
+                    "alignflow.digest": manifest.digest,
+                    "alignflow.source_run": manifest.run_id,
+                },
+            ):
                 mlflow.log_metrics(manifest.metrics)
-        self.stages[stage] = {"status": "cached" if cached else "ran", "seconds": time.perf_counter() - t0,
-                              "artifact": manifest.path, "digest": manifest.digest, "metrics": manifest.metrics}
+        self.stages[stage] = {
+            "status": "cached" if cached else "ran",
+            "seconds": time.perf_counter() - t0,
+            "artifact": manifest.path,
+            "digest": manifest.digest,
+            "metrics": manifest.metrics,
+        }
         return manifest
 
 
@@ -69,25 +85,62 @@ def align(cfg: Config) -> dict[str, Any]:
         s = cfg.stage
         prep = run("prepare", cfg.data, cfg.model)
         if run.wanted("sft"):
-            sft = run("sft", s.sft, cfg.peft, parents=(prep,),
-                      base=prep.file("base"), demonstrations=prep.file("demonstrations"))
+            sft = run(
+                "sft",
+                s.sft,
+                cfg.peft,
+                parents=(prep,),
+                base=prep.file("base"),
+                demonstrations=prep.file("demonstrations"),
+            )
         if run.wanted("comparisons"):
-            cmp = run("comparisons", s.comparisons, cfg.labeler, parents=(sft, prep),
-                      policy=sft.file("policy"), prompts=prep.file("comparison_prompts"),
-                      heldout_prompts=prep.file("heldout_comparison_prompts"), target_len=cfg.data.target_len)
+            cmp = run(
+                "comparisons",
+                s.comparisons,
+                cfg.labeler,
+                parents=(sft, prep),
+                policy=sft.file("policy"),
+                prompts=prep.file("comparison_prompts"),
+                heldout_prompts=prep.file("heldout_comparison_prompts"),
+                target_len=cfg.data.target_len,
+            )
         if run.wanted("reward_model"):
-            rm = run("reward_model", s.reward_model, parents=(sft, cmp), policy=sft.file("policy"),
-                     comparisons=cmp.file("comparisons"), heldout=cmp.file("heldout_comparisons"))
+            rm = run(
+                "reward_model",
+                s.reward_model,
+                parents=(sft, cmp),
+                policy=sft.file("policy"),
+                comparisons=cmp.file("comparisons"),
+                heldout=cmp.file("heldout_comparisons"),
+            )
         if run.wanted("ppo"):
-            ppo = run("ppo", s.ppo, parents=(sft, rm, prep), policy=sft.file("policy"),
-                      reward_model=rm.file("model"), normalization=rm.file("normalization"),
-                      prompts=prep.file("ppo_prompts"))
-        summary: dict[str, Any] = {"pipeline": cfg.pipeline.name, "stages": run.stages, "mlflow_run_id": parent.info.run_id}
+            ppo = run(
+                "ppo",
+                s.ppo,
+                parents=(sft, rm, prep),
+                policy=sft.file("policy"),
+                reward_model=rm.file("model"),
+                normalization=rm.file("normalization"),
+                prompts=prep.file("ppo_prompts"),
+            )
+        summary: dict[str, Any] = {
+            "pipeline": cfg.pipeline.name,
+            "stages": run.stages,
+            "mlflow_run_id": parent.info.run_id,
+        }
         if run.wanted("evaluate"):
-            ev = run("evaluate", s.evaluate, cfg.labeler, parents=(sft, ppo, rm, cmp, prep),
-                     sft_policy=sft.file("policy"), policy=ppo.file("policy"), reward_model=rm.file("model"),
-                     heldout_comparisons=cmp.file("heldout_comparisons"), prompts=prep.file("eval_prompts"),
-                     target_len=cfg.data.target_len)
+            ev = run(
+                "evaluate",
+                s.evaluate,
+                cfg.labeler,
+                parents=(sft, ppo, rm, cmp, prep),
+                sft_policy=sft.file("policy"),
+                policy=ppo.file("policy"),
+                reward_model=rm.file("model"),
+                heldout_comparisons=cmp.file("heldout_comparisons"),
+                prompts=prep.file("eval_prompts"),
+                target_len=cfg.data.target_len,
+            )
             summary["eval"] = json.loads(ev.file("eval").read_text())
         path = report.write_summary(cfg.artifacts_dir, summary)
         mlflow.log_artifact(str(path))
@@ -101,14 +154,17 @@ register()
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(dcfg: DictConfig) -> None:
     cfg = to_config(dcfg)
+    _wait_for_server()
     summary = align(cfg)
     print(report.table(summary["stages"]))
     if "eval" in summary:
         e = summary["eval"]
-        print(f"\ngold SFT {e['gold_sft']['mean']:.3f} ± {e['gold_sft']['ci95']:.3f}   "
-              f"gold policy {e['gold_policy']['mean']:.3f} ± {e['gold_policy']['ci95']:.3f}   "
-              f"win rate {e['win_rate']:.1%}   KL/token {e['kl_to_sft']:.3f}   "
-              f"RM acc {e['rm_accuracy']:.3f} (ceiling {e['labeler_ceiling']:.3f})")
+        print(
+            f"\ngold SFT {e['gold_sft']['mean']:.3f} ± {e['gold_sft']['ci95']:.3f}   "
+            f"gold policy {e['gold_policy']['mean']:.3f} ± {e['gold_policy']['ci95']:.3f}   "
+            f"win rate {e['win_rate']:.1%}   KL/token {e['kl_to_sft']:.3f}   "
+            f"RM acc {e['rm_accuracy']:.3f} (ceiling {e['labeler_ceiling']:.3f})"
+        )
     print(f"\nsummary: {summary['summary_path']}")
 
 

@@ -41,8 +41,10 @@ class PipelineConfig:
         if self.name not in PIPELINES:
             raise ValueError(f"pipeline.name: {self.name!r} is not one of {sorted(PIPELINES)}")
         if self.stop_after is not None and self.stop_after not in PIPELINES[self.name]:
-            raise ValueError(f"pipeline.stop_after: {self.stop_after!r} is not a stage of {self.name}: "
-                             f"{', '.join(PIPELINES[self.name])}")
+            raise ValueError(
+                f"pipeline.stop_after: {self.stop_after!r} is not a stage of {self.name}: "
+                f"{', '.join(PIPELINES[self.name])}"
+            )
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,9 @@ KEY_METRICS = {
 def table(stages: dict[str, dict[str, Any]]) -> str:
     lines = [f"{'stage':<14}{'status':<8}{'seconds':>9}  key metrics", "-" * 78]
     for name, s in stages.items():
-        shown = ", ".join(f"{k.split('/', 1)[1]}={s['metrics'][k]:.3g}" for k in KEY_METRICS.get(name, [])
-                          if k in s["metrics"])
+        shown = ", ".join(
+            f"{k.split('/', 1)[1]}={s['metrics'][k]:.3g}" for k in KEY_METRICS.get(name, []) if k in s["metrics"]
+        )
         lines.append(f"{name:<14}{s['status']:<8}{s['seconds']:>9.1f}  {shown}")
     return "\n".join(lines)
 

@@ -69,15 +69,17 @@ class StageCall:
     artifacts_dir: str
 
     def key(self) -> str:
-        return sha256_json({
-            "stage": self.stage,
-            "configs": [dataclasses.asdict(c) for c in self.configs],
-            "parents": self.parents,
-            "scalars": self.scalars,
-            "inputs": sorted(self.inputs),
-            "code": code_version(self.stage),
-            "artifacts_dir": str(Path(self.artifacts_dir).resolve()),
-        })
+        return sha256_json(
+            {
+                "stage": self.stage,
+                "configs": [dataclasses.asdict(c) for c in self.configs],
+                "parents": self.parents,
+                "scalars": self.scalars,
+                "inputs": sorted(self.inputs),
+                "code": code_version(self.stage),
+                "artifacts_dir": str(Path(self.artifacts_dir).resolve()),
+            }
+        )
 
 
 def _cache_key(context, parameters: dict[str, Any]) -> str:
@@ -88,19 +90,29 @@ def _execute(call: StageCall, parent_run_id: str | None) -> Manifest:
     module = importlib.import_module(f"stages.{call.stage}")
     root = Path(call.artifacts_dir) / call.stage
     key = call.key()
-    with mlflow.start_run(run_name=call.stage, nested=parent_run_id is not None, parent_run_id=parent_run_id,
-                          tags={"alignflow.stage": call.stage, "alignflow.key": key, "alignflow.status": "ran"}) as run:
+    with mlflow.start_run(
+        run_name=call.stage,
+        nested=parent_run_id is not None,
+        parent_run_id=parent_run_id,
+        tags={"alignflow.stage": call.stage, "alignflow.key": key, "alignflow.status": "ran"},
+    ) as run:
         mlflow.log_params({k: v for c in call.configs for k, v in flatten(c, f"{call.stage}.").items()})
         with staging_folder(root) as tmp:
             t0 = time.perf_counter()
-            manifest = module.run(*call.configs, **{k: Path(v) for k, v in call.inputs.items()}, **call.scalars,
-                                  out_dir=tmp)
+            manifest = module.run(
+                *call.configs, **{k: Path(v) for k, v in call.inputs.items()}, **call.scalars, out_dir=tmp
+            )
             seconds = time.perf_counter() - t0
             digest = manifest.digest  # the stage hashed its own folder
             final = root / digest[:16]  # content-addressed: the same content always has the same name
             manifest = dataclasses.replace(
-                manifest, path=str(final.resolve()), digest=digest, key=key, parents=call.parents,
-                run_id=run.info.run_id, metrics={**manifest.metrics, f"{call.stage}/seconds": seconds},
+                manifest,
+                path=str(final.resolve()),
+                digest=digest,
+                key=key,
+                parents=call.parents,
+                run_id=run.info.run_id,
+                metrics={**manifest.metrics, f"{call.stage}/seconds": seconds},
             )
             (tmp / MANIFEST).write_text(manifest.to_json())
             publish(tmp, final)

@@ -37,15 +37,29 @@ def sample_k(policy, tokenizer, prompts: list[str], cfg: ComparisonsConfig) -> l
     texts, finished = [], []
     for start in range(0, len(flat), cfg.batch_size):
         batch = flat[start : start + cfg.batch_size]
-        rollout = sample(policy, tokenizer, batch, max_new_tokens=cfg.max_new_tokens,
-                         temperature=cfg.temperature, generator_seed=cfg.seed + start)
+        rollout = sample(
+            policy,
+            tokenizer,
+            batch,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            generator_seed=cfg.seed + start,
+        )
         texts += decode_responses(tokenizer, rollout)
         finished += rollout.finished.tolist()
     return [(texts[i * cfg.k : (i + 1) * cfg.k], finished[i * cfg.k : (i + 1) * cfg.k]) for i in range(len(prompts))]
 
 
-def run(cfg: ComparisonsConfig, labeler_cfg: LabelerConfig, *, policy: Path, prompts: Path,
-        heldout_prompts: Path, target_len: int, out_dir: Path) -> Manifest:
+def run(
+    cfg: ComparisonsConfig,
+    labeler_cfg: LabelerConfig,
+    *,
+    policy: Path,
+    prompts: Path,
+    heldout_prompts: Path,
+    target_len: int,
+    out_dir: Path,
+) -> Manifest:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(policy)
@@ -56,11 +70,22 @@ def run(cfg: ComparisonsConfig, labeler_cfg: LabelerConfig, *, policy: Path, pro
         texts = [r["prompt"] for r in read_jsonl(source)]
         rows = []
         for prompt, (responses, finished) in zip(texts, sample_k(model, tokenizer, texts, cfg)):
-            rows.append({"prompt": prompt, "responses": responses, "finished": finished,
-                         "ranking": labeler.rank(prompt, responses)})
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "responses": responses,
+                    "finished": finished,
+                    "ranking": labeler.rank(prompt, responses),
+                }
+            )
         write_jsonl(out_dir / f"{name}.jsonl", rows)
         metrics[f"comparisons/{name}/prompts"] = float(len(rows))
         metrics[f"comparisons/{name}/finished"] = sum(sum(r["finished"]) for r in rows) / (len(rows) * cfg.k)
     log_metrics(metrics)
-    return Manifest(stage="comparisons", path=str(out_dir), digest=folder_digest(out_dir), metrics=metrics,
-                    files={"comparisons": "comparisons.jsonl", "heldout_comparisons": "heldout_comparisons.jsonl"})
+    return Manifest(
+        stage="comparisons",
+        path=str(out_dir),
+        digest=folder_digest(out_dir),
+        metrics=metrics,
+        files={"comparisons": "comparisons.jsonl", "heldout_comparisons": "heldout_comparisons.jsonl"},
+    )

@@ -22,7 +22,14 @@ import torch
 from stages import task
 from stages.labelers import LabelerConfig, make_labeler
 from stages.manifest import Manifest, folder_digest, read_jsonl, write_jsonl
-from stages.modeling import decode_responses, load_causal_lm, load_scalar_model, load_tokenizer, response_logprobs, sample
+from stages.modeling import (
+    decode_responses,
+    load_causal_lm,
+    load_scalar_model,
+    load_tokenizer,
+    response_logprobs,
+    sample,
+)
 from stages.reward_model import pairwise_accuracy, ranking_pairs
 
 
@@ -52,16 +59,32 @@ def labeler_ceiling(rows: list[dict], target_len: int) -> float:
 def _generate(model, tokenizer, prompts, cfg):
     texts, logps = [], []
     for start in range(0, len(prompts), cfg.batch_size):
-        r = sample(model, tokenizer, prompts[start : start + cfg.batch_size], max_new_tokens=cfg.max_new_tokens,
-                   temperature=cfg.temperature, generator_seed=cfg.seed + start)
+        r = sample(
+            model,
+            tokenizer,
+            prompts[start : start + cfg.batch_size],
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            generator_seed=cfg.seed + start,
+        )
         texts += decode_responses(tokenizer, r)
         logps.append(r)
     return texts, logps
 
 
 @torch.no_grad()
-def run(cfg: EvaluateConfig, labeler_cfg: LabelerConfig, *, sft_policy: Path, policy: Path, reward_model: Path,
-        heldout_comparisons: Path, prompts: Path, target_len: int, out_dir: Path) -> Manifest:
+def run(
+    cfg: EvaluateConfig,
+    labeler_cfg: LabelerConfig,
+    *,
+    sft_policy: Path,
+    policy: Path,
+    reward_model: Path,
+    heldout_comparisons: Path,
+    prompts: Path,
+    target_len: int,
+    out_dir: Path,
+) -> Manifest:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(sft_policy)
@@ -91,17 +114,28 @@ def run(cfg: EvaluateConfig, labeler_cfg: LabelerConfig, *, sft_policy: Path, po
         "labeler_ceiling": labeler_ceiling(held, target_len),
         "n_prompts": len(texts),
     }
-    write_jsonl(out_dir / "generations.jsonl", [
-        {"prompt": p, "sft": a, "policy": b, "gold_sft": ga, "gold_policy": gb}
-        for p, a, b, ga, gb in zip(texts, sft_texts, pol_texts, gold_sft, gold_pol)
-    ])
+    write_jsonl(
+        out_dir / "generations.jsonl",
+        [
+            {"prompt": p, "sft": a, "policy": b, "gold_sft": ga, "gold_policy": gb}
+            for p, a, b, ga, gb in zip(texts, sft_texts, pol_texts, gold_sft, gold_pol)
+        ],
+    )
     metrics = {
-        "eval/gold_sft": result["gold_sft"]["mean"], "eval/gold_policy": result["gold_policy"]["mean"],
-        "eval/win_rate": result["win_rate"], "eval/kl_to_sft": result["kl_to_sft"],
-        "eval/rm_accuracy": result["rm_accuracy"], "eval/labeler_ceiling": result["labeler_ceiling"],
+        "eval/gold_sft": result["gold_sft"]["mean"],
+        "eval/gold_policy": result["gold_policy"]["mean"],
+        "eval/win_rate": result["win_rate"],
+        "eval/kl_to_sft": result["kl_to_sft"],
+        "eval/rm_accuracy": result["rm_accuracy"],
+        "eval/labeler_ceiling": result["labeler_ceiling"],
     }
     import json
 
     (out_dir / "eval.json").write_text(json.dumps(result, indent=2))
-    return Manifest(stage="evaluate", path=str(out_dir), digest=folder_digest(out_dir), metrics=metrics,
-                    files={"eval": "eval.json", "generations": "generations.jsonl"})
+    return Manifest(
+        stage="evaluate",
+        path=str(out_dir),
+        digest=folder_digest(out_dir),
+        metrics=metrics,
+        files={"eval": "eval.json", "generations": "generations.jsonl"},
+    )

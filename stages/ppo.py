@@ -72,8 +72,9 @@ def _check_finite(name: str, x: torch.Tensor, update: int) -> None:
         raise FloatingPointError(f"ppo: non-finite {name} at update {update}; lower stage.ppo.learning_rate")
 
 
-def run(cfg: PpoConfig, *, policy: Path, reward_model: Path, normalization: Path, prompts: Path,
-        out_dir: Path) -> Manifest:
+def run(
+    cfg: PpoConfig, *, policy: Path, reward_model: Path, normalization: Path, prompts: Path, out_dir: Path
+) -> Manifest:
     out_dir = Path(out_dir)
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(policy)
@@ -90,8 +91,14 @@ def run(cfg: PpoConfig, *, policy: Path, reward_model: Path, normalization: Path
         # 1. rollouts
         start = (update * cfg.rollouts_per_update) % len(texts)
         batch_prompts = [texts[(start + i) % len(texts)] for i in range(cfg.rollouts_per_update)]
-        rollout = sample(actor, tokenizer, batch_prompts, max_new_tokens=cfg.max_new_tokens,
-                         temperature=cfg.temperature, top_p=cfg.top_p)
+        rollout = sample(
+            actor,
+            tokenizer,
+            batch_prompts,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+        )
         mask = rollout.response_mask.float()
         # 2. one pass each of policy, reference, value and reward over the rollout tokens
         with torch.no_grad():
@@ -120,8 +127,13 @@ def run(cfg: PpoConfig, *, policy: Path, reward_model: Path, normalization: Path
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 opt.step()
-                for k, v in (("pg", pg), ("vf", vf), ("clipfrac", clipfrac), ("approxkl", approxkl),
-                             ("entropy", pm.masked_mean(entropy, m))):
+                for k, v in (
+                    ("pg", pg),
+                    ("vf", vf),
+                    ("clipfrac", clipfrac),
+                    ("approxkl", approxkl),
+                    ("entropy", pm.masked_mean(entropy, m)),
+                ):
                     stats[k].append(v.item())
         # 5. diagnostics
         row = {
@@ -141,9 +153,10 @@ def run(cfg: PpoConfig, *, policy: Path, reward_model: Path, normalization: Path
         log_metrics(row, step=update)
     actor.save_pretrained(out_dir / "policy", safe_serialization=True)
     tokenizer.save_pretrained(out_dir / "policy")
-    write_jsonl(out_dir / "samples.jsonl", [
-        {"prompt": p, "response": r} for p, r in zip(batch_prompts, decode_responses(tokenizer, rollout))
-    ])
+    write_jsonl(
+        out_dir / "samples.jsonl",
+        [{"prompt": p, "response": r} for p, r in zip(batch_prompts, decode_responses(tokenizer, rollout))],
+    )
     first, last = history[0], history[-1]
     metrics = {
         "ppo/objective/scores_first": first["ppo/objective/scores"],
@@ -151,8 +164,13 @@ def run(cfg: PpoConfig, *, policy: Path, reward_model: Path, normalization: Path
         "ppo/objective/kl_last": last["ppo/objective/kl"],
         "ppo/updates": float(cfg.updates),
     }
-    return Manifest(stage="ppo", path=str(out_dir), digest=folder_digest(out_dir), metrics=metrics,
-                    files={"policy": "policy", "samples": "samples.jsonl"})
+    return Manifest(
+        stage="ppo",
+        path=str(out_dir),
+        digest=folder_digest(out_dir),
+        metrics=metrics,
+        files={"policy": "policy", "samples": "samples.jsonl"},
+    )
 
 
 def _explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:

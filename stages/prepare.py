@@ -45,7 +45,10 @@ def build_tokenizer(corpus: list[str]):
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     tok.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS))
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>",
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        eos_token="<eos>",
         additional_special_tokens=["<|user|>", "<|assistant|>"],
     )
     fast.chat_template = DEFAULT_CHAT_TEMPLATE
@@ -132,8 +135,11 @@ def run(cfg: DataConfig, model_cfg: ModelConfig, *, out_dir: Path) -> Manifest:
         stage="prepare",
         path=str(out_dir),
         digest=folder_digest(out_dir),
-        metrics={"prepare/params": float(n_params), "prepare/vocab": float(len(tokenizer)),
-                 "prepare/demonstrations/gold_mean": mean_gold,
-                 **({"prepare/pretrain/loss_last": pretrain_losses[-1]} if pretrain_losses else {})},
+        metrics={
+            "prepare/params": float(n_params),
+            "prepare/vocab": float(len(tokenizer)),
+            "prepare/demonstrations/gold_mean": mean_gold,
+            **({"prepare/pretrain/loss_last": pretrain_losses[-1]} if pretrain_losses else {}),
+        },
         files={"base": "base", **{k: f"{k}.jsonl" for k in prompt_sets}, "demonstrations": "demonstrations.jsonl"},
     )

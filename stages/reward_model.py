@@ -90,7 +90,7 @@ def run(cfg: RewardModelConfig, *, policy: Path, comparisons: Path, heldout: Pat
     gen = torch.Generator().manual_seed(cfg.seed)
     step = 0
     model.train()
-    for epoch in range(cfg.epochs):
+    for _ in range(cfg.epochs):
         order = torch.randperm(len(rows), generator=gen).tolist()
         for start in range(0, len(order), cfg.batch_prompts):
             batch = [rows[i] for i in order[start : start + cfg.batch_prompts]]
@@ -105,7 +105,9 @@ def run(cfg: RewardModelConfig, *, policy: Path, comparisons: Path, heldout: Pat
         log_metrics({"rm/eval/accuracy": pairwise_accuracy(model, tokenizer, held)}, step=step)
     model.eval()
     with torch.no_grad():  # 3. normalise: the SFT samples' mean reward becomes zero
-        bias = torch.cat([score_rows(model, tokenizer, rows[i : i + 64]).flatten() for i in range(0, len(rows), 64)]).mean()
+        bias = torch.cat(
+            [score_rows(model, tokenizer, rows[i : i + 64]).flatten() for i in range(0, len(rows), 64)]
+        ).mean()
     metrics = {
         "rm/train/loss_last": loss.item(),
         "rm/train/accuracy": pairwise_accuracy(model, tokenizer, rows),
@@ -115,8 +117,13 @@ def run(cfg: RewardModelConfig, *, policy: Path, comparisons: Path, heldout: Pat
     model.save_pretrained(out_dir / "model", safe_serialization=True)
     tokenizer.save_pretrained(out_dir / "model")
     (out_dir / "normalization.json").write_text(json.dumps({"bias": bias.item()}))
-    return Manifest(stage="reward_model", path=str(out_dir), digest=folder_digest(out_dir), metrics=metrics,
-                    files={"model": "model", "normalization": "normalization.json"})
+    return Manifest(
+        stage="reward_model",
+        path=str(out_dir),
+        digest=folder_digest(out_dir),
+        metrics=metrics,
+        files={"model": "model", "normalization": "normalization.json"},
+    )
 
 
 def load_bias(normalization: Path) -> float:

@@ -69,8 +69,12 @@ def run(cfg: SftConfig, peft: PeftConfig, *, base: Path, demonstrations: Path, o
         dataloader_num_workers=0,
     )
     trainer = SFTTrainer(
-        model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-        peft_config=lora_config(peft, "CAUSAL_LM"), callbacks=[_callback()],
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config(peft, "CAUSAL_LM"),
+        callbacks=[_callback()],
     )
     result = trainer.train()
     trained = trainer.model
@@ -84,7 +88,10 @@ def run(cfg: SftConfig, peft: PeftConfig, *, base: Path, demonstrations: Path, o
         stage="sft",
         path=str(out_dir),
         digest=folder_digest(out_dir),
-        metrics={"sft/train/loss_first": losses[0], "sft/train/loss_last": losses[-1],
-                 "sft/train/runtime": result.metrics["train_runtime"]},
+        metrics={
+            "sft/train/loss_first": losses[0],
+            "sft/train/loss_last": losses[-1],
+            "sft/train/runtime": result.metrics["train_runtime"],
+        },
         files={"policy": "policy"},
     )

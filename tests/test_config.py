@@ -1,0 +1,86 @@
+"""Config composition: every pipeline and experiment composes; bad keys and values fail early, named."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+
+from flows.config import Config, register, to_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
+register()
+
+
+def _compose(overrides=()):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def test_default_composes_to_typed_config():
+    cfg = to_config(_compose())
+    assert isinstance(cfg, Config)
+    assert cfg.stage.ppo.beta == 0.02  # InstructGPT
+    assert cfg.peft.method == "lora"
+    assert cfg.pipeline.name == "rlhf"
+
+
+@pytest.mark.parametrize("pipeline", [p.stem for p in (ROOT / "conf" / "pipeline").glob("*.yaml")])
+def test_every_pipeline_composes(pipeline):
+    assert to_config(_compose([f"pipeline={pipeline}"])).pipeline.name == pipeline
+
+
+@pytest.mark.parametrize("experiment", [p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")])
+def test_every_experiment_composes(experiment):
+    text = (ROOT / "conf" / "experiment" / f"{experiment}.yaml").read_text()
+    assert text.startswith("# @package _global_")
+    to_config(_compose([f"+experiment={experiment}"]))
+
+
+def test_overrides_reach_the_stage_config():
+    cfg = to_config(_compose(["stage.ppo.beta=0.05", "peft=full", "stage.comparisons.k=6"]))
+    assert (cfg.stage.ppo.beta, cfg.peft.method, cfg.stage.comparisons.k) == (0.05, "full", 6)
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigCompositionException, match="stage.ppo.betta"):
+        _compose(["stage.ppo.betta=0.1"])
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(ConfigCompositionException, match="stage.sft.epochs"):
+        _compose(["stage.sft.epochs=lots"])
+
+
+def test_unknown_key_in_a_yaml_file_is_named(tmp_path):
+    bad = tmp_path / "conf"
+    import shutil
+
+    shutil.copytree(CONF, bad)
+    (bad / "stage" / "sft.yaml").write_text((bad / "stage" / "sft.yaml").read_text() + "epoks: 3\n")
+    with initialize_config_dir(config_dir=str(bad), version_base="1.3"):
+        with pytest.raises(Exception, match="epoks"):
+            compose("config")
+
+
+def test_invalid_value_is_named():
+    with pytest.raises(ValueError, match="stage.comparisons.k"):
+        to_config(_compose(["stage.comparisons.k=1"]))
+    with pytest.raises(ValueError, match="peft.method"):
+        to_config(_compose(["peft.method=prefix"]))
+
+
+def test_cli_stops_before_any_training_naming_the_key(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.align", f"artifacts_dir={tmp_path}", "stage.ppo.bta=0.1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "stage.ppo.bta" in proc.stderr + proc.stdout
+    assert not any(tmp_path.iterdir())  # nothing was computed

@@ -1,0 +1,104 @@
+"""End to end: the real flow in a subprocess, as `make align` runs it, on tiny settings."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "data.n_demonstrations=400",
+    "data.n_comparison_prompts=64",
+    "data.n_heldout_comparison_prompts=16",
+    "data.n_ppo_prompts=64",
+    "data.n_eval_prompts=32",
+    "model.hidden_size=32",
+    "model.intermediate_size=64",
+    "model.pretrain_documents=300",
+    "model.pretrain_epochs=1",
+    "stage.sft.epochs=1",
+    "stage.reward_model.epochs=1",
+    "stage.ppo.updates=2",
+    "stage.ppo.rollouts_per_update=16",
+    "stage.ppo.minibatch_size=8",
+]
+STAGES = ["prepare", "sft", "comparisons", "reward_model", "ppo", "evaluate"]
+
+
+def align(artifacts: Path, *overrides: str) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.align", f"artifacts_dir={artifacts}", *overrides],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "summary: " in proc.stdout
+    path = Path(proc.stdout.rsplit("summary: ", 1)[1].strip())
+    return json.loads(path.read_text())
+
+
+def statuses(summary: dict) -> dict[str, str]:
+    return {name: s["status"] for name, s in summary["stages"].items()}
+
+
+@pytest.mark.slow
+def test_flow_caches_and_reruns_exactly_what_changed(tmp_path):
+    first = align(tmp_path, *TINY)
+    assert statuses(first) == dict.fromkeys(STAGES, "ran")
+    assert set(first["eval"]) >= {"gold_sft", "gold_policy", "win_rate", "kl_to_sft", "rm_accuracy", "labeler_ceiling"}
+    for s in first["stages"].values():
+        assert Path(s["artifact"], "manifest.json").exists()
+        assert Path(s["artifact"]).name == s["digest"][:16]  # content-addressed
+
+    again = align(tmp_path, *TINY)
+    assert statuses(again) == dict.fromkeys(STAGES, "cached")
+    assert again["eval"] == first["eval"]
+
+    ppo_only = align(tmp_path, *TINY, "stage.ppo.beta=0.05")
+    assert statuses(ppo_only) == {**dict.fromkeys(STAGES[:4], "cached"), "ppo": "ran", "evaluate": "ran"}
+
+    sft_changed = align(tmp_path, *TINY, "stage.sft.learning_rate=0.002")
+    assert statuses(sft_changed) == {"prepare": "cached", **dict.fromkeys(STAGES[1:], "ran")}
+
+    # MLflow: one parent run per flow run, one nested run per stage, tagged with the artifact digest
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("alignflow")
+    runs = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{first['mlflow_run_id']}'"
+    )
+    assert sorted(r.data.tags["alignflow.stage"] for r in runs) == sorted(STAGES)
+    assert all(
+        r.data.tags["alignflow.digest"] == first["stages"][r.data.tags["alignflow.stage"]]["digest"] for r in runs
+    )
+    ppo_run = next(r for r in runs if r.data.tags["alignflow.stage"] == "ppo")
+    assert len(client.get_metric_history(ppo_run.info.run_id, "ppo/objective/kl")) == 2
+    parent = client.get_run(first["mlflow_run_id"])
+    assert parent.data.params["stage.ppo.beta"] == "0.02"
+
+
+@pytest.mark.slow
+def test_deleted_artifact_is_recomputed_not_pointed_at(tmp_path):
+    first = align(tmp_path, *TINY, "pipeline.stop_after=sft")
+    assert statuses(first) == {"prepare": "ran", "sft": "ran"}
+    import shutil
+
+    shutil.rmtree(first["stages"]["sft"]["artifact"])
+    second = align(tmp_path, *TINY, "pipeline.stop_after=sft")
+    assert statuses(second) == {"prepare": "cached", "sft": "ran"}
+    assert Path(second["stages"]["sft"]["artifact"], "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_default_recipe_beats_sft(tmp_path):
+    """The embedded default as `make align` runs it: PPO must beat SFT on held-out prompts."""
+    e = align(tmp_path)["eval"]
+    margin = e["gold_policy"]["mean"] - e["gold_sft"]["mean"]
+    assert margin > e["gold_policy"]["ci95"] + e["gold_sft"]["ci95"]
+    assert e["win_rate"] >= 0.65
+    assert e["rm_accuracy"] > 0.65

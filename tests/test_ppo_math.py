@@ -1,0 +1,78 @@
+"""PPO arithmetic against tensors computed by hand."""
+
+import pytest
+import torch
+
+from stages import ppo_math as pm
+
+
+def test_kl_penalty_on_every_token_and_score_on_the_last():
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, 0.0]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5], [-2.0, -1.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    score = torch.tensor([2.0, -1.0])
+    rewards, kl = pm.kl_penalized_rewards(score, logp, ref, mask, beta=0.1)
+    # kl = logp - ref: [[0.5, -1, 0], [1, 0, (masked)]]
+    assert torch.allclose(kl, torch.tensor([[0.5, -1.0, 0.0], [1.0, 0.0, 0.0]]))
+    expected = torch.tensor([[-0.05, 0.1, 2.0], [-0.1, -1.0, 0.0]])
+    assert torch.allclose(rewards, expected)
+
+
+def test_gae_matches_hand_computation():
+    rewards = torch.tensor([[0.0, 0.0, 1.0]])
+    values = torch.tensor([[0.5, 0.2, 0.4]])
+    mask = torch.ones(1, 3)
+    adv, ret = pm.gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    # deltas: t2 = 1 - 0.4 = 0.6; t1 = 0 + 0.4 - 0.2 = 0.2; t0 = 0 + 0.2 - 0.5 = -0.3
+    # A2 = 0.6; A1 = 0.2 + 0.5*0.6 = 0.5; A0 = -0.3 + 0.5*0.5 = -0.05
+    assert torch.allclose(adv, torch.tensor([[-0.05, 0.5, 0.6]]))
+    assert torch.allclose(ret, torch.tensor([[0.45, 0.7, 1.0]]))
+
+
+def test_gae_ignores_padding_after_the_response():
+    rewards = torch.tensor([[0.0, 1.0, 0.0]])
+    values = torch.tensor([[0.5, 0.2, 9.0]])  # the padded value must not leak in
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    adv, _ = pm.gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    # t1: 1 - 0.2 = 0.8; t0: 0 + 0.2 - 0.5 + 0.8 = 0.5
+    assert torch.allclose(adv, torch.tensor([[0.5, 0.8, 0.0]]))
+
+
+def test_masked_whiten():
+    x = torch.tensor([[1.0, 3.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    w = pm.masked_whiten(x, mask)
+    # mean 2, var 1 over the unmasked entries
+    assert torch.allclose(w, torch.tensor([[-1.0, 1.0, 0.0]]), atol=1e-6)
+
+
+def test_clipped_policy_loss():
+    old = torch.log(torch.tensor([[0.5, 0.5]]))
+    new = torch.log(torch.tensor([[0.75, 0.25]]))  # ratios 1.5 and 0.5
+    adv = torch.tensor([[1.0, -1.0]])
+    mask = torch.ones(1, 2)
+    loss, clipfrac, approxkl = pm.policy_loss(new, old, adv, mask, clip=0.2)
+    # token 0: max(-1.5, -1.2) = -1.2 (clipped); token 1: max(0.5, 0.8) = 0.8 (clipped)
+    assert loss.item() == pytest.approx((-1.2 + 0.8) / 2)
+    assert clipfrac.item() == pytest.approx(1.0)
+    assert approxkl.item() == pytest.approx(
+        0.5 * ((torch.log(torch.tensor(1.5))) ** 2 + torch.log(torch.tensor(0.5)) ** 2).item() / 2
+    )
+
+
+def test_unclipped_region_is_plain_policy_gradient():
+    old = torch.zeros(1, 1)
+    new = torch.log(torch.tensor([[1.1]]))
+    loss, clipfrac, _ = pm.policy_loss(new, old, torch.tensor([[2.0]]), torch.ones(1, 1), clip=0.2)
+    assert loss.item() == pytest.approx(-2.2)
+    assert clipfrac.item() == 0.0
+
+
+def test_clipped_value_loss():
+    old_values = torch.tensor([[1.0, 1.0]])
+    values = torch.tensor([[2.0, 1.1]])
+    returns = torch.tensor([[3.0, 0.0]])
+    loss, clipfrac = pm.value_loss(values, old_values, returns, torch.ones(1, 2), clip=0.2)
+    # token 0: unclipped (2-3)^2=1, clipped (1.2-3)^2=3.24 -> 3.24; token 1: (1.1)^2=1.21 vs 1.1^2 -> 1.21
+    assert loss.item() == pytest.approx(0.5 * (3.24 + 1.21) / 2)
+    assert clipfrac.item() == pytest.approx(0.5)

@@ -1,0 +1,119 @@
+"""Each stage's run() on a tiny model built locally from a config, chained as the flow chains them."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stages import comparisons, evaluate, ppo, reward_model, sft
+from stages.labelers import LabelerConfig
+from stages.manifest import folder_digest, read_jsonl
+from stages.modeling import load_causal_lm, load_tokenizer
+from stages.peft_setup import PeftConfig
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def chain(tiny_prepare, tmp_path_factory):
+    p = tiny_prepare
+    out = {}
+    out["sft"] = sft.run(
+        sft.SftConfig(epochs=2, batch_size=32),
+        PeftConfig(r=8, alpha=16),
+        base=p.file("base"),
+        demonstrations=p.file("demonstrations"),
+        out_dir=tmp_path_factory.mktemp("sft"),
+    )
+    out["cmp"] = comparisons.run(
+        comparisons.ComparisonsConfig(k=4),
+        LabelerConfig(),
+        policy=out["sft"].file("policy"),
+        prompts=p.file("comparison_prompts"),
+        heldout_prompts=p.file("heldout_comparison_prompts"),
+        target_len=6,
+        out_dir=tmp_path_factory.mktemp("cmp"),
+    )
+    out["rm"] = reward_model.run(
+        reward_model.RewardModelConfig(epochs=3, learning_rate=1e-3),
+        policy=out["sft"].file("policy"),
+        comparisons=out["cmp"].file("comparisons"),
+        heldout=out["cmp"].file("heldout_comparisons"),
+        out_dir=tmp_path_factory.mktemp("rm"),
+    )
+    out["ppo"] = ppo.run(
+        ppo.PpoConfig(updates=3, rollouts_per_update=32, minibatch_size=16),
+        policy=out["sft"].file("policy"),
+        reward_model=out["rm"].file("model"),
+        normalization=out["rm"].file("normalization"),
+        prompts=p.file("ppo_prompts"),
+        out_dir=tmp_path_factory.mktemp("ppo"),
+    )
+    out["eval"] = evaluate.run(
+        evaluate.EvaluateConfig(),
+        LabelerConfig(),
+        sft_policy=out["sft"].file("policy"),
+        policy=out["ppo"].file("policy"),
+        reward_model=out["rm"].file("model"),
+        heldout_comparisons=out["cmp"].file("heldout_comparisons"),
+        prompts=p.file("eval_prompts"),
+        target_len=6,
+        out_dir=tmp_path_factory.mktemp("ev"),
+    )
+    return out
+
+
+def test_prepare_round_trips_through_from_pretrained(tiny_prepare):
+    base = tiny_prepare.file("base")
+    assert (base / "model.safetensors").exists() and not list(base.glob("*.bin"))
+    model, tok = load_causal_lm(base), load_tokenizer(base)
+    assert model.config.model_type == "llama"
+    assert tok.chat_template and tok.eos_token == "<eos>"
+    assert len(read_jsonl(tiny_prepare.file("demonstrations"))) == 600
+    assert tiny_prepare.digest == folder_digest(tiny_prepare.path)
+
+
+def test_sft_trains_and_ships_template_and_eos(tiny_prepare, chain):
+    m = chain["sft"]
+    assert m.metrics["sft/train/loss_last"] < m.metrics["sft/train/loss_first"]
+    before, after = _weights(tiny_prepare.file("base")), _weights(m.file("policy"))
+    assert set(before) == set(after)  # LoRA merged back into a plain model
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    tok = load_tokenizer(m.file("policy"))
+    assert tok.chat_template == load_tokenizer(tiny_prepare.file("base")).chat_template
+    rendered = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], tokenize=False
+    )
+    assert "<eos>" in rendered
+
+
+def test_comparisons_rank_k_responses(chain):
+    rows = read_jsonl(chain["cmp"].file("comparisons"))
+    assert len(rows) == 120
+    for row in rows:
+        assert len(row["responses"]) == 4 and sorted(row["ranking"]) == [0, 1, 2, 3]
+
+
+def test_reward_model_learns_the_rankings(chain):
+    m = chain["rm"]
+    assert m.metrics["rm/train/accuracy"] > 0.6
+    assert json.loads(m.file("normalization").read_text())["bias"] == pytest.approx(m.metrics["rm/bias"])
+
+
+def test_ppo_updates_the_policy(chain):
+    m = chain["ppo"]
+    before, after = _weights(chain["sft"].file("policy")), _weights(m.file("policy"))
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(v == v for v in m.metrics.values())  # no NaN
+    assert len(read_jsonl(m.file("samples"))) == 32
+
+
+def test_evaluate_reports_every_figure(chain):
+    e = json.loads(chain["eval"].file("eval").read_text())
+    assert set(e) >= {"gold_sft", "gold_policy", "win_rate", "kl_to_sft", "rm_accuracy", "labeler_ceiling"}
+    assert 0.0 <= e["win_rate"] <= 1.0 and 0.5 < e["labeler_ceiling"] <= 1.0
+    assert e["kl_to_sft"] > 0  # the policy moved
