@@ -1,0 +1,392 @@
+"""The data worker: read local JSON, JSONL, Parquet or CSV (gzipped or not), detect the common formats
+and normalise each row to one internal schema per kind, validating row by row.
+
+Kinds and their internal schemas:
+- `demonstrations`: `{"messages": [{"role", "content"}, ...]}` (multi-turn kept as turns, last turn
+  by the assistant) from Alpaca, ShareGPT, OpenAI `messages` or `prompt`/`completion`;
+- `preferences`: `{"prompt": [messages], "chosen": str, "rejected": str}` from `chosen`/`rejected`
+  with an explicit or implicit prompt, HH-RLHF transcripts, LLaMA-Factory ShareGPT pairs;
+- `rankings`: `{"prompt": str, "responses": [str], "ranks": [int]}` (0 = best, ties share a rank)
+  from an ordered list, a `ranking` of indices, `ranks`, or `scores` (higher is better);
+- `prompts`: `{"prompt": str}`; `unary`: `{"prompt": [messages], "completion": str, "label": bool}`;
+  `text`: `{"text": str}` (a pretraining mix).
+
+A bad row is reported as `file:line: field: problem`. `on_error="raise"` stops at the end of
+validation with every problem listed (before any training); `"skip"` drops bad rows and counts them,
+but still stops when more than `max_bad_fraction` of the rows are bad.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+KINDS = ("demonstrations", "preferences", "rankings", "prompts", "unary", "text")
+FORMATS = (
+    "auto",
+    "alpaca",
+    "sharegpt",
+    "messages",
+    "prompt_completion",
+    "chosen_rejected",
+    "hh",
+    "sharegpt_pairs",
+    "ranked",
+    "prompt",
+    "text",
+)
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "observation": "user",
+    "function_call": "assistant",
+}
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """One dataset, as named in `conf/data/*.yaml`."""
+
+    path: str = ""
+    kind: str = "demonstrations"
+    format: str = "auto"
+    split: str = "train"  # for hub ids
+    columns: dict[str, str] = field(default_factory=dict)  # internal name -> column name in the file
+    on_error: str = "raise"
+    max_bad_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"data.kind: {self.kind!r} is not one of {', '.join(KINDS)}")
+        if self.format not in FORMATS:
+            raise ValueError(f"data.format: {self.format!r} is not one of {', '.join(FORMATS)}")
+        if self.on_error not in ("raise", "skip"):
+            raise ValueError(f"data.on_error: {self.on_error!r} is not 'raise' or 'skip'")
+
+
+class RowError(ValueError):
+    def __init__(self, field_name: str, problem: str) -> None:
+        super().__init__(f"{field_name}: {problem}")
+        self.field_name, self.problem = field_name, problem
+
+
+class DataError(ValueError):
+    """Every bad row of a file, one `file:line: field: problem` per line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        super().__init__("\n".join(shown))
+        self.problems = problems
+
+
+@dataclass
+class Loaded:
+    rows: list[dict[str, Any]]
+    format: str
+    bad: int
+    problems: list[str]
+
+
+# 1. reading: (line, record) pairs, with line numbers for every file type
+def read_records(path: str | Path) -> Iterator[tuple[int, Any]]:
+    path = Path(path)
+    name = path.name[:-3] if path.name.endswith(".gz") else path.name
+    raw = gzip.open(path, "rb").read() if path.name.endswith(".gz") else path.read_bytes()
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        for i, rec in enumerate(pq.read_table(io.BytesIO(raw)).to_pylist()):
+            yield i + 1, rec
+        return
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError([f"{path}:{line}: -: not valid UTF-8 (byte {e.start})"]) from None
+    if name.endswith(".jsonl"):
+        for i, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    yield i, json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield i, RowError("-", f"invalid JSON ({e.msg})")
+    elif name.endswith(".json"):
+        yield from _json_array(path, text)
+    elif name.endswith(".csv"):
+        for i, rec in enumerate(csv.DictReader(io.StringIO(text)), 2):
+            yield i, rec
+    else:
+        raise DataError([f"{path}:0: -: unknown file type; use .json, .jsonl, .parquet or .csv (optionally .gz)"])
+
+
+def _json_array(path: Path, text: str) -> Iterator[tuple[int, Any]]:
+    """Elements of a top-level JSON array with the line each starts on."""
+    decoder = json.JSONDecoder()
+    pos = len(text) - len(text.lstrip())
+    if not text[pos:].startswith("["):
+        raise DataError([f"{path}:1: -: a .json file must hold a list of records"])
+    pos += 1
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text):
+            raise DataError([f"{path}:{text.count(chr(10)) + 1}: -: truncated JSON (no closing ']')"])
+        if text[pos] == "]":
+            return
+        line = text.count("\n", 0, pos) + 1
+        try:
+            obj, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise DataError([f"{path}:{e.lineno}: -: invalid JSON ({e.msg})"]) from None
+        yield line, obj
+
+
+# 2. format detection from the first record's keys
+def detect_format(rec: dict[str, Any], kind: str) -> str:
+    keys = set(rec)
+    if kind == "text" or keys == {"text"}:
+        return "text"
+    if {"conversations", "chosen", "rejected"} <= keys:
+        return "sharegpt_pairs"
+    if {"chosen", "rejected"} <= keys:
+        chosen = rec["chosen"]
+        return (
+            "hh" if isinstance(chosen, str) and "\n\nHuman:" in chosen and "prompt" not in keys else "chosen_rejected"
+        )
+    if "responses" in keys:
+        return "ranked"
+    if "instruction" in keys:
+        return "alpaca"
+    if "conversations" in keys:
+        return "sharegpt"
+    if "messages" in keys:
+        return "messages"
+    if {"prompt", "completion"} <= keys:
+        return "prompt_completion"
+    if keys == {"prompt"} or kind == "prompts":
+        return "prompt"
+    raise RowError("-", f"cannot detect the format from keys {sorted(keys)}; set data.format")
+
+
+# 3. field helpers
+def _text(rec: dict[str, Any], key: str, *, allow_empty: bool = False) -> str:
+    if key not in rec or rec[key] is None:
+        raise RowError(key, "missing")
+    value = rec[key]
+    if not isinstance(value, str):
+        raise RowError(key, f"expected a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise RowError(key, "empty")
+    return value
+
+
+def _list(rec: dict[str, Any], key: str) -> list[Any]:
+    if key not in rec:
+        raise RowError(key, "missing")
+    if not isinstance(rec[key], list) or not rec[key]:
+        raise RowError(key, f"expected a non-empty list, got {type(rec[key]).__name__}")
+    return rec[key]
+
+
+def _messages(turns: list[Any], key: str, role_key: str, content_key: str) -> list[dict[str, str]]:
+    out = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise RowError(f"{key}[{i}]", "expected an object")
+        role = _text(turn, role_key)
+        role = SHAREGPT_ROLES.get(role, role) if role_key == "from" else role
+        if role not in ("system", "user", "assistant"):
+            raise RowError(f"{key}[{i}].{role_key}", f"unknown role {role!r}")
+        out.append({"role": role, "content": _text(turn, content_key)})
+    return out
+
+
+def _split_hh(chosen: str, rejected: str) -> tuple[list[dict[str, str]], str, str]:
+    """HH-RLHF transcripts `\n\nHuman: ... \n\nAssistant: ...`: the shared conversation up to the last
+    common `\n\nAssistant:` marker, and the two replies after it.
+
+    Replies may be empty: the HH-RLHF harmless test split has real rows whose chosen reply is
+    empty, and those labels are kept.
+    """
+    marker = "\n\nAssistant:"
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    cut = chosen[:n].rfind(marker)
+    if cut < 0:
+        raise RowError("chosen", "no '\\n\\nAssistant:' turn shared with rejected")
+    turns = []
+    for chunk in chosen[:cut].split("\n\nHuman:")[1:]:
+        human, *assistant = chunk.split(marker)
+        turns.append({"role": "user", "content": human.strip()})
+        turns += [{"role": "assistant", "content": a.strip()} for a in assistant]
+    if not turns:
+        raise RowError("chosen", "no '\\n\\nHuman:' turn")
+    return turns, chosen[cut + len(marker) :].strip(), rejected[cut + len(marker) :].strip()
+
+
+# 4. normalisation, one function per format
+def _normalise(rec: dict[str, Any], fmt: str, kind: str) -> dict[str, Any]:
+    if not isinstance(rec, dict):
+        raise RowError("-", f"expected an object, got {type(rec).__name__}")
+    if fmt == "text":
+        return {"text": _text(rec, "text")}
+    if fmt == "alpaca":
+        instruction, extra = _text(rec, "instruction"), _text(rec, "input", allow_empty=True) if "input" in rec else ""
+        prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        history = []
+        for i, pair in enumerate(rec.get("history") or []):
+            if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+                raise RowError(f"history[{i}]", "expected [user, assistant] strings")
+            history += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+        if kind == "prompts":
+            return {"prompt": prompt}
+        return {
+            "messages": history
+            + [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(rec, "output")}]
+        }
+    if fmt in ("sharegpt", "messages"):
+        key, role_key, content_key = (
+            ("conversations", "from", "value") if fmt == "sharegpt" else ("messages", "role", "content")
+        )
+        msgs = _messages(_list(rec, key), key, role_key, content_key)
+        if kind == "unary":
+            if msgs[-1]["role"] != "assistant":
+                raise RowError(key, "the last turn must be the assistant's")
+            if not isinstance(rec.get("label"), bool):
+                raise RowError("label", f"expected true or false, got {rec.get('label')!r}")
+            return {"prompt": msgs[:-1], "completion": msgs[-1]["content"], "label": rec["label"]}
+        if msgs[-1]["role"] != "assistant":
+            raise RowError(key, "the last turn must be the assistant's")
+        return {"messages": msgs}
+    if fmt == "prompt_completion":
+        prompt, completion = _text(rec, "prompt"), _text(rec, "completion")
+        if kind == "unary":
+            if not isinstance(rec.get("label"), bool):
+                raise RowError("label", f"expected true or false, got {rec.get('label')!r}")
+            return {"prompt": [{"role": "user", "content": prompt}], "completion": completion, "label": rec["label"]}
+        return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]}
+    if fmt == "prompt":
+        return {"prompt": _text(rec, "prompt")}
+    if fmt == "sharegpt_pairs":
+        context = _messages(_list(rec, "conversations"), "conversations", "from", "value")
+        pair = {}
+        for key in ("chosen", "rejected"):
+            value = rec.get(key)
+            if not isinstance(value, dict):
+                raise RowError(key, "expected an object with from/value")
+            pair[key] = _text(value, "value")
+        return {"prompt": context, **pair}
+    if fmt == "hh":
+        context, chosen, rejected = _split_hh(_text(rec, "chosen"), _text(rec, "rejected"))
+        return {"prompt": context, "chosen": chosen, "rejected": rejected}
+    if fmt == "chosen_rejected":
+        chosen, rejected = _text(rec, "chosen"), _text(rec, "rejected")
+        prompt = rec.get("prompt")
+        if prompt is None:  # implicit prompt: the common prefix of both
+            n = 0
+            while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+                n += 1
+            prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+            if not prompt.strip():
+                raise RowError("prompt", "missing, and chosen/rejected share no prefix to take it from")
+        elif not isinstance(prompt, str):
+            raise RowError("prompt", f"expected a string, got {type(prompt).__name__}")
+        if not chosen.strip() or not rejected.strip():
+            raise RowError("chosen" if not chosen.strip() else "rejected", "empty")
+        return {"prompt": [{"role": "user", "content": prompt}], "chosen": chosen, "rejected": rejected}
+    if fmt == "ranked":
+        return _ranked(rec)
+    raise RowError("-", f"format {fmt!r} cannot give kind {kind!r}")
+
+
+def _ranked(rec: dict[str, Any]) -> dict[str, Any]:
+    prompt = _text(rec, "prompt")
+    raw = _list(rec, "responses")
+    ids, texts = [], []
+    for i, r in enumerate(raw):  # plain strings, or {"id", "text"} objects
+        if isinstance(r, dict):
+            ids.append(str(r.get("id", i)))
+            texts.append(_text(r, "text"))
+        elif isinstance(r, str) and r.strip():
+            ids.append(str(i))
+            texts.append(r)
+        else:
+            raise RowError(f"responses[{i}]", "expected a non-empty string or an {id, text} object")
+    if len(set(ids)) != len(ids):
+        raise RowError("responses", f"duplicated response ids {sorted({x for x in ids if ids.count(x) > 1})}")
+    if len(texts) < 2:
+        raise RowError("responses", "a ranking needs at least 2 responses")
+    k = len(texts)
+    if "ranking" in rec:  # ids or indices, best to worst
+        order = _list(rec, "ranking")
+        index = {x: i for i, x in enumerate(ids)}
+        positions = []
+        for j, x in enumerate(order):
+            if str(x) not in index:
+                raise RowError(f"ranking[{j}]", f"names unknown response {x!r}")
+            positions.append(index[str(x)])
+        if sorted(positions) != list(range(k)):
+            raise RowError("ranking", "must name every response exactly once")
+        ranks = [0] * k
+        for rank, i in enumerate(positions):
+            ranks[i] = rank
+    elif "ranks" in rec:
+        ranks = _list(rec, "ranks")
+        if len(ranks) != k or not all(isinstance(r, int) and not isinstance(r, bool) for r in ranks):
+            raise RowError("ranks", f"expected {k} integers")
+    elif "scores" in rec:
+        scores = _list(rec, "scores")
+        if len(scores) != k or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores):
+            raise RowError("scores", f"expected {k} numbers")
+        distinct = sorted(set(scores), reverse=True)
+        ranks = [distinct.index(s) for s in scores]
+    else:  # the responses are listed best to worst
+        ranks = list(range(k))
+    return {"prompt": prompt, "responses": texts, "ranks": ranks}
+
+
+def load(cfg: DatasetConfig) -> Loaded:
+    """Read, detect, normalise and validate every row of `cfg.path`."""
+    path = Path(cfg.path)
+    if not path.exists():
+        raise DataError([f"{path}:0: path: no such file (data.path)"])
+    rows, problems = [], []
+    fmt = None if cfg.format == "auto" else cfg.format
+    seen_ids: dict[str, int] = {}
+    total = 0
+    for line, rec in read_records(path):
+        total += 1
+        try:
+            if isinstance(rec, RowError):
+                raise rec
+            if cfg.columns and isinstance(rec, dict):
+                rec = {**rec, **{name: rec[col] for name, col in cfg.columns.items() if col in rec}}
+            if fmt is None:
+                fmt = detect_format(rec, cfg.kind)
+            if isinstance(rec, dict) and "id" in rec:
+                key = str(rec["id"])
+                if key in seen_ids:
+                    raise RowError("id", f"duplicated id {key!r} (first on line {seen_ids[key]})")
+                seen_ids[key] = line
+            rows.append(_normalise(rec, fmt, cfg.kind))
+        except RowError as e:
+            problems.append(f"{path}:{line}: {e.field_name}: {e.problem}")
+    if total == 0:
+        raise DataError([f"{path}:0: -: no rows"])
+    if problems and (cfg.on_error == "raise" or len(problems) > cfg.max_bad_fraction * total):
+        if cfg.on_error == "skip":
+            problems.append(
+                f"{path}: {len(problems)} of {total} rows are bad, above data.max_bad_fraction={cfg.max_bad_fraction}"
+            )
+        raise DataError(problems)
+    return Loaded(rows=rows, format=fmt or "", bad=len(problems), problems=problems)
