@@ -3,7 +3,8 @@
 InstructGPT's labelers ranked K = 4 to 9 responses per prompt; here K defaults to 4 and the labeler
 is the simulated one (`stages/labelers.py`). Writes `comparisons.jsonl` (reward-model training) and
 `heldout_comparisons.jsonl` (reward-model evaluation), rows
-`{"prompt", "responses": [K], "finished": [K], "ranking": [indices best to worst]}`.
+`{"prompt", "responses": [K], "finished": [K], "ranks": [K]}` (0 = best, ties share a rank), the
+data worker's `rankings` schema.
 
 Alone: `python -m flows.align pipeline.stop_after=comparisons`.
 """
@@ -75,7 +76,7 @@ def run(
                     "prompt": prompt,
                     "responses": responses,
                     "finished": finished,
-                    "ranking": labeler.rank(prompt, responses),
+                    "ranks": labeler.rank(prompt, responses),
                 }
             )
         write_jsonl(out_dir / f"{name}.jsonl", rows)

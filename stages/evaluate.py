@@ -50,7 +50,7 @@ def labeler_ceiling(rows: list[dict], target_len: int) -> float:
     agree, total = 0.0, 0
     for row in rows:
         gold = [task.gold_score(row["prompt"], y, target_len=target_len) for y in row["responses"]]
-        for w, l in ranking_pairs(row["ranking"]):
+        for w, l in ranking_pairs(row["ranks"]):
             agree += float(gold[w] > gold[l]) + 0.5 * float(gold[w] == gold[l])
             total += 1
     return agree / total
@@ -70,6 +70,11 @@ def _generate(model, tokenizer, prompts, cfg):
         texts += decode_responses(tokenizer, r)
         logps.append(r)
     return texts, logps
+
+
+def _win(ranks: list[int]) -> float:
+    """1 if the first response ranks better, 0.5 on a tie."""
+    return 0.5 if ranks[0] == ranks[1] else float(ranks[0] < ranks[1])
 
 
 @torch.no_grad()
@@ -102,7 +107,7 @@ def run(
     gold_sft = [task.gold_score(p, y, target_len=target_len) for p, y in zip(texts, sft_texts)]
     gold_pol = [task.gold_score(p, y, target_len=target_len) for p, y in zip(texts, pol_texts)]
     labeler = make_labeler(labeler_cfg, target_len)
-    wins = [0.5 if a == b else float(labeler.rank(p, [a, b])[0] == 0) for p, a, b in zip(texts, pol_texts, sft_texts)]
+    wins = [_win(labeler.rank(p, [a, b])) for p, a, b in zip(texts, pol_texts, sft_texts)]
     held = read_jsonl(heldout_comparisons)
     rm = load_scalar_model(reward_model).eval()
     result = {

@@ -1,6 +1,6 @@
 """Labelers rank K responses to a prompt, best first. They all share one interface:
 
-    labeler.rank(prompt, responses) -> list[int]   # indices into `responses`, best to worst
+    labeler.rank(prompt, responses) -> list[int]   # rank of each response, 0 = best, ties share a rank
 
 `SimulatedLabeler` stands in for InstructGPT's human rankers on the embedded default: it scores
 with the hidden gold rule plus Gaussian noise, so, as with real labelers, its agreement with the
@@ -48,8 +48,13 @@ class SimulatedLabeler:
         ]
 
     def rank(self, prompt: str, responses: list[str]) -> list[int]:
-        scores = self.noisy_scores(prompt, responses)
-        return sorted(range(len(responses)), key=lambda i: -scores[i])
+        return ranks_from_scores(self.noisy_scores(prompt, responses))
+
+
+def ranks_from_scores(scores: list[float]) -> list[int]:
+    """0 for the highest score; equal scores share a rank."""
+    distinct = sorted(set(scores), reverse=True)
+    return [distinct.index(s) for s in scores]
 
 
 def make_labeler(cfg: LabelerConfig, target_len: int) -> Labeler:

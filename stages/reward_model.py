@@ -31,25 +31,30 @@ class RewardModelConfig:
     learning_rate: float = 9e-6  # InstructGPT's 6B RM
     batch_prompts: int = 16  # prompts per step; each carries its K responses
     weight_decay: float = 0.0
+    margin: float = 0.0  # optional margin in the pairwise loss (Llama 2); 0 is InstructGPT's loss
     seed: int = 0
 
 
-def ranking_pairs(ranking: list[int]) -> list[tuple[int, int]]:
-    """All (winner, loser) index pairs implied by a best-to-worst ranking."""
-    return [(ranking[i], ranking[j]) for i in range(len(ranking)) for j in range(i + 1, len(ranking))]
+def ranking_pairs(ranks: list[int]) -> list[tuple[int, int]]:
+    """All (winner, loser) index pairs implied by ranks (0 = best); tied responses give no pair."""
+    k = len(ranks)
+    return [(i, j) for i in range(k) for j in range(k) if ranks[i] < ranks[j]]
 
 
-def ranking_loss(scores: torch.Tensor, pairs: list[list[tuple[int, int]]]) -> torch.Tensor:
-    """Mean over prompts of the per-prompt mean pairwise loss.
+def ranking_loss(scores: torch.Tensor, pairs: list[list[tuple[int, int]]], margin: float = 0.0) -> torch.Tensor:
+    """Mean over prompts of the per-prompt mean pairwise loss `-log sigmoid(r_w - r_l - margin)`.
 
-    scores: (num_prompts, K) rewards; pairs[b]: (winner, loser) indices for prompt b.
+    scores: (num_prompts, K) rewards; pairs[b]: (winner, loser) indices for prompt b. A prompt whose
+    responses all tie has no pair and does not count.
     """
     losses = []
     for b, prompt_pairs in enumerate(pairs):
+        if not prompt_pairs:
+            continue
         w = torch.tensor([p[0] for p in prompt_pairs])
         l = torch.tensor([p[1] for p in prompt_pairs])
-        losses.append(-F.logsigmoid(scores[b, w] - scores[b, l]).mean())
-    return torch.stack(losses).mean()
+        losses.append(-F.logsigmoid(scores[b, w] - scores[b, l] - margin).mean())
+    return torch.stack(losses).mean() if losses else scores.sum() * 0.0
 
 
 def score_rows(model, tokenizer, rows: list[dict]) -> torch.Tensor:
@@ -71,7 +76,7 @@ def pairwise_accuracy(model, tokenizer, rows: list[dict], batch: int = 64) -> fl
         chunk = rows[start : start + batch]
         scores = score_rows(model, tokenizer, chunk)
         for b, row in enumerate(chunk):
-            for w, l in ranking_pairs(row["ranking"]):
+            for w, l in ranking_pairs(row["ranks"]):
                 correct += float(scores[b, w] > scores[b, l]) + 0.5 * float(scores[b, w] == scores[b, l])
                 total += 1
     return correct / total
@@ -94,7 +99,8 @@ def run(cfg: RewardModelConfig, *, policy: Path, comparisons: Path, heldout: Pat
         order = torch.randperm(len(rows), generator=gen).tolist()
         for start in range(0, len(order), cfg.batch_prompts):
             batch = [rows[i] for i in order[start : start + cfg.batch_prompts]]
-            loss = ranking_loss(score_rows(model, tokenizer, batch), [ranking_pairs(r["ranking"]) for r in batch])
+            pairs = [ranking_pairs(r["ranks"]) for r in batch]
+            loss = ranking_loss(score_rows(model, tokenizer, batch), pairs, cfg.margin)
             opt.zero_grad()
             loss.backward()
             opt.step()
