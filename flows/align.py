@@ -22,6 +22,7 @@ from prefect import flow
 from flows import report
 from flows.config import PIPELINES, Config, register, to_config
 from flows.runner import StageCall, flatten, stage_task
+from stages.labelers import LabelsMissing
 from stages.manifest import MANIFEST, Manifest
 
 
@@ -39,10 +40,19 @@ class Pipeline:
         stop = self.cfg.pipeline.stop_after
         return stop is None or self.order.index(stage) <= self.order.index(stop)
 
-    def __call__(self, stage: str, *configs: Any, parents: tuple[Manifest, ...] = (), **kwargs: Any) -> Manifest:
+    def __call__(
+        self,
+        stage: str,
+        *configs: Any,
+        parents: tuple[Manifest, ...] = (),
+        outside: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> Manifest:
+        """`outside`: digests of inputs that are not artifacts (a rankings file), part of the key."""
         inputs = {k: str(v) for k, v in kwargs.items() if isinstance(v, Path)}
         scalars = {k: v for k, v in kwargs.items() if not isinstance(v, Path)}
-        call = StageCall(stage, configs, inputs, {p.stage: p.digest for p in parents}, scalars, self.cfg.artifacts_dir)
+        digests = {p.stage: p.digest for p in parents} | (outside or {})
+        call = StageCall(stage, configs, inputs, digests, scalars, self.cfg.artifacts_dir)
         t0 = time.perf_counter()
         state = self.task.with_options(task_run_name=stage)(call, self.parent_run_id, return_state=True)
         manifest: Manifest = state.result()
@@ -99,6 +109,7 @@ def align(cfg: Config) -> dict[str, Any]:
                 s.comparisons,
                 cfg.labeler,
                 parents=(sft, prep),
+                outside=labels_digest(cfg),
                 policy=sft.file("policy"),
                 prompts=prep.file("comparison_prompts"),
                 heldout_prompts=prep.file("heldout_comparison_prompts"),
@@ -148,6 +159,14 @@ def align(cfg: Config) -> dict[str, Any]:
     return summary
 
 
+def labels_digest(cfg: Config) -> dict[str, str]:
+    """Human rankings live outside the artifacts: their content joins the comparisons' cache key."""
+    path = cfg.labeler.rankings_file
+    if cfg.labeler.kind != "file" or not path or not Path(path).exists():
+        return {}
+    return {"rankings_file": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
+
+
 register()
 
 
@@ -155,7 +174,11 @@ register()
 def main(dcfg: DictConfig) -> None:
     cfg = to_config(dcfg)
     _wait_for_server()
-    summary = align(cfg)
+    try:
+        summary = align(cfg)
+    except LabelsMissing as e:
+        print(f"\nwaiting for labels: {e}")
+        raise SystemExit(2) from None
     print(report.table(summary["stages"]))
     if "eval" in summary:
         e = summary["eval"]

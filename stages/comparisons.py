@@ -66,19 +66,19 @@ def run(
     tokenizer = load_tokenizer(policy)
     model = load_causal_lm(policy)
     labeler = make_labeler(labeler_cfg, target_len)
-    metrics = {}
+    sets = {}
     for name, source in (("comparisons", prompts), ("heldout_comparisons", heldout_prompts)):
         texts = [r["prompt"] for r in read_jsonl(source)]
-        rows = []
-        for prompt, (responses, finished) in zip(texts, sample_k(model, tokenizer, texts, cfg)):
-            rows.append(
-                {
-                    "prompt": prompt,
-                    "responses": responses,
-                    "finished": finished,
-                    "ranks": labeler.rank(prompt, responses),
-                }
-            )
+        sets[name] = list(zip(texts, sample_k(model, tokenizer, texts, cfg)))
+    # one labeling request for both sets (one task file for human rankers)
+    items = [(p, responses) for pairs in sets.values() for p, (responses, _) in pairs]
+    ranks = iter(labeler.rank_all(items))
+    metrics = {"comparisons/labeler/asked": float(getattr(labeler, "asked", len(items)))}
+    for name, pairs in sets.items():
+        rows = [
+            {"prompt": p, "responses": responses, "finished": finished, "ranks": next(ranks)}
+            for p, (responses, finished) in pairs
+        ]
         write_jsonl(out_dir / f"{name}.jsonl", rows)
         metrics[f"comparisons/{name}/prompts"] = float(len(rows))
         metrics[f"comparisons/{name}/finished"] = sum(sum(r["finished"]) for r in rows) / (len(rows) * cfg.k)

@@ -313,15 +313,17 @@ def _ranked(rec: dict[str, Any]) -> dict[str, Any]:
     prompt = _text(rec, "prompt")
     raw = _list(rec, "responses")
     ids, texts = [], []
-    for i, r in enumerate(raw):  # plain strings, or {"id", "text"} objects
+    # plain strings, or {"id", "text"} objects; a sampled response may be empty (the policy said
+    # nothing at all) and rankers can still rank it
+    for i, r in enumerate(raw):
         if isinstance(r, dict):
             ids.append(str(r.get("id", i)))
-            texts.append(_text(r, "text"))
-        elif isinstance(r, str) and r.strip():
+            texts.append(_text(r, "text", allow_empty=True))
+        elif isinstance(r, str):
             ids.append(str(i))
             texts.append(r)
         else:
-            raise RowError(f"responses[{i}]", "expected a non-empty string or an {id, text} object")
+            raise RowError(f"responses[{i}]", "expected a string or an {id, text} object")
     if len(set(ids)) != len(ids):
         raise RowError("responses", f"duplicated response ids {sorted({x for x in ids if ids.count(x) > 1})}")
     if len(texts) < 2:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from stages import task
-from stages.labelers import LabelerConfig, make_labeler
+from stages.labelers import LabelerConfig, SimulatedLabeler
 from stages.manifest import Manifest, folder_digest, read_jsonl, write_jsonl
 from stages.modeling import (
     decode_responses,
@@ -106,7 +106,7 @@ def run(
         tokens += r.response_mask.sum().item()
     gold_sft = [task.gold_score(p, y, target_len=target_len) for p, y in zip(texts, sft_texts)]
     gold_pol = [task.gold_score(p, y, target_len=target_len) for p, y in zip(texts, pol_texts)]
-    labeler = make_labeler(labeler_cfg, target_len)
+    labeler = SimulatedLabeler(labeler_cfg, target_len)  # the embedded task's judge, whoever ranked
     wins = [_win(labeler.rank(p, [a, b])) for p, a, b in zip(texts, pol_texts, sft_texts)]
     held = read_jsonl(heldout_comparisons)
     rm = load_scalar_model(reward_model).eval()
