@@ -5,6 +5,7 @@ The flow body reads as the DAG: prepare -> sft -> comparisons -> reward_model ->
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
