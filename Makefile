@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help venv align test test-fast lint ui clean
+.PHONY: help venv align test test-fast bench lint ui clean
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -34,8 +34,11 @@ test: venv ## run the whole test suite (unit, stage, config, end-to-end flow)
 test-fast: venv ## unit and config tests only
 	$(PY) -m pytest tests -m "not slow"
 
+bench: venv ## benchmarks, side by side in one run; JSON under artifacts/bench/
+	$(PY) -m bench.rm_batching
+
 lint: venv ## ruff
-	.venv/bin/ruff check stages flows tests
+	.venv/bin/ruff check stages flows tests bench
 
 ui: venv ## serve the MLflow UI on 127.0.0.1:5000
 	.venv/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/artifacts/mlflow.db --host 127.0.0.1 --port 5000

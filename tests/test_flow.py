@@ -33,7 +33,7 @@ def align(artifacts: Path, *overrides: str) -> dict:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=1800,  # generous: a loaded 2-core machine runs the default recipe in minutes
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "summary: " in proc.stdout
