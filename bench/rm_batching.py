@@ -22,7 +22,7 @@ from stages.modeling import ModelConfig
 from stages.peft_setup import PeftConfig
 
 OUT = Path("artifacts/bench/rm_batching.json")
-EPOCHS, LR, PROMPTS_PER_STEP = 4, 1e-3, 16
+EPOCHS, LR, PROMPTS_PER_STEP = 3, 1e-3, 16
 
 
 def as_shuffled_pairs(rows: list[dict], seed: int) -> list[dict]:
@@ -43,6 +43,7 @@ def as_shuffled_pairs(rows: list[dict], seed: int) -> list[dict]:
 
 
 def train(policy: Path, rows: list[dict], heldout: Path, batch: int, work: Path) -> dict:
+    work.mkdir(parents=True)
     write_jsonl(work / "train.jsonl", rows)
     t0 = time.perf_counter()
     m = reward_model.run(
