@@ -6,5 +6,9 @@ stages use stays off even when a stage runs alone from a REPL.
 
 import os
 
-for _key, _value in {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "HF_HUB_DISABLE_TELEMETRY": "1"}.items():
+for _key, _value in {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+}.items():
     os.environ.setdefault(_key, _value)

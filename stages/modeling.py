@@ -16,7 +16,8 @@ import torch.nn.functional as F
 # artifact's template, so prompts are rendered identically in SFT, sampling, PPO and evaluation.
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}<|user|> {{ message['content'] }} "
+    "{% if message['role'] == 'system' %}{{ message['content'] }} "
+    "{% elif message['role'] == 'user' %}<|user|> {{ message['content'] }} "
     "{% elif message['role'] == 'assistant' %}<|assistant|> {{ message['content'] }}{{ eos_token }} "
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"

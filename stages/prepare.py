@@ -5,7 +5,9 @@ for comparisons, PPO and evaluation (disjoint draws), trains a word-level tokeni
 and builds a tiny Llama from a config. Both are saved with `save_pretrained` and every later stage
 loads them back through `from_pretrained`, the path a hub id or a real model folder takes.
 
-With `model.name_or_path` set, the base model and tokenizer come from there instead.
+With `model.name_or_path` set, the base model and tokenizer come from there instead; with
+`data.demonstrations` set, the demonstrations come from that file through the data worker
+(`stages/data.py`), in the internal `{"messages": [...]}` schema.
 
 Alone: `python -c "from stages import prepare; ..."` or `python -m flows.align pipeline.stop_after=prepare`.
 """
@@ -14,10 +16,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from stages import task
+from stages.data import DatasetConfig, load
 from stages.manifest import Manifest, folder_digest, write_jsonl
 from stages.modeling import DEFAULT_CHAT_TEMPLATE, ModelConfig, load_causal_lm, load_tokenizer
 
@@ -33,6 +37,7 @@ class DataConfig:
     n_heldout_comparison_prompts: int = 200
     n_ppo_prompts: int = 2048
     n_eval_prompts: int = 400
+    demonstrations: DatasetConfig | None = None  # a real dataset instead of the embedded task's
 
 
 def build_tokenizer(corpus: list[str]):
@@ -43,7 +48,8 @@ def build_tokenizer(corpus: list[str]):
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    tok.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS))
+    # a real corpus has a long tail of words: keep the frequent ones, the rest become <unk>
+    tok.train_from_iterator(corpus, trainers.WordLevelTrainer(vocab_size=8000, special_tokens=SPECIAL_TOKENS))
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<pad>",
@@ -101,8 +107,21 @@ def pretrain(model, tokenizer, documents: list[str], cfg: ModelConfig, seed: int
 def run(cfg: DataConfig, model_cfg: ModelConfig, *, out_dir: Path) -> Manifest:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    demos = task.make_demonstrations(cfg.n_demonstrations, cfg.seed, target_len=cfg.target_len)
-    write_jsonl(out_dir / "demonstrations.jsonl", [{"prompt": d.prompt, "response": d.response} for d in demos])
+    metrics: dict[str, float] = {}
+    if cfg.demonstrations is None:
+        demos = task.make_demonstrations(cfg.n_demonstrations, cfg.seed, target_len=cfg.target_len)
+        rows: list[dict[str, Any]] = [
+            {"messages": [{"role": "user", "content": d.prompt}, {"role": "assistant", "content": d.response}]}
+            for d in demos
+        ]
+        gold = [task.gold_score(d.prompt, d.response, target_len=cfg.target_len) for d in demos]
+        metrics["prepare/demonstrations/gold_mean"] = sum(gold) / len(gold)
+    else:
+        loaded = load(cfg.demonstrations)
+        rows = loaded.rows
+        metrics["prepare/data/bad_rows"] = float(loaded.bad)
+    metrics["prepare/demonstrations/rows"] = float(len(rows))
+    write_jsonl(out_dir / "demonstrations.jsonl", rows)
     prompt_sets = {
         "comparison_prompts": cfg.n_comparison_prompts,
         "heldout_comparison_prompts": cfg.n_heldout_comparison_prompts,
@@ -114,7 +133,7 @@ def run(cfg: DataConfig, model_cfg: ModelConfig, *, out_dir: Path) -> Manifest:
 
     base = out_dir / "base"
     if model_cfg.name_or_path is None:
-        corpus = [f"{d.prompt} {d.response}" for d in demos] + [" ".join(task.vocabulary())]
+        corpus = [" ".join(m["content"] for m in r["messages"]) for r in rows] + [" ".join(task.vocabulary())]
         tokenizer = build_tokenizer(corpus)
         model = build_tiny_llama(model_cfg, tokenizer, cfg.seed)
         web = task.make_demonstrations(model_cfg.pretrain_documents, cfg.seed + 7919, target_len=cfg.target_len)
@@ -130,7 +149,6 @@ def run(cfg: DataConfig, model_cfg: ModelConfig, *, out_dir: Path) -> Manifest:
     # round trip: the artifact must load through the same path a hub model takes
     reloaded = load_causal_lm(base)
     n_params = sum(p.numel() for p in reloaded.parameters())
-    mean_gold = sum(task.gold_score(d.prompt, d.response, target_len=cfg.target_len) for d in demos) / len(demos)
     return Manifest(
         stage="prepare",
         path=str(out_dir),
@@ -138,7 +156,7 @@ def run(cfg: DataConfig, model_cfg: ModelConfig, *, out_dir: Path) -> Manifest:
         metrics={
             "prepare/params": float(n_params),
             "prepare/vocab": float(len(tokenizer)),
-            "prepare/demonstrations/gold_mean": mean_gold,
+            **metrics,
             **({"prepare/pretrain/loss_last": pretrain_losses[-1]} if pretrain_losses else {}),
         },
         files={"base": "base", **{k: f"{k}.jsonl" for k in prompt_sets}, "demonstrations": "demonstrations.jsonl"},

@@ -41,11 +41,11 @@ def ranking_pairs(ranks: list[int]) -> list[tuple[int, int]]:
     return [(i, j) for i in range(k) for j in range(k) if ranks[i] < ranks[j]]
 
 
-def ranking_loss(scores: torch.Tensor, pairs: list[list[tuple[int, int]]], margin: float = 0.0) -> torch.Tensor:
+def ranking_loss(scores, pairs: list[list[tuple[int, int]]], margin: float = 0.0) -> torch.Tensor:
     """Mean over prompts of the per-prompt mean pairwise loss `-log sigmoid(r_w - r_l - margin)`.
 
-    scores: (num_prompts, K) rewards; pairs[b]: (winner, loser) indices for prompt b. A prompt whose
-    responses all tie has no pair and does not count.
+    scores: per prompt a (K_b,) tensor of rewards (or one (num_prompts, K) tensor); pairs[b]: the
+    (winner, loser) indices of prompt b. A prompt whose responses all tie has no pair and does not count.
     """
     losses = []
     for b, prompt_pairs in enumerate(pairs):
@@ -53,33 +53,41 @@ def ranking_loss(scores: torch.Tensor, pairs: list[list[tuple[int, int]]], margi
             continue
         w = torch.tensor([p[0] for p in prompt_pairs])
         l = torch.tensor([p[1] for p in prompt_pairs])
-        losses.append(-F.logsigmoid(scores[b, w] - scores[b, l] - margin).mean())
-    return torch.stack(losses).mean() if losses else scores.sum() * 0.0
+        losses.append(-F.logsigmoid(scores[b][w] - scores[b][l] - margin).mean())
+    return torch.stack(losses).mean() if losses else sum(s.sum() for s in scores) * 0.0
 
 
-def score_rows(model, tokenizer, rows: list[dict]) -> torch.Tensor:
-    """(num_rows, K) reward scores of each row's K responses."""
-    k = len(rows[0]["responses"])
+def score_rows(model, tokenizer, rows: list[dict]) -> list[torch.Tensor]:
+    """Per row a (K,) tensor of reward scores, one forward pass per response; K may vary by row."""
     rollout = encode_rollout(
         tokenizer,
-        [r["prompt"] for r in rows for _ in range(k)],
+        [r["prompt"] for r in rows for _ in r["responses"]],
         [y for r in rows for y in r["responses"]],
         [f for r in rows for f in r["finished"]],
     )
-    return sequence_scores(model, rollout).view(len(rows), k)
+    return list(sequence_scores(model, rollout).split([len(r["responses"]) for r in rows]))
 
 
 @torch.no_grad()
 def pairwise_accuracy(model, tokenizer, rows: list[dict], batch: int = 64) -> float:
-    correct, total = 0.0, 0
+    return pairwise_accuracy_by_k(model, tokenizer, rows, batch)["all"]
+
+
+@torch.no_grad()
+def pairwise_accuracy_by_k(model, tokenizer, rows: list[dict], batch: int = 64) -> dict[str, float]:
+    """Fraction of (winner, loser) pairs scored in the right order (ties half), overall and by K."""
+    correct: dict[str, float] = {}
+    total: dict[str, int] = {}
     for start in range(0, len(rows), batch):
         chunk = rows[start : start + batch]
         scores = score_rows(model, tokenizer, chunk)
-        for b, row in enumerate(chunk):
+        for s, row in zip(scores, chunk):
             for w, l in ranking_pairs(row["ranks"]):
-                correct += float(scores[b, w] > scores[b, l]) + 0.5 * float(scores[b, w] == scores[b, l])
-                total += 1
-    return correct / total
+                hit = float(s[w] > s[l]) + 0.5 * float(s[w] == s[l])
+                for key in ("all", f"k{len(row['responses'])}"):
+                    correct[key] = correct.get(key, 0.0) + hit
+                    total[key] = total.get(key, 0) + 1
+    return {key: correct[key] / total[key] for key in total}
 
 
 def run(cfg: RewardModelConfig, *, policy: Path, comparisons: Path, heldout: Path, out_dir: Path) -> Manifest:
@@ -112,12 +120,15 @@ def run(cfg: RewardModelConfig, *, policy: Path, comparisons: Path, heldout: Pat
     model.eval()
     with torch.no_grad():  # 3. normalise: the SFT samples' mean reward becomes zero
         bias = torch.cat(
-            [score_rows(model, tokenizer, rows[i : i + 64]).flatten() for i in range(0, len(rows), 64)]
+            [s for i in range(0, len(rows), 64) for s in score_rows(model, tokenizer, rows[i : i + 64])]
         ).mean()
     metrics = {
         "rm/train/loss_last": loss.item(),
         "rm/train/accuracy": pairwise_accuracy(model, tokenizer, rows),
-        "rm/eval/accuracy": pairwise_accuracy(model, tokenizer, held),
+        **{
+            f"rm/eval/accuracy{'' if k == 'all' else '_' + k}": v
+            for k, v in pairwise_accuracy_by_k(model, tokenizer, held).items()
+        },
         "rm/bias": bias.item(),
     }
     model.save_pretrained(out_dir / "model", safe_serialization=True)

@@ -1,7 +1,8 @@
 """SFT stage: supervised fine-tuning on demonstrations with TRL's SFTTrainer (InstructGPT step 1).
 
-Loss on the response tokens only (prompt-completion data); the prompt is rendered with the chat
-template, the response ends with EOS. With LoRA the adapters are merged before saving, so the SFT
+Demonstrations are `{"messages": [...]}` rows (the data worker's schema); the loss is on the final
+assistant turn only (prompt-completion data), earlier turns are context rendered with the chat
+template, and the response ends with EOS. With LoRA the adapters are merged before saving, so the SFT
 artifact is a plain model folder (safetensors) plus the tokenizer and chat template that every later
 stage reuses.
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages.manifest import Manifest, folder_digest, read_jsonl
-from stages.modeling import load_causal_lm, load_tokenizer, render_prompts
+from stages.modeling import load_causal_lm, load_tokenizer
 from stages.peft_setup import PeftConfig, lora_config
 from stages.tracking import log_metrics
 
@@ -48,8 +49,11 @@ def run(cfg: SftConfig, peft: PeftConfig, *, base: Path, demonstrations: Path, o
     tokenizer = load_tokenizer(base)
     model = load_causal_lm(base)
     rows = read_jsonl(demonstrations)
-    prompts = render_prompts(tokenizer, [r["prompt"] for r in rows])
-    dataset = Dataset.from_dict({"prompt": prompts, "completion": [" " + r["response"] for r in rows]})
+    prompts = [
+        tokenizer.apply_chat_template(r["messages"][:-1], tokenize=False, add_generation_prompt=True) for r in rows
+    ]
+    completions = [" " + r["messages"][-1]["content"] for r in rows]
+    dataset = Dataset.from_dict({"prompt": prompts, "completion": completions})
     args = SFTConfig(
         output_dir=str(out_dir / "trainer"),
         num_train_epochs=cfg.epochs,

@@ -33,6 +33,18 @@ def test_every_pipeline_composes(pipeline):
     assert to_config(_compose([f"pipeline={pipeline}"])).pipeline.name == pipeline
 
 
+@pytest.mark.parametrize("data", [p.stem for p in (ROOT / "conf" / "data").glob("*.yaml")])
+def test_every_data_option_composes(data):
+    to_config(_compose([f"data={data}"]))
+
+
+def test_dataset_entry_is_typed():
+    cfg = to_config(_compose(["data=alpaca_demo"]))
+    assert cfg.data.demonstrations.format == "alpaca"
+    with pytest.raises(ValueError, match="data.kind"):
+        to_config(_compose(["data=alpaca_demo", "data.demonstrations.kind=pairs"]))
+
+
 @pytest.mark.parametrize("experiment", [p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")])
 def test_every_experiment_composes(experiment):
     text = (ROOT / "conf" / "experiment" / f"{experiment}.yaml").read_text()

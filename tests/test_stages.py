@@ -117,3 +117,36 @@ def test_evaluate_reports_every_figure(chain):
     assert set(e) >= {"gold_sft", "gold_policy", "win_rate", "kl_to_sft", "rm_accuracy", "labeler_ceiling"}
     assert 0.0 <= e["win_rate"] <= 1.0 and 0.5 < e["labeler_ceiling"] <= 1.0
     assert e["kl_to_sft"] > 0  # the policy moved
+
+
+def test_sft_on_real_demonstrations_through_the_data_worker(tmp_path):
+    from stages import prepare
+    from stages.data import DatasetConfig
+    from stages.modeling import ModelConfig
+
+    alpaca = Path(__file__).resolve().parents[2] / "shared/data/llamafactory-demo/alpaca_en_demo.json"
+    if not alpaca.exists():
+        pytest.skip(f"{alpaca} is absent: the shared real-data folder ships beside the checkout")
+    data = prepare.DataConfig(
+        n_comparison_prompts=8,
+        n_heldout_comparison_prompts=8,
+        n_ppo_prompts=8,
+        n_eval_prompts=8,
+        demonstrations=DatasetConfig(path=str(alpaca), kind="demonstrations"),
+    )
+    prep = prepare.run(
+        data,
+        ModelConfig(hidden_size=32, intermediate_size=64, pretrain_documents=100, pretrain_epochs=1),
+        out_dir=tmp_path / "prep",
+    )
+    assert prep.metrics["prepare/demonstrations/rows"] == 999 and prep.metrics["prepare/data/bad_rows"] == 0
+    rows = read_jsonl(prep.file("demonstrations"))
+    assert rows[0]["messages"][0]["content"] == "Describe a process of making crepes."
+    m = sft.run(
+        sft.SftConfig(epochs=1, max_length=48),
+        PeftConfig(method="full"),
+        base=prep.file("base"),
+        demonstrations=prep.file("demonstrations"),
+        out_dir=tmp_path / "sft",
+    )
+    assert m.metrics["sft/train/loss_last"] < m.metrics["sft/train/loss_first"]
