@@ -47,13 +47,15 @@ class Pipeline:
         *configs: Any,
         parents: tuple[Manifest, ...] = (),
         outside: dict[str, str] | None = None,
+        checkpointed: bool = False,
         **kwargs: Any,
     ) -> Manifest:
-        """`outside`: digests of inputs that are not artifacts (a rankings file), part of the key."""
+        """`outside`: digests of inputs that are not artifacts (a rankings file), part of the key;
+        `checkpointed`: the stage resumes from checkpoints after a crash."""
         inputs = {k: str(v) for k, v in kwargs.items() if isinstance(v, Path)}
         scalars = {k: v for k, v in kwargs.items() if not isinstance(v, Path)}
         digests = {p.stage: p.digest for p in parents} | (outside or {})
-        call = StageCall(stage, configs, inputs, digests, scalars, self.cfg.artifacts_dir)
+        call = StageCall(stage, configs, inputs, digests, scalars, self.cfg.artifacts_dir, checkpointed)
         t0 = time.perf_counter()
         state = self.task.with_options(task_run_name=stage)(call, self.parent_run_id, return_state=True)
         manifest: Manifest = state.result()
@@ -134,6 +136,9 @@ def align(cfg: Config) -> dict[str, Any]:
                 reward_model=rm.file("model"),
                 normalization=rm.file("normalization"),
                 prompts=prep.file("ppo_prompts"),
+                pretrain=prep.file("pretrain"),
+                gold_target_len=cfg.data.target_len,
+                checkpointed=True,
             )
         summary: dict[str, Any] = {
             "pipeline": cfg.pipeline.name,

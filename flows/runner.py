@@ -67,6 +67,7 @@ class StageCall:
     parents: dict[str, str]  # upstream stage -> content digest
     scalars: dict[str, Any]
     artifacts_dir: str
+    checkpointed: bool = False  # the stage takes a `checkpoint_dir` that outlives a crashed attempt
 
     def key(self) -> str:
         return sha256_json(
@@ -99,8 +100,9 @@ def _execute(call: StageCall, parent_run_id: str | None) -> Manifest:
         mlflow.log_params({k: v for c in call.configs for k, v in flatten(c, f"{call.stage}.").items()})
         with staging_folder(root) as tmp:
             t0 = time.perf_counter()
+            extra = {"checkpoint_dir": root / ".checkpoints" / key[:16]} if call.checkpointed else {}
             manifest = module.run(
-                *call.configs, **{k: Path(v) for k, v in call.inputs.items()}, **call.scalars, out_dir=tmp
+                *call.configs, **{k: Path(v) for k, v in call.inputs.items()}, **call.scalars, **extra, out_dir=tmp
             )
             seconds = time.perf_counter() - t0
             digest = manifest.digest  # the stage hashed its own folder

@@ -2,8 +2,11 @@
 
 InstructGPT step 3 (Ouyang et al. 2022), our own implementation (TRL removed PPO in 1.13):
 rollouts from the policy, reward = normalised RM score at the last token minus
-`beta * (log pi - log pi_sft)` on every token, a value model initialised from the reward model,
-GAE, clipped policy and value losses. The maths lives in `stages/ppo_math.py`.
+`beta * KL(pi || pi_sft)` on every token (fixed beta or Ziegler et al.'s adaptive controller), a
+value model initialised from the reward model, GAE, clipped policy and value losses, optional
+PPO-ptx (a language-modelling loss on pretraining text) and an EMA of the policy for export.
+Checkpoints every `checkpoint_every` updates; a killed run resumes from the last complete one.
+The maths lives in `stages/ppo_math.py`.
 
 Alone: `python -m flows.align pipeline.stop_after=ppo`.
 """
@@ -11,12 +14,16 @@ Alone: `python -m flows.align pipeline.stop_after=ppo`.
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from stages import ppo_math as pm
+from stages import task
 from stages.manifest import Manifest, folder_digest, read_jsonl, write_jsonl
 from stages.modeling import (
     Rollout,
@@ -41,6 +48,10 @@ class PpoConfig:
     minibatch_size: int = 16
     learning_rate: float = 1e-4
     beta: float = 0.02  # per-token KL coefficient to the SFT policy (InstructGPT)
+    kl_estimator: str = "k1"  # k1 = log pi - log pi_sft (InstructGPT); k3: non-negative, lower variance
+    kl_target: float | None = None  # set: adaptive beta toward this KL per response (Ziegler et al. 2019)
+    kl_horizon: int = 10000  # adaptive controller horizon, in rollouts (Ziegler et al. 2019)
+    kl_warn: float = 20.0  # warn once when the mean KL per response passes this
     gamma: float = 1.0  # InstructGPT / Ziegler et al.: no discount within a response
     lam: float = 0.95  # GAE lambda
     clip: float = 0.2  # clipped surrogate epsilon (Schulman et al. 2017)
@@ -48,9 +59,14 @@ class PpoConfig:
     vf_coef: float = 0.1
     max_grad_norm: float = 1.0
     whiten_advantages: bool = True
+    ptx_coef: float = 0.0  # PPO-ptx; InstructGPT used 27.8 on its own loss scale; 0 turns it off
+    ptx_batch_size: int = 16
+    ema_decay: float | None = 0.992  # EMA of policy weights for export (InstructGPT); null: off
     max_new_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
+    missing_eos_penalty: float | None = None  # subtracted from the score of a response without EOS
+    checkpoint_every: int = 10  # updates between checkpoints; 0: never
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -61,6 +77,10 @@ class PpoConfig:
             )
         if self.beta < 0:
             raise ValueError(f"stage.ppo.beta: must be >= 0, got {self.beta}")
+        if self.kl_estimator not in ("k1", "k3"):
+            raise ValueError(f"stage.ppo.kl_estimator: {self.kl_estimator!r} is not 'k1' or 'k3'")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"stage.ppo.ema_decay: must be in (0, 1) or null, got {self.ema_decay}")
 
 
 def _subset(r: Rollout, idx: torch.Tensor) -> Rollout:
@@ -72,105 +92,224 @@ def _check_finite(name: str, x: torch.Tensor, update: int) -> None:
         raise FloatingPointError(f"ppo: non-finite {name} at update {update}; lower stage.ppo.learning_rate")
 
 
+class _State:
+    """Everything a resumed run needs: models, optimizer, KL controller, EMA, RNG, position."""
+
+    def __init__(self, cfg: PpoConfig, policy: Path, reward_model: Path) -> None:
+        torch.manual_seed(cfg.seed)
+        self.actor = load_causal_lm(policy)
+        self.critic = load_scalar_model(reward_model)  # value model initialised from the RM (InstructGPT)
+        self.params = [p for m in (self.actor, self.critic) for p in m.parameters()]
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.learning_rate, eps=1e-5)
+        self.kl_ctl = pm.AdaptiveKLController(cfg.beta, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target else None
+        self.beta = cfg.beta
+        self.ema = {k: v.detach().clone() for k, v in self.actor.state_dict().items()} if cfg.ema_decay else None
+        self.update = 0
+        self.history: list[dict[str, float]] = []
+        self.warned_kl = False
+
+    def save(self, folder: Path) -> None:
+        """Written to a temporary file, then renamed: a half-written checkpoint is never picked up."""
+        folder.mkdir(parents=True, exist_ok=True)
+        blob = {
+            "actor": self.actor.state_dict(),
+            "critic": self.critic.state_dict(),
+            "opt": self.opt.state_dict(),
+            "beta": self.beta,
+            "ema": self.ema,
+            "update": self.update,
+            "history": self.history,
+            "rng": torch.get_rng_state(),
+            "warned_kl": self.warned_kl,
+        }
+        tmp = folder / "state.pt.tmp"
+        torch.save(blob, tmp)
+        os.replace(tmp, folder / "state.pt")
+
+    def load(self, folder: Path) -> bool:
+        path = folder / "state.pt"
+        if not path.exists():
+            return False
+        blob = torch.load(path, weights_only=True)
+        self.actor.load_state_dict(blob["actor"])
+        self.critic.load_state_dict(blob["critic"])
+        self.opt.load_state_dict(blob["opt"])
+        self.beta, self.ema, self.update = blob["beta"], blob["ema"], blob["update"]
+        self.history, self.warned_kl = blob["history"], blob["warned_kl"]
+        if self.kl_ctl is not None:
+            self.kl_ctl.beta = self.beta
+        torch.set_rng_state(blob["rng"])
+        return True
+
+
 def run(
-    cfg: PpoConfig, *, policy: Path, reward_model: Path, normalization: Path, prompts: Path, out_dir: Path
+    cfg: PpoConfig,
+    *,
+    policy: Path,
+    reward_model: Path,
+    normalization: Path,
+    prompts: Path,
+    out_dir: Path,
+    pretrain: Path | None = None,
+    checkpoint_dir: Path | None = None,
+    gold_target_len: int | None = None,
 ) -> Manifest:
+    """`gold_target_len` set (embedded task): log the hidden gold score of rollouts too."""
     out_dir = Path(out_dir)
-    torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(policy)
-    actor, ref = load_causal_lm(policy), load_causal_lm(policy)
-    critic, rm = load_scalar_model(reward_model), load_scalar_model(reward_model)  # value from the RM
+    state = _State(cfg, policy, reward_model)
+    resumed_from = state.update if checkpoint_dir and state.load(Path(checkpoint_dir)) else 0
+    ref, rm = load_causal_lm(policy), load_scalar_model(reward_model)
     for frozen in (ref, rm):
         frozen.eval().requires_grad_(False)
     bias = load_bias(normalization)
-    params = [p for m in (actor, critic) for p in m.parameters()]
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, eps=1e-5)
     texts = [r["prompt"] for r in read_jsonl(prompts)]
-    history: list[dict[str, float]] = []
-    for update in range(cfg.updates):
-        # 1. rollouts
-        start = (update * cfg.rollouts_per_update) % len(texts)
+    ptx_docs = [r["text"] for r in read_jsonl(pretrain)] if pretrain and cfg.ptx_coef > 0 else []
+    while state.update < cfg.updates:
+        update = state.update
+        start = (update * cfg.rollouts_per_update) % len(texts)  # data position follows the update index
         batch_prompts = [texts[(start + i) % len(texts)] for i in range(cfg.rollouts_per_update)]
-        rollout = sample(
-            actor,
-            tokenizer,
-            batch_prompts,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-        )
-        mask = rollout.response_mask.float()
-        # 2. one pass each of policy, reference, value and reward over the rollout tokens
-        with torch.no_grad():
-            old_logp, _ = response_logprobs(actor, rollout, temperature=cfg.temperature)
-            ref_logp, _ = response_logprobs(ref, rollout, temperature=cfg.temperature)
-            old_values = token_values(critic, rollout) * mask
-            score = sequence_scores(rm, rollout) - bias
-        _check_finite("reward", score, update)
-        # 3. per-token KL penalty, GAE
-        rewards, kl = pm.kl_penalized_rewards(score, old_logp, ref_logp, mask, cfg.beta)
-        advantages, returns = pm.gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:
-            advantages = pm.masked_whiten(advantages, mask)
-        # 4. PPO epochs over shuffled minibatches
-        stats: dict[str, list[float]] = {"pg": [], "vf": [], "clipfrac": [], "approxkl": [], "entropy": []}
-        for _ in range(cfg.ppo_epochs):
-            for idx in torch.randperm(cfg.rollouts_per_update).split(cfg.minibatch_size):
-                mb, m = _subset(rollout, idx), mask[idx]
-                logp, entropy = response_logprobs(actor, mb, temperature=cfg.temperature)
-                values = token_values(critic, mb)
-                pg, clipfrac, approxkl = pm.policy_loss(logp, old_logp[idx], advantages[idx], m, cfg.clip)
-                vf, _ = pm.value_loss(values, old_values[idx], returns[idx], m, cfg.value_clip)
-                loss = pg + cfg.vf_coef * vf
-                _check_finite("loss", loss, update)
-                opt.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                opt.step()
-                for k, v in (
-                    ("pg", pg),
-                    ("vf", vf),
-                    ("clipfrac", clipfrac),
-                    ("approxkl", approxkl),
-                    ("entropy", pm.masked_mean(entropy, m)),
-                ):
-                    stats[k].append(v.item())
-        # 5. diagnostics
-        row = {
-            "ppo/objective/kl": (kl.sum(1)).mean().item(),
-            "ppo/objective/scores": score.mean().item(),
-            "ppo/objective/non_score_reward": (-cfg.beta * kl.sum(1)).mean().item(),
-            "ppo/objective/rlhf_reward": (score - cfg.beta * kl.sum(1)).mean().item(),
-            "ppo/policy/entropy": sum(stats["entropy"]) / len(stats["entropy"]),
-            "ppo/policy/approxkl": sum(stats["approxkl"]) / len(stats["approxkl"]),
-            "ppo/policy/clipfrac": sum(stats["clipfrac"]) / len(stats["clipfrac"]),
-            "ppo/loss/policy": sum(stats["pg"]) / len(stats["pg"]),
-            "ppo/val/loss": sum(stats["vf"]) / len(stats["vf"]),
-            "ppo/val/explained_variance": _explained_variance(old_values, returns, mask),
-            "ppo/response_length": mask.sum(1).mean().item(),
-        }
-        history.append(row)
+        row, rollout = _one_update(cfg, state, tokenizer, ref, rm, bias, batch_prompts, ptx_docs, update)
+        if gold_target_len is not None:
+            responses = decode_responses(tokenizer, rollout)
+            gold = [task.gold_score(p, r, target_len=gold_target_len) for p, r in zip(batch_prompts, responses)]
+            row["ppo/objective/gold"] = sum(gold) / len(gold)
+        state.history.append(row)
         log_metrics(row, step=update)
-    actor.save_pretrained(out_dir / "policy", safe_serialization=True)
+        state.update += 1
+        if checkpoint_dir and cfg.checkpoint_every and state.update % cfg.checkpoint_every == 0:
+            state.save(Path(checkpoint_dir))
+    return _finish(cfg, state, tokenizer, out_dir, batch_prompts, rollout, resumed_from, checkpoint_dir)
+
+
+def _one_update(cfg, state: _State, tokenizer, ref, rm, bias, batch_prompts, ptx_docs, update):
+    actor, critic = state.actor, state.critic
+    # 1. rollouts (KV-cached, batched generate: the seam where a faster engine plugs in)
+    rollout = sample(
+        actor, tokenizer, batch_prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p
+    )
+    mask = rollout.response_mask.float()
+    # 2. one pass each of policy, reference, value and reward over the rollout tokens
+    with torch.no_grad():
+        old_logp, _ = response_logprobs(actor, rollout, temperature=cfg.temperature)
+        ref_logp, _ = response_logprobs(ref, rollout, temperature=cfg.temperature)
+        old_values = token_values(critic, rollout) * mask
+        score = sequence_scores(rm, rollout) - bias
+        if cfg.missing_eos_penalty is not None:
+            score = score - cfg.missing_eos_penalty * (~rollout.finished).float()
+    _check_finite("reward", score, update)
+    # 3. per-token KL penalty, GAE
+    kl = pm.kl_estimate(old_logp, ref_logp, cfg.kl_estimator) * mask
+    rewards = pm.kl_penalized_rewards(score, kl, mask, state.beta)
+    advantages, returns = pm.gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+        advantages = pm.masked_whiten(advantages, mask)
+    # 4. PPO epochs over shuffled minibatches
+    stats: dict[str, list[float]] = {"pg": [], "vf": [], "clipfrac": [], "approxkl": [], "entropy": [], "ptx": []}
+    for _ in range(cfg.ppo_epochs):
+        for idx in torch.randperm(cfg.rollouts_per_update).split(cfg.minibatch_size):
+            mb, m = _subset(rollout, idx), mask[idx]
+            logp, entropy = response_logprobs(actor, mb, temperature=cfg.temperature)
+            pg, clipfrac, approxkl = pm.policy_loss(logp, old_logp[idx], advantages[idx], m, cfg.clip)
+            vf, _ = pm.value_loss(token_values(critic, mb), old_values[idx], returns[idx], m, cfg.value_clip)
+            loss = pg + cfg.vf_coef * vf
+            if ptx_docs:
+                lm = _lm_loss(actor, tokenizer, ptx_docs, cfg.ptx_batch_size)
+                loss = pm.ptx_mix(loss, lm, cfg.ptx_coef)
+                stats["ptx"].append(lm.item())
+            _check_finite("loss", loss, update)
+            state.opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(state.params, cfg.max_grad_norm)
+            state.opt.step()
+            if state.ema is not None:
+                pm.ema_update(state.ema, actor.state_dict(), cfg.ema_decay)
+            for k, v in (
+                ("pg", pg),
+                ("vf", vf),
+                ("clipfrac", clipfrac),
+                ("approxkl", approxkl),
+                ("entropy", pm.masked_mean(entropy, m)),
+            ):
+                stats[k].append(v.item())
+    # 5. KL controller and diagnostics
+    kl_seq = kl.sum(1).mean().item()
+    row = {
+        "ppo/objective/kl": kl_seq,
+        "ppo/objective/scores": score.mean().item(),
+        "ppo/objective/non_score_reward": (-state.beta * kl.sum(1)).mean().item(),
+        "ppo/objective/rlhf_reward": (score - state.beta * kl.sum(1)).mean().item(),
+        "ppo/objective/beta": state.beta,
+        "ppo/val/explained_variance": _explained_variance(old_values, returns, mask),
+        "ppo/response_length": mask.sum(1).mean().item(),
+        "ppo/finished": rollout.finished.float().mean().item(),
+        "ppo/learning_rate": state.opt.param_groups[0]["lr"],
+        **{f"ppo/{name}": sum(v) / len(v) for name, v in _named(stats).items() if v},
+    }
+    if state.kl_ctl is not None:
+        state.beta = state.kl_ctl.update(kl_seq, cfg.rollouts_per_update)
+    if kl_seq > cfg.kl_warn and not state.warned_kl:
+        warnings.warn(
+            f"ppo: KL to the SFT policy reached {kl_seq:.2f} per response at update {update}, above "
+            f"stage.ppo.kl_warn={cfg.kl_warn}; raise stage.ppo.beta or set stage.ppo.kl_target",
+            stacklevel=2,
+        )
+        state.warned_kl = True
+    return row, rollout
+
+
+def _named(stats: dict[str, list[float]]) -> dict[str, list[float]]:
+    names = {
+        "pg": "loss/policy",
+        "vf": "val/loss",
+        "clipfrac": "policy/clipfrac",
+        "approxkl": "policy/approxkl",
+        "entropy": "policy/entropy",
+        "ptx": "loss/ptx",
+    }
+    return {names[k]: v for k, v in stats.items()}
+
+
+def _lm_loss(model, tokenizer, docs: list[str], batch_size: int) -> torch.Tensor:
+    """Next-token loss on a random batch of pretraining text (PPO-ptx)."""
+    idx = torch.randint(len(docs), (batch_size,)).tolist()
+    tokenizer.padding_side = "right"
+    enc = tokenizer(
+        [docs[i] + tokenizer.eos_token for i in idx],
+        return_tensors="pt",
+        padding=True,
+        truncation=True,
+        max_length=64,
+        add_special_tokens=False,
+    )
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    return model(**enc, labels=labels).loss
+
+
+def _finish(cfg, state: _State, tokenizer, out_dir, batch_prompts, rollout, resumed_from, checkpoint_dir) -> Manifest:
+    if state.ema is not None:  # export the EMA weights (InstructGPT); keep the last iterate beside them
+        state.actor.save_pretrained(out_dir / "policy_last", safe_serialization=True)
+        tokenizer.save_pretrained(out_dir / "policy_last")
+        state.actor.load_state_dict(state.ema)
+    state.actor.save_pretrained(out_dir / "policy", safe_serialization=True)
     tokenizer.save_pretrained(out_dir / "policy")
     write_jsonl(
         out_dir / "samples.jsonl",
         [{"prompt": p, "response": r} for p, r in zip(batch_prompts, decode_responses(tokenizer, rollout))],
     )
-    first, last = history[0], history[-1]
+    first, last = state.history[0], state.history[-1]
     metrics = {
         "ppo/objective/scores_first": first["ppo/objective/scores"],
         "ppo/objective/scores_last": last["ppo/objective/scores"],
         "ppo/objective/kl_last": last["ppo/objective/kl"],
         "ppo/updates": float(cfg.updates),
+        "ppo/resumed_from": float(resumed_from),
+        "ppo/history_length": float(len(state.history)),
     }
-    return Manifest(
-        stage="ppo",
-        path=str(out_dir),
-        digest=folder_digest(out_dir),
-        metrics=metrics,
-        files={"policy": "policy", "samples": "samples.jsonl"},
-    )
+    if checkpoint_dir:  # the finished stage is cached as an artifact; its checkpoints are spent
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    files = {"policy": "policy", "samples": "samples.jsonl"} | ({"policy_last": "policy_last"} if state.ema else {})
+    return Manifest(stage="ppo", path=str(out_dir), digest=folder_digest(out_dir), metrics=metrics, files=files)
 
 
 def _explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:

@@ -24,16 +24,13 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
     return out * mask
 
 
-def kl_penalized_rewards(
-    score: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, beta: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token rewards: `-beta * (log pi - log pi_ref)` on every token, plus `score` (batch,) on
-    the last response token. Returns (rewards, kl), both (batch, response_len)."""
-    kl = (logprobs - ref_logprobs) * mask
-    rewards = -beta * kl
+def kl_penalized_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-token rewards: `-beta * kl` on every token (kl: a per-token estimate of
+    KL(pi || pi_ref), see `kl_estimate`), plus `score` (batch,) on the last response token."""
+    rewards = -beta * kl * mask
     last = (mask * torch.arange(mask.shape[1])).argmax(dim=1)
     rewards[torch.arange(mask.shape[0]), last] += score
-    return rewards * mask, kl
+    return rewards * mask
 
 
 def gae(
@@ -76,3 +73,44 @@ def value_loss(
     clipped = (clipped_values - returns) ** 2
     loss = 0.5 * masked_mean(torch.max(unclipped, clipped), mask)
     return loss, masked_mean((clipped > unclipped).float(), mask)
+
+
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman 2020, "Approximating KL").
+
+    k1 = log pi - log pi_ref (unbiased, can be negative); k3 = (r - 1) - log r with
+    r = pi_ref / pi (unbiased, always >= 0, lower variance).
+    """
+    if kind == "k1":
+        return logprobs - ref_logprobs
+    if kind == "k3":
+        log_r = ref_logprobs - logprobs
+        return torch.expm1(log_r) - log_r
+    raise ValueError(f"stage.ppo.kl_estimator: {kind!r} is not 'k1' or 'k3'")
+
+
+class AdaptiveKLController:
+    """Ziegler et al. 2019: beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n_steps / horizon)."""
+
+    def __init__(self, beta: float, target: float, horizon: int) -> None:
+        self.beta, self.target, self.horizon = beta, target, horizon
+
+    def update(self, kl: float, n_steps: int) -> float:
+        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+        self.beta *= 1.0 + error * n_steps / self.horizon
+        return self.beta
+
+
+@torch.no_grad()
+def ema_update(ema: dict[str, torch.Tensor], params: dict[str, torch.Tensor], decay: float) -> None:
+    """In place: ema <- decay * ema + (1 - decay) * params, for every floating-point tensor."""
+    for name, value in params.items():
+        if value.is_floating_point():
+            ema[name].mul_(decay).add_(value.detach(), alpha=1.0 - decay)
+        else:
+            ema[name].copy_(value)
+
+
+def ptx_mix(ppo_loss: torch.Tensor, lm_loss: torch.Tensor, coef: float) -> torch.Tensor:
+    """PPO-ptx (InstructGPT eq. 2): the PPO loss plus `coef` times the pretraining LM loss."""
+    return ppo_loss + coef * lm_loss

@@ -137,13 +137,16 @@ def run(cfg: DataConfig, model_cfg: ModelConfig, *, out_dir: Path) -> Manifest:
         tokenizer = build_tokenizer(corpus)
         model = build_tiny_llama(model_cfg, tokenizer, cfg.seed)
         web = task.make_demonstrations(model_cfg.pretrain_documents, cfg.seed + 7919, target_len=cfg.target_len)
-        pretrain_losses = pretrain(model, tokenizer, [f"{d.prompt} {d.response}" for d in web], model_cfg, cfg.seed)
+        documents = [f"{d.prompt} {d.response}" for d in web]
+        pretrain_losses = pretrain(model, tokenizer, documents, model_cfg, cfg.seed)
     else:
         tokenizer = load_tokenizer(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
         if tokenizer.chat_template is None:
             tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
         model = load_causal_lm(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
         pretrain_losses = []
+        documents = [" ".join(m["content"] for m in r["messages"]) for r in rows]
+    write_jsonl(out_dir / "pretrain.jsonl", [{"text": d} for d in documents])  # PPO-ptx's mix
     tokenizer.save_pretrained(base)
     model.save_pretrained(base, safe_serialization=True)
     # round trip: the artifact must load through the same path a hub model takes
@@ -159,5 +162,10 @@ def run(cfg: DataConfig, model_cfg: ModelConfig, *, out_dir: Path) -> Manifest:
             **metrics,
             **({"prepare/pretrain/loss_last": pretrain_losses[-1]} if pretrain_losses else {}),
         },
-        files={"base": "base", **{k: f"{k}.jsonl" for k in prompt_sets}, "demonstrations": "demonstrations.jsonl"},
+        files={
+            "base": "base",
+            **{k: f"{k}.jsonl" for k in prompt_sets},
+            "demonstrations": "demonstrations.jsonl",
+            "pretrain": "pretrain.jsonl",
+        },
     )

@@ -1,5 +1,7 @@
 """PPO arithmetic against tensors computed by hand."""
 
+import math
+
 import pytest
 import torch
 
@@ -11,7 +13,8 @@ def test_kl_penalty_on_every_token_and_score_on_the_last():
     ref = torch.tensor([[-1.5, -1.0, -0.5], [-2.0, -1.0, 0.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
     score = torch.tensor([2.0, -1.0])
-    rewards, kl = pm.kl_penalized_rewards(score, logp, ref, mask, beta=0.1)
+    kl = pm.kl_estimate(logp, ref, "k1") * mask
+    rewards = pm.kl_penalized_rewards(score, kl, mask, beta=0.1)
     # kl = logp - ref: [[0.5, -1, 0], [1, 0, (masked)]]
     assert torch.allclose(kl, torch.tensor([[0.5, -1.0, 0.0], [1.0, 0.0, 0.0]]))
     expected = torch.tensor([[-0.05, 0.1, 2.0], [-0.1, -1.0, 0.0]])
@@ -76,3 +79,38 @@ def test_clipped_value_loss():
     # token 0: unclipped (2-3)^2=1, clipped (1.2-3)^2=3.24 -> 3.24; token 1: (1.1)^2=1.21 vs 1.1^2 -> 1.21
     assert loss.item() == pytest.approx(0.5 * (3.24 + 1.21) / 2)
     assert clipfrac.item() == pytest.approx(0.5)
+
+
+def test_k3_estimator_is_nonnegative_and_matches_by_hand():
+    logp = torch.tensor([[-1.0, -2.0]])
+    ref = torch.tensor([[-1.5, -1.0]])
+    k3 = pm.kl_estimate(logp, ref, "k3")
+    # log r = ref - logp = [-0.5, 1.0]; k3 = e^{log r} - 1 - log r
+    expected = torch.tensor([[math.exp(-0.5) - 1 + 0.5, math.exp(1.0) - 1 - 1.0]])
+    assert torch.allclose(k3, expected)
+    assert (k3 >= 0).all()
+    with pytest.raises(ValueError, match="kl_estimator"):
+        pm.kl_estimate(logp, ref, "k2")
+
+
+def test_adaptive_kl_controller_by_hand():
+    ctl = pm.AdaptiveKLController(beta=0.1, target=6.0, horizon=10000)
+    # KL 9 -> error clip(9/6 - 1 = 0.5) = 0.2; beta *= 1 + 0.2 * 64 / 10000
+    assert ctl.update(9.0, n_steps=64) == pytest.approx(0.1 * (1 + 0.2 * 64 / 10000))
+    # KL 5.4 -> error -0.1
+    before = ctl.beta
+    assert ctl.update(5.4, n_steps=100) == pytest.approx(before * (1 - 0.1 * 100 / 10000))
+
+
+def test_ema_update_by_hand():
+    ema = {"w": torch.tensor([1.0, 2.0]), "step": torch.tensor(3)}
+    pm.ema_update(ema, {"w": torch.tensor([3.0, 0.0]), "step": torch.tensor(4)}, decay=0.75)
+    assert torch.allclose(ema["w"], torch.tensor([1.5, 1.5]))  # 0.75 * old + 0.25 * new
+    assert ema["step"].item() == 4  # integer buffers are copied
+
+
+def test_ptx_mixing_adds_the_scaled_lm_gradient():
+    w = torch.tensor(2.0, requires_grad=True)
+    ppo_loss, lm_loss = 3 * w, w**2
+    pm.ptx_mix(ppo_loss, lm_loss, coef=27.8).backward()
+    assert w.grad.item() == pytest.approx(3 + 27.8 * 2 * 2.0)

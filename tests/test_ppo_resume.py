@@ -1,0 +1,102 @@
+"""A PPO run killed by a real signal resumes from its last checkpoint and finishes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPT = """
+import json, sys
+from pathlib import Path
+import flows  # telemetry off
+from stages import ppo
+p, rm, out, ck = (Path(a) for a in sys.argv[1:5])
+cfg = ppo.PpoConfig(updates=6, rollouts_per_update=16, minibatch_size=8, checkpoint_every=2)
+m = ppo.run(cfg, policy=p / "base", reward_model=rm / "model", normalization=rm / "normalization.json",
+            prompts=p / "ppo_prompts.jsonl", out_dir=out, checkpoint_dir=ck)
+print("MANIFEST " + json.dumps(m.metrics))
+"""
+
+
+@pytest.fixture(scope="module")
+def reward_model_dir(tiny_prepare, tmp_path_factory):
+    from stages import comparisons, reward_model
+    from stages.labelers import LabelerConfig
+
+    p = tiny_prepare
+    cmp = comparisons.run(
+        comparisons.ComparisonsConfig(k=2, max_new_tokens=8),
+        LabelerConfig(),
+        policy=p.file("base"),
+        prompts=p.file("comparison_prompts"),
+        heldout_prompts=p.file("heldout_comparison_prompts"),
+        target_len=6,
+        out_dir=tmp_path_factory.mktemp("cmp"),
+    )
+    return reward_model.run(
+        reward_model.RewardModelConfig(epochs=1),
+        policy=p.file("base"),
+        comparisons=cmp.file("comparisons"),
+        heldout=cmp.file("heldout_comparisons"),
+        out_dir=tmp_path_factory.mktemp("rm"),
+    ).path
+
+
+@pytest.mark.slow
+def test_killed_ppo_resumes_from_its_checkpoint(tiny_prepare, reward_model_dir, tmp_path):
+    ck = tmp_path / "checkpoints"
+    args = [sys.executable, "-c", SCRIPT, tiny_prepare.path, reward_model_dir]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # 1. start, wait for the first checkpoint, then kill -9 mid-stage
+    proc = subprocess.Popen(
+        args + [str(tmp_path / "out1"), str(ck)], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 600
+    while not (ck / "state.pt").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "out1" / "policy").exists()
+    import torch
+
+    saved = torch.load(ck / "state.pt", weights_only=True)["update"]
+    assert 2 <= saved < 6
+    # 2. run again: it continues from the checkpoint and finishes
+    done = subprocess.run(
+        args + [str(tmp_path / "out2"), str(ck)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    metrics = json.loads(done.stdout.split("MANIFEST ", 1)[1])
+    assert metrics["ppo/resumed_from"] == saved  # fewer updates ran
+    assert metrics["ppo/history_length"] == 6  # metrics continue from the checkpoint's step
+    assert (tmp_path / "out2" / "policy" / "model.safetensors").exists()
+    assert not ck.exists()  # spent checkpoints are removed once the stage finished
+
+
+def test_half_written_checkpoint_is_never_picked_up(tiny_prepare, reward_model_dir, tmp_path):
+    from stages import ppo
+
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "state.pt.tmp").write_bytes(b"half a checkpoint")  # a crash mid-save leaves only this
+    cfg = ppo.PpoConfig(updates=1, rollouts_per_update=8, minibatch_size=8, checkpoint_every=1, ema_decay=None)
+    m = ppo.run(
+        cfg,
+        policy=tiny_prepare.file("base"),
+        reward_model=Path(reward_model_dir, "model"),
+        normalization=Path(reward_model_dir, "normalization.json"),
+        prompts=tiny_prepare.file("ppo_prompts"),
+        out_dir=tmp_path / "out",
+        checkpoint_dir=ck,
+    )
+    assert m.metrics["ppo/resumed_from"] == 0.0
