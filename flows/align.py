@@ -131,6 +131,7 @@ def align(cfg: Config) -> dict[str, Any]:
             ppo = run(
                 "ppo",
                 s.ppo,
+                cfg.peft,
                 parents=(sft, rm, prep),
                 policy=sft.file("policy"),
                 reward_model=rm.file("model"),

@@ -25,17 +25,9 @@ import torch
 from stages import ppo_math as pm
 from stages import task
 from stages.manifest import Manifest, folder_digest, read_jsonl, write_jsonl
-from stages.modeling import (
-    Rollout,
-    decode_responses,
-    load_causal_lm,
-    load_scalar_model,
-    load_tokenizer,
-    response_logprobs,
-    sample,
-    sequence_scores,
-    token_values,
-)
+from stages.modeling import Rollout, decode_responses, load_scalar_model, load_tokenizer, sample, sequence_scores
+from stages.peft_setup import PeftConfig
+from stages.ppo_models import FullCopies, SharedBase
 from stages.reward_model import load_bias
 from stages.tracking import log_metrics
 
@@ -43,6 +35,9 @@ from stages.tracking import log_metrics
 @dataclass(frozen=True)
 class PpoConfig:
     updates: int = 40
+    # full_copies: policy, reference, value and reward as four models (full fine-tuning);
+    # shared_base: LoRA policy and value adapters on one base, reference = adapters disabled
+    layout: str = "full_copies"
     rollouts_per_update: int = 64
     ppo_epochs: int = 4
     minibatch_size: int = 16
@@ -77,6 +72,8 @@ class PpoConfig:
             )
         if self.beta < 0:
             raise ValueError(f"stage.ppo.beta: must be >= 0, got {self.beta}")
+        if self.layout not in ("full_copies", "shared_base"):
+            raise ValueError(f"stage.ppo.layout: {self.layout!r} is not 'full_copies' or 'shared_base'")
         if self.kl_estimator not in ("k1", "k3"):
             raise ValueError(f"stage.ppo.kl_estimator: {self.kl_estimator!r} is not 'k1' or 'k3'")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
@@ -95,15 +92,18 @@ def _check_finite(name: str, x: torch.Tensor, update: int) -> None:
 class _State:
     """Everything a resumed run needs: models, optimizer, KL controller, EMA, RNG, position."""
 
-    def __init__(self, cfg: PpoConfig, policy: Path, reward_model: Path) -> None:
+    def __init__(self, cfg: PpoConfig, peft: PeftConfig, policy: Path, reward_model: Path) -> None:
         torch.manual_seed(cfg.seed)
-        self.actor = load_causal_lm(policy)
-        self.critic = load_scalar_model(reward_model)  # value model initialised from the RM (InstructGPT)
-        self.params = [p for m in (self.actor, self.critic) for p in m.parameters()]
+        self.models = (
+            FullCopies(policy, reward_model, cfg.temperature)
+            if cfg.layout == "full_copies"
+            else SharedBase(policy, reward_model, cfg.temperature, peft)
+        )
+        self.params = self.models.trainable
         self.opt = torch.optim.AdamW(self.params, lr=cfg.learning_rate, eps=1e-5)
         self.kl_ctl = pm.AdaptiveKLController(cfg.beta, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target else None
         self.beta = cfg.beta
-        self.ema = {k: v.detach().clone() for k, v in self.actor.state_dict().items()} if cfg.ema_decay else None
+        self.ema = {k: v.detach().clone() for k, v in self.models.policy_state().items()} if cfg.ema_decay else None
         self.update = 0
         self.history: list[dict[str, float]] = []
         self.warned_kl = False
@@ -112,8 +112,7 @@ class _State:
         """Written to a temporary file, then renamed: a half-written checkpoint is never picked up."""
         folder.mkdir(parents=True, exist_ok=True)
         blob = {
-            "actor": self.actor.state_dict(),
-            "critic": self.critic.state_dict(),
+            "models": self.models.state_dict(),
             "opt": self.opt.state_dict(),
             "beta": self.beta,
             "ema": self.ema,
@@ -131,8 +130,7 @@ class _State:
         if not path.exists():
             return False
         blob = torch.load(path, weights_only=True)
-        self.actor.load_state_dict(blob["actor"])
-        self.critic.load_state_dict(blob["critic"])
+        self.models.load_state_dict(blob["models"])
         self.opt.load_state_dict(blob["opt"])
         self.beta, self.ema, self.update = blob["beta"], blob["ema"], blob["update"]
         self.history, self.warned_kl = blob["history"], blob["warned_kl"]
@@ -144,6 +142,7 @@ class _State:
 
 def run(
     cfg: PpoConfig,
+    peft: PeftConfig,
     *,
     policy: Path,
     reward_model: Path,
@@ -157,11 +156,9 @@ def run(
     """`gold_target_len` set (embedded task): log the hidden gold score of rollouts too."""
     out_dir = Path(out_dir)
     tokenizer = load_tokenizer(policy)
-    state = _State(cfg, policy, reward_model)
+    state = _State(cfg, peft, policy, reward_model)
     resumed_from = state.update if checkpoint_dir and state.load(Path(checkpoint_dir)) else 0
-    ref, rm = load_causal_lm(policy), load_scalar_model(reward_model)
-    for frozen in (ref, rm):
-        frozen.eval().requires_grad_(False)
+    rm = load_scalar_model(reward_model).eval().requires_grad_(False)
     bias = load_bias(normalization)
     texts = [r["prompt"] for r in read_jsonl(prompts)]
     ptx_docs = [r["text"] for r in read_jsonl(pretrain)] if pretrain and cfg.ptx_coef > 0 else []
@@ -169,7 +166,7 @@ def run(
         update = state.update
         start = (update * cfg.rollouts_per_update) % len(texts)  # data position follows the update index
         batch_prompts = [texts[(start + i) % len(texts)] for i in range(cfg.rollouts_per_update)]
-        row, rollout = _one_update(cfg, state, tokenizer, ref, rm, bias, batch_prompts, ptx_docs, update)
+        row, rollout = _one_update(cfg, state, tokenizer, rm, bias, batch_prompts, ptx_docs, update)
         if gold_target_len is not None:
             responses = decode_responses(tokenizer, rollout)
             gold = [task.gold_score(p, r, target_len=gold_target_len) for p, r in zip(batch_prompts, responses)]
@@ -182,18 +179,23 @@ def run(
     return _finish(cfg, state, tokenizer, out_dir, batch_prompts, rollout, resumed_from, checkpoint_dir)
 
 
-def _one_update(cfg, state: _State, tokenizer, ref, rm, bias, batch_prompts, ptx_docs, update):
-    actor, critic = state.actor, state.critic
+def _one_update(cfg, state: _State, tokenizer, rm, bias, batch_prompts, ptx_docs, update):
+    models = state.models
     # 1. rollouts (KV-cached, batched generate: the seam where a faster engine plugs in)
     rollout = sample(
-        actor, tokenizer, batch_prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p
+        models.policy,
+        tokenizer,
+        batch_prompts,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
     )
     mask = rollout.response_mask.float()
     # 2. one pass each of policy, reference, value and reward over the rollout tokens
     with torch.no_grad():
-        old_logp, _ = response_logprobs(actor, rollout, temperature=cfg.temperature)
-        ref_logp, _ = response_logprobs(ref, rollout, temperature=cfg.temperature)
-        old_values = token_values(critic, rollout) * mask
+        old_logp, _ = models.policy_logprobs(rollout)
+        ref_logp = models.ref_logprobs(rollout)
+        old_values = models.values(rollout) * mask
         score = sequence_scores(rm, rollout) - bias
         if cfg.missing_eos_penalty is not None:
             score = score - cfg.missing_eos_penalty * (~rollout.finished).float()
@@ -209,12 +211,12 @@ def _one_update(cfg, state: _State, tokenizer, ref, rm, bias, batch_prompts, ptx
     for _ in range(cfg.ppo_epochs):
         for idx in torch.randperm(cfg.rollouts_per_update).split(cfg.minibatch_size):
             mb, m = _subset(rollout, idx), mask[idx]
-            logp, entropy = response_logprobs(actor, mb, temperature=cfg.temperature)
+            logp, entropy = models.policy_logprobs(mb)
             pg, clipfrac, approxkl = pm.policy_loss(logp, old_logp[idx], advantages[idx], m, cfg.clip)
-            vf, _ = pm.value_loss(token_values(critic, mb), old_values[idx], returns[idx], m, cfg.value_clip)
+            vf, _ = pm.value_loss(models.values(mb), old_values[idx], returns[idx], m, cfg.value_clip)
             loss = pg + cfg.vf_coef * vf
             if ptx_docs:
-                lm = _lm_loss(actor, tokenizer, ptx_docs, cfg.ptx_batch_size)
+                lm = _lm_loss(models.policy, tokenizer, ptx_docs, cfg.ptx_batch_size)
                 loss = pm.ptx_mix(loss, lm, cfg.ptx_coef)
                 stats["ptx"].append(lm.item())
             _check_finite("loss", loss, update)
@@ -223,7 +225,7 @@ def _one_update(cfg, state: _State, tokenizer, ref, rm, bias, batch_prompts, ptx
             torch.nn.utils.clip_grad_norm_(state.params, cfg.max_grad_norm)
             state.opt.step()
             if state.ema is not None:
-                pm.ema_update(state.ema, actor.state_dict(), cfg.ema_decay)
+                pm.ema_update(state.ema, models.policy_state(), cfg.ema_decay)
             for k, v in (
                 ("pg", pg),
                 ("vf", vf),
@@ -288,10 +290,10 @@ def _lm_loss(model, tokenizer, docs: list[str], batch_size: int) -> torch.Tensor
 
 def _finish(cfg, state: _State, tokenizer, out_dir, batch_prompts, rollout, resumed_from, checkpoint_dir) -> Manifest:
     if state.ema is not None:  # export the EMA weights (InstructGPT); keep the last iterate beside them
-        state.actor.save_pretrained(out_dir / "policy_last", safe_serialization=True)
+        state.models.export(out_dir / "policy_last")
         tokenizer.save_pretrained(out_dir / "policy_last")
-        state.actor.load_state_dict(state.ema)
-    state.actor.save_pretrained(out_dir / "policy", safe_serialization=True)
+        state.models.load_policy_state(state.ema)
+    state.models.export(out_dir / "policy")
     tokenizer.save_pretrained(out_dir / "policy")
     write_jsonl(
         out_dir / "samples.jsonl",

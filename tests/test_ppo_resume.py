@@ -17,9 +17,10 @@ import json, sys
 from pathlib import Path
 import flows  # telemetry off
 from stages import ppo
+from stages.peft_setup import PeftConfig
 p, rm, out, ck = (Path(a) for a in sys.argv[1:5])
 cfg = ppo.PpoConfig(updates=6, rollouts_per_update=16, minibatch_size=8, checkpoint_every=2)
-m = ppo.run(cfg, policy=p / "base", reward_model=rm / "model", normalization=rm / "normalization.json",
+m = ppo.run(cfg, PeftConfig(), policy=p / "base", reward_model=rm / "model", normalization=rm / "normalization.json",
             prompts=p / "ppo_prompts.jsonl", out_dir=out, checkpoint_dir=ck)
 print("MANIFEST " + json.dumps(m.metrics))
 """
@@ -85,6 +86,7 @@ def test_killed_ppo_resumes_from_its_checkpoint(tiny_prepare, reward_model_dir, 
 
 def test_half_written_checkpoint_is_never_picked_up(tiny_prepare, reward_model_dir, tmp_path):
     from stages import ppo
+    from stages.peft_setup import PeftConfig
 
     ck = tmp_path / "ck"
     ck.mkdir()
@@ -92,6 +94,7 @@ def test_half_written_checkpoint_is_never_picked_up(tiny_prepare, reward_model_d
     cfg = ppo.PpoConfig(updates=1, rollouts_per_update=8, minibatch_size=8, checkpoint_every=1, ema_decay=None)
     m = ppo.run(
         cfg,
+        PeftConfig(),
         policy=tiny_prepare.file("base"),
         reward_model=Path(reward_model_dir, "model"),
         normalization=Path(reward_model_dir, "normalization.json"),

@@ -18,10 +18,14 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
 
 
+def _prompts(chain) -> Path:
+    return Path(chain["prompts"])
+
+
 @pytest.fixture(scope="module")
 def chain(tiny_prepare, tmp_path_factory):
     p = tiny_prepare
-    out = {}
+    out = {"prompts": str(p.file("ppo_prompts"))}
     out["sft"] = sft.run(
         sft.SftConfig(epochs=2, batch_size=32),
         PeftConfig(r=8, alpha=16),
@@ -47,6 +51,7 @@ def chain(tiny_prepare, tmp_path_factory):
     )
     out["ppo"] = ppo.run(
         ppo.PpoConfig(updates=3, rollouts_per_update=32, minibatch_size=16),
+        PeftConfig(),
         policy=out["sft"].file("policy"),
         reward_model=out["rm"].file("model"),
         normalization=out["rm"].file("normalization"),
@@ -150,3 +155,28 @@ def test_sft_on_real_demonstrations_through_the_data_worker(tmp_path):
         out_dir=tmp_path / "sft",
     )
     assert m.metrics["sft/train/loss_last"] < m.metrics["sft/train/loss_first"]
+
+
+def test_ppo_shared_base_layout_trains_adapters_and_exports_a_plain_model(chain, tmp_path):
+    m = ppo.run(
+        ppo.PpoConfig(updates=2, rollouts_per_update=16, minibatch_size=8, layout="shared_base"),
+        PeftConfig(r=4, alpha=8),
+        policy=chain["sft"].file("policy"),
+        reward_model=chain["rm"].file("model"),
+        normalization=chain["rm"].file("normalization"),
+        prompts=_prompts(chain),
+        out_dir=tmp_path,
+    )
+    before, after = _weights(chain["sft"].file("policy")), _weights(m.file("policy"))
+    assert set(before) == set(after)  # adapters merged: a plain model folder, no LoRA keys
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(ValueError, match="peft.method=lora"):
+        ppo.run(
+            ppo.PpoConfig(layout="shared_base"),
+            PeftConfig(method="full"),
+            policy=chain["sft"].file("policy"),
+            reward_model=chain["rm"].file("model"),
+            normalization=chain["rm"].file("normalization"),
+            prompts=_prompts(chain),
+            out_dir=tmp_path / "x",
+        )
