@@ -37,6 +37,7 @@ test-fast: venv ## unit and config tests only
 bench: venv ## benchmarks, side by side in one run; JSON under artifacts/bench/
 	$(PY) -m bench.rm_batching
 	$(PY) -m bench.ppo_variants
+	$(PY) -m bench.ppo_memory
 
 lint: venv ## ruff
 	.venv/bin/ruff check stages flows tests bench
