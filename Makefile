@@ -34,10 +34,17 @@ test: venv ## run the whole test suite (unit, stage, config, end-to-end flow)
 test-fast: venv ## unit and config tests only
 	$(PY) -m pytest tests -m "not slow"
 
-bench: venv ## benchmarks, side by side in one run; JSON under artifacts/bench/
+.bench-venvs/trl112/.installed:
+	python3 -m venv .bench-venvs/trl112
+	.bench-venvs/trl112/bin/pip install -q torch==2.13.0
+	.bench-venvs/trl112/bin/pip install -q trl==1.12.0   # benchmark-only: the last trl with PPOTrainer
+	touch $@
+
+bench: venv .bench-venvs/trl112/.installed ## benchmarks, side by side in one run; JSON under artifacts/bench/
 	$(PY) -m bench.rm_batching
 	$(PY) -m bench.ppo_variants
 	$(PY) -m bench.ppo_memory
+	$(PY) -m bench.ppo_vs_trl
 
 lint: venv ## ruff
 	.venv/bin/ruff check stages flows tests bench
