@@ -50,7 +50,7 @@ lint: venv ## ruff
 	.venv/bin/ruff check stages flows tests bench
 
 ui: venv ## serve the MLflow UI on 127.0.0.1:5000
-	.venv/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/artifacts/mlflow.db --host 127.0.0.1 --port 5000
+	.venv/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/artifacts/mlflow.db --default-artifact-root $(CURDIR)/artifacts/mlflow-artifacts --host 127.0.0.1 --port 5000
 
 clean: ## remove artifacts and orchestration state (keeps .venv)
 	rm -rf artifacts/*/ artifacts/mlflow.db artifacts/summary.json .prefect

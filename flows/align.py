@@ -90,8 +90,7 @@ class Pipeline:
 
 @flow(name="align", log_prints=True)
 def align(cfg: Config) -> dict[str, Any]:
-    mlflow.set_tracking_uri(cfg.tracking.uri or f"sqlite:///{Path(cfg.artifacts_dir).resolve()}/mlflow.db")
-    mlflow.set_experiment(cfg.tracking.experiment)
+    set_up_tracking(cfg)
     with mlflow.start_run(run_name=f"align-{cfg.pipeline.name}") as parent:
         mlflow.log_params(flatten(cfg))
         run = Pipeline(cfg, parent.info.run_id)
@@ -164,6 +163,20 @@ def align(cfg: Config) -> dict[str, Any]:
         mlflow.log_artifact(str(path))
     summary["summary_path"] = str(path)
     return summary
+
+
+def set_up_tracking(cfg: Config) -> None:
+    """Local default: SQLite store and artifact files both under the artifacts folder (MLflow would
+    otherwise put artifacts in ./mlruns of the working directory)."""
+    if cfg.tracking.uri is not None:
+        mlflow.set_tracking_uri(cfg.tracking.uri)
+    else:
+        root = Path(cfg.artifacts_dir).resolve()
+        root.mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+        if mlflow.get_experiment_by_name(cfg.tracking.experiment) is None:
+            mlflow.create_experiment(cfg.tracking.experiment, artifact_location=(root / "mlflow-artifacts").as_uri())
+    mlflow.set_experiment(cfg.tracking.experiment)
 
 
 def labels_digest(cfg: Config) -> dict[str, str]:

@@ -69,6 +69,8 @@ def test_flow_caches_and_reruns_exactly_what_changed(tmp_path):
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     exp = client.get_experiment_by_name("alignflow")
+    assert exp.artifact_location == (tmp_path / "mlflow-artifacts").as_uri()  # nothing lands in ./mlruns
+    assert any((tmp_path / "mlflow-artifacts").rglob("manifest.json"))
     runs = client.search_runs(
         [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{first['mlflow_run_id']}'"
     )
