@@ -103,3 +103,47 @@ def test_half_written_checkpoint_is_never_picked_up(tiny_prepare, reward_model_d
         checkpoint_dir=ck,
     )
     assert m.metrics["ppo/resumed_from"] == 0.0
+
+
+def test_non_finite_reward_stops_before_any_checkpoint(tiny_prepare, reward_model_dir, tmp_path):
+    import shutil
+
+    from stages import ppo
+    from stages.peft_setup import PeftConfig
+
+    rm = tmp_path / "rm"
+    shutil.copytree(reward_model_dir, rm)
+    (rm / "normalization.json").write_text('{"bias": NaN}')  # a broken normalisation poisons every reward
+    cfg = ppo.PpoConfig(updates=2, rollouts_per_update=8, minibatch_size=8, checkpoint_every=1)
+    with pytest.raises(FloatingPointError, match="non-finite reward at update 0"):
+        ppo.run(
+            cfg,
+            PeftConfig(),
+            policy=tiny_prepare.file("base"),
+            reward_model=rm / "model",
+            normalization=rm / "normalization.json",
+            prompts=tiny_prepare.file("ppo_prompts"),
+            out_dir=tmp_path / "out",
+            checkpoint_dir=tmp_path / "ck",
+        )
+    assert not (tmp_path / "ck" / "state.pt").exists()
+
+
+def test_kl_bound_warns_once(tiny_prepare, reward_model_dir, tmp_path):
+    from stages import ppo
+    from stages.peft_setup import PeftConfig
+
+    cfg = ppo.PpoConfig(
+        updates=2, rollouts_per_update=8, minibatch_size=8, kl_warn=-1.0, learning_rate=1e-2, ema_decay=None
+    )
+    with pytest.warns(UserWarning, match="stage.ppo.kl_warn") as record:
+        ppo.run(
+            cfg,
+            PeftConfig(),
+            policy=tiny_prepare.file("base"),
+            reward_model=Path(reward_model_dir, "model"),
+            normalization=Path(reward_model_dir, "normalization.json"),
+            prompts=tiny_prepare.file("ppo_prompts"),
+            out_dir=tmp_path / "out",
+        )
+    assert sum("kl_warn" in str(w.message) for w in record) == 1
