@@ -84,24 +84,31 @@ def test_killed_ppo_resumes_from_its_checkpoint(tiny_prepare, reward_model_dir, 
     assert not ck.exists()  # spent checkpoints are removed once the stage finished
 
 
-def test_half_written_checkpoint_is_never_picked_up(tiny_prepare, reward_model_dir, tmp_path):
+def run_ppo(cfg, prepared, rm_dir: Path, out: Path, checkpoint_dir: Path | None = None):
+    """The PPO stage on the tiny prepared task and the module's reward model."""
     from stages import ppo
     from stages.peft_setup import PeftConfig
+
+    return ppo.run(
+        cfg,
+        PeftConfig(),
+        policy=prepared.file("base"),
+        reward_model=Path(rm_dir, "model"),
+        normalization=Path(rm_dir, "normalization.json"),
+        prompts=prepared.file("ppo_prompts"),
+        out_dir=out,
+        checkpoint_dir=checkpoint_dir,
+    )
+
+
+def test_half_written_checkpoint_is_never_picked_up(tiny_prepare, reward_model_dir, tmp_path):
+    from stages import ppo
 
     ck = tmp_path / "ck"
     ck.mkdir()
     (ck / "state.pt.tmp").write_bytes(b"half a checkpoint")  # a crash mid-save leaves only this
     cfg = ppo.PpoConfig(updates=1, rollouts_per_update=8, minibatch_size=8, checkpoint_every=1, ema_decay=None)
-    m = ppo.run(
-        cfg,
-        PeftConfig(),
-        policy=tiny_prepare.file("base"),
-        reward_model=Path(reward_model_dir, "model"),
-        normalization=Path(reward_model_dir, "normalization.json"),
-        prompts=tiny_prepare.file("ppo_prompts"),
-        out_dir=tmp_path / "out",
-        checkpoint_dir=ck,
-    )
+    m = run_ppo(cfg, tiny_prepare, reward_model_dir, tmp_path / "out", ck)
     assert m.metrics["ppo/resumed_from"] == 0.0
 
 
@@ -109,41 +116,22 @@ def test_non_finite_reward_stops_before_any_checkpoint(tiny_prepare, reward_mode
     import shutil
 
     from stages import ppo
-    from stages.peft_setup import PeftConfig
 
     rm = tmp_path / "rm"
     shutil.copytree(reward_model_dir, rm)
     (rm / "normalization.json").write_text('{"bias": NaN}')  # a broken normalisation poisons every reward
     cfg = ppo.PpoConfig(updates=2, rollouts_per_update=8, minibatch_size=8, checkpoint_every=1)
     with pytest.raises(FloatingPointError, match="non-finite reward at update 0"):
-        ppo.run(
-            cfg,
-            PeftConfig(),
-            policy=tiny_prepare.file("base"),
-            reward_model=rm / "model",
-            normalization=rm / "normalization.json",
-            prompts=tiny_prepare.file("ppo_prompts"),
-            out_dir=tmp_path / "out",
-            checkpoint_dir=tmp_path / "ck",
-        )
+        run_ppo(cfg, tiny_prepare, rm, tmp_path / "out", tmp_path / "ck")
     assert not (tmp_path / "ck" / "state.pt").exists()
 
 
 def test_kl_bound_warns_once(tiny_prepare, reward_model_dir, tmp_path):
     from stages import ppo
-    from stages.peft_setup import PeftConfig
 
     cfg = ppo.PpoConfig(
         updates=2, rollouts_per_update=8, minibatch_size=8, kl_warn=-1.0, learning_rate=1e-2, ema_decay=None
     )
     with pytest.warns(UserWarning, match="stage.ppo.kl_warn") as record:
-        ppo.run(
-            cfg,
-            PeftConfig(),
-            policy=tiny_prepare.file("base"),
-            reward_model=Path(reward_model_dir, "model"),
-            normalization=Path(reward_model_dir, "normalization.json"),
-            prompts=tiny_prepare.file("ppo_prompts"),
-            out_dir=tmp_path / "out",
-        )
+        run_ppo(cfg, tiny_prepare, reward_model_dir, tmp_path / "out")
     assert sum("kl_warn" in str(w.message) for w in record) == 1
