@@ -73,7 +73,7 @@ def run(
     # one labeling request for both sets (one task file for human rankers)
     items = [(p, responses) for pairs in sets.values() for p, (responses, _) in pairs]
     ranks = iter(labeler.rank_all(items))
-    metrics = {"comparisons/labeler/asked": float(getattr(labeler, "asked", len(items)))}
+    metrics = {"comparisons/labeler/asked": float(labeler.asked)}
     for name, pairs in sets.items():
         rows = [
             {"prompt": p, "responses": responses, "finished": finished, "ranks": next(ranks)}

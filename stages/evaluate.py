@@ -12,6 +12,7 @@ Alone: `python -m flows.align` (it is the last stage).
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from stages.modeling import (
     response_logprobs,
     sample,
 )
-from stages.reward_model import pairwise_accuracy, ranking_pairs
+from stages.reward_model import pair_agreement, pairwise_accuracy
 
 
 @dataclass(frozen=True)
@@ -50,14 +51,13 @@ def labeler_ceiling(rows: list[dict], target_len: int) -> float:
     agree, total = 0.0, 0
     for row in rows:
         gold = [task.gold_score(row["prompt"], y, target_len=target_len) for y in row["responses"]]
-        for w, l in ranking_pairs(row["ranks"]):
-            agree += float(gold[w] > gold[l]) + 0.5 * float(gold[w] == gold[l])
-            total += 1
+        hits, pairs = pair_agreement(gold, row["ranks"])
+        agree, total = agree + hits, total + pairs
     return agree / total
 
 
 def _generate(model, tokenizer, prompts, cfg):
-    texts, logps = [], []
+    texts, rollouts = [], []
     for start in range(0, len(prompts), cfg.batch_size):
         r = sample(
             model,
@@ -68,8 +68,8 @@ def _generate(model, tokenizer, prompts, cfg):
             generator_seed=cfg.seed + start,
         )
         texts += decode_responses(tokenizer, r)
-        logps.append(r)
-    return texts, logps
+        rollouts.append(r)
+    return texts, rollouts
 
 
 def _win(ranks: list[int]) -> float:
@@ -134,8 +134,6 @@ def run(
         "eval/rm_accuracy": result["rm_accuracy"],
         "eval/labeler_ceiling": result["labeler_ceiling"],
     }
-    import json
-
     (out_dir / "eval.json").write_text(json.dumps(result, indent=2))
     return Manifest(
         stage="evaluate",

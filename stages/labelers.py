@@ -107,11 +107,12 @@ class FileLabeler:
                 f"'ranking' with response ids, best first), save the file, and re-run with "
                 f"labeler.rankings_file=<that file>" + (f" (not found: {rankings})" if rankings else "")
             )
-        raw = [rec for _, rec in read_records(rankings)]
-        lines = [line for line, _ in read_records(rankings)]
-        if len(raw) != len(expected):
-            raise ValueError(f"{rankings}: {len(raw)} rows, but the export {self.cfg.task_file} has {len(expected)}")
-        for line, rec, exp in zip(lines, raw, expected):
+        records = list(read_records(rankings))
+        if len(records) != len(expected):
+            raise ValueError(
+                f"{rankings}: {len(records)} rows, but the export {self.cfg.task_file} has {len(expected)}"
+            )
+        for (line, rec), exp in zip(records, expected):
             if not isinstance(rec, dict) or rec.get("id") != exp["id"] or rec.get("prompt") != exp["prompt"]:
                 raise ValueError(f"{rankings}:{line}: id: expected prompt {exp['id']} of the export, in order")
             if rec.get("responses") != exp["responses"]:
@@ -121,12 +122,15 @@ class FileLabeler:
 
 
 class CachedLabeler:
-    """Asks `inner` only about (prompt, responses) it has not labelled before; appends to `path`."""
+    """Asks `inner` only about (prompt, responses) it has not labelled before; appends to `path`
+    (kept in memory only when `path` is None). `asked` counts the last call's fresh questions."""
 
-    def __init__(self, inner: Labeler, path: str | Path) -> None:
-        self.inner, self.path = inner, Path(path)
+    def __init__(self, inner: Labeler, path: str | Path | None) -> None:
+        self.inner, self.path = inner, Path(path) if path else None
         self.identity = inner.identity
-        self.cache = {r["key"]: r["ranks"] for r in read_jsonl(self.path)} if self.path.exists() else {}
+        self.asked = 0
+        exists = self.path is not None and self.path.exists()
+        self.cache = {r["key"]: r["ranks"] for r in read_jsonl(self.path)} if exists else {}
 
     def key(self, prompt: str, responses: list[str]) -> str:
         return hashlib.sha256(json.dumps([self.identity, prompt, responses]).encode()).hexdigest()
@@ -135,11 +139,13 @@ class CachedLabeler:
         keys = [self.key(p, rs) for p, rs in items]
         todo = [i for i, k in enumerate(keys) if k not in self.cache]
         fresh = self.inner.rank_all([items[i] for i in todo])
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as f:
-            for i, ranks in zip(todo, fresh):
-                self.cache[keys[i]] = ranks
-                f.write(json.dumps({"key": keys[i], "ranks": ranks}) + "\n")
+        for i, ranks in zip(todo, fresh):
+            self.cache[keys[i]] = ranks
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a", encoding="utf-8") as f:
+                for i, ranks in zip(todo, fresh):
+                    f.write(json.dumps({"key": keys[i], "ranks": ranks}) + "\n")
         self.asked = len(todo)
         return [self.cache[k] for k in keys]
 
@@ -150,6 +156,6 @@ def ranks_from_scores(scores: list[float]) -> list[int]:
     return [distinct.index(s) for s in scores]
 
 
-def make_labeler(cfg: LabelerConfig, target_len: int) -> Labeler:
+def make_labeler(cfg: LabelerConfig, target_len: int) -> CachedLabeler:
     inner: Labeler = SimulatedLabeler(cfg, target_len) if cfg.kind == "simulated" else FileLabeler(cfg)
-    return CachedLabeler(inner, cfg.cache_file) if cfg.cache_file else inner
+    return CachedLabeler(inner, cfg.cache_file)

@@ -174,23 +174,44 @@ def encode_rollout(tokenizer, prompts: list[str], responses: list[str], finished
     return Rollout(query, query_mask, response, response_mask, torch.tensor(finished))
 
 
-def token_values(model, rollout: Rollout) -> torch.Tensor:
-    """Scalar head on every position of a sequence-classification model: (batch, response_len).
+def hidden_states(backbone, rollout: Rollout) -> torch.Tensor:
+    """Last hidden states of a decoder stack over query + response: (batch, seq_len, hidden)."""
+    ids, mask = rollout.sequences()
+    return backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
+
+
+def token_values(model, rollout: Rollout, *, backbone=None, head=None) -> torch.Tensor:
+    """Scalar head on every response position: (batch, response_len). Defaults to a
+    sequence-classification model's own backbone and `score` head.
 
     Value t is read at the state that predicts response token t, as the policy's logits are.
     """
-    ids, mask = rollout.sequences()
-    hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
+    hidden = hidden_states(backbone or model.base_model, rollout)
     q = rollout.query.shape[1]
-    return model.score(hidden[:, q - 1 : -1, :]).squeeze(-1).float()
+    return (head or model.score)(hidden[:, q - 1 : -1, :]).squeeze(-1).float()
 
 
 def sequence_scores(model, rollout: Rollout) -> torch.Tensor:
     """Scalar head at the last real token of each sequence (the reward model's score): (batch,)."""
-    ids, mask = rollout.sequences()
-    hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
+    hidden = hidden_states(model.base_model, rollout)
+    mask = rollout.sequences()[1]
     last = (mask * torch.arange(mask.shape[1])).argmax(dim=1)
-    return model.score(hidden[torch.arange(ids.shape[0]), last]).squeeze(-1).float()
+    return model.score(hidden[torch.arange(hidden.shape[0]), last]).squeeze(-1).float()
+
+
+def lm_loss(model, tokenizer, texts: list[str], max_length: int | None = None) -> torch.Tensor:
+    """Mean next-token loss on plain texts (each ending with EOS), padding ignored."""
+    tokenizer.padding_side = "right"
+    enc = tokenizer(
+        [t + tokenizer.eos_token for t in texts],
+        return_tensors="pt",
+        padding=True,
+        truncation=max_length is not None,
+        max_length=max_length,
+        add_special_tokens=False,
+    )
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    return model(**enc, labels=labels).loss
 
 
 def load_scalar_model(path: str | Path, *, trust_remote_code: bool = False):

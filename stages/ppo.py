@@ -25,7 +25,15 @@ import torch
 from stages import ppo_math as pm
 from stages import task
 from stages.manifest import Manifest, folder_digest, read_jsonl, write_jsonl
-from stages.modeling import Rollout, decode_responses, load_scalar_model, load_tokenizer, sample, sequence_scores
+from stages.modeling import (
+    Rollout,
+    decode_responses,
+    lm_loss,
+    load_scalar_model,
+    load_tokenizer,
+    sample,
+    sequence_scores,
+)
 from stages.peft_setup import PeftConfig
 from stages.ppo_models import FullCopies, SharedBase
 from stages.reward_model import load_bias
@@ -275,17 +283,7 @@ def _named(stats: dict[str, list[float]]) -> dict[str, list[float]]:
 def _lm_loss(model, tokenizer, docs: list[str], batch_size: int) -> torch.Tensor:
     """Next-token loss on a random batch of pretraining text (PPO-ptx)."""
     idx = torch.randint(len(docs), (batch_size,)).tolist()
-    tokenizer.padding_side = "right"
-    enc = tokenizer(
-        [docs[i] + tokenizer.eos_token for i in idx],
-        return_tensors="pt",
-        padding=True,
-        truncation=True,
-        max_length=64,
-        add_special_tokens=False,
-    )
-    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-    return model(**enc, labels=labels).loss
+    return lm_loss(model, tokenizer, [docs[i] for i in idx], max_length=64)
 
 
 def _finish(cfg, state: _State, tokenizer, out_dir, batch_prompts, rollout, resumed_from, checkpoint_dir) -> Manifest:

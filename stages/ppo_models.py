@@ -23,7 +23,6 @@ from stages.modeling import (
     Rollout,
     load_causal_lm,
     load_scalar_model,
-    position_ids,
     response_logprobs,
     token_values,
 )
@@ -105,11 +104,8 @@ class SharedBase:
 
     def values(self, rollout: Rollout) -> torch.Tensor:
         self._use("value")
-        ids, mask = rollout.sequences()
         backbone = self.model.get_base_model().model  # the decoder stack, LoRA layers included
-        hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
-        q = rollout.query.shape[1]
-        return self.value_head(hidden[:, q - 1 : -1, :]).squeeze(-1).float()
+        return token_values(self.model, rollout, backbone=backbone, head=self.value_head)
 
     def policy_state(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.model.state_dict().items() if "lora_" in k and ".policy." in k}

@@ -23,7 +23,7 @@ import torch
 from stages import task
 from stages.data import DatasetConfig, load
 from stages.manifest import Manifest, folder_digest, write_jsonl
-from stages.modeling import DEFAULT_CHAT_TEMPLATE, ModelConfig, load_causal_lm, load_tokenizer
+from stages.modeling import DEFAULT_CHAT_TEMPLATE, ModelConfig, lm_loss, load_causal_lm, load_tokenizer
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<eos>", "<|user|>", "<|assistant|>"]
 
@@ -85,17 +85,13 @@ def pretrain(model, tokenizer, documents: list[str], cfg: ModelConfig, seed: int
     """Plain next-token training on `documents` (full weights); returns the per-epoch mean loss."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_learning_rate)
-    tokenizer.padding_side = "right"
     model.train()
     losses = []
     for _ in range(cfg.pretrain_epochs):
         order = torch.randperm(len(documents), generator=gen).tolist()
         total, batches = 0.0, 0
         for start in range(0, len(order), 32):
-            batch = [documents[i] + tokenizer.eos_token for i in order[start : start + 32]]
-            enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
-            labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-            loss = model(**enc, labels=labels).loss
+            loss = lm_loss(model, tokenizer, [documents[i] for i in order[start : start + 32]])
             opt.zero_grad()
             loss.backward()
             opt.step()

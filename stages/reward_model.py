@@ -73,6 +73,12 @@ def pairwise_accuracy(model, tokenizer, rows: list[dict], batch: int = 64) -> fl
     return pairwise_accuracy_by_k(model, tokenizer, rows, batch)["all"]
 
 
+def pair_agreement(scores, ranks: list[int]) -> tuple[float, int]:
+    """(hits, pairs): how many (winner, loser) pairs of `ranks` the scores order right, ties half."""
+    hits = [float(scores[w] > scores[l]) + 0.5 * float(scores[w] == scores[l]) for w, l in ranking_pairs(ranks)]
+    return sum(hits), len(hits)
+
+
 @torch.no_grad()
 def pairwise_accuracy_by_k(model, tokenizer, rows: list[dict], batch: int = 64) -> dict[str, float]:
     """Fraction of (winner, loser) pairs scored in the right order (ties half), overall and by K."""
@@ -82,11 +88,10 @@ def pairwise_accuracy_by_k(model, tokenizer, rows: list[dict], batch: int = 64) 
         chunk = rows[start : start + batch]
         scores = score_rows(model, tokenizer, chunk)
         for s, row in zip(scores, chunk):
-            for w, l in ranking_pairs(row["ranks"]):
-                hit = float(s[w] > s[l]) + 0.5 * float(s[w] == s[l])
-                for key in ("all", f"k{len(row['responses'])}"):
-                    correct[key] = correct.get(key, 0.0) + hit
-                    total[key] = total.get(key, 0) + 1
+            hits, pairs = pair_agreement(s, row["ranks"])
+            for key in ("all", f"k{len(row['responses'])}"):
+                correct[key] = correct.get(key, 0.0) + hits
+                total[key] = total.get(key, 0) + pairs
     return {key: correct[key] / total[key] for key in total}
 
 
