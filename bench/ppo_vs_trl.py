@@ -40,9 +40,10 @@ print("RESULT " + json.dumps({"seconds": time.perf_counter() - t,
 
 
 def upstream() -> dict:
-    """SFT policy, reward model and prompts of the embedded default, from the (cached) flow."""
+    """SFT policy, reward model (last-token pooled) and prompts of the embedded default, from the flow."""
     proc = subprocess.run(
-        [sys.executable, "-m", "flows.align", "pipeline.stop_after=reward_model"],
+        # trl's PPOTrainer reads the reward at the last token, so the RM is trained that way here
+        [sys.executable, "-m", "flows.align", "pipeline.stop_after=reward_model", "stage.reward_model.pooling=last"],
         capture_output=True,
         text=True,
         check=True,
@@ -89,6 +90,7 @@ def main() -> None:
                 sft_policy=sft / "policy",
                 policy=out / "policy",
                 reward_model=rm / "model",
+                normalization=rm / "normalization.json",
                 heldout_comparisons=Path(stages["comparisons"]["artifact"], "heldout_comparisons.jsonl"),
                 prompts=prep / "eval_prompts.jsonl",
                 target_len=6,

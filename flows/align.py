@@ -154,6 +154,7 @@ def align(cfg: Config) -> dict[str, Any]:
                 sft_policy=sft.file("policy"),
                 policy=ppo.file("policy"),
                 reward_model=rm.file("model"),
+                normalization=rm.file("normalization"),
                 heldout_comparisons=cmp.file("heldout_comparisons"),
                 prompts=prep.file("eval_prompts"),
                 target_len=cfg.data.target_len,

@@ -31,7 +31,7 @@ from stages.modeling import (
     response_logprobs,
     sample,
 )
-from stages.reward_model import pair_agreement, pairwise_accuracy
+from stages.reward_model import load_normalization, pair_agreement, pairwise_accuracy
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,7 @@ def run(
     sft_policy: Path,
     policy: Path,
     reward_model: Path,
+    normalization: Path,
     heldout_comparisons: Path,
     prompts: Path,
     target_len: int,
@@ -115,7 +116,7 @@ def run(
         "gold_policy": mean_ci95(gold_pol),
         "win_rate": statistics.fmean(wins),
         "kl_to_sft": kl_sum / tokens,
-        "rm_accuracy": pairwise_accuracy(rm, load_tokenizer(reward_model), held),
+        "rm_accuracy": pairwise_accuracy(rm, load_tokenizer(reward_model), held, load_normalization(normalization).pooling),
         "labeler_ceiling": labeler_ceiling(held, target_len),
         "n_prompts": len(texts),
     }

@@ -191,9 +191,23 @@ def token_values(model, rollout: Rollout, *, backbone=None, head=None) -> torch.
     return (head or model.score)(hidden[:, q - 1 : -1, :]).squeeze(-1).float()
 
 
-def sequence_scores(model, rollout: Rollout) -> torch.Tensor:
-    """Scalar head at the last real token of each sequence (the reward model's score): (batch,)."""
+POOLINGS = ("last", "mean")
+
+
+def sequence_scores(model, rollout: Rollout, pooling: str = "last") -> torch.Tensor:
+    """A reward model's score per sequence: (batch,).
+
+    - "last": the scalar head at the last real token (InstructGPT, TRL, DeepSpeed-Chat);
+    - "mean": the scalar head on every response token (EOS included), averaged over the response.
+    """
     hidden = hidden_states(model.base_model, rollout)
+    if pooling == "mean":
+        q = rollout.query.shape[1]
+        per_token = model.score(hidden[:, q:, :]).squeeze(-1).float()
+        mask = rollout.response_mask.float()
+        return (per_token * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    if pooling != "last":
+        raise ValueError(f"pooling: {pooling!r} is not one of {', '.join(POOLINGS)}")
     mask = rollout.sequences()[1]
     last = (mask * torch.arange(mask.shape[1])).argmax(dim=1)
     return model.score(hidden[torch.arange(hidden.shape[0]), last]).squeeze(-1).float()

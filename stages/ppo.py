@@ -36,7 +36,7 @@ from stages.modeling import (
 )
 from stages.peft_setup import PeftConfig
 from stages.ppo_models import FullCopies, SharedBase
-from stages.reward_model import load_bias
+from stages.reward_model import load_normalization
 from stages.tracking import log_metrics
 
 
@@ -167,14 +167,14 @@ def run(
     state = _State(cfg, peft, policy, reward_model)
     resumed_from = state.update if checkpoint_dir and state.load(Path(checkpoint_dir)) else 0
     rm = load_scalar_model(reward_model).eval().requires_grad_(False)
-    bias = load_bias(normalization)
+    norm = load_normalization(normalization)
     texts = [r["prompt"] for r in read_jsonl(prompts)]
     ptx_docs = [r["text"] for r in read_jsonl(pretrain)] if pretrain and cfg.ptx_coef > 0 else []
     while state.update < cfg.updates:
         update = state.update
         start = (update * cfg.rollouts_per_update) % len(texts)  # data position follows the update index
         batch_prompts = [texts[(start + i) % len(texts)] for i in range(cfg.rollouts_per_update)]
-        row, rollout = _one_update(cfg, state, tokenizer, rm, bias, batch_prompts, ptx_docs, update)
+        row, rollout = _one_update(cfg, state, tokenizer, rm, norm, batch_prompts, ptx_docs, update)
         if gold_target_len is not None:
             responses = decode_responses(tokenizer, rollout)
             gold = [task.gold_score(p, r, target_len=gold_target_len) for p, r in zip(batch_prompts, responses)]
@@ -187,7 +187,7 @@ def run(
     return _finish(cfg, state, tokenizer, out_dir, batch_prompts, rollout, resumed_from, checkpoint_dir)
 
 
-def _one_update(cfg, state: _State, tokenizer, rm, bias, batch_prompts, ptx_docs, update):
+def _one_update(cfg, state: _State, tokenizer, rm, norm, batch_prompts, ptx_docs, update):
     models = state.models
     # 1. rollouts (KV-cached, batched generate: the seam where a faster engine plugs in)
     rollout = sample(
@@ -204,7 +204,7 @@ def _one_update(cfg, state: _State, tokenizer, rm, bias, batch_prompts, ptx_docs
         old_logp, _ = models.policy_logprobs(rollout)
         ref_logp = models.ref_logprobs(rollout)
         old_values = models.values(rollout) * mask
-        score = sequence_scores(rm, rollout) - bias
+        score = sequence_scores(rm, rollout, norm.pooling) - norm.bias
         if cfg.missing_eos_penalty is not None:
             score = score - cfg.missing_eos_penalty * (~rollout.finished).float()
     _check_finite("reward", score, update)

@@ -4,14 +4,17 @@ All C(K,2) pairs of one prompt form a single batch element (one forward pass per
 
     loss = -1/C(K,2) * sum_{(w, l)} log sigmoid(r(x, y_w) - r(x, y_l))
 
-After training the scores are normalised: `normalization.json` stores the bias that makes the mean
-reward over the SFT samples zero, so PPO receives normalised rewards (InstructGPT section 3.5).
+The score is read at the last token (InstructGPT) or, with `pooling: mean`, averaged over the
+response tokens. After training the scores are normalised: `normalization.json` stores the bias that
+makes the mean reward over the SFT samples zero, so PPO receives normalised rewards (InstructGPT
+section 3.5), and the pooling, so every consumer scores the way the model was trained.
 
 Alone: `python -m flows.align pipeline.stop_after=reward_model`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -21,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from stages.manifest import Manifest, folder_digest, read_jsonl
-from stages.modeling import encode_rollout, load_scalar_model, load_tokenizer, sequence_scores
+from stages.modeling import POOLINGS, encode_rollout, load_scalar_model, load_tokenizer, sequence_scores
 from stages.tracking import log_metrics
 
 
@@ -32,7 +35,22 @@ class RewardModelConfig:
     batch_prompts: int = 16  # prompts per step; each carries its K responses
     weight_decay: float = 0.0
     margin: float = 0.0  # optional margin in the pairwise loss (Llama 2); 0 is InstructGPT's loss
+    pooling: str = "last"  # where the score is read: last token (InstructGPT) | mean over the response
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"stage.reward_model.pooling: {self.pooling!r} is not one of {', '.join(POOLINGS)}")
+        if self.epochs < 1 or self.batch_prompts < 1:
+            raise ValueError("stage.reward_model: epochs and batch_prompts must be >= 1")
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """How PPO reads a trained reward model: `score(x, y) = pooled head - bias`."""
+
+    bias: float
+    pooling: str = "last"
 
 
 def ranking_pairs(ranks: list[int]) -> list[tuple[int, int]]:
@@ -57,7 +75,7 @@ def ranking_loss(scores, pairs: list[list[tuple[int, int]]], margin: float = 0.0
     return torch.stack(losses).mean() if losses else sum(s.sum() for s in scores) * 0.0
 
 
-def score_rows(model, tokenizer, rows: list[dict]) -> list[torch.Tensor]:
+def score_rows(model, tokenizer, rows: list[dict], pooling: str = "last") -> list[torch.Tensor]:
     """Per row a (K,) tensor of reward scores, one forward pass per response; K may vary by row."""
     rollout = encode_rollout(
         tokenizer,
@@ -65,12 +83,12 @@ def score_rows(model, tokenizer, rows: list[dict]) -> list[torch.Tensor]:
         [y for r in rows for y in r["responses"]],
         [f for r in rows for f in r["finished"]],
     )
-    return list(sequence_scores(model, rollout).split([len(r["responses"]) for r in rows]))
+    return list(sequence_scores(model, rollout, pooling).split([len(r["responses"]) for r in rows]))
 
 
 @torch.no_grad()
-def pairwise_accuracy(model, tokenizer, rows: list[dict], batch: int = 64) -> float:
-    return pairwise_accuracy_by_k(model, tokenizer, rows, batch)["all"]
+def pairwise_accuracy(model, tokenizer, rows: list[dict], pooling: str = "last", batch: int = 64) -> float:
+    return pairwise_accuracy_by_k(model, tokenizer, rows, pooling, batch)["all"]
 
 
 def pair_agreement(scores, ranks: list[int]) -> tuple[float, int]:
@@ -80,13 +98,15 @@ def pair_agreement(scores, ranks: list[int]) -> tuple[float, int]:
 
 
 @torch.no_grad()
-def pairwise_accuracy_by_k(model, tokenizer, rows: list[dict], batch: int = 64) -> dict[str, float]:
+def pairwise_accuracy_by_k(
+    model, tokenizer, rows: list[dict], pooling: str = "last", batch: int = 64
+) -> dict[str, float]:
     """Fraction of (winner, loser) pairs scored in the right order (ties half), overall and by K."""
     correct: dict[str, float] = {}
     total: dict[str, int] = {}
     for start in range(0, len(rows), batch):
         chunk = rows[start : start + batch]
-        scores = score_rows(model, tokenizer, chunk)
+        scores = score_rows(model, tokenizer, chunk, pooling)
         for s, row in zip(scores, chunk):
             hits, pairs = pair_agreement(s, row["ranks"])
             for key in ("all", f"k{len(row['responses'])}"):
@@ -113,7 +133,7 @@ def run(cfg: RewardModelConfig, *, policy: Path, comparisons: Path, heldout: Pat
         for start in range(0, len(order), cfg.batch_prompts):
             batch = [rows[i] for i in order[start : start + cfg.batch_prompts]]
             pairs = [ranking_pairs(r["ranks"]) for r in batch]
-            loss = ranking_loss(score_rows(model, tokenizer, batch), pairs, cfg.margin)
+            loss = ranking_loss(score_rows(model, tokenizer, batch, cfg.pooling), pairs, cfg.margin)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -121,24 +141,25 @@ def run(cfg: RewardModelConfig, *, policy: Path, comparisons: Path, heldout: Pat
             step += 1
             if step % 10 == 0:
                 log_metrics({"rm/train/loss": loss.item(), "rm/train/lr": sched.get_last_lr()[0]}, step=step)
-        log_metrics({"rm/eval/accuracy": pairwise_accuracy(model, tokenizer, held)}, step=step)
+        log_metrics({"rm/eval/accuracy": pairwise_accuracy(model, tokenizer, held, cfg.pooling)}, step=step)
     model.eval()
     with torch.no_grad():  # 3. normalise: the SFT samples' mean reward becomes zero
         bias = torch.cat(
-            [s for i in range(0, len(rows), 64) for s in score_rows(model, tokenizer, rows[i : i + 64])]
+            [s for i in range(0, len(rows), 64) for s in score_rows(model, tokenizer, rows[i : i + 64], cfg.pooling)]
         ).mean()
     metrics = {
         "rm/train/loss_last": loss.item(),
-        "rm/train/accuracy": pairwise_accuracy(model, tokenizer, rows),
+        "rm/train/accuracy": pairwise_accuracy(model, tokenizer, rows, cfg.pooling),
         **{
             f"rm/eval/accuracy{'' if k == 'all' else '_' + k}": v
-            for k, v in pairwise_accuracy_by_k(model, tokenizer, held).items()
+            for k, v in pairwise_accuracy_by_k(model, tokenizer, held, cfg.pooling).items()
         },
         "rm/bias": bias.item(),
     }
     model.save_pretrained(out_dir / "model", safe_serialization=True)
     tokenizer.save_pretrained(out_dir / "model")
-    (out_dir / "normalization.json").write_text(json.dumps({"bias": bias.item()}))
+    normalization = Normalization(bias=bias.item(), pooling=cfg.pooling)
+    (out_dir / "normalization.json").write_text(json.dumps(dataclasses.asdict(normalization)))
     return Manifest(
         stage="reward_model",
         path=str(out_dir),
@@ -148,5 +169,12 @@ def run(cfg: RewardModelConfig, *, policy: Path, comparisons: Path, heldout: Pat
     )
 
 
-def load_bias(normalization: Path) -> float:
-    return float(json.loads(Path(normalization).read_text())["bias"])
+def load_normalization(path: Path) -> Normalization:
+    """Reads `normalization.json`; a file from before pooling was recorded means last-token pooling."""
+    raw = json.loads(Path(path).read_text())
+    if not isinstance(raw, dict) or "bias" not in raw:
+        raise ValueError(f"{path}: bias: missing (expected {{\"bias\": float, \"pooling\": str}})")
+    pooling = raw.get("pooling", "last")
+    if pooling not in POOLINGS:
+        raise ValueError(f"{path}: pooling: {pooling!r} is not one of {', '.join(POOLINGS)}")
+    return Normalization(bias=float(raw["bias"]), pooling=pooling)

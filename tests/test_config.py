@@ -96,3 +96,8 @@ def test_cli_stops_before_any_training_naming_the_key(tmp_path):
     assert proc.returncode != 0
     assert "stage.ppo.bta" in proc.stderr + proc.stdout
     assert not any(tmp_path.iterdir())  # nothing was computed
+
+
+def test_bad_reward_pooling_is_named():
+    with pytest.raises(ValueError, match="stage.reward_model.pooling"):
+        to_config(_compose(["stage.reward_model.pooling=max"]))

@@ -34,3 +34,55 @@ def test_margin_and_all_tied_prompts():
     pairs = [ranking_pairs([0, 1]), ranking_pairs([0, 0])]  # the second prompt is all ties
     expected = -math.log(1 / (1 + math.exp(-(1.0 - 0.5))))
     assert ranking_loss(scores, pairs, margin=0.5).item() == pytest.approx(expected, rel=1e-6)
+
+
+class _Backbone(torch.nn.Module):
+    """Hidden state = the token id itself (hidden size 1), so pooled scores are sums of ids."""
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        return type("Out", (), {"last_hidden_state": input_ids.float().unsqueeze(-1)})()
+
+
+class _ScalarModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.base_model = _Backbone()
+        self.score = torch.nn.Linear(1, 1, bias=False)
+        torch.nn.init.ones_(self.score.weight)
+
+
+def _rollout():
+    from stages.modeling import Rollout
+
+    # two rows; query left-padded with 0; responses right-padded with 0 after the mask
+    return Rollout(
+        query=torch.tensor([[0, 7, 8], [9, 7, 8]]),
+        query_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]),
+        response=torch.tensor([[2, 4, 6], [5, 0, 0]]),
+        response_mask=torch.tensor([[1, 1, 1], [1, 0, 0]]),
+        finished=torch.tensor([True, False]),
+    )
+
+
+def test_sequence_scores_last_token_and_mean_by_hand():
+    from stages.modeling import sequence_scores
+
+    model = _ScalarModel()
+    assert sequence_scores(model, _rollout(), "last").tolist() == [6.0, 5.0]  # last real token
+    assert sequence_scores(model, _rollout(), "mean").tolist() == [4.0, 5.0]  # (2+4+6)/3, 5/1
+    with pytest.raises(ValueError, match="pooling"):
+        sequence_scores(model, _rollout(), "max")
+
+
+def test_normalization_file_is_validated(tmp_path):
+    from stages.reward_model import load_normalization
+
+    path = tmp_path / "normalization.json"
+    path.write_text('{"bias": 0.5}')  # written before pooling was recorded: last token
+    assert (load_normalization(path).bias, load_normalization(path).pooling) == (0.5, "last")
+    path.write_text('{"bias": 0.5, "pooling": "median"}')
+    with pytest.raises(ValueError, match="normalization.json: pooling"):
+        load_normalization(path)
+    path.write_text('{"pooling": "mean"}')
+    with pytest.raises(ValueError, match="normalization.json: bias"):
+        load_normalization(path)

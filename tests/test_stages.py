@@ -43,7 +43,7 @@ def chain(tiny_prepare, tmp_path_factory):
         out_dir=tmp_path_factory.mktemp("cmp"),
     )
     out["rm"] = reward_model.run(
-        reward_model.RewardModelConfig(epochs=3, learning_rate=1e-3),
+        reward_model.RewardModelConfig(epochs=3, learning_rate=1e-3, pooling="mean"),
         policy=out["sft"].file("policy"),
         comparisons=out["cmp"].file("comparisons"),
         heldout=out["cmp"].file("heldout_comparisons"),
@@ -64,6 +64,7 @@ def chain(tiny_prepare, tmp_path_factory):
         sft_policy=out["sft"].file("policy"),
         policy=out["ppo"].file("policy"),
         reward_model=out["rm"].file("model"),
+        normalization=out["rm"].file("normalization"),
         heldout_comparisons=out["cmp"].file("heldout_comparisons"),
         prompts=p.file("eval_prompts"),
         target_len=6,
@@ -106,7 +107,8 @@ def test_comparisons_rank_k_responses(chain):
 def test_reward_model_learns_the_rankings(chain):
     m = chain["rm"]
     assert m.metrics["rm/train/accuracy"] > 0.6
-    assert json.loads(m.file("normalization").read_text())["bias"] == pytest.approx(m.metrics["rm/bias"])
+    normalization = json.loads(m.file("normalization").read_text())
+    assert normalization == {"bias": pytest.approx(m.metrics["rm/bias"]), "pooling": "mean"}
 
 
 def test_ppo_updates_the_policy(chain):
