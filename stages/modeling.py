@@ -38,7 +38,7 @@ class ModelConfig:
     # The embedded base is pretrained briefly on unformatted task text (a stand-in for web text), so
     # that SFT, like SFT of a real LLM, adapts a model that already knows the language; LoRA on a
     # random-init base cannot learn the task.
-    pretrain_documents: int = 3000
+    pretrain_documents: int = 8000
     pretrain_epochs: int = 4
     pretrain_learning_rate: float = 3e-3
 

@@ -98,9 +98,10 @@ def test_deleted_artifact_is_recomputed_not_pointed_at(tmp_path):
 
 @pytest.mark.slow
 def test_default_recipe_beats_sft(tmp_path):
-    """The embedded default as `make align` runs it: PPO must beat SFT on held-out prompts."""
+    """The embedded default as `make align` runs it: PPO must beat SFT on held-out prompts, and the
+    reward model must come within 5 points of the simulated labelers' own agreement ceiling."""
     e = align(tmp_path)["eval"]
     margin = e["gold_policy"]["mean"] - e["gold_sft"]["mean"]
     assert margin > e["gold_policy"]["ci95"] + e["gold_sft"]["ci95"]
     assert e["win_rate"] >= 0.65
-    assert e["rm_accuracy"] > 0.65
+    assert e["labeler_ceiling"] - e["rm_accuracy"] <= 0.05, (e["rm_accuracy"], e["labeler_ceiling"])
