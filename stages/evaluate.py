@@ -111,12 +111,13 @@ def run(
     wins = [_win(labeler.rank(p, [a, b])) for p, a, b in zip(texts, pol_texts, sft_texts)]
     held = read_jsonl(heldout_comparisons)
     rm = load_scalar_model(reward_model).eval()
+    pooling = load_normalization(normalization).pooling
     result = {
         "gold_sft": mean_ci95(gold_sft),
         "gold_policy": mean_ci95(gold_pol),
         "win_rate": statistics.fmean(wins),
         "kl_to_sft": kl_sum / tokens,
-        "rm_accuracy": pairwise_accuracy(rm, load_tokenizer(reward_model), held, load_normalization(normalization).pooling),
+        "rm_accuracy": pairwise_accuracy(rm, load_tokenizer(reward_model), held, pooling),
         "labeler_ceiling": labeler_ceiling(held, target_len),
         "n_prompts": len(texts),
     }

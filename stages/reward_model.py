@@ -173,7 +173,7 @@ def load_normalization(path: Path) -> Normalization:
     """Reads `normalization.json`; a file from before pooling was recorded means last-token pooling."""
     raw = json.loads(Path(path).read_text())
     if not isinstance(raw, dict) or "bias" not in raw:
-        raise ValueError(f"{path}: bias: missing (expected {{\"bias\": float, \"pooling\": str}})")
+        raise ValueError(f'{path}: bias: missing (expected {{"bias": float, "pooling": str}})')
     pooling = raw.get("pooling", "last")
     if pooling not in POOLINGS:
         raise ValueError(f"{path}: pooling: {pooling!r} is not one of {', '.join(POOLINGS)}")
