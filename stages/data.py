@@ -357,16 +357,38 @@ def _ranked(rec: dict[str, Any]) -> dict[str, Any]:
     return {"prompt": prompt, "responses": texts, "ranks": ranks}
 
 
+def _hub_records(cfg: DatasetConfig) -> Iterator[tuple[int, Any]]:
+    """Rows of a `datasets` hub id or dataset folder (`cfg.split`), numbered from 1."""
+    try:
+        from datasets import load_dataset
+
+        data = load_dataset(cfg.path, split=cfg.split)
+    except Exception as e:  # offline hub, unknown id, missing split: one clear line, no traceback
+        raise DataError(
+            [
+                f"{cfg.path}:0: path: not a local file, and `datasets` could not load it as a hub id or dataset "
+                f"folder (split {cfg.split!r}): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            ]
+        ) from None
+    for i, rec in enumerate(data, 1):
+        yield i, rec
+
+
 def load(cfg: DatasetConfig) -> Loaded:
-    """Read, detect, normalise and validate every row of `cfg.path`."""
+    """Read, detect, normalise and validate every row of `cfg.path`: a local file, or else a
+    `datasets` hub id (when a hub is reachable) or a dataset folder, read through `load_dataset`."""
     path = Path(cfg.path)
-    if not path.exists():
+    if path.is_file():
+        records = read_records(path)
+    elif path.is_dir() or (cfg.path.count("/") == 1 and not path.suffix and not cfg.path.startswith((".", "/"))):
+        records = _hub_records(cfg)
+    else:
         raise DataError([f"{path}:0: path: no such file (data.path)"])
     rows, problems = [], []
     fmt = None if cfg.format == "auto" else cfg.format
     seen_ids: dict[str, int] = {}
     total = 0
-    for line, rec in read_records(path):
+    for line, rec in records:
         total += 1
         try:
             if isinstance(rec, RowError):

@@ -2,6 +2,9 @@
 
 import gzip
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -161,3 +164,30 @@ def test_bad_config_values_are_named():
         DatasetConfig(kind="pairs")
     with pytest.raises(ValueError, match="data.on_error"):
         DatasetConfig(on_error="ignore")
+
+
+def test_dataset_folder_loads_through_datasets(tmp_path, monkeypatch):
+    """A folder (or hub id) goes through `datasets.load_dataset`, the code path a hub dataset takes."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")  # not ~/.cache
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    rows = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(5)]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loaded = load(DatasetConfig(path=str(folder), kind="preferences"))
+    assert loaded.format == "chosen_rejected" and len(loaded.rows) == 5
+    assert loaded.rows[2] == {"prompt": [{"role": "user", "content": "q2"}], "chosen": "good 2", "rejected": "bad 2"}
+    with pytest.raises(DataError, match=r"pairs:0: path: .*split 'test'"):
+        load(DatasetConfig(path=str(folder), kind="preferences", split="test"))
+
+
+def test_unreachable_hub_id_is_a_clear_error():
+    code = (
+        "from stages.data import DatasetConfig, DataError, load\n"
+        "try:\n    load(DatasetConfig(path='nobody/no-such-dataset', kind='preferences'))\n"
+        "except DataError as e:\n    print(e)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.startswith("nobody/no-such-dataset:0: path: not a local file"), out.stdout + out.stderr[-2000:]
