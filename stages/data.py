@@ -370,8 +370,7 @@ def _hub_records(cfg: DatasetConfig) -> Iterator[tuple[int, Any]]:
                 f"folder (split {cfg.split!r}): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             ]
         ) from None
-    for i, rec in enumerate(data, 1):
-        yield i, rec
+    yield from enumerate(data, 1)
 
 
 def load(cfg: DatasetConfig) -> Loaded:
