@@ -116,6 +116,14 @@ def align(cfg: Config) -> dict[str, Any]:
                 prompts=prep.file("comparison_prompts"),
                 heldout_prompts=prep.file("heldout_comparison_prompts"),
                 target_len=cfg.data.target_len,
+                **(
+                    {
+                        "dataset": prep.file("dataset_comparisons"),
+                        "dataset_heldout": prep.file("dataset_heldout_comparisons"),
+                    }
+                    if cfg.data.comparisons is not None
+                    else {}
+                ),
             )
         if run.wanted("reward_model"):
             rm = run(
@@ -207,7 +215,8 @@ def main(dcfg: DictConfig) -> None:
             f"\ngold SFT {e['gold_sft']['mean']:.3f} ± {e['gold_sft']['ci95']:.3f}   "
             f"gold policy {e['gold_policy']['mean']:.3f} ± {e['gold_policy']['ci95']:.3f}   "
             f"win rate {e['win_rate']:.1%}   KL/token {e['kl_to_sft']:.3f}   "
-            f"RM acc {e['rm_accuracy']:.3f} (ceiling {e['labeler_ceiling']:.3f})"
+            f"RM acc {e['rm_accuracy']:.3f}"
+            + (f" (ceiling {e['labeler_ceiling']:.3f})" if e["labeler_ceiling"] is not None else "")
         )
     print(f"\nsummary: {summary['summary_path']}")
 

@@ -51,6 +51,22 @@ def sample_k(policy, tokenizer, prompts: list[str], cfg: ComparisonsConfig) -> l
     return [(texts[i * cfg.k : (i + 1) * cfg.k], finished[i * cfg.k : (i + 1) * cfg.k]) for i in range(len(prompts))]
 
 
+def _from_dataset(dataset: Path, heldout: Path, out_dir: Path) -> Manifest:
+    metrics = {"comparisons/labeler/asked": 0.0}
+    for name, source in (("comparisons", dataset), ("heldout_comparisons", heldout)):
+        rows = read_jsonl(source)
+        write_jsonl(out_dir / f"{name}.jsonl", rows)
+        metrics[f"comparisons/{name}/prompts"] = float(len(rows))
+    log_metrics(metrics)
+    return Manifest(
+        stage="comparisons",
+        path=str(out_dir),
+        digest=folder_digest(out_dir),
+        metrics=metrics,
+        files={"comparisons": "comparisons.jsonl", "heldout_comparisons": "heldout_comparisons.jsonl"},
+    )
+
+
 def run(
     cfg: ComparisonsConfig,
     labeler_cfg: LabelerConfig,
@@ -60,9 +76,17 @@ def run(
     heldout_prompts: Path,
     target_len: int,
     out_dir: Path,
+    dataset: Path | None = None,
+    dataset_heldout: Path | None = None,
 ) -> Manifest:
+    """With `dataset` (and `dataset_heldout`), comparisons from a file (`data.comparisons`, already
+    validated and split by prepare) pass through: nothing is sampled and no labeler is asked."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if dataset is not None:
+        if dataset_heldout is None:
+            raise ValueError("comparisons: a dataset needs its held-out split too")
+        return _from_dataset(Path(dataset), Path(dataset_heldout), out_dir)
     tokenizer = load_tokenizer(policy)
     model = load_causal_lm(policy)
     labeler = make_labeler(labeler_cfg, target_len)

@@ -413,3 +413,21 @@ def load(cfg: DatasetConfig) -> Loaded:
             )
         raise DataError(problems)
     return Loaded(rows=rows, format=fmt or "", bad=len(problems), problems=problems)
+
+
+def as_ranking_rows(rows: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    """Preference or ranking rows in the comparisons stage's layout (`prompt`, `responses`,
+    `finished`, `ranks`): a chosen/rejected pair is a K = 2 ranking, and every response is finished."""
+    if kind == "preferences":
+        return [
+            {
+                "prompt": r["prompt"],
+                "responses": [r["chosen"], r["rejected"]],
+                "finished": [True, True],
+                "ranks": [0, 1],
+            }
+            for r in rows
+        ]
+    if kind == "rankings":
+        return [{**r, "finished": [True] * len(r["responses"])} for r in rows]
+    raise ValueError(f"data.kind: {kind!r} gives no comparisons (use preferences or rankings)")

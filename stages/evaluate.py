@@ -46,8 +46,11 @@ def mean_ci95(xs: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(xs), "ci95": 1.96 * statistics.stdev(xs) / math.sqrt(len(xs))}
 
 
-def labeler_ceiling(rows: list[dict], target_len: int) -> float:
-    """Agreement of the noise-free gold rule with the labeler's rankings (ties count half)."""
+def labeler_ceiling(rows: list[dict], target_len: int) -> float | None:
+    """Agreement of the noise-free gold rule with the labeler's rankings (ties count half); None
+    when the comparisons are not the embedded task's (a dataset's), which has no gold rule."""
+    if not all(isinstance(r["prompt"], str) and task.is_task_prompt(r["prompt"]) for r in rows):
+        return None
     agree, total = 0.0, 0
     for row in rows:
         gold = [task.gold_score(row["prompt"], y, target_len=target_len) for y in row["responses"]]
@@ -134,8 +137,9 @@ def run(
         "eval/win_rate": result["win_rate"],
         "eval/kl_to_sft": result["kl_to_sft"],
         "eval/rm_accuracy": result["rm_accuracy"],
-        "eval/labeler_ceiling": result["labeler_ceiling"],
     }
+    if result["labeler_ceiling"] is not None:
+        metrics["eval/labeler_ceiling"] = result["labeler_ceiling"]
     (out_dir / "eval.json").write_text(json.dumps(result, indent=2))
     return Manifest(
         stage="evaluate",

@@ -60,10 +60,13 @@ def load_causal_lm(path: str | Path, *, trust_remote_code: bool = False):
     )
 
 
-def render_prompts(tokenizer, prompts: list[str]) -> list[str]:
-    """Prompts as the policy sees them: the chat template with the generation prompt."""
+def render_prompts(tokenizer, prompts: list[str] | list[list[dict]]) -> list[str]:
+    """Prompts as the policy sees them: the chat template with the generation prompt. A prompt is a
+    user message, or a conversation (`[{"role", "content"}, ...]`, as in HH-RLHF pairs)."""
     return [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        tokenizer.apply_chat_template(
+            p if isinstance(p, list) else [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+        )
         for p in prompts
     ]
 

@@ -7,13 +7,16 @@ loads them back through `from_pretrained`, the path a hub id or a real model fol
 
 With `model.name_or_path` set, the base model and tokenizer come from there instead; with
 `data.demonstrations` set, the demonstrations come from that file through the data worker
-(`stages/data.py`), in the internal `{"messages": [...]}` schema.
+(`stages/data.py`), in the internal `{"messages": [...]}` schema; with `data.comparisons` set, the
+reward model's comparisons come from that file (pairs are K = 2 rankings), split into train and
+held-out, and the comparisons stage passes them through instead of sampling and labelling.
 
 Alone: `python -c "from stages import prepare; ..."` or `python -m flows.align pipeline.stop_after=prepare`.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,7 @@ from typing import Any
 import torch
 
 from stages import task
-from stages.data import DatasetConfig, load
+from stages.data import DatasetConfig, as_ranking_rows, load
 from stages.manifest import Manifest, folder_digest, write_jsonl
 from stages.modeling import DEFAULT_CHAT_TEMPLATE, ModelConfig, lm_loss, load_causal_lm, load_tokenizer
 
@@ -38,6 +41,19 @@ class DataConfig:
     n_ppo_prompts: int = 2048
     n_eval_prompts: int = 400
     demonstrations: DatasetConfig | None = None  # a real dataset instead of the embedded task's
+    # ranked or pairwise comparisons for the reward model instead of sampling and labelling them
+    comparisons: DatasetConfig | None = None
+    heldout_fraction: float = 0.1  # of `comparisons`, held out for the reward model's evaluation
+
+    def __post_init__(self) -> None:
+        if self.comparisons is not None and self.comparisons.kind not in ("preferences", "rankings"):
+            raise ValueError(f"data.comparisons.kind: {self.comparisons.kind!r} is not 'preferences' or 'rankings'")
+        if not 0 < self.heldout_fraction < 1:
+            raise ValueError(f"data.heldout_fraction: must be in (0, 1), got {self.heldout_fraction}")
+
+
+def _texts(prompt: str | list[dict]) -> list[str]:
+    return [prompt] if isinstance(prompt, str) else [m["content"] for m in prompt]
 
 
 def build_tokenizer(corpus: list[str]):
@@ -104,6 +120,21 @@ def run(cfg: DataConfig, model_cfg: ModelConfig, *, out_dir: Path) -> Manifest:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, float] = {}
+    files: dict[str, str] = {}
+    compared: list[dict[str, Any]] = []
+    if cfg.comparisons is not None:  # validated before any compute
+        loaded_cmp = load(cfg.comparisons)
+        compared = as_ranking_rows(loaded_cmp.rows, cfg.comparisons.kind)
+        metrics["prepare/comparisons/bad_rows"] = float(loaded_cmp.bad)
+        order = list(range(len(compared)))
+        random.Random(cfg.seed).shuffle(order)
+        n_held = max(1, round(cfg.heldout_fraction * len(order)))
+        if n_held >= len(order):
+            raise ValueError(f"{cfg.comparisons.path}: {len(order)} rows leave nothing to train on once held out")
+        for name, part in (("dataset_heldout_comparisons", order[:n_held]), ("dataset_comparisons", order[n_held:])):
+            write_jsonl(out_dir / f"{name}.jsonl", [compared[i] for i in part])
+            files[name] = f"{name}.jsonl"
+            metrics[f"prepare/{name}/rows"] = float(len(part))
     if cfg.demonstrations is None:
         demos = task.make_demonstrations(cfg.n_demonstrations, cfg.seed, target_len=cfg.target_len)
         rows: list[dict[str, Any]] = [
@@ -130,6 +161,7 @@ def run(cfg: DataConfig, model_cfg: ModelConfig, *, out_dir: Path) -> Manifest:
     base = out_dir / "base"
     if model_cfg.name_or_path is None:
         corpus = [" ".join(m["content"] for m in r["messages"]) for r in rows] + [" ".join(task.vocabulary())]
+        corpus += [" ".join(_texts(r["prompt"]) + r["responses"]) for r in compared]
         tokenizer = build_tokenizer(corpus)
         model = build_tiny_llama(model_cfg, tokenizer, cfg.seed)
         web = task.make_demonstrations(model_cfg.pretrain_documents, cfg.seed + 7919, target_len=cfg.target_len)
@@ -163,5 +195,6 @@ def run(cfg: DataConfig, model_cfg: ModelConfig, *, out_dir: Path) -> Manifest:
             **{k: f"{k}.jsonl" for k in prompt_sets},
             "demonstrations": "demonstrations.jsonl",
             "pretrain": "pretrain.jsonl",
+            **files,
         },
     )

@@ -61,6 +61,11 @@ def topic_of(prompt: str) -> str:
     return topic
 
 
+def is_task_prompt(prompt: str) -> bool:
+    words = prompt.split()
+    return bool(words) and words[-1] in TOPICS
+
+
 @functools.cache
 def _analyzer():
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
