@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import flows  # noqa: F401  (telemetry off)
+from bench.common import run_child, write_results
 
 OUT = Path("artifacts/bench/ppo_memory.json")
 CHILD = """
@@ -106,20 +106,14 @@ def main() -> None:
         params = build(root)
         results: dict = {"params": params}
         for layout in ("full_copies", "shared_base"):
-            proc = subprocess.run([sys.executable, "-c", CHILD, str(root), layout], capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise SystemExit(f"{layout} failed:\n{proc.stderr[-3000:]}")
-            results[layout] = json.loads(proc.stdout.split("RESULT ", 1)[1])
+            results[layout] = run_child([sys.executable, "-c", CHILD, str(root), layout], layout)
             print(layout, results[layout], flush=True)
         results["peak_rss_ratio_shared_over_full"] = (
             results["shared_base"]["peak_rss_mb"] / results["full_copies"]["peak_rss_mb"]
         )
         results["rollout"] = rollout_speed(root)
         results["bench_process_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
-    print(f"wrote {OUT.resolve()}")
+    write_results(OUT, results, echo=True)
 
 
 if __name__ == "__main__":

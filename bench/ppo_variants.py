@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.common import write_results
+
 ARTIFACTS = Path("artifacts")
 OUT = ARTIFACTS / "bench" / "ppo_variants.json"
 VARIANTS = {
@@ -46,9 +48,7 @@ def main() -> None:
             "statuses": {k: v["status"] for k, v in summary["stages"].items()},
         }
         print(name, json.dumps(results[name]), flush=True)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(results, indent=2))
-    print(f"wrote {OUT.resolve()}")
+    write_results(OUT, results)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import flows  # noqa: F401  (telemetry off)
+from bench.common import run_child, write_results
 from stages import evaluate
 from stages.labelers import LabelerConfig
 
@@ -52,10 +53,7 @@ def upstream() -> dict:
 
 
 def child(python: Path | str, code: list[str], spec: dict) -> dict:
-    proc = subprocess.run([str(python), *code, json.dumps(spec)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{python} {code[0]} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.split("RESULT ", 1)[1])
+    return run_child([str(python), *code, json.dumps(spec)], f"{python} {code[0]}")
 
 
 def main() -> None:
@@ -109,10 +107,7 @@ def main() -> None:
     results["gains_within_each_others_ci95"] = abs(results["gain_difference"]) <= (
         a["gold_policy"]["ci95"] + t["gold_policy"]["ci95"]
     )
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
-    print(f"wrote {OUT.resolve()}")
+    write_results(OUT, results, echo=True)
 
 
 if __name__ == "__main__":

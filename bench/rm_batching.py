@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import flows  # noqa: F401  (telemetry off)
+from bench.common import write_results
 from stages import comparisons, prepare, reward_model, sft
 from stages.labelers import LabelerConfig
 from stages.manifest import read_jsonl, write_jsonl
@@ -110,9 +111,7 @@ def main() -> None:
                 "forward_ratio_shuffled_over_per_prompt": shuffled["forward_passes"] / per_prompt["forward_passes"],
             }
             print(json.dumps({f"k{k}": results[f"k{k}"]}, indent=2), flush=True)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(results, indent=2))
-    print(f"wrote {OUT.resolve()}")
+    write_results(OUT, results)
 
 
 if __name__ == "__main__":
