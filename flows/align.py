@@ -106,6 +106,14 @@ def align(cfg: Config) -> dict[str, Any]:
                 demonstrations=prep.file("demonstrations"),
             )
         if run.wanted("comparisons"):
+            from_file = (
+                {
+                    "dataset": prep.file("dataset_comparisons"),
+                    "dataset_heldout": prep.file("dataset_heldout_comparisons"),
+                }
+                if cfg.data.comparisons is not None
+                else {}  # sampled from the SFT policy and ranked by the labeler
+            )
             cmp = run(
                 "comparisons",
                 s.comparisons,
@@ -116,14 +124,7 @@ def align(cfg: Config) -> dict[str, Any]:
                 prompts=prep.file("comparison_prompts"),
                 heldout_prompts=prep.file("heldout_comparison_prompts"),
                 target_len=cfg.data.target_len,
-                **(
-                    {
-                        "dataset": prep.file("dataset_comparisons"),
-                        "dataset_heldout": prep.file("dataset_heldout_comparisons"),
-                    }
-                    if cfg.data.comparisons is not None
-                    else {}
-                ),
+                **from_file,
             )
         if run.wanted("reward_model"):
             rm = run(

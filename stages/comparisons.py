@@ -51,10 +51,9 @@ def sample_k(policy, tokenizer, prompts: list[str], cfg: ComparisonsConfig) -> l
     return [(texts[i * cfg.k : (i + 1) * cfg.k], finished[i * cfg.k : (i + 1) * cfg.k]) for i in range(len(prompts))]
 
 
-def _from_dataset(dataset: Path, heldout: Path, out_dir: Path) -> Manifest:
-    metrics = {"comparisons/labeler/asked": 0.0}
-    for name, source in (("comparisons", dataset), ("heldout_comparisons", heldout)):
-        rows = read_jsonl(source)
+def _publish(out_dir: Path, sets: dict[str, list[dict]], metrics: dict[str, float]) -> Manifest:
+    """Writes `comparisons.jsonl` and `heldout_comparisons.jsonl`, counts and logs, describes the folder."""
+    for name, rows in sets.items():
         write_jsonl(out_dir / f"{name}.jsonl", rows)
         metrics[f"comparisons/{name}/prompts"] = float(len(rows))
     log_metrics(metrics)
@@ -86,7 +85,8 @@ def run(
     if dataset is not None:
         if dataset_heldout is None:
             raise ValueError("comparisons: a dataset needs its held-out split too")
-        return _from_dataset(Path(dataset), Path(dataset_heldout), out_dir)
+        sets = {"comparisons": read_jsonl(dataset), "heldout_comparisons": read_jsonl(dataset_heldout)}
+        return _publish(out_dir, sets, {"comparisons/labeler/asked": 0.0})
     tokenizer = load_tokenizer(policy)
     model = load_causal_lm(policy)
     labeler = make_labeler(labeler_cfg, target_len)
@@ -98,19 +98,13 @@ def run(
     items = [(p, responses) for pairs in sets.values() for p, (responses, _) in pairs]
     ranks = iter(labeler.rank_all(items))
     metrics = {"comparisons/labeler/asked": float(labeler.asked)}
-    for name, pairs in sets.items():
-        rows = [
+    ranked = {
+        name: [
             {"prompt": p, "responses": responses, "finished": finished, "ranks": next(ranks)}
             for p, (responses, finished) in pairs
         ]
-        write_jsonl(out_dir / f"{name}.jsonl", rows)
-        metrics[f"comparisons/{name}/prompts"] = float(len(rows))
+        for name, pairs in sets.items()
+    }
+    for name, rows in ranked.items():
         metrics[f"comparisons/{name}/finished"] = sum(sum(r["finished"]) for r in rows) / (len(rows) * cfg.k)
-    log_metrics(metrics)
-    return Manifest(
-        stage="comparisons",
-        path=str(out_dir),
-        digest=folder_digest(out_dir),
-        metrics=metrics,
-        files={"comparisons": "comparisons.jsonl", "heldout_comparisons": "heldout_comparisons.jsonl"},
-    )
+    return _publish(out_dir, ranked, metrics)

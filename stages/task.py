@@ -53,17 +53,17 @@ class Example:
     response: str
 
 
-def topic_of(prompt: str) -> str:
-    """The topic is the prompt's last word; raises on a prompt the task did not make."""
-    topic = prompt.split()[-1] if prompt.split() else ""
-    if topic not in TOPICS:
-        raise ValueError(f"prompt {prompt!r} does not name a known topic ({', '.join(TOPICS)})")
-    return topic
-
-
 def is_task_prompt(prompt: str) -> bool:
+    """Whether the task made this prompt: its last word names a known topic."""
     words = prompt.split()
     return bool(words) and words[-1] in TOPICS
+
+
+def topic_of(prompt: str) -> str:
+    """The topic is the prompt's last word; raises on a prompt the task did not make."""
+    if not is_task_prompt(prompt):
+        raise ValueError(f"prompt {prompt!r} does not name a known topic ({', '.join(TOPICS)})")
+    return prompt.split()[-1]
 
 
 @functools.cache
