@@ -1,11 +1,12 @@
 """The alignment flow: `python -m flows.align [overrides]`, e.g. `stage.ppo.beta=0.05 peft=full`.
 
-The flow body reads as the DAG: prepare -> sft -> comparisons -> reward_model -> ppo -> evaluate.
+`pipeline=rlhf|dpo|rlaif|rlaif_direct` picks the branch; each is a small function in
+`flows/branches.py` that reads as its DAG (rlhf: prepare -> sft -> comparisons -> reward_model ->
+ppo -> evaluate). This module runs it: the cached stage runner, MLflow's parent run, the summary.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -21,10 +22,16 @@ from omegaconf import DictConfig
 from prefect import flow
 
 from flows import report
+from flows.branches import BRANCHES
 from flows.config import PIPELINES, Config, register, to_config
 from flows.runner import StageCall, flatten, stage_task
+from stages.ai_labeler import JudgeError, api_key
 from stages.labelers import LabelsMissing
 from stages.manifest import MANIFEST, Manifest
+
+
+class StopPipeline(Exception):
+    """Raised by the runner at the first stage past `pipeline.stop_after`."""
 
 
 class Pipeline:
@@ -48,26 +55,31 @@ class Pipeline:
         parents: tuple[Manifest, ...] = (),
         outside: dict[str, str] | None = None,
         checkpointed: bool = False,
+        name: str | None = None,
         **kwargs: Any,
     ) -> Manifest:
         """`outside`: digests of inputs that are not artifacts (a rankings file), part of the key;
-        `checkpointed`: the stage resumes from checkpoints after a crash."""
+        `checkpointed`: the stage resumes from checkpoints after a crash; `name`: the row of a stage
+        that runs more than once (iterative DPO's rounds)."""
+        if not self.wanted(stage):
+            raise StopPipeline(stage)
+        name = name or stage
         inputs = {k: str(v) for k, v in kwargs.items() if isinstance(v, Path)}
         scalars = {k: v for k, v in kwargs.items() if not isinstance(v, Path)}
         digests = {p.stage: p.digest for p in parents} | (outside or {})
         call = StageCall(stage, configs, inputs, digests, scalars, self.cfg.artifacts_dir, checkpointed)
         t0 = time.perf_counter()
-        state = self.task.with_options(task_run_name=stage)(call, self.parent_run_id, return_state=True)
+        state = self.task.with_options(task_run_name=name)(call, self.parent_run_id, return_state=True)
         manifest: Manifest = state.result()
         cached = state.name == "Cached"
         if cached and not Path(manifest.path, MANIFEST).exists():  # artifact deleted: recompute
-            state = self.task.with_options(task_run_name=stage, refresh_cache=True)(
+            state = self.task.with_options(task_run_name=name, refresh_cache=True)(
                 call, self.parent_run_id, return_state=True
             )
             manifest, cached = state.result(), False
         if cached:
             with mlflow.start_run(
-                run_name=stage,
+                run_name=name,
                 nested=True,
                 parent_run_id=self.parent_run_id,
                 tags={
@@ -78,7 +90,7 @@ class Pipeline:
                 },
             ):
                 mlflow.log_metrics(manifest.metrics)
-        self.stages[stage] = {
+        self.stages[name] = {
             "status": "cached" if cached else "ran",
             "seconds": time.perf_counter() - t0,
             "artifact": manifest.path,
@@ -90,89 +102,28 @@ class Pipeline:
 
 @flow(name="align", log_prints=True)
 def align(cfg: Config) -> dict[str, Any]:
+    preflight(cfg)
     set_up_tracking(cfg)
     with mlflow.start_run(run_name=f"align-{cfg.pipeline.name}") as parent:
         mlflow.log_params(flatten(cfg))
         run = Pipeline(cfg, parent.info.run_id)
-        s = cfg.stage
-        prep = run("prepare", cfg.data, cfg.model)
-        if run.wanted("sft"):
-            sft = run(
-                "sft",
-                s.sft,
-                cfg.peft,
-                parents=(prep,),
-                base=prep.file("base"),
-                demonstrations=prep.file("demonstrations"),
-            )
-        if run.wanted("comparisons"):
-            from_file = (
-                {
-                    "dataset": prep.file("dataset_comparisons"),
-                    "dataset_heldout": prep.file("dataset_heldout_comparisons"),
-                }
-                if cfg.data.comparisons is not None
-                else {}  # sampled from the SFT policy and ranked by the labeler
-            )
-            cmp = run(
-                "comparisons",
-                s.comparisons,
-                cfg.labeler,
-                parents=(sft, prep),
-                outside=labels_digest(cfg),
-                policy=sft.file("policy"),
-                prompts=prep.file("comparison_prompts"),
-                heldout_prompts=prep.file("heldout_comparison_prompts"),
-                target_len=cfg.data.target_len,
-                **from_file,
-            )
-        if run.wanted("reward_model"):
-            rm = run(
-                "reward_model",
-                s.reward_model,
-                parents=(sft, cmp),
-                policy=sft.file("policy"),
-                comparisons=cmp.file("comparisons"),
-                heldout=cmp.file("heldout_comparisons"),
-            )
-        if run.wanted("ppo"):
-            ppo = run(
-                "ppo",
-                s.ppo,
-                cfg.peft,
-                parents=(sft, rm, prep),
-                policy=sft.file("policy"),
-                reward_model=rm.file("model"),
-                normalization=rm.file("normalization"),
-                prompts=prep.file("ppo_prompts"),
-                pretrain=prep.file("pretrain"),
-                gold_target_len=cfg.data.target_len,
-                checkpointed=True,
-            )
-        summary: dict[str, Any] = {
-            "pipeline": cfg.pipeline.name,
-            "stages": run.stages,
-            "mlflow_run_id": parent.info.run_id,
-        }
-        if run.wanted("evaluate"):
-            ev = run(
-                "evaluate",
-                s.evaluate,
-                cfg.labeler,
-                parents=(sft, ppo, rm, cmp, prep),
-                sft_policy=sft.file("policy"),
-                policy=ppo.file("policy"),
-                reward_model=rm.file("model"),
-                normalization=rm.file("normalization"),
-                heldout_comparisons=cmp.file("heldout_comparisons"),
-                prompts=prep.file("eval_prompts"),
-                target_len=cfg.data.target_len,
-            )
+        summary: dict[str, Any] = {"pipeline": cfg.pipeline.name, "mlflow_run_id": parent.info.run_id}
+        try:
+            ev = BRANCHES[cfg.pipeline.name](run, cfg)
             summary["eval"] = json.loads(ev.file("eval").read_text())
+        except StopPipeline:
+            pass
+        summary["stages"] = run.stages
         path = report.write_summary(cfg.artifacts_dir, summary)
         mlflow.log_artifact(str(path))
     summary["summary_path"] = str(path)
     return summary
+
+
+def preflight(cfg: Config) -> None:
+    """What can be checked before any compute: the AI labeler's API key."""
+    if cfg.labeler.kind == "ai" and cfg.labeler.ai.backend == "http":
+        api_key(cfg.labeler.ai)
 
 
 def set_up_tracking(cfg: Config) -> None:
@@ -189,14 +140,6 @@ def set_up_tracking(cfg: Config) -> None:
     mlflow.set_experiment(cfg.tracking.experiment)
 
 
-def labels_digest(cfg: Config) -> dict[str, str]:
-    """Human rankings live outside the artifacts: their content joins the comparisons' cache key."""
-    path = cfg.labeler.rankings_file
-    if cfg.labeler.kind != "file" or not path or not Path(path).exists():
-        return {}
-    return {"rankings_file": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
-
-
 register()
 
 
@@ -209,14 +152,16 @@ def main(dcfg: DictConfig) -> None:
     except LabelsMissing as e:
         print(f"\nwaiting for labels: {e}")
         raise SystemExit(2) from None
+    except JudgeError as e:
+        raise SystemExit(f"error: {e}") from None
     print(report.table(summary["stages"]))
     if "eval" in summary:
         e = summary["eval"]
         print(
             f"\ngold SFT {e['gold_sft']['mean']:.3f} ± {e['gold_sft']['ci95']:.3f}   "
             f"gold policy {e['gold_policy']['mean']:.3f} ± {e['gold_policy']['ci95']:.3f}   "
-            f"win rate {e['win_rate']:.1%}   KL/token {e['kl_to_sft']:.3f}   "
-            f"RM acc {e['rm_accuracy']:.3f}"
+            f"win rate {e['win_rate']:.1%}   KL/token {e['kl_to_sft']:.3f}"
+            + (f"   RM acc {e['rm_accuracy']:.3f}" if e["rm_accuracy"] is not None else "")
             + (f" (ceiling {e['labeler_ceiling']:.3f})" if e["labeler_ceiling"] is not None else "")
         )
     print(f"\nsummary: {summary['summary_path']}")

@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from omegaconf import DictConfig, OmegaConf
 
 from stages.comparisons import ComparisonsConfig
+from stages.dpo import DpoConfig
 from stages.evaluate import EvaluateConfig
+from stages.judge import JudgeConfig
 from stages.labelers import LabelerConfig
 from stages.modeling import ModelConfig
 from stages.peft_setup import PeftConfig
@@ -20,7 +22,14 @@ from stages.prepare import DataConfig
 from stages.reward_model import RewardModelConfig
 from stages.sft import SftConfig
 
-PIPELINES = {"rlhf": ("prepare", "sft", "comparisons", "reward_model", "ppo", "evaluate")}
+# The stages of each branch, in order (`flows/branches.py` wires them; `pipeline.stop_after` names one)
+PIPELINES = {
+    "rlhf": ("prepare", "sft", "comparisons", "reward_model", "ppo", "evaluate"),
+    "dpo": ("prepare", "sft", "comparisons", "dpo", "evaluate"),
+    "rlaif": ("prepare", "sft", "judge", "comparisons", "reward_model", "ppo", "evaluate"),
+    "rlaif_direct": ("prepare", "sft", "judge", "ppo", "evaluate"),
+}
+AI_LABELED = ("rlaif", "rlaif_direct")
 
 
 @dataclass(frozen=True)
@@ -30,6 +39,8 @@ class StageConfigs:
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
     ppo: PpoConfig = field(default_factory=PpoConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,12 @@ class Config:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     artifacts_dir: str = "artifacts"
+
+    def __post_init__(self) -> None:
+        if self.pipeline.name in AI_LABELED and self.labeler.kind != "ai":
+            raise ValueError(
+                f"labeler.kind: pipeline={self.pipeline.name} needs the AI labeler (labeler=ai), got {self.labeler.kind!r}"
+            )
 
 
 def _writable(node: DictConfig) -> DictConfig:

@@ -14,15 +14,16 @@ KEY_METRICS = {
     "reward_model": ["rm/train/accuracy", "rm/eval/accuracy"],
     "ppo": ["ppo/objective/scores_first", "ppo/objective/scores_last", "ppo/objective/kl_last"],
     "evaluate": ["eval/gold_sft", "eval/gold_policy", "eval/win_rate"],
+    "judge": ["judge/position_consistency", "judge/agreement_gold", "judge/agreement_human"],
+    "dpo": ["dpo/train/rewards/margins", "dpo/eval/accuracy", "dpo/kl_to_sft"],
 }
 
 
 def table(stages: dict[str, dict[str, Any]]) -> str:
     lines = [f"{'stage':<14}{'status':<8}{'seconds':>9}  key metrics", "-" * 78]
     for name, s in stages.items():
-        shown = ", ".join(
-            f"{k.split('/', 1)[1]}={s['metrics'][k]:.3g}" for k in KEY_METRICS.get(name, []) if k in s["metrics"]
-        )
+        keys = KEY_METRICS.get(name.split("_r")[0], [])  # rounds (dpo_r2) show as their stage
+        shown = ", ".join(f"{k.split('/', 1)[1]}={s['metrics'][k]:.3g}" for k in keys if k in s["metrics"])
         lines.append(f"{name:<14}{s['status']:<8}{s['seconds']:>9.1f}  {shown}")
     return "\n".join(lines)
 

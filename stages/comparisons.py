@@ -4,7 +4,9 @@ InstructGPT's labelers ranked K = 4 to 9 responses per prompt; here K defaults t
 is the simulated one (`stages/labelers.py`). Writes `comparisons.jsonl` (reward-model training) and
 `heldout_comparisons.jsonl` (reward-model evaluation), rows
 `{"prompt", "responses": [K], "finished": [K], "ranks": [K]}` (0 = best, ties share a rank), the
-data worker's `rankings` schema.
+data worker's `rankings` schema. The AI labeler (`labeler=ai`, RLAIF) adds `"prefs"`, the (K, K)
+soft preferences P(i > j) that `stage.reward_model.targets=soft` distils, and the labeler's
+position consistency goes to the metrics.
 
 Alone: `python -m flows.align pipeline.stop_after=comparisons`.
 """
@@ -66,6 +68,10 @@ def _publish(out_dir: Path, sets: dict[str, list[dict]], metrics: dict[str, floa
     )
 
 
+def _row_label(label: dict) -> dict:
+    return {"ranks": label["ranks"]} | ({"prefs": label["prefs"]} if "prefs" in label else {})
+
+
 def run(
     cfg: ComparisonsConfig,
     labeler_cfg: LabelerConfig,
@@ -77,9 +83,11 @@ def run(
     out_dir: Path,
     dataset: Path | None = None,
     dataset_heldout: Path | None = None,
+    judge: Path | None = None,
 ) -> Manifest:
     """With `dataset` (and `dataset_heldout`), comparisons from a file (`data.comparisons`, already
-    validated and split by prepare) pass through: nothing is sampled and no labeler is asked."""
+    validated and split by prepare) pass through: nothing is sampled and no labeler is asked.
+    `judge`: the `judge` stage's artifact, the AI labeler's model (`labeler=ai`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if dataset is not None:
@@ -87,20 +95,24 @@ def run(
             raise ValueError("comparisons: a dataset needs its held-out split too")
         sets = {"comparisons": read_jsonl(dataset), "heldout_comparisons": read_jsonl(dataset_heldout)}
         return _publish(out_dir, sets, {"comparisons/labeler/asked": 0.0})
+    labeler = make_labeler(labeler_cfg, target_len, judge)  # a missing judge fails before sampling
     tokenizer = load_tokenizer(policy)
     model = load_causal_lm(policy)
-    labeler = make_labeler(labeler_cfg, target_len)
     sets = {}
     for name, source in (("comparisons", prompts), ("heldout_comparisons", heldout_prompts)):
         texts = [r["prompt"] for r in read_jsonl(source)]
         sets[name] = list(zip(texts, sample_k(model, tokenizer, texts, cfg)))
     # one labeling request for both sets (one task file for human rankers)
     items = [(p, responses) for pairs in sets.values() for p, (responses, _) in pairs]
-    ranks = iter(labeler.rank_all(items))
+    labels = labeler.label_all(items)
     metrics = {"comparisons/labeler/asked": float(labeler.asked)}
+    if labels and "pairs" in labels[0]:  # the AI labeler judged both orders of every pair
+        pairs_judged = sum(label["pairs"] for label in labels)
+        metrics["comparisons/labeler/position_consistency"] = sum(l["consistent"] for l in labels) / pairs_judged
+    it = iter(labels)
     ranked = {
         name: [
-            {"prompt": p, "responses": responses, "finished": finished, "ranks": next(ranks)}
+            {"prompt": p, "responses": responses, "finished": finished, **_row_label(next(it))}
             for p, (responses, finished) in pairs
         ]
         for name, pairs in sets.items()

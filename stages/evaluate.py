@@ -1,11 +1,17 @@
-"""Evaluate stage: does the PPO policy beat the SFT policy on held-out prompts?
+"""Evaluate stage: does the aligned policy (PPO, DPO or RLAIF) beat the SFT policy on held-out prompts?
 
 Both policies sample at temperature 1 (greedy SFT output can already sit near the gold maximum),
 one response per prompt. Reports the gold (simulated-labeler, noise-free) score of each with a 95%
 confidence interval, the win rate of the policy over SFT as judged by the (noisy) labeler, the
 mean per-token KL of the policy to SFT on its own samples, and the reward model's pairwise
 accuracy on held-out comparisons next to the labeler-noise ceiling (how often the noise-free gold
-rule agrees with the noisy labels: the best any reward model can do).
+rule agrees with the noisy labels: the best any reward model can do). Every branch writes the same
+keys: without a reward model (DPO, d-RLAIF) `rm_accuracy` is null, without comparisons
+`labeler_ceiling` too. When the held-out comparisons were labelled by the AI labeler, `judge` holds
+its agreement with the gold rule and with the simulated human labeler on those SFT samples.
+
+The win rate is always judged by the simulated human labeler (`win_labeler_noise`), whichever
+labeler trained the branch, so that branches compare on one scale.
 
 Alone: `python -m flows.align` (it is the last stage).
 """
@@ -40,6 +46,7 @@ class EvaluateConfig:
     temperature: float = 1.0
     batch_size: int = 200
     seed: int = 1234
+    win_labeler_noise: float = 0.3  # the simulated human labeler that judges wins (conf/labeler/simulated.yaml)
 
 
 def mean_ci95(xs: list[float]) -> dict[str, float]:
@@ -57,6 +64,22 @@ def labeler_ceiling(rows: list[dict], target_len: int) -> float | None:
         hits, pairs = pair_agreement(gold, row["ranks"])
         agree, total = agree + hits, total + pairs
     return agree / total
+
+
+def judge_agreement(rows: list[dict], target_len: int, noise: float) -> dict[str, float] | None:
+    """Pairwise agreement of AI-labelled rankings with the gold rule and the simulated human labeler;
+    None unless the rows carry the AI labeler's soft preferences on the embedded task's prompts."""
+    if not rows or not all("prefs" in r and isinstance(r["prompt"], str) and task.is_task_prompt(r["prompt"]) for r in rows):
+        return None
+    human = SimulatedLabeler(LabelerConfig(noise=noise), target_len)
+    agree = {"gold": [0.0, 0], "human": [0.0, 0]}
+    for row in rows:
+        gold = [task.gold_score(row["prompt"], y, target_len=target_len) for y in row["responses"]]
+        for name, scores in (("gold", gold), ("human", human.noisy_scores(row["prompt"], row["responses"]))):
+            hits, pairs = pair_agreement(scores, row["ranks"])
+            agree[name][0] += hits
+            agree[name][1] += pairs
+    return {f"agreement_{k}": h / max(1, n) for k, (h, n) in agree.items()}
 
 
 def _generate(model, tokenizer, prompts, cfg):
@@ -83,16 +106,15 @@ def _win(ranks: list[int]) -> float:
 @torch.no_grad()
 def run(
     cfg: EvaluateConfig,
-    labeler_cfg: LabelerConfig,
     *,
     sft_policy: Path,
     policy: Path,
-    reward_model: Path,
-    normalization: Path,
-    heldout_comparisons: Path,
     prompts: Path,
     target_len: int,
     out_dir: Path,
+    reward_model: Path | None = None,
+    normalization: Path | None = None,
+    heldout_comparisons: Path | None = None,
 ) -> Manifest:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -110,18 +132,22 @@ def run(
         tokens += r.response_mask.sum().item()
     gold_sft = [task.gold_score(p, y, target_len=target_len) for p, y in zip(texts, sft_texts)]
     gold_pol = [task.gold_score(p, y, target_len=target_len) for p, y in zip(texts, pol_texts)]
-    labeler = SimulatedLabeler(labeler_cfg, target_len)  # the embedded task's judge, whoever ranked
+    labeler = SimulatedLabeler(LabelerConfig(noise=cfg.win_labeler_noise), target_len)  # one judge for every branch
     wins = [_win(labeler.rank(p, [a, b])) for p, a, b in zip(texts, pol_texts, sft_texts)]
-    held = read_jsonl(heldout_comparisons)
-    rm = load_scalar_model(reward_model).eval()
-    pooling = load_normalization(normalization).pooling
+    held = read_jsonl(heldout_comparisons) if heldout_comparisons is not None else []
+    rm_accuracy = None
+    if reward_model is not None and normalization is not None:
+        rm = load_scalar_model(reward_model).eval()
+        pooling = load_normalization(normalization).pooling
+        rm_accuracy = pairwise_accuracy(rm, load_tokenizer(reward_model), held, pooling)
     result = {
         "gold_sft": mean_ci95(gold_sft),
         "gold_policy": mean_ci95(gold_pol),
         "win_rate": statistics.fmean(wins),
         "kl_to_sft": kl_sum / tokens,
-        "rm_accuracy": pairwise_accuracy(rm, load_tokenizer(reward_model), held, pooling),
-        "labeler_ceiling": labeler_ceiling(held, target_len),
+        "rm_accuracy": rm_accuracy,
+        "labeler_ceiling": labeler_ceiling(held, target_len) if held else None,
+        "judge": judge_agreement(held, target_len, cfg.win_labeler_noise),
         "n_prompts": len(texts),
     }
     write_jsonl(
@@ -136,10 +162,12 @@ def run(
         "eval/gold_policy": result["gold_policy"]["mean"],
         "eval/win_rate": result["win_rate"],
         "eval/kl_to_sft": result["kl_to_sft"],
-        "eval/rm_accuracy": result["rm_accuracy"],
     }
-    if result["labeler_ceiling"] is not None:
-        metrics["eval/labeler_ceiling"] = result["labeler_ceiling"]
+    for key in ("rm_accuracy", "labeler_ceiling"):
+        if result[key] is not None:
+            metrics[f"eval/{key}"] = result[key]
+    for key, value in (result["judge"] or {}).items():
+        metrics[f"eval/judge/{key}"] = value
     (out_dir / "eval.json").write_text(json.dumps(result, indent=2))
     return Manifest(
         stage="evaluate",

@@ -1,12 +1,15 @@
 """Labelers rank K responses to a prompt. They all share one interface:
 
-    labeler.rank_all(items) -> list[list[int]]   # items: [(prompt, [responses])]; per response its
-                                                 # rank, 0 = best, ties share a rank
+    labeler.label_all(items) -> list[dict]   # items: [(prompt, [responses])]; per item a label:
+                                             # {"ranks": per response its rank, 0 = best, ties share
+                                             #  a rank, and, from the AI labeler, "prefs": the (K, K)
+                                             #  soft preferences P(i > j)}
 
 - `simulated`: the embedded default's gold rule plus noise (below);
 - `file`: exports a JSONL task for human rankers, imports their rankings back, validated against
   the export; stops with `LabelsMissing` (saying where the file is and how to resume) until then;
-- (`ai`, an LLM judge, arrives with the RLAIF issue and slots in here.)
+- `ai`: a language model judges pairs, position-debiased, with soft preferences (RLAIF,
+  `stages/ai_labeler.py`); it also scores single responses for d-RLAIF (`score_all`).
 
 `CachedLabeler` wraps any of them: labels are cached by content (labeler identity, prompt and
 responses), so re-running never re-asks a labeler about the same prompt and responses.
@@ -22,27 +25,29 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from stages import task
+from stages.ai_labeler import AiLabeler, AiLabelerConfig, load_judge
 from stages.data import DatasetConfig, load, read_records
 from stages.manifest import read_jsonl, write_jsonl
 
 
 @dataclass(frozen=True)
 class LabelerConfig:
-    kind: str = "simulated"  # simulated | file
+    kind: str = "simulated"  # simulated | file | ai
     noise: float = 0.3  # simulated: std of the Gaussian added to gold scores (gold spans [-2, 2])
     seed: int = 0
     task_file: str = "artifacts/labeling/task.jsonl"  # file: where the task for rankers is exported
     rankings_file: str | None = None  # file: the rankers' filled-in copy of the task, to import
     cache_file: str | None = None  # content-keyed label cache (JSONL); null: no cache
+    ai: AiLabelerConfig = field(default_factory=AiLabelerConfig)  # ai: the judge, its prompt and backend
 
     def __post_init__(self) -> None:
-        if self.kind not in ("simulated", "file"):
-            raise ValueError(f"labeler.kind: {self.kind!r} is not one of 'simulated', 'file'")
+        if self.kind not in ("simulated", "file", "ai"):
+            raise ValueError(f"labeler.kind: {self.kind!r} is not one of 'simulated', 'file', 'ai'")
         if self.noise < 0:
             raise ValueError(f"labeler.noise: must be >= 0, got {self.noise}")
 
@@ -50,7 +55,7 @@ class LabelerConfig:
 class Labeler(Protocol):
     identity: str
 
-    def rank_all(self, items: list[tuple[str, list[str]]]) -> list[list[int]]: ...
+    def label_all(self, items: list[tuple[str, list[str]]]) -> list[dict]: ...
 
 
 class LabelsMissing(RuntimeError):
@@ -73,8 +78,8 @@ class SimulatedLabeler:
     def rank(self, prompt: str, responses: list[str]) -> list[int]:
         return ranks_from_scores(self.noisy_scores(prompt, responses))
 
-    def rank_all(self, items: list[tuple[str, list[str]]]) -> list[list[int]]:
-        return [self.rank(p, rs) for p, rs in items]
+    def label_all(self, items: list[tuple[str, list[str]]]) -> list[dict]:
+        return [{"ranks": self.rank(p, rs)} for p, rs in items]
 
 
 def _task_rows(items: list[tuple[str, list[str]]]) -> list[dict]:
@@ -93,7 +98,7 @@ class FileLabeler:
     def __init__(self, cfg: LabelerConfig) -> None:
         self.cfg = cfg
 
-    def rank_all(self, items: list[tuple[str, list[str]]]) -> list[list[int]]:
+    def label_all(self, items: list[tuple[str, list[str]]]) -> list[dict]:
         if not items:
             return []
         expected = _task_rows(items)
@@ -118,36 +123,55 @@ class FileLabeler:
             if rec.get("responses") != exp["responses"]:
                 raise ValueError(f"{rankings}:{line}: responses: differ from the export (ids or texts changed)")
         rows = load(DatasetConfig(path=str(rankings), kind="rankings", format="ranked")).rows
-        return [r["ranks"] for r in rows]
+        return [{"ranks": r["ranks"]} for r in rows]
 
 
 class CachedLabeler:
     """Asks `inner` only about (prompt, responses) it has not labelled before; appends to `path`
-    (kept in memory only when `path` is None). `asked` counts the last call's fresh questions."""
+    (kept in memory only when `path` is None). `asked` counts the last call's fresh questions.
+    A labeler that fails part-way caches nothing of that call."""
 
     def __init__(self, inner: Labeler, path: str | Path | None) -> None:
         self.inner, self.path = inner, Path(path) if path else None
         self.identity = inner.identity
         self.asked = 0
         exists = self.path is not None and self.path.exists()
-        self.cache = {r["key"]: r["ranks"] for r in read_jsonl(self.path)} if exists else {}
+        # rows from before labels carried more than ranks: {"key", "ranks"}
+        self.cache = {r["key"]: r.get("label") or {"ranks": r["ranks"]} for r in read_jsonl(self.path)} if exists else {}
 
-    def key(self, prompt: str, responses: list[str]) -> str:
-        return hashlib.sha256(json.dumps([self.identity, prompt, responses]).encode()).hexdigest()
+    def key(self, prompt: str, responses: list[str], kind: str = "rank") -> str:
+        head = [self.identity] if kind == "rank" else [self.identity, kind]
+        return hashlib.sha256(json.dumps([*head, prompt, responses]).encode()).hexdigest()
 
-    def rank_all(self, items: list[tuple[str, list[str]]]) -> list[list[int]]:
-        keys = [self.key(p, rs) for p, rs in items]
-        todo = [i for i, k in enumerate(keys) if k not in self.cache]
-        fresh = self.inner.rank_all([items[i] for i in todo])
-        for i, ranks in zip(todo, fresh):
-            self.cache[keys[i]] = ranks
-        if self.path is not None:
+    def _remember(self, keys: list[str], labels: list[dict]) -> None:
+        for k, label in zip(keys, labels):
+            self.cache[k] = label
+        if self.path is not None and keys:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a", encoding="utf-8") as f:
-                for i, ranks in zip(todo, fresh):
-                    f.write(json.dumps({"key": keys[i], "ranks": ranks}) + "\n")
+                for k, label in zip(keys, labels):
+                    f.write(json.dumps({"key": k, "label": label}) + "\n")
+
+    def label_all(self, items: list[tuple[str, list[str]]]) -> list[dict]:
+        keys = [self.key(p, rs) for p, rs in items]
+        todo = list({k: i for i, k in reversed(list(enumerate(keys))) if k not in self.cache}.values())
+        self._remember([keys[i] for i in todo], self.inner.label_all([items[i] for i in todo]))
         self.asked = len(todo)
         return [self.cache[k] for k in keys]
+
+    def rank_all(self, items: list[tuple[str, list[str]]]) -> list[list[int]]:
+        return [label["ranks"] for label in self.label_all(items)]
+
+    def score_all(self, prompts: list[str], responses: list[str]) -> list[float]:
+        """d-RLAIF scores (the AI labeler only), cached by content like labels."""
+        if not isinstance(self.inner, AiLabeler):
+            raise ValueError(f"labeler.kind: direct scoring needs the AI labeler (labeler=ai), not {self.identity}")
+        keys = [self.key(p, [r], "score") for p, r in zip(prompts, responses)]
+        todo = list({k: i for i, k in reversed(list(enumerate(keys))) if k not in self.cache}.values())
+        fresh = self.inner.score_all([prompts[i] for i in todo], [responses[i] for i in todo])
+        self._remember([keys[i] for i in todo], [{"score": s} for s in fresh])
+        self.asked = len(todo)
+        return [self.cache[k]["score"] for k in keys]
 
 
 def ranks_from_scores(scores: list[float]) -> list[int]:
@@ -156,6 +180,14 @@ def ranks_from_scores(scores: list[float]) -> list[int]:
     return [distinct.index(s) for s in scores]
 
 
-def make_labeler(cfg: LabelerConfig, target_len: int) -> CachedLabeler:
-    inner: Labeler = SimulatedLabeler(cfg, target_len) if cfg.kind == "simulated" else FileLabeler(cfg)
+def make_labeler(cfg: LabelerConfig, target_len: int, judge_dir: Path | None = None) -> CachedLabeler:
+    """`judge_dir`: the `judge` stage's artifact, whose model the AI labeler uses unless
+    `labeler.ai.model` names another."""
+    inner: Labeler
+    if cfg.kind == "simulated":
+        inner = SimulatedLabeler(cfg, target_len)
+    elif cfg.kind == "file":
+        inner = FileLabeler(cfg)
+    else:
+        inner = AiLabeler(cfg.ai, load_judge(cfg.ai, judge_dir))
     return CachedLabeler(inner, cfg.cache_file)

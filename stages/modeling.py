@@ -161,6 +161,14 @@ def response_logprobs(model, rollout: Rollout, *, temperature: float = 1.0) -> t
     return logp, entropy
 
 
+@torch.no_grad()
+def mean_token_kl(policy, reference, rollout: Rollout, *, temperature: float = 1.0) -> float:
+    """Mean per-token KL(pi || pi_ref), estimated on the policy's own samples in `rollout`."""
+    lp, _ = response_logprobs(policy, rollout, temperature=temperature)
+    lq, _ = response_logprobs(reference, rollout, temperature=temperature)
+    return (((lp - lq) * rollout.response_mask).sum() / rollout.response_mask.sum().clamp(min=1)).item()
+
+
 def encode_rollout(tokenizer, prompts: list[str], responses: list[str], finished: list[bool]) -> Rollout:
     """Tokenize given responses into the same layout `sample` returns (EOS kept where finished)."""
     query, query_mask = encode_queries(tokenizer, prompts)

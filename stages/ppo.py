@@ -8,6 +8,10 @@ PPO-ptx (a language-modelling loss on pretraining text) and an EMA of the policy
 Checkpoints every `checkpoint_every` updates; a killed run resumes from the last complete one.
 The maths lives in `stages/ppo_math.py`.
 
+d-RLAIF (Lee et al. 2023, `pipeline=rlaif_direct`): with `judge` instead of `reward_model`, the AI
+labeler scores every rollout directly (its expected 1-10 score mapped to [-1, 1]) and there is no
+reward model; the value model then starts from the SFT policy with a fresh head.
+
 Alone: `python -m flows.align pipeline.stop_after=ppo`.
 """
 
@@ -24,6 +28,7 @@ import torch
 
 from stages import ppo_math as pm
 from stages import task
+from stages.labelers import LabelerConfig, make_labeler
 from stages.manifest import Manifest, folder_digest, read_jsonl, write_jsonl
 from stages.modeling import (
     Rollout,
@@ -100,12 +105,12 @@ def _check_finite(name: str, x: torch.Tensor, update: int) -> None:
 class _State:
     """Everything a resumed run needs: models, optimizer, KL controller, EMA, RNG, position."""
 
-    def __init__(self, cfg: PpoConfig, peft: PeftConfig, policy: Path, reward_model: Path) -> None:
+    def __init__(self, cfg: PpoConfig, peft: PeftConfig, policy: Path, critic_init: Path) -> None:
         torch.manual_seed(cfg.seed)
         self.models = (
-            FullCopies(policy, reward_model, cfg.temperature)
+            FullCopies(policy, critic_init, cfg.temperature)
             if cfg.layout == "full_copies"
-            else SharedBase(policy, reward_model, cfg.temperature, peft)
+            else SharedBase(policy, critic_init, cfg.temperature, peft)
         )
         self.params = self.models.trainable
         self.opt = torch.optim.AdamW(self.params, lr=cfg.learning_rate, eps=1e-5)
@@ -148,33 +153,58 @@ class _State:
         return True
 
 
+class RewardModelScore:
+    """InstructGPT: the normalised reward-model score of each rollout, (batch,)."""
+
+    def __init__(self, reward_model: Path, normalization: Path) -> None:
+        self.rm = load_scalar_model(reward_model).eval().requires_grad_(False)
+        self.norm = load_normalization(normalization)
+
+    def __call__(self, tokenizer, prompts: list[str], rollout: Rollout) -> torch.Tensor:
+        return sequence_scores(self.rm, rollout, self.norm.pooling) - self.norm.bias
+
+
+class JudgeScore:
+    """d-RLAIF: the AI labeler's expected 1-10 score of each decoded response, in [-1, 1], (batch,)."""
+
+    def __init__(self, labeler: LabelerConfig, judge: Path) -> None:
+        self.labeler = make_labeler(labeler, 0, judge)
+
+    def __call__(self, tokenizer, prompts: list[str], rollout: Rollout) -> torch.Tensor:
+        return torch.tensor(self.labeler.score_all(prompts, decode_responses(tokenizer, rollout)))
+
+
 def run(
     cfg: PpoConfig,
     peft: PeftConfig,
+    labeler: LabelerConfig | None = None,
     *,
     policy: Path,
-    reward_model: Path,
-    normalization: Path,
     prompts: Path,
     out_dir: Path,
+    reward_model: Path | None = None,
+    normalization: Path | None = None,
+    judge: Path | None = None,
     pretrain: Path | None = None,
     checkpoint_dir: Path | None = None,
     gold_target_len: int | None = None,
 ) -> Manifest:
-    """`gold_target_len` set (embedded task): log the hidden gold score of rollouts too."""
+    """Scores rollouts with `reward_model` (and its `normalization`), or, d-RLAIF, with the AI
+    `labeler` over `judge`. `gold_target_len` set (embedded task): log the hidden gold score too."""
     out_dir = Path(out_dir)
+    if (reward_model is None) == (judge is None or labeler is None):
+        raise ValueError("ppo: score rollouts with either a reward model or an AI labeler and its judge, not both")
+    scorer = RewardModelScore(reward_model, normalization) if reward_model else JudgeScore(labeler, judge)
     tokenizer = load_tokenizer(policy)
-    state = _State(cfg, peft, policy, reward_model)
+    state = _State(cfg, peft, policy, reward_model or policy)
     resumed_from = state.update if checkpoint_dir and state.load(Path(checkpoint_dir)) else 0
-    rm = load_scalar_model(reward_model).eval().requires_grad_(False)
-    norm = load_normalization(normalization)
     texts = [r["prompt"] for r in read_jsonl(prompts)]
     ptx_docs = [r["text"] for r in read_jsonl(pretrain)] if pretrain and cfg.ptx_coef > 0 else []
     while state.update < cfg.updates:
         update = state.update
         start = (update * cfg.rollouts_per_update) % len(texts)  # data position follows the update index
         batch_prompts = [texts[(start + i) % len(texts)] for i in range(cfg.rollouts_per_update)]
-        row, rollout = _one_update(cfg, state, tokenizer, rm, norm, batch_prompts, ptx_docs, update)
+        row, rollout = _one_update(cfg, state, tokenizer, scorer, batch_prompts, ptx_docs, update)
         if gold_target_len is not None:
             responses = decode_responses(tokenizer, rollout)
             gold = [task.gold_score(p, r, target_len=gold_target_len) for p, r in zip(batch_prompts, responses)]
@@ -187,7 +217,7 @@ def run(
     return _finish(cfg, state, tokenizer, out_dir, batch_prompts, rollout, resumed_from, checkpoint_dir)
 
 
-def _one_update(cfg, state: _State, tokenizer, rm, norm, batch_prompts, ptx_docs, update):
+def _one_update(cfg, state: _State, tokenizer, scorer, batch_prompts, ptx_docs, update):
     models = state.models
     # 1. rollouts (KV-cached, batched generate: the seam where a faster engine plugs in)
     rollout = sample(
@@ -204,7 +234,7 @@ def _one_update(cfg, state: _State, tokenizer, rm, norm, batch_prompts, ptx_docs
         old_logp, _ = models.policy_logprobs(rollout)
         ref_logp = models.ref_logprobs(rollout)
         old_values = models.values(rollout) * mask
-        score = sequence_scores(rm, rollout, norm.pooling) - norm.bias
+        score = scorer(tokenizer, batch_prompts, rollout)
         if cfg.missing_eos_penalty is not None:
             score = score - cfg.missing_eos_penalty * (~rollout.finished).float()
     _check_finite("reward", score, update)

@@ -1,7 +1,8 @@
 """The models PPO needs, in two memory layouts with one interface.
 
 - `FullCopies`: policy, reference, value and reward are four models; policy and value train in full
-  (the value model starts as a copy of the reward model, as in InstructGPT).
+  (the value model starts as a copy of the reward model, as in InstructGPT; d-RLAIF has no reward
+  model, so it starts from the policy with a fresh scalar head).
 - `SharedBase`: one SFT base carries two LoRA adapters. The policy is the base with the `policy`
   adapter, the reference is the same base with adapters disabled (no second copy), the value model
   is the base with a `value` adapter and a scalar head initialised from the reward model's head.
@@ -30,10 +31,10 @@ from stages.peft_setup import PeftConfig, lora_config
 
 
 class FullCopies:
-    def __init__(self, policy: Path, reward_model: Path, temperature: float) -> None:
+    def __init__(self, policy: Path, critic_init: Path, temperature: float) -> None:
         self.policy = load_causal_lm(policy)
         self.ref = load_causal_lm(policy).eval().requires_grad_(False)
-        self.critic = load_scalar_model(reward_model)
+        self.critic = load_scalar_model(critic_init)
         self.temperature = temperature
         self.trainable = [p for m in (self.policy, self.critic) for p in m.parameters()]
 
@@ -65,7 +66,7 @@ class FullCopies:
 
 
 class SharedBase:
-    def __init__(self, policy: Path, reward_model: Path, temperature: float, peft: PeftConfig) -> None:
+    def __init__(self, policy: Path, critic_init: Path, temperature: float, peft: PeftConfig) -> None:
         from peft import get_peft_model
 
         if peft.method != "lora":
@@ -73,7 +74,7 @@ class SharedBase:
         lora = lora_config(peft, "CAUSAL_LM")
         self.model = get_peft_model(load_causal_lm(policy), lora, adapter_name="policy")
         self.model.add_adapter("value", lora)
-        rm_head = load_scalar_model(reward_model).score.weight.detach()
+        rm_head = load_scalar_model(critic_init).score.weight.detach()
         self.value_head = torch.nn.Linear(rm_head.shape[1], 1, bias=False)
         with torch.no_grad():
             self.value_head.weight.copy_(rm_head)

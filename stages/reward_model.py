@@ -4,6 +4,11 @@ All C(K,2) pairs of one prompt form a single batch element (one forward pass per
 
     loss = -1/C(K,2) * sum_{(w, l)} log sigmoid(r(x, y_w) - r(x, y_l))
 
+With `targets: soft` (RLAIF, Lee et al. 2023) the model is distilled on the AI labeler's soft
+preferences p_ij = P(y_i > y_j) instead, by cross-entropy against the soft targets:
+
+    loss = -1/C(K,2) * sum_{i<j} [p_ij log sigmoid(r_i - r_j) + (1 - p_ij) log sigmoid(r_j - r_i)]
+
 The score is read at the last token (InstructGPT) or, with `pooling: mean`, averaged over the
 response tokens. After training the scores are normalised: `normalization.json` stores the bias that
 makes the mean reward over the SFT samples zero, so PPO receives normalised rewards (InstructGPT
@@ -36,11 +41,14 @@ class RewardModelConfig:
     weight_decay: float = 0.0
     margin: float = 0.0  # optional margin in the pairwise loss (Llama 2); 0 is InstructGPT's loss
     pooling: str = "last"  # where the score is read: last token (InstructGPT) | mean over the response
+    targets: str = "hard"  # hard: ranks (InstructGPT) | soft: the AI labeler's P(i > j) (RLAIF distillation)
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
             raise ValueError(f"stage.reward_model.pooling: {self.pooling!r} is not one of {', '.join(POOLINGS)}")
+        if self.targets not in ("hard", "soft"):
+            raise ValueError(f"stage.reward_model.targets: {self.targets!r} is not 'hard' or 'soft'")
         if self.epochs < 1 or self.batch_prompts < 1:
             raise ValueError("stage.reward_model: epochs and batch_prompts must be >= 1")
 
@@ -73,6 +81,19 @@ def ranking_loss(scores, pairs: list[list[tuple[int, int]]], margin: float = 0.0
         l = torch.tensor([p[1] for p in prompt_pairs])
         losses.append(-F.logsigmoid(scores[b][w] - scores[b][l] - margin).mean())
     return torch.stack(losses).mean() if losses else sum(s.sum() for s in scores) * 0.0
+
+
+def soft_preference_loss(scores, prefs: list[list[list[float]]]) -> torch.Tensor:
+    """Mean over prompts of the per-prompt mean over pairs i < j of the cross-entropy between the soft
+    target p_ij and sigmoid(r_i - r_j). scores[b]: (K_b,) rewards; prefs[b]: (K_b, K_b) P(i > j)."""
+    losses = []
+    for s, p in zip(scores, prefs):
+        k = len(p)
+        i, j = torch.triu_indices(k, k, offset=1)
+        target = torch.tensor(p, dtype=s.dtype)[i, j]
+        d = s[i] - s[j]
+        losses.append(-(target * F.logsigmoid(d) + (1 - target) * F.logsigmoid(-d)).mean())
+    return torch.stack(losses).mean()
 
 
 def score_rows(model, tokenizer, rows: list[dict], pooling: str = "last") -> list[torch.Tensor]:
@@ -122,6 +143,13 @@ def run(cfg: RewardModelConfig, *, policy: Path, comparisons: Path, heldout: Pat
     model = load_scalar_model(policy)
     model.config.pad_token_id = tokenizer.pad_token_id
     rows, held = read_jsonl(comparisons), read_jsonl(heldout)
+    if cfg.targets == "soft":
+        missing = next((n for n, r in enumerate(rows, 1) if "prefs" not in r), None)
+        if missing is not None:
+            raise ValueError(
+                f"{comparisons}:{missing}: prefs: missing; stage.reward_model.targets=soft distils soft preferences, "
+                "which the AI labeler writes (labeler=ai)"
+            )
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(rows) / cfg.batch_prompts)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
@@ -132,8 +160,11 @@ def run(cfg: RewardModelConfig, *, policy: Path, comparisons: Path, heldout: Pat
         order = torch.randperm(len(rows), generator=gen).tolist()
         for start in range(0, len(order), cfg.batch_prompts):
             batch = [rows[i] for i in order[start : start + cfg.batch_prompts]]
-            pairs = [ranking_pairs(r["ranks"]) for r in batch]
-            loss = ranking_loss(score_rows(model, tokenizer, batch, cfg.pooling), pairs, cfg.margin)
+            scores = score_rows(model, tokenizer, batch, cfg.pooling)
+            if cfg.targets == "soft":
+                loss = soft_preference_loss(scores, [r["prefs"] for r in batch])
+            else:
+                loss = ranking_loss(scores, [ranking_pairs(r["ranks"]) for r in batch], cfg.margin)
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -1,0 +1,57 @@
+"""The branches of the recipe, one small flow body each, read top to bottom as its DAG.
+
+- `rlhf` (Ouyang et al. 2022): sft -> comparisons -> reward_model -> ppo -> evaluate
+- `dpo` (Rafailov et al. 2023): sft -> comparisons -> dpo [-> comparisons -> dpo per further round] -> evaluate
+- `rlaif` (Lee et al. 2023): sft -> judge -> comparisons (AI-labelled) -> reward_model (soft labels) -> ppo -> evaluate
+- `rlaif_direct` (d-RLAIF): sft -> judge -> ppo (scored by the judge) -> evaluate
+
+`run` is the flow's stage runner (`flows.align.Pipeline`); the calls live in `flows/steps.py`, so a
+stage two branches share has one cache key.
+"""
+
+from __future__ import annotations
+
+from flows import steps
+from flows.config import Config
+from stages.manifest import Manifest
+
+
+def rlhf(run, cfg: Config) -> Manifest:
+    prep = steps.prepare(run, cfg)
+    sft = steps.sft(run, cfg, prep)
+    cmp = steps.comparisons(run, cfg, sft, prep)
+    rm = steps.reward_model(run, cfg, sft, cmp)
+    ppo = steps.ppo(run, cfg, sft, rm, prep)
+    return steps.evaluate(run, cfg, sft, ppo, prep, rm=rm, cmp=cmp)
+
+
+def dpo(run, cfg: Config) -> Manifest:
+    prep = steps.prepare(run, cfg)
+    sft = steps.sft(run, cfg, prep)
+    cmp = steps.comparisons(run, cfg, sft, prep)
+    policy = steps.dpo(run, cfg, sft, sft, cmp)
+    for round_ in range(2, cfg.stage.dpo.rounds + 1):  # iterative DPO: sample and label from the current policy
+        fresh = steps.comparisons(run, cfg, policy, prep, name=f"comparisons_r{round_}")
+        policy = steps.dpo(run, cfg, policy, sft, fresh, name=f"dpo_r{round_}")
+    return steps.evaluate(run, cfg, sft, policy, prep, rm=None, cmp=cmp)
+
+
+def rlaif(run, cfg: Config) -> Manifest:
+    prep = steps.prepare(run, cfg)
+    sft = steps.sft(run, cfg, prep)
+    judge = steps.judge(run, cfg)
+    cmp = steps.comparisons(run, cfg, sft, prep, judge=judge)
+    rm = steps.reward_model(run, cfg, sft, cmp)
+    ppo = steps.ppo(run, cfg, sft, rm, prep)
+    return steps.evaluate(run, cfg, sft, ppo, prep, rm=rm, cmp=cmp)
+
+
+def rlaif_direct(run, cfg: Config) -> Manifest:
+    prep = steps.prepare(run, cfg)
+    sft = steps.sft(run, cfg, prep)
+    judge = steps.judge(run, cfg)
+    ppo = steps.ppo_direct(run, cfg, sft, judge, prep)
+    return steps.evaluate(run, cfg, sft, ppo, prep, rm=None, cmp=None)
+
+
+BRANCHES = {"rlhf": rlhf, "dpo": dpo, "rlaif": rlaif, "rlaif_direct": rlaif_direct}

@@ -1,0 +1,145 @@
+"""The stage calls the branches share. Each call is word-identical in every branch, so its cache key
+is the same wherever it runs: `pipeline=dpo` after `pipeline=rlhf` reuses prepare, sft and
+comparisons."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flows.config import Config
+from stages.manifest import Manifest
+
+
+def prepare(run, cfg: Config) -> Manifest:
+    return run("prepare", cfg.data, cfg.model)
+
+
+def sft(run, cfg: Config, prep: Manifest) -> Manifest:
+    return run(
+        "sft",
+        cfg.stage.sft,
+        cfg.peft,
+        parents=(prep,),
+        base=prep.file("base"),
+        demonstrations=prep.file("demonstrations"),
+    )
+
+
+def judge(run, cfg: Config) -> Manifest:
+    """The AI labeler's model: the embedded judge trained here, or a record of `labeler.ai`'s model."""
+    return run("judge", cfg.stage.judge, cfg.labeler, target_len=cfg.data.target_len)
+
+
+def comparisons(
+    run, cfg: Config, policy: Manifest, prep: Manifest, *, judge: Manifest | None = None, name: str = "comparisons"
+) -> Manifest:
+    """K responses per prompt from `policy`, ranked by `cfg.labeler` (or a dataset's comparisons)."""
+    from_file = (
+        {"dataset": prep.file("dataset_comparisons"), "dataset_heldout": prep.file("dataset_heldout_comparisons")}
+        if cfg.data.comparisons is not None
+        else {}  # sampled from the policy and ranked by the labeler
+    )
+    with_judge = {"judge": Path(judge.path)} if judge is not None else {}
+    return run(
+        "comparisons",
+        cfg.stage.comparisons,
+        cfg.labeler,
+        parents=(policy, prep) + ((judge,) if judge is not None else ()),
+        outside=labels_digest(cfg),
+        name=name,
+        policy=policy.file("policy"),
+        prompts=prep.file("comparison_prompts"),
+        heldout_prompts=prep.file("heldout_comparison_prompts"),
+        target_len=cfg.data.target_len,
+        **from_file,
+        **with_judge,
+    )
+
+
+def reward_model(run, cfg: Config, sft: Manifest, cmp: Manifest) -> Manifest:
+    return run(
+        "reward_model",
+        cfg.stage.reward_model,
+        parents=(sft, cmp),
+        policy=sft.file("policy"),
+        comparisons=cmp.file("comparisons"),
+        heldout=cmp.file("heldout_comparisons"),
+    )
+
+
+def ppo(run, cfg: Config, sft: Manifest, rm: Manifest, prep: Manifest) -> Manifest:
+    """InstructGPT's PPO against the reward model."""
+    return run(
+        "ppo",
+        cfg.stage.ppo,
+        cfg.peft,
+        parents=(sft, rm, prep),
+        policy=sft.file("policy"),
+        reward_model=rm.file("model"),
+        normalization=rm.file("normalization"),
+        prompts=prep.file("ppo_prompts"),
+        pretrain=prep.file("pretrain"),
+        gold_target_len=cfg.data.target_len,
+        checkpointed=True,
+    )
+
+
+def ppo_direct(run, cfg: Config, sft: Manifest, judge: Manifest, prep: Manifest) -> Manifest:
+    """d-RLAIF: PPO scored by the AI labeler directly, no reward model."""
+    return run(
+        "ppo",
+        cfg.stage.ppo,
+        cfg.peft,
+        cfg.labeler,
+        parents=(sft, judge, prep),
+        policy=sft.file("policy"),
+        judge=Path(judge.path),
+        prompts=prep.file("ppo_prompts"),
+        pretrain=prep.file("pretrain"),
+        gold_target_len=cfg.data.target_len,
+        checkpointed=True,
+    )
+
+
+def dpo(run, cfg: Config, policy: Manifest, sft: Manifest, cmp: Manifest, *, name: str = "dpo") -> Manifest:
+    """DPO from `policy` on `cmp`, the SFT policy as the reference."""
+    return run(
+        "dpo",
+        cfg.stage.dpo,
+        cfg.peft,
+        parents=(policy, sft, cmp) if policy is not sft else (sft, cmp),
+        name=name,
+        policy=policy.file("policy"),
+        reference=sft.file("policy"),
+        comparisons=cmp.file("comparisons"),
+        heldout=cmp.file("heldout_comparisons"),
+    )
+
+
+def evaluate(
+    run, cfg: Config, sft: Manifest, policy: Manifest, prep: Manifest, *, rm: Manifest | None, cmp: Manifest | None
+) -> Manifest:
+    """Aligned policy against SFT; the reward model's accuracy and the labelers' agreement where they exist."""
+    scored = {"reward_model": rm.file("model"), "normalization": rm.file("normalization")} if rm else {}
+    held = {"heldout_comparisons": cmp.file("heldout_comparisons")} if cmp else {}
+    return run(
+        "evaluate",
+        cfg.stage.evaluate,
+        parents=tuple(m for m in (sft, policy, rm, cmp, prep) if m is not None),
+        sft_policy=sft.file("policy"),
+        policy=policy.file("policy"),
+        prompts=prep.file("eval_prompts"),
+        target_len=cfg.data.target_len,
+        **scored,
+        **held,
+    )
+
+
+def labels_digest(cfg: Config) -> dict[str, str]:
+    """Human rankings live outside the artifacts: their content joins the comparisons' cache key."""
+    import hashlib
+
+    path = cfg.labeler.rankings_file
+    if cfg.labeler.kind != "file" or not path or not Path(path).exists():
+        return {}
+    return {"rankings_file": hashlib.sha256(Path(path).read_bytes()).hexdigest()}

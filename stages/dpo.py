@@ -1,0 +1,288 @@
+"""DPO stage: Direct Preference Optimization (Rafailov et al. 2023) on the comparisons, no reward model, no RL.
+
+The implicit reward of a response is r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x)), with the SFT
+policy as the reference. Two ways to use a K-way ranking:
+
+- pairwise (any of trl's `DPOTrainer` loss types: sigmoid, ipo, hinge, robust/cDPO through label
+  smoothing, ...): the ranking expands to its C(K,2) (chosen, rejected) pairs, ties dropped;
+- `loss_type: plackett_luce` (the DPO paper's appendix A.3, our own loop): the listwise likelihood of
+  the whole ranking tau, best first,
+
+      loss = -sum_{k=1}^{K-1} [ r(x, y_tau(k)) - log sum_{j>=k} exp r(x, y_tau(j)) ]
+
+  which equals the sigmoid loss -log sigmoid(r_w - r_l) at K = 2. Ties are broken by response order.
+
+The reference is the SFT policy: under LoRA, the same base with the adapters disabled; otherwise an
+explicit copy, passed to trl (which would otherwise reload it from `config._name_or_path`). Iterative
+(online) DPO runs further rounds from the flow, each a cached comparisons + dpo pair on the current
+policy, the reference staying the SFT policy.
+
+Writes the merged policy (a plain `from_pretrained` folder), and reports trl's chosen and rejected
+rewards, margins and accuracies, the held-out implicit-reward accuracy, and the KL to SFT per token.
+
+Alone: `python -m flows.align pipeline=dpo pipeline.stop_after=dpo`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from stages.manifest import Manifest, folder_digest, read_jsonl
+from stages.modeling import (
+    encode_rollout,
+    load_causal_lm,
+    load_tokenizer,
+    mean_token_kl,
+    render_prompts,
+    response_logprobs,
+    sample,
+)
+from stages.peft_setup import PeftConfig, lora_config
+from stages.reward_model import ranking_pairs
+from stages.tracking import log_metrics
+
+TRL_LOSSES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sigmoid_norm",
+)
+LOSSES = (*TRL_LOSSES, "plackett_luce")
+
+
+@dataclass(frozen=True)
+class DpoConfig:
+    beta: float = 0.1  # Rafailov et al. 2023: 0.1 in their dialogue runs; higher keeps closer to SFT
+    loss_type: str = "sigmoid"  # the DPO loss; trl's variants; or plackett_luce (listwise, ours)
+    label_smoothing: float = 0.0  # robust DPO / cDPO: the assumed probability that a label is flipped
+    epochs: float = 1.0
+    learning_rate: float = 1e-3
+    batch_size: int = 64  # pairs per step (plackett_luce: prompts with all K responses)
+    max_length: int = 64
+    rounds: int = 1  # iterative/online DPO: rounds 2..N sample K from the current policy, label, train
+    kl_prompts: int = 200  # held-out prompts sampled to measure the KL to SFT
+    max_new_tokens: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.loss_type not in LOSSES:
+            raise ValueError(f"stage.dpo.loss_type: {self.loss_type!r} is not one of {', '.join(LOSSES)}")
+        if self.beta <= 0:
+            raise ValueError(f"stage.dpo.beta: must be > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"stage.dpo.label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
+        if self.rounds < 1 or self.batch_size < 1 or self.epochs <= 0:
+            raise ValueError("stage.dpo: rounds and batch_size must be >= 1 and epochs > 0")
+
+
+def preference_pairs(rows: list[dict]) -> list[dict]:
+    """K-way rankings to their (chosen, rejected) pairs, ties dropped: C(K,2) per untied ranking."""
+    return [
+        {
+            "prompt": row["prompt"],
+            "chosen": row["responses"][w],
+            "chosen_finished": row["finished"][w],
+            "rejected": row["responses"][l],
+            "rejected_finished": row["finished"][l],
+        }
+        for row in rows
+        for w, l in ranking_pairs(row["ranks"])
+    ]
+
+
+def plackett_luce_loss(rewards: torch.Tensor, ranks: list[int]) -> torch.Tensor:
+    """Listwise DPO loss of one ranking: rewards (K,) implicit rewards, ranks (K,) with 0 = best."""
+    order = sorted(range(len(ranks)), key=lambda i: (ranks[i], i))
+    r = rewards[torch.tensor(order)]
+    tail = torch.logcumsumexp(r.flip(0), dim=0).flip(0)  # log sum_{j >= k} exp r_j
+    return -(r - tail)[:-1].sum()
+
+
+def _completion(text: str, finished: bool, eos: str) -> str:
+    return " " + text + (eos if finished else "")
+
+
+def _train_trl(cfg: DpoConfig, peft: PeftConfig, model, ref, tokenizer, pairs: list[dict], out_dir: Path):
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    class _Metrics(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            scalars = {f"dpo/train/{k}": v for k, v in (logs or {}).items() if isinstance(v, (int, float))}
+            log_metrics(scalars, step=state.global_step)
+
+    prompts = render_prompts(tokenizer, [p["prompt"] for p in pairs])
+    eos = tokenizer.eos_token
+    dataset = Dataset.from_dict(
+        {
+            "prompt": prompts,
+            "chosen": [_completion(p["chosen"], p["chosen_finished"], eos) for p in pairs],
+            "rejected": [_completion(p["rejected"], p["rejected_finished"], eos) for p in pairs],
+        }
+    )
+    args = DPOConfig(
+        output_dir=str(out_dir / "trainer"),
+        num_train_epochs=cfg.epochs,
+        learning_rate=cfg.learning_rate,
+        per_device_train_batch_size=cfg.batch_size,
+        max_length=cfg.max_length,
+        beta=cfg.beta,
+        loss_type=[cfg.loss_type],
+        label_smoothing=cfg.label_smoothing,
+        lr_scheduler_type="cosine",
+        bf16=False,  # TRL defaults to bf16 even on CPU
+        use_cpu=True,
+        gradient_checkpointing=False,
+        logging_steps=10,
+        save_strategy="no",
+        report_to="none",
+        seed=cfg.seed,
+        dataloader_num_workers=0,
+    )
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=ref,  # None only under LoRA: the reference is the base with the adapters disabled
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config(peft, "CAUSAL_LM"),
+        callbacks=[_Metrics()],
+    )
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "rewards/margins" in h]
+    last = logs[-1] if logs else {}
+    metrics = {
+        f"dpo/train/{k}": float(last[k])
+        for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+        if k in last
+    }
+    return trainer.model, metrics
+
+
+def _sequence_logps(model, tokenizer, prompts, responses, finished) -> torch.Tensor:
+    rollout = encode_rollout(tokenizer, prompts, responses, finished)
+    logp, _ = response_logprobs(model, rollout)
+    return (logp * rollout.response_mask).sum(1)
+
+
+def _reference_logps(model, ref, tokenizer, prompts, responses, finished) -> torch.Tensor:
+    with torch.no_grad():
+        if ref is not None:
+            return _sequence_logps(ref, tokenizer, prompts, responses, finished)
+        with model.disable_adapter():
+            return _sequence_logps(model, tokenizer, prompts, responses, finished)
+
+
+def _train_listwise(cfg: DpoConfig, peft: PeftConfig, model, ref, tokenizer, rows: list[dict]):
+    """Plackett-Luce DPO: one batch element per prompt with all its K responses."""
+    from peft import get_peft_model
+
+    if peft.method != "full":
+        model = get_peft_model(model, lora_config(peft, "CAUSAL_LM"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate)
+    per_step = max(1, cfg.batch_size // max(len(r["responses"]) for r in rows))
+    steps = max(1, math.ceil(cfg.epochs * math.ceil(len(rows) / per_step)))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model.train()
+    step, loss = 0, torch.tensor(0.0)
+    while step < steps:
+        for idx in torch.randperm(len(rows), generator=gen).split(per_step):
+            if step == steps:
+                break
+            batch = [rows[i] for i in idx]
+            args = (
+                [r["prompt"] for r in batch for _ in r["responses"]],
+                [y for r in batch for y in r["responses"]],
+                [f for r in batch for f in r["finished"]],
+            )
+            ref_logps = _reference_logps(model, ref, tokenizer, *args)
+            rewards = cfg.beta * (_sequence_logps(model, tokenizer, *args) - ref_logps)
+            split = rewards.split([len(r["responses"]) for r in batch])
+            loss = torch.stack([plackett_luce_loss(s, r["ranks"]) for s, r in zip(split, batch)]).mean()
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            if step % 10 == 0:
+                log_metrics({"dpo/train/loss": loss.item()}, step=step)
+    return model, {"dpo/train/loss": loss.item()}
+
+
+@torch.no_grad()
+def heldout_accuracy(model, ref, tokenizer, pairs: list[dict], batch: int = 128) -> float:
+    """How often the implicit reward ranks the held-out chosen response above the rejected one."""
+    hits = []
+    for start in range(0, len(pairs), batch):
+        chunk = pairs[start : start + batch]
+        prompts = [p["prompt"] for p in chunk] * 2
+        responses = [p["chosen"] for p in chunk] + [p["rejected"] for p in chunk]
+        finished = [p["chosen_finished"] for p in chunk] + [p["rejected_finished"] for p in chunk]
+        margin = _sequence_logps(model, tokenizer, prompts, responses, finished) - _sequence_logps(
+            ref, tokenizer, prompts, responses, finished
+        )
+        c, r = margin.split(len(chunk))
+        hits += ((c > r).float() + 0.5 * (c == r).float()).tolist()
+    return sum(hits) / max(1, len(hits))
+
+
+def run(
+    cfg: DpoConfig,
+    peft: PeftConfig,
+    *,
+    policy: Path,
+    reference: Path,
+    comparisons: Path,
+    heldout: Path,
+    out_dir: Path,
+) -> Manifest:
+    """`policy`: the model to start from (the SFT policy, or the previous round's); `reference`: the SFT policy."""
+    out_dir = Path(out_dir)
+    torch.manual_seed(cfg.seed)
+    rows, held = read_jsonl(comparisons), read_jsonl(heldout)
+    pairs = preference_pairs(rows)
+    if not pairs:
+        raise ValueError(f"{comparisons}: no untied pair to learn from")
+    tokenizer = load_tokenizer(policy)
+    model = load_causal_lm(policy)
+    same_start = Path(policy).resolve() == Path(reference).resolve()
+    ref = None if peft.method != "full" and same_start else load_causal_lm(reference).eval().requires_grad_(False)
+    if cfg.loss_type == "plackett_luce":
+        trained, metrics = _train_listwise(cfg, peft, model, ref, tokenizer, rows)
+    else:
+        trained, metrics = _train_trl(cfg, peft, model, ref, tokenizer, pairs, out_dir)
+    if peft.method != "full":
+        trained = trained.merge_and_unload()
+    trained.eval()
+    reference_model = ref if ref is not None else load_causal_lm(reference).eval()
+    prompts = list(dict.fromkeys(r["prompt"] for r in held if isinstance(r["prompt"], str)))[: cfg.kl_prompts]
+    if prompts:
+        rollout = sample(trained, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, generator_seed=cfg.seed)
+        metrics["dpo/kl_to_sft"] = mean_token_kl(trained, reference_model, rollout)
+    metrics["dpo/pairs"] = float(len(pairs))
+    metrics["dpo/eval/accuracy"] = heldout_accuracy(trained, reference_model, tokenizer, preference_pairs(held))
+    log_metrics(metrics)
+    trained.save_pretrained(out_dir / "policy", safe_serialization=True)
+    tokenizer.save_pretrained(out_dir / "policy")
+    import shutil
+
+    shutil.rmtree(out_dir / "trainer", ignore_errors=True)
+    return Manifest("dpo", str(out_dir), folder_digest(out_dir), metrics=metrics, files={"policy": "policy"})
