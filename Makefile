@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help venv align test test-fast bench lint ui clean
+.PHONY: help venv align compare test test-fast bench lint ui clean
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -27,6 +27,9 @@ venv: .venv/.installed ## create .venv and install pinned dependencies
 
 align: venv ## run the whole InstructGPT recipe on the embedded default (ARGS="stage.ppo.beta=0.05")
 	$(PY) -m flows.align $(ARGS)
+
+compare: venv ## rlhf, dpo (best beta), rlaif, rlaif_direct from one SFT: one table, artifacts/compare/compare.json
+	$(PY) -m flows.compare $(ARGS)
 
 test: venv ## run the whole test suite (unit, stage, config, end-to-end flow)
 	$(PY) -m pytest tests

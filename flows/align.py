@@ -146,6 +146,10 @@ register()
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(dcfg: DictConfig) -> None:
     cfg = to_config(dcfg)
+    try:
+        preflight(cfg)
+    except JudgeError as e:
+        raise SystemExit(f"error: {e}") from None
     _wait_for_server()
     try:
         summary = align(cfg)

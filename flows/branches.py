@@ -30,7 +30,7 @@ def dpo(run, cfg: Config) -> Manifest:
     sft = steps.sft(run, cfg, prep)
     cmp = steps.comparisons(run, cfg, sft, prep)
     policy = steps.dpo(run, cfg, sft, sft, cmp)
-    for round_ in range(2, cfg.stage.dpo.rounds + 1):  # iterative DPO: sample and label from the current policy
+    for round_ in range(2, cfg.pipeline.rounds + 1):  # iterative DPO: sample and label from the current policy
         fresh = steps.comparisons(run, cfg, policy, prep, name=f"comparisons_r{round_}")
         policy = steps.dpo(run, cfg, policy, sft, fresh, name=f"dpo_r{round_}")
     return steps.evaluate(run, cfg, sft, policy, prep, rm=None, cmp=cmp)

@@ -47,8 +47,11 @@ class StageConfigs:
 class PipelineConfig:
     name: str = "rlhf"
     stop_after: str | None = None  # run the pipeline up to and including this stage
+    rounds: int = 1  # dpo: iterative / online DPO, each further round samples K from the current policy
 
     def __post_init__(self) -> None:
+        if self.rounds < 1 or (self.rounds > 1 and self.name != "dpo"):
+            raise ValueError(f"pipeline.rounds: must be 1, or more with pipeline=dpo; got {self.rounds}")
         if self.name not in PIPELINES:
             raise ValueError(f"pipeline.name: {self.name!r} is not one of {sorted(PIPELINES)}")
         if self.stop_after is not None and self.stop_after not in PIPELINES[self.name]:

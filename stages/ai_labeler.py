@@ -387,5 +387,7 @@ class AiLabeler:
     def score_all(self, prompts: list[str], responses: list[str]) -> list[float]:
         """d-RLAIF: the expected 1-10 score of each response, mapped to [-1, 1]."""
         texts = [score_prompt(self.cfg, p, r) for p, r in zip(prompts, responses)]
+        if not texts:
+            return []
         lp = self._answer(texts, SCORES, "scores")
         return normalized_score(expected_score(lp)).tolist()

@@ -14,7 +14,7 @@ policy as the reference. Two ways to use a K-way ranking:
 
 The reference is the SFT policy: under LoRA, the same base with the adapters disabled; otherwise an
 explicit copy, passed to trl (which would otherwise reload it from `config._name_or_path`). Iterative
-(online) DPO runs further rounds from the flow, each a cached comparisons + dpo pair on the current
+(online) DPO (`pipeline.rounds`) runs further rounds from the flow, each a cached comparisons + dpo pair on the current
 policy, the reference staying the SFT policy.
 
 Writes the merged policy (a plain `from_pretrained` folder), and reports trl's chosen and rejected
@@ -73,7 +73,6 @@ class DpoConfig:
     learning_rate: float = 1e-3
     batch_size: int = 64  # pairs per step (plackett_luce: prompts with all K responses)
     max_length: int = 64
-    rounds: int = 1  # iterative/online DPO: rounds 2..N sample K from the current policy, label, train
     kl_prompts: int = 200  # held-out prompts sampled to measure the KL to SFT
     max_new_tokens: int = 16
     seed: int = 0
@@ -85,8 +84,8 @@ class DpoConfig:
             raise ValueError(f"stage.dpo.beta: must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"stage.dpo.label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
-        if self.rounds < 1 or self.batch_size < 1 or self.epochs <= 0:
-            raise ValueError("stage.dpo: rounds and batch_size must be >= 1 and epochs > 0")
+        if self.batch_size < 1 or self.epochs <= 0:
+            raise ValueError("stage.dpo: batch_size must be >= 1 and epochs > 0")
 
 
 def preference_pairs(rows: list[dict]) -> list[dict]:

@@ -138,10 +138,6 @@ def pairwise_accuracy_by_k(
 
 def run(cfg: RewardModelConfig, *, policy: Path, comparisons: Path, heldout: Path, out_dir: Path) -> Manifest:
     out_dir = Path(out_dir)
-    torch.manual_seed(cfg.seed)
-    tokenizer = load_tokenizer(policy)
-    model = load_scalar_model(policy)
-    model.config.pad_token_id = tokenizer.pad_token_id
     rows, held = read_jsonl(comparisons), read_jsonl(heldout)
     if cfg.targets == "soft":
         missing = next((n for n, r in enumerate(rows, 1) if "prefs" not in r), None)
@@ -150,6 +146,10 @@ def run(cfg: RewardModelConfig, *, policy: Path, comparisons: Path, heldout: Pat
                 f"{comparisons}:{missing}: prefs: missing; stage.reward_model.targets=soft distils soft preferences, "
                 "which the AI labeler writes (labeler=ai)"
             )
+    torch.manual_seed(cfg.seed)
+    tokenizer = load_tokenizer(policy)
+    model = load_scalar_model(policy)
+    model.config.pad_token_id = tokenizer.pad_token_id
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(rows) / cfg.batch_prompts)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)

@@ -101,3 +101,52 @@ def test_cli_stops_before_any_training_naming_the_key(tmp_path):
 def test_bad_reward_pooling_is_named():
     with pytest.raises(ValueError, match="stage.reward_model.pooling"):
         to_config(_compose(["stage.reward_model.pooling=max"]))
+
+
+def test_ai_branches_need_the_ai_labeler():
+    assert to_config(_compose(["pipeline=rlaif"])).labeler.kind == "ai"
+    assert to_config(_compose(["pipeline=rlaif"])).stage.reward_model.targets == "soft"
+    assert to_config(_compose(["pipeline=rlaif_direct"])).labeler.kind == "ai"
+    with pytest.raises(ValueError, match="labeler.kind: pipeline=rlaif needs the AI labeler"):
+        to_config(_compose(["pipeline=rlaif", "labeler=simulated"]))
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("stage.dpo.loss_type=dpo_plus", "stage.dpo.loss_type"),
+        ("stage.dpo.beta=0", "stage.dpo.beta"),
+        ("stage.reward_model.targets=fuzzy", "stage.reward_model.targets"),
+        ("labeler.ai.backend=grpc", "labeler.ai.backend"),
+        ("pipeline.rounds=2", "pipeline.rounds"),
+    ],
+)
+def test_bad_branch_values_are_named(override, key):
+    with pytest.raises(ValueError, match=key):
+        to_config(_compose(["pipeline=dpo" if "dpo" in override else "pipeline=rlhf", override]))
+
+
+def test_missing_api_key_stops_before_any_compute(tmp_path):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "ALIGNFLOW_TEST_KEY"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.align",
+            f"artifacts_dir={tmp_path}",
+            "pipeline=rlaif",
+            "labeler.ai.backend=http",
+            "labeler.ai.model=judge-7b",
+            "labeler.ai.api_key_env=ALIGNFLOW_TEST_KEY",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert proc.returncode != 0
+    assert "ALIGNFLOW_TEST_KEY is not set" in proc.stderr + proc.stdout
+    assert not (tmp_path / "prepare").exists() and not (tmp_path / "sft").exists()

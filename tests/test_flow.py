@@ -105,3 +105,40 @@ def test_default_recipe_beats_sft(tmp_path):
     assert margin > e["gold_policy"]["ci95"] + e["gold_sft"]["ci95"]
     assert e["win_rate"] >= 0.65
     assert e["labeler_ceiling"] - e["rm_accuracy"] <= 0.05, (e["rm_accuracy"], e["labeler_ceiling"])
+
+
+JUDGE_TINY = [
+    "stage.judge.n_pairs=300",
+    "stage.judge.n_scores=200",
+    "stage.judge.n_eval_pairs=50",
+    "stage.judge.epochs=1",
+    "labeler.ai.max_invalid_fraction=1.0",  # a judge trained for seconds; the guard has its own tests
+]
+
+
+@pytest.mark.slow
+def test_branches_share_cached_stages_and_write_the_same_summary(tmp_path):
+    rlhf = align(tmp_path, *TINY)
+    dpo = align(tmp_path, *TINY, "pipeline=dpo")
+    assert statuses(dpo) == {**dict.fromkeys(["prepare", "sft", "comparisons"], "cached"), "dpo": "ran", "evaluate": "ran"}
+    rounds = align(tmp_path, *TINY, "pipeline=dpo", "pipeline.rounds=2")  # iterative DPO: round 1 is reused
+    assert statuses(rounds) == {
+        **dict.fromkeys(["prepare", "sft", "comparisons", "dpo"], "cached"),
+        **dict.fromkeys(["comparisons_r2", "dpo_r2", "evaluate"], "ran"),
+    }
+    rlaif = align(tmp_path, *TINY, *JUDGE_TINY, "pipeline=rlaif")
+    assert statuses(rlaif) == {
+        "prepare": "cached",
+        "sft": "cached",
+        **dict.fromkeys(["judge", "comparisons", "reward_model", "ppo", "evaluate"], "ran"),
+    }
+    direct = align(tmp_path, *TINY, *JUDGE_TINY, "pipeline=rlaif_direct")
+    assert statuses(direct) == {**dict.fromkeys(["prepare", "sft", "judge"], "cached"), "ppo": "ran", "evaluate": "ran"}
+    for summary in (dpo, rounds, rlaif, direct):
+        assert set(summary) == set(rlhf) and set(summary["eval"]) == set(rlhf["eval"])
+    assert dpo["eval"]["rm_accuracy"] is None and direct["eval"]["labeler_ceiling"] is None
+    assert rlhf["eval"]["judge"] is None
+    assert set(rlaif["eval"]["judge"]) == {"agreement_gold", "agreement_human"}
+    assert 0 <= rlaif["stages"]["comparisons"]["metrics"]["comparisons/labeler/position_consistency"] <= 1
+    assert {"judge/position_consistency", "judge/agreement_gold"} <= set(rlaif["stages"]["judge"]["metrics"])
+    assert "dpo/train/rewards/margins" in dpo["stages"]["dpo"]["metrics"]

@@ -86,3 +86,31 @@ def test_normalization_file_is_validated(tmp_path):
     path.write_text('{"pooling": "mean"}')
     with pytest.raises(ValueError, match="normalization.json: bias"):
         load_normalization(path)
+
+
+def test_soft_preference_loss_by_hand():
+    from stages.reward_model import soft_preference_loss
+
+    scores = [torch.tensor([1.0, 0.0])]
+    p = 0.75
+    expected = -(p * math.log(1 / (1 + math.exp(-1.0))) + (1 - p) * math.log(1 / (1 + math.exp(1.0))))
+    assert soft_preference_loss(scores, [[[0.5, p], [1 - p, 0.5]]]).item() == pytest.approx(expected)
+    # hard targets (p = 1) give the ranking loss; K = 3 averages its three pairs
+    hard = soft_preference_loss([torch.tensor([2.0, 1.0, 0.0])], [[[0.5, 1, 1], [0, 0.5, 1], [0, 0, 0.5]]])
+    assert hard.item() == pytest.approx(ranking_loss([torch.tensor([2.0, 1.0, 0.0])], [[(0, 1), (0, 2), (1, 2)]]).item())
+
+
+def test_soft_targets_need_ai_preferences(tmp_path, tiny_prepare):
+    from stages.manifest import write_jsonl
+    from stages.reward_model import RewardModelConfig, run
+
+    rows = [{"prompt": "describe the ocean", "responses": ["fish", "bus"], "finished": [True, True], "ranks": [0, 1]}]
+    write_jsonl(tmp_path / "c.jsonl", rows)
+    with pytest.raises(ValueError, match=r"c.jsonl:1: prefs: missing.*labeler=ai"):
+        run(
+            RewardModelConfig(targets="soft"),
+            policy=tiny_prepare.file("base"),
+            comparisons=tmp_path / "c.jsonl",
+            heldout=tmp_path / "c.jsonl",
+            out_dir=tmp_path / "rm",
+        )
