@@ -18,7 +18,6 @@ from pathlib import Path
 import flows  # noqa: F401  (telemetry off)
 from bench.common import run_child, write_results
 from stages import evaluate
-from stages.labelers import LabelerConfig
 
 OUT = Path("artifacts/bench/ppo_vs_trl.json")
 TRL_PYTHON = Path(".bench-venvs/trl112/bin/python")
@@ -84,7 +83,6 @@ def main() -> None:
             results[name] = child(python, code, {**spec, "out": str(out)})
             ev = evaluate.run(
                 evaluate.EvaluateConfig(),
-                LabelerConfig(),
                 sft_policy=sft / "policy",
                 policy=out / "policy",
                 reward_model=rm / "model",

@@ -70,7 +70,8 @@ def row(name: str, result: dict) -> dict:
 
 def table(rows: list[dict], sft: dict) -> str:
     lines = [
-        f"{'branch':<16}{'gold ± 95% CI':>18}{'gain':>8}{'win rate':>10}{'KL/token':>10}{'wall s':>9}{'peak RSS MB':>13}",
+        f"{'branch':<16}{'gold ± 95% CI':>18}{'gain':>8}{'win rate':>10}{'KL/token':>10}"
+        f"{'wall s':>9}{'peak RSS MB':>13}",
         "-" * 84,
         f"{'sft':<16}{sft['mean']:>10.3f} ± {sft['ci95']:.3f}{'':>8}{'':>10}{'':>10}{'':>9}{'':>13}",
     ]

@@ -81,7 +81,8 @@ class Config:
     def __post_init__(self) -> None:
         if self.pipeline.name in AI_LABELED and self.labeler.kind != "ai":
             raise ValueError(
-                f"labeler.kind: pipeline={self.pipeline.name} needs the AI labeler (labeler=ai), got {self.labeler.kind!r}"
+                f"labeler.kind: pipeline={self.pipeline.name} needs the AI labeler (labeler=ai), "
+                f"got {self.labeler.kind!r}"
             )
 
 

@@ -125,7 +125,8 @@ def normalized_score(expected: torch.Tensor) -> torch.Tensor:
 
 def pair_prompt(cfg: AiLabelerConfig, prompt: str, first: str, second: str, rationale: str | None = None) -> str:
     shots = "".join(
-        f"Prompt: {s.prompt}\nResponse 1: {s.response_1}\nResponse 2: {s.response_2}\nPreferred response={s.preferred}\n\n"
+        f"Prompt: {s.prompt}\nResponse 1: {s.response_1}\nResponse 2: {s.response_2}\n"
+        f"Preferred response={s.preferred}\n\n"
         for s in cfg.few_shot
     )
     text = f"{cfg.preamble.strip()}\n\n{shots}Prompt: {prompt}\nResponse 1: {first}\nResponse 2: {second}\n"
@@ -187,7 +188,9 @@ class LocalJudge:
         tok = self.tokenizer
         tok.padding_side = "left"
         for start in range(0, len(texts), self.batch_size):
-            enc = tok(texts[start : start + self.batch_size], return_tensors="pt", padding=True, add_special_tokens=True)
+            enc = tok(
+                texts[start : start + self.batch_size], return_tensors="pt", padding=True, add_special_tokens=True
+            )
             from stages.modeling import position_ids
 
             logits = self.model(
@@ -264,7 +267,9 @@ class HttpJudge:
             try:
                 return response.json()
             except json.JSONDecodeError:
-                raise JudgeError(f"labeler.ai: malformed response from {self.url}: not JSON: {response.text[:200]!r}") from None
+                raise JudgeError(
+                    f"labeler.ai: malformed response from {self.url}: not JSON: {response.text[:200]!r}"
+                ) from None
         raise JudgeError(f"labeler.ai: {self.url} {what} ({self.cfg.max_retries + 1} attempts)")
 
     def _top_logprobs(self, text: str) -> tuple[dict[str, float], str]:
@@ -373,9 +378,7 @@ class AiLabeler:
         if not index:
             return []
         p, consistent = self.preferences([(items[n][0], items[n][1][i], items[n][1][j]) for n, i, j in index])
-        labels = [
-            {"prefs": [[0.5] * len(rs) for _ in rs], "pairs": 0, "consistent": 0} for _, rs in items
-        ]
+        labels = [{"prefs": [[0.5] * len(rs) for _ in rs], "pairs": 0, "consistent": 0} for _, rs in items]
         for (n, i, j), pij, c in zip(index, p.tolist(), consistent.tolist()):
             labels[n]["prefs"][i][j], labels[n]["prefs"][j][i] = pij, 1.0 - pij
             labels[n]["pairs"] += 1

@@ -69,7 +69,9 @@ def labeler_ceiling(rows: list[dict], target_len: int) -> float | None:
 def judge_agreement(rows: list[dict], target_len: int, noise: float) -> dict[str, float] | None:
     """Pairwise agreement of AI-labelled rankings with the gold rule and the simulated human labeler;
     None unless the rows carry the AI labeler's soft preferences on the embedded task's prompts."""
-    if not rows or not all("prefs" in r and isinstance(r["prompt"], str) and task.is_task_prompt(r["prompt"]) for r in rows):
+    if not rows or not all(
+        "prefs" in r and isinstance(r["prompt"], str) and task.is_task_prompt(r["prompt"]) for r in rows
+    ):
         return None
     human = SimulatedLabeler(LabelerConfig(noise=noise), target_len)
     agree = {"gold": [0.0, 0], "human": [0.0, 0]}

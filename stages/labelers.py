@@ -137,7 +137,9 @@ class CachedLabeler:
         self.asked = 0
         exists = self.path is not None and self.path.exists()
         # rows from before labels carried more than ranks: {"key", "ranks"}
-        self.cache = {r["key"]: r.get("label") or {"ranks": r["ranks"]} for r in read_jsonl(self.path)} if exists else {}
+        self.cache = (
+            {r["key"]: r.get("label") or {"ranks": r["ranks"]} for r in read_jsonl(self.path)} if exists else {}
+        )
 
     def key(self, prompt: str, responses: list[str], kind: str = "rank") -> str:
         head = [self.identity] if kind == "rank" else [self.identity, kind]

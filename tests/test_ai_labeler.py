@@ -305,7 +305,9 @@ def test_http_judge_retries_a_429_then_succeeds(server, monkeypatch):
 def test_http_judge_retries_500s(server, monkeypatch):
     monkeypatch.setenv("ALIGNFLOW_TEST_KEY", "k")
     s = server([500, 503])
-    lp, _ = HttpJudge(_http(s.url, concurrency=1)).next_token_logprobs(["Response 1: good\nResponse 2: bad\n"], ("1", "2"))
+    lp, _ = HttpJudge(_http(s.url, concurrency=1)).next_token_logprobs(
+        ["Response 1: good\nResponse 2: bad\n"], ("1", "2")
+    )
     assert len(s.requests) == 3 and torch.isfinite(lp).all()
     s2 = server([500, 500, 500])
     with pytest.raises(JudgeError, match="HTTP 500 .3 attempts"):

@@ -78,7 +78,9 @@ def test_dpo_stage_moves_the_policy_towards_the_chosen(tiny_prepare, tmp_path, m
 
     cmp, held = _comparisons(tiny_prepare, tmp_path)
     policy = tiny_prepare.file("base")
-    cfg = DpoConfig(beta=0.1, loss_type=loss, epochs=3, learning_rate=5e-3, batch_size=16, kl_prompts=8, max_new_tokens=4)
+    cfg = DpoConfig(
+        beta=0.1, loss_type=loss, epochs=3, learning_rate=5e-3, batch_size=16, kl_prompts=8, max_new_tokens=4
+    )
     peft = PeftConfig(method=method, r=4, alpha=8)
     m = dpo.run(cfg, peft, policy=policy, reference=policy, comparisons=cmp, heldout=held, out_dir=tmp_path / "out")
     before, after = load_causal_lm(policy).state_dict(), load_causal_lm(m.file("policy")).state_dict()
@@ -87,7 +89,9 @@ def test_dpo_stage_moves_the_policy_towards_the_chosen(tiny_prepare, tmp_path, m
     assert m.metrics["dpo/eval/accuracy"] > 0.5  # implicit reward orders held-out pairs as labelled
     assert math.isfinite(m.metrics["dpo/kl_to_sft"])
     if loss != "plackett_luce":
-        assert {"dpo/train/rewards/chosen", "dpo/train/rewards/margins", "dpo/train/rewards/accuracies"} <= set(m.metrics)
+        assert {"dpo/train/rewards/chosen", "dpo/train/rewards/margins", "dpo/train/rewards/accuracies"} <= set(
+            m.metrics
+        )
         assert m.metrics["dpo/train/rewards/margins"] > 0
 
 
@@ -98,7 +102,9 @@ def test_a_later_round_keeps_the_sft_reference(tiny_prepare, tmp_path):
     cfg = DpoConfig(epochs=1, learning_rate=5e-3, batch_size=16, kl_prompts=8, max_new_tokens=4)
     peft = PeftConfig(method="lora", r=4, alpha=8)
     r1 = dpo.run(cfg, peft, policy=sft, reference=sft, comparisons=cmp, heldout=held, out_dir=tmp_path / "r1")
-    r2 = dpo.run(cfg, peft, policy=r1.file("policy"), reference=sft, comparisons=cmp, heldout=held, out_dir=tmp_path / "r2")
+    r2 = dpo.run(
+        cfg, peft, policy=r1.file("policy"), reference=sft, comparisons=cmp, heldout=held, out_dir=tmp_path / "r2"
+    )
     # measured against SFT, not against round 1 (which would start round 2 at zero margin and zero KL)
     assert r2.metrics["dpo/kl_to_sft"] > 0.0
     assert r2.metrics["dpo/eval/accuracy"] > 0.5

@@ -120,7 +120,11 @@ JUDGE_TINY = [
 def test_branches_share_cached_stages_and_write_the_same_summary(tmp_path):
     rlhf = align(tmp_path, *TINY)
     dpo = align(tmp_path, *TINY, "pipeline=dpo")
-    assert statuses(dpo) == {**dict.fromkeys(["prepare", "sft", "comparisons"], "cached"), "dpo": "ran", "evaluate": "ran"}
+    assert statuses(dpo) == {
+        **dict.fromkeys(["prepare", "sft", "comparisons"], "cached"),
+        "dpo": "ran",
+        "evaluate": "ran",
+    }
     rounds = align(tmp_path, *TINY, "pipeline=dpo", "pipeline.rounds=2")  # iterative DPO: round 1 is reused
     assert statuses(rounds) == {
         **dict.fromkeys(["prepare", "sft", "comparisons", "dpo"], "cached"),

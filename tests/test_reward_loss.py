@@ -97,7 +97,9 @@ def test_soft_preference_loss_by_hand():
     assert soft_preference_loss(scores, [[[0.5, p], [1 - p, 0.5]]]).item() == pytest.approx(expected)
     # hard targets (p = 1) give the ranking loss; K = 3 averages its three pairs
     hard = soft_preference_loss([torch.tensor([2.0, 1.0, 0.0])], [[[0.5, 1, 1], [0, 0.5, 1], [0, 0, 0.5]]])
-    assert hard.item() == pytest.approx(ranking_loss([torch.tensor([2.0, 1.0, 0.0])], [[(0, 1), (0, 2), (1, 2)]]).item())
+    assert hard.item() == pytest.approx(
+        ranking_loss([torch.tensor([2.0, 1.0, 0.0])], [[(0, 1), (0, 2), (1, 2)]]).item()
+    )
 
 
 def test_soft_targets_need_ai_preferences(tmp_path, tiny_prepare):

@@ -60,7 +60,6 @@ def chain(tiny_prepare, tmp_path_factory):
     )
     out["eval"] = evaluate.run(
         evaluate.EvaluateConfig(),
-        LabelerConfig(),
         sft_policy=out["sft"].file("policy"),
         policy=out["ppo"].file("policy"),
         reward_model=out["rm"].file("model"),
