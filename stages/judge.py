@@ -38,6 +38,8 @@ from stages import task
 from stages.ai_labeler import AiLabeler, LocalJudge, pair_prompt, score_prompt
 from stages.labelers import LabelerConfig, SimulatedLabeler
 from stages.manifest import Manifest, folder_digest
+from stages.modeling import ModelConfig
+from stages.prepare import build_tiny_llama
 from stages.tracking import log_metrics
 
 
@@ -95,27 +97,21 @@ def _pairs(n: int, rng: random.Random, cfg: JudgeConfig, target_len: int) -> lis
 
 def _build(cfg: JudgeConfig, corpus: list[str], seed: int):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tok.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<eos>"]))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
-    torch.manual_seed(seed)
     longest = max(len(tokenizer(t)["input_ids"]) for t in corpus)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    sizes = ModelConfig(
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_hidden_layers,
         num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_attention_heads,
         max_position_embeddings=2 ** math.ceil(math.log2(longest + 8)),
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
     )
-    return tokenizer, LlamaForCausalLM(config)
+    return tokenizer, build_tiny_llama(sizes, tokenizer, seed)
 
 
 def _train(model, tokenizer, texts: list[str], targets: list[dict[str, float]], cfg: JudgeConfig) -> float:
