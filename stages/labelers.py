@@ -145,6 +145,14 @@ class CachedLabeler:
         head = [self.identity] if kind == "rank" else [self.identity, kind]
         return hashlib.sha256(json.dumps([*head, prompt, responses]).encode()).hexdigest()
 
+    def _fresh(self, keys: list[str]) -> list[int]:
+        """Indices of the keys not cached yet, first occurrences only, in order (the export order)."""
+        first = {}
+        for i, k in enumerate(keys):
+            if k not in self.cache:
+                first.setdefault(k, i)
+        return list(first.values())
+
     def _remember(self, keys: list[str], labels: list[dict]) -> None:
         for k, label in zip(keys, labels):
             self.cache[k] = label
@@ -156,7 +164,7 @@ class CachedLabeler:
 
     def label_all(self, items: list[tuple[str, list[str]]]) -> list[dict]:
         keys = [self.key(p, rs) for p, rs in items]
-        todo = list({k: i for i, k in reversed(list(enumerate(keys))) if k not in self.cache}.values())
+        todo = self._fresh(keys)
         self._remember([keys[i] for i in todo], self.inner.label_all([items[i] for i in todo]))
         self.asked = len(todo)
         return [self.cache[k] for k in keys]
@@ -169,7 +177,7 @@ class CachedLabeler:
         if not isinstance(self.inner, AiLabeler):
             raise ValueError(f"labeler.kind: direct scoring needs the AI labeler (labeler=ai), not {self.identity}")
         keys = [self.key(p, [r], "score") for p, r in zip(prompts, responses)]
-        todo = list({k: i for i, k in reversed(list(enumerate(keys))) if k not in self.cache}.values())
+        todo = self._fresh(keys)
         fresh = self.inner.score_all([prompts[i] for i in todo], [responses[i] for i in todo])
         self._remember([keys[i] for i in todo], [{"score": s} for s in fresh])
         self.asked = len(todo)
