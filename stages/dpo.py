@@ -25,6 +25,7 @@ Alone: `python -m flows.align pipeline=dpo pipeline.stop_after=dpo`.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -272,7 +273,8 @@ def run(
         trained = trained.merge_and_unload()
     trained.eval()
     reference_model = ref if ref is not None else load_causal_lm(reference).eval()
-    prompts = list(dict.fromkeys(r["prompt"] for r in held if isinstance(r["prompt"], str)))[: cfg.kl_prompts]
+    unique = {json.dumps(r["prompt"]): r["prompt"] for r in held}  # a prompt may be a conversation
+    prompts = list(unique.values())[: cfg.kl_prompts]
     if prompts:
         rollout = sample(trained, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, generator_seed=cfg.seed)
         metrics["dpo/kl_to_sft"] = mean_token_kl(trained, reference_model, rollout)

@@ -108,3 +108,28 @@ def test_a_later_round_keeps_the_sft_reference(tiny_prepare, tmp_path):
     # measured against SFT, not against round 1 (which would start round 2 at zero margin and zero KL)
     assert r2.metrics["dpo/kl_to_sft"] > 0.0
     assert r2.metrics["dpo/eval/accuracy"] > 0.5
+
+
+def test_dataset_preferences_with_conversations_train_the_same_way(tiny_prepare, tmp_path):
+    """`data.comparisons` rows (K = 2, a multi-turn prompt rendered with the chat template) pass as they are."""
+    convo = [
+        {"role": "user", "content": "describe the garden"},
+        {"role": "assistant", "content": "a rose"},
+        {"role": "user", "content": "tell me about the garden"},
+    ]
+    rows = [
+        {"prompt": convo, "responses": ["lovely rose tree", "sad bus"], "finished": [True, True], "ranks": [0, 1]}
+    ] * 8
+    write_jsonl(tmp_path / "c.jsonl", rows)
+    cfg = DpoConfig(epochs=1, learning_rate=5e-3, batch_size=4, kl_prompts=4, max_new_tokens=4)
+    policy = tiny_prepare.file("base")
+    m = dpo.run(
+        cfg,
+        PeftConfig(method="lora", r=4, alpha=8),
+        policy=policy,
+        reference=policy,
+        comparisons=tmp_path / "c.jsonl",
+        heldout=tmp_path / "c.jsonl",
+        out_dir=tmp_path / "out",
+    )
+    assert m.metrics["dpo/pairs"] == 8 and math.isfinite(m.metrics["dpo/kl_to_sft"])
