@@ -46,6 +46,7 @@ test-fast: venv ## unit and config tests only
 bench: venv .bench-venvs/trl112/.installed ## benchmarks, side by side in one run; JSON under artifacts/bench/
 	$(PY) -m bench.rm_batching
 	$(PY) -m bench.ppo_variants
+	$(PY) -m bench.dpo_variants
 	$(PY) -m bench.ppo_memory
 	$(PY) -m bench.ppo_vs_trl
 

@@ -22,3 +22,32 @@ def write_results(out: Path, results: dict, *, echo: bool = False) -> None:
     if echo:
         print(json.dumps(results, indent=2))
     print(f"wrote {out.resolve()}")
+
+
+def flow_variants(variants: dict[str, list[str]], out: Path, stage: str, artifacts: Path = Path("artifacts")) -> None:
+    """Runs `python -m flows.align` once per variant into one artifacts folder (shared stages are
+    computed once and cached), records each evaluation and `stage`'s seconds, writes `out`."""
+    import sys
+
+    results = {}
+    for name, overrides in variants.items():
+        proc = subprocess.run(
+            [sys.executable, "-m", "flows.align", f"artifacts_dir={artifacts}", *overrides],
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0:
+            raise SystemExit(f"{name}: the flow failed:\n{proc.stderr[-3000:]}")
+        summary = json.loads(Path(proc.stdout.rsplit("summary: ", 1)[1].strip()).read_text())
+        e = summary["eval"]
+        results[name] = {
+            "overrides": overrides,
+            "kl_to_sft_per_token": e["kl_to_sft"],
+            "gold_policy": e["gold_policy"],
+            "gold_sft": e["gold_sft"],
+            "win_rate": e["win_rate"],
+            f"{stage}_seconds": summary["stages"][stage]["seconds"],
+            "statuses": {k: v["status"] for k, v in summary["stages"].items()},
+        }
+        print(name, json.dumps(results[name]), flush=True)
+    write_results(out, results)
