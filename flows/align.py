@@ -24,6 +24,7 @@ from prefect import flow
 from flows import report
 from flows.branches import BRANCHES
 from flows.config import PIPELINES, Config, register, to_config
+from flows.fingerprint import Fingerprints
 from flows.runner import StageCall, flatten, stage_task
 from stages.ai_labeler import JudgeError, api_key
 from stages.labelers import LabelsMissing
@@ -43,6 +44,7 @@ class Pipeline:
         self.task = stage_task()
         self.stages: dict[str, dict[str, Any]] = {}
         self.order = PIPELINES[cfg.pipeline.name]
+        self.fingerprints = Fingerprints(flows.ROOT / ".prefect" / "fingerprints.json")
 
     def wanted(self, stage: str) -> bool:
         stop = self.cfg.pipeline.stop_after
@@ -52,13 +54,13 @@ class Pipeline:
         self,
         stage: str,
         *configs: Any,
-        parents: tuple[Manifest, ...] = (),
-        outside: dict[str, str] | None = None,
+        files: dict[str, Path] | None = None,
         checkpointed: bool = False,
         name: str | None = None,
         **kwargs: Any,
     ) -> Manifest:
-        """`outside`: digests of inputs that are not artifacts (a rankings file), part of the key;
+        """Path arguments are the files the stage reads; their content digests, and those of `files`
+        (inputs named in the config, outside the artifacts: a dataset, a rankings file), key the stage.
         `checkpointed`: the stage resumes from checkpoints after a crash; `name`: the row of a stage
         that runs more than once (iterative DPO's rounds)."""
         if not self.wanted(stage):
@@ -66,7 +68,9 @@ class Pipeline:
         name = name or stage
         inputs = {k: str(v) for k, v in kwargs.items() if isinstance(v, Path)}
         scalars = {k: v for k, v in kwargs.items() if not isinstance(v, Path)}
-        digests = {p.stage: p.digest for p in parents} | (outside or {})
+        read = {k: Path(v) for k, v in inputs.items()} | {f"file:{k}": Path(v) for k, v in (files or {}).items()}
+        digests = {k: self.fingerprints.digest(v) for k, v in read.items()}
+        self.fingerprints.save()
         call = StageCall(stage, configs, inputs, digests, scalars, self.cfg.artifacts_dir, checkpointed)
         t0 = time.perf_counter()
         state = self.task.with_options(task_run_name=name)(call, self.parent_run_id, return_state=True)

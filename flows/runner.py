@@ -1,8 +1,9 @@
 """How one stage runs inside a flow: cache key, atomic content-addressed folder, MLflow run.
 
-The cache key of a stage is derived from its config, the content digests of its upstream artifacts
-and the stage's code version (the source of its module and of every `stages` module it imports),
-so an unchanged stage is never recomputed, across processes. Its output folder is named by the
+The cache key of a stage is derived from its config, the content digests of the files it reads
+(inside upstream artifacts or named in the config, `flows/fingerprint.py`) and the stage's code
+version (the source of its module and of every `stages` module it imports), so an unchanged stage
+is never recomputed, across processes. Its output folder is named by the
 digest of its content and written through a temporary folder, so a cached pointer never points at
 a folder that a later run overwrote or a crash left half-written.
 """
@@ -64,7 +65,7 @@ class StageCall:
     stage: str
     configs: tuple[Any, ...]
     inputs: dict[str, str]  # kwarg -> path inside an upstream artifact
-    parents: dict[str, str]  # upstream stage -> content digest
+    parents: dict[str, str]  # input -> content digest of the file or folder the stage reads
     scalars: dict[str, Any]
     artifacts_dir: str
     checkpointed: bool = False  # the stage takes a `checkpoint_dir` that outlives a crashed attempt

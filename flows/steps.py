@@ -11,7 +11,7 @@ from stages.manifest import Manifest
 
 
 def prepare(run, cfg: Config) -> Manifest:
-    return run("prepare", cfg.data, cfg.model)
+    return run("prepare", cfg.data, cfg.model, files=config_files(cfg))
 
 
 def sft(run, cfg: Config, prep: Manifest) -> Manifest:
@@ -19,7 +19,6 @@ def sft(run, cfg: Config, prep: Manifest) -> Manifest:
         "sft",
         cfg.stage.sft,
         cfg.peft,
-        parents=(prep,),
         base=prep.file("base"),
         demonstrations=prep.file("demonstrations"),
     )
@@ -44,8 +43,7 @@ def comparisons(
         "comparisons",
         cfg.stage.comparisons,
         cfg.labeler,
-        parents=(policy, prep) + ((judge,) if judge is not None else ()),
-        outside=labels_digest(cfg),
+        files=rankings_file(cfg),
         name=name,
         policy=policy.file("policy"),
         prompts=prep.file("comparison_prompts"),
@@ -60,7 +58,6 @@ def reward_model(run, cfg: Config, sft: Manifest, cmp: Manifest) -> Manifest:
     return run(
         "reward_model",
         cfg.stage.reward_model,
-        parents=(sft, cmp),
         policy=sft.file("policy"),
         comparisons=cmp.file("comparisons"),
         heldout=cmp.file("heldout_comparisons"),
@@ -73,7 +70,6 @@ def ppo(run, cfg: Config, sft: Manifest, rm: Manifest, prep: Manifest) -> Manife
         "ppo",
         cfg.stage.ppo,
         cfg.peft,
-        parents=(sft, rm, prep),
         policy=sft.file("policy"),
         reward_model=rm.file("model"),
         normalization=rm.file("normalization"),
@@ -91,7 +87,6 @@ def ppo_direct(run, cfg: Config, sft: Manifest, judge: Manifest, prep: Manifest)
         cfg.stage.ppo,
         cfg.peft,
         cfg.labeler,
-        parents=(sft, judge, prep),
         policy=sft.file("policy"),
         judge=Path(judge.path),
         prompts=prep.file("ppo_prompts"),
@@ -107,7 +102,6 @@ def dpo(run, cfg: Config, policy: Manifest, sft: Manifest, cmp: Manifest, *, nam
         "dpo",
         cfg.stage.dpo,
         cfg.peft,
-        parents=(policy, sft, cmp) if policy is not sft else (sft, cmp),
         name=name,
         policy=policy.file("policy"),
         reference=sft.file("policy"),
@@ -125,7 +119,6 @@ def evaluate(
     return run(
         "evaluate",
         cfg.stage.evaluate,
-        parents=tuple(m for m in (sft, policy, rm, cmp, prep) if m is not None),
         sft_policy=sft.file("policy"),
         policy=policy.file("policy"),
         prompts=prep.file("eval_prompts"),
@@ -135,11 +128,20 @@ def evaluate(
     )
 
 
-def labels_digest(cfg: Config) -> dict[str, str]:
-    """Human rankings live outside the artifacts: their content joins the comparisons' cache key."""
-    import hashlib
+def config_files(cfg: Config) -> dict[str, Path]:
+    """Local files and folders the config names (datasets, a model folder): their content keys prepare,
+    so new data in the same file reruns prepare and what reads its changed outputs."""
+    named = {
+        "data.demonstrations": cfg.data.demonstrations.path if cfg.data.demonstrations else None,
+        "data.comparisons": cfg.data.comparisons.path if cfg.data.comparisons else None,
+        "model.name_or_path": cfg.model.name_or_path,
+    }
+    return {k: Path(v) for k, v in named.items() if v is not None and Path(v).exists()}
 
+
+def rankings_file(cfg: Config) -> dict[str, Path]:
+    """Human rankings live outside the artifacts: their content joins the comparisons' key."""
     path = cfg.labeler.rankings_file
     if cfg.labeler.kind != "file" or not path or not Path(path).exists():
         return {}
-    return {"rankings_file": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
+    return {"labeler.rankings_file": Path(path)}

@@ -87,7 +87,8 @@ def run(cfg: SftConfig, peft: PeftConfig, *, base: Path, demonstrations: Path, o
     policy = out_dir / "policy"
     trained.save_pretrained(policy, safe_serialization=True)
     tokenizer.save_pretrained(policy)
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    # fewer steps than logging_steps log no loss: the run's mean loss stands in for both ends
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h] or [result.training_loss]
     return Manifest(
         stage="sft",
         path=str(out_dir),

@@ -146,3 +146,32 @@ def test_branches_share_cached_stages_and_write_the_same_summary(tmp_path):
     assert 0 <= rlaif["stages"]["comparisons"]["metrics"]["comparisons/labeler/position_consistency"] <= 1
     assert {"judge/position_consistency", "judge/agreement_gold"} <= set(rlaif["stages"]["judge"]["metrics"])
     assert "dpo/train/rewards/margins" in dpo["stages"]["dpo"]["metrics"]
+
+
+@pytest.mark.slow
+def test_new_data_in_the_same_file_reruns_exactly_what_reads_it(tmp_path):
+    """A data file's content, not its path, keys prepare; each stage is keyed on the files it reads,
+    so new comparisons rerun prepare but not SFT, and new demonstrations rerun both."""
+    art = tmp_path / "artifacts"
+    base = Path(align(art, *TINY, "pipeline.stop_after=prepare")["stages"]["prepare"]["artifact"], "base")
+    demos, pairs = tmp_path / "demos.jsonl", tmp_path / "pairs.jsonl"
+    demo = {"instruction": "describe the garden", "input": "", "output": "lovely rose tree"}
+    pair = {"prompt": "describe the ocean", "chosen": "lovely fish", "rejected": "sad bus"}
+    demos.write_text("".join(json.dumps(demo) + "\n" for _ in range(30)))
+    pairs.write_text("".join(json.dumps(pair) + "\n" for _ in range(20)))
+    args = [
+        *TINY,
+        f"model.name_or_path={base}",  # a model folder, so the base does not depend on the data
+        "data=files",
+        f"data.demonstrations.path={demos}",
+        f"data.comparisons.path={pairs}",
+        "pipeline.stop_after=sft",
+    ]
+    assert statuses(align(art, *args)) == {"prepare": "ran", "sft": "ran"}
+    assert statuses(align(art, *args)) == {"prepare": "cached", "sft": "cached"}
+    with pairs.open("a") as f:  # new comparisons in the same file
+        f.write(json.dumps({**pair, "chosen": "wonderful wave"}) + "\n")
+    assert statuses(align(art, *args)) == {"prepare": "ran", "sft": "cached"}
+    with demos.open("a") as f:  # new demonstrations in the same file
+        f.write(json.dumps({**demo, "output": "happy seed"}) + "\n")
+    assert statuses(align(art, *args)) == {"prepare": "ran", "sft": "ran"}
