@@ -44,7 +44,7 @@ from stages.modeling import (
 )
 from stages.peft_setup import PeftConfig, lora_config
 from stages.reward_model import ranking_pairs
-from stages.tracking import log_metrics
+from stages.tracking import TRAINER_ARGS, log_metrics, trainer_callback
 
 TRL_LOSSES = (
     "sigmoid",
@@ -118,13 +118,7 @@ def _completion(text: str, finished: bool, eos: str) -> str:
 
 def _train_trl(cfg: DpoConfig, peft: PeftConfig, model, ref, tokenizer, pairs: list[dict], out_dir: Path):
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
-
-    class _Metrics(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            scalars = {f"dpo/train/{k}": v for k, v in (logs or {}).items() if isinstance(v, (int, float))}
-            log_metrics(scalars, step=state.global_step)
 
     prompts = render_prompts(tokenizer, [p["prompt"] for p in pairs])
     eos = tokenizer.eos_token
@@ -145,14 +139,8 @@ def _train_trl(cfg: DpoConfig, peft: PeftConfig, model, ref, tokenizer, pairs: l
         loss_type=[cfg.loss_type],
         label_smoothing=cfg.label_smoothing,
         lr_scheduler_type="cosine",
-        bf16=False,  # TRL defaults to bf16 even on CPU
-        use_cpu=True,
-        gradient_checkpointing=False,
-        logging_steps=10,
-        save_strategy="no",
-        report_to="none",
         seed=cfg.seed,
-        dataloader_num_workers=0,
+        **TRAINER_ARGS,
     )
     trainer = DPOTrainer(
         model=model,
@@ -161,7 +149,7 @@ def _train_trl(cfg: DpoConfig, peft: PeftConfig, model, ref, tokenizer, pairs: l
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=lora_config(peft, "CAUSAL_LM"),
-        callbacks=[_Metrics()],
+        callbacks=[trainer_callback("dpo/train")],
     )
     trainer.train()
     logs = [h for h in trainer.state.log_history if "rewards/margins" in h]

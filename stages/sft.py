@@ -17,7 +17,7 @@ from pathlib import Path
 from stages.manifest import Manifest, folder_digest, read_jsonl
 from stages.modeling import load_causal_lm, load_tokenizer
 from stages.peft_setup import PeftConfig, lora_config
-from stages.tracking import log_metrics
+from stages.tracking import TRAINER_ARGS, trainer_callback
 
 
 @dataclass(frozen=True)
@@ -28,17 +28,6 @@ class SftConfig:
     max_length: int = 64
     warmup_ratio: float = 0.03  # a float below 1 is a fraction of the steps (transformers 5)
     seed: int = 0
-
-
-def _callback():
-    from transformers import TrainerCallback
-
-    class _Metrics(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            scalars = {f"sft/train/{k}": v for k, v in (logs or {}).items() if isinstance(v, (int, float))}
-            log_metrics(scalars, step=state.global_step)
-
-    return _Metrics()
 
 
 def run(cfg: SftConfig, peft: PeftConfig, *, base: Path, demonstrations: Path, out_dir: Path) -> Manifest:
@@ -63,14 +52,8 @@ def run(cfg: SftConfig, peft: PeftConfig, *, base: Path, demonstrations: Path, o
         warmup_steps=cfg.warmup_ratio,
         lr_scheduler_type="cosine",
         completion_only_loss=True,
-        bf16=False,  # TRL defaults to bf16 even on CPU
-        use_cpu=True,
-        gradient_checkpointing=False,
-        logging_steps=10,
-        save_strategy="no",
-        report_to="none",
         seed=cfg.seed,
-        dataloader_num_workers=0,
+        **TRAINER_ARGS,
     )
     trainer = SFTTrainer(
         model=model,
@@ -78,7 +61,7 @@ def run(cfg: SftConfig, peft: PeftConfig, *, base: Path, demonstrations: Path, o
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=lora_config(peft, "CAUSAL_LM"),
-        callbacks=[_callback()],
+        callbacks=[trainer_callback("sft/train")],
     )
     result = trainer.train()
     trained = trainer.model

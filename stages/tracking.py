@@ -14,3 +14,28 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
 
     if mlflow.active_run() is not None:
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def trainer_callback(prefix: str):
+    """A transformers `TrainerCallback` that forwards the trainer's numeric logs as `<prefix>/<name>`."""
+    from transformers import TrainerCallback
+
+    class _Metrics(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            scalars = {f"{prefix}/{k}": v for k, v in (logs or {}).items() if isinstance(v, (int, float))}
+            log_metrics(scalars, step=state.global_step)
+
+    return _Metrics()
+
+
+# What every trl-based stage passes its trainer config: CPU, full precision (TRL defaults to bf16 even
+# on CPU), no checkpoints or reporters of the trainer's own (the stage writes its artifact and metrics)
+TRAINER_ARGS = dict(
+    bf16=False,
+    use_cpu=True,
+    gradient_checkpointing=False,
+    logging_steps=10,
+    save_strategy="no",
+    report_to="none",
+    dataloader_num_workers=0,
+)
