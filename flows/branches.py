@@ -21,7 +21,7 @@ def rlhf(run, cfg: Config) -> Manifest:
     sft = steps.sft(run, cfg, prep)
     cmp = steps.comparisons(run, cfg, sft, prep)
     rm = steps.reward_model(run, cfg, sft, cmp)
-    ppo = steps.ppo(run, cfg, sft, rm, prep)
+    ppo = steps.ppo(run, cfg, sft, prep, rm=rm)
     return steps.evaluate(run, cfg, sft, ppo, prep, rm=rm, cmp=cmp)
 
 
@@ -42,7 +42,7 @@ def rlaif(run, cfg: Config) -> Manifest:
     judge = steps.judge(run, cfg)
     cmp = steps.comparisons(run, cfg, sft, prep, judge=judge)
     rm = steps.reward_model(run, cfg, sft, cmp)
-    ppo = steps.ppo(run, cfg, sft, rm, prep)
+    ppo = steps.ppo(run, cfg, sft, prep, rm=rm)
     return steps.evaluate(run, cfg, sft, ppo, prep, rm=rm, cmp=cmp)
 
 
@@ -50,7 +50,7 @@ def rlaif_direct(run, cfg: Config) -> Manifest:
     prep = steps.prepare(run, cfg)
     sft = steps.sft(run, cfg, prep)
     judge = steps.judge(run, cfg)
-    ppo = steps.ppo_direct(run, cfg, sft, judge, prep)
+    ppo = steps.ppo(run, cfg, sft, prep, judge=judge)
     return steps.evaluate(run, cfg, sft, ppo, prep, rm=None, cmp=None)
 
 

@@ -64,31 +64,21 @@ def reward_model(run, cfg: Config, sft: Manifest, cmp: Manifest) -> Manifest:
     )
 
 
-def ppo(run, cfg: Config, sft: Manifest, rm: Manifest, prep: Manifest) -> Manifest:
-    """InstructGPT's PPO against the reward model."""
-    return run(
-        "ppo",
-        cfg.stage.ppo,
-        cfg.peft,
-        policy=sft.file("policy"),
-        reward_model=rm.file("model"),
-        normalization=rm.file("normalization"),
-        prompts=prep.file("ppo_prompts"),
-        pretrain=prep.file("pretrain"),
-        gold_target_len=cfg.data.target_len,
-        checkpointed=True,
+def ppo(run, cfg: Config, sft: Manifest, prep: Manifest, *, rm: Manifest | None = None, judge: Manifest | None = None):
+    """PPO against the reward model `rm` (InstructGPT), or, d-RLAIF, scored by the AI labeler over `judge`."""
+    labeler = () if rm is not None else (cfg.labeler,)
+    scorer = (
+        {"reward_model": rm.file("model"), "normalization": rm.file("normalization")}
+        if rm is not None
+        else {"judge": Path(judge.path)}
     )
-
-
-def ppo_direct(run, cfg: Config, sft: Manifest, judge: Manifest, prep: Manifest) -> Manifest:
-    """d-RLAIF: PPO scored by the AI labeler directly, no reward model."""
     return run(
         "ppo",
         cfg.stage.ppo,
         cfg.peft,
-        cfg.labeler,
+        *labeler,
         policy=sft.file("policy"),
-        judge=Path(judge.path),
+        **scorer,
         prompts=prep.file("ppo_prompts"),
         pretrain=prep.file("pretrain"),
         gold_target_len=cfg.data.target_len,
