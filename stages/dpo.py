@@ -265,7 +265,7 @@ def run(
     prompts = list(unique.values())[: cfg.kl_prompts]
     if prompts:
         rollout = sample(trained, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, generator_seed=cfg.seed)
-        metrics["dpo/kl_to_sft"] = mean_token_kl(trained, reference_model, rollout)
+        metrics["dpo/kl_to_sft"] = mean_token_kl(trained, reference_model, [rollout])
     metrics["dpo/pairs"] = float(len(pairs))
     metrics["dpo/eval/accuracy"] = heldout_accuracy(trained, reference_model, tokenizer, preference_pairs(held))
     log_metrics(metrics)

@@ -34,7 +34,7 @@ from stages.modeling import (
     load_causal_lm,
     load_scalar_model,
     load_tokenizer,
-    response_logprobs,
+    mean_token_kl,
     sample,
 )
 from stages.reward_model import load_normalization, pair_agreement, pairwise_accuracy
@@ -125,13 +125,6 @@ def run(
     texts = [r["prompt"] for r in read_jsonl(prompts)]
     sft_texts, _ = _generate(sft, tokenizer, texts, cfg)
     pol_texts, rollouts = _generate(pol, tokenizer, texts, cfg)
-    # per-token KL(pi || pi_sft), estimated on the policy's own samples
-    kl_sum, tokens = 0.0, 0.0
-    for r in rollouts:
-        lp, _ = response_logprobs(pol, r, temperature=cfg.temperature)
-        lq, _ = response_logprobs(sft, r, temperature=cfg.temperature)
-        kl_sum += ((lp - lq) * r.response_mask).sum().item()
-        tokens += r.response_mask.sum().item()
     gold_sft = [task.gold_score(p, y, target_len=target_len) for p, y in zip(texts, sft_texts)]
     gold_pol = [task.gold_score(p, y, target_len=target_len) for p, y in zip(texts, pol_texts)]
     labeler = SimulatedLabeler(LabelerConfig(noise=cfg.win_labeler_noise), target_len)  # one judge for every branch
@@ -146,7 +139,7 @@ def run(
         "gold_sft": mean_ci95(gold_sft),
         "gold_policy": mean_ci95(gold_pol),
         "win_rate": statistics.fmean(wins),
-        "kl_to_sft": kl_sum / tokens,
+        "kl_to_sft": mean_token_kl(pol, sft, rollouts, temperature=cfg.temperature),  # on the policy's samples
         "rm_accuracy": rm_accuracy,
         "labeler_ceiling": labeler_ceiling(held, target_len) if held else None,
         "judge": judge_agreement(held, target_len, cfg.win_labeler_noise),

@@ -162,11 +162,15 @@ def response_logprobs(model, rollout: Rollout, *, temperature: float = 1.0) -> t
 
 
 @torch.no_grad()
-def mean_token_kl(policy, reference, rollout: Rollout, *, temperature: float = 1.0) -> float:
-    """Mean per-token KL(pi || pi_ref), estimated on the policy's own samples in `rollout`."""
-    lp, _ = response_logprobs(policy, rollout, temperature=temperature)
-    lq, _ = response_logprobs(reference, rollout, temperature=temperature)
-    return (((lp - lq) * rollout.response_mask).sum() / rollout.response_mask.sum().clamp(min=1)).item()
+def mean_token_kl(policy, reference, rollouts: list[Rollout], *, temperature: float = 1.0) -> float:
+    """Mean per-token KL(pi || pi_ref), estimated on the policy's own samples in `rollouts`."""
+    kl_sum, tokens = 0.0, 0.0
+    for r in rollouts:
+        lp, _ = response_logprobs(policy, r, temperature=temperature)
+        lq, _ = response_logprobs(reference, r, temperature=temperature)
+        kl_sum += ((lp - lq) * r.response_mask).sum().item()
+        tokens += r.response_mask.sum().item()
+    return kl_sum / max(tokens, 1.0)
 
 
 def encode_rollout(tokenizer, prompts: list[str], responses: list[str], finished: list[bool]) -> Rollout:
