@@ -95,6 +95,7 @@ class Pipeline:
             ):
                 mlflow.log_metrics(manifest.metrics)
         self.stages[name] = {
+            "stage": stage,
             "status": "cached" if cached else "ran",
             "seconds": time.perf_counter() - t0,
             "artifact": manifest.path,

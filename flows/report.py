@@ -22,7 +22,7 @@ KEY_METRICS = {
 def table(stages: dict[str, dict[str, Any]]) -> str:
     lines = [f"{'stage':<14}{'status':<8}{'seconds':>9}  key metrics", "-" * 78]
     for name, s in stages.items():
-        keys = KEY_METRICS.get(name.split("_r")[0], [])  # rounds (dpo_r2) show as their stage
+        keys = KEY_METRICS.get(s["stage"], [])  # rounds (dpo_r2) show as their stage
         shown = ", ".join(f"{k.split('/', 1)[1]}={s['metrics'][k]:.3g}" for k in keys if k in s["metrics"])
         lines.append(f"{name:<14}{s['status']:<8}{s['seconds']:>9.1f}  {shown}")
     return "\n".join(lines)
