@@ -27,18 +27,11 @@ def write_results(out: Path, results: dict, *, echo: bool = False) -> None:
 def flow_variants(variants: dict[str, list[str]], out: Path, stage: str, artifacts: Path = Path("artifacts")) -> None:
     """Runs `python -m flows.align` once per variant into one artifacts folder (shared stages are
     computed once and cached), records each evaluation and `stage`'s seconds, writes `out`."""
-    import sys
+    from flows.compare import run_branch
 
     results = {}
     for name, overrides in variants.items():
-        proc = subprocess.run(
-            [sys.executable, "-m", "flows.align", f"artifacts_dir={artifacts}", *overrides],
-            capture_output=True,
-            text=True,
-        )
-        if proc.returncode != 0:
-            raise SystemExit(f"{name}: the flow failed:\n{proc.stderr[-3000:]}")
-        summary = json.loads(Path(proc.stdout.rsplit("summary: ", 1)[1].strip()).read_text())
+        summary = run_branch([f"artifacts_dir={artifacts}", *overrides])["summary"]
         e = summary["eval"]
         results[name] = {
             "overrides": overrides,
