@@ -22,6 +22,7 @@ exponential backoff, bounded concurrency and a timeout. Labels are cached by con
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -31,6 +32,8 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+
+from stages.modeling import load_causal_lm, load_tokenizer, position_ids
 
 ANSWERS = ("1", "2")
 SCORES = tuple(str(s) for s in range(1, 11))
@@ -87,8 +90,7 @@ class JudgeError(RuntimeError):
 def two_way_preference(lp_1: torch.Tensor, lp_2: torch.Tensor) -> torch.Tensor:
     """P("1") renormalised over {"1", "2"}: sigmoid(lp_1 - lp_2). -inf for both gives 0.5."""
     both_missing = torch.isinf(lp_1) & torch.isinf(lp_2)
-    p = torch.sigmoid(torch.where(both_missing, torch.zeros_like(lp_1), lp_1 - lp_2))
-    return p
+    return torch.sigmoid(torch.where(both_missing, torch.zeros_like(lp_1), lp_1 - lp_2))
 
 
 def debias(p_ab: torch.Tensor, p_ba: torch.Tensor) -> torch.Tensor:
@@ -161,8 +163,6 @@ class LocalJudge:
     """A Hugging Face causal LM, loaded from safetensors; the text is fed as is (no chat template)."""
 
     def __init__(self, model: str | Path, *, batch_size: int = 64, trust_remote_code: bool = False) -> None:
-        from stages.modeling import load_causal_lm, load_tokenizer
-
         self.tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
         self.model = load_causal_lm(model, trust_remote_code=trust_remote_code).eval()
         self.batch_size = batch_size
@@ -191,8 +191,6 @@ class LocalJudge:
             enc = tok(
                 texts[start : start + self.batch_size], return_tensors="pt", padding=True, add_special_tokens=True
             )
-            from stages.modeling import position_ids
-
             logits = self.model(
                 input_ids=enc["input_ids"],
                 attention_mask=enc["attention_mask"],
@@ -343,8 +341,6 @@ class AiLabeler:
     def __init__(self, cfg: AiLabelerConfig, judge: Judge) -> None:
         self.cfg, self.judge = cfg, judge
         prompt_version = json.dumps([cfg.preamble, cfg.score_preamble, repr(cfg.few_shot), cfg.chain_of_thought])
-        import hashlib
-
         self.identity = f"ai:{judge.identity}:{hashlib.sha256(prompt_version.encode()).hexdigest()[:16]}"
 
     def _answer(self, texts: list[str], candidates: tuple[str, ...], what: str) -> torch.Tensor:

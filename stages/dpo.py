@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -271,7 +272,5 @@ def run(
     log_metrics(metrics)
     trained.save_pretrained(out_dir / "policy", safe_serialization=True)
     tokenizer.save_pretrained(out_dir / "policy")
-    import shutil
-
     shutil.rmtree(out_dir / "trainer", ignore_errors=True)
     return Manifest("dpo", str(out_dir), folder_digest(out_dir), metrics=metrics, files={"policy": "policy"})

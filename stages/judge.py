@@ -38,7 +38,7 @@ from stages import task
 from stages.ai_labeler import AiLabeler, LocalJudge, pair_prompt, score_prompt
 from stages.labelers import LabelerConfig, SimulatedLabeler
 from stages.manifest import Manifest, folder_digest
-from stages.modeling import ModelConfig
+from stages.modeling import ModelConfig, position_ids
 from stages.prepare import build_tiny_llama
 from stages.tracking import log_metrics
 
@@ -116,8 +116,6 @@ def _build(cfg: JudgeConfig, corpus: list[str], seed: int):
 
 def _train(model, tokenizer, texts: list[str], targets: list[dict[str, float]], cfg: JudgeConfig) -> float:
     """Cross-entropy at the answer position against each text's target distribution over tokens."""
-    from stages.modeling import position_ids
-
     vocab = tokenizer.get_vocab()
     dense = torch.zeros(len(texts), len(tokenizer))
     for n, target in enumerate(targets):
