@@ -25,8 +25,9 @@ from flows import report
 from flows.branches import BRANCHES
 from flows.config import PIPELINES, Config, register, to_config
 from flows.fingerprint import Fingerprints
+from flows.preflight import preflight
 from flows.runner import StageCall, flatten, stage_task
-from stages.ai_labeler import JudgeError, api_key
+from stages.ai_labeler import JudgeError
 from stages.labelers import LabelsMissing
 from stages.manifest import MANIFEST, Manifest
 
@@ -57,13 +58,15 @@ class Pipeline:
         files: dict[str, Path] | None = None,
         checkpointed: bool = False,
         name: str | None = None,
+        serves: str | None = None,
         **kwargs: Any,
     ) -> Manifest:
         """Path arguments are the files the stage reads; their content digests, and those of `files`
         (inputs named in the config, outside the artifacts: a dataset, a rankings file), key the stage.
         `checkpointed`: the stage resumes from checkpoints after a crash; `name`: the row of a stage
-        that runs more than once (iterative DPO's rounds)."""
-        if not self.wanted(stage):
+        that runs more than once (iterative DPO's rounds); `serves`: the listed stage an extra call
+        belongs to (the evaluation reward model serves evaluate), for `pipeline.stop_after`."""
+        if not self.wanted(serves or stage):
             raise StopPipeline(stage)
         name = name or stage
         inputs = {k: str(v) for k, v in kwargs.items() if isinstance(v, Path)}
@@ -73,6 +76,7 @@ class Pipeline:
         self.fingerprints.save()
         call = StageCall(stage, configs, inputs, digests, scalars, self.cfg.artifacts_dir, checkpointed)
         t0 = time.perf_counter()
+        reset_peak_rss()
         state = self.task.with_options(task_run_name=name)(call, self.parent_run_id, return_state=True)
         manifest: Manifest = state.result()
         cached = state.name == "Cached"
@@ -101,8 +105,29 @@ class Pipeline:
             "artifact": manifest.path,
             "digest": manifest.digest,
             "metrics": manifest.metrics,
+            "peak_rss_mb": None if cached else peak_rss_mb(),
         }
+        if "verdict" in manifest.files:
+            self.stages[name]["verdict"] = json.loads(manifest.file("verdict").read_text())
         return manifest
+
+
+def reset_peak_rss() -> None:
+    """Linux: restart the process's peak-RSS count (VmHWM), so each stage reports its own peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 @flow(name="align", log_prints=True)
@@ -119,16 +144,14 @@ def align(cfg: Config) -> dict[str, Any]:
         except StopPipeline:
             pass
         summary["stages"] = run.stages
+        summary["verdict"] = report.verdict(run.stages)
+        if "prepare" in run.stages:
+            sources_json = Path(run.stages["prepare"]["artifact"], "sources.json")
+            summary["data"] = json.loads(sources_json.read_text()) if sources_json.exists() else None
         path = report.write_summary(cfg.artifacts_dir, summary)
         mlflow.log_artifact(str(path))
     summary["summary_path"] = str(path)
     return summary
-
-
-def preflight(cfg: Config) -> None:
-    """What can be checked before any compute: the AI labeler's API key."""
-    if cfg.labeler.kind == "ai" and cfg.labeler.ai.backend == "http":
-        api_key(cfg.labeler.ai)
 
 
 def set_up_tracking(cfg: Config) -> None:
@@ -153,7 +176,7 @@ def main(dcfg: DictConfig) -> None:
     cfg = to_config(dcfg)
     try:
         preflight(cfg)
-    except JudgeError as e:
+    except (JudgeError, ValueError, OSError) as e:  # a config, model or data problem: one clear message
         raise SystemExit(f"error: {e}") from None
     _wait_for_server()
     try:
@@ -165,14 +188,9 @@ def main(dcfg: DictConfig) -> None:
         raise SystemExit(f"error: {e}") from None
     print(report.table(summary["stages"]))
     if "eval" in summary:
-        e = summary["eval"]
-        print(
-            f"\ngold SFT {e['gold_sft']['mean']:.3f} ± {e['gold_sft']['ci95']:.3f}   "
-            f"gold policy {e['gold_policy']['mean']:.3f} ± {e['gold_policy']['ci95']:.3f}   "
-            f"win rate {e['win_rate']:.1%}   KL/token {e['kl_to_sft']:.3f}"
-            + (f"   RM acc {e['rm_accuracy']:.3f}" if e["rm_accuracy"] is not None else "")
-            + (f" (ceiling {e['labeler_ceiling']:.3f})" if e["labeler_ceiling"] is not None else "")
-        )
+        print("\n" + report.eval_line(summary["eval"]))
+    if summary["verdict"]["status"] != "ok":
+        print("\nVERDICT: flagged\n  " + "\n  ".join(summary["verdict"]["reasons"]))
     print(f"\nsummary: {summary['summary_path']}")
 
 

@@ -43,7 +43,7 @@ def rlaif(run, cfg: Config) -> Manifest:
     cmp = steps.comparisons(run, cfg, sft, prep, judge=judge)
     rm = steps.reward_model(run, cfg, sft, cmp)
     ppo = steps.ppo(run, cfg, sft, prep, rm=rm)
-    return steps.evaluate(run, cfg, sft, ppo, prep, rm=rm, cmp=cmp)
+    return steps.evaluate(run, cfg, sft, ppo, prep, rm=rm, cmp=cmp, judge=judge)
 
 
 def rlaif_direct(run, cfg: Config) -> Manifest:
@@ -51,7 +51,7 @@ def rlaif_direct(run, cfg: Config) -> Manifest:
     sft = steps.sft(run, cfg, prep)
     judge = steps.judge(run, cfg)
     ppo = steps.ppo(run, cfg, sft, prep, judge=judge)
-    return steps.evaluate(run, cfg, sft, ppo, prep, rm=None, cmp=None)
+    return steps.evaluate(run, cfg, sft, ppo, prep, rm=None, cmp=None, judge=judge)
 
 
 BRANCHES = {"rlhf": rlhf, "dpo": dpo, "rlaif": rlaif, "rlaif_direct": rlaif_direct}

@@ -79,6 +79,13 @@ class Config:
     artifacts_dir: str = "artifacts"
 
     def __post_init__(self) -> None:
+        sampled = self.pipeline.name in ("rlhf", "dpo") and self.data.comparisons is None
+        sampled = sampled and self.pipeline.stop_after not in ("prepare", "sft")
+        if sampled and self.labeler.kind == "simulated" and not self.data.is_embedded:
+            raise ValueError(
+                "labeler.kind: the simulated labeler scores with the embedded task's gold rule, and your data has "
+                "none; give data.comparisons, or use labeler=ai or labeler=file"
+            )
         if self.pipeline.name in AI_LABELED and self.labeler.kind != "ai":
             raise ValueError(
                 f"labeler.kind: pipeline={self.pipeline.name} needs the AI labeler (labeler=ai), "

@@ -9,23 +9,56 @@ from typing import Any
 
 KEY_METRICS = {
     "prepare": ["prepare/params", "prepare/pretrain/loss_last"],
-    "sft": ["sft/train/loss_first", "sft/train/loss_last"],
+    "sft": ["sft/train/loss_first", "sft/train/loss_last", "sft/data/truncated", "sft/data/dropped"],
     "comparisons": ["comparisons/comparisons/prompts"],
-    "reward_model": ["rm/train/accuracy", "rm/eval/accuracy"],
-    "ppo": ["ppo/objective/scores_first", "ppo/objective/scores_last", "ppo/objective/kl_last"],
-    "evaluate": ["eval/gold_sft", "eval/gold_policy", "eval/win_rate"],
+    "reward_model": ["rm/train/accuracy", "rm/eval/accuracy", "rm/data/truncated", "rm/data/dropped"],
+    "ppo": [
+        "ppo/objective/scores_first",
+        "ppo/objective/scores_last",
+        "ppo/objective/kl_last",
+        "ppo/finished_last",
+        "ppo/repetition_last",
+    ],
+    "evaluate": ["eval/gold_sft", "eval/gold_policy", "eval/win_rate", "eval/eval_rm/policy", "eval/policy/eos_rate"],
     "judge": ["judge/position_consistency", "judge/agreement_gold", "judge/agreement_human"],
     "dpo": ["dpo/train/rewards/margins", "dpo/eval/accuracy", "dpo/kl_to_sft"],
 }
 
 
 def table(stages: dict[str, dict[str, Any]]) -> str:
-    lines = [f"{'stage':<14}{'status':<8}{'seconds':>9}  key metrics", "-" * 78]
+    lines = [f"{'stage':<18}{'status':<8}{'seconds':>9}  key metrics", "-" * 82]
     for name, s in stages.items():
         keys = KEY_METRICS.get(s["stage"], [])  # rounds (dpo_r2) show as their stage
         shown = ", ".join(f"{k.split('/', 1)[1]}={s['metrics'][k]:.3g}" for k in keys if k in s["metrics"])
-        lines.append(f"{name:<14}{s['status']:<8}{s['seconds']:>9.1f}  {shown}")
+        flag = "  FLAGGED" if s.get("verdict", {}).get("status", "ok") != "ok" else ""
+        lines.append(f"{name:<18}{s['status']:<8}{s['seconds']:>9.1f}  {shown}{flag}")
     return "\n".join(lines)
+
+
+def verdict(stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """ "flagged" when any stage's verdict is, with its reasons prefixed by the stage."""
+    reasons = [f"{name}: {r}" for name, s in stages.items() for r in s.get("verdict", {}).get("reasons", [])]
+    return {"status": "flagged" if reasons else "ok", "reasons": reasons}
+
+
+def _ci(block: dict | None) -> str:
+    return f"{block['mean']:.3f} ± {block['ci95']:.3f}" if block else "n/a"
+
+
+def eval_line(e: dict[str, Any]) -> str:
+    """One line of the evaluation: gold scores where a gold rule exists, else the judge's win rate."""
+    parts = []
+    if e.get("gold_sft") is not None:
+        parts.append(f"gold SFT {_ci(e['gold_sft'])}   gold policy {_ci(e['gold_policy'])}")
+    if e.get("win"):
+        parts.append(f"win rate {e['win']['rate']:.1%} ± {e['win']['ci95']:.1%} ({e['win']['by']})")
+    parts.append(f"KL/token {e['kl_to_sft']:.3f}")
+    if e.get("policy"):
+        parts.append(f"EOS {e['policy']['eos_rate']:.0%}  repetition {e['policy']['repetition']:.2f}")
+    if e.get("rm_accuracy") is not None:
+        ceiling = f" (ceiling {e['labeler_ceiling']:.3f})" if e.get("labeler_ceiling") is not None else ""
+        parts.append(f"RM acc {e['rm_accuracy']:.3f}{ceiling}")
+    return "   ".join(parts)
 
 
 def write_summary(artifacts_dir: str, summary: dict[str, Any]) -> Path:

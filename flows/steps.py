@@ -10,6 +10,16 @@ from flows.config import Config
 from stages.manifest import Manifest
 
 
+def gold(cfg: Config) -> str | None:
+    """The gold rule that scores the data: the embedded task's, none for your own data."""
+    return "embedded" if cfg.data.is_embedded else None
+
+
+def lengths(cfg: Config) -> dict:
+    """How every stage treats rows longer than its limits (`data.truncation`, `data.max_dropped_fraction`)."""
+    return {"truncation": cfg.data.truncation, "max_dropped_fraction": cfg.data.max_dropped_fraction}
+
+
 def prepare(run, cfg: Config) -> Manifest:
     return run("prepare", cfg.data, cfg.model, files=config_files(cfg))
 
@@ -21,6 +31,7 @@ def sft(run, cfg: Config, prep: Manifest) -> Manifest:
         cfg.peft,
         base=prep.file("base"),
         demonstrations=prep.file("demonstrations"),
+        **lengths(cfg),
     )
 
 
@@ -49,6 +60,8 @@ def comparisons(
         prompts=prep.file("comparison_prompts"),
         heldout_prompts=prep.file("heldout_comparison_prompts"),
         target_len=cfg.data.target_len,
+        gold=gold(cfg),
+        **lengths(cfg),
         **from_file,
         **with_judge,
     )
@@ -58,9 +71,29 @@ def reward_model(run, cfg: Config, sft: Manifest, cmp: Manifest) -> Manifest:
     return run(
         "reward_model",
         cfg.stage.reward_model,
+        files=_local("stage.reward_model.name_or_path", cfg.stage.reward_model.name_or_path),
         policy=sft.file("policy"),
         comparisons=cmp.file("comparisons"),
         heldout=cmp.file("heldout_comparisons"),
+        **lengths(cfg),
+    )
+
+
+def eval_reward_model(run, cfg: Config, sft: Manifest, prep: Manifest) -> Manifest | None:
+    """Without a gold rule: an independent reward model on the comparisons' evaluation split, which
+    the policy's reward model never sees (Gao et al. 2022), to judge wins; None without that split."""
+    if gold(cfg) is not None or "dataset_eval_rm_comparisons" not in prep.files:
+        return None
+    return run(
+        "reward_model",
+        cfg.stage.reward_model,
+        name="eval_reward_model",
+        serves="evaluate",
+        files=_local("stage.reward_model.name_or_path", cfg.stage.reward_model.name_or_path),
+        policy=sft.file("policy"),
+        comparisons=prep.file("dataset_eval_rm_comparisons"),
+        heldout=prep.file("dataset_heldout_comparisons"),
+        **lengths(cfg),
     )
 
 
@@ -81,7 +114,9 @@ def ppo(run, cfg: Config, sft: Manifest, prep: Manifest, *, rm: Manifest | None 
         **scorer,
         prompts=prep.file("ppo_prompts"),
         pretrain=prep.file("pretrain"),
-        gold_target_len=cfg.data.target_len,
+        gold=gold(cfg),
+        target_len=cfg.data.target_len,
+        **lengths(cfg),
         checkpointed=True,
     )
 
@@ -97,24 +132,46 @@ def dpo(run, cfg: Config, policy: Manifest, sft: Manifest, cmp: Manifest, *, nam
         reference=sft.file("policy"),
         comparisons=cmp.file("comparisons"),
         heldout=cmp.file("heldout_comparisons"),
+        **lengths(cfg),
     )
 
 
 def evaluate(
-    run, cfg: Config, sft: Manifest, policy: Manifest, prep: Manifest, *, rm: Manifest | None, cmp: Manifest | None
+    run,
+    cfg: Config,
+    sft: Manifest,
+    policy: Manifest,
+    prep: Manifest,
+    *,
+    rm: Manifest | None,
+    cmp: Manifest | None,
+    judge: Manifest | None = None,
 ) -> Manifest:
-    """Aligned policy against SFT; the reward model's accuracy and the labelers' agreement where they exist."""
+    """Aligned policy against SFT. Wins are judged by the gold rule's simulated labeler, else the AI
+    labeler over `judge`, else an evaluation reward model; the proxy reward model's scores and
+    accuracy and the labelers' agreement where they exist."""
     scored = {"reward_model": rm.file("model"), "normalization": rm.file("normalization")} if rm else {}
     held = {"heldout_comparisons": cmp.file("heldout_comparisons")} if cmp else {}
+    judged: dict = {}
+    labeler: tuple = ()
+    if gold(cfg) is None and judge is not None:
+        judged, labeler = {"judge": Path(judge.path)}, (cfg.labeler,)
+    elif (erm := eval_reward_model(run, cfg, sft, prep)) is not None:
+        judged = {"eval_reward_model": erm.file("model"), "eval_normalization": erm.file("normalization")}
     return run(
         "evaluate",
         cfg.stage.evaluate,
+        *labeler,
         sft_policy=sft.file("policy"),
         policy=policy.file("policy"),
         prompts=prep.file("eval_prompts"),
         target_len=cfg.data.target_len,
+        gold=gold(cfg),
+        data_sources=prep.file("sources"),
+        **lengths(cfg),
         **scored,
         **held,
+        **judged,
     )
 
 
@@ -124,9 +181,15 @@ def config_files(cfg: Config) -> dict[str, Path]:
     named = {
         "data.demonstrations": cfg.data.demonstrations.path if cfg.data.demonstrations else None,
         "data.comparisons": cfg.data.comparisons.path if cfg.data.comparisons else None,
+        "data.prompts": cfg.data.prompts.path if cfg.data.prompts else None,
+        "data.eval_prompts": cfg.data.eval_prompts.path if cfg.data.eval_prompts else None,
         "model.name_or_path": cfg.model.name_or_path,
     }
     return {k: Path(v) for k, v in named.items() if v is not None and Path(v).exists()}
+
+
+def _local(key: str, path: str | None) -> dict[str, Path]:
+    return {key: Path(path)} if path is not None and Path(path).exists() else {}
 
 
 def rankings_file(cfg: Config) -> dict[str, Path]:

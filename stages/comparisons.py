@@ -18,14 +18,16 @@ from pathlib import Path
 
 from stages.labelers import LabelerConfig, make_labeler
 from stages.manifest import Manifest, folder_digest, read_jsonl, write_jsonl
-from stages.modeling import decode_responses, load_causal_lm, load_tokenizer, sample
+from stages.modeling import decode_responses, load_causal_lm, load_tokenizer, model_context, sample
+from stages.tokens import SamplingBudget, fit_prompts, resolve_sampling
 from stages.tracking import log_metrics
 
 
 @dataclass(frozen=True)
 class ComparisonsConfig:
     k: int = 4  # responses ranked per prompt (InstructGPT: 4 to 9)
-    max_new_tokens: int = 16
+    max_new_tokens: int | None = None  # null: a quarter of the model's context window
+    max_prompt_length: int | None = None  # tokens; longer prompts keep their end; null: the rest of the context
     temperature: float = 1.0
     batch_size: int = 256  # sequences per generate call
     seed: int = 0
@@ -35,7 +37,9 @@ class ComparisonsConfig:
             raise ValueError(f"stage.comparisons.k: a ranking needs at least 2 responses, got {self.k}")
 
 
-def sample_k(policy, tokenizer, prompts: list[str], cfg: ComparisonsConfig) -> list[tuple[list[str], list[bool]]]:
+def sample_k(
+    policy, tokenizer, prompts: list, cfg: ComparisonsConfig, budget: SamplingBudget
+) -> list[tuple[list[str], list[bool]]]:
     flat = [p for p in prompts for _ in range(cfg.k)]
     texts, finished = [], []
     for start in range(0, len(flat), cfg.batch_size):
@@ -44,7 +48,8 @@ def sample_k(policy, tokenizer, prompts: list[str], cfg: ComparisonsConfig) -> l
             policy,
             tokenizer,
             batch,
-            max_new_tokens=cfg.max_new_tokens,
+            max_new_tokens=budget.max_new_tokens,
+            max_prompt_length=budget.max_prompt_length,
             temperature=cfg.temperature,
             generator_seed=cfg.seed + start,
         )
@@ -84,6 +89,9 @@ def run(
     dataset: Path | None = None,
     dataset_heldout: Path | None = None,
     judge: Path | None = None,
+    gold: str | None = "embedded",
+    truncation: bool = True,
+    max_dropped_fraction: float = 0.0,
 ) -> Manifest:
     """With `dataset` (and `dataset_heldout`), comparisons from a file (`data.comparisons`, already
     validated and split by prepare) pass through: nothing is sampled and no labeler is asked.
@@ -95,17 +103,29 @@ def run(
             raise ValueError("comparisons: a dataset needs its held-out split too")
         sets = {"comparisons": read_jsonl(dataset), "heldout_comparisons": read_jsonl(dataset_heldout)}
         return _publish(out_dir, sets, {"comparisons/labeler/asked": 0.0})
-    labeler = make_labeler(labeler_cfg, target_len, judge)  # a missing judge fails before sampling
+    labeler = make_labeler(labeler_cfg, target_len, judge, gold)  # a missing judge fails before sampling
     tokenizer = load_tokenizer(policy)
-    model = load_causal_lm(policy)
-    sets = {}
+    budget = resolve_sampling("comparisons", cfg.max_prompt_length, cfg.max_new_tokens, model_context(policy))
+    metrics: dict[str, float] = {}
+    kept = {}
     for name, source in (("comparisons", prompts), ("heldout_comparisons", heldout_prompts)):
         texts = [r["prompt"] for r in read_jsonl(source)]
-        sets[name] = list(zip(texts, sample_k(model, tokenizer, texts, cfg)))
+        kept[name], fitted = fit_prompts(
+            tokenizer,
+            texts,
+            budget,
+            stage="comparisons",
+            truncation=truncation,
+            max_dropped_fraction=max_dropped_fraction,
+            sources=[f"{source}:{i + 1}" for i in range(len(texts))],
+        )
+        metrics |= fitted.metrics(f"comparisons/{name}")
+    model = load_causal_lm(policy)
+    sets = {name: list(zip(texts, sample_k(model, tokenizer, texts, cfg, budget))) for name, texts in kept.items()}
     # one labeling request for both sets (one task file for human rankers)
     items = [(p, responses) for pairs in sets.values() for p, (responses, _) in pairs]
     labels = labeler.label_all(items)
-    metrics = {"comparisons/labeler/asked": float(labeler.asked)}
+    metrics["comparisons/labeler/asked"] = float(labeler.asked)
     if labels and "pairs" in labels[0]:  # the AI labeler judged both orders of every pair
         pairs_judged = sum(label["pairs"] for label in labels)
         metrics["comparisons/labeler/position_consistency"] = sum(l["consistent"] for l in labels) / pairs_judged

@@ -94,6 +94,7 @@ class Loaded:
     format: str
     bad: int
     problems: list[str]
+    lines: list[int] = field(default_factory=list)  # the file line (or row number) of each row
 
 
 # 1. reading: (line, record) pairs, with line numbers for every file type
@@ -259,6 +260,11 @@ def _normalise(rec: dict[str, Any], fmt: str, kind: str) -> dict[str, Any]:
             ("conversations", "from", "value") if fmt == "sharegpt" else ("messages", "role", "content")
         )
         msgs = _messages(_list(rec, key), key, role_key, content_key)
+        if kind == "prompts":  # a conversation prompt; a trailing assistant turn is not part of it
+            context = msgs[:-1] if msgs[-1]["role"] == "assistant" else msgs
+            if not context:
+                raise RowError(key, "no user turn to use as the prompt")
+            return {"prompt": context}
         if kind == "unary":
             if msgs[-1]["role"] != "assistant":
                 raise RowError(key, "the last turn must be the assistant's")
@@ -383,7 +389,7 @@ def load(cfg: DatasetConfig) -> Loaded:
         records = _hub_records(cfg)
     else:
         raise DataError([f"{path}:0: path: no such file (data.path)"])
-    rows, problems = [], []
+    rows, problems, lines = [], [], []
     fmt = None if cfg.format == "auto" else cfg.format
     seen_ids: dict[str, int] = {}
     total = 0
@@ -402,6 +408,7 @@ def load(cfg: DatasetConfig) -> Loaded:
                     raise RowError("id", f"duplicated id {key!r} (first on line {seen_ids[key]})")
                 seen_ids[key] = line
             rows.append(_normalise(rec, fmt, cfg.kind))
+            lines.append(line)
         except RowError as e:
             problems.append(f"{path}:{line}: {e.field_name}: {e.problem}")
     if total == 0:
@@ -412,7 +419,7 @@ def load(cfg: DatasetConfig) -> Loaded:
                 f"{path}: {len(problems)} of {total} rows are bad, above data.max_bad_fraction={cfg.max_bad_fraction}"
             )
         raise DataError(problems)
-    return Loaded(rows=rows, format=fmt or "", bad=len(problems), problems=problems)
+    return Loaded(rows=rows, format=fmt or "", bad=len(problems), problems=problems, lines=lines)
 
 
 def as_ranking_rows(rows: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -425,6 +432,7 @@ def as_ranking_rows(rows: list[dict[str, Any]], kind: str) -> list[dict[str, Any
                 "responses": [r["chosen"], r["rejected"]],
                 "finished": [True, True],
                 "ranks": [0, 1],
+                **({"source": r["source"]} if "source" in r else {}),
             }
             for r in rows
         ]

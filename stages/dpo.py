@@ -34,17 +34,10 @@ from pathlib import Path
 import torch
 
 from stages.manifest import Manifest, folder_digest, read_jsonl
-from stages.modeling import (
-    encode_rollout,
-    load_causal_lm,
-    load_tokenizer,
-    mean_token_kl,
-    render_prompts,
-    response_logprobs,
-    sample,
-)
+from stages.modeling import load_causal_lm, load_tokenizer, mean_token_kl, model_context, sample, sequence_logprobs
 from stages.peft_setup import PeftConfig, lora_config
-from stages.reward_model import ranking_pairs
+from stages.reward_model import encode_rankings, ranking_pairs
+from stages.tokens import default_new_tokens, fit_rows, pack, resolve_budget
 from stages.tracking import TRAINER_ARGS, log_metrics, trainer_callback
 
 TRL_LOSSES = (
@@ -74,9 +67,10 @@ class DpoConfig:
     epochs: float = 1.0
     learning_rate: float = 1e-3
     batch_size: int = 64  # pairs per step (plackett_luce: prompts with all K responses)
-    max_length: int = 64
+    max_prompt_length: int | None = None  # tokens; null: max_length less a quarter of it
+    max_length: int | None = None  # prompt + response tokens; null: the model's context window
     kl_prompts: int = 200  # held-out prompts sampled to measure the KL to SFT
-    max_new_tokens: int = 16
+    max_new_tokens: int | None = None  # for the KL samples; null: a quarter of the context
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -90,17 +84,11 @@ class DpoConfig:
             raise ValueError("stage.dpo: batch_size must be >= 1 and epochs > 0")
 
 
-def preference_pairs(rows: list[dict]) -> list[dict]:
-    """K-way rankings to their (chosen, rejected) pairs, ties dropped: C(K,2) per untied ranking."""
+def preference_pairs(encoded: list[tuple[list[int], list[list[int]]]], rows: list[dict]) -> list[dict]:
+    """K-way rankings to their (chosen, rejected) pairs of token ids, ties dropped: C(K,2) per ranking."""
     return [
-        {
-            "prompt": row["prompt"],
-            "chosen": row["responses"][w],
-            "chosen_finished": row["finished"][w],
-            "rejected": row["responses"][l],
-            "rejected_finished": row["finished"][l],
-        }
-        for row in rows
+        {"prompt_ids": p, "chosen_ids": responses[w], "rejected_ids": responses[l]}
+        for (p, responses), row in zip(encoded, rows)
         for w, l in ranking_pairs(row["ranks"])
     ]
 
@@ -113,29 +101,29 @@ def plackett_luce_loss(rewards: torch.Tensor, ranks: list[int]) -> torch.Tensor:
     return -(r - tail)[:-1].sum()
 
 
-def _completion(text: str, finished: bool, eos: str) -> str:
-    return " " + text + (eos if finished else "")
+def _pretokenized_dpo_trainer():
+    """trl's DPOTrainer on rows already tokenized by `stages/tokens.py` (trl would re-tokenize the
+    text, splitting prompt and response where their joint tokenization diverges)."""
+    from trl import DPOTrainer
+
+    class PreTokenizedDPOTrainer(DPOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset
+
+    return PreTokenizedDPOTrainer
 
 
-def _train_trl(cfg: DpoConfig, peft: PeftConfig, model, ref, tokenizer, pairs: list[dict], out_dir: Path):
+def _train_trl(cfg: DpoConfig, peft: PeftConfig, model, ref, tokenizer, pairs: list[dict], out_dir: Path, budget):
     from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig
 
-    prompts = render_prompts(tokenizer, [p["prompt"] for p in pairs])
-    eos = tokenizer.eos_token
-    dataset = Dataset.from_dict(
-        {
-            "prompt": prompts,
-            "chosen": [_completion(p["chosen"], p["chosen_finished"], eos) for p in pairs],
-            "rejected": [_completion(p["rejected"], p["rejected_finished"], eos) for p in pairs],
-        }
-    )
+    dataset = Dataset.from_list(pairs)
     args = DPOConfig(
         output_dir=str(out_dir / "trainer"),
         num_train_epochs=cfg.epochs,
         learning_rate=cfg.learning_rate,
         per_device_train_batch_size=cfg.batch_size,
-        max_length=cfg.max_length,
+        max_length=budget.max_length,
         beta=cfg.beta,
         loss_type=[cfg.loss_type],
         label_smoothing=cfg.label_smoothing,
@@ -143,7 +131,7 @@ def _train_trl(cfg: DpoConfig, peft: PeftConfig, model, ref, tokenizer, pairs: l
         seed=cfg.seed,
         **TRAINER_ARGS,
     )
-    trainer = DPOTrainer(
+    trainer = _pretokenized_dpo_trainer()(
         model=model,
         ref_model=ref,  # None only under LoRA: the reference is the base with the adapters disabled
         args=args,
@@ -163,21 +151,19 @@ def _train_trl(cfg: DpoConfig, peft: PeftConfig, model, ref, tokenizer, pairs: l
     return trainer.model, metrics
 
 
-def _sequence_logps(model, tokenizer, prompts, responses, finished) -> torch.Tensor:
-    rollout = encode_rollout(tokenizer, prompts, responses, finished)
-    logp, _ = response_logprobs(model, rollout)
-    return (logp * rollout.response_mask).sum(1)
+def _sequence_logps(model, rows: list[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:
+    return sequence_logprobs(model, pack(rows, pad_id))
 
 
-def _reference_logps(model, ref, tokenizer, prompts, responses, finished) -> torch.Tensor:
+def _reference_logps(model, ref, rows, pad_id: int) -> torch.Tensor:
     with torch.no_grad():
         if ref is not None:
-            return _sequence_logps(ref, tokenizer, prompts, responses, finished)
+            return _sequence_logps(ref, rows, pad_id)
         with model.disable_adapter():
-            return _sequence_logps(model, tokenizer, prompts, responses, finished)
+            return _sequence_logps(model, rows, pad_id)
 
 
-def _train_listwise(cfg: DpoConfig, peft: PeftConfig, model, ref, tokenizer, rows: list[dict]):
+def _train_listwise(cfg: DpoConfig, peft: PeftConfig, model, ref, tokenizer, rows: list[dict], encoded: list):
     """Plackett-Luce DPO: one batch element per prompt with all its K responses."""
     from peft import get_peft_model
 
@@ -186,6 +172,7 @@ def _train_listwise(cfg: DpoConfig, peft: PeftConfig, model, ref, tokenizer, row
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate)
     per_step = max(1, cfg.batch_size // max(len(r["responses"]) for r in rows))
+    pad = tokenizer.pad_token_id
     steps = max(1, math.ceil(cfg.epochs * math.ceil(len(rows) / per_step)))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -196,13 +183,9 @@ def _train_listwise(cfg: DpoConfig, peft: PeftConfig, model, ref, tokenizer, row
             if step == steps:
                 break
             batch = [rows[i] for i in idx]
-            args = (
-                [r["prompt"] for r in batch for _ in r["responses"]],
-                [y for r in batch for y in r["responses"]],
-                [f for r in batch for f in r["finished"]],
-            )
-            ref_logps = _reference_logps(model, ref, tokenizer, *args)
-            rewards = cfg.beta * (_sequence_logps(model, tokenizer, *args) - ref_logps)
+            flat = [(p, r) for i in idx for p, responses in [encoded[i]] for r in responses]
+            ref_logps = _reference_logps(model, ref, flat, pad)
+            rewards = cfg.beta * (_sequence_logps(model, flat, pad) - ref_logps)
             split = rewards.split([len(r["responses"]) for r in batch])
             loss = torch.stack([plackett_luce_loss(s, r["ranks"]) for s, r in zip(split, batch)]).mean()
             opt.zero_grad()
@@ -217,17 +200,15 @@ def _train_listwise(cfg: DpoConfig, peft: PeftConfig, model, ref, tokenizer, row
 
 
 @torch.no_grad()
-def heldout_accuracy(model, ref, tokenizer, pairs: list[dict], batch: int = 128) -> float:
+def heldout_accuracy(model, ref, pad_id: int, pairs: list[dict], batch: int = 128) -> float:
     """How often the implicit reward ranks the held-out chosen response above the rejected one."""
     hits = []
     for start in range(0, len(pairs), batch):
         chunk = pairs[start : start + batch]
-        prompts = [p["prompt"] for p in chunk] * 2
-        responses = [p["chosen"] for p in chunk] + [p["rejected"] for p in chunk]
-        finished = [p["chosen_finished"] for p in chunk] + [p["rejected_finished"] for p in chunk]
-        margin = _sequence_logps(model, tokenizer, prompts, responses, finished) - _sequence_logps(
-            ref, tokenizer, prompts, responses, finished
-        )
+        rows = [(p["prompt_ids"], p["chosen_ids"]) for p in chunk] + [
+            (p["prompt_ids"], p["rejected_ids"]) for p in chunk
+        ]
+        margin = _sequence_logps(model, rows, pad_id) - _sequence_logps(ref, rows, pad_id)
         c, r = margin.split(len(chunk))
         hits += ((c > r).float() + 0.5 * (c == r).float()).tolist()
     return sum(hits) / max(1, len(hits))
@@ -242,22 +223,39 @@ def run(
     comparisons: Path,
     heldout: Path,
     out_dir: Path,
+    truncation: bool = True,
+    max_dropped_fraction: float = 0.0,
 ) -> Manifest:
     """`policy`: the model to start from (the SFT policy, or the previous round's); `reference`: the SFT policy."""
     out_dir = Path(out_dir)
     torch.manual_seed(cfg.seed)
     rows, held = read_jsonl(comparisons), read_jsonl(heldout)
-    pairs = preference_pairs(rows)
+    tokenizer = load_tokenizer(policy)
+    context = model_context(policy)
+    budget = resolve_budget("dpo", cfg.max_prompt_length, cfg.max_length, context)
+    fitted = fit_rows(
+        encode_rankings(tokenizer, rows),
+        budget,
+        stage="dpo",
+        truncation=truncation,
+        max_dropped_fraction=max_dropped_fraction,
+        sources=[r.get("source", f"{comparisons}:{i + 1}") for i, r in enumerate(rows)],
+    )
+    rows = [rows[i] for i in fitted.kept]
+    pairs = preference_pairs(fitted.rows, rows)
     if not pairs:
         raise ValueError(f"{comparisons}: no untied pair to learn from")
-    tokenizer = load_tokenizer(policy)
     model = load_causal_lm(policy)
     same_start = Path(policy).resolve() == Path(reference).resolve()
     ref = None if peft.method != "full" and same_start else load_causal_lm(reference).eval().requires_grad_(False)
     if cfg.loss_type == "plackett_luce":
-        trained, metrics = _train_listwise(cfg, peft, model, ref, tokenizer, rows)
+        trained, metrics = _train_listwise(cfg, peft, model, ref, tokenizer, rows, fitted.rows)
     else:
-        trained, metrics = _train_trl(cfg, peft, model, ref, tokenizer, pairs, out_dir)
+        trained, metrics = _train_trl(cfg, peft, model, ref, tokenizer, pairs, out_dir, budget)
+    metrics |= fitted.metrics("dpo/data")
+    metrics["dpo/tokens"] = float(
+        cfg.epochs * sum(2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)
+    )
     if peft.method != "full":
         trained = trained.merge_and_unload()
     trained.eval()
@@ -265,10 +263,23 @@ def run(
     unique = {json.dumps(r["prompt"]): r["prompt"] for r in held}  # a prompt may be a conversation
     prompts = list(unique.values())[: cfg.kl_prompts]
     if prompts:
-        rollout = sample(trained, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, generator_seed=cfg.seed)
+        new_tokens = cfg.max_new_tokens or default_new_tokens(context)
+        rollout = sample(
+            trained,
+            tokenizer,
+            prompts,
+            max_new_tokens=new_tokens,
+            generator_seed=cfg.seed,
+            max_prompt_length=context - new_tokens,
+        )
         metrics["dpo/kl_to_sft"] = mean_token_kl(trained, reference_model, [rollout])
     metrics["dpo/pairs"] = float(len(pairs))
-    metrics["dpo/eval/accuracy"] = heldout_accuracy(trained, reference_model, tokenizer, preference_pairs(held))
+    held_encoded = [
+        (budget.fit(p, rs[0])[0], [budget.fit(p, r)[1] for r in rs]) for p, rs in encode_rankings(tokenizer, held)
+    ]
+    metrics["dpo/eval/accuracy"] = heldout_accuracy(
+        trained, reference_model, tokenizer.pad_token_id, preference_pairs(held_encoded, held)
+    )
     log_metrics(metrics)
     trained.save_pretrained(out_dir / "policy", safe_serialization=True)
     tokenizer.save_pretrained(out_dir / "policy")

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from stages import task
+from stages import sources
 from stages.ai_labeler import AiLabeler, AiLabelerConfig, load_judge
 from stages.data import DatasetConfig, load, read_records
 from stages.manifest import read_jsonl, write_jsonl
@@ -63,17 +63,18 @@ class LabelsMissing(RuntimeError):
 
 
 class SimulatedLabeler:
-    def __init__(self, cfg: LabelerConfig, target_len: int = 6) -> None:
+    """Gold rule plus noise; only data that brings a gold rule (the embedded task's) can be labelled."""
+
+    def __init__(self, cfg: LabelerConfig, target_len: int = 6, gold: str = "embedded") -> None:
         self.cfg = cfg
         self.target_len = target_len
+        self.gold = sources.gold_scorer(gold, target_len)
         self.identity = f"simulated:noise={cfg.noise}:seed={cfg.seed}:target_len={target_len}"
 
     def noisy_scores(self, prompt: str, responses: list[str]) -> list[float]:
         content = "\x1f".join([str(self.cfg.seed), prompt, *responses]).encode()
         rng = random.Random(hashlib.sha256(content).hexdigest())
-        return [
-            task.gold_score(prompt, r, target_len=self.target_len) + rng.gauss(0.0, self.cfg.noise) for r in responses
-        ]
+        return [self.gold(prompt, r) + rng.gauss(0.0, self.cfg.noise) for r in responses]
 
     def rank(self, prompt: str, responses: list[str]) -> list[int]:
         return ranks_from_scores(self.noisy_scores(prompt, responses))
@@ -190,12 +191,19 @@ def ranks_from_scores(scores: list[float]) -> list[int]:
     return [distinct.index(s) for s in scores]
 
 
-def make_labeler(cfg: LabelerConfig, target_len: int, judge_dir: Path | None = None) -> CachedLabeler:
+def make_labeler(
+    cfg: LabelerConfig, target_len: int, judge_dir: Path | None = None, gold: str | None = "embedded"
+) -> CachedLabeler:
     """`judge_dir`: the `judge` stage's artifact, whose model the AI labeler uses unless
-    `labeler.ai.model` names another."""
+    `labeler.ai.model` names another. `gold`: the data's gold rule, which the simulated labeler needs."""
     inner: Labeler
     if cfg.kind == "simulated":
-        inner = SimulatedLabeler(cfg, target_len)
+        if gold is None:
+            raise ValueError(
+                "labeler.kind: the simulated labeler scores with the embedded task's gold rule, and this data has "
+                "none; give data.comparisons, or use labeler=ai or labeler=file"
+            )
+        inner = SimulatedLabeler(cfg, target_len, gold)
     elif cfg.kind == "file":
         inner = FileLabeler(cfg)
     else:

@@ -12,16 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-# Used when a base model ships without a chat template; every later stage reuses the SFT
-# artifact's template, so prompts are rendered identically in SFT, sampling, PPO and evaluation.
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] }} "
-    "{% elif message['role'] == 'user' %}<|user|> {{ message['content'] }} "
-    "{% elif message['role'] == 'assistant' %}<|assistant|> {{ message['content'] }}{{ eos_token }} "
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
+from stages.tokens import Packed, context_window, decode_response, prompt_ids, render, response_ids
 
 
 @dataclass(frozen=True)
@@ -41,20 +32,55 @@ class ModelConfig:
     pretrain_documents: int = 8000
     pretrain_epochs: int = 4
     pretrain_learning_rate: float = 3e-3
+    bpe_vocab_size: int = 4096  # own data without a model: the byte-level BPE tokenizer trained on it
+
+
+class ModelError(ValueError):
+    """A model or tokenizer the pipeline cannot use safely; the message names the folder and why."""
+
+
+def check_model_folder(path: str | Path) -> None:
+    """A local model folder must hold safetensors weights: pickled checkpoints (`.bin`, `.pt`) can run
+    arbitrary code when loaded, so they are refused rather than loaded."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return  # a hub id: `from_pretrained` asks for safetensors (`use_safetensors=True`)
+    if not any(folder.glob("*.safetensors")):
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        found = f"found only {', '.join(pickles)}" if pickles else "found no weights"
+        raise ModelError(
+            f"{folder}: no *.safetensors weights ({found}). Pickled weights can execute code when loaded, so "
+            "alignflow loads safetensors only; convert with `model.save_pretrained(folder, safe_serialization=True)`"
+        )
 
 
 def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
+    """The tokenizer of a model folder or hub id; pad falls back to EOS, and a tokenizer without EOS
+    is refused (responses could never end)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tok.eos_token_id is None:
+        raise ModelError(
+            f"{path}: the tokenizer has no EOS token, so a response could never end; set `eos_token` in its "
+            "tokenizer_config.json (or `tokenizer.eos_token = ...` before `save_pretrained`)"
+        )
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
+def model_context(path: str | Path, *, trust_remote_code: bool = False) -> int:
+    """The context window of the model in a folder or hub id, read from its config alone."""
+    from transformers import AutoConfig
+
+    return context_window(AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code))
+
+
 def load_causal_lm(path: str | Path, *, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
 
+    check_model_folder(path)
     return AutoModelForCausalLM.from_pretrained(
         str(path), trust_remote_code=trust_remote_code, use_safetensors=True, dtype=torch.float32
     )
@@ -63,12 +89,7 @@ def load_causal_lm(path: str | Path, *, trust_remote_code: bool = False):
 def render_prompts(tokenizer, prompts: list[str] | list[list[dict]]) -> list[str]:
     """Prompts as the policy sees them: the chat template with the generation prompt. A prompt is a
     user message, or a conversation (`[{"role", "content"}, ...]`, as in HH-RLHF pairs)."""
-    return [
-        tokenizer.apply_chat_template(
-            p if isinstance(p, list) else [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-        )
-        for p in prompts
-    ]
+    return [render(tokenizer, p) for p in prompts]
 
 
 @dataclass
@@ -91,11 +112,23 @@ class Rollout:
         mask = torch.cat([self.query_mask, self.response_mask], dim=1)
         return ids, mask
 
+    def packed(self) -> Packed:
+        ids, mask = self.sequences()
+        return Packed(ids, mask, torch.cat([torch.zeros_like(self.query_mask), self.response_mask], dim=1))
 
-def encode_queries(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    tokenizer.padding_side = "left"
-    enc = tokenizer(render_prompts(tokenizer, prompts), return_tensors="pt", padding=True, add_special_tokens=False)
-    return enc["input_ids"], enc["attention_mask"]
+
+def encode_queries(tokenizer, prompts: list, max_prompt_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids (`stages.tokens.prompt_ids`), each keeping its last `max_prompt_length`."""
+    rows = [prompt_ids(tokenizer, p) for p in prompts]
+    if max_prompt_length is not None:
+        rows = [r[-max_prompt_length:] for r in rows]
+    width = max(len(r) for r in rows)
+    query = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        query[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r) :] = 1
+    return query, mask
 
 
 @torch.no_grad()
@@ -108,9 +141,10 @@ def sample(
     temperature: float = 1.0,
     top_p: float = 1.0,
     generator_seed: int | None = None,
+    max_prompt_length: int | None = None,
 ) -> Rollout:
     """Batched sampling with the KV cache (`generate`); the seam where a faster engine plugs in."""
-    query, query_mask = encode_queries(tokenizer, prompts)
+    query, query_mask = encode_queries(tokenizer, prompts, max_prompt_length)
     if generator_seed is not None:
         torch.manual_seed(generator_seed)
     was_training = model.training
@@ -138,10 +172,12 @@ def sample(
 
 
 def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
-    return [
-        tokenizer.decode(ids[m.bool()], skip_special_tokens=True).strip()
-        for ids, m in zip(rollout.response, rollout.response_mask)
-    ]
+    """Texts of the sampled responses, EOS excluded (see `stages.tokens.decode_response`)."""
+    texts = []
+    for ids, m, f in zip(rollout.response, rollout.response_mask, rollout.finished.tolist()):
+        kept = ids[m.bool()].tolist()
+        texts.append(decode_response(tokenizer, kept[:-1] if f else kept))
+    return texts
 
 
 def position_ids(mask: torch.Tensor) -> torch.Tensor:
@@ -173,13 +209,10 @@ def mean_token_kl(policy, reference, rollouts: list[Rollout], *, temperature: fl
     return kl_sum / max(tokens, 1.0)
 
 
-def encode_rollout(tokenizer, prompts: list[str], responses: list[str], finished: list[bool]) -> Rollout:
+def encode_rollout(tokenizer, prompts: list, responses: list[str], finished: list[bool]) -> Rollout:
     """Tokenize given responses into the same layout `sample` returns (EOS kept where finished)."""
     query, query_mask = encode_queries(tokenizer, prompts)
-    rows = [
-        tokenizer(" " + r, add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if f else [])
-        for r, f in zip(responses, finished)
-    ]
+    rows = [response_ids(tokenizer, r, f) for r, f in zip(responses, finished)]
     width = max(1, max(len(r) for r in rows))
     response = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     response_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -209,23 +242,33 @@ def token_values(model, rollout: Rollout, *, backbone=None, head=None) -> torch.
 POOLINGS = ("last", "mean")
 
 
-def sequence_scores(model, rollout: Rollout, pooling: str = "last") -> torch.Tensor:
-    """A reward model's score per sequence: (batch,).
+def sequence_scores(model, batch: Rollout | Packed, pooling: str = "last") -> torch.Tensor:
+    """A reward model's score per sequence: (batch,). `batch`: sampled rollouts or jointly packed rows.
 
     - "last": the scalar head at the last real token (InstructGPT, TRL, DeepSpeed-Chat);
     - "mean": the scalar head on every response token (EOS included), averaged over the response.
     """
-    hidden = hidden_states(model.base_model, rollout)
-    if pooling == "mean":
-        q = rollout.query.shape[1]
-        per_token = model.score(hidden[:, q:, :]).squeeze(-1).float()
-        mask = rollout.response_mask.float()
-        return (per_token * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-    if pooling != "last":
+    if pooling not in POOLINGS:
         raise ValueError(f"pooling: {pooling!r} is not one of {', '.join(POOLINGS)}")
-    mask = rollout.sequences()[1]
+    packed = batch.packed() if isinstance(batch, Rollout) else batch
+    mask = packed.attention_mask
+    hidden = model.base_model(
+        input_ids=packed.ids, attention_mask=mask, position_ids=position_ids(mask)
+    ).last_hidden_state
+    if pooling == "mean":
+        per_token = model.score(hidden).squeeze(-1).float()
+        resp = packed.response_mask.float()
+        return (per_token * resp).sum(1) / resp.sum(1).clamp(min=1.0)
     last = (mask * torch.arange(mask.shape[1])).argmax(dim=1)
     return model.score(hidden[torch.arange(hidden.shape[0]), last]).squeeze(-1).float()
+
+
+def sequence_logprobs(model, packed: Packed) -> torch.Tensor:
+    """Summed log-probability of each row's response tokens under `model`: (batch,)."""
+    mask = packed.attention_mask
+    logits = model(input_ids=packed.ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, :-1]
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, packed.ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return (logp * packed.response_mask[:, 1:]).sum(1)
 
 
 def lm_loss(model, tokenizer, texts: list[str], max_length: int | None = None) -> torch.Tensor:
@@ -247,6 +290,7 @@ def load_scalar_model(path: str | Path, *, trust_remote_code: bool = False):
     """A sequence-classification model with one output (reward or value head)."""
     from transformers import AutoModelForSequenceClassification
 
+    check_model_folder(path)
     return AutoModelForSequenceClassification.from_pretrained(
         str(path), num_labels=1, trust_remote_code=trust_remote_code, use_safetensors=True, dtype=torch.float32
     )

@@ -17,6 +17,7 @@ Alone: `python -m flows.align pipeline.stop_after=ppo`.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -26,8 +27,8 @@ from pathlib import Path
 
 import torch
 
+from stages import diagnostics, sources
 from stages import ppo_math as pm
-from stages import task
 from stages.labelers import LabelerConfig, make_labeler
 from stages.manifest import Manifest, folder_digest, read_jsonl, write_jsonl
 from stages.modeling import (
@@ -36,12 +37,14 @@ from stages.modeling import (
     lm_loss,
     load_scalar_model,
     load_tokenizer,
+    model_context,
     sample,
     sequence_scores,
 )
 from stages.peft_setup import PeftConfig
 from stages.ppo_models import FullCopies, SharedBase
 from stages.reward_model import load_normalization
+from stages.tokens import SamplingBudget, fit_prompts, resolve_sampling
 from stages.tracking import log_metrics
 
 
@@ -70,10 +73,14 @@ class PpoConfig:
     ptx_coef: float = 0.0  # PPO-ptx; InstructGPT used 27.8 on its own loss scale; 0 turns it off
     ptx_batch_size: int = 16
     ema_decay: float | None = 0.992  # EMA of policy weights for export (InstructGPT); null: off
-    max_new_tokens: int = 16
+    max_new_tokens: int | None = None  # null: a quarter of the model's context window
+    max_prompt_length: int | None = None  # tokens; longer prompts keep their end; null: the rest of the context
     temperature: float = 1.0
     top_p: float = 1.0
-    missing_eos_penalty: float | None = None  # subtracted from the score of a response without EOS
+    # subtracted from the score of a response that did not end with EOS within max_new_tokens: without
+    # it a policy can pad answers that the reward model likes long (see README, "Reward hacking")
+    missing_eos_penalty: float | None = None
+    max_repetition: float = 0.5  # the last update's repetition above this flags the stage (diagnostics.py)
     checkpoint_every: int = 10  # updates between checkpoints; 0: never
     seed: int = 0
 
@@ -187,44 +194,62 @@ def run(
     judge: Path | None = None,
     pretrain: Path | None = None,
     checkpoint_dir: Path | None = None,
-    gold_target_len: int | None = None,
+    gold: str | None = None,
+    target_len: int = 6,
+    truncation: bool = True,
+    max_dropped_fraction: float = 0.0,
 ) -> Manifest:
     """Scores rollouts with `reward_model` (and its `normalization`), or, d-RLAIF, with the AI
-    `labeler` over `judge`. `gold_target_len` set (embedded task): log the hidden gold score too."""
+    `labeler` over `judge`. `gold` set (the embedded task's rule): log the hidden gold score too."""
     out_dir = Path(out_dir)
     if (reward_model is None) == (judge is None or labeler is None):
         raise ValueError("ppo: score rollouts with either a reward model or an AI labeler and its judge, not both")
     scorer = RewardModelScore(reward_model, normalization) if reward_model else JudgeScore(labeler, judge)
     tokenizer = load_tokenizer(policy)
+    budget = resolve_sampling("ppo", cfg.max_prompt_length, cfg.max_new_tokens, model_context(policy))
+    texts = [r["prompt"] for r in read_jsonl(prompts)]
+    texts, fitted = fit_prompts(
+        tokenizer,
+        texts,
+        budget,
+        stage="ppo",
+        truncation=truncation,
+        max_dropped_fraction=max_dropped_fraction,
+        sources=[f"{prompts}:{i + 1}" for i in range(len(texts))],
+    )
+    gold_fn = sources.gold_scorer(gold, target_len)
     state = _State(cfg, peft, policy, reward_model or policy)
     resumed_from = state.update if checkpoint_dir and state.load(Path(checkpoint_dir)) else 0
-    texts = [r["prompt"] for r in read_jsonl(prompts)]
     ptx_docs = [r["text"] for r in read_jsonl(pretrain)] if pretrain and cfg.ptx_coef > 0 else []
     while state.update < cfg.updates:
         update = state.update
         start = (update * cfg.rollouts_per_update) % len(texts)  # data position follows the update index
         batch_prompts = [texts[(start + i) % len(texts)] for i in range(cfg.rollouts_per_update)]
-        row, rollout = _one_update(cfg, state, tokenizer, scorer, batch_prompts, ptx_docs, update)
-        if gold_target_len is not None:
-            responses = decode_responses(tokenizer, rollout)
-            gold = [task.gold_score(p, r, target_len=gold_target_len) for p, r in zip(batch_prompts, responses)]
-            row["ppo/objective/gold"] = sum(gold) / len(gold)
+        row, rollout = _one_update(cfg, state, tokenizer, scorer, batch_prompts, ptx_docs, update, budget)
+        responses = decode_responses(tokenizer, rollout)
+        row["ppo/distinct_2"] = diagnostics.distinct_n(responses, 2)
+        row["ppo/repetition"] = diagnostics.repetition(responses)
+        if gold_fn is not None:
+            row["ppo/objective/gold"] = sum(gold_fn(p, r) for p, r in zip(batch_prompts, responses)) / len(responses)
         state.history.append(row)
         log_metrics(row, step=update)
         state.update += 1
         if checkpoint_dir and cfg.checkpoint_every and state.update % cfg.checkpoint_every == 0:
             state.save(Path(checkpoint_dir))
-    return _finish(cfg, state, tokenizer, out_dir, batch_prompts, rollout, resumed_from, checkpoint_dir)
+    manifest = _finish(cfg, state, tokenizer, out_dir, batch_prompts, rollout, resumed_from, checkpoint_dir)
+    manifest.metrics.update(fitted.metrics("ppo/data"))
+    return manifest
 
 
-def _one_update(cfg, state: _State, tokenizer, scorer, batch_prompts, ptx_docs, update):
+def _one_update(cfg, state: _State, tokenizer, scorer, batch_prompts, ptx_docs, update, budget: SamplingBudget):
     models = state.models
     # 1. rollouts (KV-cached, batched generate: the seam where a faster engine plugs in)
     rollout = sample(
         models.policy,
         tokenizer,
         batch_prompts,
-        max_new_tokens=cfg.max_new_tokens,
+        max_new_tokens=budget.max_new_tokens,
+        max_prompt_length=budget.max_prompt_length,
         temperature=cfg.temperature,
         top_p=cfg.top_p,
     )
@@ -282,6 +307,8 @@ def _one_update(cfg, state: _State, tokenizer, scorer, batch_prompts, ptx_docs, 
         "ppo/objective/beta": state.beta,
         "ppo/val/explained_variance": _explained_variance(old_values, returns, mask),
         "ppo/response_length": mask.sum(1).mean().item(),
+        # tokens through the model per update: rollout forward passes plus the PPO epochs' passes
+        "ppo/tokens": float((rollout.query_mask.sum() + mask.sum()).item() * (1 + cfg.ppo_epochs)),
         "ppo/finished": rollout.finished.float().mean().item(),
         "ppo/learning_rate": state.opt.param_groups[0]["lr"],
         **{f"ppo/{name}": sum(v) / len(v) for name, v in _named(stats).items() if v},
@@ -328,6 +355,15 @@ def _finish(cfg, state: _State, tokenizer, out_dir, batch_prompts, rollout, resu
         [{"prompt": p, "response": r} for p, r in zip(batch_prompts, decode_responses(tokenizer, rollout))],
     )
     first, last = state.history[0], state.history[-1]
+    verdict = diagnostics.verdict(
+        None, last["ppo/repetition"], max_kl_per_token=math.inf, max_repetition=cfg.max_repetition
+    )
+    if last["ppo/objective/kl"] > cfg.kl_warn:
+        verdict["status"] = "flagged"
+        verdict["reasons"].insert(
+            0, f"KL to SFT {last['ppo/objective/kl']:.2f} per response is above stage.ppo.kl_warn={cfg.kl_warn}"
+        )
+    (out_dir / "verdict.json").write_text(json.dumps(verdict))
     metrics = {
         "ppo/objective/scores_first": first["ppo/objective/scores"],
         "ppo/objective/scores_last": last["ppo/objective/scores"],
@@ -335,10 +371,15 @@ def _finish(cfg, state: _State, tokenizer, out_dir, batch_prompts, rollout, resu
         "ppo/updates": float(cfg.updates),
         "ppo/resumed_from": float(resumed_from),
         "ppo/history_length": float(len(state.history)),
+        "ppo/finished_last": last["ppo/finished"],
+        "ppo/repetition_last": last["ppo/repetition"],
+        "ppo/flagged": float(verdict["status"] != "ok"),
+        "ppo/tokens": float(sum(h["ppo/tokens"] for h in state.history)),
     }
     if checkpoint_dir:  # the finished stage is cached as an artifact; its checkpoints are spent
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    files = {"policy": "policy", "samples": "samples.jsonl"} | ({"policy_last": "policy_last"} if state.ema else {})
+    files = {"policy": "policy", "samples": "samples.jsonl", "verdict": "verdict.json"}
+    files |= {"policy_last": "policy_last"} if state.ema else {}
     return Manifest(stage="ppo", path=str(out_dir), digest=folder_digest(out_dir), metrics=metrics, files=files)
 
 

@@ -1,34 +1,42 @@
-"""Prepare stage: the embedded default's data, tokenizer and base model.
+"""Prepare stage: a run's data, tokenizer and base model.
 
-Generates, deterministically from `data.seed`, the demonstrations (mixed quality), the prompt sets
-for comparisons, PPO and evaluation (disjoint draws), trains a word-level tokenizer on that corpus
-and builds a tiny Llama from a config. Both are saved with `save_pretrained` and every later stage
-loads them back through `from_pretrained`, the path a hub id or a real model folder takes.
+The rows come from `stages/sources.py`: the embedded task (generated from `data.seed`) or the
+user's files, in the internal schemas (`{"messages": [...]}` demonstrations, ranking rows for
+comparisons, prompt sets). `sources.json` records where each prompt set came from and whether a
+gold rule scores the data.
 
-With `model.name_or_path` set, the base model and tokenizer come from there instead; with
-`data.demonstrations` set, the demonstrations come from that file through the data worker
-(`stages/data.py`), in the internal `{"messages": [...]}` schema; with `data.comparisons` set, the
-reward model's comparisons come from that file (pairs are K = 2 rankings), split into train and
-held-out, and the comparisons stage passes them through instead of sampling and labelling.
+The base model and tokenizer:
+- `model.name_or_path` set: loaded from there (safetensors only). A tokenizer without a chat
+  template gets the default one, its role markers added as special tokens and the embeddings
+  resized, so a marker is one token (`stages/tokens.py`).
+- embedded task: a word-level tokenizer trained on the task's words and a tiny Llama, pretrained
+  briefly on unformatted task text.
+- own data without a model: a byte-level BPE tokenizer trained on the data and a tiny Llama,
+  pretrained briefly on the data's text.
+Both are saved with `save_pretrained` and every later stage loads them back through
+`from_pretrained`, the path a hub id or a real model folder takes.
 
-Alone: `python -c "from stages import prepare; ..."` or `python -m flows.align pipeline.stop_after=prepare`.
+Alone: `python -m flows.align pipeline.stop_after=prepare`.
 """
 
 from __future__ import annotations
 
-import random
+import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from stages import task
-from stages.data import DatasetConfig, as_ranking_rows, load
+from stages import sources
+from stages.data import DatasetConfig
 from stages.manifest import Manifest, folder_digest, write_jsonl
-from stages.modeling import DEFAULT_CHAT_TEMPLATE, ModelConfig, lm_loss, load_causal_lm, load_tokenizer
+from stages.modeling import ModelConfig, lm_loss, load_causal_lm, load_tokenizer
+from stages.tokens import DEFAULT_CHAT_TEMPLATE, ROLE_MARKERS, ensure_chat_template
 
-SPECIAL_TOKENS = ["<pad>", "<unk>", "<eos>", "<|user|>", "<|assistant|>"]
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<eos>", *ROLE_MARKERS]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -43,17 +51,31 @@ class DataConfig:
     demonstrations: DatasetConfig | None = None  # a real dataset instead of the embedded task's
     # ranked or pairwise comparisons for the reward model instead of sampling and labelling them
     comparisons: DatasetConfig | None = None
-    heldout_fraction: float = 0.1  # of `comparisons`, held out for the reward model's evaluation
+    prompts: DatasetConfig | None = None  # PPO's prompts (kind: prompts); default: from the data above
+    eval_prompts: DatasetConfig | None = None  # evaluation's prompts; default: the data's held-out split
+    heldout_fraction: float = 0.1  # of the comparisons (else demonstrations), held out for evaluation
+    eval_rm_fraction: float = 0.5  # of the rest of the comparisons: the evaluation reward model's split; 0: none
+    truncation: bool = True  # cut long rows (prompt keeps its end); false: rows that do not fit are dropped
+    max_dropped_fraction: float = 0.0  # more rows dropped than this stops the run, naming the key to raise
 
     def __post_init__(self) -> None:
         if self.comparisons is not None and self.comparisons.kind not in ("preferences", "rankings"):
             raise ValueError(f"data.comparisons.kind: {self.comparisons.kind!r} is not 'preferences' or 'rankings'")
+        for key in ("prompts", "eval_prompts"):
+            ds = getattr(self, key)
+            if ds is not None and ds.kind != "prompts":
+                raise ValueError(f"data.{key}.kind: {ds.kind!r} must be 'prompts'")
         if not 0 < self.heldout_fraction < 1:
             raise ValueError(f"data.heldout_fraction: must be in (0, 1), got {self.heldout_fraction}")
+        if not 0 <= self.eval_rm_fraction < 1:
+            raise ValueError(f"data.eval_rm_fraction: must be in [0, 1), got {self.eval_rm_fraction}")
+        if not 0 <= self.max_dropped_fraction <= 1:
+            raise ValueError(f"data.max_dropped_fraction: must be in [0, 1], got {self.max_dropped_fraction}")
 
-
-def _texts(prompt: str | list[dict]) -> list[str]:
-    return [prompt] if isinstance(prompt, str) else [m["content"] for m in prompt]
+    @property
+    def is_embedded(self) -> bool:
+        """No data file is configured: the run is the embedded task's."""
+        return all(getattr(self, k) is None for k in ("demonstrations", "comparisons", "prompts", "eval_prompts"))
 
 
 def build_tokenizer(corpus: list[str]):
@@ -72,6 +94,27 @@ def build_tokenizer(corpus: list[str]):
         unk_token="<unk>",
         eos_token="<eos>",
         additional_special_tokens=["<|user|>", "<|assistant|>"],
+    )
+    fast.chat_template = DEFAULT_CHAT_TEMPLATE
+    return fast
+
+
+def build_bpe_tokenizer(corpus: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer (GPT-2's scheme) trained on the data: any text encodes, nothing is
+    unknown, and decode(encode(text)) == text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<pad>", "<eos>", *ROLE_MARKERS]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", additional_special_tokens=list(ROLE_MARKERS)
     )
     fast.chat_template = DEFAULT_CHAT_TEMPLATE
     return fast
@@ -97,7 +140,9 @@ def build_tiny_llama(cfg: ModelConfig, tokenizer, seed: int):
     return LlamaForCausalLM(config)
 
 
-def pretrain(model, tokenizer, documents: list[str], cfg: ModelConfig, seed: int) -> list[float]:
+def pretrain(
+    model, tokenizer, documents: list[str], cfg: ModelConfig, seed: int, max_length: int | None = None
+) -> list[float]:
     """Plain next-token training on `documents` (full weights); returns the per-epoch mean loss."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_learning_rate)
@@ -107,7 +152,7 @@ def pretrain(model, tokenizer, documents: list[str], cfg: ModelConfig, seed: int
         order = torch.randperm(len(documents), generator=gen).tolist()
         total, batches = 0.0, 0
         for start in range(0, len(order), 32):
-            loss = lm_loss(model, tokenizer, [documents[i] for i in order[start : start + 32]])
+            loss = lm_loss(model, tokenizer, [documents[i] for i in order[start : start + 32]], max_length)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -116,65 +161,62 @@ def pretrain(model, tokenizer, documents: list[str], cfg: ModelConfig, seed: int
     return losses
 
 
+def _texts(prompt: Any) -> list[str]:
+    return [prompt] if isinstance(prompt, str) else [m["content"] for m in prompt]
+
+
+def base_model(cfg: DataConfig, model_cfg: ModelConfig, data: sources.Sourced):
+    """(tokenizer, model, pretraining losses, notes) as described in the module docstring."""
+    notes: dict[str, Any] = {}
+    if model_cfg.name_or_path is not None:
+        tokenizer = load_tokenizer(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
+        model = load_causal_lm(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
+        had_template = tokenizer.chat_template is not None
+        added = ensure_chat_template(tokenizer)
+        if not had_template:
+            notes["chat_template"] = "default (the model has none)" + (f"; added tokens {added}" if added else "")
+            log.warning(
+                "prepare: %s has no chat template; using the default one, markers %s", model_cfg.name_or_path, added
+            )
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tokenizer))  # new rows start at the mean embedding
+        return tokenizer, model, [], notes
+    texts = [" ".join(m["content"] for m in r["messages"]) for r in data.demonstrations]
+    if data.gold == "embedded":
+        tokenizer = build_tokenizer([*texts, " ".join(sources.vocabulary_hint())])
+    else:
+        texts += [" ".join(_texts(p)) for ps in data.prompt_sets.values() for p in ps]
+        texts += [" ".join(_texts(r["prompt"]) + r["responses"]) for rows in data.comparisons.values() for r in rows]
+        tokenizer = build_bpe_tokenizer(texts, model_cfg.bpe_vocab_size)
+        notes["tokenizer"] = f"byte-level BPE trained on the data ({len(tokenizer)} tokens)"
+    model = build_tiny_llama(model_cfg, tokenizer, cfg.seed)
+    docs = data.pretrain[: model_cfg.pretrain_documents]
+    losses = pretrain(model, tokenizer, docs, model_cfg, cfg.seed, max_length=model_cfg.max_position_embeddings)
+    return tokenizer, model, losses, notes
+
+
 def run(cfg: DataConfig, model_cfg: ModelConfig, *, out_dir: Path) -> Manifest:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics: dict[str, float] = {}
+    data = sources.assemble(cfg, model_cfg.pretrain_documents)  # every file validated before any compute
+    metrics: dict[str, float] = dict(data.metrics)
     files: dict[str, str] = {}
-    compared: list[dict[str, Any]] = []
-    if cfg.comparisons is not None:  # validated before any compute
-        loaded_cmp = load(cfg.comparisons)
-        compared = as_ranking_rows(loaded_cmp.rows, cfg.comparisons.kind)
-        metrics["prepare/comparisons/bad_rows"] = float(loaded_cmp.bad)
-        order = list(range(len(compared)))
-        random.Random(cfg.seed).shuffle(order)
-        n_held = max(1, round(cfg.heldout_fraction * len(order)))
-        if n_held >= len(order):
-            raise ValueError(f"{cfg.comparisons.path}: {len(order)} rows leave nothing to train on once held out")
-        for name, part in (("dataset_heldout_comparisons", order[:n_held]), ("dataset_comparisons", order[n_held:])):
-            write_jsonl(out_dir / f"{name}.jsonl", [compared[i] for i in part])
-            files[name] = f"{name}.jsonl"
-            metrics[f"prepare/{name}/rows"] = float(len(part))
-    if cfg.demonstrations is None:
-        demos = task.make_demonstrations(cfg.n_demonstrations, cfg.seed, target_len=cfg.target_len)
-        rows: list[dict[str, Any]] = [
-            {"messages": [{"role": "user", "content": d.prompt}, {"role": "assistant", "content": d.response}]}
-            for d in demos
-        ]
-        gold = [task.gold_score(d.prompt, d.response, target_len=cfg.target_len) for d in demos]
-        metrics["prepare/demonstrations/gold_mean"] = sum(gold) / len(gold)
-    else:
-        loaded = load(cfg.demonstrations)
-        rows = loaded.rows
-        metrics["prepare/data/bad_rows"] = float(loaded.bad)
-    metrics["prepare/demonstrations/rows"] = float(len(rows))
-    write_jsonl(out_dir / "demonstrations.jsonl", rows)
-    prompt_sets = {
-        "comparison_prompts": cfg.n_comparison_prompts,
-        "heldout_comparison_prompts": cfg.n_heldout_comparison_prompts,
-        "ppo_prompts": cfg.n_ppo_prompts,
-        "eval_prompts": cfg.n_eval_prompts,
-    }
-    for i, (name, n) in enumerate(prompt_sets.items()):
-        write_jsonl(out_dir / f"{name}.jsonl", [{"prompt": p} for p in task.make_prompts(n, cfg.seed * 1000 + i + 1)])
-
+    for name, rows in data.comparisons.items():
+        write_jsonl(out_dir / f"{name}.jsonl", rows)
+        files[name] = f"{name}.jsonl"
+        metrics[f"prepare/{name}/rows"] = float(len(rows))
+    write_jsonl(out_dir / "demonstrations.jsonl", data.demonstrations)
+    metrics["prepare/demonstrations/rows"] = float(len(data.demonstrations))
+    for name, prompts in data.prompt_sets.items():
+        write_jsonl(out_dir / f"{name}.jsonl", [{"prompt": p} for p in prompts])
+        metrics[f"prepare/{name}/rows"] = float(len(prompts))
+    tokenizer, model, pretrain_losses, notes = base_model(cfg, model_cfg, data)
+    write_jsonl(out_dir / "pretrain.jsonl", [{"text": d} for d in data.pretrain])  # PPO-ptx's mix
+    described = {"prompt_source": data.prompt_source, "gold": data.gold, **notes}
+    (out_dir / "sources.json").write_text(json.dumps(described, indent=2, sort_keys=True))
+    for name, where in data.prompt_source.items():
+        log.info("prepare: %s from %s", name, where)
     base = out_dir / "base"
-    if model_cfg.name_or_path is None:
-        corpus = [" ".join(m["content"] for m in r["messages"]) for r in rows] + [" ".join(task.vocabulary())]
-        corpus += [" ".join(_texts(r["prompt"]) + r["responses"]) for r in compared]
-        tokenizer = build_tokenizer(corpus)
-        model = build_tiny_llama(model_cfg, tokenizer, cfg.seed)
-        web = task.make_demonstrations(model_cfg.pretrain_documents, cfg.seed + 7919, target_len=cfg.target_len)
-        documents = [f"{d.prompt} {d.response}" for d in web]
-        pretrain_losses = pretrain(model, tokenizer, documents, model_cfg, cfg.seed)
-    else:
-        tokenizer = load_tokenizer(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
-        if tokenizer.chat_template is None:
-            tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
-        model = load_causal_lm(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
-        pretrain_losses = []
-        documents = [" ".join(m["content"] for m in r["messages"]) for r in rows]
-    write_jsonl(out_dir / "pretrain.jsonl", [{"text": d} for d in documents])  # PPO-ptx's mix
     tokenizer.save_pretrained(base)
     model.save_pretrained(base, safe_serialization=True)
     # round trip: the artifact must load through the same path a hub model takes
@@ -192,9 +234,10 @@ def run(cfg: DataConfig, model_cfg: ModelConfig, *, out_dir: Path) -> Manifest:
         },
         files={
             "base": "base",
-            **{k: f"{k}.jsonl" for k in prompt_sets},
+            **{k: f"{k}.jsonl" for k in data.prompt_sets},
             "demonstrations": "demonstrations.jsonl",
             "pretrain": "pretrain.jsonl",
+            "sources": "sources.json",
             **files,
         },
     )

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from stages.manifest import Manifest, folder_digest, read_jsonl
-from stages.modeling import POOLINGS, encode_rollout, load_scalar_model, load_tokenizer, sequence_scores
+from stages.modeling import POOLINGS, load_scalar_model, load_tokenizer, model_context, sequence_scores
+from stages.tokens import Budget, fit_rows, length_buckets, pack, prompt_ids, resolve_budget, response_ids
 from stages.tracking import log_metrics
 
 
@@ -42,6 +43,11 @@ class RewardModelConfig:
     margin: float = 0.0  # optional margin in the pairwise loss (Llama 2); 0 is InstructGPT's loss
     pooling: str = "last"  # where the score is read: last token (InstructGPT) | mean over the response
     targets: str = "hard"  # hard: ranks (InstructGPT) | soft: the AI labeler's P(i > j) (RLAIF distillation)
+    max_prompt_length: int | None = None  # tokens; null: max_length less a quarter of it
+    max_length: int | None = None  # prompt + response tokens; null: the model's context window
+    # start from another model than the policy (InstructGPT: a 6B RM for a 175B policy); it must
+    # share the policy's token ids, since PPO hands it the policy's sampled ids
+    name_or_path: str | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -59,6 +65,13 @@ class Normalization:
 
     bias: float
     pooling: str = "last"
+    max_prompt_length: int | None = None  # the limits it was trained with: consumers cut rows the same way
+    max_length: int | None = None
+
+    def budget(self) -> Budget | None:
+        if self.max_prompt_length is None or self.max_length is None:
+            return None
+        return Budget(self.max_prompt_length, self.max_length)
 
 
 def ranking_pairs(ranks: list[int]) -> list[tuple[int, int]]:
@@ -96,20 +109,42 @@ def soft_preference_loss(scores, prefs: list[list[list[float]]]) -> torch.Tensor
     return torch.stack(losses).mean()
 
 
-def score_rows(model, tokenizer, rows: list[dict], pooling: str = "last") -> list[torch.Tensor]:
-    """Per row a (K,) tensor of reward scores, one forward pass per response; K may vary by row."""
-    rollout = encode_rollout(
-        tokenizer,
-        [r["prompt"] for r in rows for _ in r["responses"]],
-        [y for r in rows for y in r["responses"]],
-        [f for r in rows for f in r["finished"]],
-    )
-    return list(sequence_scores(model, rollout, pooling).split([len(r["responses"]) for r in rows]))
+def encode_rankings(tokenizer, rows: list[dict]) -> list[tuple[list[int], list[list[int]]]]:
+    """(prompt ids, [response ids, EOS where finished]) per ranking row (`stages/tokens.py`)."""
+    return [
+        (
+            prompt_ids(tokenizer, r["prompt"]),
+            [response_ids(tokenizer, y, f) for y, f in zip(r["responses"], r["finished"])],
+        )
+        for r in rows
+    ]
+
+
+def score_encoded(
+    model, encoded: list[tuple[list[int], list[list[int]]]], pad_id: int, pooling: str
+) -> list[torch.Tensor]:
+    """Per row a (K,) tensor of scores; every response of the batch in one jointly padded pass."""
+    flat = [(p, r) for p, responses in encoded for r in responses]
+    scores = sequence_scores(model, pack(flat, pad_id), pooling)
+    return list(scores.split([len(responses) for _, responses in encoded]))
+
+
+def score_rows(
+    model, tokenizer, rows: list[dict], pooling: str = "last", budget: Budget | None = None
+) -> list[torch.Tensor]:
+    """Per row a (K,) tensor of reward scores, one forward pass per response; K may vary by row.
+    With `budget`, long rows are cut as in training (prompt keeps its end)."""
+    encoded = encode_rankings(tokenizer, rows)
+    if budget is not None:
+        encoded = [(budget.fit(p, rs[0])[0], [budget.fit(p, r)[1] for r in rs]) for p, rs in encoded]
+    return score_encoded(model, encoded, tokenizer.pad_token_id, pooling)
 
 
 @torch.no_grad()
-def pairwise_accuracy(model, tokenizer, rows: list[dict], pooling: str = "last", batch: int = 64) -> float:
-    return pairwise_accuracy_by_k(model, tokenizer, rows, pooling, batch)["all"]
+def pairwise_accuracy(
+    model, tokenizer, rows: list[dict], pooling: str = "last", batch: int = 64, budget: Budget | None = None
+) -> float:
+    return pairwise_accuracy_by_k(model, tokenizer, rows, pooling, batch, budget)["all"]
 
 
 def pair_agreement(scores, ranks: list[int]) -> tuple[float, int]:
@@ -120,14 +155,14 @@ def pair_agreement(scores, ranks: list[int]) -> tuple[float, int]:
 
 @torch.no_grad()
 def pairwise_accuracy_by_k(
-    model, tokenizer, rows: list[dict], pooling: str = "last", batch: int = 64
+    model, tokenizer, rows: list[dict], pooling: str = "last", batch: int = 64, budget: Budget | None = None
 ) -> dict[str, float]:
     """Fraction of (winner, loser) pairs scored in the right order (ties half), overall and by K."""
     correct: dict[str, float] = {}
     total: dict[str, int] = {}
     for start in range(0, len(rows), batch):
         chunk = rows[start : start + batch]
-        scores = score_rows(model, tokenizer, chunk, pooling)
+        scores = score_rows(model, tokenizer, chunk, pooling, budget)
         for s, row in zip(scores, chunk):
             hits, pairs = pair_agreement(s, row["ranks"])
             for key in ("all", f"k{len(row['responses'])}"):
@@ -136,7 +171,38 @@ def pairwise_accuracy_by_k(
     return {key: correct[key] / total[key] for key in total}
 
 
-def run(cfg: RewardModelConfig, *, policy: Path, comparisons: Path, heldout: Path, out_dir: Path) -> Manifest:
+def _initial_model(cfg: RewardModelConfig, policy: Path, tokenizer):
+    """The SFT policy with a scalar head, or `cfg.name_or_path`'s model when its vocabulary agrees."""
+    if cfg.name_or_path is None:
+        model = load_scalar_model(policy)
+    else:
+        own = load_tokenizer(cfg.name_or_path).get_vocab()
+        ours = tokenizer.get_vocab()
+        differ = [t for t, i in own.items() if ours.get(t, i) != i]
+        if differ:
+            raise ValueError(
+                f"stage.reward_model.name_or_path: {cfg.name_or_path}'s tokenizer gives other ids than the policy's "
+                f"(e.g. {differ[0]!r}); the reward model scores the policy's token ids, so it needs the same vocabulary"
+            )
+        model = load_scalar_model(cfg.name_or_path)
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:  # the policy's added role markers
+            model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def run(
+    cfg: RewardModelConfig,
+    *,
+    policy: Path,
+    comparisons: Path,
+    heldout: Path,
+    out_dir: Path,
+    truncation: bool = True,
+    max_dropped_fraction: float = 0.0,
+) -> Manifest:
+    """`policy`: the model the reward model starts from (the SFT policy, or `name_or_path`'s model
+    prepared on the policy's tokenizer)."""
     out_dir = Path(out_dir)
     rows, held = read_jsonl(comparisons), read_jsonl(heldout)
     if cfg.targets == "soft":
@@ -148,19 +214,32 @@ def run(cfg: RewardModelConfig, *, policy: Path, comparisons: Path, heldout: Pat
             )
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(policy)
-    model = load_scalar_model(policy)
-    model.config.pad_token_id = tokenizer.pad_token_id
+    budget = resolve_budget("reward_model", cfg.max_prompt_length, cfg.max_length, model_context(policy))
+    fitted = fit_rows(
+        encode_rankings(tokenizer, rows),
+        budget,
+        stage="reward_model",
+        truncation=truncation,
+        max_dropped_fraction=max_dropped_fraction,
+        sources=[r.get("source", f"{comparisons}:{i + 1}") for i, r in enumerate(rows)],
+    )
+    rows = [rows[i] for i in fitted.kept]
+    encoded = fitted.rows
+    lengths = [sum(len(p) + len(r) for r in rs) for p, rs in encoded]
+    log_metrics(fitted.metrics("rm/data"))
+    model = _initial_model(cfg, policy, tokenizer)
+    pad = tokenizer.pad_token_id
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(rows) / cfg.batch_prompts)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(cfg.seed)
-    step = 0
+    step, tokens = 0, 0
     model.train()
     for _ in range(cfg.epochs):
-        order = torch.randperm(len(rows), generator=gen).tolist()
-        for start in range(0, len(order), cfg.batch_prompts):
-            batch = [rows[i] for i in order[start : start + cfg.batch_prompts]]
-            scores = score_rows(model, tokenizer, batch, cfg.pooling)
+        for idx in length_buckets(lengths, cfg.batch_prompts, gen):  # rows of similar length pad little
+            batch = [rows[i] for i in idx]
+            scores = score_encoded(model, [encoded[i] for i in idx], pad, cfg.pooling)
+            tokens += sum(lengths[i] for i in idx)
             if cfg.targets == "soft":
                 loss = soft_preference_loss(scores, [r["prefs"] for r in batch])
             else:
@@ -172,24 +251,30 @@ def run(cfg: RewardModelConfig, *, policy: Path, comparisons: Path, heldout: Pat
             step += 1
             if step % 10 == 0:
                 log_metrics({"rm/train/loss": loss.item(), "rm/train/lr": sched.get_last_lr()[0]}, step=step)
-        log_metrics({"rm/eval/accuracy": pairwise_accuracy(model, tokenizer, held, cfg.pooling)}, step=step)
+        log_metrics(
+            {"rm/eval/accuracy": pairwise_accuracy(model, tokenizer, held, cfg.pooling, budget=budget)}, step=step
+        )
     model.eval()
     with torch.no_grad():  # 3. normalise: the SFT samples' mean reward becomes zero
         bias = torch.cat(
-            [s for i in range(0, len(rows), 64) for s in score_rows(model, tokenizer, rows[i : i + 64], cfg.pooling)]
+            [s for i in range(0, len(encoded), 64) for s in score_encoded(model, encoded[i : i + 64], pad, cfg.pooling)]
         ).mean()
     metrics = {
         "rm/train/loss_last": loss.item(),
-        "rm/train/accuracy": pairwise_accuracy(model, tokenizer, rows, cfg.pooling),
+        "rm/train/accuracy": pairwise_accuracy(model, tokenizer, rows, cfg.pooling, budget=budget),
         **{
             f"rm/eval/accuracy{'' if k == 'all' else '_' + k}": v
-            for k, v in pairwise_accuracy_by_k(model, tokenizer, held, cfg.pooling).items()
+            for k, v in pairwise_accuracy_by_k(model, tokenizer, held, cfg.pooling, budget=budget).items()
         },
         "rm/bias": bias.item(),
+        "rm/tokens": float(tokens),
+        **fitted.metrics("rm/data"),
     }
     model.save_pretrained(out_dir / "model", safe_serialization=True)
     tokenizer.save_pretrained(out_dir / "model")
-    normalization = Normalization(bias=bias.item(), pooling=cfg.pooling)
+    normalization = Normalization(
+        bias=bias.item(), pooling=cfg.pooling, max_prompt_length=budget.max_prompt_length, max_length=budget.max_length
+    )
     (out_dir / "normalization.json").write_text(json.dumps(dataclasses.asdict(normalization)))
     return Manifest(
         stage="reward_model",
@@ -208,4 +293,9 @@ def load_normalization(path: Path) -> Normalization:
     pooling = raw.get("pooling", "last")
     if pooling not in POOLINGS:
         raise ValueError(f"{path}: pooling: {pooling!r} is not one of {', '.join(POOLINGS)}")
-    return Normalization(bias=float(raw["bias"]), pooling=pooling)
+    return Normalization(
+        bias=float(raw["bias"]),
+        pooling=pooling,
+        max_prompt_length=raw.get("max_prompt_length"),
+        max_length=raw.get("max_length"),
+    )

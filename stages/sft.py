@@ -1,8 +1,10 @@
 """SFT stage: supervised fine-tuning on demonstrations with TRL's SFTTrainer (InstructGPT step 1).
 
 Demonstrations are `{"messages": [...]}` rows (the data worker's schema); the loss is on the final
-assistant turn only (prompt-completion data), earlier turns are context rendered with the chat
-template, and the response ends with EOS. With LoRA the adapters are merged before saving, so the SFT
+assistant turn only, earlier turns are context rendered with the chat template, and the response
+ends with EOS. Rows are tokenized here, by `stages/tokens.py` (the ids every later stage samples
+and scores), cut to `max_prompt_length` / `max_length` (the counts go to the metrics), and handed
+to trl pre-tokenized. With LoRA the adapters are merged before saving, so the SFT
 artifact is a plain model folder (safetensors) plus the tokenizer and chat template that every later
 stage reuses.
 
@@ -15,9 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages.manifest import Manifest, folder_digest, read_jsonl
-from stages.modeling import load_causal_lm, load_tokenizer
+from stages.modeling import load_causal_lm, load_tokenizer, model_context
 from stages.peft_setup import PeftConfig, lora_config
-from stages.tracking import TRAINER_ARGS, trainer_callback
+from stages.tokens import fit_rows, prompt_ids, resolve_budget, response_ids
+from stages.tracking import TRAINER_ARGS, log_metrics, trainer_callback
 
 
 @dataclass(frozen=True)
@@ -25,30 +28,61 @@ class SftConfig:
     epochs: float = 8.0  # a tiny random-init model needs several passes to tie response to prompt
     learning_rate: float = 3e-3
     batch_size: int = 32
-    max_length: int = 64
+    max_prompt_length: int | None = None  # tokens; null: max_length less a quarter of it
+    max_length: int | None = None  # prompt + response tokens; null: the model's context window
     warmup_ratio: float = 0.03  # a float below 1 is a fraction of the steps (transformers 5)
     seed: int = 0
 
 
-def run(cfg: SftConfig, peft: PeftConfig, *, base: Path, demonstrations: Path, out_dir: Path) -> Manifest:
+def encode_demonstrations(tokenizer, rows: list[dict]) -> list[tuple[list[int], list[list[int]]]]:
+    """(prompt ids, [response ids + EOS]) per demonstration: the context and the final assistant turn."""
+    return [
+        (prompt_ids(tokenizer, r["messages"][:-1]), [response_ids(tokenizer, r["messages"][-1]["content"])])
+        for r in rows
+    ]
+
+
+def run(
+    cfg: SftConfig,
+    peft: PeftConfig,
+    *,
+    base: Path,
+    demonstrations: Path,
+    out_dir: Path,
+    truncation: bool = True,
+    max_dropped_fraction: float = 0.0,
+) -> Manifest:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     out_dir = Path(out_dir)
     tokenizer = load_tokenizer(base)
-    model = load_causal_lm(base)
+    budget = resolve_budget("sft", cfg.max_prompt_length, cfg.max_length, model_context(base))
     rows = read_jsonl(demonstrations)
-    prompts = [
-        tokenizer.apply_chat_template(r["messages"][:-1], tokenize=False, add_generation_prompt=True) for r in rows
-    ]
-    completions = [" " + r["messages"][-1]["content"] for r in rows]
-    dataset = Dataset.from_dict({"prompt": prompts, "completion": completions})
+    fitted = fit_rows(
+        encode_demonstrations(tokenizer, rows),
+        budget,
+        stage="sft",
+        truncation=truncation,
+        max_dropped_fraction=max_dropped_fraction,
+        sources=[r.get("source", f"{demonstrations}:{i + 1}") for i, r in enumerate(rows)],
+    )
+    counts = fitted.metrics("sft/data")
+    log_metrics(counts)
+    model = load_causal_lm(base)
+    dataset = Dataset.from_dict(
+        {
+            "input_ids": [p + r[0] for p, r in fitted.rows],
+            "completion_mask": [[0] * len(p) + [1] * len(r[0]) for p, r in fitted.rows],
+        }
+    )
+    tokens = sum(len(ids) for ids in dataset["input_ids"])
     args = SFTConfig(
         output_dir=str(out_dir / "trainer"),
         num_train_epochs=cfg.epochs,
         learning_rate=cfg.learning_rate,
         per_device_train_batch_size=cfg.batch_size,
-        max_length=cfg.max_length,
+        max_length=budget.max_length,
         warmup_steps=cfg.warmup_ratio,
         lr_scheduler_type="cosine",
         completion_only_loss=True,
@@ -80,6 +114,9 @@ def run(cfg: SftConfig, peft: PeftConfig, *, base: Path, demonstrations: Path, o
             "sft/train/loss_first": losses[0],
             "sft/train/loss_last": losses[-1],
             "sft/train/runtime": result.metrics["train_runtime"],
+            "sft/tokens": float(tokens * cfg.epochs),
+            "sft/rows": float(len(fitted.rows)),
+            **counts,
         },
         files={"policy": "policy"},
     )

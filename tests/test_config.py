@@ -35,14 +35,22 @@ def test_every_pipeline_composes(pipeline):
 
 @pytest.mark.parametrize("data", [p.stem for p in (ROOT / "conf" / "data").glob("*.yaml")])
 def test_every_data_option_composes(data):
-    to_config(_compose([f"data={data}"]))
+    to_config(_compose([f"data={data}", "labeler=file"]))  # the file labeler fits every data source
+
+
+def test_own_data_without_comparisons_cannot_use_the_simulated_labeler():
+    """The simulated labeler scores with the embedded task's gold rule: real prompts have none."""
+    with pytest.raises(ValueError, match="labeler.kind: the simulated labeler"):
+        to_config(_compose(["data=alpaca_demo"]))
+    to_config(_compose(["data=alpaca_demo", "pipeline.stop_after=sft"]))  # SFT alone labels nothing
+    to_config(_compose(["data=files"]))  # comparisons from the file: nothing to label
 
 
 def test_dataset_entry_is_typed():
-    cfg = to_config(_compose(["data=alpaca_demo"]))
+    cfg = to_config(_compose(["data=alpaca_demo", "labeler=file"]))
     assert cfg.data.demonstrations.format == "alpaca"
     with pytest.raises(ValueError, match="data.kind"):
-        to_config(_compose(["data=alpaca_demo", "data.demonstrations.kind=pairs"]))
+        to_config(_compose(["data=alpaca_demo", "labeler=file", "data.demonstrations.kind=pairs"]))
 
 
 @pytest.mark.parametrize("experiment", [p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")])

@@ -49,8 +49,13 @@ def test_pairs_from_a_file_train_the_reward_model(hh_file, tmp_path):
         heldout_fraction=0.2,
     )
     prep = prepare.run(data, TINY, out_dir=tmp_path / "prep")
-    assert prep.metrics["prepare/dataset_comparisons/rows"] == 160
+    # 20% held out; of the rest, half for the policy's RM and half for the evaluation RM, disjoint
+    assert prep.metrics["prepare/dataset_comparisons/rows"] == 80
     assert prep.metrics["prepare/dataset_heldout_comparisons/rows"] == 40
+    assert prep.metrics["prepare/dataset_eval_rm_comparisons/rows"] == 80
+    splits = [read_jsonl(prep.file(f)) for f in ("dataset_comparisons", "dataset_eval_rm_comparisons")]
+    assert not {r["source"] for r in splits[0]} & {r["source"] for r in splits[1]}
+    assert splits[0][0]["source"].startswith(f"{hh_file}:")  # every row knows its file and line
     cmp = comparisons.run(
         comparisons.ComparisonsConfig(),
         LabelerConfig(kind="file", rankings_file=str(tmp_path / "never-read.jsonl")),  # must not be asked
@@ -63,11 +68,11 @@ def test_pairs_from_a_file_train_the_reward_model(hh_file, tmp_path):
         dataset_heldout=prep.file("dataset_heldout_comparisons"),
     )
     rows = read_jsonl(cmp.file("comparisons"))
-    assert len(rows) == 160 and all(r["ranks"] == [0, 1] and len(r["responses"]) == 2 for r in rows)
+    assert len(rows) == 80 and all(r["ranks"] == [0, 1] and len(r["responses"]) == 2 for r in rows)
     two_turns = [r for r in rows if len(r["prompt"]) == 3]
     assert two_turns and [m["role"] for m in two_turns[0]["prompt"]] == ["user", "assistant", "user"]
     held = read_jsonl(cmp.file("heldout_comparisons"))
-    assert labeler_ceiling(held, 6) is None  # a dataset's comparisons have no gold rule to compare with
+    assert labeler_ceiling(held, None) is None  # a dataset's comparisons have no gold rule to compare with
     rm = reward_model.run(
         reward_model.RewardModelConfig(epochs=4, learning_rate=3e-3, pooling="mean"),
         policy=prep.file("base"),

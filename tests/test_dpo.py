@@ -14,13 +14,17 @@ from stages.peft_setup import PeftConfig
 
 
 def test_k_way_ranking_expands_to_its_pairs_ties_dropped():
-    row = {"prompt": "p", "responses": ["a", "b", "c"], "finished": [True, False, True], "ranks": [1, 0, 2]}
-    pairs = {(p["chosen"], p["rejected"]) for p in preference_pairs([row])}
-    assert pairs == {("b", "a"), ("b", "c"), ("a", "c")}  # C(3,2) = 3
-    chosen_b = next(p for p in preference_pairs([row]) if p["chosen"] == "b")
-    assert chosen_b["chosen_finished"] is False and chosen_b["rejected_finished"] is True
-    tied = {"prompt": "p", "responses": ["a", "b", "c"], "finished": [True] * 3, "ranks": [0, 0, 1]}
-    assert {(p["chosen"], p["rejected"]) for p in preference_pairs([tied])} == {("a", "c"), ("b", "c")}
+    a, b, c = [1, 2], [3, 4], [5, 6]  # token ids of three responses
+    row = {"ranks": [1, 0, 2]}
+    pairs = preference_pairs([([9], [a, b, c])], [row])
+    assert {(tuple(p["chosen_ids"]), tuple(p["rejected_ids"])) for p in pairs} == {
+        ((3, 4), (1, 2)),
+        ((3, 4), (5, 6)),
+        ((1, 2), (5, 6)),
+    }  # C(3,2) = 3
+    assert all(p["prompt_ids"] == [9] for p in pairs)
+    tied = preference_pairs([([9], [a, b, c])], [{"ranks": [0, 0, 1]}])
+    assert {(tuple(p["chosen_ids"]), tuple(p["rejected_ids"])) for p in tied} == {((1, 2), (5, 6)), ((3, 4), (5, 6))}
 
 
 def test_plackett_luce_by_hand():

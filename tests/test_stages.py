@@ -107,7 +107,12 @@ def test_reward_model_learns_the_rankings(chain):
     m = chain["rm"]
     assert m.metrics["rm/train/accuracy"] > 0.6
     normalization = json.loads(m.file("normalization").read_text())
-    assert normalization == {"bias": pytest.approx(m.metrics["rm/bias"]), "pooling": "mean"}
+    assert normalization == {
+        "bias": pytest.approx(m.metrics["rm/bias"]),
+        "pooling": "mean",
+        "max_prompt_length": 48,  # the limits it was trained with, sized from the 64-token context
+        "max_length": 64,
+    }
 
 
 def test_ppo_updates_the_policy(chain):
@@ -145,9 +150,14 @@ def test_sft_on_real_demonstrations_through_the_data_worker(tmp_path):
         ModelConfig(hidden_size=32, intermediate_size=64, pretrain_documents=100, pretrain_epochs=1),
         out_dir=tmp_path / "prep",
     )
-    assert prep.metrics["prepare/demonstrations/rows"] == 999 and prep.metrics["prepare/data/bad_rows"] == 0
+    # 10% of the 999 held out: the PPO and evaluation prompts come from the data, never the generator
+    assert prep.metrics["prepare/demonstrations/rows"] == 899 and prep.metrics["prepare/data/bad_rows"] == 0
     rows = read_jsonl(prep.file("demonstrations"))
-    assert rows[0]["messages"][0]["content"] == "Describe a process of making crepes."
+    trained = {json.dumps(r["messages"][:-1]) for r in rows}
+    evaluated = [r["prompt"] for r in read_jsonl(prep.file("eval_prompts"))]
+    assert evaluated and not trained & {json.dumps(p) for p in evaluated}
+    described = json.loads(prep.file("sources").read_text())
+    assert described["gold"] is None and "held-out split" in described["prompt_source"]["eval_prompts"]
     m = sft.run(
         sft.SftConfig(epochs=1, max_length=48),
         PeftConfig(method="full"),

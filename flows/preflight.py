@@ -1,0 +1,88 @@
+"""What a run checks before any compute: the model folder, its tokenizer, every stage's token limits
+against the model's context window, and (with a model to tokenize with) every row of the user's
+data against those limits. Each failure names the folder, file and line, or config key.
+
+Reads configs, tokenizer files and data files only; loads no weights. The same functions that the
+stages use (`stages/tokens.py`) decide what fits, so preflight and stages cannot disagree.
+"""
+
+from __future__ import annotations
+
+from flows.config import PIPELINES, Config
+from stages import sources
+from stages.ai_labeler import api_key
+from stages.modeling import check_model_folder, load_tokenizer, model_context
+from stages.reward_model import encode_rankings
+from stages.sft import encode_demonstrations
+from stages.tokens import ensure_chat_template, fit_prompts, fit_rows, resolve_budget, resolve_sampling
+
+TRAINING = ("sft", "reward_model", "dpo")  # stages with max_prompt_length / max_length
+SAMPLING = {"comparisons": "comparison_prompts", "ppo": "ppo_prompts", "evaluate": "eval_prompts"}
+
+
+def context(cfg: Config) -> int:
+    if cfg.model.name_or_path is None:
+        return cfg.model.max_position_embeddings
+    return model_context(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+
+
+def preflight(cfg: Config) -> None:
+    if cfg.labeler.kind == "ai" and cfg.labeler.ai.backend == "http":
+        api_key(cfg.labeler.ai)
+    tokenizer = None
+    if cfg.model.name_or_path is not None:
+        check_model_folder(cfg.model.name_or_path)
+        tokenizer = load_tokenizer(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+        ensure_chat_template(tokenizer)  # as prepare will: the markers count in the prompt lengths
+    if cfg.stage.reward_model.name_or_path is not None:
+        check_model_folder(cfg.stage.reward_model.name_or_path)
+    ctx = context(cfg)
+    stages = PIPELINES[cfg.pipeline.name]
+    budgets = {
+        name: resolve_budget(name, getattr(cfg.stage, name).max_prompt_length, getattr(cfg.stage, name).max_length, ctx)
+        for name in TRAINING
+        if name in stages
+    }
+    sampling = {
+        name: resolve_sampling(
+            name, getattr(cfg.stage, name).max_prompt_length, getattr(cfg.stage, name).max_new_tokens, ctx
+        )
+        for name in SAMPLING
+        if name in stages
+    }
+    if tokenizer is not None and not cfg.data.is_embedded:
+        check_lengths(cfg, tokenizer, budgets, sampling)
+
+
+def check_lengths(cfg: Config, tokenizer, budgets: dict, sampling: dict) -> None:
+    """Every row of the user's data against the limits of the stages that read it."""
+    data = sources.assemble(cfg.data)
+    overflow = {"truncation": cfg.data.truncation, "max_dropped_fraction": cfg.data.max_dropped_fraction}
+    if "sft" in budgets:
+        rows = data.demonstrations
+        fit_rows(
+            encode_demonstrations(tokenizer, rows),
+            budgets["sft"],
+            stage="sft",
+            sources=[r.get("source", "") for r in rows],
+            **overflow,
+        )
+    for name in ("reward_model", "dpo"):
+        if name in budgets and "dataset_comparisons" in data.comparisons:
+            rows = data.comparisons["dataset_comparisons"]
+            fit_rows(
+                encode_rankings(tokenizer, rows),
+                budgets[name],
+                stage=name,
+                sources=[r.get("source", "") for r in rows],
+                **overflow,
+            )
+    for name, budget in sampling.items():
+        prompts = data.prompt_sets[SAMPLING[name]]
+        fit_prompts(
+            tokenizer, prompts, budget, stage=name, sources=[_where(data, SAMPLING[name])] * len(prompts), **overflow
+        )
+
+
+def _where(data: sources.Sourced, prompt_set: str) -> str:
+    return f"{prompt_set} ({data.prompt_source.get(prompt_set, '?')})"
