@@ -38,3 +38,42 @@ def pytest_collection_modifyitems(config, items):
             for item in items:
                 if "gpu" in item.keywords:
                     item.add_marker(pytest.mark.skip(reason="needs CUDA; none on this machine"))
+
+
+def build_tiny_model(folder: Path, arch: str, *, context: int = 256, tokenizer=None, safetensors: bool = True) -> Path:
+    """A small model of a real architecture with GPT-2's real tokenizer, saved with `save_pretrained`
+    the way a downloaded model folder looks (no chat template, no pad token)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, LlamaConfig, LlamaForCausalLM
+
+    gpt2 = SHARED / "tokenizers" / "gpt2"
+    if tokenizer is None and not gpt2.exists():
+        pytest.skip(f"{gpt2} is absent: the shared tokenizers ship beside the checkout")
+    tok = tokenizer or GPT2TokenizerFast.from_pretrained(str(gpt2))
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
+    if arch == "gpt2":
+        model = GPT2LMHeadModel(
+            GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=context, **ids)
+        )
+    else:
+        config = LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=context,
+            tie_word_embeddings=True,
+            **ids,
+        )
+        model = LlamaForCausalLM(config)
+    if safetensors:
+        model.save_pretrained(folder)
+    else:  # a pickled checkpoint, as older model folders ship
+        import torch
+
+        folder.mkdir(parents=True, exist_ok=True)
+        model.config.save_pretrained(folder)
+        torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    tok.save_pretrained(folder)
+    return folder
