@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help venv align compare test test-fast bench lint ui clean
+.PHONY: help venv align compare test test-fast bench bench-real lint ui clean
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -49,6 +49,10 @@ bench: venv .bench-venvs/trl112/.installed ## benchmarks, side by side in one ru
 	$(PY) -m bench.dpo_variants
 	$(PY) -m bench.ppo_memory
 	$(PY) -m bench.ppo_vs_trl
+	$(PY) -m bench.real_data
+
+bench-real: venv ## the whole RLHF pipeline on the 2,312 HH-RLHF pairs, timed per stage: artifacts/bench/real_data.json
+	$(PY) -m bench.real_data
 
 lint: venv ## ruff
 	.venv/bin/ruff check stages flows tests bench

@@ -256,6 +256,9 @@ def run(
     result["prompts"] = fitted.metrics("prompts") | {"source": _prompt_source(data_sources)}
     write_jsonl(out_dir / "generations.jsonl", rows)
     metrics = {"eval/kl_to_sft": result["kl_to_sft"], "eval/flagged": float(result["verdict"]["status"] != "ok")}
+    metrics["eval/tokens"] = float(
+        sum((r.query_mask.sum() + r.response_mask.sum()).item() for r in sft_rollouts + rollouts)
+    )
     for key in ("gold_sft", "gold_policy"):
         if result[key] is not None:
             metrics[f"eval/{key}"] = result[key]["mean"]

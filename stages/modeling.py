@@ -186,11 +186,14 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
 
 
 def response_logprobs(model, rollout: Rollout, *, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs and entropies of the response tokens: two (batch, response_len) tensors."""
+    """Per-token log-probs and entropies of the response tokens: two (batch, response_len) tensors.
+
+    Only the positions that predict response tokens go through the LM head (`logits_to_keep`): on
+    long prompts and a large vocabulary the head and its softmax are most of the cost otherwise."""
     ids, mask = rollout.sequences()
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
-    q = rollout.query.shape[1]
-    logits = logits[:, q - 1 : -1, :] / temperature
+    keep = rollout.response.shape[1] + 1  # the last query position predicts the first response token
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=keep).logits
+    logits = logits[:, -keep:-1, :] / temperature
     logp_all = F.log_softmax(logits.float(), dim=-1)
     logp = logp_all.gather(-1, rollout.response.unsqueeze(-1)).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
