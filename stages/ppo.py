@@ -279,7 +279,7 @@ def _one_update(cfg, state: _State, tokenizer, scorer, batch_prompts, ptx_docs, 
             vf, _ = pm.value_loss(models.values(mb), old_values[idx], returns[idx], m, cfg.value_clip)
             loss = pg + cfg.vf_coef * vf
             if ptx_docs:
-                lm = _lm_loss(models.policy, tokenizer, ptx_docs, cfg.ptx_batch_size)
+                lm = _lm_loss(models.policy, tokenizer, ptx_docs, cfg.ptx_batch_size, budget)
                 loss = pm.ptx_mix(loss, lm, cfg.ptx_coef)
                 stats["ptx"].append(lm.item())
             _check_finite("loss", loss, update)
@@ -337,10 +337,12 @@ def _named(stats: dict[str, list[float]]) -> dict[str, list[float]]:
     return {names[k]: v for k, v in stats.items()}
 
 
-def _lm_loss(model, tokenizer, docs: list[str], batch_size: int) -> torch.Tensor:
-    """Next-token loss on a random batch of pretraining text (PPO-ptx)."""
+def _lm_loss(model, tokenizer, docs: list[str], batch_size: int, budget: SamplingBudget) -> torch.Tensor:
+    """Next-token loss on a random batch of pretraining text (PPO-ptx), cut to the sampling budget."""
     idx = torch.randint(len(docs), (batch_size,)).tolist()
-    return lm_loss(model, tokenizer, [docs[i] for i in idx], max_length=64)
+    return lm_loss(
+        model, tokenizer, [docs[i] for i in idx], max_length=budget.max_prompt_length + budget.max_new_tokens
+    )
 
 
 def _finish(cfg, state: _State, tokenizer, out_dir, batch_prompts, rollout, resumed_from, checkpoint_dir) -> Manifest:

@@ -214,7 +214,8 @@ def run(
             )
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(policy)
-    budget = resolve_budget("reward_model", cfg.max_prompt_length, cfg.max_length, model_context(policy))
+    context = min(model_context(policy), model_context(cfg.name_or_path) if cfg.name_or_path else math.inf)
+    budget = resolve_budget("reward_model", cfg.max_prompt_length, cfg.max_length, int(context))
     fitted = fit_rows(
         encode_rankings(tokenizer, rows),
         budget,

@@ -31,6 +31,7 @@ class SftConfig:
     max_prompt_length: int | None = None  # tokens; null: max_length less a quarter of it
     max_length: int | None = None  # prompt + response tokens; null: the model's context window
     warmup_ratio: float = 0.03  # a float below 1 is a fraction of the steps (transformers 5)
+    sampling: str = "group_by_length"  # or "random": transformers' train_sampling_strategy
     seed: int = 0
 
 
@@ -86,6 +87,7 @@ def run(
         warmup_steps=cfg.warmup_ratio,
         lr_scheduler_type="cosine",
         completion_only_loss=True,
+        train_sampling_strategy=cfg.sampling,  # rows of similar length batched together: less padding
         seed=cfg.seed,
         **TRAINER_ARGS,
     )

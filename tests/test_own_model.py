@@ -80,3 +80,10 @@ def test_rlhf_on_a_model_by_path_on_real_data(arch, tmp_path):
     assert "added tokens ['<|user|>', '<|assistant|>']" in summary["data"]["chat_template"]
     assert {"sft/data/truncated", "sft/data/dropped"} <= set(summary["stages"]["sft"]["metrics"])
     assert all(s["peak_rss_mb"] is None or s["peak_rss_mb"] > 0 for s in summary["stages"].values())
+
+    if arch == "llama":  # the DPO branch on the same model and data: shared stages cached, same judge
+        dpo = align(tmp_path / "artifacts", f"model.name_or_path={model}", *data, *SMALL, "pipeline=dpo")
+        ran = {name for name, s in dpo["stages"].items() if s["status"] == "ran"}
+        assert ran == {"dpo", "evaluate"}
+        assert dpo["eval"]["win"]["by"] == "evaluation reward model" and dpo["eval"]["proxy_rm"] is None
+        assert 0 <= dpo["eval"]["rm_accuracy"] <= 1  # DPO's implicit reward on the held-out pairs
