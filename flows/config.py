@@ -86,6 +86,11 @@ class Config:
                 "labeler.kind: the simulated labeler scores with the embedded task's gold rule, and your data has "
                 "none; give data.comparisons, or use labeler=ai or labeler=file"
             )
+        if self.pipeline.name in AI_LABELED and not self.data.is_embedded and self.labeler.ai.model is None:
+            raise ValueError(
+                "labeler.ai.model: the embedded judge knows only the embedded task; on your own data name a judge "
+                "model (a local path or hub id, or a served model with labeler.ai.backend=http)"
+            )
         if self.pipeline.name in AI_LABELED and self.labeler.kind != "ai":
             raise ValueError(
                 f"labeler.kind: pipeline={self.pipeline.name} needs the AI labeler (labeler=ai), "

@@ -140,7 +140,8 @@ def test_branches_share_cached_stages_and_write_the_same_summary(tmp_path):
     assert statuses(direct) == {**dict.fromkeys(["prepare", "sft", "judge"], "cached"), "ppo": "ran", "evaluate": "ran"}
     for summary in (dpo, rounds, rlaif, direct):
         assert set(summary) == set(rlhf) and set(summary["eval"]) == set(rlhf["eval"])
-    assert dpo["eval"]["rm_accuracy"] is None and direct["eval"]["labeler_ceiling"] is None
+    assert dpo["eval"]["proxy_rm"] is None and 0 <= dpo["eval"]["rm_accuracy"] <= 1  # DPO's implicit reward
+    assert direct["eval"]["rm_accuracy"] is None and direct["eval"]["labeler_ceiling"] is None
     assert rlhf["eval"]["judge"] is None
     assert set(rlaif["eval"]["judge"]) == {"agreement_gold", "agreement_human"}
     assert 0 <= rlaif["stages"]["comparisons"]["metrics"]["comparisons/labeler/position_consistency"] <= 1

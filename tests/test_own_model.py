@@ -14,9 +14,9 @@ from tests.test_flow import align
 SMALL = [
     "stage.sft.epochs=1",
     "stage.sft.batch_size=8",
-    "stage.sft.max_length=96",
+    "stage.sft.max_length=64",
     "stage.reward_model.epochs=2",
-    "stage.reward_model.max_length=96",
+    "stage.reward_model.max_length=64",
     "stage.ppo.updates=2",
     "stage.ppo.rollouts_per_update=8",
     "stage.ppo.minibatch_size=4",
@@ -47,11 +47,11 @@ def _prompt_texts(prompt) -> str:
 def test_rlhf_on_a_model_by_path_on_real_data(arch, tmp_path):
     model = build_tiny_model(tmp_path / arch, arch, context=128)
     if arch == "llama":  # HH-RLHF pairs alone: SFT imitates the chosen replies
-        pairs = _real_rows(tmp_path, SHARED / "data/hh-rlhf/harmless-base_test.jsonl.gz", 80)
+        pairs = _real_rows(tmp_path, SHARED / "data/hh-rlhf/harmless-base_test.jsonl.gz", 50)
         data = ["data=hh_rlhf_pairs", f"data.comparisons.path={pairs}", "data.comparisons.format=auto"]
     else:  # Alpaca demonstrations and ShareGPT preference pairs
-        demos = _real_rows(tmp_path, SHARED / "data/llamafactory-demo/alpaca_en_demo.json", 60)
-        pairs = _real_rows(tmp_path, SHARED / "data/llamafactory-demo/dpo_en_demo.json", 80)
+        demos = _real_rows(tmp_path, SHARED / "data/llamafactory-demo/alpaca_en_demo.json", 40)
+        pairs = _real_rows(tmp_path, SHARED / "data/llamafactory-demo/dpo_en_demo.json", 50)
         data = ["data=files", f"data.demonstrations.path={demos}", f"data.comparisons.path={pairs}"]
     summary = align(tmp_path / "artifacts", f"model.name_or_path={model}", *data, *SMALL)
 
