@@ -14,7 +14,7 @@ from stages.ai_labeler import api_key
 from stages.modeling import check_model_folder, load_tokenizer, model_context
 from stages.reward_model import encode_rankings
 from stages.sft import encode_demonstrations
-from stages.tokens import ensure_chat_template, fit_prompts, fit_rows, resolve_budget, resolve_sampling
+from stages.tokens import ensure_chat_template, fit_prompts, fit_rows, resolve_budget, resolve_sampling, row_sources
 
 TRAINING = ("sft", "reward_model", "dpo")  # stages with max_prompt_length / max_length
 SAMPLING = {"comparisons": "comparison_prompts", "ppo": "ppo_prompts", "evaluate": "eval_prompts"}
@@ -64,7 +64,7 @@ def check_lengths(cfg: Config, tokenizer, budgets: dict, sampling: dict) -> None
             encode_demonstrations(tokenizer, rows),
             budgets["sft"],
             stage="sft",
-            sources=[r.get("source", "") for r in rows],
+            sources=row_sources(rows, "-"),
             **overflow,
         )
     for name in ("reward_model", "dpo"):
@@ -74,7 +74,7 @@ def check_lengths(cfg: Config, tokenizer, budgets: dict, sampling: dict) -> None
                 encode_rankings(tokenizer, rows),
                 budgets[name],
                 stage=name,
-                sources=[r.get("source", "") for r in rows],
+                sources=row_sources(rows, "-"),
                 **overflow,
             )
     for name, budget in sampling.items():

@@ -19,7 +19,7 @@ from pathlib import Path
 from stages.labelers import LabelerConfig, make_labeler
 from stages.manifest import Manifest, folder_digest, read_jsonl, write_jsonl
 from stages.modeling import decode_responses, load_causal_lm, load_tokenizer, model_context, sample
-from stages.tokens import SamplingBudget, fit_prompts, resolve_sampling
+from stages.tokens import SamplingBudget, fit_prompt_file, resolve_sampling
 from stages.tracking import log_metrics
 
 
@@ -109,15 +109,13 @@ def run(
     metrics: dict[str, float] = {}
     kept = {}
     for name, source in (("comparisons", prompts), ("heldout_comparisons", heldout_prompts)):
-        texts = [r["prompt"] for r in read_jsonl(source)]
-        kept[name], fitted = fit_prompts(
+        kept[name], fitted = fit_prompt_file(
             tokenizer,
-            texts,
+            source,
             budget,
             stage="comparisons",
             truncation=truncation,
             max_dropped_fraction=max_dropped_fraction,
-            sources=[f"{source}:{i + 1}" for i in range(len(texts))],
         )
         metrics |= fitted.metrics(f"comparisons/{name}")
     model = load_causal_lm(policy)

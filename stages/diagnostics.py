@@ -7,7 +7,8 @@
   ("great great great great" is 0.75);
 - `length`: mean response length in tokens (EOS included).
 
-`verdict` turns bounds on the KL to SFT and on repetition into a status a run ends with.
+`flag` turns values and their configured bounds into the status a stage ends with; `verdict` is
+the evaluation's (KL to SFT per token and repetition).
 """
 
 from __future__ import annotations
@@ -35,11 +36,22 @@ def describe(texts: list[str], lengths: list[int], finished: list[bool]) -> dict
     }
 
 
-def verdict(kl_per_token: float | None, rep: float, *, max_kl_per_token: float, max_repetition: float) -> dict:
-    """{"status": "ok" | "flagged", "reasons": [...]} from the configured bounds."""
-    reasons = []
-    if kl_per_token is not None and kl_per_token > max_kl_per_token:
-        reasons.append(f"KL to SFT {kl_per_token:.3f} per token is above max_kl_per_token={max_kl_per_token}")
-    if rep > max_repetition:
-        reasons.append(f"repetition {rep:.3f} is above max_repetition={max_repetition}")
+def flag(checks: list[tuple[str, float | None, float, str]]) -> dict:
+    """{"status": "ok" | "flagged", "reasons": [...]}: checks are (what, value, bound, config key); a
+    value above its bound is a reason."""
+    reasons = [
+        f"{what} {value:.3f} is above {key}={bound}"
+        for what, value, bound, key in checks
+        if value is not None and value > bound
+    ]
     return {"status": "flagged" if reasons else "ok", "reasons": reasons}
+
+
+def verdict(kl_per_token: float | None, rep: float, *, max_kl_per_token: float, max_repetition: float) -> dict:
+    """The evaluation's verdict: KL to SFT per token and repetition against their bounds."""
+    return flag(
+        [
+            ("KL to SFT per token", kl_per_token, max_kl_per_token, "max_kl_per_token"),
+            ("repetition", rep, max_repetition, "max_repetition"),
+        ]
+    )

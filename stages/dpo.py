@@ -37,7 +37,7 @@ from stages.manifest import Manifest, folder_digest, read_jsonl
 from stages.modeling import load_causal_lm, load_tokenizer, mean_token_kl, model_context, sample, sequence_logprobs
 from stages.peft_setup import PeftConfig, lora_config
 from stages.reward_model import encode_rankings, ranking_pairs
-from stages.tokens import default_new_tokens, fit_rows, pack, resolve_budget
+from stages.tokens import default_new_tokens, fit_rows, pack, resolve_budget, row_sources
 from stages.tracking import TRAINER_ARGS, log_metrics, trainer_callback
 
 TRL_LOSSES = (
@@ -239,7 +239,7 @@ def run(
         stage="dpo",
         truncation=truncation,
         max_dropped_fraction=max_dropped_fraction,
-        sources=[r.get("source", f"{comparisons}:{i + 1}") for i, r in enumerate(rows)],
+        sources=row_sources(rows, comparisons),
     )
     rows = [rows[i] for i in fitted.kept]
     pairs = preference_pairs(fitted.rows, rows)
@@ -274,9 +274,7 @@ def run(
         )
         metrics["dpo/kl_to_sft"] = mean_token_kl(trained, reference_model, [rollout])
     metrics["dpo/pairs"] = float(len(pairs))
-    held_encoded = [
-        (budget.fit(p, rs[0])[0], [budget.fit(p, r)[1] for r in rs]) for p, rs in encode_rankings(tokenizer, held)
-    ]
+    held_encoded = [budget.fit_row(p, rs) for p, rs in encode_rankings(tokenizer, held)]
     metrics["dpo/eval/accuracy"] = heldout_accuracy(
         trained, reference_model, tokenizer.pad_token_id, preference_pairs(held_encoded, held)
     )

@@ -35,20 +35,19 @@ from typing import Any
 import torch
 
 from stages import diagnostics, sources
+from stages.dpo import heldout_accuracy, preference_pairs
 from stages.labelers import LabelerConfig, SimulatedLabeler, make_labeler
 from stages.manifest import Manifest, folder_digest, read_jsonl, write_jsonl
 from stages.modeling import (
     decode_responses,
     load_causal_lm,
-    load_scalar_model,
     load_tokenizer,
     mean_token_kl,
     model_context,
     sample,
-    sequence_scores,
 )
-from stages.reward_model import encode_rankings, load_normalization, pair_agreement, pairwise_accuracy
-from stages.tokens import fit_prompts, resolve_sampling
+from stages.reward_model import TrainedRewardModel, encode_rankings, pair_agreement
+from stages.tokens import fit_prompt_file, resolve_sampling
 
 
 @dataclass(frozen=True)
@@ -128,23 +127,8 @@ def _described(texts: list[str], rollouts) -> dict[str, float]:
     return diagnostics.describe(texts, lengths, finished)
 
 
-class _Scorer:
-    """A reward model read the way it was trained (pooling, limits), normalised by its bias."""
-
-    def __init__(self, model_dir: Path, normalization: Path) -> None:
-        self.model = load_scalar_model(model_dir).eval()
-        self.tokenizer = load_tokenizer(model_dir)
-        self.norm = load_normalization(normalization)
-
-    @torch.no_grad()
-    def scores(self, rollouts) -> list[float]:
-        return [
-            s for r in rollouts for s in (sequence_scores(self.model, r, self.norm.pooling) - self.norm.bias).tolist()
-        ]
-
-    @torch.no_grad()
-    def accuracy(self, rows: list[dict]) -> float:
-        return pairwise_accuracy(self.model, self.tokenizer, rows, self.norm.pooling, budget=self.norm.budget())
+def _scores(rm: TrainedRewardModel, rollouts) -> list[float]:
+    return [s for r in rollouts for s in rm.score(r).tolist()]
 
 
 def _win_block(by: str, wins: list[float]) -> dict[str, Any]:
@@ -154,8 +138,6 @@ def _win_block(by: str, wins: list[float]) -> dict[str, Any]:
 
 def _dpo_accuracy(pol, sft, tokenizer, held: list[dict]) -> float | None:
     """DPO's implicit reward (log pi - log pi_sft) ranking held-out pairs; the scale beta does not matter."""
-    from stages.dpo import heldout_accuracy, preference_pairs
-
     pairs = preference_pairs(encode_rankings(tokenizer, held), held)
     return heldout_accuracy(pol, sft, tokenizer.pad_token_id, pairs) if pairs else None
 
@@ -187,15 +169,8 @@ def run(
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(sft_policy)
     budget = resolve_sampling("evaluate", cfg.max_prompt_length, cfg.max_new_tokens, model_context(sft_policy))
-    texts = [r["prompt"] for r in read_jsonl(prompts)]
-    texts, fitted = fit_prompts(
-        tokenizer,
-        texts,
-        budget,
-        stage="evaluate",
-        truncation=truncation,
-        max_dropped_fraction=max_dropped_fraction,
-        sources=[f"{prompts}:{i + 1}" for i in range(len(texts))],
+    texts, fitted = fit_prompt_file(
+        tokenizer, prompts, budget, stage="evaluate", truncation=truncation, max_dropped_fraction=max_dropped_fraction
     )
     gold_fn = sources.gold_scorer(gold, target_len)
     sft, pol = load_causal_lm(sft_policy), load_causal_lm(policy)
@@ -227,20 +202,20 @@ def run(
         wins = [_win(label["ranks"]) for label in ai.label_all([(r["prompt"], [r["policy"], r["sft"]]) for r in rows])]
         result["win"] = _win_block("AI labeler", wins)
     if eval_reward_model is not None and eval_normalization is not None:
-        scorer = _Scorer(eval_reward_model, eval_normalization)
-        s_sft, s_pol = scorer.scores(sft_rollouts), scorer.scores(rollouts)
+        scorer = TrainedRewardModel(eval_reward_model, eval_normalization)
+        s_sft, s_pol = _scores(scorer, sft_rollouts), _scores(scorer, rollouts)
         result["eval_rm"] = {"sft": mean_ci95(s_sft), "policy": mean_ci95(s_pol)}
         if result["win"] is None:
             wins = [0.5 if a == b else float(b > a) for a, b in zip(s_sft, s_pol)]
             result["win"] = _win_block("evaluation reward model", wins)
     if reward_model is not None and normalization is not None:
-        proxy = _Scorer(reward_model, normalization)
+        proxy = TrainedRewardModel(reward_model, normalization)
         result["proxy_rm"] = {
             "note": "the reward model the policy was optimised against: a proxy, not an independent judge",
-            "sft": mean_ci95(proxy.scores(sft_rollouts)),
-            "policy": mean_ci95(proxy.scores(rollouts)),
+            "sft": mean_ci95(_scores(proxy, sft_rollouts)),
+            "policy": mean_ci95(_scores(proxy, rollouts)),
         }
-        result["rm_accuracy"] = proxy.accuracy(held) if held else None
+        result["rm_accuracy"] = proxy.accuracy(tokenizer, held) if held else None
     elif held:
         result["rm_accuracy"] = _dpo_accuracy(pol, sft, tokenizer, held)
     result["win_rate"] = result["win"]["rate"] if result["win"] else None

@@ -35,16 +35,14 @@ from stages.modeling import (
     Rollout,
     decode_responses,
     lm_loss,
-    load_scalar_model,
     load_tokenizer,
     model_context,
     sample,
-    sequence_scores,
 )
 from stages.peft_setup import PeftConfig
 from stages.ppo_models import FullCopies, SharedBase
-from stages.reward_model import load_normalization
-from stages.tokens import SamplingBudget, fit_prompts, resolve_sampling
+from stages.reward_model import TrainedRewardModel
+from stages.tokens import SamplingBudget, fit_prompt_file, resolve_sampling
 from stages.tracking import log_metrics
 
 
@@ -164,11 +162,10 @@ class RewardModelScore:
     """InstructGPT: the normalised reward-model score of each rollout, (batch,)."""
 
     def __init__(self, reward_model: Path, normalization: Path) -> None:
-        self.rm = load_scalar_model(reward_model).eval().requires_grad_(False)
-        self.norm = load_normalization(normalization)
+        self.rm = TrainedRewardModel(reward_model, normalization)
 
     def __call__(self, tokenizer, prompts: list[str], rollout: Rollout) -> torch.Tensor:
-        return sequence_scores(self.rm, rollout, self.norm.pooling) - self.norm.bias
+        return self.rm.score(rollout)
 
 
 class JudgeScore:
@@ -207,15 +204,8 @@ def run(
     scorer = RewardModelScore(reward_model, normalization) if reward_model else JudgeScore(labeler, judge)
     tokenizer = load_tokenizer(policy)
     budget = resolve_sampling("ppo", cfg.max_prompt_length, cfg.max_new_tokens, model_context(policy))
-    texts = [r["prompt"] for r in read_jsonl(prompts)]
-    texts, fitted = fit_prompts(
-        tokenizer,
-        texts,
-        budget,
-        stage="ppo",
-        truncation=truncation,
-        max_dropped_fraction=max_dropped_fraction,
-        sources=[f"{prompts}:{i + 1}" for i in range(len(texts))],
+    texts, fitted = fit_prompt_file(
+        tokenizer, prompts, budget, stage="ppo", truncation=truncation, max_dropped_fraction=max_dropped_fraction
     )
     gold_fn = sources.gold_scorer(gold, target_len)
     state = _State(cfg, peft, policy, reward_model or policy)
@@ -357,14 +347,12 @@ def _finish(cfg, state: _State, tokenizer, out_dir, batch_prompts, rollout, resu
         [{"prompt": p, "response": r} for p, r in zip(batch_prompts, decode_responses(tokenizer, rollout))],
     )
     first, last = state.history[0], state.history[-1]
-    verdict = diagnostics.verdict(
-        None, last["ppo/repetition"], max_kl_per_token=math.inf, max_repetition=cfg.max_repetition
+    verdict = diagnostics.flag(
+        [
+            ("KL to SFT per response", last["ppo/objective/kl"], cfg.kl_warn, "stage.ppo.kl_warn"),
+            ("repetition", last["ppo/repetition"], cfg.max_repetition, "stage.ppo.max_repetition"),
+        ]
     )
-    if last["ppo/objective/kl"] > cfg.kl_warn:
-        verdict["status"] = "flagged"
-        verdict["reasons"].insert(
-            0, f"KL to SFT {last['ppo/objective/kl']:.2f} per response is above stage.ppo.kl_warn={cfg.kl_warn}"
-        )
     (out_dir / "verdict.json").write_text(json.dumps(verdict))
     metrics = {
         "ppo/objective/scores_first": first["ppo/objective/scores"],

@@ -30,7 +30,16 @@ import torch.nn.functional as F
 
 from stages.manifest import Manifest, folder_digest, read_jsonl
 from stages.modeling import POOLINGS, load_scalar_model, load_tokenizer, model_context, sequence_scores
-from stages.tokens import Budget, fit_rows, length_buckets, pack, prompt_ids, resolve_budget, response_ids
+from stages.tokens import (
+    Budget,
+    fit_rows,
+    length_buckets,
+    pack,
+    prompt_ids,
+    resolve_budget,
+    response_ids,
+    row_sources,
+)
 from stages.tracking import log_metrics
 
 
@@ -136,7 +145,7 @@ def score_rows(
     With `budget`, long rows are cut as in training (prompt keeps its end)."""
     encoded = encode_rankings(tokenizer, rows)
     if budget is not None:
-        encoded = [(budget.fit(p, rs[0])[0], [budget.fit(p, r)[1] for r in rs]) for p, rs in encoded]
+        encoded = [budget.fit_row(p, rs) for p, rs in encoded]
     return score_encoded(model, encoded, tokenizer.pad_token_id, pooling)
 
 
@@ -222,7 +231,7 @@ def run(
         stage="reward_model",
         truncation=truncation,
         max_dropped_fraction=max_dropped_fraction,
-        sources=[r.get("source", f"{comparisons}:{i + 1}") for i, r in enumerate(rows)],
+        sources=row_sources(rows, comparisons),
     )
     rows = [rows[i] for i in fitted.kept]
     encoded = fitted.rows
@@ -284,6 +293,24 @@ def run(
         metrics=metrics,
         files={"model": "model", "normalization": "normalization.json"},
     )
+
+
+class TrainedRewardModel:
+    """A trained reward model read the way it was trained: its pooling and token limits, less the bias
+    that centres the SFT samples' scores (`normalization.json`). PPO and evaluate both score with it."""
+
+    def __init__(self, model_dir: Path, normalization: Path) -> None:
+        self.model = load_scalar_model(model_dir).eval().requires_grad_(False)
+        self.norm = load_normalization(normalization)
+
+    @torch.no_grad()
+    def score(self, batch) -> torch.Tensor:
+        """(batch,) normalised scores of sampled rollouts or packed rows."""
+        return sequence_scores(self.model, batch, self.norm.pooling) - self.norm.bias
+
+    def accuracy(self, tokenizer, rows: list[dict]) -> float:
+        """Pairwise accuracy on ranking rows, cut to the limits it was trained with."""
+        return pairwise_accuracy(self.model, tokenizer, rows, self.norm.pooling, budget=self.norm.budget())
 
 
 def load_normalization(path: Path) -> Normalization:

@@ -19,7 +19,7 @@ from pathlib import Path
 from stages.manifest import Manifest, folder_digest, read_jsonl
 from stages.modeling import load_causal_lm, load_tokenizer, model_context
 from stages.peft_setup import PeftConfig, lora_config
-from stages.tokens import fit_rows, prompt_ids, resolve_budget, response_ids
+from stages.tokens import fit_rows, prompt_ids, resolve_budget, response_ids, row_sources
 from stages.tracking import TRAINER_ARGS, log_metrics, trainer_callback
 
 
@@ -66,7 +66,7 @@ def run(
         stage="sft",
         truncation=truncation,
         max_dropped_fraction=max_dropped_fraction,
-        sources=[r.get("source", f"{demonstrations}:{i + 1}") for i, r in enumerate(rows)],
+        sources=row_sources(rows, demonstrations),
     )
     counts = fitted.metrics("sft/data")
     log_metrics(counts)

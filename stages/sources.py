@@ -50,6 +50,15 @@ def gold_scorer(name: str | None, target_len: int = 6) -> Callable[[Any, str], f
     return lambda prompt, response: task.gold_score(prompt, response, target_len=target_len)
 
 
+def _sizes(cfg) -> dict[str, int]:
+    return dict(
+        zip(
+            PROMPT_SETS,
+            (cfg.n_comparison_prompts, cfg.n_heldout_comparison_prompts, cfg.n_ppo_prompts, cfg.n_eval_prompts),
+        )
+    )
+
+
 def embedded(cfg, pretrain_documents: int) -> Sourced:
     """The synthetic task, generated from `cfg.seed` (cfg: `stages.prepare.DataConfig`)."""
     demos = task.make_demonstrations(cfg.n_demonstrations, cfg.seed, target_len=cfg.target_len)
@@ -58,12 +67,7 @@ def embedded(cfg, pretrain_documents: int) -> Sourced:
         for d in demos
     ]
     gold = [task.gold_score(d.prompt, d.response, target_len=cfg.target_len) for d in demos]
-    sizes = dict(
-        zip(
-            PROMPT_SETS,
-            (cfg.n_comparison_prompts, cfg.n_heldout_comparison_prompts, cfg.n_ppo_prompts, cfg.n_eval_prompts),
-        )
-    )
+    sizes = _sizes(cfg)
     sets = {name: task.make_prompts(n, cfg.seed * 1000 + i + 1) for i, (name, n) in enumerate(sizes.items())}
     web = task.make_demonstrations(pretrain_documents, cfg.seed + 7919, target_len=cfg.target_len)
     return Sourced(
@@ -113,6 +117,15 @@ def _unique(prompts: list[Any]) -> list[Any]:
     return out
 
 
+def _split_prompts(path: str, train: list[Any], held: list[Any], train_split: str) -> tuple[dict, dict]:
+    """(prompt sets, their sources): comparison and PPO prompts from the training split, held-out
+    comparison and evaluation prompts from the held-out one."""
+    train, held = _unique(train), _unique(held)
+    sets = {"comparison_prompts": train, "heldout_comparison_prompts": held, "ppo_prompts": train, "eval_prompts": held}
+    where = {"comparison_prompts": train_split, "ppo_prompts": train_split}
+    return sets, {name: f"{path}: {where.get(name, 'held-out split')}" for name in sets}
+
+
 def files(cfg) -> Sourced:
     """The user's data (cfg: `stages.prepare.DataConfig` with at least one file set)."""
     metrics: dict[str, float] = {}
@@ -131,38 +144,24 @@ def files(cfg) -> Sourced:
         comparisons = {"dataset_comparisons": rest, "dataset_heldout_comparisons": held}
         if eval_rm:
             comparisons["dataset_eval_rm_comparisons"] = eval_rm
-        name = cfg.comparisons.path
-        sets["comparison_prompts"] = _unique([r["prompt"] for r in rest])
-        sets["heldout_comparison_prompts"] = _unique([r["prompt"] for r in held])
-        sets["ppo_prompts"] = sets["comparison_prompts"]
-        sets["eval_prompts"] = sets["heldout_comparison_prompts"]
-        source |= {
-            "comparison_prompts": f"{name}: reward-model training split",
-            "heldout_comparison_prompts": f"{name}: held-out split",
-            "ppo_prompts": f"{name}: reward-model training split",
-            "eval_prompts": f"{name}: held-out split",
-        }
+        sets, source = _split_prompts(
+            cfg.comparisons.path,
+            [r["prompt"] for r in rest],
+            [r["prompt"] for r in held],
+            "reward-model training split",
+        )
         best = [_demo(r["prompt"], r["responses"][r["ranks"].index(min(r["ranks"]))], r["source"]) for r in rest]
     if cfg.demonstrations is not None:
         demos, bad = _loaded(cfg.demonstrations, "demonstrations")
         metrics["prepare/data/bad_rows"] = float(bad)
         if cfg.comparisons is None:  # the prompts come from held-out demonstrations
             held_demos, demos = _split(demos, cfg.heldout_fraction, cfg.seed, str(cfg.demonstrations.path))
-            held_prompts = _unique([d["messages"][:-1] for d in held_demos])
-            train_prompts = _unique([d["messages"][:-1] for d in demos])
-            name = cfg.demonstrations.path
-            sets |= {
-                "comparison_prompts": train_prompts,
-                "heldout_comparison_prompts": held_prompts,
-                "ppo_prompts": train_prompts,
-                "eval_prompts": held_prompts,
-            }
-            source |= {
-                "comparison_prompts": f"{name}: SFT training split",
-                "heldout_comparison_prompts": f"{name}: held-out split",
-                "ppo_prompts": f"{name}: SFT training split",
-                "eval_prompts": f"{name}: held-out split",
-            }
+            sets, source = _split_prompts(
+                cfg.demonstrations.path,
+                [d["messages"][:-1] for d in demos],
+                [d["messages"][:-1] for d in held_demos],
+                "SFT training split",
+            )
     elif cfg.comparisons is not None:
         demos = best
         metrics["prepare/demonstrations/from_comparisons"] = 1.0
@@ -174,12 +173,7 @@ def files(cfg) -> Sourced:
             rows, _ = _loaded(ds, "prompts")
             sets[name] = [r["prompt"] for r in rows]
             source[name] = f"{ds.path} (data.{key})"
-    limits = dict(
-        zip(
-            PROMPT_SETS,
-            (cfg.n_comparison_prompts, cfg.n_heldout_comparison_prompts, cfg.n_ppo_prompts, cfg.n_eval_prompts),
-        )
-    )
+    limits = _sizes(cfg)
     sets = {name: sets[name][: limits[name]] for name in PROMPT_SETS}
     pretrain = [" ".join(m["content"] for m in d["messages"]) for d in demos]
     return Sourced(

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from stages.manifest import read_jsonl
+
 # Used when a base model ships without a chat template. Its role markers become special tokens of
 # the tokenizer (added, with the embeddings resized, where the vocabulary lacks them), so a marker
 # is one token and never splits into pieces.
@@ -87,6 +89,10 @@ class Budget:
         p = prompt[-self.max_prompt_length :]
         r = response[: max(0, self.max_length - len(p))]
         return p, r, len(p) < len(prompt) or len(r) < len(response)
+
+    def fit_row(self, prompt: list[int], responses: list[list[int]]) -> tuple[list[int], list[list[int]]]:
+        """A prompt and its responses cut as `fit` cuts each pair (the prompt is cut the same for all)."""
+        return prompt[-self.max_prompt_length :], [self.fit(prompt, r)[1] for r in responses]
 
     def fits(self, prompt: list[int], response: list[int]) -> bool:
         return len(prompt) <= self.max_prompt_length and len(prompt) + len(response) <= self.max_length
@@ -165,6 +171,11 @@ def length_buckets(lengths: list[int], batch: int, generator: torch.Generator | 
     return batches
 
 
+def row_sources(rows: list[dict], path) -> list[str]:
+    """Where each row came from: its `source` (the user's file and line), else its line in `path`."""
+    return [r.get("source", f"{path}:{i}") for i, r in enumerate(rows, 1)]
+
+
 class LengthError(ValueError):
     """Rows that do not fit a stage's token limits; the message names the key to raise."""
 
@@ -209,14 +220,13 @@ def fit_rows(
             dropped += 1
             first = first or (i, "longer than the limits and data.truncation is off")
             continue
-        cut = [budget.fit(p, r)[:2] for r in responses] or [(p[-budget.max_prompt_length :], [])]
-        cut_responses = [r for _, r in cut]
+        cut_prompt, cut_responses = budget.fit_row(p, responses)
         if len(responses) > 1 and len({tuple(r) for r in cut_responses}) == 1:
             dropped += 1
             first = first or (i, "its responses are identical once cut to max_length")
             continue
         truncated += 1
-        out.append((cut[0][0], cut_responses))
+        out.append((cut_prompt, cut_responses))
         kept.append(i)
     if dropped > max_dropped_fraction * len(rows):
         i, why = first
@@ -252,6 +262,14 @@ def resolve_sampling(
             f"model's context window ({context} tokens); lower stage.{stage}.max_new_tokens or max_prompt_length"
         )
     return SamplingBudget(prompt, new)
+
+
+def fit_prompt_file(tokenizer, path, budget: SamplingBudget, *, stage: str, **overflow) -> tuple[list, Fitted]:
+    """The prompts of a `{"prompt"}` JSONL file (an artifact's prompt set) that a sampling stage keeps."""
+    rows = read_jsonl(path)
+    return fit_prompts(
+        tokenizer, [r["prompt"] for r in rows], budget, stage=stage, sources=row_sources(rows, path), **overflow
+    )
 
 
 def fit_prompts(
