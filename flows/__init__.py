@@ -21,10 +21,20 @@ for _key, _value in {
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "TRANSFORMERS_VERBOSITY": "error",
+    # third-party progress bars ("Loading weights", "Writing model shards", dataset maps): the stages
+    # show their own progress (stages/progress.py)
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "DS_ACCELERATOR": "cpu",  # DeepSpeed's "Setting ds_accelerator" line, and no CUDA probe
 }.items():
     os.environ.setdefault(_key, _value)
 
 import logging  # noqa: E402
+import warnings  # noqa: E402
+
+# deprecation notices of the libraries' own internals (transformers 5 renaming its arguments under trl),
+# which a user cannot act on
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|trl|peft|accelerate|torch)(\.|$)")
 
 for _name in ("httpx", "httpcore", "alembic", "mlflow", "prefect", "urllib3"):
     logging.getLogger(_name).setLevel(logging.WARNING)
@@ -42,8 +52,6 @@ def prestart_prefect_server():
     import socket
     import subprocess
     import sys
-    import time
-    import urllib.request
 
     if os.environ.get("PREFECT_API_URL"):
         return lambda: None
@@ -72,22 +80,39 @@ def prestart_prefect_server():
         env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"},
     )
     atexit.register(proc.terminate)
-    url = f"http://127.0.0.1:{port}/api"
-    os.environ["PREFECT_API_URL"] = url
+    os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+    os.environ["ALIGNFLOW_PRESTARTED_SERVER"] = "1"  # child processes (sweep jobs) wait on the same server
+    return lambda: wait_for_server(proc)
 
-    def wait() -> None:
-        deadline = time.monotonic() + float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the Prefect server exited with code {proc.returncode} before answering")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=1) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError(
-            f"the Prefect server at {url} did not answer within PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
-        )
 
-    return wait
+def wait_for_server(proc=None) -> None:
+    """Block until the Prefect server this process tree prestarted answers; no-op for a server given by
+    PREFECT_API_URL. `proc`: the server process, when this process started it (its exit is an error)."""
+    if os.environ.get("ALIGNFLOW_PRESTARTED_SERVER"):
+        wait_for_url(os.environ["PREFECT_API_URL"], proc)
+
+
+def ping(url: str) -> None:
+    """Raises OSError unless the Prefect API at `url` answers its health check."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+        if response.status != 200:
+            raise OSError(f"{url}/health answered {response.status}")
+
+
+def wait_for_url(url: str, proc=None) -> None:
+    import time
+
+    deadline = time.monotonic() + float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the Prefect server exited with code {proc.returncode} before answering")
+        try:
+            ping(url)
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(
+        f"the Prefect server at {url} did not answer within PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+    )

@@ -68,6 +68,44 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class RegistryConfig:
+    """The promotion gate (`flows/registry.py`): after evaluate, the aligned policy becomes a new version
+    of `model_name` in the MLflow registry; alias `champion` only if it beats the champion's `metric`
+    (a key of eval.json, dots for nesting) by `margin` with its KL to SFT at most `max_kl_per_token`."""
+
+    enabled: bool = True
+    model_name: str = "alignflow-policy"
+    metric: str = "win_rate"  # exists on every branch and data source; e.g. gold_policy.mean on the embedded task
+    higher_is_better: bool = True
+    margin: float = 0.0
+    max_kl_per_token: float = 1.0  # the evaluation's own reward-hacking bound (stage.evaluate.max_kl_per_token)
+
+    def __post_init__(self) -> None:
+        if not self.metric.strip():
+            raise ValueError("registry.metric: name a key of eval.json, e.g. win_rate or gold_policy.mean")
+        if self.margin < 0 or self.max_kl_per_token <= 0:
+            raise ValueError("registry.margin must be >= 0 and registry.max_kl_per_token > 0")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    objective: str = "eval.win_rate"  # what `python -m flows.align` returns to a sweeper (Optuna): a summary key
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """`make serve` (`flows/serve.py`): a Prefect deployment of the align flow on a cron schedule, also
+    started by a new-data event (`python -m flows.notify <path>`), one run at a time."""
+
+    deployment: str = "retrain"
+    cron: str = "0 3 * * 1"  # Mondays 03:00
+    timezone: str = "UTC"
+    overrides: list[str] = field(default_factory=list)  # the Hydra overrides every scheduled run uses
+    event: str = "alignflow.data.updated"
+    api_url: str = "http://127.0.0.1:4200/api"  # the Prefect server serve starts when none answers there
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -76,7 +114,11 @@ class Config:
     stage: StageConfigs = field(default_factory=StageConfigs)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     artifacts_dir: str = "artifacts"
+    threads: int | None = None  # torch threads; null: the usable cores divided by the jobs running at once
 
     def __post_init__(self) -> None:
         sampled = self.pipeline.name in ("rlhf", "dpo") and self.data.comparisons is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -61,14 +62,19 @@ def eval_line(e: dict[str, Any]) -> str:
     return "   ".join(parts)
 
 
-def write_summary(artifacts_dir: str, summary: dict[str, Any]) -> Path:
-    """`artifacts/runs/<time>/summary.json`, plus `artifacts/summary.json` for the latest run."""
-    folder = Path(artifacts_dir, "runs", time.strftime("%Y%m%d-%H%M%S"))
+def run_folder(artifacts_dir: str, run_id: str) -> Path:
+    """`artifacts/runs/<time>-<run id>/`: one folder per flow run, unique when runs start together."""
+    folder = Path(artifacts_dir, "runs", f"{time.strftime('%Y%m%d-%H%M%S')}-{run_id[:8]}")
     folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def write_summary(folder: Path, summary: dict[str, Any]) -> Path:
+    """`<run folder>/summary.json`, plus `artifacts/summary.json` for the latest run."""
     text = json.dumps(summary, indent=2, sort_keys=True)
     (folder / "summary.json").write_text(text)
-    latest = Path(artifacts_dir, "summary.json")
-    tmp = latest.with_suffix(".json.tmp")
+    latest = folder.parent.parent / "summary.json"
+    tmp = latest.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(text)
     tmp.replace(latest)
     return (folder / "summary.json").resolve()

@@ -19,6 +19,7 @@ from pathlib import Path
 from stages.labelers import LabelerConfig, make_labeler
 from stages.manifest import Manifest, folder_digest, read_jsonl, write_jsonl
 from stages.modeling import decode_responses, load_causal_lm, load_tokenizer, model_context, sample
+from stages.progress import progress
 from stages.tokens import SamplingBudget, fit_prompt_file, resolve_sampling
 from stages.tracking import log_metrics
 
@@ -42,6 +43,7 @@ def sample_k(
 ) -> list[tuple[list[str], list[bool]]]:
     flat = [p for p in prompts for _ in range(cfg.k)]
     texts, finished = [], []
+    bar = progress(len(flat), "comparisons: sampling", unit="response")
     for start in range(0, len(flat), cfg.batch_size):
         batch = flat[start : start + cfg.batch_size]
         rollout = sample(
@@ -55,6 +57,8 @@ def sample_k(
         )
         texts += decode_responses(tokenizer, rollout)
         finished += rollout.finished.tolist()
+        bar.update(len(batch))
+    bar.close()
     return [(texts[i * cfg.k : (i + 1) * cfg.k], finished[i * cfg.k : (i + 1) * cfg.k]) for i in range(len(prompts))]
 
 

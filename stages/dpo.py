@@ -36,6 +36,7 @@ import torch
 from stages.manifest import Manifest, folder_digest, read_jsonl
 from stages.modeling import load_causal_lm, load_tokenizer, mean_token_kl, model_context, sample, sequence_logprobs
 from stages.peft_setup import PeftConfig, lora_config
+from stages.progress import progress
 from stages.reward_model import encode_rankings, ranking_pairs
 from stages.tokens import default_new_tokens, fit_rows, pack, resolve_budget, row_sources
 from stages.tracking import TRAINER_ARGS, log_metrics, trainer_callback
@@ -178,6 +179,7 @@ def _train_listwise(cfg: DpoConfig, peft: PeftConfig, model, ref, tokenizer, row
     gen = torch.Generator().manual_seed(cfg.seed)
     model.train()
     step, loss = 0, torch.tensor(0.0)
+    bar = progress(steps, "dpo: training")
     while step < steps:
         for idx in torch.randperm(len(rows), generator=gen).split(per_step):
             if step == steps:
@@ -194,8 +196,11 @@ def _train_listwise(cfg: DpoConfig, peft: PeftConfig, model, ref, tokenizer, row
             opt.step()
             sched.step()
             step += 1
+            bar.update(1)
             if step % 10 == 0:
                 log_metrics({"dpo/train/loss": loss.item()}, step=step)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
     return model, {"dpo/train/loss": loss.item()}
 
 

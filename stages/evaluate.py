@@ -46,6 +46,7 @@ from stages.modeling import (
     model_context,
     sample,
 )
+from stages.progress import progress
 from stages.reward_model import TrainedRewardModel, encode_rankings, pair_agreement
 from stages.tokens import fit_prompt_file, resolve_sampling
 
@@ -101,6 +102,7 @@ def judge_agreement(rows: list[dict], target_len: int, noise: float, gold) -> di
 
 def _generate(model, tokenizer, prompts, cfg, budget):
     texts, rollouts = [], []
+    bar = progress(len(prompts), "evaluate: sampling", unit="response")
     for start in range(0, len(prompts), cfg.batch_size):
         r = sample(
             model,
@@ -113,6 +115,8 @@ def _generate(model, tokenizer, prompts, cfg, budget):
         )
         texts += decode_responses(tokenizer, r)
         rollouts.append(r)
+        bar.update(r.response.shape[0])
+    bar.close()
     return texts, rollouts
 
 
@@ -205,16 +209,21 @@ def run(
         scorer = TrainedRewardModel(eval_reward_model, eval_normalization)
         s_sft, s_pol = _scores(scorer, sft_rollouts), _scores(scorer, rollouts)
         result["eval_rm"] = {"sft": mean_ci95(s_sft), "policy": mean_ci95(s_pol)}
+        for row, a, b in zip(rows, s_sft, s_pol):
+            row |= {"eval_rm_sft": a, "eval_rm_policy": b}
         if result["win"] is None:
             wins = [0.5 if a == b else float(b > a) for a, b in zip(s_sft, s_pol)]
             result["win"] = _win_block("evaluation reward model", wins)
     if reward_model is not None and normalization is not None:
         proxy = TrainedRewardModel(reward_model, normalization)
+        p_sft, p_pol = _scores(proxy, sft_rollouts), _scores(proxy, rollouts)
         result["proxy_rm"] = {
             "note": "the reward model the policy was optimised against: a proxy, not an independent judge",
-            "sft": mean_ci95(_scores(proxy, sft_rollouts)),
-            "policy": mean_ci95(_scores(proxy, rollouts)),
+            "sft": mean_ci95(p_sft),
+            "policy": mean_ci95(p_pol),
         }
+        for row, a, b in zip(rows, p_sft, p_pol):
+            row |= {"proxy_rm_sft": a, "proxy_rm_policy": b}
         result["rm_accuracy"] = proxy.accuracy(tokenizer, held) if held else None
     elif held:
         result["rm_accuracy"] = _dpo_accuracy(pol, sft, tokenizer, held)

@@ -41,6 +41,7 @@ from stages.modeling import (
 )
 from stages.peft_setup import PeftConfig
 from stages.ppo_models import FullCopies, SharedBase
+from stages.progress import progress
 from stages.reward_model import TrainedRewardModel
 from stages.tokens import SamplingBudget, fit_prompt_file, resolve_sampling
 from stages.tracking import log_metrics
@@ -211,6 +212,8 @@ def run(
     state = _State(cfg, peft, policy, reward_model or policy)
     resumed_from = state.update if checkpoint_dir and state.load(Path(checkpoint_dir)) else 0
     ptx_docs = [r["text"] for r in read_jsonl(pretrain)] if pretrain and cfg.ptx_coef > 0 else []
+    bar = progress(cfg.updates, "ppo: updates", unit="update")
+    bar.update(state.update)
     while state.update < cfg.updates:
         update = state.update
         start = (update * cfg.rollouts_per_update) % len(texts)  # data position follows the update index
@@ -223,9 +226,12 @@ def run(
             row["ppo/objective/gold"] = sum(gold_fn(p, r) for p, r in zip(batch_prompts, responses)) / len(responses)
         state.history.append(row)
         log_metrics(row, step=update)
+        bar.set_postfix(reward=f"{row['ppo/objective/scores']:.3f}", kl=f"{row['ppo/objective/kl']:.3f}")
+        bar.update(1)
         state.update += 1
         if checkpoint_dir and cfg.checkpoint_every and state.update % cfg.checkpoint_every == 0:
             state.save(Path(checkpoint_dir))
+    bar.close()
     manifest = _finish(cfg, state, tokenizer, out_dir, batch_prompts, rollout, resumed_from, checkpoint_dir)
     manifest.metrics.update(fitted.metrics("ppo/data"))
     return manifest

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from stages import sources
 from stages.data import DatasetConfig
 from stages.manifest import Manifest, folder_digest, write_jsonl
 from stages.modeling import ModelConfig, lm_loss, load_causal_lm, load_tokenizer
+from stages.progress import progress
 from stages.tokens import DEFAULT_CHAT_TEMPLATE, ROLE_MARKERS, ensure_chat_template
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<eos>", *ROLE_MARKERS]
@@ -87,7 +89,9 @@ def build_tokenizer(corpus: list[str]):
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     # a real corpus has a long tail of words: keep the frequent ones, the rest become <unk>
-    tok.train_from_iterator(corpus, trainers.WordLevelTrainer(vocab_size=8000, special_tokens=SPECIAL_TOKENS))
+    tok.train_from_iterator(
+        corpus, trainers.WordLevelTrainer(vocab_size=8000, special_tokens=SPECIAL_TOKENS, show_progress=False)
+    )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<pad>",
@@ -110,7 +114,10 @@ def build_bpe_tokenizer(corpus: list[str], vocab_size: int):
     tok.decoder = decoders.ByteLevel()
     special = ["<pad>", "<eos>", *ROLE_MARKERS]
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(
@@ -148,6 +155,7 @@ def pretrain(
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_learning_rate)
     model.train()
     losses = []
+    bar = progress(cfg.pretrain_epochs * math.ceil(len(documents) / 32), "prepare: pretraining")
     for _ in range(cfg.pretrain_epochs):
         order = torch.randperm(len(documents), generator=gen).tolist()
         total, batches = 0.0, 0
@@ -157,7 +165,9 @@ def pretrain(
             loss.backward()
             opt.step()
             total, batches = total + loss.item(), batches + 1
+            bar.update(1)
         losses.append(total / batches)
+    bar.close()
     return losses
 
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from stages.manifest import Manifest, folder_digest, read_jsonl
 from stages.modeling import POOLINGS, load_scalar_model, load_tokenizer, model_context, sequence_scores
+from stages.progress import progress
 from stages.tokens import (
     Budget,
     fit_rows,
@@ -245,7 +246,9 @@ def run(
     gen = torch.Generator().manual_seed(cfg.seed)
     step, tokens = 0, 0
     model.train()
-    for _ in range(cfg.epochs):
+    bar = progress(cfg.epochs * steps_per_epoch, "reward_model: training")
+    for epoch in range(cfg.epochs):
+        bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}")
         for idx in length_buckets(lengths, cfg.batch_prompts, gen):  # rows of similar length pad little
             batch = [rows[i] for i in idx]
             scores = score_encoded(model, [encoded[i] for i in idx], pad, cfg.pooling)
@@ -259,11 +262,14 @@ def run(
             opt.step()
             sched.step()
             step += 1
+            bar.update(1)
             if step % 10 == 0:
                 log_metrics({"rm/train/loss": loss.item(), "rm/train/lr": sched.get_last_lr()[0]}, step=step)
+                bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{loss.item():.3f}")
         log_metrics(
             {"rm/eval/accuracy": pairwise_accuracy(model, tokenizer, held, cfg.pooling, budget=budget)}, step=step
         )
+    bar.close()
     model.eval()
     with torch.no_grad():  # 3. normalise: the SFT samples' mean reward becomes zero
         bias = torch.cat(

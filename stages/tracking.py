@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from stages.progress import progress
+
 
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
     import mlflow
@@ -21,9 +23,22 @@ def trainer_callback(prefix: str):
     from transformers import TrainerCallback
 
     class _Metrics(TrainerCallback):
+        bar = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.bar = progress(state.max_steps, f"{prefix.split('/')[0]}: training")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.bar.update(state.global_step - self.bar.n)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.bar.close()
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             scalars = {f"{prefix}/{k}": v for k, v in (logs or {}).items() if isinstance(v, (int, float))}
             log_metrics(scalars, step=state.global_step)
+            if self.bar is not None and "loss" in (logs or {}):
+                self.bar.set_postfix(loss=f"{logs['loss']:.3f}")
 
     return _Metrics()
 

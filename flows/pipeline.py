@@ -1,0 +1,262 @@
+"""The align flow: the cached stage runner, MLflow's parent run, the promotion gate, the summary and
+the report. `flows/align.py` is its command line (`python -m flows.align [overrides]`), `flows/serve.py`
+its deployment.
+
+`pipeline=rlhf|dpo|rlaif|rlaif_direct` picks the branch; each is a small function in
+`flows/branches.py` that reads as its DAG (rlhf: prepare -> sft -> comparisons -> reward_model ->
+ppo -> evaluate).
+
+Runs may share one artifacts folder: two `make align` at once, or a sweep's parallel jobs. Each
+stage call holds an OS file lock on its cache key (`artifacts/.locks/`) while it computes, so a
+second run that needs the same stage waits and then takes the first one's result from the cache:
+a stage is never computed twice at the same time. A crashed process releases its lock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from filelock import FileLock, Timeout
+from prefect import flow
+
+import flows
+from flows import html_report, registry, report
+from flows.branches import BRANCHES
+from flows.config import PIPELINES, Config
+from flows.fingerprint import Fingerprints
+from flows.preflight import preflight
+from flows.runner import StageCall, flatten, stage_task
+from flows.sweep import SWEEP_RUN_ENV  # set by the sweep callback: each job's run is its child
+from stages.manifest import MANIFEST, Manifest
+
+
+class StopPipeline(Exception):
+    """Raised by the runner at the first stage past `pipeline.stop_after`."""
+
+
+class Pipeline:
+    """Runs stage calls in order, recording status and timing; stops after `pipeline.stop_after`."""
+
+    def __init__(self, cfg: Config, parent_run_id: str) -> None:
+        self.cfg = cfg
+        self.parent_run_id = parent_run_id
+        self.task = stage_task()
+        self.stages: dict[str, dict[str, Any]] = {}
+        self.order = PIPELINES[cfg.pipeline.name]
+        self.fingerprints = Fingerprints(flows.ROOT / ".prefect" / "fingerprints.json")
+
+    def wanted(self, stage: str) -> bool:
+        stop = self.cfg.pipeline.stop_after
+        return stop is None or self.order.index(stage) <= self.order.index(stop)
+
+    def __call__(
+        self,
+        stage: str,
+        *configs: Any,
+        files: dict[str, Path] | None = None,
+        checkpointed: bool = False,
+        name: str | None = None,
+        serves: str | None = None,
+        **kwargs: Any,
+    ) -> Manifest:
+        """Path arguments are the files the stage reads; their content digests, and those of `files`
+        (inputs named in the config, outside the artifacts: a dataset, a rankings file), key the stage.
+        `checkpointed`: the stage resumes from checkpoints after a crash; `name`: the row of a stage
+        that runs more than once (iterative DPO's rounds); `serves`: the listed stage an extra call
+        belongs to (the evaluation reward model serves evaluate), for `pipeline.stop_after`."""
+        if not self.wanted(serves or stage):
+            raise StopPipeline(stage)
+        name = name or stage
+        inputs = {k: str(v) for k, v in kwargs.items() if isinstance(v, Path)}
+        scalars = {k: v for k, v in kwargs.items() if not isinstance(v, Path)}
+        read = {k: Path(v) for k, v in inputs.items()} | {f"file:{k}": Path(v) for k, v in (files or {}).items()}
+        digests = {k: self.fingerprints.digest(v) for k, v in read.items()}
+        self.fingerprints.save()
+        call = StageCall(stage, configs, inputs, digests, scalars, self.cfg.artifacts_dir, checkpointed)
+        t0 = time.perf_counter()
+        reset_peak_rss()
+        with stage_lock(self.cfg.artifacts_dir, name, call.key()):
+            state = self.task.with_options(task_run_name=name)(call, self.parent_run_id, return_state=True)
+            manifest: Manifest = state.result()
+            cached = state.name == "Cached"
+            if cached and not Path(manifest.path, MANIFEST).exists():  # artifact deleted: recompute
+                state = self.task.with_options(task_run_name=name, refresh_cache=True)(
+                    call, self.parent_run_id, return_state=True
+                )
+                manifest, cached = state.result(), False
+        if cached:
+            with mlflow.start_run(
+                run_name=name,
+                nested=True,
+                parent_run_id=self.parent_run_id,
+                tags={
+                    "alignflow.stage": stage,
+                    "alignflow.status": "cached",
+                    "alignflow.digest": manifest.digest,
+                    "alignflow.source_run": manifest.run_id,
+                },
+            ):
+                mlflow.log_metrics(manifest.metrics)
+        self.stages[name] = {
+            "stage": stage,
+            "status": "cached" if cached else "ran",
+            "seconds": time.perf_counter() - t0,
+            "artifact": manifest.path,
+            "digest": manifest.digest,
+            "metrics": manifest.metrics,
+            "peak_rss_mb": None if cached else peak_rss_mb(),
+            "run_id": manifest.run_id,  # the MLflow run that computed it (its metric history)
+            "inputs": inputs,
+            "parents": digests,
+        }
+        if "verdict" in manifest.files:
+            self.stages[name]["verdict"] = json.loads(manifest.file("verdict").read_text())
+        return manifest
+
+
+def reset_peak_rss() -> None:
+    """Linux: restart the process's peak-RSS count (VmHWM), so each stage reports its own peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+@contextmanager
+def stage_lock(artifacts_dir: str, name: str, key: str) -> Iterator[None]:
+    """An OS lock (flock) per cache key, held while the stage is looked up in the cache or computed."""
+    folder = Path(artifacts_dir, ".locks")
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(folder / f"{key[:32]}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"{name}: another run is computing it; waiting for its result", flush=True)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+@flow(name="align", log_prints=True)
+def align(cfg: Config) -> dict[str, Any]:
+    preflight(cfg)
+    set_up_tracking(cfg)
+    sweep_run = os.environ.get(SWEEP_RUN_ENV)
+    with mlflow.start_run(
+        run_name=f"align-{cfg.pipeline.name}", parent_run_id=sweep_run, tags={"alignflow.kind": "align"}
+    ) as parent:
+        mlflow.log_params(flatten(cfg))
+        run = Pipeline(cfg, parent.info.run_id)
+        summary: dict[str, Any] = {"pipeline": cfg.pipeline.name, "mlflow_run_id": parent.info.run_id}
+        try:
+            ev = BRANCHES[cfg.pipeline.name](run, cfg)
+            summary["eval"] = json.loads(ev.file("eval").read_text())
+        except StopPipeline:
+            pass
+        summary["stages"] = run.stages
+        summary["verdict"] = report.verdict(run.stages)
+        summary["threads"] = torch_threads()
+        if "prepare" in run.stages:
+            sources_json = Path(run.stages["prepare"]["artifact"], "sources.json")
+            summary["data"] = json.loads(sources_json.read_text()) if sources_json.exists() else None
+        if "eval" in summary and cfg.registry.enabled:
+            summary["registry"] = registry.gate(cfg, summary)
+        folder = report.run_folder(cfg.artifacts_dir, parent.info.run_id)
+        page = html_report.write(summary, folder / "report.html")
+        path = report.write_summary(folder, summary)
+        mlflow.log_artifact(str(path))
+        mlflow.log_artifact(str(page))
+    summary["summary_path"] = str(path)
+    summary["report_path"] = str(page)
+    return summary
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def set_up_tracking(cfg: Config) -> None:
+    """Local default: SQLite store and artifact files both under the artifacts folder (MLflow would
+    otherwise put artifacts in ./mlruns of the working directory). Under a file lock: runs that start
+    together would otherwise race to create the database's tables and the experiment."""
+    if cfg.tracking.uri is not None:
+        mlflow.set_tracking_uri(cfg.tracking.uri)
+        mlflow.set_experiment(cfg.tracking.experiment)
+        return
+    root = Path(cfg.artifacts_dir).resolve()
+    (root / ".locks").mkdir(parents=True, exist_ok=True)
+    with FileLock(root / ".locks" / "tracking.lock"):
+        mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+        if mlflow.get_experiment_by_name(cfg.tracking.experiment) is None:
+            mlflow.create_experiment(cfg.tracking.experiment, artifact_location=(root / "mlflow-artifacts").as_uri())
+        mlflow.set_experiment(cfg.tracking.experiment)
+
+
+def job(dcfg) -> float | None:
+    """One run of the command line or one job of a sweep: typed config, thread cap, preflight, the
+    flow, the printed table; returns `sweep.objective` for a sweeper."""
+    from flows.config import to_config
+    from flows.resources import cap_threads, concurrent_jobs, threads_per_job
+    from stages.ai_labeler import JudgeError
+    from stages.labelers import LabelsMissing
+
+    cfg = to_config(dcfg)
+    cap_threads(threads_per_job(cfg.threads, concurrent_jobs()))
+    try:
+        preflight(cfg)
+    except (JudgeError, ValueError, OSError) as e:  # a config, model or data problem: one clear message
+        raise SystemExit(f"error: {e}") from None
+    flows.wait_for_server()
+    try:
+        summary = align(cfg)
+    except LabelsMissing as e:
+        print(f"\nwaiting for labels: {e}")
+        raise SystemExit(2) from None
+    except JudgeError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(report.table(summary["stages"]))
+    if "eval" in summary:
+        print("\n" + report.eval_line(summary["eval"]))
+    if summary["verdict"]["status"] != "ok":
+        print("\nVERDICT: flagged\n  " + "\n  ".join(summary["verdict"]["reasons"]))
+    if "registry" in summary:
+        print("\n" + registry.describe(summary["registry"]))
+    print(f"\nreport: {summary['report_path']}\nsummary: {summary['summary_path']}")
+    return sweep_result(summary, cfg.sweep.objective)
+
+
+def sweep_result(summary: dict[str, Any], objective: str) -> float | None:
+    """In a sweep, the job's summary goes to its Hydra output folder too (the sweep callback reads it);
+    the value of `objective` (a dotted summary key) is returned to the sweeper."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        Path(HydraConfig.get().runtime.output_dir, "summary.json").write_text(json.dumps(summary, indent=2))
+    value: Any = summary
+    for part in objective.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return float(value) if isinstance(value, (int, float)) else None
