@@ -40,21 +40,31 @@ def histories(run_id: str) -> dict[str, list[tuple[int, float]]]:
     except MlflowException:
         return {}
     out = {}
-    for key in sorted(keys):
+    for key in sorted(keys, key=_curve_order):
         points = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
-        if len(points) > 1:
+        if len({p[0] for p in points}) > 1:  # a curve: more than one step
             out[key] = points
     return out
 
 
+def _curve_order(key: str) -> tuple[int, str]:
+    """Losses first, then accuracies and rewards, then the rest."""
+    for rank, word in enumerate(("loss", "accuracy", "reward", "score", "kl")):
+        if word in key:
+            return rank, key
+    return 9, key
+
+
 def _curves(title: str, series: dict[str, list[tuple[int, float]]], x_title: str) -> go.Figure:
-    fig = make_subplots(rows=1, cols=len(series), subplot_titles=list(series))
-    for i, (key, points) in enumerate(series.items(), 1):
-        fig.add_trace(
-            go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points], name=key, mode="lines+markers"), 1, i
-        )
-        fig.update_xaxes(title_text=x_title, row=1, col=i)
-    fig.update_layout(title=title, showlegend=False, height=320, margin=dict(t=70, b=40))
+    cols = min(3, len(series))
+    rows = -(-len(series) // cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[k.split("/", 1)[-1] for k in series])
+    for i, (key, points) in enumerate(series.items()):
+        row, col = i // cols + 1, i % cols + 1
+        trace = go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points], name=key, mode="lines+markers")
+        fig.add_trace(trace, row, col)
+        fig.update_xaxes(title_text=x_title, row=row, col=col)
+    fig.update_layout(title=title, showlegend=False, height=300 * rows + 40, margin=dict(t=80, b=40))
     return fig
 
 

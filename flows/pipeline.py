@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -148,7 +149,8 @@ def stage_lock(artifacts_dir: str, name: str, key: str) -> Iterator[None]:
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        print(f"{name}: another run is computing it; waiting for its result", flush=True)
+        # not print: inside the flow, Prefect turns prints into INFO logs, which the console does not show
+        sys.stderr.write(f"{name}: another run is computing it; waiting for its result\n")
         lock.acquire()
     try:
         yield

@@ -3,10 +3,11 @@
 Each torch process starts as many intra-op (OpenMP) threads as there are cores. Two such processes
 on 2 cores slowed each other 5x (a bare training loop) to 40x (a whole flow) here: oversubscribed
 threads spin on each other's cores. A sweep's parallel jobs therefore divide the cores this process
-may use (`os.sched_getaffinity`) by the number of jobs that run at once, which the Hydra launcher
-says: `hydra.launcher.n_jobs` (joblib), `hydra.launcher.array_parallelism` (submitit, capped at
-the cores). `threads=<n>` in the config overrides it. `make bench` measures the effect
-(`bench/parallel_jobs.py`).
+may use (`os.sched_getaffinity`) by the number of jobs that run at once: the sweep's size (counted
+by the sweep callback from its overrides, `ALIGNFLOW_SWEEP_JOBS`), capped by what the launcher
+runs at once (`hydra.launcher.n_jobs` for joblib, `array_parallelism` for submitit on SLURM) and
+by the cores; submitit's `cpus_per_task`, when set, is the job's share. `threads=<n>` in the config
+overrides it. `make bench` measures the effect (`bench/parallel_jobs.py`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
+SWEEP_JOBS_ENV = "ALIGNFLOW_SWEEP_JOBS"
+
+
 def concurrent_jobs() -> int:
     """Jobs of this Hydra sweep that run at the same time (1 outside a sweep, or with the basic launcher)."""
     from hydra.core.hydra_config import HydraConfig
@@ -26,11 +30,32 @@ def concurrent_jobs() -> int:
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return 1
     launcher = HydraConfig.get().launcher
-    for key in ("n_jobs", "array_parallelism"):
-        n = launcher.get(key)
-        if n is not None:
-            return usable_cores() if n < 0 else min(int(n), usable_cores())
-    return 1  # the basic launcher runs jobs one after another
+    target = str(launcher.get("_target_", ""))
+    if "BasicLauncher" in target:
+        return 1  # one job after another
+    cores = usable_cores()
+    if launcher.get("cpus_per_task"):
+        return max(1, cores // int(launcher.cpus_per_task))
+    jobs = int(os.environ.get(SWEEP_JOBS_ENV, cores))
+    at_once = launcher.get("n_jobs", launcher.get("array_parallelism"))
+    if at_once is not None and int(at_once) > 0:
+        jobs = min(jobs, int(at_once))
+    return max(1, min(jobs, cores))
+
+
+def sweep_size(overrides: list[str], params: dict | None, batch: int | None) -> int:
+    """Jobs a sweep starts: the product of its sweep overrides' lengths (`a=1,2 b=3,4` is 4) for the
+    basic sweeper, or a sweeper's batch (Optuna's `n_jobs`)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if batch:
+        return int(batch)
+    parsed = OverridesParser.create().parse_overrides([*overrides, *(f"{k}={v}" for k, v in (params or {}).items())])
+    size = 1
+    for o in parsed:
+        if o.is_sweep_override():
+            size *= len(list(o.sweep_string_iterator()))
+    return size
 
 
 def threads_per_job(requested: int | None, jobs: int) -> int:

@@ -22,6 +22,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from flows.resources import SWEEP_JOBS_ENV, sweep_size
+
 SWEEP_RUN_ENV = "ALIGNFLOW_SWEEP_RUN_ID"
 
 
@@ -46,6 +48,8 @@ class SweepRun(Callback):
         )
         mlflow.MlflowClient().log_param(run.info.run_id, "overrides", " ".join(overrides)[:6000])
         os.environ[SWEEP_RUN_ENV] = run.info.run_id
+        sweeper = config.hydra.sweeper
+        os.environ[SWEEP_JOBS_ENV] = str(sweep_size(overrides, sweeper.get("params"), sweeper.get("n_jobs")))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         import mlflow
