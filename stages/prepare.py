@@ -189,7 +189,10 @@ def base_model(cfg: DataConfig, model_cfg: ModelConfig, data: sources.Sourced):
                 "prepare: %s has no chat template; using the default one, markers %s", model_cfg.name_or_path, added
             )
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-            model.resize_token_embeddings(len(tokenizer))  # new rows start at the mean embedding
+            # new rows are drawn around the mean embedding: seeded, so the same model and data give
+            # the same base (and its digest), and the stages keyed on it stay cached
+            torch.manual_seed(cfg.seed)
+            model.resize_token_embeddings(len(tokenizer))
         return tokenizer, model, [], notes
     texts = [" ".join(m["content"] for m in r["messages"]) for r in data.demonstrations]
     if data.gold == "embedded":
