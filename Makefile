@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help venv align compare test test-fast bench bench-real lint ui clean
+.PHONY: help venv browser align compare frontier serve champion test test-fast bench bench-real lint ui clean
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -25,13 +25,25 @@ help: ## list targets
 
 venv: .venv/.installed ## create .venv and install pinned dependencies
 
+browser: ## Debian's headless Chromium, for the report's browser test (Playwright drives it)
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
 align: venv ## run the whole InstructGPT recipe on the embedded default (ARGS="stage.ppo.beta=0.05")
 	$(PY) -m flows.align $(ARGS)
+
+frontier: venv ## reward-vs-KL frontier: sweeps of PPO and DPO beta (2 joblib jobs), artifacts/frontier/<time>/
+	$(PY) -m flows.frontier $(ARGS)
+
+serve: venv ## Prefect deployment of the align flow: cron from conf/schedule/, new-data trigger (flows.notify)
+	$(PY) -m flows.serve $(ARGS)
+
+champion: venv ## the registry's champion policy and its lineage
+	$(PY) -m flows.champion $(ARGS)
 
 compare: venv ## rlhf, dpo (best beta), rlaif, rlaif_direct from one SFT: one table, artifacts/compare/compare.json
 	$(PY) -m flows.compare $(ARGS)
 
-test: venv ## run the whole test suite (unit, stage, config, end-to-end flow)
+test: venv browser ## run the whole test suite (unit, stage, config, end-to-end flow, report in a browser)
 	$(PY) -m pytest tests
 
 test-fast: venv ## unit and config tests only
@@ -44,6 +56,7 @@ test-fast: venv ## unit and config tests only
 	touch $@
 
 bench: venv .bench-venvs/trl112/.installed ## benchmarks, side by side in one run; JSON under artifacts/bench/
+	$(PY) -m bench.parallel_jobs
 	$(PY) -m bench.rm_batching
 	$(PY) -m bench.ppo_variants
 	$(PY) -m bench.dpo_variants

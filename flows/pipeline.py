@@ -181,14 +181,14 @@ def align(cfg: Config) -> dict[str, Any]:
             sources_json = Path(run.stages["prepare"]["artifact"], "sources.json")
             summary["data"] = json.loads(sources_json.read_text()) if sources_json.exists() else None
         if "eval" in summary and cfg.registry.enabled:
-            summary["registry"] = registry.gate(cfg, summary)
-        folder = report.run_folder(cfg.artifacts_dir, parent.info.run_id)
+            with FileLock(Path(cfg.artifacts_dir, ".locks", "registry.lock")):  # jobs finishing together
+                summary["registry"] = registry.gate(cfg, summary)
+        folder = report.run_folder(cfg.artifacts_dir, parent.info.run_id).resolve()
+        summary["summary_path"], summary["report_path"] = str(folder / "summary.json"), str(folder / "report.html")
         page = html_report.write(summary, folder / "report.html")
         path = report.write_summary(folder, summary)
         mlflow.log_artifact(str(path))
         mlflow.log_artifact(str(page))
-    summary["summary_path"] = str(path)
-    summary["report_path"] = str(page)
     return summary
 
 

@@ -199,7 +199,7 @@ def _train_listwise(cfg: DpoConfig, peft: PeftConfig, model, ref, tokenizer, row
             bar.update(1)
             if step % 10 == 0:
                 log_metrics({"dpo/train/loss": loss.item()}, step=step)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     bar.close()
     return model, {"dpo/train/loss": loss.item()}
 

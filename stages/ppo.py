@@ -226,7 +226,7 @@ def run(
             row["ppo/objective/gold"] = sum(gold_fn(p, r) for p, r in zip(batch_prompts, responses)) / len(responses)
         state.history.append(row)
         log_metrics(row, step=update)
-        bar.set_postfix(reward=f"{row['ppo/objective/scores']:.3f}", kl=f"{row['ppo/objective/kl']:.3f}")
+        bar.set_postfix(reward=f"{row['ppo/objective/scores']:.3f}", kl=f"{row['ppo/objective/kl']:.3f}", refresh=False)
         bar.update(1)
         state.update += 1
         if checkpoint_dir and cfg.checkpoint_every and state.update % cfg.checkpoint_every == 0:

@@ -248,7 +248,7 @@ def run(
     model.train()
     bar = progress(cfg.epochs * steps_per_epoch, "reward_model: training")
     for epoch in range(cfg.epochs):
-        bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}")
+        bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", refresh=False)
         for idx in length_buckets(lengths, cfg.batch_prompts, gen):  # rows of similar length pad little
             batch = [rows[i] for i in idx]
             scores = score_encoded(model, [encoded[i] for i in idx], pad, cfg.pooling)
@@ -265,7 +265,7 @@ def run(
             bar.update(1)
             if step % 10 == 0:
                 log_metrics({"rm/train/loss": loss.item(), "rm/train/lr": sched.get_last_lr()[0]}, step=step)
-                bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{loss.item():.3f}")
+                bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{loss.item():.3f}", refresh=False)
         log_metrics(
             {"rm/eval/accuracy": pairwise_accuracy(model, tokenizer, held, cfg.pooling, budget=budget)}, step=step
         )

@@ -38,7 +38,7 @@ def trainer_callback(prefix: str):
             scalars = {f"{prefix}/{k}": v for k, v in (logs or {}).items() if isinstance(v, (int, float))}
             log_metrics(scalars, step=state.global_step)
             if self.bar is not None and "loss" in (logs or {}):
-                self.bar.set_postfix(loss=f"{logs['loss']:.3f}")
+                self.bar.set_postfix(loss=f"{logs['loss']:.3f}", refresh=False)
 
     return _Metrics()
 

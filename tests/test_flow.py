@@ -27,7 +27,12 @@ TINY = [
 STAGES = ["prepare", "sft", "comparisons", "reward_model", "ppo", "evaluate"]
 
 
-def align(artifacts: Path, *overrides: str) -> dict:
+# third-party noise the console must not show (silenced at the source: flows/__init__.py)
+NOISE = ["Loading weights", "Writing model shards", "FutureWarning", "MLflow database", "ds_accelerator", "Traceback"]
+
+
+def run_align(artifacts: Path, *overrides: str) -> tuple[dict, str]:
+    """The summary and the console output (stdout + stderr) of one `python -m flows.align` run."""
     proc = subprocess.run(
         [sys.executable, "-m", "flows.align", f"artifacts_dir={artifacts}", *overrides],
         cwd=ROOT,
@@ -37,8 +42,16 @@ def align(artifacts: Path, *overrides: str) -> dict:
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "summary: " in proc.stdout
+    console = proc.stdout + proc.stderr
+    assert not [n for n in NOISE if n in console], [
+        line for line in console.splitlines() if any(n in line for n in NOISE)
+    ]
     path = Path(proc.stdout.rsplit("summary: ", 1)[1].strip())
-    return json.loads(path.read_text())
+    return json.loads(path.read_text()), console
+
+
+def align(artifacts: Path, *overrides: str) -> dict:
+    return run_align(artifacts, *overrides)[0]
 
 
 def statuses(summary: dict) -> dict[str, str]:
@@ -47,8 +60,13 @@ def statuses(summary: dict) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_flow_caches_and_reruns_exactly_what_changed(tmp_path):
-    first = align(tmp_path, *TINY)
+    first, console = run_align(tmp_path, *TINY)
     assert statuses(first) == dict.fromkeys(STAGES, "ran")
+    # progress of the long loops, one line each in a log (not a terminal), with the ETA and PPO's figures
+    for bar in ("prepare: pretraining", "sft: training", "comparisons: sampling", "reward_model: training"):
+        assert f"{bar}: 100%" in console
+    assert "ppo: updates: 100%" in console and "reward=" in console and "kl=" in console
+    assert Path(first["report_path"]).exists() and first["registry"]["version"] == "1"
     assert set(first["eval"]) >= {"gold_sft", "gold_policy", "win_rate", "kl_to_sft", "rm_accuracy", "labeler_ceiling"}
     for s in first["stages"].values():
         assert Path(s["artifact"], "manifest.json").exists()

@@ -429,3 +429,24 @@ def test_served_deployment_retrains_on_the_new_data_event(tmp_path):
             serve.wait(timeout=30)
         except subprocess.TimeoutExpired:
             serve.kill()
+
+
+def test_prefect_yaml_deployments_are_valid_for_prefect_deploy():
+    """`prefect deploy` reads prefect.yaml: its entrypoint is the served flow, its triggers and schedules
+    are what Prefect's schemas accept, and every deployment runs one at a time."""
+    import yaml
+    from prefect.client.schemas.schedules import construct_schedule
+    from prefect.events import DeploymentTriggerTypes
+    from pydantic import TypeAdapter
+
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    assert {d["name"] for d in spec["deployments"]} == {"retrain", "retrain-k8s", "retrain-docker"}
+    for d in spec["deployments"]:
+        path, name = d["entrypoint"].split(":")
+        assert (ROOT / path).exists() and f"def {name}(" in (ROOT / path).read_text()
+        assert d["concurrency_limit"] == 1 and d["work_pool"]["name"].startswith("alignflow-")
+        for s in d["schedules"]:
+            assert construct_schedule(cron=s["cron"], timezone=s["timezone"]).cron == s["cron"]
+        for t in d["triggers"]:
+            trigger = TypeAdapter(DeploymentTriggerTypes).validate_python(t)
+            assert trigger.expect == {"alignflow.data.updated"}
