@@ -41,9 +41,11 @@ def describe(cfg: Config) -> str:
         f"  overrides      {' '.join(lineage.get('overrides') or []) or '(defaults)'}",
     ]
     lines += [f"  data           {k.removeprefix('file:')} sha256 {v[:16]}" for k, v in lineage["data_digests"].items()]
-    lines.append(f"  prepare        {str(lineage.get('prepare_digest'))[:16]}")
-    for stage, art in lineage.get("artifacts", {}).items():
-        lines.append(f"  {stage:<14} {art['digest'][:16]}  {art['path']}")
+    artifacts = lineage.get("artifacts", [])
+    if isinstance(artifacts, dict):  # versions registered before the lineage kept the pipeline's order
+        artifacts = [{"stage": k, **v} for k, v in artifacts.items()]
+    for art in artifacts:  # in the pipeline's order
+        lines.append(f"  {art['stage']:<14} {art['digest'][:16]}  {art['path']}")
     others = [v for v in client.search_model_versions(f"name='{name}'") if v.version != champion.version]
     for v in sorted(others, key=lambda v: int(v.version)):
         lines.append(f"version {v.version}: {v.tags.get('alignflow.reason', '')}")

@@ -55,7 +55,7 @@ def lineage(cfg: Config, summary: dict[str, Any]) -> dict[str, Any]:
         "overrides": hydra_overrides(),
         "data_digests": data,
         "prepare_digest": stages.get("prepare", {}).get("digest"),
-        "artifacts": {name: {"path": s["artifact"], "digest": s["digest"]} for name, s in stages.items()},
+        "artifacts": [{"stage": name, "path": s["artifact"], "digest": s["digest"]} for name, s in stages.items()],
         "data_sources": (summary.get("data") or {}).get("prompt_source"),
     }
 
