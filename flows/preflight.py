@@ -50,13 +50,15 @@ def preflight(cfg: Config) -> None:
         for name in SAMPLING
         if name in stages
     }
-    if tokenizer is not None and not cfg.data.is_embedded:
-        check_lengths(cfg, tokenizer, budgets, sampling)
+    if cfg.data.is_embedded:
+        return
+    data = sources.assemble(cfg.data)  # every file read and every row validated: a bad one stops the run here
+    if tokenizer is not None:
+        check_lengths(cfg, data, tokenizer, budgets, sampling)
 
 
-def check_lengths(cfg: Config, tokenizer, budgets: dict, sampling: dict) -> None:
+def check_lengths(cfg: Config, data: sources.Sourced, tokenizer, budgets: dict, sampling: dict) -> None:
     """Every row of the user's data against the limits of the stages that read it."""
-    data = sources.assemble(cfg.data)
     overflow = {"truncation": cfg.data.truncation, "max_dropped_fraction": cfg.data.max_dropped_fraction}
     if "sft" in budgets:
         rows = data.demonstrations

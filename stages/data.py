@@ -22,6 +22,7 @@ import csv
 import gzip
 import io
 import json
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,10 @@ class DatasetConfig:
     columns: dict[str, str] = field(default_factory=dict)  # internal name -> column name in the file
     on_error: str = "raise"
     max_bad_fraction: float = 0.1
+    # rows that carry no training signal (chosen equal to rejected, a ranking whose responses all tie
+    # or with an empty response) are bad rows unless kept: the file labeler keeps them, since a
+    # sampled response may be empty and a ranker may tie them all
+    keep_degenerate: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -98,23 +103,65 @@ class Loaded:
 
 
 # 1. reading: (line, record) pairs, with line numbers for every file type
+PARQUET_MAGIC, GZIP_MAGIC = b"PAR1", b"\x1f\x8b"
+FILE_TYPES = tuple(ext + gz for ext in (".json", ".jsonl", ".parquet", ".csv") for gz in ("", ".gz"))
+
+
+def _whole_file(path: Path, problem: str) -> DataError:
+    return DataError([f"{path}:0: -: {problem}"])
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes, gunzipped for `.gz`; a fault of the whole file is one `file:0: -:` line."""
+    if path.is_dir():
+        raise _whole_file(path, "is a directory, expected a file")
+    try:
+        raw = path.read_bytes()
+    except PermissionError:
+        raise _whole_file(path, "cannot be read: permission denied") from None
+    except OSError as e:
+        raise _whole_file(path, f"cannot be read: {e.strerror or e}") from None
+    if not path.name.endswith(".gz"):
+        return raw
+    if not raw.startswith(GZIP_MAGIC):
+        raise _whole_file(path, "is not gzip data, though its name ends in .gz")
+    try:
+        return gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as e:
+        raise _whole_file(path, f"corrupt or truncated gzip ({e})") from None
+
+
 def read_records(path: str | Path) -> Iterator[tuple[int, Any]]:
     path = Path(path)
     name = path.name[:-3] if path.name.endswith(".gz") else path.name
-    raw = gzip.open(path, "rb").read() if path.name.endswith(".gz") else path.read_bytes()
+    raw = _read_bytes(path)
     if name.endswith(".parquet"):
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        for i, rec in enumerate(pq.read_table(io.BytesIO(raw)).to_pylist()):
+        if not raw.startswith(PARQUET_MAGIC):
+            raise _whole_file(path, "is not a Parquet file (no PAR1 header), though its name ends in .parquet")
+        try:
+            table = pq.read_table(io.BytesIO(raw))
+        except (pa.ArrowException, OSError) as e:
+            raise _whole_file(path, f"corrupt Parquet file ({e})") from None
+        for i, rec in enumerate(table.to_pylist()):
             yield i + 1, rec
         return
+    if raw.startswith(PARQUET_MAGIC) or raw.startswith(GZIP_MAGIC):
+        kind = "Parquet" if raw.startswith(PARQUET_MAGIC) else "gzip"
+        raise _whole_file(path, f"holds {kind} data, not what its extension says ({name.rsplit('.', 1)[-1]})")
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a byte-order mark, as some editors and Excel write, is dropped
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise DataError([f"{path}:{line}: -: not valid UTF-8 (byte {e.start})"]) from None
     if name.endswith(".jsonl"):
-        for i, line in enumerate(text.splitlines(), 1):
+        lines = text.splitlines()  # CRLF too
+        first = next((line for line in lines if line.strip()), "")
+        if first.lstrip().startswith("[") and _is_json(text):
+            raise _whole_file(path, "holds one JSON array, not JSON Lines; name it .json")
+        for i, line in enumerate(lines, 1):
             if line.strip():
                 try:
                     yield i, json.loads(line)
@@ -123,10 +170,18 @@ def read_records(path: str | Path) -> Iterator[tuple[int, Any]]:
     elif name.endswith(".json"):
         yield from _json_array(path, text)
     elif name.endswith(".csv"):
-        for i, rec in enumerate(csv.DictReader(io.StringIO(text)), 2):
+        for i, rec in enumerate(csv.DictReader(io.StringIO(text, newline="")), 2):
             yield i, rec
     else:
         raise DataError([f"{path}:0: -: unknown file type; use .json, .jsonl, .parquet or .csv (optionally .gz)"])
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
 
 
 def _json_array(path: Path, text: str) -> Iterator[tuple[int, Any]]:
@@ -134,6 +189,9 @@ def _json_array(path: Path, text: str) -> Iterator[tuple[int, Any]]:
     decoder = json.JSONDecoder()
     pos = len(text) - len(text.lstrip())
     if not text[pos:].startswith("["):
+        first = text[pos:].split("\n", 1)[0]
+        if first.strip().startswith("{") and _is_json(first) and text[pos:].strip().count("\n"):
+            raise _whole_file(path, "holds JSON Lines, not one JSON array; name it .jsonl")
         raise DataError([f"{path}:1: -: a .json file must hold a list of records"])
     pos += 1
     while True:
@@ -315,6 +373,18 @@ def _normalise(rec: dict[str, Any], fmt: str, kind: str) -> dict[str, Any]:
     raise RowError("-", f"format {fmt!r} cannot give kind {kind!r}")
 
 
+def _refuse_degenerate(row: dict[str, Any]) -> None:
+    """A comparison that carries no training signal is a bad row (`keep_degenerate` keeps it)."""
+    if "chosen" in row and row["chosen"].strip() == row["rejected"].strip():
+        raise RowError("rejected", "same as chosen: the pair carries no preference")
+    if "responses" in row:
+        for i, text in enumerate(row["responses"]):
+            if not text.strip():
+                raise RowError(f"responses[{i}]", "empty")
+        if len(set(row["ranks"])) == 1:
+            raise RowError("ranks", "every response ties: the ranking carries no preference")
+
+
 def _ranked(rec: dict[str, Any]) -> dict[str, Any]:
     prompt = _text(rec, "prompt")
     raw = _list(rec, "responses")
@@ -383,8 +453,8 @@ def load(cfg: DatasetConfig) -> Loaded:
     """Read, detect, normalise and validate every row of `cfg.path`: a local file, or else a
     `datasets` hub id (when a hub is reachable) or a dataset folder, read through `load_dataset`."""
     path = Path(cfg.path)
-    if path.is_file():
-        records = read_records(path)
+    if path.is_file() or (path.is_dir() and path.name.endswith(FILE_TYPES)):
+        records = read_records(path)  # a folder named like a data file is an error of its own
     elif path.is_dir() or (cfg.path.count("/") == 1 and not path.suffix and not cfg.path.startswith((".", "/"))):
         records = _hub_records(cfg)
     else:
@@ -407,7 +477,10 @@ def load(cfg: DatasetConfig) -> Loaded:
                 if key in seen_ids:
                     raise RowError("id", f"duplicated id {key!r} (first on line {seen_ids[key]})")
                 seen_ids[key] = line
-            rows.append(_normalise(rec, fmt, cfg.kind))
+            row = _normalise(rec, fmt, cfg.kind)
+            if not cfg.keep_degenerate:
+                _refuse_degenerate(row)
+            rows.append(row)
             lines.append(line)
         except RowError as e:
             problems.append(f"{path}:{line}: {e.field_name}: {e.problem}")

@@ -123,7 +123,7 @@ class FileLabeler:
                 raise ValueError(f"{rankings}:{line}: id: expected prompt {exp['id']} of the export, in order")
             if rec.get("responses") != exp["responses"]:
                 raise ValueError(f"{rankings}:{line}: responses: differ from the export (ids or texts changed)")
-        rows = load(DatasetConfig(path=str(rankings), kind="rankings", format="ranked")).rows
+        rows = load(DatasetConfig(path=str(rankings), kind="rankings", format="ranked", keep_degenerate=True)).rows
         return [{"ranks": r["ranks"]} for r in rows]
 
 
