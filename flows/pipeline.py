@@ -33,6 +33,7 @@ from flows.branches import BRANCHES
 from flows.config import PIPELINES, Config
 from flows.fingerprint import Fingerprints
 from flows.preflight import preflight
+from flows.resources import cap_threads, concurrent_jobs, live_runs, register_run, threads_per_job
 from flows.runner import StageCall, flatten, stage_task
 from flows.sweep import SWEEP_RUN_ENV  # set by the sweep callback: each job's run is its child
 from stages.manifest import MANIFEST, Manifest
@@ -51,6 +52,7 @@ class Pipeline:
         self.task = stage_task()
         self.stages: dict[str, dict[str, Any]] = {}
         self.order = PIPELINES[cfg.pipeline.name]
+        self.jobs = concurrent_jobs()  # a sweep's jobs running at once
         self.fingerprints = Fingerprints(flows.ROOT / ".prefect" / "fingerprints.json")
 
     def wanted(self, stage: str) -> bool:
@@ -81,6 +83,8 @@ class Pipeline:
         digests = {k: self.fingerprints.digest(v) for k, v in read.items()}
         self.fingerprints.save()
         call = StageCall(stage, configs, inputs, digests, scalars, self.cfg.artifacts_dir, checkpointed)
+        threads = threads_per_job(self.cfg.threads, max(self.jobs, live_runs()))  # runs start and end
+        cap_threads(threads)
         t0 = time.perf_counter()
         reset_peak_rss()
         with stage_lock(self.cfg.artifacts_dir, name, call.key()):
@@ -114,6 +118,7 @@ class Pipeline:
             "metrics": manifest.metrics,
             "peak_rss_mb": None if cached else peak_rss_mb(),
             "run_id": manifest.run_id,  # the MLflow run that computed it (its metric history)
+            "threads": threads,
             "inputs": inputs,
             "parents": digests,
         }
@@ -219,12 +224,12 @@ def job(dcfg) -> float | None:
     """One run of the command line or one job of a sweep: typed config, thread cap, preflight, the
     flow, the printed table; returns `sweep.objective` for a sweeper."""
     from flows.config import to_config
-    from flows.resources import cap_threads, concurrent_jobs, threads_per_job
     from stages.ai_labeler import JudgeError
     from stages.labelers import LabelsMissing
 
     cfg = to_config(dcfg)
-    cap_threads(threads_per_job(cfg.threads, concurrent_jobs()))
+    register_run()
+    cap_threads(threads_per_job(cfg.threads, max(concurrent_jobs(), live_runs())))
     try:
         preflight(cfg)
     except (JudgeError, ValueError, OSError) as e:  # a config, model or data problem: one clear message

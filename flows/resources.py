@@ -8,11 +8,23 @@ by the sweep callback from its overrides, `ALIGNFLOW_SWEEP_JOBS`), capped by wha
 runs at once (`hydra.launcher.n_jobs` for joblib, `array_parallelism` for submitit on SLURM) and
 by the cores; submitit's `cpus_per_task`, when set, is the job's share. `threads=<n>` in the config
 overrides it. `make bench` measures the effect (`bench/parallel_jobs.py`).
+
+Runs that know nothing of each other (two `make align` at once) divide the cores too: each run
+holds an OS lock on a file of its own in a machine-wide folder (`RUNS_DIR`) for as long as it
+lives, and before each stage counts the files whose lock is held. A crashed run's lock is released
+by the OS, so its file no longer counts.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+RUNS_DIR = Path(tempfile.gettempdir()) / "alignflow-runs"
+_registration: FileLock | None = None
 
 
 def usable_cores() -> int:
@@ -74,3 +86,29 @@ def cap_threads(n: int) -> None:
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(n)
     torch.set_num_threads(n)
+
+
+def register_run() -> None:
+    """Count this process among the machine's live runs until it exits."""
+    global _registration
+    if _registration is None:
+        RUNS_DIR.mkdir(parents=True, exist_ok=True)
+        _registration = FileLock(RUNS_DIR / f"{os.getpid()}.lock")
+        _registration.acquire()
+
+
+def live_runs() -> int:
+    """Runs on this machine now, this one included: the run files whose lock is held."""
+    live = 1 if _registration is not None else 0
+    for path in RUNS_DIR.glob("*.lock") if RUNS_DIR.exists() else []:
+        if _registration is not None and path == Path(_registration.lock_file):
+            continue
+        other = FileLock(path)
+        try:
+            other.acquire(timeout=0)
+        except Timeout:
+            live += 1
+            continue
+        other.release()
+        path.unlink(missing_ok=True)  # a run that has ended
+    return max(1, live)

@@ -35,12 +35,13 @@ def retrain(overrides: list[str] | None = None) -> dict[str, Any]:
     from flows import report
     from flows.config import register, to_config
     from flows.pipeline import align
-    from flows.resources import cap_threads, threads_per_job
+    from flows.resources import cap_threads, live_runs, register_run, threads_per_job
 
     register()
     with initialize_config_dir(config_dir=str(flows.ROOT / "conf"), version_base="1.3"):
         cfg = to_config(compose("config", overrides=list(overrides or [])))
-    cap_threads(threads_per_job(cfg.threads, 1))
+    register_run()
+    cap_threads(threads_per_job(cfg.threads, live_runs()))
     summary = align(cfg)
     print(report.table(summary["stages"]))
     return {

@@ -1,0 +1,159 @@
+"""Reliability and security: two runs at once on one artifacts folder, secrets kept out of MLflow,
+remote code and pickles refused, servers on 127.0.0.1."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_flow import NOISE, TINY, statuses
+
+from stages.manifest import Manifest, folder_digest
+
+ROOT = Path(__file__).resolve().parents[1]
+SECRETS = {"ALIGNFLOW_TEST_API_KEY": "sk-test-secret-4242", "HF_TOKEN": "hf_test_secret_9191"}
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """Two `python -m flows.align` processes started together on one artifacts folder, same config,
+    with secrets in their environment."""
+    art = tmp_path_factory.mktemp("two_runs")
+    env = {**os.environ, **SECRETS}
+    argv = [sys.executable, "-m", "flows.align", f"artifacts_dir={art}", *TINY]
+    procs = [
+        subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    summaries = [json.loads(Path(out.rsplit("summary: ", 1)[1].strip()).read_text()) for out, _ in outs]
+    return art, summaries, ["".join(o) for o in outs]
+
+
+@pytest.mark.slow
+def test_two_runs_at_once_both_finish_and_compute_each_stage_once(two_runs):
+    art, summaries, consoles = two_runs
+    for stage in summaries[0]["stages"]:
+        ran = [s for s in summaries if s["stages"][stage]["status"] == "ran"]
+        assert len(ran) == 1, f"{stage}: computed by {len(ran)} runs"
+        assert summaries[0]["stages"][stage]["digest"] == summaries[1]["stages"][stage]["digest"]
+    assert summaries[0]["eval"] == summaries[1]["eval"]
+    manifests = list(art.glob("*/*/manifest.json"))  # every published stage folder
+    assert len(manifests) == len(summaries[0]["stages"])
+    for m in manifests:
+        assert folder_digest(m.parent) == Manifest.load(m.parent).digest, m.parent
+    assert not list(art.rglob(".tmp-*"))
+    assert any("another run is computing it; waiting" in c for c in consoles)  # the second one waited
+    for s in summaries:  # while both lived, each ran its stages on its share of the cores
+        assert min(st["threads"] for st in s["stages"].values()) == max(1, len(os.sched_getaffinity(0)) // 2)
+    for c in consoles:
+        assert not [n for n in NOISE if n in c]
+    import mlflow  # one store, readable, both runs finished
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{art}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("alignflow").experiment_id], max_results=200)
+    parents = [r for r in runs if r.data.tags.get("alignflow.kind") == "align"]
+    assert len(parents) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    assert statuses(summaries[0]) and summaries[0]["registry"]["version"] == summaries[1]["registry"]["version"]
+
+
+@pytest.mark.slow
+def test_no_environment_secret_reaches_mlflow(two_runs):
+    """Params, tags, metrics keys and every logged artifact file, searched for the secrets' values."""
+    art, _, _ = two_runs
+    import sqlite3
+
+    db = sqlite3.connect(art / "mlflow.db")
+    tables = [t for (t,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+    for table in tables:
+        for row in db.execute(f"SELECT * FROM {table}"):  # noqa: S608 (table names from the schema)
+            text = " ".join(str(v) for v in row)
+            for name, value in SECRETS.items():
+                assert value not in text, f"{name} in the {table} table"
+    files = [p for p in (art / "mlflow-artifacts").rglob("*") if p.is_file()]
+    assert files
+    for path in files:
+        data = path.read_bytes()
+        for name, value in SECRETS.items():
+            assert value.encode() not in data, f"{name} in {path}"
+
+
+def test_remote_code_stays_off_unless_asked(tmp_path):
+    """A model folder whose config points at its own Python: loading it must not run that code."""
+    from stages.modeling import ModelConfig, load_causal_lm
+
+    marker = tmp_path / "executed"
+    folder = tmp_path / "remote"
+    folder.mkdir()
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "evil",
+                "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"},
+            }
+        )
+    )
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    (folder / "model.safetensors").write_bytes(b"")
+    assert ModelConfig().trust_remote_code is False
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        load_causal_lm(folder)
+    assert not marker.exists()
+
+
+def test_pickled_weights_are_refused(tmp_path):
+    from stages.modeling import ModelError, check_model_folder
+
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    with pytest.raises(ModelError, match="Pickled weights can execute code"):
+        check_model_folder(folder)
+
+
+def _listening(pid: int) -> set[str]:
+    import psutil
+
+    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    return {c.laddr.ip for p in procs for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+
+
+def test_the_prestarted_prefect_server_binds_to_loopback_only():
+    code = "import flows, time; flows.prestart_prefect_server()(); print('up', flush=True); time.sleep(60)"
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "ALIGNFLOW_PRESTARTED_SERVER")}
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "up"
+        addresses = _listening(proc.pid)
+        assert addresses == {"127.0.0.1"}, addresses
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_the_mlflow_ui_target_binds_to_loopback():
+    ui = next(line for line in (ROOT / "Makefile").read_text().splitlines() if "mlflow ui" in line)
+    assert "--host 127.0.0.1" in ui
+
+
+def test_an_interrupted_wait_gives_no_half_lock(tmp_path):
+    """A run killed while it holds a stage lock releases it: the OS drops flock locks with the process."""
+    code = (
+        "import sys, time; sys.path.insert(0, sys.argv[2]); from flows.pipeline import stage_lock\n"
+        "with stage_lock(sys.argv[1], 'sft', 'k' * 64):\n    print('held', flush=True); time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path), str(ROOT)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(tmp_path / ".locks" / f"{'k' * 32}.lock")
+    with pytest.raises(Timeout):  # held by the live process
+        lock.acquire(timeout=0)
+    proc.kill()
+    proc.wait()
+    lock.acquire(timeout=0)  # free at once after the kill
+    lock.release()
