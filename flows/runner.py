@@ -14,6 +14,7 @@ import ast
 import dataclasses
 import functools
 import importlib
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +120,8 @@ def _execute(call: StageCall, parent_run_id: str | None) -> Manifest:
             )
             (tmp / MANIFEST).write_text(manifest.to_json())
             publish(tmp, final)
+            if call.checkpointed:  # published: a rerun finds the artifact, its checkpoints are spent
+                shutil.rmtree(extra["checkpoint_dir"], ignore_errors=True)
         mlflow.set_tag("alignflow.digest", digest)
         mlflow.set_tag("alignflow.artifact", manifest.path)
         mlflow.log_metrics(manifest.metrics)

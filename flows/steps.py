@@ -32,6 +32,7 @@ def sft(run, cfg: Config, prep: Manifest) -> Manifest:
         base=prep.file("base"),
         demonstrations=prep.file("demonstrations"),
         **lengths(cfg),
+        checkpointed=True,
     )
 
 
@@ -76,6 +77,7 @@ def reward_model(run, cfg: Config, sft: Manifest, cmp: Manifest) -> Manifest:
         comparisons=cmp.file("comparisons"),
         heldout=cmp.file("heldout_comparisons"),
         **lengths(cfg),
+        checkpointed=True,
     )
 
 
@@ -94,6 +96,7 @@ def eval_reward_model(run, cfg: Config, sft: Manifest, prep: Manifest) -> Manife
         comparisons=prep.file("dataset_eval_rm_comparisons"),
         heldout=prep.file("dataset_heldout_comparisons"),
         **lengths(cfg),
+        checkpointed=True,
     )
 
 

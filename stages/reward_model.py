@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from stages import checkpoints
 from stages.manifest import Manifest, folder_digest, read_jsonl
 from stages.modeling import POOLINGS, load_scalar_model, load_tokenizer, model_context, sequence_scores
 from stages.progress import progress
@@ -59,6 +60,7 @@ class RewardModelConfig:
     # share the policy's token ids, since PPO hands it the policy's sampled ids
     name_or_path: str | None = None
     seed: int = 0
+    checkpoint_every: int = 50  # steps between checkpoints (a killed run resumes from the last); 0: never
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
@@ -210,9 +212,10 @@ def run(
     out_dir: Path,
     truncation: bool = True,
     max_dropped_fraction: float = 0.0,
+    checkpoint_dir: Path | None = None,
 ) -> Manifest:
     """`policy`: the model the reward model starts from (the SFT policy, or `name_or_path`'s model
-    prepared on the policy's tokenizer)."""
+    prepared on the policy's tokenizer); `checkpoint_dir`: where a killed attempt left its checkpoint."""
     out_dir = Path(out_dir)
     rows, held = read_jsonl(comparisons), read_jsonl(heldout)
     if cfg.targets == "soft":
@@ -244,12 +247,25 @@ def run(
     steps_per_epoch = math.ceil(len(rows) / cfg.batch_prompts)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(cfg.seed)
-    step, tokens = 0, 0
+    at = {"step": 0, "tokens": 0, "epoch": 0, "in_epoch": 0, "loss": math.nan}  # where training is
+    resumed = checkpoints.load(checkpoint_dir)
+    if resumed is not None:  # a killed attempt's last checkpoint: carry on from its step
+        model.load_state_dict(resumed["model"])
+        opt.load_state_dict(resumed["opt"])
+        sched.load_state_dict(resumed["sched"])
+        at = resumed["at"]
+    resumed_from, step, tokens, last_loss = at["step"], at["step"], at["tokens"], at["loss"]
     model.train()
     bar = progress(cfg.epochs * steps_per_epoch, "reward_model: training")
-    for epoch in range(cfg.epochs):
+    bar.update(step)
+    for epoch in range(at["epoch"], cfg.epochs):
         bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", refresh=False)
-        for idx in length_buckets(lengths, cfg.batch_prompts, gen):  # rows of similar length pad little
+        if resumed is not None and epoch == at["epoch"]:
+            gen.set_state(resumed["epoch_rng"])  # the interrupted epoch's batches, in the same order
+        epoch_rng = gen.get_state()
+        batches = list(length_buckets(lengths, cfg.batch_prompts, gen))  # rows of similar length pad little
+        done_in_epoch = at["in_epoch"] if epoch == at["epoch"] else 0
+        for b, idx in enumerate(batches[done_in_epoch:], done_in_epoch):
             batch = [rows[i] for i in idx]
             scores = score_encoded(model, [encoded[i] for i in idx], pad, cfg.pooling)
             tokens += sum(lengths[i] for i in idx)
@@ -257,15 +273,24 @@ def run(
                 loss = soft_preference_loss(scores, [r["prefs"] for r in batch])
             else:
                 loss = ranking_loss(scores, [ranking_pairs(r["ranks"]) for r in batch], cfg.margin)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"reward_model: non-finite loss at step {step}; lower stage.reward_model.learning_rate "
+                    f"(now {cfg.learning_rate}), or look for degenerate rows in {comparisons}"
+                )
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
-            step += 1
+            step, last_loss = step + 1, loss.item()
             bar.update(1)
             if step % 10 == 0:
                 log_metrics({"rm/train/loss": loss.item(), "rm/train/lr": sched.get_last_lr()[0]}, step=step)
                 bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{loss.item():.3f}", refresh=False)
+            if checkpoint_dir is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                position = {"step": step, "tokens": tokens, "epoch": epoch, "in_epoch": b + 1, "loss": last_loss}
+                state = {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}
+                checkpoints.save(checkpoint_dir, {**state, "at": position, "epoch_rng": epoch_rng})
         log_metrics(
             {"rm/eval/accuracy": pairwise_accuracy(model, tokenizer, held, cfg.pooling, budget=budget)}, step=step
         )
@@ -276,7 +301,7 @@ def run(
             [s for i in range(0, len(encoded), 64) for s in score_encoded(model, encoded[i : i + 64], pad, cfg.pooling)]
         ).mean()
     metrics = {
-        "rm/train/loss_last": loss.item(),
+        "rm/train/loss_last": last_loss,
         "rm/train/accuracy": pairwise_accuracy(model, tokenizer, rows, cfg.pooling, budget=budget),
         **{
             f"rm/eval/accuracy{'' if k == 'all' else '_' + k}": v
@@ -284,6 +309,8 @@ def run(
         },
         "rm/bias": bias.item(),
         "rm/tokens": float(tokens),
+        "rm/steps": float(step),
+        "rm/resumed_from": float(resumed_from),
         **fitted.metrics("rm/data"),
     }
     model.save_pretrained(out_dir / "model", safe_serialization=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from stages import checkpoints
 from stages.manifest import Manifest, folder_digest, read_jsonl
 from stages.modeling import load_causal_lm, load_tokenizer, model_context
 from stages.peft_setup import PeftConfig, lora_config
@@ -33,6 +34,7 @@ class SftConfig:
     warmup_ratio: float = 0.03  # a float below 1 is a fraction of the steps (transformers 5)
     sampling: str = "group_by_length"  # or "random": transformers' train_sampling_strategy
     seed: int = 0
+    checkpoint_every: int = 50  # steps between trainer checkpoints (a killed run resumes); 0: never
 
 
 def encode_demonstrations(tokenizer, rows: list[dict]) -> list[tuple[list[int], list[list[int]]]]:
@@ -52,7 +54,9 @@ def run(
     out_dir: Path,
     truncation: bool = True,
     max_dropped_fraction: float = 0.0,
+    checkpoint_dir: Path | None = None,
 ) -> Manifest:
+    """`checkpoint_dir`: trl's checkpoints go there, and a killed attempt's last complete one is resumed."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -78,8 +82,8 @@ def run(
         }
     )
     tokens = sum(len(ids) for ids in dataset["input_ids"])
+    saving = checkpoints.trainer_saving(checkpoint_dir, cfg.checkpoint_every)
     args = SFTConfig(
-        output_dir=str(out_dir / "trainer"),
         num_train_epochs=cfg.epochs,
         learning_rate=cfg.learning_rate,
         per_device_train_batch_size=cfg.batch_size,
@@ -89,7 +93,7 @@ def run(
         completion_only_loss=True,
         train_sampling_strategy=cfg.sampling,  # rows of similar length batched together: less padding
         seed=cfg.seed,
-        **TRAINER_ARGS,
+        **{**TRAINER_ARGS, "output_dir": str(out_dir / "trainer"), **saving},
     )
     trainer = SFTTrainer(
         model=model,
@@ -99,7 +103,9 @@ def run(
         peft_config=lora_config(peft, "CAUSAL_LM"),
         callbacks=[trainer_callback("sft/train")],
     )
-    result = trainer.train()
+    resume = checkpoints.last_trainer_checkpoint(checkpoint_dir)
+    result = trainer.train(resume_from_checkpoint=resume)
+    checkpoints.check_finite("sft", result.training_loss, trainer.state.global_step)
     trained = trainer.model
     if peft.method != "full":
         trained = trained.merge_and_unload()
@@ -118,6 +124,8 @@ def run(
             "sft/train/runtime": result.metrics["train_runtime"],
             "sft/tokens": float(tokens * cfg.epochs),
             "sft/rows": float(len(fitted.rows)),
+            "sft/steps": float(trainer.state.global_step),
+            "sft/resumed_from": float(checkpoints.trainer_step(resume)),
             **counts,
         },
         files={"policy": "policy"},

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from stages.checkpoints import check_finite
 from stages.progress import progress
 
 
@@ -37,6 +38,8 @@ def trainer_callback(prefix: str):
         def on_log(self, args, state, control, logs=None, **kwargs):
             scalars = {f"{prefix}/{k}": v for k, v in (logs or {}).items() if isinstance(v, (int, float))}
             log_metrics(scalars, step=state.global_step)
+            if "loss" in (logs or {}):  # a NaN stops the stage before it is published
+                check_finite(prefix.split("/")[0], float(logs["loss"]), state.global_step)
             if self.bar is not None and "loss" in (logs or {}):
                 self.bar.set_postfix(loss=f"{logs['loss']:.3f}", refresh=False)
 
@@ -50,6 +53,7 @@ TRAINER_ARGS = dict(
     use_cpu=True,
     gradient_checkpointing=False,
     logging_steps=10,
+    logging_nan_inf_filter=False,  # a NaN loss must be seen (and stop the stage), not averaged away
     save_strategy="no",
     report_to="none",
     dataloader_num_workers=0,

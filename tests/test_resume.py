@@ -1,0 +1,145 @@
+"""SFT and the reward model, killed by a real SIGKILL mid-stage, resume from their last complete
+checkpoint; a NaN loss stops either with the key to change, before anything is published."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from stages import checkpoints
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SFT = """
+import json, sys
+from pathlib import Path
+import flows  # telemetry off
+from stages import sft
+from stages.peft_setup import PeftConfig
+p, out, ck = (Path(a) for a in sys.argv[1:4])
+cfg = sft.SftConfig(epochs=2, batch_size=16, checkpoint_every=8)
+m = sft.run(cfg, PeftConfig(), base=p / "base", demonstrations=p / "demonstrations.jsonl", out_dir=out,
+            checkpoint_dir=ck)
+print("MANIFEST " + json.dumps(m.metrics))
+"""
+
+RM = """
+import json, sys
+from pathlib import Path
+import flows  # telemetry off
+from stages import reward_model
+p, cmp, out, ck = (Path(a) for a in sys.argv[1:5])
+cfg = reward_model.RewardModelConfig(epochs=8, batch_prompts=8, checkpoint_every=10, learning_rate=1e-4)
+m = reward_model.run(cfg, policy=p / "base", comparisons=cmp / "comparisons.jsonl",
+                     heldout=cmp / "heldout_comparisons.jsonl", out_dir=out, checkpoint_dir=ck)
+print("MANIFEST " + json.dumps(m.metrics))
+"""
+
+
+@pytest.fixture(scope="module")
+def comparisons_dir(tiny_prepare, tmp_path_factory):
+    from stages import comparisons
+    from stages.labelers import LabelerConfig
+
+    p = tiny_prepare
+    return comparisons.run(
+        comparisons.ComparisonsConfig(k=3, max_new_tokens=8),
+        LabelerConfig(),
+        policy=p.file("base"),
+        prompts=p.file("comparison_prompts"),
+        heldout_prompts=p.file("heldout_comparison_prompts"),
+        target_len=6,
+        out_dir=tmp_path_factory.mktemp("cmp"),
+    ).path
+
+
+def kill_after_checkpoint(args: list[str], ready, tmp_path: Path) -> None:
+    """Start the stage, SIGKILL it once `ready()` (a complete checkpoint exists)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 600
+    while not ready():
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+def finish(args: list[str]) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.split("MANIFEST ", 1)[1])
+
+
+@pytest.mark.slow
+def test_killed_sft_resumes_from_its_last_complete_checkpoint(tiny_prepare, tmp_path):
+    ck = tmp_path / "ck"
+    args = [sys.executable, "-c", SFT, tiny_prepare.path]
+    kill_after_checkpoint(
+        [*args, str(tmp_path / "out1"), str(ck)], lambda: checkpoints.last_trainer_checkpoint(ck), tmp_path
+    )
+    assert not (tmp_path / "out1" / "policy").exists()
+    saved = checkpoints.trainer_step(checkpoints.last_trainer_checkpoint(ck))
+    metrics = finish([*args, str(tmp_path / "out2"), str(ck)])
+    assert saved >= 8 and metrics["sft/resumed_from"] == saved  # the second attempt starts after it
+    assert metrics["sft/steps"] > saved
+    assert (tmp_path / "out2" / "policy" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_killed_reward_model_resumes_from_its_last_checkpoint(tiny_prepare, comparisons_dir, tmp_path):
+    ck = tmp_path / "ck"
+    args = [sys.executable, "-c", RM, tiny_prepare.path, comparisons_dir]
+    kill_after_checkpoint([*args, str(tmp_path / "out1"), str(ck)], lambda: (ck / checkpoints.STATE).exists(), tmp_path)
+    assert not (tmp_path / "out1" / "model").exists()
+    saved = checkpoints.load(ck)["at"]["step"]
+    metrics = finish([*args, str(tmp_path / "out2"), str(ck)])
+    assert saved >= 10 and metrics["rm/resumed_from"] == saved
+    assert metrics["rm/steps"] > saved  # all the epochs' steps, the first `saved` from the checkpoint
+    assert (tmp_path / "out2" / "model" / "model.safetensors").exists()
+
+
+def test_a_half_written_trainer_checkpoint_is_skipped(tmp_path):
+    (tmp_path / "checkpoint-8").mkdir()
+    (tmp_path / "checkpoint-8" / "trainer_state.json").write_text('{"global_step": 8}')
+    (tmp_path / "checkpoint-16").mkdir()
+    (tmp_path / "checkpoint-16" / "trainer_state.json").write_text('{"global_st')  # killed while saving
+    assert checkpoints.last_trainer_checkpoint(tmp_path) == str(tmp_path / "checkpoint-8")
+    assert checkpoints.last_trainer_checkpoint(tmp_path / "none") is None
+
+
+def test_a_nan_loss_stops_sft_naming_the_key(tiny_prepare, tmp_path):
+    from stages import sft
+    from stages.peft_setup import PeftConfig
+
+    with pytest.raises(FloatingPointError, match=r"sft: non-finite loss at step \d+; lower stage.sft.learning_rate"):
+        sft.run(
+            sft.SftConfig(epochs=1, learning_rate=float("inf")),
+            PeftConfig(method="full"),
+            base=tiny_prepare.file("base"),
+            demonstrations=tiny_prepare.file("demonstrations"),
+            out_dir=tmp_path,
+        )
+    assert not (tmp_path / "policy").exists()
+
+
+def test_a_nan_loss_stops_the_reward_model_naming_the_key(tiny_prepare, comparisons_dir, tmp_path):
+    from stages import reward_model
+
+    with pytest.raises(FloatingPointError, match="lower stage.reward_model.learning_rate"):
+        reward_model.run(
+            reward_model.RewardModelConfig(learning_rate=float("inf")),
+            policy=tiny_prepare.file("base"),
+            comparisons=Path(comparisons_dir, "comparisons.jsonl"),
+            heldout=Path(comparisons_dir, "heldout_comparisons.jsonl"),
+            out_dir=tmp_path,
+        )
+    assert not (tmp_path / "model").exists()
