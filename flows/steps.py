@@ -136,6 +136,7 @@ def dpo(run, cfg: Config, policy: Manifest, sft: Manifest, cmp: Manifest, *, nam
         comparisons=cmp.file("comparisons"),
         heldout=cmp.file("heldout_comparisons"),
         **lengths(cfg),
+        checkpointed=True,
     )
 
 

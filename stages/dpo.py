@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from stages import checkpoints
 from stages.manifest import Manifest, folder_digest, read_jsonl
 from stages.modeling import load_causal_lm, load_tokenizer, mean_token_kl, model_context, sample, sequence_logprobs
 from stages.peft_setup import PeftConfig, lora_config
@@ -73,6 +74,7 @@ class DpoConfig:
     kl_prompts: int = 200  # held-out prompts sampled to measure the KL to SFT
     max_new_tokens: int | None = None  # for the KL samples; null: a quarter of the context
     seed: int = 0
+    checkpoint_every: int = 50  # steps between checkpoints (a killed run resumes from the last); 0: never
 
     def __post_init__(self) -> None:
         if self.loss_type not in LOSSES:
@@ -114,13 +116,13 @@ def _pretokenized_dpo_trainer():
     return PreTokenizedDPOTrainer
 
 
-def _train_trl(cfg: DpoConfig, peft: PeftConfig, model, ref, tokenizer, pairs: list[dict], out_dir: Path, budget):
+def _train_trl(cfg: DpoConfig, peft: PeftConfig, model, ref, tokenizer, pairs: list[dict], out_dir: Path, budget, ck):
     from datasets import Dataset
     from trl import DPOConfig
 
     dataset = Dataset.from_list(pairs)
+    saving = {"output_dir": str(out_dir / "trainer"), **checkpoints.trainer_saving(ck, cfg.checkpoint_every)}
     args = DPOConfig(
-        output_dir=str(out_dir / "trainer"),
         num_train_epochs=cfg.epochs,
         learning_rate=cfg.learning_rate,
         per_device_train_batch_size=cfg.batch_size,
@@ -130,7 +132,7 @@ def _train_trl(cfg: DpoConfig, peft: PeftConfig, model, ref, tokenizer, pairs: l
         label_smoothing=cfg.label_smoothing,
         lr_scheduler_type="cosine",
         seed=cfg.seed,
-        **TRAINER_ARGS,
+        **{**TRAINER_ARGS, **saving},
     )
     trainer = _pretokenized_dpo_trainer()(
         model=model,
@@ -141,13 +143,19 @@ def _train_trl(cfg: DpoConfig, peft: PeftConfig, model, ref, tokenizer, pairs: l
         peft_config=lora_config(peft, "CAUSAL_LM"),
         callbacks=[trainer_callback("dpo/train")],
     )
-    trainer.train()
+    resume = checkpoints.last_trainer_checkpoint(ck)
+    result = trainer.train(resume_from_checkpoint=resume)
+    checkpoints.check_finite("dpo", result.training_loss, trainer.state.global_step)
     logs = [h for h in trainer.state.log_history if "rewards/margins" in h]
     last = logs[-1] if logs else {}
     metrics = {
         f"dpo/train/{k}": float(last[k])
         for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
         if k in last
+    }
+    metrics |= {
+        "dpo/steps": float(trainer.state.global_step),
+        "dpo/resumed_from": float(checkpoints.trainer_step(resume)),
     }
     return trainer.model, metrics
 
@@ -164,8 +172,8 @@ def _reference_logps(model, ref, rows, pad_id: int) -> torch.Tensor:
             return _sequence_logps(model, rows, pad_id)
 
 
-def _train_listwise(cfg: DpoConfig, peft: PeftConfig, model, ref, tokenizer, rows: list[dict], encoded: list):
-    """Plackett-Luce DPO: one batch element per prompt with all its K responses."""
+def _train_listwise(cfg: DpoConfig, peft: PeftConfig, model, ref, tokenizer, rows: list[dict], encoded: list, ck):
+    """Plackett-Luce DPO: one batch element per prompt with all its K responses; `ck`: checkpoints."""
     from peft import get_peft_model
 
     if peft.method != "full":
@@ -177,11 +185,23 @@ def _train_listwise(cfg: DpoConfig, peft: PeftConfig, model, ref, tokenizer, row
     steps = max(1, math.ceil(cfg.epochs * math.ceil(len(rows) / per_step)))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     gen = torch.Generator().manual_seed(cfg.seed)
+    at = {"step": 0, "in_pass": 0, "loss": 0.0}  # where training is: a step, and the batch of the pass
+    resumed = checkpoints.load(ck)
+    if resumed is not None:  # a killed attempt's last checkpoint: the same pass, from its next batch
+        model.load_state_dict(resumed["model"])
+        opt.load_state_dict(resumed["opt"])
+        sched.load_state_dict(resumed["sched"])
+        gen.set_state(resumed["pass_rng"])
+        at = resumed["at"]
     model.train()
-    step, loss = 0, torch.tensor(0.0)
+    step, loss, resumed_from = at["step"], torch.tensor(at["loss"]), at["step"]
     bar = progress(steps, "dpo: training")
+    bar.update(step)
     while step < steps:
-        for idx in torch.randperm(len(rows), generator=gen).split(per_step):
+        pass_rng = gen.get_state()
+        batches = torch.randperm(len(rows), generator=gen).split(per_step)
+        skip, at["in_pass"] = at["in_pass"], 0
+        for b, idx in enumerate(batches[skip:], skip):
             if step == steps:
                 break
             batch = [rows[i] for i in idx]
@@ -190,6 +210,7 @@ def _train_listwise(cfg: DpoConfig, peft: PeftConfig, model, ref, tokenizer, row
             rewards = cfg.beta * (_sequence_logps(model, flat, pad) - ref_logps)
             split = rewards.split([len(r["responses"]) for r in batch])
             loss = torch.stack([plackett_luce_loss(s, r["ranks"]) for s, r in zip(split, batch)]).mean()
+            checkpoints.check_finite("dpo", loss.item(), step)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -200,8 +221,12 @@ def _train_listwise(cfg: DpoConfig, peft: PeftConfig, model, ref, tokenizer, row
             if step % 10 == 0:
                 log_metrics({"dpo/train/loss": loss.item()}, step=step)
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            if ck is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                state = {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}
+                position = {"step": step, "in_pass": b + 1, "loss": loss.item()}
+                checkpoints.save(ck, {**state, "at": position, "pass_rng": pass_rng})
     bar.close()
-    return model, {"dpo/train/loss": loss.item()}
+    return model, {"dpo/train/loss": loss.item(), "dpo/steps": float(step), "dpo/resumed_from": float(resumed_from)}
 
 
 @torch.no_grad()
@@ -230,8 +255,10 @@ def run(
     out_dir: Path,
     truncation: bool = True,
     max_dropped_fraction: float = 0.0,
+    checkpoint_dir: Path | None = None,
 ) -> Manifest:
-    """`policy`: the model to start from (the SFT policy, or the previous round's); `reference`: the SFT policy."""
+    """`policy`: the model to start from (the SFT policy, or the previous round's); `reference`: the SFT
+    policy; `checkpoint_dir`: where a killed attempt left its checkpoint."""
     out_dir = Path(out_dir)
     torch.manual_seed(cfg.seed)
     rows, held = read_jsonl(comparisons), read_jsonl(heldout)
@@ -254,9 +281,9 @@ def run(
     same_start = Path(policy).resolve() == Path(reference).resolve()
     ref = None if peft.method != "full" and same_start else load_causal_lm(reference).eval().requires_grad_(False)
     if cfg.loss_type == "plackett_luce":
-        trained, metrics = _train_listwise(cfg, peft, model, ref, tokenizer, rows, fitted.rows)
+        trained, metrics = _train_listwise(cfg, peft, model, ref, tokenizer, rows, fitted.rows, checkpoint_dir)
     else:
-        trained, metrics = _train_trl(cfg, peft, model, ref, tokenizer, pairs, out_dir, budget)
+        trained, metrics = _train_trl(cfg, peft, model, ref, tokenizer, pairs, out_dir, budget, checkpoint_dir)
     metrics |= fitted.metrics("dpo/data")
     metrics["dpo/tokens"] = float(
         cfg.epochs * sum(2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)

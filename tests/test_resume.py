@@ -1,5 +1,5 @@
-"""SFT and the reward model, killed by a real SIGKILL mid-stage, resume from their last complete
-checkpoint; a NaN loss stops either with the key to change, before anything is published."""
+"""SFT, the reward model and DPO, killed by a real SIGKILL mid-stage, resume from their last complete
+checkpoint; a NaN loss stops them with the key to change, before anything is published."""
 
 import json
 import os
@@ -37,6 +37,20 @@ p, cmp, out, ck = (Path(a) for a in sys.argv[1:5])
 cfg = reward_model.RewardModelConfig(epochs=8, batch_prompts=8, checkpoint_every=10, learning_rate=1e-4)
 m = reward_model.run(cfg, policy=p / "base", comparisons=cmp / "comparisons.jsonl",
                      heldout=cmp / "heldout_comparisons.jsonl", out_dir=out, checkpoint_dir=ck)
+print("MANIFEST " + json.dumps(m.metrics))
+"""
+
+DPO = """
+import json, sys
+from pathlib import Path
+import flows  # telemetry off
+from stages import dpo
+from stages.peft_setup import PeftConfig
+p, cmp, out, ck, loss = sys.argv[1:6]
+p, cmp = Path(p), Path(cmp)
+cfg = dpo.DpoConfig(epochs=2, batch_size=16, checkpoint_every=8, loss_type=loss, kl_prompts=8)
+m = dpo.run(cfg, PeftConfig(), policy=p / "base", reference=p / "base", comparisons=cmp / "comparisons.jsonl",
+            heldout=cmp / "heldout_comparisons.jsonl", out_dir=Path(out), checkpoint_dir=Path(ck))
 print("MANIFEST " + json.dumps(m.metrics))
 """
 
@@ -105,6 +119,27 @@ def test_killed_reward_model_resumes_from_its_last_checkpoint(tiny_prepare, comp
     assert saved >= 10 and metrics["rm/resumed_from"] == saved
     assert metrics["rm/steps"] > saved  # all the epochs' steps, the first `saved` from the checkpoint
     assert (tmp_path / "out2" / "model" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["sigmoid", "plackett_luce"])  # trl's trainer, and our listwise loop
+def test_killed_dpo_resumes_from_its_last_checkpoint(tiny_prepare, comparisons_dir, tmp_path, loss):
+    ck = tmp_path / "ck"
+    args = [sys.executable, "-c", DPO, tiny_prepare.path, comparisons_dir]
+    if loss == "sigmoid":
+        ready = lambda: checkpoints.last_trainer_checkpoint(ck)  # noqa: E731
+    else:
+        ready = lambda: (ck / checkpoints.STATE).exists()  # noqa: E731
+    kill_after_checkpoint([*args, str(tmp_path / "out1"), str(ck), loss], ready, tmp_path)
+    assert not (tmp_path / "out1" / "policy").exists()
+    if loss == "sigmoid":
+        saved = checkpoints.trainer_step(checkpoints.last_trainer_checkpoint(ck))
+    else:
+        saved = checkpoints.load(ck)["at"]["step"]
+    metrics = finish([*args, str(tmp_path / "out2"), str(ck), loss])
+    assert saved >= 8 and metrics["dpo/resumed_from"] == saved
+    assert metrics["dpo/steps"] > saved
+    assert (tmp_path / "out2" / "policy" / "model.safetensors").exists()
 
 
 def test_a_half_written_trainer_checkpoint_is_skipped(tmp_path):
