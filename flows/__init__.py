@@ -79,11 +79,22 @@ def prestart_prefect_server():
             "on",
         ],
         env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"},
+        preexec_fn=die_with_parent,
     )
     atexit.register(proc.terminate)
     os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
     os.environ["ALIGNFLOW_PRESTARTED_SERVER"] = "1"  # child processes (sweep jobs) wait on the same server
     return lambda: wait_for_server(proc)
+
+
+def die_with_parent() -> None:
+    """In a child process (`preexec_fn`): Linux sends it SIGTERM when the process that started it dies,
+    even by SIGKILL or by a signal that skips `atexit`, so no server outlives its run."""
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def wait_for_server(proc=None) -> None:

@@ -34,7 +34,7 @@ from flows.config import PIPELINES, Config
 from flows.fingerprint import Fingerprints
 from flows.preflight import preflight
 from flows.resources import cap_threads, concurrent_jobs, live_runs, register_run, threads_per_job
-from flows.runner import StageCall, flatten, stage_task
+from flows.runner import StageCall, flatten, stage_task, tracked_run
 from flows.sweep import SWEEP_RUN_ENV  # set by the sweep callback: each job's run is its child
 from stages.manifest import MANIFEST, Manifest
 
@@ -168,7 +168,7 @@ def align(cfg: Config) -> dict[str, Any]:
     preflight(cfg)
     set_up_tracking(cfg)
     sweep_run = os.environ.get(SWEEP_RUN_ENV)
-    with mlflow.start_run(
+    with tracked_run(
         run_name=f"align-{cfg.pipeline.name}", parent_run_id=sweep_run, tags={"alignflow.kind": "align"}
     ) as parent:
         mlflow.log_params(flatten(cfg))

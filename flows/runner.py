@@ -16,6 +16,8 @@ import functools
 import importlib
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,6 +87,22 @@ class StageCall:
         )
 
 
+@contextmanager
+def tracked_run(**kwargs: Any) -> Iterator[Any]:
+    """`mlflow.start_run` whose run ends KILLED when the process is stopped (SIGTERM, which Prefect turns
+    into its TerminationSignal, or Ctrl-C), FAILED on an error, FINISHED otherwise: never RUNNING forever."""
+    run = mlflow.start_run(**kwargs)
+    try:
+        yield run
+    except Exception:
+        mlflow.end_run("FAILED")
+        raise
+    except BaseException:
+        mlflow.end_run("KILLED")
+        raise
+    mlflow.end_run("FINISHED")
+
+
 def _cache_key(context, parameters: dict[str, Any]) -> str:
     return parameters["call"].key()
 
@@ -93,7 +111,7 @@ def _execute(call: StageCall, parent_run_id: str | None) -> Manifest:
     module = importlib.import_module(f"stages.{call.stage}")
     root = Path(call.artifacts_dir) / call.stage
     key = call.key()
-    with mlflow.start_run(
+    with tracked_run(
         run_name=call.stage,
         nested=parent_run_id is not None,
         parent_run_id=parent_run_id,

@@ -74,6 +74,7 @@ def ensure_server(api_url: str):
     proc = subprocess.Popen(
         [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(parts.port or 4200)],
         env={**os.environ, "PREFECT_UI_ENABLED": "false"},
+        preexec_fn=flows.die_with_parent,
     )
     flows.wait_for_url(url, proc)
     print(f"started a Prefect server at {url}", flush=True)
