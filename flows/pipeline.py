@@ -33,7 +33,7 @@ from flows.branches import BRANCHES
 from flows.config import PIPELINES, Config
 from flows.fingerprint import Fingerprints
 from flows.preflight import preflight
-from flows.resources import cap_threads, concurrent_jobs, live_runs, register_run, threads_per_job
+from flows.resources import ResourceError, cap_threads, concurrent_jobs, live_runs, register_run, threads_per_job
 from flows.runner import StageCall, flatten, stage_task, tracked_run
 from flows.sweep import SWEEP_RUN_ENV  # set by the sweep callback: each job's run is its child
 from stages.manifest import MANIFEST, Manifest
@@ -240,7 +240,7 @@ def job(dcfg) -> float | None:
     except LabelsMissing as e:
         print(f"\nwaiting for labels: {e}")
         raise SystemExit(2) from None
-    except JudgeError as e:
+    except (JudgeError, ResourceError, FloatingPointError) as e:  # what to change, in one line
         raise SystemExit(f"error: {e}") from None
     print(report.table(summary["stages"]))
     if "eval" in summary:

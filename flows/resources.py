@@ -112,3 +112,38 @@ def live_runs() -> int:
         other.release()
         path.unlink(missing_ok=True)  # a run that has ended
     return max(1, live)
+
+
+# Memory and disk: a stage that runs out of either stops with what to change (nothing is published:
+# the stage's staging folder is removed on the way out)
+MEMORY_KEYS = {
+    "prepare": ["model.pretrain_documents", "model.hidden_size"],
+    "sft": ["stage.sft.batch_size", "stage.sft.max_length"],
+    "comparisons": ["stage.comparisons.batch_size", "stage.comparisons.max_new_tokens"],
+    "reward_model": ["stage.reward_model.batch_prompts", "stage.reward_model.max_length"],
+    "ppo": ["stage.ppo.rollouts_per_update", "stage.ppo.minibatch_size", "stage.ppo.max_new_tokens"],
+    "dpo": ["stage.dpo.batch_size", "stage.dpo.max_length"],
+    "evaluate": ["stage.evaluate.batch_size", "stage.evaluate.max_new_tokens"],
+    "judge": ["stage.judge.batch_size"],
+}
+
+
+class ResourceError(RuntimeError):
+    """Out of memory or disk, with the config keys or the folder to change."""
+
+
+def resource_error(stage: str, folder: Path, error: BaseException) -> BaseException:
+    """`error` as a ResourceError when it is out-of-memory or no-space, else `error` itself."""
+    import errno
+
+    import torch
+
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        keys = ", ".join(MEMORY_KEYS.get(stage, ["the stage's batch size"]))
+        return ResourceError(f"{stage}: out of memory; lower {keys} (or peft=lora, a smaller model)")
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return ResourceError(
+            f"{stage}: no space left on the device of {folder} while writing its artifact; free space there, "
+            "or set artifacts_dir= to a larger disk (nothing was published)"
+        )
+    return error

@@ -25,6 +25,7 @@ from typing import Any
 import mlflow
 from prefect import task
 
+from flows.resources import resource_error
 from stages.manifest import MANIFEST, Manifest, publish, sha256_json, staging_folder
 
 STAGES_DIR = Path(__file__).resolve().parents[1] / "stages"
@@ -118,28 +119,34 @@ def _execute(call: StageCall, parent_run_id: str | None) -> Manifest:
         tags={"alignflow.stage": call.stage, "alignflow.key": key, "alignflow.status": "ran"},
     ) as run:
         mlflow.log_params({k: v for c in call.configs for k, v in flatten(c, f"{call.stage}.").items()})
-        with staging_folder(root) as tmp:
-            t0 = time.perf_counter()
-            extra = {"checkpoint_dir": root / ".checkpoints" / key[:16]} if call.checkpointed else {}
-            manifest = module.run(
-                *call.configs, **{k: Path(v) for k, v in call.inputs.items()}, **call.scalars, **extra, out_dir=tmp
-            )
-            seconds = time.perf_counter() - t0
-            digest = manifest.digest  # the stage hashed its own folder
-            final = root / digest[:16]  # content-addressed: the same content always has the same name
-            manifest = dataclasses.replace(
-                manifest,
-                path=str(final.resolve()),
-                digest=digest,
-                key=key,
-                parents=call.parents,
-                run_id=run.info.run_id,
-                metrics={**manifest.metrics, f"{call.stage}/seconds": seconds},
-            )
-            (tmp / MANIFEST).write_text(manifest.to_json())
-            publish(tmp, final)
-            if call.checkpointed:  # published: a rerun finds the artifact, its checkpoints are spent
-                shutil.rmtree(extra["checkpoint_dir"], ignore_errors=True)
+        try:
+            with staging_folder(root) as tmp:
+                t0 = time.perf_counter()
+                extra = {"checkpoint_dir": root / ".checkpoints" / key[:16]} if call.checkpointed else {}
+                manifest = module.run(
+                    *call.configs, **{k: Path(v) for k, v in call.inputs.items()}, **call.scalars, **extra, out_dir=tmp
+                )
+                seconds = time.perf_counter() - t0
+                digest = manifest.digest  # the stage hashed its own folder
+                final = root / digest[:16]  # content-addressed: the same content always has the same name
+                manifest = dataclasses.replace(
+                    manifest,
+                    path=str(final.resolve()),
+                    digest=digest,
+                    key=key,
+                    parents=call.parents,
+                    run_id=run.info.run_id,
+                    metrics={**manifest.metrics, f"{call.stage}/seconds": seconds},
+                )
+                (tmp / MANIFEST).write_text(manifest.to_json())
+                publish(tmp, final)
+                if call.checkpointed:  # published: a rerun finds the artifact, its checkpoints are spent
+                    shutil.rmtree(extra["checkpoint_dir"], ignore_errors=True)
+        except (MemoryError, OSError, RuntimeError) as e:  # out of memory or disk: say what to change
+            translated = resource_error(call.stage, root, e)
+            if translated is e:
+                raise
+            raise translated from None
         mlflow.set_tag("alignflow.digest", digest)
         mlflow.set_tag("alignflow.artifact", manifest.path)
         mlflow.log_metrics(manifest.metrics)
