@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help venv browser align compare frontier serve champion test test-fast bench bench-real lint ui clean
+.PHONY: help venv browser align compare frontier serve champion faults test test-fast bench bench-real lint ui clean
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -63,6 +63,9 @@ bench: venv .bench-venvs/trl112/.installed ## benchmarks, side by side in one ru
 	$(PY) -m bench.ppo_memory
 	$(PY) -m bench.ppo_vs_trl
 	$(PY) -m bench.real_data
+
+faults: venv ## SIGKILL the small pipeline at 20 seeded points, rerun, check: artifacts/bench/faults.json
+	$(PY) -m bench.faults $(ARGS)
 
 bench-real: venv ## the whole RLHF pipeline on the 2,312 HH-RLHF pairs, timed per stage: artifacts/bench/real_data.json
 	$(PY) -m bench.real_data

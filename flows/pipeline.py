@@ -31,6 +31,7 @@ import flows
 from flows import html_report, registry, report
 from flows.branches import BRANCHES
 from flows.config import PIPELINES, Config
+from flows.faults import reap
 from flows.fingerprint import Fingerprints
 from flows.preflight import preflight
 from flows.resources import ResourceError, cap_threads, concurrent_jobs, live_runs, register_run, threads_per_job
@@ -97,7 +98,7 @@ class Pipeline:
                 )
                 manifest, cached = state.result(), False
         if cached:
-            with mlflow.start_run(
+            with tracked_run(
                 run_name=name,
                 nested=True,
                 parent_run_id=self.parent_run_id,
@@ -217,7 +218,7 @@ def set_up_tracking(cfg: Config) -> None:
         mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
         if mlflow.get_experiment_by_name(cfg.tracking.experiment) is None:
             mlflow.create_experiment(cfg.tracking.experiment, artifact_location=(root / "mlflow-artifacts").as_uri())
-        mlflow.set_experiment(cfg.tracking.experiment)
+        reap(mlflow.set_experiment(cfg.tracking.experiment).experiment_id)  # runs a killed process left RUNNING
 
 
 def job(dcfg) -> float | None:

@@ -97,6 +97,11 @@ def register_run() -> None:
         _registration.acquire()
 
 
+def run_lock() -> str | None:
+    """The file this process holds its run lock on (tagged on its MLflow runs), or None."""
+    return None if _registration is None else str(_registration.lock_file)
+
+
 def live_runs() -> int:
     """Runs on this machine now, this one included: the run files whose lock is held."""
     live = 1 if _registration is not None else 0

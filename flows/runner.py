@@ -25,7 +25,9 @@ from typing import Any
 import mlflow
 from prefect import task
 
-from flows.resources import resource_error
+from flows import faults
+from flows.faults import LOCK_TAG
+from flows.resources import resource_error, run_lock
 from stages.manifest import MANIFEST, Manifest, publish, sha256_json, staging_folder
 
 STAGES_DIR = Path(__file__).resolve().parents[1] / "stages"
@@ -92,6 +94,9 @@ class StageCall:
 def tracked_run(**kwargs: Any) -> Iterator[Any]:
     """`mlflow.start_run` whose run ends KILLED when the process is stopped (SIGTERM, which Prefect turns
     into its TerminationSignal, or Ctrl-C), FAILED on an error, FINISHED otherwise: never RUNNING forever."""
+    lock = run_lock()
+    if lock is not None:  # whose process ran it: a rerun marks the run KILLED if that process is gone
+        kwargs["tags"] = {**kwargs.get("tags", {}), LOCK_TAG: lock}
     run = mlflow.start_run(**kwargs)
     try:
         yield run
@@ -123,6 +128,7 @@ def _execute(call: StageCall, parent_run_id: str | None) -> Manifest:
             with staging_folder(root) as tmp:
                 t0 = time.perf_counter()
                 extra = {"checkpoint_dir": root / ".checkpoints" / key[:16]} if call.checkpointed else {}
+                faults.point(f"start:{call.stage}")
                 manifest = module.run(
                     *call.configs, **{k: Path(v) for k, v in call.inputs.items()}, **call.scalars, **extra, out_dir=tmp
                 )
@@ -139,6 +145,7 @@ def _execute(call: StageCall, parent_run_id: str | None) -> Manifest:
                     metrics={**manifest.metrics, f"{call.stage}/seconds": seconds},
                 )
                 (tmp / MANIFEST).write_text(manifest.to_json())
+                faults.point(f"publish:{call.stage}")
                 publish(tmp, final)
                 if call.checkpointed:  # published: a rerun finds the artifact, its checkpoints are spent
                     shutil.rmtree(extra["checkpoint_dir"], ignore_errors=True)
@@ -147,6 +154,7 @@ def _execute(call: StageCall, parent_run_id: str | None) -> Manifest:
             if translated is e:
                 raise
             raise translated from None
+        faults.point(f"logging:{call.stage}")
         mlflow.set_tag("alignflow.digest", digest)
         mlflow.set_tag("alignflow.artifact", manifest.path)
         mlflow.log_metrics(manifest.metrics)

@@ -6,13 +6,15 @@ import dataclasses
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock, Timeout
 
 MANIFEST = "manifest.json"
 
@@ -67,15 +69,45 @@ def staging_folder(parent: str | Path) -> Iterator[Path]:
     """Yield a fresh `.tmp-*` folder under `parent`; it is removed if the block raises.
 
     Pair with `publish`: a crash leaves at most a `.tmp-*` folder, never a half artifact under a
-    final name.
+    final name. Its writer holds an OS lock on `<folder>.lock` while it writes, so the folder a
+    killed writer left (SIGKILL runs no cleanup) is told from one being written, and removed by
+    the next staging under the same parent.
     """
-    Path(parent).mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=parent))
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    clear_abandoned(parent)
+    tmp = parent / f".tmp-{secrets.token_hex(6)}"
+    lock = FileLock(f"{tmp}.lock")
+    lock.acquire()  # before the folder exists: no one can take it for abandoned
+    tmp.mkdir()
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        lock.release()
+        Path(f"{tmp}.lock").unlink(missing_ok=True)
+
+
+def clear_abandoned(parent: Path) -> list[Path]:
+    """Remove the staging folders under `parent` whose writer is gone (its lock is free)."""
+    removed = []
+    for tmp in parent.glob(".tmp-*"):
+        if not tmp.is_dir():
+            continue
+        lock = FileLock(f"{tmp}.lock")
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            continue  # being written
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+        finally:
+            lock.release()
+            Path(f"{tmp}.lock").unlink(missing_ok=True)
+    return removed
 
 
 def publish(tmp: Path, final: Path) -> None:
