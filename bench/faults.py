@@ -32,23 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["prepare", "sft", "comparisons", "reward_model", "ppo", "evaluate"]
 HOOKS = [f"{kind}:{stage}" for stage in STAGES for kind in ("start", "publish", "logging")]
-SMALL = [
-    "data.n_demonstrations=400",
-    "data.n_comparison_prompts=64",
-    "data.n_heldout_comparison_prompts=16",
-    "data.n_ppo_prompts=64",
-    "data.n_eval_prompts=32",
-    "model.hidden_size=32",
-    "model.intermediate_size=64",
-    "model.pretrain_documents=300",
-    "model.pretrain_epochs=1",
-    "stage.sft.epochs=1",
-    "stage.reward_model.epochs=1",
-    "stage.ppo.updates=4",
-    "stage.ppo.rollouts_per_update=16",
-    "stage.ppo.minibatch_size=8",
-    "stage.ppo.checkpoint_every=1",
-]
+SMALL = ["+experiment=tiny", "stage.ppo.updates=4", "stage.ppo.checkpoint_every=1"]  # conf/experiment/tiny.yaml
 FIGURES = ("gold_sft", "gold_policy", "win_rate", "kl_to_sft", "rm_accuracy")
 
 
@@ -151,6 +135,7 @@ def harness(kills: int, seed: int, work: Path, faults: list[str] | None = None) 
             summary, seconds = _run(art, home)
             row["rerun_s"] = seconds
             row["statuses"] = {k: v["status"] for k, v in summary["stages"].items()}
+            row["threads"] = sorted({v["threads"] for v in summary["stages"].values()})  # fewer: float sums differ
             differ = _same(reference["eval"], summary["eval"])
             row["problems"] += [f"{k} differs from the uninterrupted run" for k in differ]
             row["exact"] = all(summary["eval"].get(k) == reference["eval"].get(k) for k in FIGURES)
@@ -167,7 +152,16 @@ def harness(kills: int, seed: int, work: Path, faults: list[str] | None = None) 
         )
         shutil.rmtree(art, ignore_errors=True)
     survived = sum(r["survived"] for r in results)
-    return {"kills": len(results), "survived": survived, "seed": seed, "reference_s": duration, "results": results}
+    exact = sum(r.get("exact", False) for r in results)
+    return {
+        "kills": len(results),
+        "survived": survived,
+        "exact": exact,
+        "seed": seed,
+        "reference_s": duration,
+        "reference_threads": sorted({v["threads"] for v in reference["stages"].values()}),
+        "results": results,
+    }
 
 
 def main() -> None:
@@ -180,7 +174,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         report = harness(args.kills, args.seed, Path(work))
     write_results(ROOT / "artifacts" / "bench" / "faults.json", report)
-    print(f"kills survived: {report['survived']}/{report['kills']}")
+    print(
+        f"kills survived: {report['survived']}/{report['kills']} "
+        f"({report['exact']} reproduced the uninterrupted run's figures exactly)"
+    )
 
 
 if __name__ == "__main__":

@@ -30,6 +30,24 @@ def tiny_prepare(tmp_path_factory):
     return prepare.run(data, model, out_dir=out)
 
 
+@pytest.fixture(scope="session")
+def tiny_comparisons(tiny_prepare, tmp_path_factory):
+    """K = 3 sampled responses per prompt of the tiny prepared task, ranked by the simulated labeler."""
+    from stages import comparisons
+    from stages.labelers import LabelerConfig
+
+    p = tiny_prepare
+    return comparisons.run(
+        comparisons.ComparisonsConfig(k=3, max_new_tokens=8),
+        LabelerConfig(),
+        policy=p.file("base"),
+        prompts=p.file("comparison_prompts"),
+        heldout_prompts=p.file("heldout_comparison_prompts"),
+        target_len=6,
+        out_dir=tmp_path_factory.mktemp("cmp"),
+    )
+
+
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("CUDA_VISIBLE_DEVICES") is None:
         import torch

@@ -8,22 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "data.n_demonstrations=400",
-    "data.n_comparison_prompts=64",
-    "data.n_heldout_comparison_prompts=16",
-    "data.n_ppo_prompts=64",
-    "data.n_eval_prompts=32",
-    "model.hidden_size=32",
-    "model.intermediate_size=64",
-    "model.pretrain_documents=300",
-    "model.pretrain_epochs=1",
-    "stage.sft.epochs=1",
-    "stage.reward_model.epochs=1",
-    "stage.ppo.updates=2",
-    "stage.ppo.rollouts_per_update=16",
-    "stage.ppo.minibatch_size=8",
-]
+TINY = ["+experiment=tiny"]  # conf/experiment/tiny.yaml: the whole recipe in seconds
 STAGES = ["prepare", "sft", "comparisons", "reward_model", "ppo", "evaluate"]
 
 

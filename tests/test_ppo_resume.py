@@ -27,25 +27,14 @@ print("MANIFEST " + json.dumps(m.metrics))
 
 
 @pytest.fixture(scope="module")
-def reward_model_dir(tiny_prepare, tmp_path_factory):
-    from stages import comparisons, reward_model
-    from stages.labelers import LabelerConfig
+def reward_model_dir(tiny_prepare, tiny_comparisons, tmp_path_factory):
+    from stages import reward_model
 
-    p = tiny_prepare
-    cmp = comparisons.run(
-        comparisons.ComparisonsConfig(k=2, max_new_tokens=8),
-        LabelerConfig(),
-        policy=p.file("base"),
-        prompts=p.file("comparison_prompts"),
-        heldout_prompts=p.file("heldout_comparison_prompts"),
-        target_len=6,
-        out_dir=tmp_path_factory.mktemp("cmp"),
-    )
     return reward_model.run(
         reward_model.RewardModelConfig(epochs=1),
-        policy=p.file("base"),
-        comparisons=cmp.file("comparisons"),
-        heldout=cmp.file("heldout_comparisons"),
+        policy=tiny_prepare.file("base"),
+        comparisons=tiny_comparisons.file("comparisons"),
+        heldout=tiny_comparisons.file("heldout_comparisons"),
         out_dir=tmp_path_factory.mktemp("rm"),
     ).path
 

@@ -167,10 +167,7 @@ def test_a_signal_stops_the_run_marks_it_killed_and_keeps_the_checkpoint(tmp_pat
     """What schedulers (SLURM, Kubernetes) and people send: the run stops within seconds, MLflow says
     KILLED, Prefect says crashed, the PPO checkpoint stays for the rerun, nothing half-written remains."""
     art, home = tmp_path / "artifacts", tmp_path / "prefect"
-    long_ppo = [o for o in TINY if not o.startswith("stage.ppo.updates")] + [
-        "stage.ppo.updates=400",
-        "stage.ppo.checkpoint_every=2",
-    ]
+    long_ppo = [*TINY, "stage.ppo.updates=400", "stage.ppo.checkpoint_every=2"]
     env = {**os.environ, "PREFECT_HOME": str(home)}
     env.pop("PREFECT_API_URL", None)
     proc = subprocess.Popen(

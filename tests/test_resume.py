@@ -56,20 +56,8 @@ print("MANIFEST " + json.dumps(m.metrics))
 
 
 @pytest.fixture(scope="module")
-def comparisons_dir(tiny_prepare, tmp_path_factory):
-    from stages import comparisons
-    from stages.labelers import LabelerConfig
-
-    p = tiny_prepare
-    return comparisons.run(
-        comparisons.ComparisonsConfig(k=3, max_new_tokens=8),
-        LabelerConfig(),
-        policy=p.file("base"),
-        prompts=p.file("comparison_prompts"),
-        heldout_prompts=p.file("heldout_comparison_prompts"),
-        target_len=6,
-        out_dir=tmp_path_factory.mktemp("cmp"),
-    ).path
+def comparisons_dir(tiny_comparisons):
+    return tiny_comparisons.path
 
 
 def kill_after_checkpoint(args: list[str], ready, tmp_path: Path) -> None:
