@@ -17,7 +17,7 @@ import os
 import signal
 from collections import Counter
 
-from filelock import FileLock, Timeout
+from stages.manifest import lock_is_held
 
 FAULT_ENV = "ALIGNFLOW_FAULT"
 LOCK_TAG = "alignflow.run_lock"
@@ -42,14 +42,8 @@ def reap(experiment_id: str) -> list[str]:
     client, reaped = MlflowClient(), []
     for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=5000):
         lock = run.data.tags.get(LOCK_TAG)
-        if not lock:
-            continue
-        other = FileLock(lock)
-        try:
-            other.acquire(timeout=0)
-        except Timeout:
-            continue  # its process is alive
-        other.release()
+        if not lock or lock_is_held(lock):
+            continue  # not ours to judge, or its process is alive
         client.set_terminated(run.info.run_id, "KILLED")
         reaped.append(run.info.run_id)
     return reaped

@@ -20,6 +20,7 @@ from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
 from flows import report
+from flows.registry import describe
 
 MAX_CURVES = 6  # per stage: the first metrics with more than one step
 PPO_CURVES = ("ppo/objective/scores", "ppo/objective/kl", "ppo/objective/beta", "ppo/objective/rlhf_reward")
@@ -152,7 +153,7 @@ vertical-align:top;max-width:360px}}</style></head><body>
 <p>MLflow run <code>{html.escape(summary["mlflow_run_id"])}</code></p>
 <h2>Evaluation</h2><pre>{html.escape(eval_line)}</pre>
 <p>verdict: <b>{html.escape(verdict["status"])}</b> {html.escape("; ".join(verdict["reasons"]))}</p>
-{f"<p>{html.escape(describe_registry(registry))}</p>" if registry else ""}
+{f"<p>{html.escape(describe(registry))}</p>" if registry else ""}
 <h2>Stages</h2><pre>{html.escape(report.table(summary["stages"]))}</pre>
 <h2>Curves and scores</h2>
 {"".join(parts)}
@@ -164,9 +165,3 @@ vertical-align:top;max-width:360px}}</style></head><body>
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(path)
     return path
-
-
-def describe_registry(record: dict[str, Any]) -> str:
-    from flows.registry import describe
-
-    return describe(record)

@@ -166,7 +166,7 @@ def stage_lock(artifacts_dir: str, name: str, key: str) -> Iterator[None]:
 
 @flow(name="align", log_prints=True)
 def align(cfg: Config) -> dict[str, Any]:
-    preflight(cfg)
+    """The callers (`job`, the deployment's `retrain`) have run `preflight(cfg)` before it."""
     set_up_tracking(cfg)
     sweep_run = os.environ.get(SWEEP_RUN_ENV)
     with tracked_run(
@@ -262,9 +262,4 @@ def sweep_result(summary: dict[str, Any], objective: str) -> float | None:
 
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         Path(HydraConfig.get().runtime.output_dir, "summary.json").write_text(json.dumps(summary, indent=2))
-    value: Any = summary
-    for part in objective.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return None
-        value = value[part]
-    return float(value) if isinstance(value, (int, float)) else None
+    return registry.lookup(summary, objective)

@@ -22,7 +22,8 @@ CHAMPION, CANDIDATE = "champion", "candidate"
 
 
 def lookup(block: dict[str, Any], dotted: str) -> float | None:
-    """`gold_policy.mean` of eval.json, or None where the key is absent or not a number."""
+    """`gold_policy.mean` of eval.json (or `eval.win_rate` of a summary), or None where the key is
+    absent or not a number."""
     value: Any = block
     for part in dotted.split("."):
         if not isinstance(value, dict) or value.get(part) is None:

@@ -21,7 +21,9 @@ import os
 import tempfile
 from pathlib import Path
 
-from filelock import FileLock, Timeout
+from filelock import FileLock
+
+from stages.manifest import lock_is_held
 
 RUNS_DIR = Path(tempfile.gettempdir()) / "alignflow-runs"
 _registration: FileLock | None = None
@@ -108,14 +110,10 @@ def live_runs() -> int:
     for path in RUNS_DIR.glob("*.lock") if RUNS_DIR.exists() else []:
         if _registration is not None and path == Path(_registration.lock_file):
             continue
-        other = FileLock(path)
-        try:
-            other.acquire(timeout=0)
-        except Timeout:
+        if lock_is_held(path):
             live += 1
-            continue
-        other.release()
-        path.unlink(missing_ok=True)  # a run that has ended
+        else:
+            path.unlink(missing_ok=True)  # a run that has ended
     return max(1, live)
 
 

@@ -14,7 +14,6 @@ import ast
 import dataclasses
 import functools
 import importlib
-import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +27,7 @@ from prefect import task
 from flows import faults
 from flows.faults import LOCK_TAG
 from flows.resources import resource_error, run_lock
+from stages import checkpoints
 from stages.manifest import MANIFEST, Manifest, publish, sha256_json, staging_folder
 
 STAGES_DIR = Path(__file__).resolve().parents[1] / "stages"
@@ -148,7 +148,7 @@ def _execute(call: StageCall, parent_run_id: str | None) -> Manifest:
                 faults.point(f"publish:{call.stage}")
                 publish(tmp, final)
                 if call.checkpointed:  # published: a rerun finds the artifact, its checkpoints are spent
-                    shutil.rmtree(extra["checkpoint_dir"], ignore_errors=True)
+                    checkpoints.spent(extra["checkpoint_dir"])
         except (MemoryError, OSError, RuntimeError) as e:  # out of memory or disk: say what to change
             translated = resource_error(call.stage, root, e)
             if translated is e:

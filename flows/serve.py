@@ -35,6 +35,7 @@ def retrain(overrides: list[str] | None = None) -> dict[str, Any]:
     from flows import report
     from flows.config import register, to_config
     from flows.pipeline import align
+    from flows.preflight import preflight
     from flows.resources import cap_threads, live_runs, register_run, threads_per_job
 
     register()
@@ -42,6 +43,7 @@ def retrain(overrides: list[str] | None = None) -> dict[str, Any]:
         cfg = to_config(compose("config", overrides=list(overrides or [])))
     register_run()
     cap_threads(threads_per_job(cfg.threads, live_runs()))
+    preflight(cfg)
     summary = align(cfg)
     print(report.table(summary["stages"]))
     return {

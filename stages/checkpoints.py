@@ -64,7 +64,7 @@ def trainer_step(checkpoint: str | None) -> int:
     return 0 if checkpoint is None else int(Path(checkpoint).name.split("-")[-1])
 
 
-def check_finite(stage: str, loss: float, step: int) -> None:
+def check_finite(stage: str, loss: float, step: int, hint: str = "") -> None:
     """A NaN or infinite loss stops the stage (nothing is published), naming the key to change."""
     if not math.isfinite(loss):
-        raise FloatingPointError(f"{stage}: non-finite loss at step {step}; lower stage.{stage}.learning_rate")
+        raise FloatingPointError(f"{stage}: non-finite loss at step {step}; lower stage.{stage}.learning_rate{hint}")

@@ -90,23 +90,26 @@ def staging_folder(parent: str | Path) -> Iterator[Path]:
         Path(f"{tmp}.lock").unlink(missing_ok=True)
 
 
+def lock_is_held(path: str | Path) -> bool:
+    """Whether a live process holds the OS lock on `path` (the OS drops it when its holder dies);
+    also used by the flows for their run locks."""
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return True
+    lock.release()
+    return False
+
+
 def clear_abandoned(parent: Path) -> list[Path]:
     """Remove the staging folders under `parent` whose writer is gone (its lock is free)."""
     removed = []
     for tmp in parent.glob(".tmp-*"):
-        if not tmp.is_dir():
-            continue
-        lock = FileLock(f"{tmp}.lock")
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            continue  # being written
-        try:
+        if tmp.is_dir() and not lock_is_held(f"{tmp}.lock"):
             shutil.rmtree(tmp, ignore_errors=True)
-            removed.append(tmp)
-        finally:
-            lock.release()
             Path(f"{tmp}.lock").unlink(missing_ok=True)
+            removed.append(tmp)
     return removed
 
 

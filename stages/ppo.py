@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from stages import diagnostics, sources
+from stages import checkpoints, diagnostics, sources
 from stages import ppo_math as pm
 from stages.labelers import LabelerConfig, make_labeler
 from stages.manifest import Manifest, folder_digest, read_jsonl, write_jsonl
@@ -128,8 +126,6 @@ class _State:
         self.warned_kl = False
 
     def save(self, folder: Path) -> None:
-        """Written to a temporary file, then renamed: a half-written checkpoint is never picked up."""
-        folder.mkdir(parents=True, exist_ok=True)
         blob = {
             "models": self.models.state_dict(),
             "opt": self.opt.state_dict(),
@@ -140,15 +136,12 @@ class _State:
             "rng": torch.get_rng_state(),
             "warned_kl": self.warned_kl,
         }
-        tmp = folder / "state.pt.tmp"
-        torch.save(blob, tmp)
-        os.replace(tmp, folder / "state.pt")
+        checkpoints.save(folder, blob)  # temp-then-rename: a half-written checkpoint is never picked up
 
     def load(self, folder: Path) -> bool:
-        path = folder / "state.pt"
-        if not path.exists():
+        blob = checkpoints.load(folder)
+        if blob is None:
             return False
-        blob = torch.load(path, weights_only=True)
         self.models.load_state_dict(blob["models"])
         self.opt.load_state_dict(blob["opt"])
         self.beta, self.ema, self.update = blob["beta"], blob["ema"], blob["update"]
@@ -372,8 +365,7 @@ def _finish(cfg, state: _State, tokenizer, out_dir, batch_prompts, rollout, resu
         "ppo/flagged": float(verdict["status"] != "ok"),
         "ppo/tokens": float(sum(h["ppo/tokens"] for h in state.history)),
     }
-    if checkpoint_dir:  # the finished stage is cached as an artifact; its checkpoints are spent
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    checkpoints.spent(checkpoint_dir)  # the finished stage is cached as an artifact
     files = {"policy": "policy", "samples": "samples.jsonl", "verdict": "verdict.json"}
     files |= {"policy_last": "policy_last"} if state.ema else {}
     return Manifest(stage="ppo", path=str(out_dir), digest=folder_digest(out_dir), metrics=metrics, files=files)

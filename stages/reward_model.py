@@ -256,6 +256,7 @@ def run(
         at = resumed["at"]
     resumed_from, step, tokens, last_loss = at["step"], at["step"], at["tokens"], at["loss"]
     model.train()
+    nan_hint = f" (now {cfg.learning_rate}), or look for degenerate rows in {comparisons}"
     bar = progress(cfg.epochs * steps_per_epoch, "reward_model: training")
     bar.update(step)
     for epoch in range(at["epoch"], cfg.epochs):
@@ -273,11 +274,7 @@ def run(
                 loss = soft_preference_loss(scores, [r["prefs"] for r in batch])
             else:
                 loss = ranking_loss(scores, [ranking_pairs(r["ranks"]) for r in batch], cfg.margin)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"reward_model: non-finite loss at step {step}; lower stage.reward_model.learning_rate "
-                    f"(now {cfg.learning_rate}), or look for degenerate rows in {comparisons}"
-                )
+            checkpoints.check_finite("reward_model", loss.item(), step, nan_hint)
             opt.zero_grad()
             loss.backward()
             opt.step()
