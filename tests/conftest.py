@@ -1,5 +1,9 @@
+import json
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -46,6 +50,28 @@ def tiny_comparisons(tiny_prepare, tmp_path_factory):
         target_len=6,
         out_dir=tmp_path_factory.mktemp("cmp"),
     )
+
+
+def kill_after_checkpoint(args: list[str], ready) -> None:
+    """Start a stage script, SIGKILL it once `ready()` (a complete checkpoint exists)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 600
+    while not ready():
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+def finish(args: list[str]) -> dict:
+    """Run a stage script to the end; the metrics of its `MANIFEST {json}` line."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.split("MANIFEST ", 1)[1])
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,16 +1,10 @@
 """A PPO run killed by a real signal resumes from its last checkpoint and finishes."""
 
-import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import finish, kill_after_checkpoint
 
 SCRIPT = """
 import json, sys
@@ -43,30 +37,15 @@ def reward_model_dir(tiny_prepare, tiny_comparisons, tmp_path_factory):
 def test_killed_ppo_resumes_from_its_checkpoint(tiny_prepare, reward_model_dir, tmp_path):
     ck = tmp_path / "checkpoints"
     args = [sys.executable, "-c", SCRIPT, tiny_prepare.path, reward_model_dir]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     # 1. start, wait for the first checkpoint, then kill -9 mid-stage
-    proc = subprocess.Popen(
-        args + [str(tmp_path / "out1"), str(ck)], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    deadline = time.monotonic() + 600
-    while not (ck / "state.pt").exists():
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    kill_after_checkpoint(args + [str(tmp_path / "out1"), str(ck)], lambda: (ck / "state.pt").exists())
     assert not (tmp_path / "out1" / "policy").exists()
     import torch
 
     saved = torch.load(ck / "state.pt", weights_only=True)["update"]
     assert 2 <= saved < 6
     # 2. run again: it continues from the checkpoint and finishes
-    done = subprocess.run(
-        args + [str(tmp_path / "out2"), str(ck)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    metrics = json.loads(done.stdout.split("MANIFEST ", 1)[1])
+    metrics = finish(args + [str(tmp_path / "out2"), str(ck)])
     assert metrics["ppo/resumed_from"] == saved  # fewer updates ran
     assert metrics["ppo/history_length"] == 6  # metrics continue from the checkpoint's step
     assert (tmp_path / "out2" / "policy" / "model.safetensors").exists()

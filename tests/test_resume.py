@@ -1,19 +1,13 @@
 """SFT, the reward model and DPO, killed by a real SIGKILL mid-stage, resume from their last complete
 checkpoint; a NaN loss stops them with the key to change, before anything is published."""
 
-import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from conftest import finish, kill_after_checkpoint
 
 from stages import checkpoints
-
-ROOT = Path(__file__).resolve().parents[1]
 
 SFT = """
 import json, sys
@@ -60,34 +54,11 @@ def comparisons_dir(tiny_comparisons):
     return tiny_comparisons.path
 
 
-def kill_after_checkpoint(args: list[str], ready, tmp_path: Path) -> None:
-    """Start the stage, SIGKILL it once `ready()` (a complete checkpoint exists)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 600
-    while not ready():
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-
-
-def finish(args: list[str]) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.split("MANIFEST ", 1)[1])
-
-
 @pytest.mark.slow
 def test_killed_sft_resumes_from_its_last_complete_checkpoint(tiny_prepare, tmp_path):
     ck = tmp_path / "ck"
     args = [sys.executable, "-c", SFT, tiny_prepare.path]
-    kill_after_checkpoint(
-        [*args, str(tmp_path / "out1"), str(ck)], lambda: checkpoints.last_trainer_checkpoint(ck), tmp_path
-    )
+    kill_after_checkpoint([*args, str(tmp_path / "out1"), str(ck)], lambda: checkpoints.last_trainer_checkpoint(ck))
     assert not (tmp_path / "out1" / "policy").exists()
     saved = checkpoints.trainer_step(checkpoints.last_trainer_checkpoint(ck))
     metrics = finish([*args, str(tmp_path / "out2"), str(ck)])
@@ -100,7 +71,7 @@ def test_killed_sft_resumes_from_its_last_complete_checkpoint(tiny_prepare, tmp_
 def test_killed_reward_model_resumes_from_its_last_checkpoint(tiny_prepare, comparisons_dir, tmp_path):
     ck = tmp_path / "ck"
     args = [sys.executable, "-c", RM, tiny_prepare.path, comparisons_dir]
-    kill_after_checkpoint([*args, str(tmp_path / "out1"), str(ck)], lambda: (ck / checkpoints.STATE).exists(), tmp_path)
+    kill_after_checkpoint([*args, str(tmp_path / "out1"), str(ck)], lambda: (ck / checkpoints.STATE).exists())
     assert not (tmp_path / "out1" / "model").exists()
     saved = checkpoints.load(ck)["at"]["step"]
     metrics = finish([*args, str(tmp_path / "out2"), str(ck)])
@@ -118,7 +89,7 @@ def test_killed_dpo_resumes_from_its_last_checkpoint(tiny_prepare, comparisons_d
         ready = lambda: checkpoints.last_trainer_checkpoint(ck)  # noqa: E731
     else:
         ready = lambda: (ck / checkpoints.STATE).exists()  # noqa: E731
-    kill_after_checkpoint([*args, str(tmp_path / "out1"), str(ck), loss], ready, tmp_path)
+    kill_after_checkpoint([*args, str(tmp_path / "out1"), str(ck), loss], ready)
     assert not (tmp_path / "out1" / "policy").exists()
     if loss == "sigmoid":
         saved = checkpoints.trainer_step(checkpoints.last_trainer_checkpoint(ck))
