@@ -31,7 +31,7 @@ import flows
 from flows import html_report, registry, report
 from flows.branches import BRANCHES
 from flows.config import PIPELINES, Config
-from flows.faults import reap
+from flows.faults import point, reap
 from flows.fingerprint import Fingerprints
 from flows.preflight import preflight
 from flows.resources import ResourceError, cap_threads, concurrent_jobs, live_runs, register_run, threads_per_job
@@ -215,10 +215,32 @@ def set_up_tracking(cfg: Config) -> None:
     root = Path(cfg.artifacts_dir).resolve()
     (root / ".locks").mkdir(parents=True, exist_ok=True)
     with FileLock(root / ".locks" / "tracking.lock"):
+        create_database(root / "mlflow.db")
         mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
         if mlflow.get_experiment_by_name(cfg.tracking.experiment) is None:
             mlflow.create_experiment(cfg.tracking.experiment, artifact_location=(root / "mlflow-artifacts").as_uri())
         reap(mlflow.set_experiment(cfg.tracking.experiment).experiment_id)  # runs a killed process left RUNNING
+
+
+def create_database(path: Path) -> None:
+    """MLflow's tables are built by a few seconds of migrations; a kill among them left a database no
+    later run could open ("table _alembic_tmp_experiments already exists"). Build it beside its path,
+    then rename: the path holds a complete database or none. Call under the tracking lock."""
+    if path.exists():
+        return
+    import sqlalchemy
+    from mlflow.store.db.utils import _initialize_tables
+
+    staging = path.with_name(path.name + ".staging")
+    for leftover in (staging, staging.with_name(staging.name + "-journal")):
+        leftover.unlink(missing_ok=True)  # a killed build's
+    engine = sqlalchemy.create_engine(f"sqlite:///{staging}")
+    try:
+        _initialize_tables(engine)
+    finally:
+        engine.dispose()
+    point("tracking:database")
+    os.replace(staging, path)
 
 
 def job(dcfg) -> float | None:

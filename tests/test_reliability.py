@@ -204,3 +204,25 @@ def test_a_signal_stops_the_run_marks_it_killed_and_keeps_the_checkpoint(tmp_pat
     db = sqlite3.connect(home / "prefect.db")
     flow_states = {s for (s,) in db.execute("SELECT state_type FROM flow_run")}
     assert flow_states <= {"CRASHED", "CANCELLED"} and flow_states, flow_states
+
+
+def test_a_kill_while_mlflow_builds_its_database_leaves_none_and_the_rerun_builds_it(tmp_path):
+    """CI once killed a run among MLflow's table migrations: the half-built mlflow.db stopped every
+    later run. The database is built beside its path and renamed, so a kill leaves none."""
+    build = (
+        "from flows.config import Config; from flows.pipeline import set_up_tracking; "
+        f"set_up_tracking(Config(artifacts_dir={str(tmp_path)!r}))"
+    )
+    env = {**os.environ, "ALIGNFLOW_FAULT": "tracking:database"}
+    killed = subprocess.run([sys.executable, "-c", build], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (tmp_path / "mlflow.db").exists() and (tmp_path / "mlflow.db.staging").exists()
+
+    env.pop("ALIGNFLOW_FAULT")
+    rerun = subprocess.run([sys.executable, "-c", build], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlflow.db.staging").exists()
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    assert client.get_experiment_by_name("alignflow") is not None
