@@ -63,6 +63,13 @@ bench: venv .bench-venvs/trl112/.installed ## benchmarks, side by side in one ru
 	$(PY) -m bench.ppo_memory
 	$(PY) -m bench.ppo_vs_trl
 	$(PY) -m bench.real_data
+	$(PY) -m bench.peft_methods
+
+bench-peft: venv ## every fine-tuning method and optimizer on a ~110M Llama, SFT and RM steps: artifacts/bench/peft_methods.{json,md}
+	$(PY) -m bench.peft_methods $(ARGS)
+
+methods: venv ## the embedded-default RLHF pipeline under each method (dora, pissa, loraplus, freeze, galore, badam): artifacts/bench/methods.json
+	$(PY) -m bench.methods $(ARGS)
 
 faults: venv ## SIGKILL the small pipeline at 20 seeded points, rerun, check: artifacts/bench/faults.json
 	$(PY) -m bench.faults $(ARGS)

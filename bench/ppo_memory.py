@@ -27,10 +27,12 @@ from pathlib import Path
 import flows
 from stages import ppo
 from stages.peft_setup import PeftConfig
+from stages.tuning import Tuning
 root, layout = Path(sys.argv[1]), sys.argv[2]
 cfg = ppo.PpoConfig(updates=2, rollouts_per_update=8, minibatch_size=4, max_new_tokens=8, layout=layout)
 t = time.perf_counter()
-ppo.run(cfg, PeftConfig(r=16, alpha=32), policy=root / "base", reward_model=root / "rm",
+method = "full" if layout == "full_copies" else "lora"  # full copies train in full, the shared base its adapters
+ppo.run(cfg, Tuning(PeftConfig(method, r=16, alpha=32)), policy=root / "base", reward_model=root / "rm",
         normalization=root / "normalization.json", prompts=root / "prompts.jsonl", out_dir=root / ("out-" + layout))
 print("RESULT " + json.dumps({"seconds": time.perf_counter() - t,
                               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))

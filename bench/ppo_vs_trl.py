@@ -27,12 +27,13 @@ from pathlib import Path
 import flows
 from stages import ppo
 from stages.peft_setup import PeftConfig
+from stages.tuning import Tuning
 s = json.loads(sys.argv[1])
 cfg = ppo.PpoConfig(updates=s["episodes"] // s["batch"], rollouts_per_update=s["batch"], minibatch_size=s["minibatch"],
                     ppo_epochs=s["ppo_epochs"], learning_rate=s["lr"], beta=s["beta"], ema_decay=None,
                     max_new_tokens=s["max_new_tokens"], checkpoint_every=0, seed=s["seed"])
 t = time.perf_counter()
-ppo.run(cfg, PeftConfig(), policy=Path(s["policy"]), reward_model=Path(s["reward_model"]),
+ppo.run(cfg, Tuning(PeftConfig("full")), policy=Path(s["policy"]), reward_model=Path(s["reward_model"]),
         normalization=Path(s["normalization"]), prompts=Path(s["prompts"]), out_dir=Path(s["out"]))
 print("RESULT " + json.dumps({"seconds": time.perf_counter() - t,
                               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))

@@ -21,6 +21,7 @@ from stages.labelers import LabelerConfig
 from stages.manifest import read_jsonl, write_jsonl
 from stages.modeling import ModelConfig
 from stages.peft_setup import PeftConfig
+from stages.tuning import Tuning
 
 OUT = Path("artifacts/bench/rm_batching.json")
 EPOCHS, LR, PROMPTS_PER_STEP = 3, 1e-3, 16
@@ -76,7 +77,7 @@ def main() -> None:
         )
         policy = sft.run(
             sft.SftConfig(epochs=3),
-            PeftConfig(),
+            Tuning(PeftConfig()),
             base=prep.file("base"),
             demonstrations=prep.file("demonstrations"),
             out_dir=tmp / "sft",

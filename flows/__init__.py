@@ -39,6 +39,10 @@ warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers
 
 for _name in ("httpx", "httpcore", "alembic", "mlflow", "prefect", "urllib3"):
     logging.getLogger(_name).setLevel(logging.WARNING)
+# bitsandbytes, imported by peft: "Failed to load CPU gemm_4bit_forward from kernels-community" (an
+# optional faster kernel; its own CPU path runs) and its 8-bit matmul's fp16 cast notice
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast", category=UserWarning)
 
 
 def prestart_prefect_server():

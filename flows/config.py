@@ -11,16 +11,20 @@ from dataclasses import dataclass, field
 from omegaconf import DictConfig, OmegaConf
 
 from stages.comparisons import ComparisonsConfig
+from stages.compute import ComputeConfig
 from stages.dpo import DpoConfig
 from stages.evaluate import EvaluateConfig
 from stages.judge import JudgeConfig
 from stages.labelers import LabelerConfig
 from stages.modeling import ModelConfig
+from stages.optim import OptimConfig
+from stages.optim import check as check_optim
 from stages.peft_setup import PeftConfig
 from stages.ppo import PpoConfig
 from stages.prepare import DataConfig
 from stages.reward_model import RewardModelConfig
 from stages.sft import SftConfig
+from stages.tuning import Tuning, shared_base_refusal
 
 # The stages of each branch, in order (`flows/branches.py` wires them; `pipeline.stop_after` names one)
 PIPELINES = {
@@ -111,6 +115,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     labeler: LabelerConfig = field(default_factory=LabelerConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
     stage: StageConfigs = field(default_factory=StageConfigs)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -120,7 +126,21 @@ class Config:
     artifacts_dir: str = "artifacts"
     threads: int | None = None  # torch threads; null: the usable cores divided by the jobs running at once
 
+    def tuning(self, stage: str) -> Tuning:
+        """How `stage` trains (`peft/`, `optim/`, `compute/`), its fine-tuning method as `peft.stages` says."""
+        tuning = Tuning(self.peft, self.optim, self.compute)
+        if stage == "ppo" and self.stage.ppo.layout == "shared_base":
+            return tuning  # an adapter layout: its adapters are the method's, whatever peft.stages says
+        return tuning.for_stage(stage)
+
     def __post_init__(self) -> None:
+        for stage in self.peft.stages:  # an optimizer that cannot train the method: named before any compute
+            try:
+                check_optim(self.optim, self.tuning(stage).peft.method)
+            except ValueError as e:
+                raise ValueError(f"{e} (peft.stages includes {stage})") from None
+        if self.stage.ppo.layout == "shared_base" and self.peft.method in ("full", "freeze", "pissa"):
+            raise ValueError(shared_base_refusal(self.peft.method))
         sampled = self.pipeline.name in ("rlhf", "dpo") and self.data.comparisons is None
         sampled = sampled and self.pipeline.stop_after not in ("prepare", "sft")
         if sampled and self.labeler.kind == "simulated" and not self.data.is_embedded:

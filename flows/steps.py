@@ -28,7 +28,7 @@ def sft(run, cfg: Config, prep: Manifest) -> Manifest:
     return run(
         "sft",
         cfg.stage.sft,
-        cfg.peft,
+        cfg.tuning("sft"),
         base=prep.file("base"),
         demonstrations=prep.file("demonstrations"),
         **lengths(cfg),
@@ -72,6 +72,7 @@ def reward_model(run, cfg: Config, sft: Manifest, cmp: Manifest) -> Manifest:
     return run(
         "reward_model",
         cfg.stage.reward_model,
+        cfg.tuning("reward_model"),
         files=_local("stage.reward_model.name_or_path", cfg.stage.reward_model.name_or_path),
         policy=sft.file("policy"),
         comparisons=cmp.file("comparisons"),
@@ -111,7 +112,7 @@ def ppo(run, cfg: Config, sft: Manifest, prep: Manifest, *, rm: Manifest | None 
     return run(
         "ppo",
         cfg.stage.ppo,
-        cfg.peft,
+        cfg.tuning("ppo"),
         *labeler,
         policy=sft.file("policy"),
         **scorer,
@@ -129,7 +130,7 @@ def dpo(run, cfg: Config, policy: Manifest, sft: Manifest, cmp: Manifest, *, nam
     return run(
         "dpo",
         cfg.stage.dpo,
-        cfg.peft,
+        cfg.tuning("dpo"),
         name=name,
         policy=policy.file("policy"),
         reference=sft.file("policy"),

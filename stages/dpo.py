@@ -36,11 +36,12 @@ import torch
 from stages import checkpoints
 from stages.manifest import Manifest, folder_digest, read_jsonl
 from stages.modeling import load_causal_lm, load_tokenizer, mean_token_kl, model_context, sample, sequence_logprobs
-from stages.peft_setup import PeftConfig, lora_config
+from stages.optim import schedule
 from stages.progress import progress
 from stages.reward_model import encode_rankings, ranking_pairs
 from stages.tokens import default_new_tokens, fit_rows, pack, resolve_budget, row_sources
 from stages.tracking import TRAINER_ARGS, log_metrics, trainer_callback
+from stages.tuning import Tuning, export, load, optimizer, shares_base, trainer_setup
 
 TRL_LOSSES = (
     "sigmoid",
@@ -116,12 +117,13 @@ def _pretokenized_dpo_trainer():
     return PreTokenizedDPOTrainer
 
 
-def _train_trl(cfg: DpoConfig, peft: PeftConfig, model, ref, tokenizer, pairs: list[dict], out_dir: Path, budget, ck):
+def _train_trl(cfg: DpoConfig, tuning: Tuning, model, ref, tokenizer, pairs: list[dict], out_dir: Path, budget, ck):
     from datasets import Dataset
     from trl import DPOConfig
 
     dataset = Dataset.from_list(pairs)
     saving = {"output_dir": str(out_dir / "trainer"), **checkpoints.trainer_saving(ck, cfg.checkpoint_every)}
+    train_args, trainer_kwargs = trainer_setup(model, tuning, lr=cfg.learning_rate)
     args = DPOConfig(
         num_train_epochs=cfg.epochs,
         learning_rate=cfg.learning_rate,
@@ -130,18 +132,17 @@ def _train_trl(cfg: DpoConfig, peft: PeftConfig, model, ref, tokenizer, pairs: l
         beta=cfg.beta,
         loss_type=[cfg.loss_type],
         label_smoothing=cfg.label_smoothing,
-        lr_scheduler_type="cosine",
         seed=cfg.seed,
-        **{**TRAINER_ARGS, **saving},
+        **{**TRAINER_ARGS, **saving, **train_args},
     )
     trainer = _pretokenized_dpo_trainer()(
         model=model,
-        ref_model=ref,  # None only under LoRA: the reference is the base with the adapters disabled
+        ref_model=ref,  # None only with adapters on an unchanged base: the base with the adapters disabled
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
-        peft_config=lora_config(peft, "CAUSAL_LM"),
         callbacks=[trainer_callback("dpo/train")],
+        **trainer_kwargs,
     )
     resume = checkpoints.last_trainer_checkpoint(ck)
     result = trainer.train(resume_from_checkpoint=resume)
@@ -172,18 +173,14 @@ def _reference_logps(model, ref, rows, pad_id: int) -> torch.Tensor:
             return _sequence_logps(model, rows, pad_id)
 
 
-def _train_listwise(cfg: DpoConfig, peft: PeftConfig, model, ref, tokenizer, rows: list[dict], encoded: list, ck):
+def _train_listwise(cfg: DpoConfig, tuning: Tuning, model, ref, tokenizer, rows: list[dict], encoded: list, ck):
     """Plackett-Luce DPO: one batch element per prompt with all its K responses; `ck`: checkpoints."""
-    from peft import get_peft_model
-
-    if peft.method != "full":
-        model = get_peft_model(model, lora_config(peft, "CAUSAL_LM"))
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate)
+    opt = optimizer(model, tuning, lr=cfg.learning_rate)
     per_step = max(1, cfg.batch_size // max(len(r["responses"]) for r in rows))
     pad = tokenizer.pad_token_id
     steps = max(1, math.ceil(cfg.epochs * math.ceil(len(rows) / per_step)))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    sched = schedule(opt, tuning.optim, steps)
     gen = torch.Generator().manual_seed(cfg.seed)
     at = {"step": 0, "in_pass": 0, "loss": 0.0}  # where training is: a step, and the batch of the pass
     resumed = checkpoints.load(ck)
@@ -246,7 +243,7 @@ def heldout_accuracy(model, ref, pad_id: int, pairs: list[dict], batch: int = 12
 
 def run(
     cfg: DpoConfig,
-    peft: PeftConfig,
+    tuning: Tuning,
     *,
     policy: Path,
     reference: Path,
@@ -277,20 +274,22 @@ def run(
     pairs = preference_pairs(fitted.rows, rows)
     if not pairs:
         raise ValueError(f"{comparisons}: no untied pair to learn from")
-    model = load_causal_lm(policy)
+    model = load(policy, tuning, "causal_lm")
     same_start = Path(policy).resolve() == Path(reference).resolve()
-    ref = None if peft.method != "full" and same_start else load_causal_lm(reference).eval().requires_grad_(False)
+    free_ref = shares_base(tuning) and same_start
+    ref = None if free_ref else load_causal_lm(reference).eval().requires_grad_(False)
     if cfg.loss_type == "plackett_luce":
-        trained, metrics = _train_listwise(cfg, peft, model, ref, tokenizer, rows, fitted.rows, checkpoint_dir)
+        trained, metrics = _train_listwise(cfg, tuning, model, ref, tokenizer, rows, fitted.rows, checkpoint_dir)
     else:
-        trained, metrics = _train_trl(cfg, peft, model, ref, tokenizer, pairs, out_dir, budget, checkpoint_dir)
+        trained, metrics = _train_trl(cfg, tuning, model, ref, tokenizer, pairs, out_dir, budget, checkpoint_dir)
     metrics |= fitted.metrics("dpo/data")
     metrics["dpo/tokens"] = float(
         cfg.epochs * sum(2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)
     )
-    if peft.method != "full":
-        trained = trained.merge_and_unload()
-    trained.eval()
+    adapter = out_dir / "adapter" if tuning.peft.adapters else None
+    export(trained, tuning, out_dir / "policy", base=Path(policy), adapter=adapter)
+    tokenizer.save_pretrained(out_dir / "policy")
+    trained = load_causal_lm(out_dir / "policy").eval()  # what was published is what is measured
     reference_model = ref if ref is not None else load_causal_lm(reference).eval()
     unique = {json.dumps(r["prompt"]): r["prompt"] for r in held}  # a prompt may be a conversation
     prompts = list(unique.values())[: cfg.kl_prompts]
@@ -311,7 +310,6 @@ def run(
         trained, reference_model, tokenizer.pad_token_id, preference_pairs(held_encoded, held)
     )
     log_metrics(metrics)
-    trained.save_pretrained(out_dir / "policy", safe_serialization=True)
-    tokenizer.save_pretrained(out_dir / "policy")
     shutil.rmtree(out_dir / "trainer", ignore_errors=True)
-    return Manifest("dpo", str(out_dir), folder_digest(out_dir), metrics=metrics, files={"policy": "policy"})
+    files = {"policy": "policy", **({"adapter": "adapter"} if adapter else {})}
+    return Manifest("dpo", str(out_dir), folder_digest(out_dir), metrics=metrics, files=files)

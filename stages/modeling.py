@@ -77,12 +77,13 @@ def model_context(path: str | Path, *, trust_remote_code: bool = False) -> int:
     return context_window(AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code))
 
 
-def load_causal_lm(path: str | Path, *, trust_remote_code: bool = False):
+def load_causal_lm(path: str | Path, *, trust_remote_code: bool = False, **load):
+    """`load`: more `from_pretrained` arguments (attention implementation, quantisation: `stages/tuning.py`)."""
     from transformers import AutoModelForCausalLM
 
     check_model_folder(path)
     return AutoModelForCausalLM.from_pretrained(
-        str(path), trust_remote_code=trust_remote_code, use_safetensors=True, dtype=torch.float32
+        str(path), trust_remote_code=trust_remote_code, use_safetensors=True, dtype=torch.float32, **load
     )
 
 
@@ -231,15 +232,24 @@ def hidden_states(backbone, rollout: Rollout) -> torch.Tensor:
     return backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
 
 
+def scalar_parts(model):
+    """(decoder stack, scalar head) of a sequence-classification model, plain or under peft (whose
+    adapters sit inside the stack, and whose trained copy of the head `score` routes to)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.base_model, inner.score
+
+
 def token_values(model, rollout: Rollout, *, backbone=None, head=None) -> torch.Tensor:
     """Scalar head on every response position: (batch, response_len). Defaults to a
     sequence-classification model's own backbone and `score` head.
 
     Value t is read at the state that predicts response token t, as the policy's logits are.
     """
-    hidden = hidden_states(backbone or model.base_model, rollout)
+    if backbone is None:
+        backbone, head = scalar_parts(model)
+    hidden = hidden_states(backbone, rollout)
     q = rollout.query.shape[1]
-    return (head or model.score)(hidden[:, q - 1 : -1, :]).squeeze(-1).float()
+    return head(hidden[:, q - 1 : -1, :]).squeeze(-1).float()
 
 
 POOLINGS = ("last", "mean")
@@ -255,15 +265,14 @@ def sequence_scores(model, batch: Rollout | Packed, pooling: str = "last") -> to
         raise ValueError(f"pooling: {pooling!r} is not one of {', '.join(POOLINGS)}")
     packed = batch.packed() if isinstance(batch, Rollout) else batch
     mask = packed.attention_mask
-    hidden = model.base_model(
-        input_ids=packed.ids, attention_mask=mask, position_ids=position_ids(mask)
-    ).last_hidden_state
+    backbone, head = scalar_parts(model)
+    hidden = backbone(input_ids=packed.ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
     if pooling == "mean":
-        per_token = model.score(hidden).squeeze(-1).float()
+        per_token = head(hidden).squeeze(-1).float()
         resp = packed.response_mask.float()
         return (per_token * resp).sum(1) / resp.sum(1).clamp(min=1.0)
     last = (mask * torch.arange(mask.shape[1])).argmax(dim=1)
-    return model.score(hidden[torch.arange(hidden.shape[0]), last]).squeeze(-1).float()
+    return head(hidden[torch.arange(hidden.shape[0]), last]).squeeze(-1).float()
 
 
 def sequence_logprobs(model, packed: Packed) -> torch.Tensor:
@@ -289,11 +298,11 @@ def lm_loss(model, tokenizer, texts: list[str], max_length: int | None = None) -
     return model(**enc, labels=labels).loss
 
 
-def load_scalar_model(path: str | Path, *, trust_remote_code: bool = False):
+def load_scalar_model(path: str | Path, *, trust_remote_code: bool = False, **load):
     """A sequence-classification model with one output (reward or value head)."""
     from transformers import AutoModelForSequenceClassification
 
     check_model_folder(path)
     return AutoModelForSequenceClassification.from_pretrained(
-        str(path), num_labels=1, trust_remote_code=trust_remote_code, use_safetensors=True, dtype=torch.float32
+        str(path), num_labels=1, trust_remote_code=trust_remote_code, use_safetensors=True, dtype=torch.float32, **load
     )

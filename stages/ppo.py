@@ -27,6 +27,7 @@ import torch
 
 from stages import checkpoints, diagnostics, sources
 from stages import ppo_math as pm
+from stages.compute import autocast
 from stages.labelers import LabelerConfig, make_labeler
 from stages.manifest import Manifest, folder_digest, read_jsonl, write_jsonl
 from stages.modeling import (
@@ -37,12 +38,12 @@ from stages.modeling import (
     model_context,
     sample,
 )
-from stages.peft_setup import PeftConfig
 from stages.ppo_models import FullCopies, SharedBase
 from stages.progress import progress
 from stages.reward_model import TrainedRewardModel
 from stages.tokens import SamplingBudget, fit_prompt_file, resolve_sampling
 from stages.tracking import log_metrics
+from stages.tuning import Tuning, optimizer
 
 
 @dataclass(frozen=True)
@@ -109,15 +110,16 @@ def _check_finite(name: str, x: torch.Tensor, update: int) -> None:
 class _State:
     """Everything a resumed run needs: models, optimizer, KL controller, EMA, RNG, position."""
 
-    def __init__(self, cfg: PpoConfig, peft: PeftConfig, policy: Path, critic_init: Path) -> None:
+    def __init__(self, cfg: PpoConfig, tuning: Tuning, policy: Path, critic_init: Path) -> None:
         torch.manual_seed(cfg.seed)
         self.models = (
-            FullCopies(policy, critic_init, cfg.temperature)
+            FullCopies(policy, critic_init, cfg.temperature, tuning)
             if cfg.layout == "full_copies"
-            else SharedBase(policy, critic_init, cfg.temperature, peft)
+            else SharedBase(policy, critic_init, cfg.temperature, tuning)
         )
         self.params = self.models.trainable
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.learning_rate, eps=1e-5)
+        self.compute = tuning.compute
+        self.opt = optimizer(self.models.module, tuning, lr=cfg.learning_rate, eps=1e-5)
         self.kl_ctl = pm.AdaptiveKLController(cfg.beta, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target else None
         self.beta = cfg.beta
         self.ema = {k: v.detach().clone() for k, v in self.models.policy_state().items()} if cfg.ema_decay else None
@@ -174,7 +176,7 @@ class JudgeScore:
 
 def run(
     cfg: PpoConfig,
-    peft: PeftConfig,
+    tuning: Tuning,
     labeler: LabelerConfig | None = None,
     *,
     policy: Path,
@@ -202,7 +204,7 @@ def run(
         tokenizer, prompts, budget, stage="ppo", truncation=truncation, max_dropped_fraction=max_dropped_fraction
     )
     gold_fn = sources.gold_scorer(gold, target_len)
-    state = _State(cfg, peft, policy, reward_model or policy)
+    state = _State(cfg, tuning, policy, reward_model or policy)
     resumed_from = state.update if checkpoint_dir and state.load(Path(checkpoint_dir)) else 0
     ptx_docs = [r["text"] for r in read_jsonl(pretrain)] if pretrain and cfg.ptx_coef > 0 else []
     bar = progress(cfg.updates, "ppo: updates", unit="update")
@@ -263,9 +265,12 @@ def _one_update(cfg, state: _State, tokenizer, scorer, batch_prompts, ptx_docs, 
     for _ in range(cfg.ppo_epochs):
         for idx in torch.randperm(cfg.rollouts_per_update).split(cfg.minibatch_size):
             mb, m = _subset(rollout, idx), mask[idx]
-            logp, entropy = models.policy_logprobs(mb)
+            with autocast(state.compute):  # mixed precision (`compute.precision`); the losses in fp32
+                logp, entropy = models.policy_logprobs(mb)
+                values = models.values(mb)
+            logp, entropy, values = logp.float(), entropy.float(), values.float()
             pg, clipfrac, approxkl = pm.policy_loss(logp, old_logp[idx], advantages[idx], m, cfg.clip)
-            vf, _ = pm.value_loss(models.values(mb), old_values[idx], returns[idx], m, cfg.value_clip)
+            vf, _ = pm.value_loss(values, old_values[idx], returns[idx], m, cfg.value_clip)
             loss = pg + cfg.vf_coef * vf
             if ptx_docs:
                 lm = _lm_loss(models.policy, tokenizer, ptx_docs, cfg.ptx_batch_size, budget)

@@ -1,21 +1,24 @@
 """The models PPO needs, in two memory layouts with one interface.
 
-- `FullCopies`: policy, reference, value and reward are four models; policy and value train in full
-  (the value model starts as a copy of the reward model, as in InstructGPT; d-RLAIF has no reward
+- `FullCopies`: policy, reference, value and reward are four models; policy and value train with
+  the fine-tuning method (`peft/`: in full, frozen but for the last layers, or with adapters; the
+  value model starts as a copy of the reward model, as in InstructGPT; d-RLAIF has no reward
   model, so it starts from the policy with a fresh scalar head).
-- `SharedBase`: one SFT base carries two LoRA adapters. The policy is the base with the `policy`
-  adapter, the reference is the same base with adapters disabled (no second copy), the value model
-  is the base with a `value` adapter and a scalar head initialised from the reward model's head.
-  Only the adapters and the head train. The reward model stays a separate frozen model.
+- `SharedBase`: one SFT base (4-bit under QLoRA) carries two adapters of the method. The policy is
+  the base with the `policy` adapter, the reference is the same base with adapters disabled (no
+  second copy), the value model is the base with a `value` adapter and a scalar head initialised
+  from the reward model's head. Only the adapters and the head train. The reward model stays a separate frozen model.
 
 Both expose: `policy` (for sampling), `policy_logprobs`, `ref_logprobs`, `values`,
-`trainable`, `policy_state` / `load_policy_state`, `state_dict` / `load_state_dict` (checkpoints)
+`trainable` and `module` (what the optimizer trains), `policy_state` / `load_policy_state`,
+`state_dict` / `load_state_dict` (checkpoints)
 and `export(folder)`.
 """
 
 from __future__ import annotations
 
 import copy
+import tempfile
 from pathlib import Path
 
 import torch
@@ -27,16 +30,21 @@ from stages.modeling import (
     response_logprobs,
     token_values,
 )
-from stages.peft_setup import PeftConfig, lora_config
+from stages.peft_setup import load_adapter, lora_config
+from stages.tuning import Tuning, export, load, load_kwargs, shared_base_refusal, shares_base
 
 
 class FullCopies:
-    def __init__(self, policy: Path, critic_init: Path, temperature: float) -> None:
-        self.policy = load_causal_lm(policy)
+    def __init__(self, policy: Path, critic_init: Path, temperature: float, tuning: Tuning | None = None) -> None:
+        tuning = tuning or Tuning()
+        self.tuning, self.base = tuning, Path(policy)
+        self.policy = load(policy, tuning, "causal_lm")
         self.ref = load_causal_lm(policy).eval().requires_grad_(False)
-        self.critic = load_scalar_model(critic_init)
+        self.critic = load(critic_init, tuning, "scalar")
         self.temperature = temperature
-        self.trainable = [p for m in (self.policy, self.critic) for p in m.parameters()]
+        self.module = torch.nn.ModuleDict({"policy": self.policy, "critic": self.critic})
+        self.trainable = [p for p in self.module.parameters() if p.requires_grad]
+        self._policy_keys = [n for n, p in self.policy.named_parameters() if p.requires_grad]
 
     def policy_logprobs(self, rollout: Rollout):
         return response_logprobs(self.policy, rollout, temperature=self.temperature)
@@ -49,10 +57,14 @@ class FullCopies:
         return token_values(self.critic, rollout)
 
     def policy_state(self) -> dict[str, torch.Tensor]:
-        return self.policy.state_dict()
+        """The policy's trainable weights (what PPO's EMA averages): all of them in full fine-tuning."""
+        params = dict(self.policy.named_parameters())
+        return {n: params[n] for n in self._policy_keys}
 
     def load_policy_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.policy.load_state_dict(state)
+        unexpected = self.policy.load_state_dict(state, strict=False).unexpected_keys
+        if unexpected:
+            raise ValueError(f"ppo: the policy state has weights the policy lacks: {unexpected[:3]}")
 
     def state_dict(self) -> dict:
         return {"policy": self.policy.state_dict(), "critic": self.critic.state_dict()}
@@ -62,17 +74,21 @@ class FullCopies:
         self.critic.load_state_dict(blob["critic"])
 
     def export(self, folder: Path) -> None:
-        self.policy.save_pretrained(folder, safe_serialization=True)
+        export(self.policy, self.tuning, folder, base=self.base)
 
 
 class SharedBase:
-    def __init__(self, policy: Path, critic_init: Path, temperature: float, peft: PeftConfig) -> None:
-        from peft import get_peft_model
+    def __init__(self, policy: Path, critic_init: Path, temperature: float, tuning: Tuning) -> None:
+        from peft import get_peft_model, prepare_model_for_kbit_training
 
-        if peft.method != "lora":
-            raise ValueError("stage.ppo.layout=shared_base needs peft.method=lora (adapters on one shared base)")
-        lora = lora_config(peft, "CAUSAL_LM")
-        self.model = get_peft_model(load_causal_lm(policy), lora, adapter_name="policy")
+        if not shares_base(tuning):
+            raise ValueError(shared_base_refusal(tuning.peft.method))
+        self.tuning, self.base = tuning, Path(policy)
+        lora = lora_config(tuning.peft, "CAUSAL_LM")
+        base = load_causal_lm(policy, **load_kwargs(tuning))
+        if tuning.peft.method == "qlora":
+            base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+        self.model = get_peft_model(base, lora, adapter_name="policy")
         self.model.add_adapter("value", lora)
         rm_head = load_scalar_model(critic_init).score.weight.detach()
         self.value_head = torch.nn.Linear(rm_head.shape[1], 1, bias=False)
@@ -82,6 +98,7 @@ class SharedBase:
         self.trainable = [p for n, p in self.model.named_parameters() if "lora_" in n] + list(
             self.value_head.parameters()
         )
+        self.module = torch.nn.ModuleDict({"model": self.model, "value_head": self.value_head})
         self._use("policy")
 
     def _use(self, adapter: str) -> None:
@@ -123,7 +140,13 @@ class SharedBase:
         self.value_head.load_state_dict(blob["value_head"])
 
     def export(self, folder: Path) -> None:
-        """A plain model folder: the policy adapter merged into a copy of the base."""
+        """A plain model folder: the policy adapter merged into the base (a full-precision one under QLoRA)."""
+        if self.tuning.peft.method == "qlora":
+            with tempfile.TemporaryDirectory(prefix="alignflow-policy-") as scratch:
+                self.model.save_pretrained(scratch, selected_adapters=["policy"], safe_serialization=True)
+                merged = load_adapter(Path(scratch) / "policy", self.base).merge_and_unload()
+            merged.save_pretrained(folder, safe_serialization=True)
+            return
         model = copy.deepcopy(self.model)
         model.set_adapter("policy")
         model.delete_adapter("value")

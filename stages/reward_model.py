@@ -29,8 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from stages import checkpoints
+from stages.compute import autocast
 from stages.manifest import Manifest, folder_digest, read_jsonl
 from stages.modeling import POOLINGS, load_scalar_model, load_tokenizer, model_context, sequence_scores
+from stages.optim import schedule
+from stages.peft_setup import PeftConfig
 from stages.progress import progress
 from stages.tokens import (
     Budget,
@@ -43,6 +46,7 @@ from stages.tokens import (
     row_sources,
 )
 from stages.tracking import log_metrics
+from stages.tuning import Tuning, export, load, optimizer
 
 
 @dataclass(frozen=True)
@@ -183,11 +187,11 @@ def pairwise_accuracy_by_k(
     return {key: correct[key] / total[key] for key in total}
 
 
-def _initial_model(cfg: RewardModelConfig, policy: Path, tokenizer):
-    """The SFT policy with a scalar head, or `cfg.name_or_path`'s model when its vocabulary agrees."""
-    if cfg.name_or_path is None:
-        model = load_scalar_model(policy)
-    else:
+def _initial_model(cfg: RewardModelConfig, policy: Path, tokenizer, tuning: Tuning):
+    """The SFT policy with a scalar head, or `cfg.name_or_path`'s model when its vocabulary agrees;
+    the fine-tuning method applied. Returns (model, the folder it started from)."""
+    source = policy if cfg.name_or_path is None else cfg.name_or_path
+    if cfg.name_or_path is not None:
         own = load_tokenizer(cfg.name_or_path).get_vocab()
         ours = tokenizer.get_vocab()
         differ = [t for t, i in own.items() if ours.get(t, i) != i]
@@ -196,15 +200,18 @@ def _initial_model(cfg: RewardModelConfig, policy: Path, tokenizer):
                 f"stage.reward_model.name_or_path: {cfg.name_or_path}'s tokenizer gives other ids than the policy's "
                 f"(e.g. {differ[0]!r}); the reward model scores the policy's token ids, so it needs the same vocabulary"
             )
-        model = load_scalar_model(cfg.name_or_path)
+
+    def adjust(model) -> None:
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:  # the policy's added role markers
             model.resize_token_embeddings(len(tokenizer))
-    model.config.pad_token_id = tokenizer.pad_token_id
-    return model
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+    return load(source, tuning, "scalar", adjust), source
 
 
 def run(
     cfg: RewardModelConfig,
+    tuning: Tuning | None = None,
     *,
     policy: Path,
     comparisons: Path,
@@ -217,6 +224,7 @@ def run(
     """`policy`: the model the reward model starts from (the SFT policy, or `name_or_path`'s model
     prepared on the policy's tokenizer); `checkpoint_dir`: where a killed attempt left its checkpoint."""
     out_dir = Path(out_dir)
+    tuning = tuning or Tuning(peft=PeftConfig(method="full"))
     rows, held = read_jsonl(comparisons), read_jsonl(heldout)
     if cfg.targets == "soft":
         missing = next((n for n, r in enumerate(rows, 1) if "prefs" not in r), None)
@@ -241,11 +249,11 @@ def run(
     encoded = fitted.rows
     lengths = [sum(len(p) + len(r) for r in rs) for p, rs in encoded]
     log_metrics(fitted.metrics("rm/data"))
-    model = _initial_model(cfg, policy, tokenizer)
+    model, source = _initial_model(cfg, policy, tokenizer, tuning)
     pad = tokenizer.pad_token_id
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    opt = optimizer(model, tuning, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(rows) / cfg.batch_prompts)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
+    sched = schedule(opt, tuning.optim, cfg.epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(cfg.seed)
     at = {"step": 0, "tokens": 0, "epoch": 0, "in_epoch": 0, "loss": math.nan}  # where training is
     resumed = checkpoints.load(checkpoint_dir)
@@ -268,7 +276,8 @@ def run(
         done_in_epoch = at["in_epoch"] if epoch == at["epoch"] else 0
         for b, idx in enumerate(batches[done_in_epoch:], done_in_epoch):
             batch = [rows[i] for i in idx]
-            scores = score_encoded(model, [encoded[i] for i in idx], pad, cfg.pooling)
+            with autocast(tuning.compute):
+                scores = [s.float() for s in score_encoded(model, [encoded[i] for i in idx], pad, cfg.pooling)]
             tokens += sum(lengths[i] for i in idx)
             if cfg.targets == "soft":
                 loss = soft_preference_loss(scores, [r["prefs"] for r in batch])
@@ -310,7 +319,8 @@ def run(
         "rm/resumed_from": float(resumed_from),
         **fitted.metrics("rm/data"),
     }
-    model.save_pretrained(out_dir / "model", safe_serialization=True)
+    adapter = out_dir / "adapter" if tuning.peft.adapters else None
+    export(model, tuning, out_dir / "model", base=Path(source), adapter=adapter, kind="scalar")
     tokenizer.save_pretrained(out_dir / "model")
     normalization = Normalization(
         bias=bias.item(), pooling=cfg.pooling, max_prompt_length=budget.max_prompt_length, max_length=budget.max_length
@@ -321,7 +331,7 @@ def run(
         path=str(out_dir),
         digest=folder_digest(out_dir),
         metrics=metrics,
-        files={"model": "model", "normalization": "normalization.json"},
+        files={"model": "model", "normalization": "normalization.json", **({"adapter": "adapter"} if adapter else {})},
     )
 
 

@@ -4,9 +4,9 @@ Demonstrations are `{"messages": [...]}` rows (the data worker's schema); the lo
 assistant turn only, earlier turns are context rendered with the chat template, and the response
 ends with EOS. Rows are tokenized here, by `stages/tokens.py` (the ids every later stage samples
 and scores), cut to `max_prompt_length` / `max_length` (the counts go to the metrics), and handed
-to trl pre-tokenized. With LoRA the adapters are merged before saving, so the SFT
-artifact is a plain model folder (safetensors) plus the tokenizer and chat template that every later
-stage reuses.
+to trl pre-tokenized. With an adapter method (`peft/`) the adapter is saved as `adapter/` and merged
+into the base, so the SFT policy is a plain model folder (safetensors) plus the tokenizer and chat
+template that every later stage reuses.
 
 Alone: `python -m flows.align pipeline.stop_after=sft`.
 """
@@ -18,10 +18,10 @@ from pathlib import Path
 
 from stages import checkpoints
 from stages.manifest import Manifest, folder_digest, read_jsonl
-from stages.modeling import load_causal_lm, load_tokenizer, model_context
-from stages.peft_setup import PeftConfig, lora_config
+from stages.modeling import load_tokenizer, model_context
 from stages.tokens import fit_rows, prompt_ids, resolve_budget, response_ids, row_sources
 from stages.tracking import TRAINER_ARGS, log_metrics, trainer_callback
+from stages.tuning import Tuning, export, load, trainer_setup
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ def encode_demonstrations(tokenizer, rows: list[dict]) -> list[tuple[list[int], 
 
 def run(
     cfg: SftConfig,
-    peft: PeftConfig,
+    tuning: Tuning,
     *,
     base: Path,
     demonstrations: Path,
@@ -74,7 +74,7 @@ def run(
     )
     counts = fitted.metrics("sft/data")
     log_metrics(counts)
-    model = load_causal_lm(base)
+    model = load(base, tuning, "causal_lm")
     dataset = Dataset.from_dict(
         {
             "input_ids": [p + r[0] for p, r in fitted.rows],
@@ -83,34 +83,32 @@ def run(
     )
     tokens = sum(len(ids) for ids in dataset["input_ids"])
     saving = checkpoints.trainer_saving(checkpoint_dir, cfg.checkpoint_every)
+    train_args, trainer_kwargs = trainer_setup(model, tuning, lr=cfg.learning_rate)
     args = SFTConfig(
         num_train_epochs=cfg.epochs,
         learning_rate=cfg.learning_rate,
         per_device_train_batch_size=cfg.batch_size,
         max_length=budget.max_length,
         warmup_steps=cfg.warmup_ratio,
-        lr_scheduler_type="cosine",
         completion_only_loss=True,
         train_sampling_strategy=cfg.sampling,  # rows of similar length batched together: less padding
         seed=cfg.seed,
-        **{**TRAINER_ARGS, "output_dir": str(out_dir / "trainer"), **saving},
+        **{**TRAINER_ARGS, "output_dir": str(out_dir / "trainer"), **saving, **train_args},
     )
     trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
-        peft_config=lora_config(peft, "CAUSAL_LM"),
         callbacks=[trainer_callback("sft/train")],
+        **trainer_kwargs,
     )
     resume = checkpoints.last_trainer_checkpoint(checkpoint_dir)
     result = trainer.train(resume_from_checkpoint=resume)
     checkpoints.check_finite("sft", result.training_loss, trainer.state.global_step)
-    trained = trainer.model
-    if peft.method != "full":
-        trained = trained.merge_and_unload()
     policy = out_dir / "policy"
-    trained.save_pretrained(policy, safe_serialization=True)
+    adapter = out_dir / "adapter" if tuning.peft.adapters else None
+    export(trainer.model, tuning, policy, base=base, adapter=adapter)
     tokenizer.save_pretrained(policy)
     # fewer steps than logging_steps log no loss: the run's mean loss stands in for both ends
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h] or [result.training_loss]
@@ -128,5 +126,5 @@ def run(
             "sft/resumed_from": float(checkpoints.trainer_step(resume)),
             **counts,
         },
-        files={"policy": "policy"},
+        files={"policy": "policy", **({"adapter": "adapter"} if adapter else {})},
     )

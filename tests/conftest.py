@@ -84,7 +84,16 @@ def pytest_collection_modifyitems(config, items):
                     item.add_marker(pytest.mark.skip(reason="needs CUDA; none on this machine"))
 
 
-def build_tiny_model(folder: Path, arch: str, *, context: int = 256, tokenizer=None, safetensors: bool = True) -> Path:
+def build_tiny_model(
+    folder: Path,
+    arch: str,
+    *,
+    context: int = 256,
+    tokenizer=None,
+    safetensors: bool = True,
+    hidden: int = 32,
+    intermediate: int = 64,
+) -> Path:
     """A small model of a real architecture with GPT-2's real tokenizer, saved with `save_pretrained`
     the way a downloaded model folder looks (no chat template, no pad token)."""
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, LlamaConfig, LlamaForCausalLM
@@ -101,8 +110,8 @@ def build_tiny_model(folder: Path, arch: str, *, context: int = 256, tokenizer=N
     else:
         config = LlamaConfig(
             vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
+            hidden_size=hidden,
+            intermediate_size=intermediate,
             num_hidden_layers=2,
             num_attention_heads=2,
             num_key_value_heads=2,

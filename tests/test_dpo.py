@@ -11,6 +11,7 @@ from stages import dpo
 from stages.dpo import DpoConfig, plackett_luce_loss, preference_pairs
 from stages.manifest import write_jsonl
 from stages.peft_setup import PeftConfig
+from stages.tuning import Tuning
 
 
 def test_k_way_ranking_expands_to_its_pairs_ties_dropped():
@@ -85,7 +86,7 @@ def test_dpo_stage_moves_the_policy_towards_the_chosen(tiny_prepare, tmp_path, m
     cfg = DpoConfig(
         beta=0.1, loss_type=loss, epochs=3, learning_rate=5e-3, batch_size=16, kl_prompts=8, max_new_tokens=4
     )
-    peft = PeftConfig(method=method, r=4, alpha=8)
+    peft = Tuning(PeftConfig(method=method, r=4, alpha=8))
     m = dpo.run(cfg, peft, policy=policy, reference=policy, comparisons=cmp, heldout=held, out_dir=tmp_path / "out")
     before, after = load_causal_lm(policy).state_dict(), load_causal_lm(m.file("policy")).state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)  # a plain, merged model folder
@@ -104,7 +105,7 @@ def test_a_later_round_keeps_the_sft_reference(tiny_prepare, tmp_path):
     cmp, held = _comparisons(tiny_prepare, tmp_path)
     sft = tiny_prepare.file("base")
     cfg = DpoConfig(epochs=1, learning_rate=5e-3, batch_size=16, kl_prompts=8, max_new_tokens=4)
-    peft = PeftConfig(method="lora", r=4, alpha=8)
+    peft = Tuning(PeftConfig(method="lora", r=4, alpha=8))
     r1 = dpo.run(cfg, peft, policy=sft, reference=sft, comparisons=cmp, heldout=held, out_dir=tmp_path / "r1")
     r2 = dpo.run(
         cfg, peft, policy=r1.file("policy"), reference=sft, comparisons=cmp, heldout=held, out_dir=tmp_path / "r2"
@@ -129,7 +130,7 @@ def test_dataset_preferences_with_conversations_train_the_same_way(tiny_prepare,
     policy = tiny_prepare.file("base")
     m = dpo.run(
         cfg,
-        PeftConfig(method="lora", r=4, alpha=8),
+        Tuning(PeftConfig(method="lora", r=4, alpha=8)),
         policy=policy,
         reference=policy,
         comparisons=tmp_path / "c.jsonl",

@@ -179,3 +179,30 @@ def test_new_data_in_the_same_file_reruns_exactly_what_reads_it(tmp_path):
     with demos.open("a") as f:  # new demonstrations in the same file
         f.write(json.dumps({**demo, "output": "happy seed"}) + "\n")
     assert statuses(align(art, *args)) == {"prepare": "ran", "sft": "ran"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("overrides", "adapters"),
+    [(["peft=dora"], True), (["optim=badam"], False)],
+    ids=["dora", "badam"],
+)
+def test_the_pipeline_runs_under_another_method(tmp_path, overrides, adapters):
+    """`make methods` runs the embedded default under each method and reports whether PPO beats SFT;
+    here two of them run the whole RLHF pipeline small, and each training stage trains as configured."""
+    import mlflow
+
+    summary = align(tmp_path, *TINY, *overrides)
+    assert statuses(summary) == dict.fromkeys(STAGES, "ran")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    for stage in ("sft", "reward_model", "ppo"):
+        folder = Path(summary["stages"][stage]["artifact"])
+        params = client.get_run(summary["stages"][stage]["run_id"]).data.params
+        if adapters:  # DoRA in every stage: the adapter beside the plain folder
+            assert params[f"{stage}.peft.method"] == "dora"
+            if stage != "ppo":
+                config = json.loads((folder / "adapter" / "adapter_config.json").read_text())
+                assert config["use_dora"] is True
+        else:  # optim=badam brings peft=full with it
+            assert params[f"{stage}.optim.name"] == "badam" and params[f"{stage}.peft.method"] == "full"
+            assert not (folder / "adapter").exists()

@@ -12,9 +12,11 @@ from pathlib import Path
 import flows  # telemetry off
 from stages import ppo
 from stages.peft_setup import PeftConfig
+from stages.tuning import Tuning
 p, rm, out, ck = (Path(a) for a in sys.argv[1:5])
 cfg = ppo.PpoConfig(updates=6, rollouts_per_update=16, minibatch_size=8, checkpoint_every=2)
-m = ppo.run(cfg, PeftConfig(), policy=p / "base", reward_model=rm / "model", normalization=rm / "normalization.json",
+m = ppo.run(cfg, Tuning(PeftConfig("full")), policy=p / "base", reward_model=rm / "model",
+            normalization=rm / "normalization.json",
             prompts=p / "ppo_prompts.jsonl", out_dir=out, checkpoint_dir=ck)
 print("MANIFEST " + json.dumps(m.metrics))
 """
@@ -56,10 +58,11 @@ def run_ppo(cfg, prepared, rm_dir: Path, out: Path, checkpoint_dir: Path | None 
     """The PPO stage on the tiny prepared task and the module's reward model."""
     from stages import ppo
     from stages.peft_setup import PeftConfig
+    from stages.tuning import Tuning
 
     return ppo.run(
         cfg,
-        PeftConfig(),
+        Tuning(PeftConfig("full")),
         policy=prepared.file("base"),
         reward_model=Path(rm_dir, "model"),
         normalization=Path(rm_dir, "normalization.json"),

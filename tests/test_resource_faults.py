@@ -15,6 +15,7 @@ from flows.runner import StageCall, _execute
 from stages.peft_setup import PeftConfig
 from stages.ppo import PpoConfig
 from stages.sft import SftConfig
+from stages.tuning import Tuning
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,7 +48,7 @@ def test_a_full_disk_while_the_stage_writes_its_artifact(tracked, monkeypatch):
 
     monkeypatch.setattr(sft, "run", writes_then_fills_the_disk)
     with pytest.raises(ResourceError, match=r"sft: no space left on the device of .*set artifacts_dir="):
-        _execute(_call("sft", (SftConfig(), PeftConfig()), tracked), None)
+        _execute(_call("sft", (SftConfig(), Tuning(PeftConfig())), tracked), None)
     _nothing_published(tracked, "sft")
 
 
@@ -67,7 +68,7 @@ def test_a_full_disk_during_publish(tracked, monkeypatch):
     monkeypatch.setattr(sft, "run", trains)
     monkeypatch.setattr(runner, "publish", full)
     with pytest.raises(ResourceError, match="nothing was published"):
-        _execute(_call("sft", (SftConfig(), PeftConfig()), tracked), None)
+        _execute(_call("sft", (SftConfig(), Tuning(PeftConfig())), tracked), None)
     _nothing_published(tracked, "sft")
 
 
@@ -79,7 +80,7 @@ def test_out_of_memory_names_the_keys_to_lower(tracked, monkeypatch):
 
     monkeypatch.setattr(ppo, "run", too_big)
     with pytest.raises(ResourceError) as e:
-        _execute(_call("ppo", (PpoConfig(), PeftConfig()), tracked), None)
+        _execute(_call("ppo", (PpoConfig(), Tuning(PeftConfig("full"))), tracked), None)
     assert str(e.value).startswith("ppo: out of memory; lower stage.ppo.rollouts_per_update, stage.ppo.minibatch_size")
     _nothing_published(tracked, "ppo")
 
@@ -92,7 +93,7 @@ def test_other_errors_pass_through_unchanged(tracked, monkeypatch):
 
     monkeypatch.setattr(sft, "run", broken)
     with pytest.raises(RuntimeError, match="^something else$"):
-        _execute(_call("sft", (SftConfig(), PeftConfig()), tracked), None)
+        _execute(_call("sft", (SftConfig(), Tuning(PeftConfig())), tracked), None)
 
 
 @pytest.mark.slow

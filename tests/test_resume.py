@@ -15,9 +15,10 @@ from pathlib import Path
 import flows  # telemetry off
 from stages import sft
 from stages.peft_setup import PeftConfig
+from stages.tuning import Tuning
 p, out, ck = (Path(a) for a in sys.argv[1:4])
 cfg = sft.SftConfig(epochs=2, batch_size=16, checkpoint_every=8)
-m = sft.run(cfg, PeftConfig(), base=p / "base", demonstrations=p / "demonstrations.jsonl", out_dir=out,
+m = sft.run(cfg, Tuning(PeftConfig()), base=p / "base", demonstrations=p / "demonstrations.jsonl", out_dir=out,
             checkpoint_dir=ck)
 print("MANIFEST " + json.dumps(m.metrics))
 """
@@ -40,10 +41,11 @@ from pathlib import Path
 import flows  # telemetry off
 from stages import dpo
 from stages.peft_setup import PeftConfig
+from stages.tuning import Tuning
 p, cmp, out, ck, loss = sys.argv[1:6]
 p, cmp = Path(p), Path(cmp)
 cfg = dpo.DpoConfig(epochs=2, batch_size=16, checkpoint_every=8, loss_type=loss, kl_prompts=8)
-m = dpo.run(cfg, PeftConfig(), policy=p / "base", reference=p / "base", comparisons=cmp / "comparisons.jsonl",
+m = dpo.run(cfg, Tuning(PeftConfig()), policy=p / "base", reference=p / "base", comparisons=cmp / "comparisons.jsonl",
             heldout=cmp / "heldout_comparisons.jsonl", out_dir=Path(out), checkpoint_dir=Path(ck))
 print("MANIFEST " + json.dumps(m.metrics))
 """
@@ -113,11 +115,12 @@ def test_a_half_written_trainer_checkpoint_is_skipped(tmp_path):
 def test_a_nan_loss_stops_sft_naming_the_key(tiny_prepare, tmp_path):
     from stages import sft
     from stages.peft_setup import PeftConfig
+    from stages.tuning import Tuning
 
     with pytest.raises(FloatingPointError, match=r"sft: non-finite loss at step \d+; lower stage.sft.learning_rate"):
         sft.run(
             sft.SftConfig(epochs=1, learning_rate=float("inf")),
-            PeftConfig(method="full"),
+            Tuning(PeftConfig(method="full")),
             base=tiny_prepare.file("base"),
             demonstrations=tiny_prepare.file("demonstrations"),
             out_dir=tmp_path,

@@ -12,6 +12,7 @@ from stages.labelers import LabelerConfig
 from stages.manifest import folder_digest, read_jsonl
 from stages.modeling import load_causal_lm, load_tokenizer
 from stages.peft_setup import PeftConfig
+from stages.tuning import Tuning
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -28,7 +29,7 @@ def chain(tiny_prepare, tmp_path_factory):
     out = {"prompts": str(p.file("ppo_prompts"))}
     out["sft"] = sft.run(
         sft.SftConfig(epochs=2, batch_size=32),
-        PeftConfig(r=8, alpha=16),
+        Tuning(PeftConfig(r=8, alpha=16)),
         base=p.file("base"),
         demonstrations=p.file("demonstrations"),
         out_dir=tmp_path_factory.mktemp("sft"),
@@ -51,7 +52,7 @@ def chain(tiny_prepare, tmp_path_factory):
     )
     out["ppo"] = ppo.run(
         ppo.PpoConfig(updates=3, rollouts_per_update=32, minibatch_size=16),
-        PeftConfig(),
+        Tuning(PeftConfig("full")),
         policy=out["sft"].file("policy"),
         reward_model=out["rm"].file("model"),
         normalization=out["rm"].file("normalization"),
@@ -160,7 +161,7 @@ def test_sft_on_real_demonstrations_through_the_data_worker(tmp_path):
     assert described["gold"] is None and "held-out split" in described["prompt_source"]["eval_prompts"]
     m = sft.run(
         sft.SftConfig(epochs=1, max_length=48),
-        PeftConfig(method="full"),
+        Tuning(PeftConfig(method="full")),
         base=prep.file("base"),
         demonstrations=prep.file("demonstrations"),
         out_dir=tmp_path / "sft",
@@ -171,7 +172,7 @@ def test_sft_on_real_demonstrations_through_the_data_worker(tmp_path):
 def test_ppo_shared_base_layout_trains_adapters_and_exports_a_plain_model(chain, tmp_path):
     m = ppo.run(
         ppo.PpoConfig(updates=2, rollouts_per_update=16, minibatch_size=8, layout="shared_base"),
-        PeftConfig(r=4, alpha=8),
+        Tuning(PeftConfig(r=4, alpha=8)),
         policy=chain["sft"].file("policy"),
         reward_model=chain["rm"].file("model"),
         normalization=chain["rm"].file("normalization"),
@@ -181,10 +182,10 @@ def test_ppo_shared_base_layout_trains_adapters_and_exports_a_plain_model(chain,
     before, after = _weights(chain["sft"].file("policy")), _weights(m.file("policy"))
     assert set(before) == set(after)  # adapters merged: a plain model folder, no LoRA keys
     assert any(not torch.equal(before[k], after[k]) for k in before)
-    with pytest.raises(ValueError, match="peft.method=lora"):
+    with pytest.raises(ValueError, match=r"shared_base: .*peft=lora, dora, loraplus, qlora\), not full"):
         ppo.run(
             ppo.PpoConfig(layout="shared_base"),
-            PeftConfig(method="full"),
+            Tuning(PeftConfig(method="full")),
             policy=chain["sft"].file("policy"),
             reward_model=chain["rm"].file("model"),
             normalization=chain["rm"].file("normalization"),

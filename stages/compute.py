@@ -1,0 +1,174 @@
+"""Precision, attention and kernels of the training stages (config group `compute/`).
+
+- `precision`: `fp32` (the default), `bf16` (autocast; CPUs with bf16 support and GPUs), `fp16`
+  (CUDA only). TRL's configs default to `bf16=True` even on CPU: `trainer_flags` sets both flags.
+- `attention`: `eager`, `sdpa` (the default) or `flash_attention_2` (CUDA and the flash-attn package).
+- `s2_attention`: LongLoRA's shifted sparse attention (Chen et al. 2024) while training a
+  Llama-family model: the sequence splits into groups of `s2_group_ratio` of its length, attention
+  stays inside a group, and half the heads see groups shifted by half a group so information flows
+  between neighbours. Evaluation and sampling use full attention, as in LongLoRA.
+- `kernels`: `liger` (Liger's fused Triton kernels, patched into the loaded model), a CUDA-only
+  accelerator. `unsloth` is refused: it loads models through its own `FastLanguageModel`, which
+  alignflow does not wire yet.
+
+What this machine cannot run is refused by `check` before any model loads, naming the requirement.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+ATTENTIONS = ("eager", "sdpa", "flash_attention_2")
+KERNELS = ("none", "liger", "unsloth")
+S2 = "s2_attention"  # the name it is registered under in transformers' AttentionInterface
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    precision: str = "fp32"
+    attention: str = "sdpa"
+    s2_attention: bool = False
+    s2_group_ratio: float = 0.25  # LongLoRA's group: a quarter of the sequence
+    kernels: str = "none"
+
+    def __post_init__(self) -> None:
+        for key, value, allowed in (
+            ("precision", self.precision, PRECISIONS),
+            ("attention", self.attention, ATTENTIONS),
+            ("kernels", self.kernels, KERNELS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"compute.{key}: {value!r} is not one of {', '.join(allowed)}")
+        if not 0 < self.s2_group_ratio <= 1:
+            raise ValueError(f"compute.s2_group_ratio: must be in (0, 1], got {self.s2_group_ratio}")
+        if self.s2_attention and self.attention != "sdpa":
+            raise ValueError("compute.s2_attention: replaces sdpa while training; set compute.attention=sdpa")
+
+
+def _have(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
+def check(compute: ComputeConfig, *, cuda: bool | None = None) -> None:
+    """Refuse, before any model loads, what this machine cannot run."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if compute.precision == "fp16" and not cuda:
+        raise ValueError("compute.precision=fp16 needs CUDA (no CUDA device here); use fp32 or bf16")
+    if compute.precision == "bf16" and not cuda and not _cpu_bf16():
+        raise ValueError("compute.precision=bf16 needs a GPU or a CPU with bf16 support; use fp32")
+    if compute.attention == "flash_attention_2" and not (cuda and _have("flash_attn")):
+        raise ValueError("compute.attention=flash_attention_2 needs CUDA and the flash-attn package; use sdpa")
+    if compute.kernels == "liger" and not (cuda and _have("liger_kernel")):
+        raise ValueError("compute.kernels=liger needs CUDA and the liger-kernel package (Triton kernels)")
+    if compute.kernels == "unsloth":
+        if not (cuda and _have("unsloth")):
+            raise ValueError("compute.kernels=unsloth needs CUDA and the unsloth package")
+        raise ValueError(  # its FastLanguageModel replaces from_pretrained: not wired, and no silent no-op
+            "compute.kernels=unsloth: alignflow does not load models through unsloth yet; use kernels=liger"
+        )
+
+
+def _cpu_bf16() -> bool:
+    try:
+        torch.ones(2, dtype=torch.bfloat16) @ torch.ones(2, dtype=torch.bfloat16)
+        return True
+    except RuntimeError:
+        return False
+
+
+def load_kwargs(compute: ComputeConfig, *, training: bool) -> dict:
+    """`from_pretrained` arguments: the attention implementation (S2 only for a model that trains)."""
+    if training and compute.s2_attention:
+        register_s2(compute.s2_group_ratio)
+        return {"attn_implementation": S2}
+    return {"attn_implementation": compute.attention}
+
+
+def trainer_flags(compute: ComputeConfig) -> dict:
+    """transformers' precision flags, both explicit (TRL turns bf16 on by default)."""
+    return {"bf16": compute.precision == "bf16", "fp16": compute.precision == "fp16"}
+
+
+def autocast(compute: ComputeConfig):
+    """Mixed precision for the loops of our own (reward model, PPO): autocast, fp32 master weights."""
+    if compute.precision == "fp32":
+        return contextlib.nullcontext()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.autocast(device, dtype=torch.bfloat16 if compute.precision == "bf16" else torch.float16)
+
+
+def apply_kernels(model, compute: ComputeConfig):
+    """Liger's fused kernels patched into a loaded model (CUDA; `check` refused them elsewhere)."""
+    if compute.kernels == "liger":
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(model=model)
+    return model
+
+
+_ratio = {"value": 0.25}
+
+
+def register_s2(ratio: float) -> None:
+    from transformers import AttentionInterface
+
+    _ratio["value"] = ratio
+    AttentionInterface.register(S2, s2_attention_forward)
+
+
+def _block_mask(mask: torch.Tensor, group: int) -> torch.Tensor:
+    """(b, 1, n, n) bool -> (b, n/group, group, group): the blocks on the diagonal."""
+    b, _, n, _ = mask.shape
+    g = n // group
+    blocks = mask.reshape(b, g, group, g, group)
+    idx = torch.arange(g)
+    return blocks[:, idx, :, idx, :].permute(1, 0, 2, 3)
+
+
+def s2_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Shifted sparse attention while training; full (sdpa) attention otherwise.
+
+    query: (b, h, n, d); key, value: (b, h_kv, n, d); attention_mask: None (causal) or (b, 1, n, n),
+    bool (True: attend) or additive. Returns (b, n, h, d) and no weights, as transformers expects."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if not module.training:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    b, h, n, d = query.shape
+    if key.shape[1] != h:  # grouped-query attention: one key/value head per group of query heads
+        key = key.repeat_interleave(h // key.shape[1], dim=1)
+        value = value.repeat_interleave(h // value.shape[1], dim=1)
+    group = max(1, int(n * _ratio["value"]))
+    pad = (-n) % group
+    if attention_mask is None:
+        mask = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()[None, None].expand(b, 1, n, n)
+    elif attention_mask.dtype == torch.bool:
+        mask = attention_mask[:, :, :, :n].expand(b, 1, n, n)
+    else:
+        mask = attention_mask[:, :, :, :n].expand(b, 1, n, n) == 0
+    if pad:
+        query, key, value = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (query, key, value))
+        mask = torch.nn.functional.pad(mask, (0, pad, 0, pad), value=False)
+    m = n + pad
+    mask = mask | torch.eye(m, dtype=torch.bool, device=mask.device)  # no row masked out entirely
+    half, shift = h // 2, group // 2
+    masks = [_block_mask(mask, group), _block_mask(mask.roll((-shift, -shift), dims=(2, 3)), group)]
+    outs = []
+    for heads, (lo, hi, s) in enumerate(((0, h - half, 0), (h - half, h, shift))):
+        if hi == lo:  # one head: nothing shifted
+            continue
+        q, k, v = (t[:, lo:hi].roll(-s, dims=2) for t in (query, key, value))
+        q, k, v = (t.reshape(b, hi - lo, m // group, group, d).transpose(1, 2) for t in (q, k, v))
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=masks[heads][:, :, None], dropout_p=dropout if module.training else 0.0, scale=scaling
+        )
+        outs.append(o.transpose(1, 2).reshape(b, hi - lo, m, d).roll(s, dims=2))
+    out = torch.cat(outs, dim=1)[:, :, :n]
+    return out.transpose(1, 2).contiguous(), None

@@ -1,0 +1,162 @@
+"""The optimizer and learning-rate schedule of every training stage (config group `optim/`). The
+trl-based stages (SFT, DPO) hand the same optimizer to their trainer as the stages with loops of our
+own (reward model, PPO, listwise DPO) build for themselves.
+
+- `adamw`: torch's AdamW.
+- `adamw_8bit`: bitsandbytes' 8-bit AdamW (Dettmers et al. 2022): the two moments in 8 bits.
+- `galore` (Zhao et al. 2024, galore-torch): AdamW whose moments live in a rank-`galore_rank`
+  projection of each 2-D decoder weight's gradient, the projection refreshed every
+  `galore_update_proj_gap` steps; other weights take plain AdamW.
+- `badam` (Luo et al. 2024, the `badam` package): block coordinate descent, Adam on one decoder
+  layer at a time, the block switched every `badam_switch_every` steps (`badam_switch_mode`); a
+  scalar head stays active throughout. A full-parameter method: it refuses adapters.
+
+`peft.method=loraplus` builds its optimizer through peft's `create_loraplus_optimizer` on top of
+`adamw` or `adamw_8bit`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+NAMES = ("adamw", "adamw_8bit", "galore", "badam")
+SCHEDULES = ("cosine", "linear", "constant")
+SWITCH_MODES = ("ascending", "descending", "random", "fixed")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "adamw"
+    scheduler: str = "cosine"  # after warmup, where the stage has one
+    galore_rank: int = 16
+    galore_update_proj_gap: int = 200
+    galore_scale: float = 0.25
+    galore_proj_type: str = "std"
+    badam_switch_every: int = 50
+    badam_switch_mode: str = "ascending"
+
+    def __post_init__(self) -> None:
+        if self.name not in NAMES:
+            raise ValueError(f"optim.name: {self.name!r} is not one of {', '.join(NAMES)}")
+        if self.scheduler not in SCHEDULES:
+            raise ValueError(f"optim.scheduler: {self.scheduler!r} is not one of {', '.join(SCHEDULES)}")
+        if self.badam_switch_mode not in SWITCH_MODES:
+            raise ValueError(
+                f"optim.badam_switch_mode: {self.badam_switch_mode!r} is not one of {', '.join(SWITCH_MODES)}"
+            )
+        if self.galore_rank <= 0 or self.galore_update_proj_gap <= 0 or self.badam_switch_every <= 0:
+            raise ValueError("optim: galore_rank, galore_update_proj_gap and badam_switch_every must be positive")
+
+
+def check(optim: OptimConfig, method: str) -> None:
+    """Combinations refused before any model loads."""
+    if optim.name == "badam" and method != "full":
+        raise ValueError(
+            f"optim.name=badam: block coordinate descent over full weights needs peft.method=full, not {method}"
+        )
+    if optim.name == "galore" and method not in ("full", "freeze"):
+        raise ValueError(
+            f"optim.name=galore: projects full weight gradients; needs peft.method=full or freeze, not {method}"
+        )
+
+
+def _adam_class(optim: OptimConfig):
+    if optim.name == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit
+    return torch.optim.AdamW
+
+
+def galore_targets(model) -> list[str]:
+    """The 2-D weights of the decoder layers' linear maps: what GaLore projects."""
+    return [
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad and p.dim() == 2 and ".layers." in n and ("self_attn" in n or "mlp" in n)
+    ]
+
+
+def build(model, optim: OptimConfig, peft, *, lr: float, weight_decay: float = 0.0, eps: float = 1e-8, extra=()):
+    """The optimizer over `model`'s trainable weights (and `extra` parameters, e.g. a separate value
+    head), as `optim` and the fine-tuning method `peft` (a `PeftConfig`) say."""
+    method = peft.method
+    check(optim, method)
+    extra = [p for p in extra if p.requires_grad]
+    if method == "loraplus":
+        from peft.optimizers import create_loraplus_optimizer
+
+        opt = create_loraplus_optimizer(
+            model, _adam_class(optim), lr=lr, loraplus_lr_ratio=peft.loraplus_ratio, weight_decay=weight_decay, eps=eps
+        )
+        if extra:
+            opt.add_param_group({"params": extra, "lr": lr, "weight_decay": weight_decay})
+        return opt
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if optim.name == "galore":
+        from galore_torch import GaLoreAdamW
+
+        targets = set(galore_targets(model))
+        projected = [p for n, p in named if n in targets]
+        rest = [p for n, p in named if n not in targets] + extra
+        groups = [
+            {"params": rest},
+            {
+                "params": projected,
+                "rank": optim.galore_rank,
+                "update_proj_gap": optim.galore_update_proj_gap,
+                "scale": optim.galore_scale,
+                "proj_type": optim.galore_proj_type,
+            },
+        ]
+        return GaLoreAdamW(groups, lr=lr, weight_decay=weight_decay, eps=eps)
+    if optim.name == "badam":
+        from badam import BlockOptimizer
+
+        base = torch.optim.AdamW([p for _, p in named] + extra, lr=lr, weight_decay=weight_decay, eps=eps)
+        heads = ["score"] if any(n.startswith("score.") for n, _ in named) else []
+        with warnings.catch_warnings():  # "BAdam expects fp16/bf16 weights": fp32 is this machine's choice
+            warnings.simplefilter("ignore")
+            return BlockOptimizer(
+                base_optimizer=base,
+                named_parameters_list=named,
+                switch_block_every=optim.badam_switch_every,
+                switch_mode=optim.badam_switch_mode,
+                active_modules=heads,
+                verbose=0,
+            )
+    return _adam_class(optim)([p for _, p in named] + extra, lr=lr, weight_decay=weight_decay, eps=eps)
+
+
+def schedule(opt, optim: OptimConfig, total_steps: int, warmup_steps: int = 0):
+    """A LambdaLR: linear warmup, then `optim.scheduler` down to zero over `total_steps`."""
+    total = max(1, total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = min(1.0, (step - warmup_steps) / max(1, total - warmup_steps))
+        if optim.scheduler == "constant":
+            return 1.0
+        if optim.scheduler == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def state_bytes(opt) -> int:
+    """Bytes the optimizer's state tensors hold (Adam's moments, GaLore's projections, 8-bit codes)."""
+    inner = getattr(opt, "base_optimizer", opt)
+    total = 0
+    for state in inner.state.values():
+        for v in state.values():
+            if torch.is_tensor(v):
+                total += v.numel() * v.element_size()
+            elif hasattr(v, "ortho_matrix") and torch.is_tensor(v.ortho_matrix):  # GaLore's projector
+                total += v.ortho_matrix.numel() * v.ortho_matrix.element_size()
+    return total

@@ -1,0 +1,177 @@
+"""Every CPU-capable fine-tuning method and optimizer, in both kinds of training stage: a causal LM
+(SFT, DPO, the PPO policy) and a scalar head (reward model, PPO value). Each trains a few steps through
+the door the stages use (`stages/tuning.py`); the test asserts the trainable-parameter count the method
+implies, computed here by hand from the architecture, and that exactly those parameters changed."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_tiny_model
+
+from stages import tuning as tuning_lib
+from stages.compute import ComputeConfig
+from stages.optim import OptimConfig
+from stages.peft_setup import PeftConfig
+from stages.tuning import Tuning
+
+H, I, LAYERS, R = 32, 64, 2, 4  # build_tiny_model's Llama: hidden, intermediate, layers; the LoRA rank
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "Reward models rank responses; PPO follows them."]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("methods") / "llama", "llama")
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory) -> Path:
+    """Hidden 64: bitsandbytes' CPU 4-bit kernels for inference need input widths in blocks of 64."""
+    return build_tiny_model(tmp_path_factory.mktemp("methods") / "wide", "llama", hidden=64, intermediate=128)
+
+
+def _layer(h: int, i: int) -> int:
+    """One Llama decoder layer: q, k, v, o (h x h, two KV heads of h/2), gate, up, down, two RMSNorms."""
+    return 4 * h * h + 3 * h * i + 2 * h
+
+
+def _lora(r: int, h: int, i: int) -> int:
+    """LoRA on every linear layer of the decoder (peft's all-linear leaves the LM head out): r*(in+out) each."""
+    return LAYERS * (4 * r * (h + h) + 2 * r * (h + i) + r * (i + h))
+
+
+def expected(method: str, optim: str, kind: str, vocab: int, h: int = H, i: int = I) -> int:
+    head = h if kind == "scalar" else 0  # the score head (no bias) trains with every method
+    full = vocab * h + LAYERS * _layer(h, i) + h + head  # tied embeddings / LM head, final norm
+    if optim == "badam":
+        return _layer(h, i) + head  # the first block (ascending) and the always-active head
+    lora = _lora(R, h, i) + head
+    return {
+        "full": full,
+        "freeze": _layer(h, i) + head,
+        "lora": lora,
+        "loraplus": lora,
+        "pissa": lora,
+        "qlora": lora,
+        "dora": lora + LAYERS * (4 * h + 2 * i + h),  # one magnitude per output feature of each adapted linear
+    }[method]
+
+
+CASES = [
+    ("full", "adamw"),
+    ("freeze", "adamw"),
+    ("lora", "adamw"),
+    ("dora", "adamw"),
+    ("pissa", "adamw"),
+    ("loraplus", "adamw"),
+    ("qlora", "adamw"),  # on the 64-wide model (bitsandbytes' CPU kernels)
+    ("full", "galore"),
+    ("full", "badam"),
+    ("full", "adamw_8bit"),
+]
+
+
+def _loss(model, kind: str, batch) -> torch.Tensor:
+    if kind == "causal_lm":
+        return model(**batch, labels=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)).loss
+    scores = model(**batch).logits.squeeze(-1)
+    return -torch.nn.functional.logsigmoid(scores[0] - scores[1])  # row 0 preferred: a pairwise RM loss
+
+
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("kind", ["causal_lm", "scalar"])
+@pytest.mark.parametrize(("method", "optim"), CASES, ids=[f"{m}-{o}" for m, o in CASES])
+def test_each_method_trains_exactly_its_parameters(base, wide, method, optim, kind):
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(str(base))
+    tok.pad_token = tok.eos_token
+    batch = dict(tok(TEXTS, return_tensors="pt", padding=True))
+    tuning = Tuning(
+        PeftConfig(method=method, r=R, alpha=2 * R, pissa_niter=2),
+        OptimConfig(name=optim, galore_rank=4, galore_update_proj_gap=2, badam_switch_every=50),
+        ComputeConfig(),
+    )
+    folder, h, i = (wide, 64, 128) if method == "qlora" else (base, H, I)
+    model = tuning_lib.load(folder, tuning, kind, adjust=lambda m: setattr(m.config, "pad_token_id", tok.pad_token_id))
+    opt = tuning_lib.optimizer(model, tuning, lr=1e-2)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}  # after BAdam picked its block
+    count = sum(p.numel() for n, p in model.named_parameters() if n in trainable)
+    assert count == expected(method, optim, kind, len(tok), h, i), sorted(trainable)[:6]
+    before = _snapshot(model)
+    model.train()
+    for _ in range(3):
+        opt.zero_grad()
+        _loss(model, kind, batch).backward()
+        opt.step()
+    after = _snapshot(model)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed == trainable, (sorted(changed - trainable)[:4], sorted(trainable - changed)[:4])
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "pissa", "qlora"])
+def test_adapter_outputs_load_with_peft_and_merge_into_a_plain_folder(base, wide, tmp_path, method):
+    """The adapter loads with `PeftModel.from_pretrained` on the full-precision base (a QLoRA adapter
+    and PiSSA's converted one too) and gives the merged plain folder's logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = wide if method == "qlora" else base
+    tuning = Tuning(PeftConfig(method=method, r=R, alpha=2 * R, pissa_niter=2))
+    model = tuning_lib.load(base, tuning, "causal_lm")
+    opt = tuning_lib.optimizer(model, tuning, lr=1e-2)
+    ids = torch.tensor([[5, 17, 99, 3, 42, 7]])
+    model.train()
+    for _ in range(3):
+        opt.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    tuning_lib.export(model, tuning, tmp_path / "merged", base=base, adapter=tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    full_base = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(full_base, str(tmp_path / "adapter")).eval()
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
+    assert not list((tmp_path / "merged").glob("adapter_*"))  # a plain folder
+    with torch.no_grad():
+        a, m = adapted(input_ids=ids).logits, merged(input_ids=ids).logits
+        untouched = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)(input_ids=ids).logits
+    assert torch.allclose(a, m, atol=1e-4), (a - m).abs().max()
+    assert not torch.allclose(m, untouched, atol=1e-4)  # training moved it
+    model.eval()
+    with torch.no_grad():  # the trained model itself, sampling-style (a 4-bit base: bitsandbytes' CPU kernel)
+        trained = model(input_ids=ids).logits
+    tolerance = 0.1 if method == "qlora" else 1e-4  # 4-bit weights against the full-precision base
+    assert torch.allclose(trained, m, atol=tolerance), (trained - m).abs().max()
+
+
+@pytest.mark.parametrize("method", ["lora", "pissa"])
+def test_an_adapter_reward_model_keeps_its_head_trainable_and_its_artifacts_loadable(base, tmp_path, method):
+    from stages.modeling import load_scalar_model
+    from stages.peft_setup import load_adapter
+
+    tuning = Tuning(PeftConfig(method=method, r=R, alpha=2 * R, pissa_niter=2))
+    model = tuning_lib.load(base, tuning, "scalar", adjust=lambda m: setattr(m.config, "pad_token_id", 0))
+    assert any("score" in n for n, p in model.named_parameters() if p.requires_grad)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "score" in n and p.requires_grad:
+                p.add_(1.0)  # a trained head
+    ids = torch.tensor([[5, 17, 99, 3]])
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    tuning_lib.export(model, tuning, tmp_path / "model", base=base, adapter=tmp_path / "adapter", kind="scalar")
+    with torch.no_grad():
+        got = load_scalar_model(tmp_path / "model")(input_ids=ids).logits
+        adapted = load_adapter(tmp_path / "adapter", base, "scalar")(input_ids=ids).logits  # on the original base
+    assert torch.allclose(want, got, atol=1e-5)
+    assert torch.allclose(want, adapted, atol=1e-4)
+
+
+def test_qlora_refuses_a_base_too_narrow_for_the_cpu_4bit_kernels(base):
+    with pytest.raises(ValueError, match=r"qlora on CPU: .*multiples of 64; .* takes 32"):
+        tuning_lib.load(base, Tuning(PeftConfig(method="qlora", r=R)), "causal_lm")
