@@ -16,7 +16,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ["peft=lora", "peft=dora", "peft=pissa", "peft=loraplus", "peft=freeze", "optim=galore", "optim=badam"]
+VARIANTS = [
+    "peft=lora",  # the default
+    "peft=dora",
+    "peft=pissa",
+    "peft=loraplus",
+    "peft=freeze",
+    "peft=qlora",
+    "optim=galore",
+    "optim=badam",
+]
 
 
 def run(variant: str, artifacts: Path, extra: list[str]) -> dict:

@@ -2,9 +2,13 @@
 Llama (about 110M parameters by default) and the same data, for a few steps of SFT (causal LM loss on
 Alpaca demonstrations) and of reward modelling (pairwise loss on the DPO demo's chosen/rejected pairs),
 both through the door the stages use (`stages/tuning.py`). Each (method, kind) runs in its own process,
-so its peak RSS is its own; "training RSS" is that peak less the process's RSS before the model loaded
-(the interpreter and libraries, the same for every method). Writes artifacts/bench/peft_methods.json
-and .md.
+so its peak RSS is its own. Figures, each also as a ratio to full fine-tuning's (AdamW):
+- peak RSS: the whole process while it trains (the kernel's mark is reset once model and optimizer
+  are built, so loading's transient copies do not count);
+- peak anonymous RSS, sampled every 5 ms: tensors (weights, gradients, optimizer state, activations)
+  and the interpreter's heap, without the mapped shared libraries every method shares;
+- model state: weights + gradients + optimizer state, counted from the tensors.
+Writes artifacts/bench/peft_methods.json and .md.
 
     python -m bench.peft_methods [--hidden 768 --layers 10 --steps 6 --seq 128 --batch 4]
     python -m bench.peft_methods --hidden 896 --layers 24 --extra qlora,flash,liger   # ~0.5B on a GPU
@@ -88,6 +92,49 @@ def batches(tok, kind: str, steps: int, batch: int, seq: int):
     return out
 
 
+def status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+class PeakSampler:
+    """Samples /proc/self/status every 5 ms on a thread: the peak anonymous RSS (tensors, activations,
+    optimizer state) apart from file-backed pages (safetensors weights mapped from disk count there
+    until touched copies replace them)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.anon = self.file = 0.0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._done.wait(0.005):
+            self.anon = max(self.anon, status_mb("RssAnon"))
+            self.file = max(self.file, status_mb("RssFile"))
+
+    def stop(self) -> tuple[float, float]:
+        self._done.set()
+        self._thread.join()
+        return self.anon, self.file
+
+
+def reset_peak() -> float:
+    """Free what loading left (glibc keeps freed heap), reset the kernel's peak-RSS mark (Linux
+    clear_refs 5); returns the RSS now, in MB."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")
+    return status_mb("VmRSS")
+
+
 def one(args) -> dict:
     """One (method, kind) in this process: load, `steps` optimizer steps, the figures."""
     import torch
@@ -128,9 +175,11 @@ def one(args) -> dict:
     if device == "cuda" and method not in ("qlora", "qlora8"):
         model.to(device)
     opt = tuning_lib.optimizer(model, tuning, lr=1e-4)
+    loaded = reset_peak()  # from here the peak is training's: loading's transient copies are over
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     model.train()
+    sampler = PeakSampler()
     times, losses = [], []
     for b in data:
         b = {k: v.to(device) for k, v in b.items()}
@@ -149,11 +198,19 @@ def one(args) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
+    anon, file = sampler.stop()
+    state = sum(p.numel() * p.element_size() for p in model.parameters())
+    state += sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)  # gradients
     return {
+        "peak_anon_rss_mb": anon,
+        "peak_file_rss_mb": file,
+        "model_state_mb": (state + state_bytes(opt)) / 2**20,
         "trainable_params": trainable,
         "total_params": total,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "rss_before_model_mb": rss_before / 1024,
+        "rss_loaded_mb": loaded,
+        "training_peak_rss_mb": status_mb("VmHWM"),
         "optimizer_state_mb": state_bytes(opt) / 2**20,
         "step_s": sum(times[1:]) / max(1, len(times) - 1),  # the first step warms up
         "loss_first": losses[0],
@@ -162,40 +219,32 @@ def one(args) -> dict:
     }
 
 
+def _vs(r: dict, full: dict | None, key: str, digits: int = 2) -> str:
+    """`value (x full's)`."""
+    if full is None:
+        return f"{r[key]:.0f}"
+    return f"{r[key]:.0f} ({r[key] / full[key]:.{digits}f})"
+
+
 def table(results: list[dict], steps: int) -> str:
     lines = [
-        "| method | kind | trainable | peak RSS MB (x full) | training RSS MB (x full) "
-        f"| optimizer state MB (x AdamW full) | step s | loss step 1 -> {steps} |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
+        "| method | stage | trainable | peak RSS MB | peak anon RSS MB | model state MB | optimizer state MB "
+        f"| step s | loss step 1 -> {steps} |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for kind in ("causal_lm", "scalar"):
         rows = [r for r in results if r["kind"] == kind]
         full = next((r for r in rows if r["label"].startswith("full") and "error" not in r), None)
+        stage = "SFT" if kind == "causal_lm" else "RM"
         for r in rows:
             if "error" in r:
-                lines.append(
-                    f"| {r['label']} | {'SFT' if kind == 'causal_lm' else 'RM'} | refused: {r['error']} | | | | | |"
-                )
+                lines.append(f"| {r['label']} | {stage} | refused: {r['error']} | | | | | | |")
                 continue
-            rss = (
-                f"{r['peak_rss_mb']:.0f} ({r['peak_rss_mb'] / full['peak_rss_mb']:.2f})"
-                if full
-                else f"{r['peak_rss_mb']:.0f}"
-            )
-            net, full_net = (
-                r["peak_rss_mb"] - r["rss_before_model_mb"],
-                full and full["peak_rss_mb"] - full["rss_before_model_mb"],
-            )
-            train = f"{net:.0f} ({net / full_net:.2f})" if full else f"{net:.0f}"
-            st = (
-                f"{r['optimizer_state_mb']:.1f} ({r['optimizer_state_mb'] / full['optimizer_state_mb']:.3f})"
-                if full
-                else ""
-            )
             lines.append(
-                f"| {r['label']} | {'SFT' if kind == 'causal_lm' else 'RM'} | {r['trainable_params'] / 1e6:.2f}M "
-                f"({100 * r['trainable_params'] / r['total_params']:.1f}%) | {rss} | {train} | {st} | "
-                f"{r['step_s']:.2f} | "
+                f"| {r['label']} | {stage} | {r['trainable_params'] / 1e6:.2f}M "
+                f"({100 * r['trainable_params'] / r['total_params']:.1f}%) | {_vs(r, full, 'peak_rss_mb')} | "
+                f"{_vs(r, full, 'peak_anon_rss_mb')} | {_vs(r, full, 'model_state_mb')} | "
+                f"{_vs(r, full, 'optimizer_state_mb', 3)} | {r['step_s']:.2f} | "
                 f"{r['loss_first']:.3f} -> {r['loss_last']:.3f} |"
             )
     return "\n".join(lines)

@@ -19,7 +19,7 @@ from stages.labelers import LabelerConfig
 from stages.modeling import ModelConfig
 from stages.optim import OptimConfig
 from stages.optim import check as check_optim
-from stages.peft_setup import PeftConfig
+from stages.peft_setup import TRAINING_STAGES, PeftConfig
 from stages.ppo import PpoConfig
 from stages.prepare import DataConfig
 from stages.reward_model import RewardModelConfig
@@ -134,7 +134,7 @@ class Config:
         return tuning.for_stage(stage)
 
     def __post_init__(self) -> None:
-        for stage in self.peft.stages:  # an optimizer that cannot train the method: named before any compute
+        for stage in TRAINING_STAGES:  # an optimizer that cannot train a stage's method: named before any compute
             try:
                 check_optim(self.optim, self.tuning(stage).peft.method)
             except ValueError as e:

@@ -176,7 +176,7 @@ def _reference_logps(model, ref, rows, pad_id: int) -> torch.Tensor:
 def _train_listwise(cfg: DpoConfig, tuning: Tuning, model, ref, tokenizer, rows: list[dict], encoded: list, ck):
     """Plackett-Luce DPO: one batch element per prompt with all its K responses; `ck`: checkpoints."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = optimizer(model, tuning, lr=cfg.learning_rate)
+    opt = optimizer(model, tuning, lr=cfg.learning_rate, weight_decay=0.01)  # torch AdamW default
     per_step = max(1, cfg.batch_size // max(len(r["responses"]) for r in rows))
     pad = tokenizer.pad_token_id
     steps = max(1, math.ceil(cfg.epochs * math.ceil(len(rows) / per_step)))
@@ -274,6 +274,9 @@ def run(
     pairs = preference_pairs(fitted.rows, rows)
     if not pairs:
         raise ValueError(f"{comparisons}: no untied pair to learn from")
+    from transformers import set_seed
+
+    set_seed(cfg.seed)  # what trl does before it creates adapters: the same initial LoRA weights
     model = load(policy, tuning, "causal_lm")
     same_start = Path(policy).resolve() == Path(reference).resolve()
     free_ref = shares_base(tuning) and same_start

@@ -133,8 +133,12 @@ def build(model, optim: OptimConfig, peft, *, lr: float, weight_decay: float = 0
 
 
 def schedule(opt, optim: OptimConfig, total_steps: int, warmup_steps: int = 0):
-    """A LambdaLR: linear warmup, then `optim.scheduler` down to zero over `total_steps`."""
+    """Linear warmup, then `optim.scheduler` down to zero over `total_steps`: torch's
+    CosineAnnealingLR for cosine without warmup (what the loops used before `optim/`, to the last
+    float), else a LambdaLR."""
     total = max(1, total_steps)
+    if optim.scheduler == "cosine" and warmup_steps == 0:
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
 
     def factor(step: int) -> float:
         if step < warmup_steps:

@@ -75,7 +75,7 @@ class PeftConfig:
         """The method `stage` trains with: this one, or `full` where `stages` leaves it out."""
         if stage in self.stages or self.method == "full":
             return self
-        return PeftConfig(method="full", stages=list(self.stages))
+        return PeftConfig(method="full")  # canonical: the stage's cache key is full fine-tuning's
 
     @property
     def adapters(self) -> bool:

@@ -119,7 +119,9 @@ class _State:
         )
         self.params = self.models.trainable
         self.compute = tuning.compute
-        self.opt = optimizer(self.models.module, tuning, lr=cfg.learning_rate, eps=1e-5)
+        self.opt = optimizer(
+            self.models.module, tuning, lr=cfg.learning_rate, eps=1e-5, weight_decay=0.01
+        )  # torch AdamW default
         self.kl_ctl = pm.AdaptiveKLController(cfg.beta, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target else None
         self.beta = cfg.beta
         self.ema = {k: v.detach().clone() for k, v in self.models.policy_state().items()} if cfg.ema_decay else None

@@ -74,6 +74,9 @@ def run(
     )
     counts = fitted.metrics("sft/data")
     log_metrics(counts)
+    from transformers import set_seed
+
+    set_seed(cfg.seed)  # what trl does before it creates adapters: the same initial LoRA weights
     model = load(base, tuning, "causal_lm")
     dataset = Dataset.from_dict(
         {

@@ -25,12 +25,9 @@ class Tuning:
     optim: OptimConfig = field(default_factory=OptimConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
 
-    def __post_init__(self) -> None:
-        optim_lib.check(self.optim, self.peft.method)
-
     def for_stage(self, stage: str) -> Tuning:
-        """What `stage` trains with: the method where `peft.stages` names it, else full. An optimizer
-        that needs full weights (GaLore, BAdam) stays; one that needs the method's adapters goes."""
+        """What `stage` trains with: the method where `peft.stages` names it, else full fine-tuning;
+        the optimizer and compute as configured."""
         peft = self.peft.for_stage(stage)
         return dataclasses.replace(self, peft=peft)
 
@@ -70,8 +67,12 @@ def optimizer(model, tuning: Tuning, *, lr: float, weight_decay: float = 0.0, ep
 
 def trainer_setup(model, tuning: Tuning, *, lr: float, weight_decay: float = 0.0) -> tuple[dict, dict]:
     """For a transformers/trl trainer: (training-argument fields, trainer keyword arguments). The
-    trainer gets the same optimizer our own loops build, and makes its schedule (`optim.scheduler`)."""
+    trainer gets the optimizer our own loops build, and makes its schedule (`optim.scheduler`).
+    Plain AdamW is the trainer's own (`adamw_torch_fused`, the same hyperparameters), which keeps
+    the SFT and DPO figures of before `optim/` to the last float."""
     args = {**compute_lib.trainer_flags(tuning.compute), "lr_scheduler_type": tuning.optim.scheduler}
+    if tuning.optim.name == "adamw" and tuning.peft.method != "loraplus":
+        return args | {"weight_decay": weight_decay}, {}
     return args, {"optimizers": (optimizer(model, tuning, lr=lr, weight_decay=weight_decay), None)}
 
 
