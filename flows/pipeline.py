@@ -38,6 +38,7 @@ from flows.resources import ResourceError, cap_threads, concurrent_jobs, live_ru
 from flows.runner import StageCall, flatten, stage_task, tracked_run
 from flows.sweep import SWEEP_RUN_ENV  # set by the sweep callback: each job's run is its child
 from stages.manifest import MANIFEST, Manifest
+from stages.progress import STOP
 
 
 class StopPipeline(Exception):
@@ -243,6 +244,22 @@ def create_database(path: Path) -> None:
     os.replace(staging, path)
 
 
+def catch_interrupts() -> None:
+    """Ctrl-C (SIGINT) raises KeyboardInterrupt as always, and is recorded, so that one swallowed on
+    the way (see `stages/progress.STOP`) still stops the run at the next loop tick or publish."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return  # a sweep launcher's worker thread: signals belong to the main one
+
+    def interrupted(signum, frame):
+        STOP.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupted)
+
+
 def job(dcfg) -> float | None:
     """One run of the command line or one job of a sweep: typed config, thread cap, preflight, the
     flow, the printed table; returns `sweep.objective` for a sweeper."""
@@ -251,6 +268,7 @@ def job(dcfg) -> float | None:
     from stages.labelers import LabelsMissing
 
     cfg = to_config(dcfg)
+    catch_interrupts()
     register_run()
     cap_threads(threads_per_job(cfg.threads, max(concurrent_jobs(), live_runs())))
     try:
@@ -265,6 +283,8 @@ def job(dcfg) -> float | None:
         raise SystemExit(2) from None
     except (JudgeError, ResourceError, FloatingPointError) as e:  # what to change, in one line
         raise SystemExit(f"error: {e}") from None
+    if STOP:  # interrupted, the interrupt swallowed, and yet the run ran out: still not a success
+        raise SystemExit(130)
     print(report.table(summary["stages"]))
     if "eval" in summary:
         print("\n" + report.eval_line(summary["eval"]))

@@ -29,6 +29,7 @@ from flows.faults import LOCK_TAG
 from flows.resources import resource_error, run_lock
 from stages import checkpoints
 from stages.manifest import MANIFEST, Manifest, publish, sha256_json, staging_folder
+from stages.progress import STOP
 
 STAGES_DIR = Path(__file__).resolve().parents[1] / "stages"
 
@@ -146,6 +147,8 @@ def _execute(call: StageCall, parent_run_id: str | None) -> Manifest:
                 )
                 (tmp / MANIFEST).write_text(manifest.to_json())
                 faults.point(f"publish:{call.stage}")
+                if STOP:  # an interrupt that a library swallowed: still nothing is published
+                    raise KeyboardInterrupt(f"stopped by signal {STOP[0]}")
                 publish(tmp, final)
                 if call.checkpointed:  # published: a rerun finds the artifact, its checkpoints are spent
                     checkpoints.spent(extra["checkpoint_dir"])

@@ -26,9 +26,22 @@ class _Lines:
         sys.stderr.flush()
 
 
+# Signals the run received (the flow's handler records them). Python drops a KeyboardInterrupt
+# raised while a finalizer or a library's cleanup runs ("Exception ignored in ..."): then the loop's
+# next tick raises it again, so Ctrl-C never lets a stage carry on to the end and publish.
+STOP: list[int] = []
+
+
+class _Bar(tqdm):
+    def update(self, n: float | None = 1) -> bool | None:
+        if STOP:
+            raise KeyboardInterrupt(f"stopped by signal {STOP[0]}")
+        return super().update(n)
+
+
 def progress(total: int, desc: str, unit: str = "step") -> tqdm:
     tty = sys.stderr.isatty()
-    return tqdm(
+    return _Bar(
         total=total,
         desc=desc,
         unit=unit,

@@ -226,3 +226,17 @@ def test_a_kill_while_mlflow_builds_its_database_leaves_none_and_the_rerun_build
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     assert client.get_experiment_by_name("alignflow") is not None
+
+
+def test_an_interrupt_swallowed_on_the_way_still_stops_the_next_loop_tick():
+    """Python drops a KeyboardInterrupt raised inside a finalizer; the recorded signal raises again."""
+    from stages.progress import STOP, progress
+
+    bar = progress(3, "loop")
+    bar.update(1)
+    STOP.append(signal.SIGINT)
+    try:
+        with pytest.raises(KeyboardInterrupt, match="stopped by signal"):
+            bar.update(1)
+    finally:
+        STOP.clear()
