@@ -24,7 +24,7 @@ from stages.ppo import PpoConfig
 from stages.prepare import DataConfig
 from stages.reward_model import RewardModelConfig
 from stages.sft import SftConfig
-from stages.tuning import Tuning, shared_base_refusal
+from stages.tuning import Tuning, shared_base_refusal, shares_base
 
 # The stages of each branch, in order (`flows/branches.py` wires them; `pipeline.stop_after` names one)
 PIPELINES = {
@@ -139,7 +139,7 @@ class Config:
                 check_optim(self.optim, self.tuning(stage).peft.method)
             except ValueError as e:
                 raise ValueError(f"{e} (peft.stages includes {stage})") from None
-        if self.stage.ppo.layout == "shared_base" and self.peft.method in ("full", "freeze", "pissa"):
+        if self.stage.ppo.layout == "shared_base" and not shares_base(self.tuning("ppo")):
             raise ValueError(shared_base_refusal(self.peft.method))
         sampled = self.pipeline.name in ("rlhf", "dpo") and self.data.comparisons is None
         sampled = sampled and self.pipeline.stop_after not in ("prepare", "sft")
