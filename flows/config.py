@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from stages.comparisons import ComparisonsConfig
 from stages.compute import ComputeConfig
+from stages.distributed import DistributedConfig, refusal
 from stages.dpo import DpoConfig
 from stages.evaluate import EvaluateConfig
 from stages.judge import JudgeConfig
@@ -117,6 +118,7 @@ class Config:
     peft: PeftConfig = field(default_factory=PeftConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     stage: StageConfigs = field(default_factory=StageConfigs)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -139,6 +141,10 @@ class Config:
                 check_optim(self.optim, self.tuning(stage).peft.method)
             except ValueError as e:
                 raise ValueError(f"{e} (peft.stages includes {stage})") from None
+        for stage in self.distributed.stages:  # what a process group cannot run: named before any compute
+            why = refusal(self.distributed, stage, method=self.tuning(stage).peft.method, layout=self.stage.ppo.layout)
+            if why is not None:
+                raise ValueError(why)
         if self.stage.ppo.layout == "shared_base" and not shares_base(self.tuning("ppo")):
             raise ValueError(shared_base_refusal(self.peft.method))
         sampled = self.pipeline.name in ("rlhf", "dpo") and self.data.comparisons is None

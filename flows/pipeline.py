@@ -84,7 +84,8 @@ class Pipeline:
         read = {k: Path(v) for k, v in inputs.items()} | {f"file:{k}": Path(v) for k, v in (files or {}).items()}
         digests = {k: self.fingerprints.digest(v) for k, v in read.items()}
         self.fingerprints.save()
-        call = StageCall(stage, configs, inputs, digests, scalars, self.cfg.artifacts_dir, checkpointed)
+        group = self.cfg.distributed if self.cfg.distributed.launches(stage) else None  # a process group
+        call = StageCall(stage, configs, inputs, digests, scalars, self.cfg.artifacts_dir, checkpointed, group)
         threads = threads_per_job(self.cfg.threads, max(self.jobs, live_runs()))  # runs start and end
         cap_threads(threads)
         t0 = time.perf_counter()

@@ -22,12 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import torch
 from prefect import task
 
-from flows import faults
+from flows import faults, launch
 from flows.faults import LOCK_TAG
 from flows.resources import resource_error, run_lock
 from stages import checkpoints
+from stages.distributed import DistributedConfig
 from stages.manifest import MANIFEST, Manifest, publish, sha256_json, staging_folder
 from stages.progress import STOP
 
@@ -76,10 +78,13 @@ class StageCall:
     scalars: dict[str, Any]
     artifacts_dir: str
     checkpointed: bool = False  # the stage takes a `checkpoint_dir` that outlives a crashed attempt
+    launch: DistributedConfig | None = None  # set: the stage runs as a process group (`flows/launch.py`)
 
     def key(self) -> str:
+        launched = {"distributed": dataclasses.asdict(self.launch)} if self.launch is not None else {}
         return sha256_json(
             {
+                **launched,
                 "stage": self.stage,
                 "configs": [dataclasses.asdict(c) for c in self.configs],
                 "parents": self.parents,
@@ -130,9 +135,21 @@ def _execute(call: StageCall, parent_run_id: str | None) -> Manifest:
                 t0 = time.perf_counter()
                 extra = {"checkpoint_dir": root / ".checkpoints" / key[:16]} if call.checkpointed else {}
                 faults.point(f"start:{call.stage}")
-                manifest = module.run(
-                    *call.configs, **{k: Path(v) for k, v in call.inputs.items()}, **call.scalars, **extra, out_dir=tmp
-                )
+                kwargs = {**{k: Path(v) for k, v in call.inputs.items()}, **call.scalars, **extra}
+                if call.launch is None:
+                    manifest = module.run(*call.configs, **kwargs, out_dir=tmp)
+                else:  # every rank runs it; rank 0 writes into `tmp`, and this task publishes as always
+                    group = root / ".launch" / key[:16]
+                    manifest = launch.run_group(
+                        call.launch,
+                        call.stage,
+                        call.configs,
+                        kwargs,
+                        out_dir=tmp,
+                        folder=group,
+                        run_id=run.info.run_id,
+                        threads=torch.get_num_threads(),
+                    )
                 seconds = time.perf_counter() - t0
                 digest = manifest.digest  # the stage hashed its own folder
                 final = root / digest[:16]  # content-addressed: the same content always has the same name

@@ -29,7 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from stages import checkpoints
+from stages import distributed as dist
 from stages.compute import autocast
+from stages.distributed import DistributedConfig, Engine
 from stages.manifest import Manifest, folder_digest, read_jsonl
 from stages.modeling import POOLINGS, load_scalar_model, load_tokenizer, model_context, sequence_scores
 from stages.optim import schedule
@@ -220,9 +222,13 @@ def run(
     truncation: bool = True,
     max_dropped_fraction: float = 0.0,
     checkpoint_dir: Path | None = None,
+    distributed: DistributedConfig | None = None,
 ) -> Manifest:
     """`policy`: the model the reward model starts from (the SFT policy, or `name_or_path`'s model
-    prepared on the policy's tokenizer); `checkpoint_dir`: where a killed attempt left its checkpoint."""
+    prepared on the policy's tokenizer); `checkpoint_dir`: where a killed attempt left its checkpoint.
+    `distributed`: this process is one rank of a group; each step's `batch_prompts` prompts are
+    split across the ranks (the global batch is unchanged) and the gradients averaged (DDP or ZeRO).
+    Evaluation and the bias run whole on every rank (under ZeRO-3 every forward is collective)."""
     out_dir = Path(out_dir)
     tuning = tuning or Tuning(peft=PeftConfig(method="full"))
     rows, held = read_jsonl(comparisons), read_jsonl(heldout)
@@ -254,12 +260,13 @@ def run(
     opt = optimizer(model, tuning, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(rows) / cfg.batch_prompts)
     sched = schedule(opt, tuning.optim, cfg.epochs * steps_per_epoch)
+    engine = Engine(
+        _Scores(model, cfg.pooling), opt, distributed, micro_batch=max(1, cfg.batch_prompts // dist.world_size())
+    )
     gen = torch.Generator().manual_seed(cfg.seed)
     at = {"step": 0, "tokens": 0, "epoch": 0, "in_epoch": 0, "loss": math.nan}  # where training is
-    resumed = checkpoints.load(checkpoint_dir)
+    resumed = _load_checkpoint(checkpoint_dir, engine, model, opt)
     if resumed is not None:  # a killed attempt's last checkpoint: carry on from its step
-        model.load_state_dict(resumed["model"])
-        opt.load_state_dict(resumed["opt"])
         sched.load_state_dict(resumed["sched"])
         at = resumed["at"]
     resumed_from, step, tokens, last_loss = at["step"], at["step"], at["tokens"], at["loss"]
@@ -275,28 +282,32 @@ def run(
         batches = list(length_buckets(lengths, cfg.batch_prompts, gen))  # rows of similar length pad little
         done_in_epoch = at["in_epoch"] if epoch == at["epoch"] else 0
         for b, idx in enumerate(batches[done_in_epoch:], done_in_epoch):
-            batch = [rows[i] for i in idx]
+            mine = idx[dist.share(len(idx))] or idx[:1]  # a rank without a share still steps (weight 0)
+            weight = 1.0 if idx[dist.share(len(idx))] else 0.0
+            batch = [rows[i] for i in mine]
             with autocast(tuning.compute):
-                scores = [s.float() for s in score_encoded(model, [encoded[i] for i in idx], pad, cfg.pooling)]
+                flat = [(p, r) for i in mine for p, rs in [encoded[i]] for r in rs]
+                scores = list(engine(pack(flat, pad)).float().split([len(encoded[i][1]) for i in mine]))
             tokens += sum(lengths[i] for i in idx)
             if cfg.targets == "soft":
                 loss = soft_preference_loss(scores, [r["prefs"] for r in batch])
             else:
                 loss = ranking_loss(scores, [ranking_pairs(r["ranks"]) for r in batch], cfg.margin)
             checkpoints.check_finite("reward_model", loss.item(), step, nan_hint)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            engine.backward(loss * weight)
+            engine.step()
             sched.step()
-            step, last_loss = step + 1, loss.item()
+            step = step + 1
+            shared = dist.all_reduce_sum(torch.tensor([loss.item() * weight * len(mine), weight * len(mine)]))
+            last_loss = (shared[0] / shared[1]).item()  # the global batch's mean loss
             bar.update(1)
             if step % 10 == 0:
-                log_metrics({"rm/train/loss": loss.item(), "rm/train/lr": sched.get_last_lr()[0]}, step=step)
-                bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{loss.item():.3f}", refresh=False)
+                log_metrics({"rm/train/loss": last_loss, "rm/train/lr": sched.get_last_lr()[0]}, step=step)
+                bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{last_loss:.3f}", refresh=False)
             if checkpoint_dir is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 position = {"step": step, "tokens": tokens, "epoch": epoch, "in_epoch": b + 1, "loss": last_loss}
-                state = {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}
-                checkpoints.save(checkpoint_dir, {**state, "at": position, "epoch_rng": epoch_rng})
+                client = {"sched": sched.state_dict(), "at": position, "epoch_rng": epoch_rng}
+                _save_checkpoint(checkpoint_dir, engine, model, opt, step, client)
         log_metrics(
             {"rm/eval/accuracy": pairwise_accuracy(model, tokenizer, held, cfg.pooling, budget=budget)}, step=step
         )
@@ -320,12 +331,14 @@ def run(
         **fitted.metrics("rm/data"),
     }
     adapter = out_dir / "adapter" if tuning.peft.adapters else None
-    export(model, tuning, out_dir / "model", base=Path(source), adapter=adapter, kind="scalar")
-    tokenizer.save_pretrained(out_dir / "model")
     normalization = Normalization(
         bias=bias.item(), pooling=cfg.pooling, max_prompt_length=budget.max_prompt_length, max_length=budget.max_length
     )
-    (out_dir / "normalization.json").write_text(json.dumps(dataclasses.asdict(normalization)))
+    with dist.gathered(model, distributed):  # ZeRO-3: the full weights, on every rank
+        if dist.is_main():
+            export(model, tuning, out_dir / "model", base=Path(source), adapter=adapter, kind="scalar")
+            tokenizer.save_pretrained(out_dir / "model")
+            (out_dir / "normalization.json").write_text(json.dumps(dataclasses.asdict(normalization)))
     return Manifest(
         stage="reward_model",
         path=str(out_dir),
@@ -333,6 +346,34 @@ def run(
         metrics=metrics,
         files={"model": "model", "normalization": "normalization.json", **({"adapter": "adapter"} if adapter else {})},
     )
+
+
+class _Scores(torch.nn.Module):
+    """The reward model as the module the engine trains: packed rows -> (rows,) pooled scores."""
+
+    def __init__(self, model, pooling: str) -> None:
+        super().__init__()
+        self.model, self.pooling = model, pooling
+
+    def forward(self, packed) -> torch.Tensor:
+        return sequence_scores(self.model, packed, self.pooling)
+
+
+def _save_checkpoint(folder: Path, engine: Engine, model, opt, step: int, client: dict) -> None:
+    if engine.cfg is None:  # one process: one file, as before process groups
+        checkpoints.save(folder, {"model": model.state_dict(), "opt": opt.state_dict(), **client})
+    else:
+        engine.save(folder, step, client)
+
+
+def _load_checkpoint(folder: Path | None, engine: Engine, model, opt) -> dict | None:
+    if engine.cfg is not None:
+        return engine.load(folder)
+    resumed = checkpoints.load(folder)
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        opt.load_state_dict(resumed["opt"])
+    return resumed
 
 
 class TrainedRewardModel:

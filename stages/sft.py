@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages import checkpoints
+from stages import distributed as dist
+from stages.distributed import DistributedConfig
 from stages.manifest import Manifest, folder_digest, read_jsonl
 from stages.modeling import load_tokenizer, model_context
 from stages.tokens import fit_rows, prompt_ids, resolve_budget, response_ids, row_sources
@@ -55,8 +57,11 @@ def run(
     truncation: bool = True,
     max_dropped_fraction: float = 0.0,
     checkpoint_dir: Path | None = None,
+    distributed: DistributedConfig | None = None,
 ) -> Manifest:
-    """`checkpoint_dir`: trl's checkpoints go there, and a killed attempt's last complete one is resumed."""
+    """`checkpoint_dir`: trl's checkpoints go there, and a killed attempt's last complete one is resumed.
+    `distributed`: this process is one rank of a group (`stages/distributed.py`); the global batch
+    stays `batch_size`, and trl runs under DDP or DeepSpeed ZeRO (its checkpoints in DeepSpeed's format)."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -90,12 +95,12 @@ def run(
     args = SFTConfig(
         num_train_epochs=cfg.epochs,
         learning_rate=cfg.learning_rate,
-        per_device_train_batch_size=cfg.batch_size,
         max_length=budget.max_length,
         warmup_steps=cfg.warmup_ratio,
         completion_only_loss=True,
         train_sampling_strategy=cfg.sampling,  # rows of similar length batched together: less padding
         seed=cfg.seed,
+        **dist.trainer_args(distributed, cfg.batch_size, "stage.sft.batch_size"),
         **{**TRAINER_ARGS, "output_dir": str(out_dir / "trainer"), **saving, **train_args},
     )
     trainer = SFTTrainer(
@@ -111,8 +116,10 @@ def run(
     checkpoints.check_finite("sft", result.training_loss, trainer.state.global_step)
     policy = out_dir / "policy"
     adapter = out_dir / "adapter" if tuning.peft.adapters else None
-    export(trainer.model, tuning, policy, base=base, adapter=adapter)
-    tokenizer.save_pretrained(policy)
+    with dist.gathered(trainer.model, distributed):  # ZeRO-3: the full weights, on every rank
+        if dist.is_main():
+            export(trainer.model, tuning, policy, base=base, adapter=adapter)
+            tokenizer.save_pretrained(policy)
     # fewer steps than logging_steps log no loss: the run's mean loss stands in for both ends
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h] or [result.training_loss]
     return Manifest(
