@@ -156,6 +156,25 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def mean(x: torch.Tensor) -> float:
+    """The mean of `x`'s entries over all ranks' `x` together (equal or unequal sizes)."""
+    if not active():
+        return x.mean().item()
+    sums = all_reduce_sum(torch.tensor([x.detach().double().sum().item(), float(x.numel())], dtype=torch.float64))
+    return (sums[0] / sums[1]).item()
+
+
+def gather(items: list) -> list:
+    """Every rank's `items`, concatenated in rank order, on every rank (`items` in one process)."""
+    if not active():
+        return items
+    import torch.distributed as dist
+
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, items)
+    return [x for part in out for x in part]
+
+
 def barrier() -> None:
     if active():
         import torch.distributed as dist

@@ -17,6 +17,7 @@ Alone: `python -m flows.align pipeline.stop_after=ppo`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import warnings
@@ -26,14 +27,17 @@ from pathlib import Path
 import torch
 
 from stages import checkpoints, diagnostics, sources
+from stages import distributed as dist
 from stages import ppo_math as pm
 from stages.compute import autocast
+from stages.distributed import DistributedConfig, Engine
 from stages.labelers import LabelerConfig, make_labeler
 from stages.manifest import Manifest, folder_digest, read_jsonl, write_jsonl
 from stages.modeling import (
     Rollout,
     decode_responses,
     lm_loss,
+    load_causal_lm,
     load_tokenizer,
     model_context,
     sample,
@@ -110,7 +114,9 @@ def _check_finite(name: str, x: torch.Tensor, update: int) -> None:
 class _State:
     """Everything a resumed run needs: models, optimizer, KL controller, EMA, RNG, position."""
 
-    def __init__(self, cfg: PpoConfig, tuning: Tuning, policy: Path, critic_init: Path) -> None:
+    def __init__(
+        self, cfg: PpoConfig, tuning: Tuning, policy: Path, critic_init: Path, distributed: DistributedConfig | None
+    ) -> None:
         torch.manual_seed(cfg.seed)
         self.models = (
             FullCopies(policy, critic_init, cfg.temperature, tuning)
@@ -128,8 +134,46 @@ class _State:
         self.update = 0
         self.history: list[dict[str, float]] = []
         self.warned_kl = False
+        # ZeRO-3 partitions the policy: rollouts come from a whole copy, synced after each update
+        # (as OpenRLHF's and verl's rollout engines hold their own weights); see `sync_rollout`
+        self.zero3 = distributed is not None and distributed.launches("ppo") and distributed.zero == 3
+        self.rollout_policy = load_causal_lm(policy).eval().requires_grad_(False) if self.zero3 else None
+        micro = dist.per_rank(cfg.minibatch_size, "stage.ppo.minibatch_size")
+        dist.per_rank(cfg.rollouts_per_update, "stage.ppo.rollouts_per_update")
+        self.engine = Engine(_Trained(self.models), self.opt, distributed, micro_batch=micro, clip=cfg.max_grad_norm)
+        self.opt = self.engine.opt
+        if dist.world_size() > 1:  # each rank samples its own rollouts
+            torch.manual_seed(cfg.seed + dist.rank())
+
+    @property
+    def sampler(self):
+        """The model rollouts are sampled from: the policy, or under ZeRO-3 its whole copy."""
+        return self.rollout_policy if self.zero3 else self.models.policy
+
+    def sync_rollout(self) -> None:
+        """ZeRO-3: copy the policy's gathered weights into the rollout copy (collective)."""
+        if not self.zero3:
+            return
+        with self.engine.gathered([self.models.policy]):
+            for p, q in zip(self.models.policy.parameters(), self.rollout_policy.parameters(), strict=True):
+                q.data.copy_(p.data)
+
+    def ema_step(self, decay: float) -> None:
+        with self.engine.gathered([self.models.policy]) if self.zero3 else _nothing():
+            pm.ema_update(self.ema, self.models.policy_state(), decay)
 
     def save(self, folder: Path) -> None:
+        if self.engine.cfg is not None:  # a process group: DeepSpeed's checkpoint under ZeRO, else rank 0's file
+            client = {
+                "beta": self.beta,
+                "ema": self.ema,
+                "update": self.update,
+                "history": self.history,
+                "rngs": dist.gather([torch.get_rng_state()]),  # each rank's own sampling stream
+                "warned_kl": self.warned_kl,
+            }
+            self.engine.save(folder, self.update, client)
+            return
         blob = {
             "models": self.models.state_dict(),
             "opt": self.opt.state_dict(),
@@ -143,17 +187,43 @@ class _State:
         checkpoints.save(folder, blob)  # temp-then-rename: a half-written checkpoint is never picked up
 
     def load(self, folder: Path) -> bool:
-        blob = checkpoints.load(folder)
-        if blob is None:
-            return False
-        self.models.load_state_dict(blob["models"])
-        self.opt.load_state_dict(blob["opt"])
+        if self.engine.cfg is not None:
+            blob = self.engine.load(folder)
+            if blob is None:
+                return False
+            blob["rng"] = blob["rngs"][dist.rank()]
+            self.sync_rollout()
+        else:
+            blob = checkpoints.load(folder)
+            if blob is None:
+                return False
+            self.models.load_state_dict(blob["models"])
+            self.opt.load_state_dict(blob["opt"])
         self.beta, self.ema, self.update = blob["beta"], blob["ema"], blob["update"]
         self.history, self.warned_kl = blob["history"], blob["warned_kl"]
         if self.kl_ctl is not None:
             self.kl_ctl.beta = self.beta
         torch.set_rng_state(blob["rng"])
         return True
+
+
+class _Trained(torch.nn.Module):
+    """What the engine trains: policy and value in one module whose forward gives a minibatch's
+    log-probs, entropies and values (DDP and DeepSpeed see every trained parameter in one forward)."""
+
+    def __init__(self, models) -> None:
+        super().__init__()
+        self.trained = models.module
+        self.models = [models]  # in a list: not a second registration of the same parameters
+
+    def forward(self, mb: Rollout):
+        logp, entropy = self.models[0].policy_logprobs(mb)
+        return logp, entropy, self.models[0].values(mb)
+
+
+@contextlib.contextmanager
+def _nothing():
+    yield
 
 
 class RewardModelScore:
@@ -193,9 +263,17 @@ def run(
     target_len: int = 6,
     truncation: bool = True,
     max_dropped_fraction: float = 0.0,
+    distributed: DistributedConfig | None = None,
 ) -> Manifest:
     """Scores rollouts with `reward_model` (and its `normalization`), or, d-RLAIF, with the AI
-    `labeler` over `judge`. `gold` set (the embedded task's rule): log the hidden gold score too."""
+    `labeler` over `judge`. `gold` set (the embedded task's rule): log the hidden gold score too.
+
+    `distributed`: this process is one rank of a group, data-parallel over rollouts. Each rank samples
+    and scores its share of the update's `rollouts_per_update` prompts and trains on minibatches of
+    its share of `minibatch_size`; gradients are averaged (DDP or ZeRO). Advantage whitening, the KL
+    and score statistics, the adaptive KL controller and the diagnostics use the whole global batch
+    (all-reduced), so two processes compute what one does with the same global batch. Reference
+    and reward models are whole frozen copies on every rank."""
     out_dir = Path(out_dir)
     if (reward_model is None) == (judge is None or labeler is None):
         raise ValueError("ppo: score rollouts with either a reward model or an AI labeler and its judge, not both")
@@ -206,7 +284,7 @@ def run(
         tokenizer, prompts, budget, stage="ppo", truncation=truncation, max_dropped_fraction=max_dropped_fraction
     )
     gold_fn = sources.gold_scorer(gold, target_len)
-    state = _State(cfg, tuning, policy, reward_model or policy)
+    state = _State(cfg, tuning, policy, reward_model or policy, distributed)
     resumed_from = state.update if checkpoint_dir and state.load(Path(checkpoint_dir)) else 0
     ptx_docs = [r["text"] for r in read_jsonl(pretrain)] if pretrain and cfg.ptx_coef > 0 else []
     bar = progress(cfg.updates, "ppo: updates", unit="update")
@@ -215,8 +293,9 @@ def run(
         update = state.update
         start = (update * cfg.rollouts_per_update) % len(texts)  # data position follows the update index
         batch_prompts = [texts[(start + i) % len(texts)] for i in range(cfg.rollouts_per_update)]
-        row, rollout = _one_update(cfg, state, tokenizer, scorer, batch_prompts, ptx_docs, update, budget)
-        responses = decode_responses(tokenizer, rollout)
+        mine = batch_prompts[dist.share(len(batch_prompts))]  # this rank's rollouts
+        row, rollout = _one_update(cfg, state, tokenizer, scorer, mine, ptx_docs, update, budget)
+        responses = dist.gather(decode_responses(tokenizer, rollout))  # the global batch's, on every rank
         row["ppo/distinct_2"] = diagnostics.distinct_n(responses, 2)
         row["ppo/repetition"] = diagnostics.repetition(responses)
         if gold_fn is not None:
@@ -229,7 +308,7 @@ def run(
         if checkpoint_dir and cfg.checkpoint_every and state.update % cfg.checkpoint_every == 0:
             state.save(Path(checkpoint_dir))
     bar.close()
-    manifest = _finish(cfg, state, tokenizer, out_dir, batch_prompts, rollout, resumed_from, checkpoint_dir)
+    manifest = _finish(cfg, state, tokenizer, out_dir, batch_prompts, responses, resumed_from, checkpoint_dir)
     manifest.metrics.update(fitted.metrics("ppo/data"))
     return manifest
 
@@ -238,7 +317,7 @@ def _one_update(cfg, state: _State, tokenizer, scorer, batch_prompts, ptx_docs, 
     models = state.models
     # 1. rollouts (KV-cached, batched generate: the seam where a faster engine plugs in)
     rollout = sample(
-        models.policy,
+        state.sampler,
         tokenizer,
         batch_prompts,
         max_new_tokens=budget.max_new_tokens,
@@ -260,16 +339,16 @@ def _one_update(cfg, state: _State, tokenizer, scorer, batch_prompts, ptx_docs, 
     kl = pm.kl_estimate(old_logp, ref_logp, cfg.kl_estimator) * mask
     rewards = pm.kl_penalized_rewards(score, kl, mask, state.beta)
     advantages, returns = pm.gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-    if cfg.whiten_advantages:
-        advantages = pm.masked_whiten(advantages, mask)
-    # 4. PPO epochs over shuffled minibatches
+    if cfg.whiten_advantages:  # by the global batch's statistics: the same on every rank
+        advantages = pm.masked_whiten(advantages, mask, total=dist.all_reduce_sum if dist.active() else None)
+    # 4. PPO epochs over shuffled minibatches (of this rank's rollouts)
     stats: dict[str, list[float]] = {"pg": [], "vf": [], "clipfrac": [], "approxkl": [], "entropy": [], "ptx": []}
+    local = len(batch_prompts)
     for _ in range(cfg.ppo_epochs):
-        for idx in torch.randperm(cfg.rollouts_per_update).split(cfg.minibatch_size):
+        for idx in torch.randperm(local).split(local * cfg.minibatch_size // cfg.rollouts_per_update):
             mb, m = _subset(rollout, idx), mask[idx]
             with autocast(state.compute):  # mixed precision (`compute.precision`); the losses in fp32
-                logp, entropy = models.policy_logprobs(mb)
-                values = models.values(mb)
+                logp, entropy, values = state.engine(mb)
             logp, entropy, values = logp.float(), entropy.float(), values.float()
             pg, clipfrac, approxkl = pm.policy_loss(logp, old_logp[idx], advantages[idx], m, cfg.clip)
             vf, _ = pm.value_loss(values, old_values[idx], returns[idx], m, cfg.value_clip)
@@ -279,12 +358,10 @@ def _one_update(cfg, state: _State, tokenizer, scorer, batch_prompts, ptx_docs, 
                 loss = pm.ptx_mix(loss, lm, cfg.ptx_coef)
                 stats["ptx"].append(lm.item())
             _check_finite("loss", loss, update)
-            state.opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(state.params, cfg.max_grad_norm)
-            state.opt.step()
+            state.engine.backward(loss)
+            state.engine.step()  # clips to max_grad_norm, steps, zeroes the gradients
             if state.ema is not None:
-                pm.ema_update(state.ema, models.policy_state(), cfg.ema_decay)
+                state.ema_step(cfg.ema_decay)
             for k, v in (
                 ("pg", pg),
                 ("vf", vf),
@@ -293,21 +370,23 @@ def _one_update(cfg, state: _State, tokenizer, scorer, batch_prompts, ptx_docs, 
                 ("entropy", pm.masked_mean(entropy, m)),
             ):
                 stats[k].append(v.item())
-    # 5. KL controller and diagnostics
-    kl_seq = kl.sum(1).mean().item()
+    state.sync_rollout()
+    # 5. KL controller and diagnostics, over the global batch (every rank's rollouts)
+    kl_seq = dist.mean(kl.sum(1))
+    tokens = dist.all_reduce_sum(rollout.query_mask.sum() + mask.sum()).item()
     row = {
         "ppo/objective/kl": kl_seq,
-        "ppo/objective/scores": score.mean().item(),
-        "ppo/objective/non_score_reward": (-state.beta * kl.sum(1)).mean().item(),
-        "ppo/objective/rlhf_reward": (score - state.beta * kl.sum(1)).mean().item(),
+        "ppo/objective/scores": dist.mean(score),
+        "ppo/objective/non_score_reward": dist.mean(-state.beta * kl.sum(1)),
+        "ppo/objective/rlhf_reward": dist.mean(score - state.beta * kl.sum(1)),
         "ppo/objective/beta": state.beta,
-        "ppo/val/explained_variance": _explained_variance(old_values, returns, mask),
-        "ppo/response_length": mask.sum(1).mean().item(),
+        "ppo/val/explained_variance": _over_ranks(_explained_variance(old_values, returns, mask)),
+        "ppo/response_length": dist.mean(mask.sum(1)),
         # tokens through the model per update: rollout forward passes plus the PPO epochs' passes
-        "ppo/tokens": float((rollout.query_mask.sum() + mask.sum()).item() * (1 + cfg.ppo_epochs)),
-        "ppo/finished": rollout.finished.float().mean().item(),
+        "ppo/tokens": float(tokens * (1 + cfg.ppo_epochs)),
+        "ppo/finished": dist.mean(rollout.finished.float()),
         "ppo/learning_rate": state.opt.param_groups[0]["lr"],
-        **{f"ppo/{name}": sum(v) / len(v) for name, v in _named(stats).items() if v},
+        **{f"ppo/{name}": _over_ranks(sum(v) / len(v)) for name, v in _named(stats).items() if v},
     }
     if state.kl_ctl is not None:
         state.beta = state.kl_ctl.update(kl_seq, cfg.rollouts_per_update)
@@ -319,6 +398,11 @@ def _one_update(cfg, state: _State, tokenizer, scorer, batch_prompts, ptx_docs, 
         )
         state.warned_kl = True
     return row, rollout
+
+
+def _over_ranks(value: float) -> float:
+    """A per-rank statistic (a mean over equal shares) averaged over the ranks; itself in one process."""
+    return dist.mean(torch.tensor([value], dtype=torch.float64))
 
 
 def _named(stats: dict[str, list[float]]) -> dict[str, list[float]]:
@@ -341,17 +425,34 @@ def _lm_loss(model, tokenizer, docs: list[str], batch_size: int, budget: Samplin
     )
 
 
-def _finish(cfg, state: _State, tokenizer, out_dir, batch_prompts, rollout, resumed_from, checkpoint_dir) -> Manifest:
-    if state.ema is not None:  # export the EMA weights (InstructGPT); keep the last iterate beside them
-        state.models.export(out_dir / "policy_last")
-        tokenizer.save_pretrained(out_dir / "policy_last")
+def _export(state: _State, tokenizer, out_dir: Path) -> None:
+    """The EMA weights as `policy` (InstructGPT), the last iterate beside them as `policy_last`.
+    In a process group rank 0 writes; under ZeRO-3 through the rollout copy (whole weights)."""
+    if state.zero3:  # the rollout copy holds the last iterate (synced after the last update)
+        from stages.tuning import export
+
+        models = state.models
+        targets = [("policy_last", None), ("policy", state.ema)] if state.ema is not None else [("policy", None)]
+        for name, weights in targets:
+            if weights is not None:
+                state.rollout_policy.load_state_dict(weights, strict=False)
+            if dist.is_main():
+                export(state.rollout_policy, models.tuning, out_dir / name, base=models.base)
+                tokenizer.save_pretrained(out_dir / name)
+        return
+    if state.ema is not None:
+        if dist.is_main():
+            state.models.export(out_dir / "policy_last")
+            tokenizer.save_pretrained(out_dir / "policy_last")
         state.models.load_policy_state(state.ema)
-    state.models.export(out_dir / "policy")
-    tokenizer.save_pretrained(out_dir / "policy")
-    write_jsonl(
-        out_dir / "samples.jsonl",
-        [{"prompt": p, "response": r} for p, r in zip(batch_prompts, decode_responses(tokenizer, rollout))],
-    )
+    if dist.is_main():
+        state.models.export(out_dir / "policy")
+        tokenizer.save_pretrained(out_dir / "policy")
+
+
+def _finish(cfg, state: _State, tokenizer, out_dir, batch_prompts, responses, resumed_from, checkpoint_dir) -> Manifest:
+    _export(state, tokenizer, out_dir)
+    write_jsonl(out_dir / "samples.jsonl", [{"prompt": p, "response": r} for p, r in zip(batch_prompts, responses)])
     first, last = state.history[0], state.history[-1]
     verdict = diagnostics.flag(
         [
@@ -372,7 +473,8 @@ def _finish(cfg, state: _State, tokenizer, out_dir, batch_prompts, rollout, resu
         "ppo/flagged": float(verdict["status"] != "ok"),
         "ppo/tokens": float(sum(h["ppo/tokens"] for h in state.history)),
     }
-    checkpoints.spent(checkpoint_dir)  # the finished stage is cached as an artifact
+    if state.engine.cfg is None:  # a process group's are removed by the flow, once it published
+        checkpoints.spent(checkpoint_dir)  # the finished stage is cached as an artifact
     files = {"policy": "policy", "samples": "samples.jsonl", "verdict": "verdict.json"}
     files |= {"policy_last": "policy_last"} if state.ema else {}
     return Manifest(stage="ppo", path=str(out_dir), digest=folder_digest(out_dir), metrics=metrics, files=files)

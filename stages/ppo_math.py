@@ -10,14 +10,20 @@ from __future__ import annotations
 import torch
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, total=None) -> torch.Tensor:
+    """Mean over the unmasked entries. `total(t)`: `t` summed over the ranks of a process group, so the
+    mean is the whole global batch's (`stages.distributed.all_reduce_sum`)."""
+    if total is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    sums = total(torch.stack([(x * mask).sum(), mask.sum().to(x.dtype)]))
+    return sums[0] / sums[1].clamp(min=1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """Normalise to unit variance (and zero mean if `shift_mean`) over the unmasked entries."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, total=None) -> torch.Tensor:
+    """Normalise to unit variance (and zero mean if `shift_mean`) over the unmasked entries; with
+    `total`, by the mean and variance of the global batch over all ranks."""
+    mean = masked_mean(x, mask, total)
+    var = masked_mean((x - mean) ** 2, mask, total)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean
