@@ -1,0 +1,193 @@
+"""Process groups (`distributed/`): the config's refusals, the global statistics of data-parallel PPO
+on two real gloo processes, and (slow) the flow under ZeRO-3 and a killed rank."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from flows import launch
+from stages import distributed as dist
+from stages import ppo_math as pm
+from stages.distributed import DistributedConfig, refusal
+
+ROOT = Path(__file__).resolve().parents[1]
+ZERO3 = {"zero_optimization": {"stage": 3}}
+
+
+def test_the_config_refuses_what_it_cannot_run():
+    with pytest.raises(ValueError, match="distributed.mode=single runs one process"):
+        DistributedConfig(mode="single", nproc_per_node=2)
+    with pytest.raises(ValueError, match="zero_optimization.stage: 2 does not match distributed.mode=zero3"):
+        DistributedConfig(mode="zero3", nproc_per_node=2, deepspeed={"zero_optimization": {"stage": 2}})
+    with pytest.raises(ValueError, match="launcher=deepspeed and distributed.hostfile"):
+        DistributedConfig(mode="ddp", nproc_per_node=2, nnodes=2)
+    with pytest.raises(ValueError, match=r"distributed.stages: \['evaluate'\]"):
+        DistributedConfig(mode="ddp", nproc_per_node=2, stages=["evaluate"])
+    zero3 = DistributedConfig(mode="zero3", nproc_per_node=2, deepspeed=ZERO3)
+    assert "peft=lora is not wired under ZeRO-3" in refusal(zero3, "sft", method="lora")
+    assert "peft=qlora" in refusal(zero3, "reward_model", method="qlora")
+    assert "layout=shared_base" in refusal(DistributedConfig(mode="ddp", nproc_per_node=2), "ppo", method="lora",
+                                           layout="shared_base")  # fmt: skip
+    assert refusal(zero3, "ppo", method="full", layout="full_copies") is None
+    assert not zero3.launches("evaluate") and zero3.launches("ppo")
+
+
+def test_a_typo_in_a_distributed_key_is_named(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from flows.config import register, to_config
+
+    register()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = to_config(compose("config", overrides=["distributed=zero3", "peft=full"]))
+        assert cfg.distributed.zero == 3 and cfg.distributed.world_size == 2
+        with pytest.raises(Exception, match="nprocs"):
+            compose("config", overrides=["distributed=ddp", "distributed.nprocs=2"])
+        with pytest.raises(ValueError, match="peft=lora is not wired under ZeRO-3"):
+            to_config(compose("config", overrides=["distributed=zero3"]))  # lora trains sft by default
+
+
+def test_shares_split_a_batch_across_ranks(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    got = []
+    for r in range(3):
+        monkeypatch.setenv("RANK", str(r))
+        got.append(list(range(10))[dist.share(10)])
+    assert got == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    with pytest.raises(ValueError, match=r"stage.ppo.minibatch_size \(8\) must be a multiple of the 3 processes"):
+        dist.per_rank(8, "stage.ppo.minibatch_size")
+
+
+def test_the_failed_rank_is_read_from_torchruns_summary():
+    log = """...
+Failures:
+[1]:
+  rank      : 0 (local_rank: 0)
+  exitcode  : -15 (pid: 11)
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-12-01_23:29:43
+  host      : localhost
+  rank      : 1 (local_rank: 1)
+  exitcode  : -9 (pid: 12)
+  error_file: <N/A>
+"""
+    assert launch.root_cause(log) == (1, "was killed by SIGKILL")
+    assert launch.root_cause("Root Cause\n  rank      : 0 (local_rank: 0)\n  exitcode  : 1 (pid: 3)") == (
+        0,
+        "exited with code 1",
+    )
+
+
+def test_the_launch_command_is_torchrun_on_one_node_and_deepspeeds_across_nodes(tmp_path):
+    one = launch.command(DistributedConfig(mode="ddp", nproc_per_node=2, master_port=29555), tmp_path / "spec.pkl")
+    assert one[1:3] == ["-m", "torch.distributed.run"] and "--nproc_per_node" in one and "29555" in one
+    many = DistributedConfig(
+        mode="zero3", nproc_per_node=8, nnodes=2, launcher="deepspeed", hostfile="/etc/hosts.ds", deepspeed=ZERO3
+    )
+    cmd = launch.command(many, tmp_path / "spec.pkl")
+    assert cmd[1:3] == ["-m", "deepspeed.launcher.runner"] and cmd[cmd.index("--num_nodes") + 1] == "2"
+    assert cmd[-2:] == ["flows.rank", str(tmp_path / "spec.pkl")]
+
+
+def _global_statistics(rank: int, world: int, port: int, out: str) -> None:
+    """One rank of a real 2-process gloo group: its half of the rows."""
+    import torch.distributed as tdist
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    tdist.init_process_group("gloo", rank=rank, world_size=world)
+    adv, mask, kl = _rows()
+    mine = slice(rank * 3, rank * 3 + 3)
+    whitened = pm.masked_whiten(adv[mine], mask[mine], total=dist.all_reduce_sum)
+    stats = {"kl": dist.mean(kl[mine].sum(1)), "whitened": whitened.tolist(), "gathered": dist.gather([rank] * 2)}
+    Path(out, f"{rank}.json").write_text(json.dumps(stats))
+    tdist.destroy_process_group()
+
+
+def _rows():
+    g = torch.Generator().manual_seed(0)
+    adv = torch.randn(6, 5, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 0, 0], [1] * 5])
+    return adv, mask.float(), torch.randn(6, 5, generator=g).abs() * mask
+
+
+def test_two_processes_whiten_and_average_as_one_process_over_the_global_batch(tmp_path):
+    """Data-parallel PPO's statistics: rank r holds rows 3r..3r+2 of one global batch of 6."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_global_statistics, args=(2, launch.free_port(), str(tmp_path)), nprocs=2)
+    adv, mask, kl = _rows()
+    whole = pm.masked_whiten(adv, mask)
+    ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
+    torch.testing.assert_close(torch.tensor(ranks[0]["whitened"] + ranks[1]["whitened"]), whole)
+    # by hand: the global mean of the summed per-row KL, not the mean of the two ranks' means
+    assert ranks[0]["kl"] == ranks[1]["kl"] == pytest.approx(kl.sum(1).mean().item())
+    assert ranks[0]["gathered"] == [0, 0, 1, 1]
+    # a rank's own whitening would differ: the statistics really are the global batch's
+    assert not torch.allclose(pm.masked_whiten(adv[:3], mask[:3]), whole[:3])
+
+
+def _flow(args: list[str], artifacts: Path, **popen) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "flows.align", "+experiment=tiny", f"artifacts_dir={artifacts}", *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def _summary(stdout: str) -> dict:
+    return json.loads(Path(stdout.split("summary: ")[-1].strip()).read_text())
+
+
+@pytest.mark.slow
+def test_sft_and_the_reward_model_train_under_zero3_on_two_processes_through_the_flow(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    args = ["distributed=zero3", "peft=full", "pipeline.stop_after=reward_model"]
+    out, err = _flow(args, tmp_path).communicate(timeout=900)
+    assert "DeepSpeed" in err, err[-3000:]  # the stages ran in DeepSpeed's process group
+    stages = _summary(out)["stages"]
+    assert stages["sft"]["status"] == stages["reward_model"]["status"] == "ran", err[-3000:]
+    policy = AutoModelForCausalLM.from_pretrained(Path(stages["sft"]["artifact"], "policy"))
+    rm = AutoModelForSequenceClassification.from_pretrained(Path(stages["reward_model"]["artifact"], "model"))
+    assert policy.model.embed_tokens.weight.shape[1] == 32  # whole weights, not rank 0's partition
+    assert rm.score.weight.shape == (1, 32) and rm.score.weight.abs().sum() > 0
+    assert stages["reward_model"]["metrics"]["rm/eval/accuracy"] > 0.5
+    assert not list(tmp_path.glob("*/.launch/*"))  # a finished group leaves no working folder
+    out, err = _flow(args, tmp_path).communicate(timeout=900)
+    again = _summary(out)["stages"]
+    assert {again[s]["status"] for s in ("prepare", "sft", "comparisons", "reward_model")} == {"cached"}, err[-2000:]
+    assert again["reward_model"]["artifact"] == stages["reward_model"]["artifact"]
+
+
+@pytest.mark.slow
+def test_a_killed_rank_fails_the_ppo_stage_and_the_rerun_resumes(tmp_path):
+    # SFT and the reward model in the flow's process; PPO as two ZeRO-2 ranks, checkpointing each update
+    args = ["distributed=zero2", "distributed.stages=[ppo]", "peft=full", "pipeline.stop_after=ppo"]
+    args += ["stage.ppo.updates=40", "stage.ppo.checkpoint_every=1"]
+    proc = _flow(args, tmp_path)
+    deadline = time.monotonic() + 600
+    latest = None
+    while latest is None or int(latest.read_text().split("-")[-1]) < 2:  # DeepSpeed's tag, step-<update>
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+        latest = next(iter(tmp_path.glob("ppo/.checkpoints/*/latest")), None)
+    pid = int(next(tmp_path.glob("ppo/.launch/*/rank1.pid")).read_text())
+    os.kill(pid, signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "ppo: rank 1 of 2 was killed by SIGKILL" in err and "nothing was published" in err, err[-3000:]
+    assert [p.name for p in (tmp_path / "ppo").iterdir() if not p.name.startswith(".")] == []  # nothing published
+    saved = int(latest.read_text().split("-")[-1])
+    out, err = _flow(args, tmp_path).communicate(timeout=900)
+    ppo = _summary(out)["stages"]["ppo"]
+    assert ppo["status"] == "ran", err[-3000:]
+    assert ppo["metrics"]["ppo/resumed_from"] >= saved >= 2  # from the last checkpoint, not from scratch
+    assert ppo["metrics"]["ppo/history_length"] == 40
