@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help venv browser align compare frontier serve champion faults test test-fast bench bench-real lint ui clean
+.PHONY: help venv browser align compare frontier serve workers champion faults test test-fast bench bench-real lint ui clean
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -39,6 +39,9 @@ serve: venv ## Prefect deployment of the align flow: cron from conf/schedule/, n
 
 champion: venv ## the registry's champion policy and its lineage
 	$(PY) -m flows.champion $(ARGS)
+
+workers: venv ## Prefect process work pool + 2 local workers; then `PREFECT_API_URL=... python -m flows.workers sweep a=1,2`
+	$(PY) -m flows.workers serve --workers 2 $(ARGS)
 
 compare: venv ## rlhf, dpo (best beta), rlaif, rlaif_direct from one SFT: one table, artifacts/compare/compare.json
 	$(PY) -m flows.compare $(ARGS)
