@@ -141,6 +141,11 @@ class Config:
                 check_optim(self.optim, self.tuning(stage).peft.method)
             except ValueError as e:
                 raise ValueError(f"{e} (peft.stages includes {stage})") from None
+        if self.distributed.launches("dpo") and self.stage.dpo.loss_type == "plackett_luce":
+            raise ValueError(
+                "distributed: stage.dpo.loss_type=plackett_luce (our listwise loop) runs in one process; "
+                "use a pairwise loss (trl's DPOTrainer runs under DDP and ZeRO) or distributed.stages without dpo"
+            )
         for stage in self.distributed.stages:  # what a process group cannot run: named before any compute
             why = refusal(self.distributed, stage, method=self.tuning(stage).peft.method, layout=self.stage.ppo.layout)
             if why is not None:

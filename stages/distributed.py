@@ -213,6 +213,15 @@ def trainer_args(cfg: DistributedConfig | None, batch_size: int, what: str) -> d
     return args
 
 
+def leave_trainer_zero3() -> None:
+    """After a trainer under ZeRO-3: models loaded from here on are whole and local (transformers
+    otherwise partitions every `from_pretrained` while the trainer's DeepSpeed config lives: a
+    collective that rank 0 alone would wait on forever)."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+
+
 # ---- our loops (reward model, PPO) --------------------------------------------------------------
 class Engine:
     """One training module and its optimizer, as one process (`cfg` None or single), torch DDP, or a

@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 
 from stages import checkpoints
+from stages import distributed as dist
+from stages.distributed import DistributedConfig
 from stages.manifest import Manifest, folder_digest, read_jsonl
 from stages.modeling import load_causal_lm, load_tokenizer, mean_token_kl, model_context, sample, sequence_logprobs
 from stages.optim import schedule
@@ -117,7 +119,9 @@ def _pretokenized_dpo_trainer():
     return PreTokenizedDPOTrainer
 
 
-def _train_trl(cfg: DpoConfig, tuning: Tuning, model, ref, tokenizer, pairs: list[dict], out_dir: Path, budget, ck):
+def _train_trl(
+    cfg: DpoConfig, tuning: Tuning, model, ref, tokenizer, pairs: list[dict], out_dir: Path, budget, ck, group
+):
     from datasets import Dataset
     from trl import DPOConfig
 
@@ -127,12 +131,12 @@ def _train_trl(cfg: DpoConfig, tuning: Tuning, model, ref, tokenizer, pairs: lis
     args = DPOConfig(
         num_train_epochs=cfg.epochs,
         learning_rate=cfg.learning_rate,
-        per_device_train_batch_size=cfg.batch_size,
         max_length=budget.max_length,
         beta=cfg.beta,
         loss_type=[cfg.loss_type],
         label_smoothing=cfg.label_smoothing,
         seed=cfg.seed,
+        **dist.trainer_args(group, cfg.batch_size, "stage.dpo.batch_size"),
         **{**TRAINER_ARGS, **saving, **train_args},
     )
     trainer = _pretokenized_dpo_trainer()(
@@ -253,9 +257,12 @@ def run(
     truncation: bool = True,
     max_dropped_fraction: float = 0.0,
     checkpoint_dir: Path | None = None,
+    distributed: DistributedConfig | None = None,
 ) -> Manifest:
     """`policy`: the model to start from (the SFT policy, or the previous round's); `reference`: the SFT
-    policy; `checkpoint_dir`: where a killed attempt left its checkpoint."""
+    policy; `checkpoint_dir`: where a killed attempt left its checkpoint. `distributed`: this process is
+    one rank of a group; trl trains under DDP or DeepSpeed ZeRO (the global batch stays `batch_size`),
+    and rank 0 alone measures the published policy."""
     out_dir = Path(out_dir)
     torch.manual_seed(cfg.seed)
     rows, held = read_jsonl(comparisons), read_jsonl(heldout)
@@ -284,14 +291,22 @@ def run(
     if cfg.loss_type == "plackett_luce":
         trained, metrics = _train_listwise(cfg, tuning, model, ref, tokenizer, rows, fitted.rows, checkpoint_dir)
     else:
-        trained, metrics = _train_trl(cfg, tuning, model, ref, tokenizer, pairs, out_dir, budget, checkpoint_dir)
+        args = (cfg, tuning, model, ref, tokenizer, pairs, out_dir, budget, checkpoint_dir, distributed)
+        trained, metrics = _train_trl(*args)
     metrics |= fitted.metrics("dpo/data")
     metrics["dpo/tokens"] = float(
         cfg.epochs * sum(2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)
     )
     adapter = out_dir / "adapter" if tuning.peft.adapters else None
-    export(trained, tuning, out_dir / "policy", base=Path(policy), adapter=adapter)
-    tokenizer.save_pretrained(out_dir / "policy")
+    with dist.gathered(trained, distributed):  # ZeRO-3: the full weights, on every rank
+        if dist.is_main():
+            export(trained, tuning, out_dir / "policy", base=Path(policy), adapter=adapter)
+            tokenizer.save_pretrained(out_dir / "policy")
+    if not dist.is_main():  # the measures below read rank 0's published folder
+        return Manifest("dpo", str(out_dir), "", metrics=metrics)
+    if distributed is not None:
+        dist.leave_trainer_zero3()
+        ref = None  # the trainer prepared it for the group (partitioned under ZeRO-3): read it again
     trained = load_causal_lm(out_dir / "policy").eval()  # what was published is what is measured
     reference_model = ref if ref is not None else load_causal_lm(reference).eval()
     unique = {json.dumps(r["prompt"]): r["prompt"] for r in held}  # a prompt may be a conversation
