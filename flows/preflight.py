@@ -9,7 +9,7 @@ stages use (`stages/tokens.py`) decide what fits, so preflight and stages cannot
 from __future__ import annotations
 
 from flows.config import PIPELINES, Config
-from stages import compute, sources
+from stages import compute, rollout, sources
 from stages.ai_labeler import api_key
 from stages.modeling import check_model_folder, load_tokenizer, model_context
 from stages.reward_model import encode_rankings
@@ -28,6 +28,8 @@ def context(cfg: Config) -> int:
 
 def preflight(cfg: Config) -> None:
     compute.check(cfg.compute)  # precision, attention, kernels this machine cannot run: before any model loads
+    if "ppo" in PIPELINES[cfg.pipeline.name]:
+        rollout.check(cfg.stage.ppo.generation)  # vLLM needs a GPU
     if cfg.labeler.kind == "ai" and cfg.labeler.ai.backend == "http":
         api_key(cfg.labeler.ai)
     tokenizer = None

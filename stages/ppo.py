@@ -40,11 +40,11 @@ from stages.modeling import (
     load_causal_lm,
     load_tokenizer,
     model_context,
-    sample,
 )
 from stages.ppo_models import FullCopies, SharedBase
 from stages.progress import progress
 from stages.reward_model import TrainedRewardModel
+from stages.rollout import GENERATIONS, HfRollout, VllmRollout, check
 from stages.tokens import SamplingBudget, fit_prompt_file, resolve_sampling
 from stages.tracking import log_metrics
 from stages.tuning import Tuning, optimizer
@@ -84,6 +84,7 @@ class PpoConfig:
     missing_eos_penalty: float | None = None
     max_repetition: float = 0.5  # the last update's repetition above this flags the stage (diagnostics.py)
     checkpoint_every: int = 10  # updates between checkpoints; 0: never
+    generation: str = "hf"  # the rollout engine (stages/rollout.py): hf | vllm (CUDA; weights synced per update)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -98,6 +99,8 @@ class PpoConfig:
             raise ValueError(f"stage.ppo.layout: {self.layout!r} is not 'full_copies' or 'shared_base'")
         if self.kl_estimator not in ("k1", "k3"):
             raise ValueError(f"stage.ppo.kl_estimator: {self.kl_estimator!r} is not 'k1' or 'k3'")
+        if self.generation not in GENERATIONS:
+            raise ValueError(f"stage.ppo.generation: {self.generation!r} is not one of {', '.join(GENERATIONS)}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"stage.ppo.ema_decay: must be in (0, 1) or null, got {self.ema_decay}")
 
@@ -135,7 +138,6 @@ class _State:
         self.history: list[dict[str, float]] = []
         self.warned_kl = False
         # ZeRO-3 partitions the policy: rollouts come from a whole copy, synced after each update
-        # (as OpenRLHF's and verl's rollout engines hold their own weights); see `sync_rollout`
         self.zero3 = distributed is not None and distributed.launches("ppo") and distributed.zero == 3
         self.rollout_policy = load_causal_lm(policy).eval().requires_grad_(False) if self.zero3 else None
         micro = dist.per_rank(cfg.minibatch_size, "stage.ppo.minibatch_size")
@@ -144,19 +146,15 @@ class _State:
         self.opt = self.engine.opt
         if dist.world_size() > 1:  # each rank samples its own rollouts
             torch.manual_seed(cfg.seed + dist.rank())
-
-    @property
-    def sampler(self):
-        """The model rollouts are sampled from: the policy, or under ZeRO-3 its whole copy."""
-        return self.rollout_policy if self.zero3 else self.models.policy
+        trained = self.models.policy
+        if cfg.generation == "vllm":
+            self.rollout = VllmRollout(policy, trained, seed=cfg.seed + dist.rank())
+        else:
+            self.rollout = HfRollout(self.rollout_policy, trained) if self.zero3 else HfRollout(trained)
 
     def sync_rollout(self) -> None:
-        """ZeRO-3: copy the policy's gathered weights into the rollout copy (collective)."""
-        if not self.zero3:
-            return
-        with self.engine.gathered([self.models.policy]):
-            for p, q in zip(self.models.policy.parameters(), self.rollout_policy.parameters(), strict=True):
-                q.data.copy_(p.data)
+        """After an update: the rollout engine takes the policy's weights (gathered under ZeRO-3)."""
+        self.rollout.sync(lambda: self.engine.gathered([self.models.policy]))
 
     def ema_step(self, decay: float) -> None:
         with self.engine.gathered([self.models.policy]) if self.zero3 else _nothing():
@@ -275,6 +273,7 @@ def run(
     (all-reduced), so two processes compute what one does with the same global batch. Reference
     and reward models are whole frozen copies on every rank."""
     out_dir = Path(out_dir)
+    check(cfg.generation)
     if (reward_model is None) == (judge is None or labeler is None):
         raise ValueError("ppo: score rollouts with either a reward model or an AI labeler and its judge, not both")
     scorer = RewardModelScore(reward_model, normalization) if reward_model else JudgeScore(labeler, judge)
@@ -316,8 +315,7 @@ def run(
 def _one_update(cfg, state: _State, tokenizer, scorer, batch_prompts, ptx_docs, update, budget: SamplingBudget):
     models = state.models
     # 1. rollouts (KV-cached, batched generate: the seam where a faster engine plugs in)
-    rollout = sample(
-        state.sampler,
+    rollout = state.rollout.sample(
         tokenizer,
         batch_prompts,
         max_new_tokens=budget.max_new_tokens,

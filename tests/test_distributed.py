@@ -191,3 +191,43 @@ def test_a_killed_rank_fails_the_ppo_stage_and_the_rerun_resumes(tmp_path):
     assert ppo["status"] == "ran", err[-3000:]
     assert ppo["metrics"]["ppo/resumed_from"] >= saved >= 2  # from the last checkpoint, not from scratch
     assert ppo["metrics"]["ppo/history_length"] == 40
+
+
+def test_vllm_rollouts_are_refused_without_a_gpu_before_any_compute(tmp_path):
+    from stages import rollout
+
+    with pytest.raises(ValueError, match="stage.ppo.generation=vllm needs a CUDA GPU and the vllm package"):
+        rollout.check("vllm", cuda=False)
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the command-line refusal is for CPU machines")
+    cmd = [sys.executable, "-m", "flows.align", "+experiment=tiny", f"artifacts_dir={tmp_path}"]
+    done = subprocess.run(
+        [*cmd, "stage.ppo.generation=vllm"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 1 and "stage.ppo.generation=vllm needs a CUDA GPU" in done.stderr
+    assert not (tmp_path / "prepare").exists()  # refused before any stage ran
+
+
+@pytest.mark.gpu
+def test_vllm_rollouts_follow_the_policy_after_a_weight_sync(tmp_path):
+    """On a GPU: vLLM samples the tiny policy's rollouts, and after the weights change and are pushed,
+    greedy samples follow the new weights (the per-update sync PPO relies on)."""
+    pytest.importorskip("vllm", reason="needs the vllm package (GPU machines)")
+    from conftest import build_tiny_model
+
+    from stages.modeling import load_causal_lm, load_tokenizer
+    from stages.rollout import HfRollout, VllmRollout
+
+    folder = build_tiny_model(tmp_path / "policy", "llama")
+    tokenizer, policy = load_tokenizer(folder), load_causal_lm(folder)
+    engine = VllmRollout(folder, policy, seed=0, gpu_memory_utilization=0.2)
+    kw = {"max_new_tokens": 8, "temperature": 1e-4}
+    before = engine.sample(tokenizer, ["hello there"], **kw)
+    assert before.response.shape[0] == 1 and before.response_mask.sum() > 0
+    with torch.no_grad():
+        policy.lm_head.weight.mul_(-1.0)  # a different greedy continuation
+    engine.sync()
+    after = engine.sample(tokenizer, ["hello there"], **kw)
+    hf = HfRollout(policy).sample(tokenizer, ["hello there"], **kw)
+    assert after.response[0, :3].tolist() == hf.response[0, :3].tolist() != before.response[0, :3].tolist()
