@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help venv browser align compare frontier serve workers champion faults test test-fast bench bench-real lint ui clean
+.PHONY: help venv browser align compare frontier serve workers champion faults test test-fast bench bench-dist bench-real lint ui clean
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -76,6 +76,9 @@ methods: venv ## the embedded-default RLHF pipeline under each method (dora, pis
 
 faults: venv ## SIGKILL the small pipeline at 20 seeded points, rerun, check: artifacts/bench/faults.json
 	$(PY) -m bench.faults $(ARGS)
+
+bench-dist: venv ## SFT, RM and PPO on 2 CPU processes (ddp, zero2, zero3) vs 1; ZeRO memory on a ~110M Llama: artifacts/bench/dist.json
+	$(PY) -m bench.dist $(ARGS)
 
 bench-real: venv ## the whole RLHF pipeline on the 2,312 HH-RLHF pairs, timed per stage: artifacts/bench/real_data.json
 	$(PY) -m bench.real_data

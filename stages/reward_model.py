@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -274,6 +275,7 @@ def run(
     nan_hint = f" (now {cfg.learning_rate}), or look for degenerate rows in {comparisons}"
     bar = progress(cfg.epochs * steps_per_epoch, "reward_model: training")
     bar.update(step)
+    t0 = time.perf_counter()
     for epoch in range(at["epoch"], cfg.epochs):
         bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", refresh=False)
         if resumed is not None and epoch == at["epoch"]:
@@ -312,6 +314,7 @@ def run(
             {"rm/eval/accuracy": pairwise_accuracy(model, tokenizer, held, cfg.pooling, budget=budget)}, step=step
         )
     bar.close()
+    train_seconds = time.perf_counter() - t0
     model.eval()
     with torch.no_grad():  # 3. normalise: the SFT samples' mean reward becomes zero
         bias = torch.cat(
@@ -327,6 +330,7 @@ def run(
         "rm/bias": bias.item(),
         "rm/tokens": float(tokens),
         "rm/steps": float(step),
+        "rm/train/seconds": train_seconds,  # the training loop alone (per-step time: over rm/steps - rm/resumed_from)
         "rm/resumed_from": float(resumed_from),
         **fitted.metrics("rm/data"),
     }
