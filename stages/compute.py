@@ -90,8 +90,10 @@ def load_kwargs(compute: ComputeConfig, *, training: bool) -> dict:
 
 
 def trainer_flags(compute: ComputeConfig) -> dict:
-    """transformers' precision flags, both explicit (TRL turns bf16 on by default)."""
-    return {"bf16": compute.precision == "bf16", "fp16": compute.precision == "fp16"}
+    """transformers' precision flags, both explicit (TRL turns bf16 on by default), and the device:
+    the GPU where there is one (under torchrun, each rank its own), else the CPU."""
+    cpu = not torch.cuda.is_available()
+    return {"bf16": compute.precision == "bf16", "fp16": compute.precision == "fp16", "use_cpu": cpu}
 
 
 def autocast(compute: ComputeConfig):

@@ -30,8 +30,9 @@ def test_unsloth_is_refused_even_with_cuda_rather_than_ignored():
 
 
 def test_trl_bf16_default_is_overridden_both_ways():
-    assert compute.trainer_flags(ComputeConfig()) == {"bf16": False, "fp16": False}
-    assert compute.trainer_flags(ComputeConfig(precision="bf16")) == {"bf16": True, "fp16": False}
+    cpu = not torch.cuda.is_available()  # trainers train on the GPU where there is one
+    assert compute.trainer_flags(ComputeConfig()) == {"bf16": False, "fp16": False, "use_cpu": cpu}
+    assert compute.trainer_flags(ComputeConfig(precision="bf16")) == {"bf16": True, "fp16": False, "use_cpu": cpu}
 
 
 def test_cpu_options_pass():
