@@ -19,6 +19,7 @@ Alone: `python -m flows.align pipeline.stop_after=reward_model`.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -276,6 +277,7 @@ def run(
     bar = progress(cfg.epochs * steps_per_epoch, "reward_model: training")
     bar.update(step)
     t0 = time.perf_counter()
+    tail: collections.deque = collections.deque(maxlen=max(1, cfg.epochs * steps_per_epoch // 10))
     for epoch in range(at["epoch"], cfg.epochs):
         bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", refresh=False)
         if resumed is not None and epoch == at["epoch"]:
@@ -302,6 +304,7 @@ def run(
             step = step + 1
             shared = dist.all_reduce_sum(torch.tensor([loss.item() * weight * len(mine), weight * len(mine)]))
             last_loss = (shared[0] / shared[1]).item()  # the global batch's mean loss
+            tail.append(last_loss)
             bar.update(1)
             if step % 10 == 0:
                 log_metrics({"rm/train/loss": last_loss, "rm/train/lr": sched.get_last_lr()[0]}, step=step)
@@ -322,6 +325,7 @@ def run(
         ).mean()
     metrics = {
         "rm/train/loss_last": last_loss,
+        "rm/train/loss_tail": sum(tail) / len(tail) if tail else last_loss,  # the last 10% of steps' mean: less noisy
         "rm/train/accuracy": pairwise_accuracy(model, tokenizer, rows, cfg.pooling, budget=budget),
         **{
             f"rm/eval/accuracy{'' if k == 'all' else '_' + k}": v
