@@ -141,15 +141,7 @@ class Config:
                 check_optim(self.optim, self.tuning(stage).peft.method)
             except ValueError as e:
                 raise ValueError(f"{e} (peft.stages includes {stage})") from None
-        if self.distributed.launches("dpo") and self.stage.dpo.loss_type == "plackett_luce":
-            raise ValueError(
-                "distributed: stage.dpo.loss_type=plackett_luce (our listwise loop) runs in one process; "
-                "use a pairwise loss (trl's DPOTrainer runs under DDP and ZeRO) or distributed.stages without dpo"
-            )
-        for stage in self.distributed.stages:  # what a process group cannot run: named before any compute
-            why = refusal(self.distributed, stage, method=self.tuning(stage).peft.method, layout=self.stage.ppo.layout)
-            if why is not None:
-                raise ValueError(why)
+        self._check_distributed()
         if self.stage.ppo.layout == "shared_base" and not shares_base(self.tuning("ppo")):
             raise ValueError(shared_base_refusal(self.peft.method))
         sampled = self.pipeline.name in ("rlhf", "dpo") and self.data.comparisons is None
@@ -169,6 +161,32 @@ class Config:
                 f"labeler.kind: pipeline={self.pipeline.name} needs the AI labeler (labeler=ai), "
                 f"got {self.labeler.kind!r}"
             )
+
+    def _check_distributed(self) -> None:
+        """What a process group cannot run (`distributed/`), named before any compute."""
+        if self.distributed.launches("dpo") and self.stage.dpo.loss_type == "plackett_luce":
+            raise ValueError(
+                "distributed: stage.dpo.loss_type=plackett_luce (our listwise loop) runs in one process; "
+                "use a pairwise loss (trl's DPOTrainer runs under DDP and ZeRO) or distributed.stages without dpo"
+            )
+        world = self.distributed.world_size
+        for key, batch in (
+            ("stage.sft.batch_size", self.stage.sft.batch_size if self.distributed.launches("sft") else 0),
+            ("stage.dpo.batch_size", self.stage.dpo.batch_size if self.distributed.launches("dpo") else 0),
+            (
+                "stage.ppo.rollouts_per_update",
+                self.stage.ppo.rollouts_per_update if self.distributed.launches("ppo") else 0,
+            ),
+            ("stage.ppo.minibatch_size", self.stage.ppo.minibatch_size if self.distributed.launches("ppo") else 0),
+        ):
+            if batch % world:  # each rank takes 1/N of the global batch
+                raise ValueError(
+                    f"{key} ({batch}) must be a multiple of the {world} processes (distributed={self.distributed.mode})"
+                )
+        for stage in self.distributed.stages:  # what a process group cannot run: named before any compute
+            why = refusal(self.distributed, stage, method=self.tuning(stage).peft.method, layout=self.stage.ppo.layout)
+            if why is not None:
+                raise ValueError(why)
 
 
 def _writable(node: DictConfig) -> DictConfig:

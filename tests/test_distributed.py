@@ -50,6 +50,13 @@ def test_a_typo_in_a_distributed_key_is_named(tmp_path):
         assert cfg.distributed.zero == 3 and cfg.distributed.world_size == 2
         with pytest.raises(Exception, match="nprocs"):
             compose("config", overrides=["distributed=ddp", "distributed.nprocs=2"])
+        with pytest.raises(ValueError, match=r"stage.ppo.minibatch_size \(5\) must be a multiple of the 2 processes"):
+            to_config(
+                compose(
+                    "config",
+                    overrides=["distributed=ddp", "stage.ppo.minibatch_size=5", "stage.ppo.rollouts_per_update=10"],
+                )
+            )
         with pytest.raises(ValueError, match="peft=lora is not wired under ZeRO-3"):
             to_config(compose("config", overrides=["distributed=zero3"]))  # lora trains sft by default
 
