@@ -177,7 +177,7 @@ def test_sft_and_the_reward_model_train_under_zero3_on_two_processes_through_the
 def test_a_killed_rank_fails_the_ppo_stage_and_the_rerun_resumes(tmp_path):
     # SFT and the reward model in the flow's process; PPO as two ZeRO-2 ranks, checkpointing each update
     args = ["distributed=zero2", "distributed.stages=[ppo]", "peft=full", "pipeline.stop_after=ppo"]
-    args += ["stage.ppo.updates=40", "stage.ppo.checkpoint_every=1"]
+    args += ["stage.ppo.updates=16", "stage.ppo.checkpoint_every=1"]
     proc = _flow(args, tmp_path)
     deadline = time.monotonic() + 600
     latest = None
@@ -197,7 +197,7 @@ def test_a_killed_rank_fails_the_ppo_stage_and_the_rerun_resumes(tmp_path):
     ppo = _summary(out)["stages"]["ppo"]
     assert ppo["status"] == "ran", err[-3000:]
     assert ppo["metrics"]["ppo/resumed_from"] >= saved >= 2  # from the last checkpoint, not from scratch
-    assert ppo["metrics"]["ppo/history_length"] == 40
+    assert ppo["metrics"]["ppo/history_length"] == 16
 
 
 def test_vllm_rollouts_are_refused_without_a_gpu_before_any_compute(tmp_path):
