@@ -104,7 +104,7 @@ def run_group(
         raise
     tee.join(timeout=10)
     if code != 0:
-        raise failure(stage, cfg, folder, code)  # the folder stays: its log and the ranks' errors
+        raise failure(stage, cfg, folder)  # the folder stays: its log and the ranks' errors
     manifest = Manifest(**json.loads((folder / RESULT).read_text()))
     shutil.rmtree(folder, ignore_errors=True)
     return manifest
@@ -133,7 +133,7 @@ def _stop(proc: subprocess.Popen) -> None:
 ERRORS = {"ValueError": ValueError, "FloatingPointError": FloatingPointError, "MemoryError": MemoryError}
 
 
-def failure(stage: str, cfg: DistributedConfig, folder: Path, code: int) -> BaseException:
+def failure(stage: str, cfg: DistributedConfig, folder: Path) -> BaseException:
     """The error of a failed group: the root-cause rank's own error (torchrun names the first rank
     that failed; the others then fail on the broken group), else which rank died and how."""
     text = (folder / "launcher.log").read_text(errors="replace") if (folder / "launcher.log").exists() else ""

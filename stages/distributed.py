@@ -324,11 +324,6 @@ def gathered(modules, cfg: DistributedConfig | None):
         yield
 
 
-def zero3_model(model) -> bool:
-    """Whether `model`'s parameters are ZeRO-3 partitions (they carry DeepSpeed's `ds_id`)."""
-    return any(hasattr(p, "ds_id") for p in model.parameters())
-
-
 def state_bytes(module, opt) -> dict[str, int]:
     """Bytes this rank holds of the parameters and of the optimizer state: ZeRO-3's partitions count
     their local shard (`ds_tensor`), ZeRO-2's optimizer its flat partition."""

@@ -17,7 +17,6 @@ Alone: `python -m flows.align pipeline.stop_after=ppo`.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import warnings
@@ -126,7 +125,6 @@ class _State:
             if cfg.layout == "full_copies"
             else SharedBase(policy, critic_init, cfg.temperature, tuning)
         )
-        self.params = self.models.trainable
         self.compute = tuning.compute
         self.opt = optimizer(
             self.models.module, tuning, lr=cfg.learning_rate, eps=1e-5, weight_decay=0.01
@@ -157,7 +155,7 @@ class _State:
         self.rollout.sync(lambda: self.engine.gathered([self.models.policy]))
 
     def ema_step(self, decay: float) -> None:
-        with self.engine.gathered([self.models.policy]) if self.zero3 else _nothing():
+        with self.engine.gathered([self.models.policy]):  # a no-op but under ZeRO-3
             pm.ema_update(self.ema, self.models.policy_state(), decay)
 
     def save(self, folder: Path) -> None:
@@ -217,11 +215,6 @@ class _Trained(torch.nn.Module):
     def forward(self, mb: Rollout):
         logp, entropy = self.models[0].policy_logprobs(mb)
         return logp, entropy, self.models[0].values(mb)
-
-
-@contextlib.contextmanager
-def _nothing():
-    yield
 
 
 class RewardModelScore:
