@@ -2,6 +2,7 @@
 SHELL := /bin/bash
 PY := .venv/bin/python
 PIP := .venv/bin/pip
+CLI := .venv/bin/alignflow
 export PREFECT_HOME := $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := true
@@ -9,7 +10,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help venv browser align compare frontier serve workers champion faults test test-fast bench bench-dist bench-real lint ui clean
+.PHONY: help venv browser align compare frontier serve workers champion faults test test-fast bench bench-rerun bench-peft methods bench-dist bench-real lint ui clean
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -29,28 +30,30 @@ browser: ## Debian's headless Chromium, for the report's browser test (Playwrigh
 	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 align: venv ## run the whole InstructGPT recipe on the embedded default (ARGS="stage.ppo.beta=0.05")
-	$(PY) -m flows.align $(ARGS)
+	$(CLI) align $(ARGS)
 
 frontier: venv ## reward-vs-KL frontier: sweeps of PPO and DPO beta (2 joblib jobs), artifacts/frontier/<time>/
-	$(PY) -m flows.frontier $(ARGS)
+	$(CLI) frontier $(ARGS)
 
-serve: venv ## Prefect deployment of the align flow: cron from conf/schedule/, new-data trigger (flows.notify)
-	$(PY) -m flows.serve $(ARGS)
+serve: venv ## Prefect deployment of the align flow: cron from conf/schedule/, new-data trigger (alignflow notify)
+	$(CLI) serve $(ARGS)
 
 champion: venv ## the registry's champion policy and its lineage
-	$(PY) -m flows.champion $(ARGS)
+	$(CLI) champion $(ARGS)
 
-workers: venv ## Prefect process work pool + 2 local workers; then `PREFECT_API_URL=... python -m flows.workers sweep a=1,2`
-	$(PY) -m flows.workers serve --workers 2 $(ARGS)
+workers: venv ## Prefect process work pool + 2 local workers; then `PREFECT_API_URL=... alignflow workers sweep a=1,2`
+	$(CLI) workers serve --workers 2 $(ARGS)
 
 compare: venv ## rlhf, dpo (best beta), rlaif, rlaif_direct from one SFT: one table, artifacts/compare/compare.json
-	$(PY) -m flows.compare $(ARGS)
+	$(CLI) compare $(ARGS)
 
-test: venv browser ## run the whole test suite (unit, stage, config, end-to-end flow, report in a browser)
-	$(PY) -m pytest tests
+# Both tiers run on pytest-xdist, one worker per core (tests/conftest.py pins each to its core).
+test: venv browser ## the whole suite: layering contracts, unit, stage, config, end-to-end flows, browser (~15 min on 2 cores)
+	.venv/bin/lint-imports
+	$(PY) -m pytest tests -n auto --dist worksteal --durations=20
 
-test-fast: venv ## unit and config tests only
-	$(PY) -m pytest tests -m "not slow"
+test-fast: venv ## unit, stage and config tests, no end-to-end flow (~2 min on 2 cores)
+	$(PY) -m pytest tests -m "not slow" -n auto --dist worksteal
 
 .bench-venvs/trl112/.installed:
 	python3 -m venv .bench-venvs/trl112
@@ -59,6 +62,7 @@ test-fast: venv ## unit and config tests only
 	touch $@
 
 bench: venv .bench-venvs/trl112/.installed ## benchmarks, side by side in one run; JSON under artifacts/bench/
+	$(PY) -m bench.cached_rerun
 	$(PY) -m bench.parallel_jobs
 	$(PY) -m bench.rm_batching
 	$(PY) -m bench.ppo_variants
@@ -67,6 +71,9 @@ bench: venv .bench-venvs/trl112/.installed ## benchmarks, side by side in one ru
 	$(PY) -m bench.ppo_vs_trl
 	$(PY) -m bench.real_data
 	$(PY) -m bench.peft_methods
+
+bench-rerun: venv ## the embedded default cold, then rerun with nothing changed (no server; a server up): artifacts/bench/cached_rerun.json
+	$(PY) -m bench.cached_rerun $(ARGS)
 
 bench-peft: venv ## every fine-tuning method and optimizer on a ~110M Llama, SFT and RM steps: artifacts/bench/peft_methods.{json,md}
 	$(PY) -m bench.peft_methods $(ARGS)
@@ -83,11 +90,12 @@ bench-dist: venv ## SFT, RM and PPO on 2 CPU processes (ddp, zero2, zero3) vs 1;
 bench-real: venv ## the whole RLHF pipeline on the 2,312 HH-RLHF pairs, timed per stage: artifacts/bench/real_data.json
 	$(PY) -m bench.real_data
 
-lint: venv ## ruff
+lint: venv ## ruff and the layering contracts (import-linter)
 	.venv/bin/ruff check stages flows tests bench
+	.venv/bin/lint-imports
 
 ui: venv ## serve the MLflow UI on 127.0.0.1:5000
-	.venv/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/artifacts/mlflow.db --default-artifact-root $(CURDIR)/artifacts/mlflow-artifacts --host 127.0.0.1 --port 5000
+	$(CLI) ui $(ARGS)
 
 clean: ## remove artifacts and orchestration state (keeps .venv)
 	rm -rf artifacts/*/ artifacts/mlflow.db artifacts/summary.json .prefect

@@ -27,7 +27,7 @@ def write_results(out: Path, results: dict, *, echo: bool = False) -> None:
 def flow_variants(variants: dict[str, list[str]], out: Path, stage: str, artifacts: Path = Path("artifacts")) -> None:
     """Runs `python -m flows.align` once per variant into one artifacts folder (shared stages are
     computed once and cached), records each evaluation and `stage`'s seconds, writes `out`."""
-    from flows.compare import run_branch
+    from flows.studies.compare import run_branch
 
     results = {}
     for name, overrides in variants.items():

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from bench.common import write_results
 from bench.peft_methods import build_model
-from flows.compare import run_branch
+from flows.studies.compare import run_branch
 
 OUT = Path("artifacts/bench")
 MODES = ("ddp", "zero2", "zero3")

@@ -2,7 +2,7 @@
 stage, then rerun it, and check what the rerun leaves. Writes `artifacts/bench/faults.json` and
 prints kills survived / kills.
 
-A kill is a hook point (`flows/faults.py`: a stage starting, a stage's folder complete but not yet
+A kill is a hook point (`flows/launch/faults.py`: a stage starting, a stage's folder complete but not yet
 renamed, a stage published but its MLflow run not finished) or a random moment of the run. Each kill
 gets a fresh artifacts folder: one uninterrupted-then-killed attempt, one rerun. The rerun survives
 the kill when
@@ -87,7 +87,7 @@ def _same(reference: dict, rerun: dict) -> list[str]:
 
 
 def _leftovers(art: Path) -> list[str]:
-    from stages.manifest import Manifest, folder_digest
+    from stages.runtime.manifest import Manifest, folder_digest
 
     problems = [f"staging folder left: {p}" for p in art.rglob(".tmp-*")]
     for m in art.glob("*/*/manifest.json"):

@@ -1,4 +1,4 @@
-"""Two jobs at once on this machine: threads capped per job (`flows/resources.py`) against uncapped,
+"""Two jobs at once on this machine: threads capped per job (`flows/launch/resources.py`) against uncapped,
 and against the same two jobs one after another. Writes `artifacts/bench/parallel_jobs.json`.
 
 1. A bare training loop (a two-layer Llama, 60 steps of AdamW), each job a child process.

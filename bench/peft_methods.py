@@ -1,7 +1,7 @@
 """`make bench-peft`: every fine-tuning method and optimizer side by side, on the same random-init
 Llama (about 110M parameters by default) and the same data, for a few steps of SFT (causal LM loss on
 Alpaca demonstrations) and of reward modelling (pairwise loss on the DPO demo's chosen/rejected pairs),
-both through the door the stages use (`stages/tuning.py`). Each (method, kind) runs in its own process,
+both through the door the stages use (`stages/models/tuning.py`). Each (method, kind) runs in its own process,
 so its peak RSS is its own. Figures, each also as a ratio to full fine-tuning's (AdamW):
 - peak RSS: the whole process while it trains (the kernel's mark is reset once model and optimizer
   are built, so loading's transient copies do not count);
@@ -140,11 +140,11 @@ def one(args) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from stages import tuning as tuning_lib
-    from stages.compute import ComputeConfig, autocast
-    from stages.optim import OptimConfig, state_bytes
-    from stages.peft_setup import PeftConfig
-    from stages.tuning import Tuning
+    from stages.models import tuning as tuning_lib
+    from stages.models.compute import ComputeConfig, autocast
+    from stages.models.optim import OptimConfig, state_bytes
+    from stages.models.peft_setup import PeftConfig
+    from stages.models.tuning import Tuning
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

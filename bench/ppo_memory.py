@@ -3,7 +3,7 @@
 1. Peak RSS of a PPO run (2 updates) in each layout, each in its own process:
    `full_copies` (policy, reference, value, reward as four models) against `shared_base` (one base,
    LoRA policy and value adapters, reference = adapters disabled, separate frozen reward model).
-2. Tokens per second of PPO's rollout sampling (`stages.modeling.sample`) against a plain
+2. Tokens per second of PPO's rollout sampling (`stages.models.modeling.sample`) against a plain
    `model.generate` on the same batch, alternated over repeats.
 Writes artifacts/bench/ppo_memory.json. `python -m bench.ppo_memory`.
 """
@@ -26,8 +26,8 @@ import json, resource, sys, time
 from pathlib import Path
 import flows
 from stages import ppo
-from stages.peft_setup import PeftConfig
-from stages.tuning import Tuning
+from stages.models.peft_setup import PeftConfig
+from stages.models.tuning import Tuning
 root, layout = Path(sys.argv[1]), sys.argv[2]
 cfg = ppo.PpoConfig(updates=2, rollouts_per_update=8, minibatch_size=4, max_new_tokens=8, layout=layout)
 t = time.perf_counter()
@@ -40,10 +40,10 @@ print("RESULT " + json.dumps({"seconds": time.perf_counter() - t,
 
 
 def build(root: Path) -> int:
-    from stages import task
-    from stages.manifest import write_jsonl
-    from stages.modeling import ModelConfig, load_scalar_model
-    from stages.prepare import build_tiny_llama, build_tokenizer
+    from stages.data import task
+    from stages.models.modeling import ModelConfig, build_tiny_llama, load_scalar_model
+    from stages.prepare import build_tokenizer
+    from stages.runtime.manifest import write_jsonl
 
     tok = build_tokenizer([" ".join(task.vocabulary())])
     cfg = ModelConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
@@ -63,8 +63,8 @@ def build(root: Path) -> int:
 def rollout_speed(root: Path, repeats: int = 3) -> dict:
     import torch
 
-    from stages import task
-    from stages.modeling import encode_queries, load_causal_lm, load_tokenizer, sample
+    from stages.data import task
+    from stages.models.modeling import encode_queries, load_causal_lm, load_tokenizer, sample
 
     tok, model = load_tokenizer(root / "base"), load_causal_lm(root / "base").eval()
     prompts = task.make_prompts(16, seed=2)

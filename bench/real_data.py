@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 from bench.common import write_results
-from flows.compare import run_branch
+from flows.studies.compare import run_branch
 
 TOKENS = {
     "sft": "sft/tokens",

@@ -17,11 +17,12 @@ from pathlib import Path
 import flows  # noqa: F401  (telemetry off)
 from bench.common import write_results
 from stages import comparisons, prepare, reward_model, sft
-from stages.labelers import LabelerConfig
-from stages.manifest import read_jsonl, write_jsonl
-from stages.modeling import ModelConfig
-from stages.peft_setup import PeftConfig
-from stages.tuning import Tuning
+from stages.labeling.labelers import LabelerConfig
+from stages.models.modeling import ModelConfig
+from stages.models.peft_setup import PeftConfig
+from stages.models.tuning import Tuning
+from stages.preference import rankings
+from stages.runtime.manifest import read_jsonl, write_jsonl
 
 OUT = Path("artifacts/bench/rm_batching.json")
 EPOCHS, LR, PROMPTS_PER_STEP = 3, 1e-3, 16
@@ -31,7 +32,7 @@ def as_shuffled_pairs(rows: list[dict], seed: int) -> list[dict]:
     """Every (winner, loser) pair as its own K = 2 row, shuffled across prompts."""
     pairs = []
     for row in rows:
-        for w, l in reward_model.ranking_pairs(row["ranks"]):
+        for w, l in rankings.ranking_pairs(row["ranks"]):
             pairs.append(
                 {
                     "prompt": row["prompt"],

@@ -1,27 +1,26 @@
-"""The alignment flow's command line: `python -m flows.align [overrides]`, e.g. `stage.ppo.beta=0.05 peft=full`.
+"""The alignment flow's command line: `alignflow align [overrides]` or `python -m flows.align [overrides]`,
+e.g. `stage.ppo.beta=0.05 peft=full`.
 
-A sweep: `python -m flows.align -m stage.ppo.beta=0.01,0.05` (Hydra's basic launcher, one job after
+A sweep: `alignflow align -m stage.ppo.beta=0.01,0.05` (Hydra's basic launcher, one job after
 another), `hydra/launcher=joblib hydra.launcher.n_jobs=2` (parallel jobs on one artifacts folder),
 `hydra/launcher=submitit_local` or `submitit_slurm`, `+hparams_search=ppo_optuna` (Optuna). The flow
-itself is `flows/pipeline.py`; the sweep's MLflow parent run and frontier are `flows/sweep.py`.
+itself is `flows/pipeline.py`; the sweep's MLflow parent run and frontier are `flows/studies/sweep.py`.
 """
 
 from __future__ import annotations
 
-import flows  # (environment: project-local Prefect home, telemetry off)
-
-if __name__ == "__main__":
-    flows.prestart_prefect_server()  # boots while the heavy imports below run
+import sys
 
 import hydra
 from omegaconf import DictConfig
 
+import flows  # (environment: project-local Prefect home, telemetry off)
 from flows.config import register
 
 register()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(flows.ROOT / "conf"), config_name="config")
 def main(dcfg: DictConfig) -> float | None:
     # Sweep launchers (joblib, submitit) pickle this function into other processes: it refers to
     # nothing of this module, only to the importable flows.pipeline.
@@ -30,5 +29,13 @@ def main(dcfg: DictConfig) -> float | None:
     return job(dcfg)
 
 
-if __name__ == "__main__":
+def run(argv: list[str]) -> None:
+    if "-m" in argv or "--multirun" in argv:  # a sweep computes: its jobs share one server, booting now
+        flows.prestart_prefect_server()
+    sys.argv = ["alignflow align", *argv]
     main()
+    flows.exit_now(0)
+
+
+if __name__ == "__main__":
+    run(sys.argv[1:])

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from flows import steps
 from flows.config import Config
-from stages.manifest import Manifest
+from stages.runtime.manifest import Manifest
 
 
 def rlhf(run, cfg: Config) -> Manifest:

@@ -11,21 +11,21 @@ from dataclasses import dataclass, field
 from omegaconf import DictConfig, OmegaConf
 
 from stages.comparisons import ComparisonsConfig
-from stages.compute import ComputeConfig
-from stages.distributed import DistributedConfig, refusal
 from stages.dpo import DpoConfig
 from stages.evaluate import EvaluateConfig
 from stages.judge import JudgeConfig
-from stages.labelers import LabelerConfig
-from stages.modeling import ModelConfig
-from stages.optim import OptimConfig
-from stages.optim import check as check_optim
-from stages.peft_setup import TRAINING_STAGES, PeftConfig
+from stages.labeling.labelers import LabelerConfig
+from stages.models.compute import ComputeConfig
+from stages.models.modeling import ModelConfig
+from stages.models.optim import OptimConfig
+from stages.models.optim import check as check_optim
+from stages.models.peft_setup import TRAINING_STAGES, PeftConfig
+from stages.models.tuning import Tuning, shared_base_refusal, shares_base
 from stages.ppo import PpoConfig
 from stages.prepare import DataConfig
 from stages.reward_model import RewardModelConfig
+from stages.runtime.distributed import DistributedConfig, refusal
 from stages.sft import SftConfig
-from stages.tuning import Tuning, shared_base_refusal, shares_base
 
 # The stages of each branch, in order (`flows/branches.py` wires them; `pipeline.stop_after` names one)
 PIPELINES = {
@@ -74,7 +74,7 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class RegistryConfig:
-    """The promotion gate (`flows/registry.py`): after evaluate, the aligned policy becomes a new version
+    """The promotion gate (`flows/results/registry.py`): after evaluate, the aligned policy becomes a new version
     of `model_name` in the MLflow registry; alias `champion` only if it beats the champion's `metric`
     (a key of eval.json, dots for nesting) by `margin` with its KL to SFT at most `max_kl_per_token`."""
 
@@ -99,8 +99,8 @@ class SweepConfig:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """`make serve` (`flows/serve.py`): a Prefect deployment of the align flow on a cron schedule, also
-    started by a new-data event (`python -m flows.notify <path>`), one run at a time."""
+    """`make serve` (`flows/ops/serve.py`): a Prefect deployment of the align flow on a cron schedule, also
+    started by a new-data event (`python -m flows.ops.notify <path>`), one run at a time."""
 
     deployment: str = "retrain"
     cron: str = "0 3 * * 1"  # Mondays 03:00

@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from stages.manifest import MANIFEST
+from stages.runtime.manifest import MANIFEST
 
 
 class Fingerprints:

@@ -1,5 +1,5 @@
 """The align flow: the cached stage runner, MLflow's parent run, the promotion gate, the summary and
-the report. `flows/align.py` is its command line (`python -m flows.align [overrides]`), `flows/serve.py`
+the report. `flows/align.py` is its command line (`python -m flows.align [overrides]`), `flows/ops/serve.py`
 its deployment.
 
 `pipeline=rlhf|dpo|rlaif|rlaif_direct` picks the branch; each is a small function in
@@ -25,33 +25,47 @@ from typing import Any
 
 import mlflow
 from filelock import FileLock, Timeout
-from prefect import flow
 
 import flows
-from flows import html_report, registry, report
 from flows.branches import BRANCHES
 from flows.config import PIPELINES, Config
-from flows.faults import point, reap
 from flows.fingerprint import Fingerprints
+from flows.launch.resources import (
+    SWEEP_RUN_ENV,
+    ResourceError,
+    cap_threads,
+    concurrent_jobs,
+    live_runs,
+    register_run,
+    threads_per_job,
+)
 from flows.preflight import preflight
-from flows.resources import ResourceError, cap_threads, concurrent_jobs, live_runs, register_run, threads_per_job
-from flows.runner import StageCall, flatten, stage_task, tracked_run
-from flows.sweep import SWEEP_RUN_ENV  # set by the sweep callback: each job's run is its child
-from stages.manifest import MANIFEST, Manifest
-from stages.progress import STOP
+from flows.results import html_report, registry, report
+from flows.runner import StageCall, execute, flatten, recall, remember, set_up_tracking, stage_task, tracked_run
+from stages.runtime.manifest import MANIFEST, Manifest
+from stages.runtime.progress import STOP
 
 
 class StopPipeline(Exception):
     """Raised by the runner at the first stage past `pipeline.stop_after`."""
 
 
+class NotCached(Exception):
+    """Raised by a probing runner at the first stage whose result the artifacts folder does not hold."""
+
+
 class Pipeline:
     """Runs stage calls in order, recording status and timing; stops after `pipeline.stop_after`."""
 
-    def __init__(self, cfg: Config, parent_run_id: str) -> None:
+    def __init__(self, cfg: Config, parent_run_id: str | None, *, probe: bool = False) -> None:
+        """`probe`: walk the branch without running or recording anything; each call returns the
+        published result of its cache key, or raises `NotCached`. Inside a Prefect flow run the stages
+        are Prefect tasks (recorded on the server, Prefect's cache); outside one they run, or are
+        found in the artifacts folder, without Prefect."""
         self.cfg = cfg
         self.parent_run_id = parent_run_id
-        self.task = stage_task()
+        self.probe = probe
+        self.task = stage_task() if in_prefect_flow() else None
         self.stages: dict[str, dict[str, Any]] = {}
         self.order = PIPELINES[cfg.pipeline.name]
         self.jobs = concurrent_jobs()  # a sweep's jobs running at once
@@ -86,19 +100,18 @@ class Pipeline:
         self.fingerprints.save()
         group = self.cfg.distributed if self.cfg.distributed.launches(stage) else None  # a process group
         call = StageCall(stage, configs, inputs, digests, scalars, self.cfg.artifacts_dir, checkpointed, group)
+        if self.probe:
+            found = recall(call)
+            if found is None:
+                raise NotCached(name)
+            return found
         threads = threads_per_job(self.cfg.threads, max(self.jobs, live_runs()))  # runs start and end
         cap_threads(threads)
         t0 = time.perf_counter()
         reset_peak_rss()
         with stage_lock(self.cfg.artifacts_dir, name, call.key()):
-            state = self.task.with_options(task_run_name=name)(call, self.parent_run_id, return_state=True)
-            manifest: Manifest = state.result()
-            cached = state.name == "Cached"
-            if cached and not Path(manifest.path, MANIFEST).exists():  # artifact deleted: recompute
-                state = self.task.with_options(task_run_name=name, refresh_cache=True)(
-                    call, self.parent_run_id, return_state=True
-                )
-                manifest, cached = state.result(), False
+            manifest, cached = self.run_task(call, name) if self.task is not None else self.run_plain(call)
+            remember(call, manifest)
         if cached:
             with tracked_run(
                 run_name=name,
@@ -128,6 +141,31 @@ class Pipeline:
         if "verdict" in manifest.files:
             self.stages[name]["verdict"] = json.loads(manifest.file("verdict").read_text())
         return manifest
+
+    def run_task(self, call: StageCall, name: str) -> tuple[Manifest, bool]:
+        """As a Prefect task: Prefect's cache (its result store, keyed on `call.key()`) finds a result."""
+        state = self.task.with_options(task_run_name=name)(call, self.parent_run_id, return_state=True)
+        manifest: Manifest = state.result()
+        cached = state.name == "Cached"
+        if cached and not Path(manifest.path, MANIFEST).exists():  # artifact deleted: recompute
+            state = self.task.with_options(task_run_name=name, refresh_cache=True)(
+                call, self.parent_run_id, return_state=True
+            )
+            manifest, cached = state.result(), False
+        return manifest, cached
+
+    def run_plain(self, call: StageCall) -> tuple[Manifest, bool]:
+        """Without Prefect: the artifacts folder's record of the key finds a result (`runner.recall`)."""
+        found = recall(call)
+        return (found, True) if found is not None else (execute(call, self.parent_run_id), False)
+
+
+def in_prefect_flow() -> bool:
+    if "prefect" not in sys.modules:  # nothing imported it: no flow can be running
+        return False
+    from prefect.context import FlowRunContext
+
+    return FlowRunContext.get() is not None
 
 
 def reset_peak_rss() -> None:
@@ -166,9 +204,10 @@ def stage_lock(artifacts_dir: str, name: str, key: str) -> Iterator[None]:
         lock.release()
 
 
-@flow(name="align", log_prints=True)
 def align(cfg: Config) -> dict[str, Any]:
-    """The callers (`job`, the deployment's `retrain`) have run `preflight(cfg)` before it."""
+    """The callers (`job`, the deployment's `retrain`) have run `preflight(cfg)` before it. Called
+    plainly, it runs without Prefect (a rerun whose every stage is cached, when no server is up);
+    `align_flow()` is the same body as a Prefect flow."""
     set_up_tracking(cfg)
     sweep_run = os.environ.get(SWEEP_RUN_ENV)
     with tracked_run(
@@ -177,6 +216,8 @@ def align(cfg: Config) -> dict[str, Any]:
         mlflow.log_params(flatten(cfg))
         run = Pipeline(cfg, parent.info.run_id)
         summary: dict[str, Any] = {"pipeline": cfg.pipeline.name, "mlflow_run_id": parent.info.run_id}
+        # the Prefect server that recorded this run; None: a cached rerun with no server up, in MLflow only
+        summary["prefect_api_url"] = os.environ.get("PREFECT_API_URL") if run.task is not None else None
         try:
             ev = BRANCHES[cfg.pipeline.name](run, cfg)
             summary["eval"] = json.loads(ev.file("eval").read_text())
@@ -200,49 +241,29 @@ def align(cfg: Config) -> dict[str, Any]:
     return summary
 
 
+def align_flow():
+    """`align` as a Prefect flow: the run and its stages' task runs are recorded on the Prefect server."""
+    from prefect import flow
+
+    return flow(name="align", log_prints=True)(align)
+
+
+def cached(cfg: Config) -> bool:
+    """Whether the artifacts folder holds every stage this run needs, for the inputs and code of now:
+    the branch walked with a probing runner (cache keys and file digests only, nothing computed)."""
+    try:
+        BRANCHES[cfg.pipeline.name](Pipeline(cfg, None, probe=True), cfg)
+    except StopPipeline:
+        pass
+    except NotCached:
+        return False
+    return True
+
+
 def torch_threads() -> int:
     import torch
 
     return torch.get_num_threads()
-
-
-def set_up_tracking(cfg: Config) -> None:
-    """Local default: SQLite store and artifact files both under the artifacts folder (MLflow would
-    otherwise put artifacts in ./mlruns of the working directory). Under a file lock: runs that start
-    together would otherwise race to create the database's tables and the experiment."""
-    if cfg.tracking.uri is not None:
-        mlflow.set_tracking_uri(cfg.tracking.uri)
-        mlflow.set_experiment(cfg.tracking.experiment)
-        return
-    root = Path(cfg.artifacts_dir).resolve()
-    (root / ".locks").mkdir(parents=True, exist_ok=True)
-    with FileLock(root / ".locks" / "tracking.lock"):
-        create_database(root / "mlflow.db")
-        mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
-        if mlflow.get_experiment_by_name(cfg.tracking.experiment) is None:
-            mlflow.create_experiment(cfg.tracking.experiment, artifact_location=(root / "mlflow-artifacts").as_uri())
-        reap(mlflow.set_experiment(cfg.tracking.experiment).experiment_id)  # runs a killed process left RUNNING
-
-
-def create_database(path: Path) -> None:
-    """MLflow's tables are built by a few seconds of migrations; a kill among them left a database no
-    later run could open ("table _alembic_tmp_experiments already exists"). Build it beside its path,
-    then rename: the path holds a complete database or none. Call under the tracking lock."""
-    if path.exists():
-        return
-    import sqlalchemy
-    from mlflow.store.db.utils import _initialize_tables
-
-    staging = path.with_name(path.name + ".staging")
-    for leftover in (staging, staging.with_name(staging.name + "-journal")):
-        leftover.unlink(missing_ok=True)  # a killed build's
-    engine = sqlalchemy.create_engine(f"sqlite:///{staging}")
-    try:
-        _initialize_tables(engine)
-    finally:
-        engine.dispose()
-    point("tracking:database")
-    os.replace(staging, path)
 
 
 def catch_interrupts() -> None:
@@ -265,8 +286,8 @@ def job(dcfg) -> float | None:
     """One run of the command line or one job of a sweep: typed config, thread cap, preflight, the
     flow, the printed table; returns `sweep.objective` for a sweeper."""
     from flows.config import to_config
-    from stages.ai_labeler import JudgeError
-    from stages.labelers import LabelsMissing
+    from stages.labeling.ai_labeler import JudgeError
+    from stages.labeling.labelers import LabelsMissing
 
     cfg = to_config(dcfg)
     catch_interrupts()
@@ -276,9 +297,10 @@ def job(dcfg) -> float | None:
         preflight(cfg)
     except (JudgeError, ValueError, OSError) as e:  # a config, model or data problem: one clear message
         raise SystemExit(f"error: {e}") from None
-    flows.wait_for_server()
+    # Prefect records the run when a server is up; a temporary one starts only when a stage must run
+    recorded = flows.prefect_server(start=not cached(cfg), local=cfg.schedule.api_url)
     try:
-        summary = align(cfg)
+        summary = align_flow()(cfg) if recorded else align(cfg)
     except LabelsMissing as e:
         print(f"\nwaiting for labels: {e}")
         raise SystemExit(2) from None

@@ -3,18 +3,27 @@ against the model's context window, and (with a model to tokenize with) every ro
 data against those limits. Each failure names the folder, file and line, or config key.
 
 Reads configs, tokenizer files and data files only; loads no weights. The same functions that the
-stages use (`stages/tokens.py`) decide what fits, so preflight and stages cannot disagree.
+stages use (`stages/data/tokens.py`) decide what fits, so preflight and stages cannot disagree.
 """
 
 from __future__ import annotations
 
 from flows.config import PIPELINES, Config
-from stages import compute, rollout, sources
-from stages.ai_labeler import api_key
-from stages.modeling import check_model_folder, load_tokenizer, model_context
-from stages.reward_model import encode_rankings
+from stages.data import sources
+from stages.data.tokens import (
+    ensure_chat_template,
+    fit_prompts,
+    fit_rows,
+    resolve_budget,
+    resolve_sampling,
+    row_sources,
+)
+from stages.labeling.ai_labeler import api_key
+from stages.models import compute
+from stages.models.modeling import check_model_folder, load_tokenizer, model_context
+from stages.preference.rankings import encode_rankings
+from stages.rl import rollout
 from stages.sft import encode_demonstrations
-from stages.tokens import ensure_chat_template, fit_prompts, fit_rows, resolve_budget, resolve_sampling, row_sources
 
 TRAINING = ("sft", "reward_model", "dpo")  # stages with max_prompt_length / max_length
 SAMPLING = {"comparisons": "comparison_prompts", "ppo": "ppo_prompts", "evaluate": "eval_prompts"}

@@ -14,6 +14,7 @@ import ast
 import dataclasses
 import functools
 import importlib
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,37 +23,57 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import torch
-from prefect import task
+from filelock import FileLock
 
-from flows import faults, launch
-from flows.faults import LOCK_TAG
-from flows.resources import resource_error, run_lock
-from stages import checkpoints
-from stages.distributed import DistributedConfig
-from stages.manifest import MANIFEST, Manifest, publish, sha256_json, staging_folder
-from stages.progress import STOP
+import flows
+from flows.config import Config
+from flows.launch import faults, launch
+from flows.launch.faults import LOCK_TAG
+from flows.launch.resources import resource_error, run_lock
+from stages.runtime import checkpoints
+from stages.runtime.distributed import DistributedConfig
+from stages.runtime.manifest import MANIFEST, Manifest, publish, sha256_json, staging_folder
+from stages.runtime.progress import STOP
 
-STAGES_DIR = Path(__file__).resolve().parents[1] / "stages"
+
+def module_file(module: str) -> Path | None:
+    """The source file of an alignflow module (`stages.data.tokens`), None for anything else."""
+    base = flows.ROOT.joinpath(*module.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
 
 
 @functools.cache
-def code_version(module: str) -> str:
-    """sha256 over the source of `stages.<module>` and, transitively, the stages modules it imports."""
-    seen: set[str] = set()
-    todo = [module]
+def stage_imports(module: str) -> tuple[str, ...]:
+    """The `stages` modules (and packages) `module`'s source names in its imports; parsed once per process."""
+    path = module_file(module)
+    if path is None:
+        return ()
+    names = [module.rsplit(".", 1)[0]] if "." in module else []  # its package's `__init__`
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "stages":
+            names += [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+        elif isinstance(node, ast.Import):
+            names += [a.name for a in node.names if a.name.split(".")[0] == "stages"]
+    return tuple(names)
+
+
+@functools.cache
+def code_version(stage: str) -> str:
+    """sha256 over the source of `stages.<stage>` and, transitively, every `stages` module it imports
+    (a package's `__init__` included)."""
+    seen: dict[str, Path] = {}
+    todo = [f"stages.{stage}"]
     while todo:
         name = todo.pop()
-        if name in seen:
+        path = module_file(name)
+        if name in seen or path is None:
             continue
-        seen.add(name)
-        tree = ast.parse((STAGES_DIR / f"{name}.py").read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module == "stages":
-                todo += [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("stages."):
-                todo.append(node.module.split(".", 1)[1])
-    return sha256_json({name: (STAGES_DIR / f"{name}.py").read_text() for name in sorted(seen)})
+        seen[name] = path
+        todo += stage_imports(name)
+    return sha256_json({name: seen[name].read_text() for name in sorted(seen)})
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -78,7 +99,7 @@ class StageCall:
     scalars: dict[str, Any]
     artifacts_dir: str
     checkpointed: bool = False  # the stage takes a `checkpoint_dir` that outlives a crashed attempt
-    launch: DistributedConfig | None = None  # set: the stage runs as a process group (`flows/launch.py`)
+    launch: DistributedConfig | None = None  # set: the stage runs as a process group (`flows/launch/launch.py`)
 
     def key(self) -> str:
         launched = {"distributed": dataclasses.asdict(self.launch)} if self.launch is not None else {}
@@ -119,7 +140,39 @@ def _cache_key(context, parameters: dict[str, Any]) -> str:
     return parameters["call"].key()
 
 
-def _execute(call: StageCall, parent_run_id: str | None) -> Manifest:
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def keys_file(call: StageCall) -> Path:
+    return Path(call.artifacts_dir, call.stage, ".keys", call.key()[:32])
+
+
+def remember(call: StageCall, manifest: Manifest) -> None:
+    """Records which published folder the call's cache key produced (`<stage>/.keys/<key>`), so a later
+    run finds it without Prefect's result store; written to a temporary file and renamed."""
+    path = keys_file(call)
+    if path.exists() and path.read_text() == manifest.path:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(manifest.path)
+    os.replace(tmp, path)
+
+
+def recall(call: StageCall) -> Manifest | None:
+    """The published result of the call's cache key, if the artifacts folder still holds it whole."""
+    try:
+        folder = Path(keys_file(call).read_text())
+        manifest = Manifest.load(folder)
+    except (OSError, ValueError, TypeError):
+        return None
+    return manifest if manifest.key == call.key() else None
+
+
+def execute(call: StageCall, parent_run_id: str | None) -> Manifest:
     module = importlib.import_module(f"stages.{call.stage}")
     root = Path(call.artifacts_dir) / call.stage
     key = call.key()
@@ -148,7 +201,7 @@ def _execute(call: StageCall, parent_run_id: str | None) -> Manifest:
                         out_dir=tmp,
                         folder=group,
                         run_id=run.info.run_id,
-                        threads=torch.get_num_threads(),
+                        threads=torch_threads(),
                     )
                 seconds = time.perf_counter() - t0
                 digest = manifest.digest  # the stage hashed its own folder
@@ -186,9 +239,50 @@ def _execute(call: StageCall, parent_run_id: str | None) -> Manifest:
 
 
 def stage_task():
+    from prefect import task
+
     return task(
-        _execute,
+        execute,
         name="stage",
         cache_key_fn=_cache_key,
         persist_result=True,
     )
+
+
+def set_up_tracking(cfg: Config) -> None:
+    """Local default: SQLite store and artifact files both under the artifacts folder (MLflow would
+    otherwise put artifacts in ./mlruns of the working directory). Under a file lock: runs that start
+    together would otherwise race to create the database's tables and the experiment."""
+    if cfg.tracking.uri is not None:
+        mlflow.set_tracking_uri(cfg.tracking.uri)
+        mlflow.set_experiment(cfg.tracking.experiment)
+        return
+    root = Path(cfg.artifacts_dir).resolve()
+    (root / ".locks").mkdir(parents=True, exist_ok=True)
+    with FileLock(root / ".locks" / "tracking.lock"):
+        create_database(root / "mlflow.db")
+        mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+        if mlflow.get_experiment_by_name(cfg.tracking.experiment) is None:
+            mlflow.create_experiment(cfg.tracking.experiment, artifact_location=(root / "mlflow-artifacts").as_uri())
+        faults.reap(mlflow.set_experiment(cfg.tracking.experiment).experiment_id)  # runs a killed process left RUNNING
+
+
+def create_database(path: Path) -> None:
+    """MLflow's tables are built by a few seconds of migrations; a kill among them left a database no
+    later run could open ("table _alembic_tmp_experiments already exists"). Build it beside its path,
+    then rename: the path holds a complete database or none. Call under the tracking lock."""
+    if path.exists():
+        return
+    import sqlalchemy
+    from mlflow.store.db.utils import _initialize_tables
+
+    staging = path.with_name(path.name + ".staging")
+    for leftover in (staging, staging.with_name(staging.name + "-journal")):
+        leftover.unlink(missing_ok=True)  # a killed build's
+    engine = sqlalchemy.create_engine(f"sqlite:///{staging}")
+    try:
+        _initialize_tables(engine)
+    finally:
+        engine.dispose()
+    faults.point("tracking:database")
+    os.replace(staging, path)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from flows.config import Config
-from stages.manifest import Manifest
+from stages.runtime.manifest import Manifest
 
 
 def gold(cfg: Config) -> str | None:

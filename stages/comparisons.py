@@ -1,7 +1,7 @@
 """Comparisons stage: sample K responses per prompt from the SFT policy and have a labeler rank them.
 
 InstructGPT's labelers ranked K = 4 to 9 responses per prompt; here K defaults to 4 and the labeler
-is the simulated one (`stages/labelers.py`). Writes `comparisons.jsonl` (reward-model training) and
+is the simulated one (`stages/labeling/labelers.py`). Writes `comparisons.jsonl` (reward-model training) and
 `heldout_comparisons.jsonl` (reward-model evaluation), rows
 `{"prompt", "responses": [K], "finished": [K], "ranks": [K]}` (0 = best, ties share a rank), the
 data worker's `rankings` schema. The AI labeler (`labeler=ai`, RLAIF) adds `"prefs"`, the (K, K)
@@ -16,12 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.labelers import LabelerConfig, make_labeler
-from stages.manifest import Manifest, folder_digest, read_jsonl, write_jsonl
-from stages.modeling import decode_responses, load_causal_lm, load_tokenizer, model_context, sample
-from stages.progress import progress
-from stages.tokens import SamplingBudget, fit_prompt_file, resolve_sampling
-from stages.tracking import log_metrics
+from stages.data.tokens import SamplingBudget, fit_prompt_file, resolve_sampling
+from stages.labeling.labelers import LabelerConfig, make_labeler
+from stages.models.modeling import decode_responses, load_causal_lm, load_tokenizer, model_context, sample
+from stages.runtime.manifest import Manifest, folder_digest, read_jsonl, write_jsonl
+from stages.runtime.progress import progress
+from stages.runtime.tracking import log_metrics
 
 
 @dataclass(frozen=True)

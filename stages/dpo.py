@@ -33,17 +33,24 @@ from pathlib import Path
 
 import torch
 
-from stages import checkpoints
-from stages import distributed as dist
-from stages.distributed import DistributedConfig
-from stages.manifest import Manifest, folder_digest, read_jsonl
-from stages.modeling import load_causal_lm, load_tokenizer, mean_token_kl, model_context, sample, sequence_logprobs
-from stages.optim import schedule
-from stages.progress import progress
-from stages.reward_model import encode_rankings, ranking_pairs
-from stages.tokens import default_new_tokens, fit_rows, pack, resolve_budget, row_sources
-from stages.tracking import TRAINER_ARGS, log_metrics, trainer_callback
-from stages.tuning import Tuning, export, load, optimizer, shares_base, trainer_setup
+from stages.data.tokens import default_new_tokens, fit_rows, resolve_budget, row_sources
+from stages.models.modeling import (
+    load_causal_lm,
+    load_tokenizer,
+    mean_token_kl,
+    model_context,
+    sample,
+)
+from stages.models.optim import schedule
+from stages.models.tuning import Tuning, export, load, optimizer, shares_base, trainer_setup
+from stages.preference.rankings import encode_rankings, preference_pairs
+from stages.preference.scorers import implicit_reward_accuracy, sequence_logps
+from stages.runtime import checkpoints
+from stages.runtime import distributed as dist
+from stages.runtime.distributed import DistributedConfig
+from stages.runtime.manifest import Manifest, folder_digest, read_jsonl
+from stages.runtime.progress import progress
+from stages.runtime.tracking import TRAINER_ARGS, log_metrics, trainer_callback
 
 TRL_LOSSES = (
     "sigmoid",
@@ -90,15 +97,6 @@ class DpoConfig:
             raise ValueError("stage.dpo: batch_size must be >= 1 and epochs > 0")
 
 
-def preference_pairs(encoded: list[tuple[list[int], list[list[int]]]], rows: list[dict]) -> list[dict]:
-    """K-way rankings to their (chosen, rejected) pairs of token ids, ties dropped: C(K,2) per ranking."""
-    return [
-        {"prompt_ids": p, "chosen_ids": responses[w], "rejected_ids": responses[l]}
-        for (p, responses), row in zip(encoded, rows)
-        for w, l in ranking_pairs(row["ranks"])
-    ]
-
-
 def plackett_luce_loss(rewards: torch.Tensor, ranks: list[int]) -> torch.Tensor:
     """Listwise DPO loss of one ranking: rewards (K,) implicit rewards, ranks (K,) with 0 = best."""
     order = sorted(range(len(ranks)), key=lambda i: (ranks[i], i))
@@ -108,7 +106,7 @@ def plackett_luce_loss(rewards: torch.Tensor, ranks: list[int]) -> torch.Tensor:
 
 
 def _pretokenized_dpo_trainer():
-    """trl's DPOTrainer on rows already tokenized by `stages/tokens.py` (trl would re-tokenize the
+    """trl's DPOTrainer on rows already tokenized by `stages/data/tokens.py` (trl would re-tokenize the
     text, splitting prompt and response where their joint tokenization diverges)."""
     from trl import DPOTrainer
 
@@ -165,16 +163,12 @@ def _train_trl(
     return trainer.model, metrics
 
 
-def _sequence_logps(model, rows: list[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:
-    return sequence_logprobs(model, pack(rows, pad_id))
-
-
 def _reference_logps(model, ref, rows, pad_id: int) -> torch.Tensor:
     with torch.no_grad():
         if ref is not None:
-            return _sequence_logps(ref, rows, pad_id)
+            return sequence_logps(ref, rows, pad_id)
         with model.disable_adapter():
-            return _sequence_logps(model, rows, pad_id)
+            return sequence_logps(model, rows, pad_id)
 
 
 def _train_listwise(cfg: DpoConfig, tuning: Tuning, model, ref, tokenizer, rows: list[dict], encoded: list, ck):
@@ -208,7 +202,7 @@ def _train_listwise(cfg: DpoConfig, tuning: Tuning, model, ref, tokenizer, rows:
             batch = [rows[i] for i in idx]
             flat = [(p, r) for i in idx for p, responses in [encoded[i]] for r in responses]
             ref_logps = _reference_logps(model, ref, flat, pad)
-            rewards = cfg.beta * (_sequence_logps(model, flat, pad) - ref_logps)
+            rewards = cfg.beta * (sequence_logps(model, flat, pad) - ref_logps)
             split = rewards.split([len(r["responses"]) for r in batch])
             loss = torch.stack([plackett_luce_loss(s, r["ranks"]) for s, r in zip(split, batch)]).mean()
             checkpoints.check_finite("dpo", loss.item(), step)
@@ -228,21 +222,6 @@ def _train_listwise(cfg: DpoConfig, tuning: Tuning, model, ref, tokenizer, rows:
                 checkpoints.save(ck, {**state, "at": position, "pass_rng": pass_rng})
     bar.close()
     return model, {"dpo/train/loss": loss.item(), "dpo/steps": float(step), "dpo/resumed_from": float(resumed_from)}
-
-
-@torch.no_grad()
-def heldout_accuracy(model, ref, pad_id: int, pairs: list[dict], batch: int = 128) -> float:
-    """How often the implicit reward ranks the held-out chosen response above the rejected one."""
-    hits = []
-    for start in range(0, len(pairs), batch):
-        chunk = pairs[start : start + batch]
-        rows = [(p["prompt_ids"], p["chosen_ids"]) for p in chunk] + [
-            (p["prompt_ids"], p["rejected_ids"]) for p in chunk
-        ]
-        margin = _sequence_logps(model, rows, pad_id) - _sequence_logps(ref, rows, pad_id)
-        c, r = margin.split(len(chunk))
-        hits += ((c > r).float() + 0.5 * (c == r).float()).tolist()
-    return sum(hits) / max(1, len(hits))
 
 
 def run(
@@ -324,7 +303,7 @@ def run(
         metrics["dpo/kl_to_sft"] = mean_token_kl(trained, reference_model, [rollout])
     metrics["dpo/pairs"] = float(len(pairs))
     held_encoded = [budget.fit_row(p, rs) for p, rs in encode_rankings(tokenizer, held)]
-    metrics["dpo/eval/accuracy"] = heldout_accuracy(
+    metrics["dpo/eval/accuracy"] = implicit_reward_accuracy(
         trained, reference_model, tokenizer.pad_token_id, preference_pairs(held_encoded, held)
     )
     log_metrics(metrics)

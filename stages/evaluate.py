@@ -14,7 +14,7 @@ branch and on every data source; a block is null where it does not apply:
 - `proxy_rm`: the policy's own reward model's scores, labelled as the proxy that was optimised;
   `eval_rm`: the evaluation reward model's scores;
 - `kl_to_sft`: mean per-token KL of the policy to SFT on its own samples;
-- `sft`, `policy`: response length, EOS rate, distinct-1/2 and repetition (`stages/diagnostics.py`);
+- `sft`, `policy`: response length, EOS rate, distinct-1/2 and repetition (`stages/runtime/diagnostics.py`);
 - `rm_accuracy`: the reward model's (or, without one, DPO's implicit reward's) pairwise accuracy on
   held-out comparisons, `labeler_ceiling` the gold rule's agreement with their labels, and `judge`
   the AI labeler's agreement with the gold rule and the simulated human labeler;
@@ -34,11 +34,10 @@ from typing import Any
 
 import torch
 
-from stages import diagnostics, sources
-from stages.dpo import heldout_accuracy, preference_pairs
-from stages.labelers import LabelerConfig, SimulatedLabeler, make_labeler
-from stages.manifest import Manifest, folder_digest, read_jsonl, write_jsonl
-from stages.modeling import (
+from stages.data import sources
+from stages.data.tokens import fit_prompt_file, resolve_sampling
+from stages.labeling.labelers import LabelerConfig, SimulatedLabeler, make_labeler
+from stages.models.modeling import (
     decode_responses,
     load_causal_lm,
     load_tokenizer,
@@ -46,9 +45,11 @@ from stages.modeling import (
     model_context,
     sample,
 )
-from stages.progress import progress
-from stages.reward_model import TrainedRewardModel, encode_rankings, pair_agreement
-from stages.tokens import fit_prompt_file, resolve_sampling
+from stages.preference.rankings import encode_rankings, pair_agreement, preference_pairs
+from stages.preference.scorers import TrainedRewardModel, implicit_reward_accuracy
+from stages.runtime import diagnostics
+from stages.runtime.manifest import Manifest, folder_digest, read_jsonl, write_jsonl
+from stages.runtime.progress import progress
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class EvaluateConfig:
     seed: int = 1234
     win_labeler_noise: float = 0.3  # the simulated human labeler that judges wins (conf/labeler/simulated.yaml)
     max_kl_per_token: float = 1.0  # above: the verdict is "flagged" (policy far from SFT: likely reward hacking)
-    max_repetition: float = 0.5  # above: "flagged" (see stages/diagnostics.py)
+    max_repetition: float = 0.5  # above: "flagged" (see stages/runtime/diagnostics.py)
 
 
 def mean_ci95(xs: list[float]) -> dict[str, float]:
@@ -143,7 +144,7 @@ def _win_block(by: str, wins: list[float]) -> dict[str, Any]:
 def _dpo_accuracy(pol, sft, tokenizer, held: list[dict]) -> float | None:
     """DPO's implicit reward (log pi - log pi_sft) ranking held-out pairs; the scale beta does not matter."""
     pairs = preference_pairs(encode_rankings(tokenizer, held), held)
-    return heldout_accuracy(pol, sft, tokenizer.pad_token_id, pairs) if pairs else None
+    return implicit_reward_accuracy(pol, sft, tokenizer.pad_token_id, pairs) if pairs else None
 
 
 @torch.no_grad()

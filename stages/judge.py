@@ -2,7 +2,7 @@
 
 RLAIF (Lee et al. 2023) asks an off-the-shelf LLM, which brings its own, imperfect notion of
 quality. The embedded default has no such LLM, so this stage prepares one: a tiny Llama with its own
-word-level tokenizer, trained to answer the AI labeler's exact prompts (`stages/ai_labeler.py`):
+word-level tokenizer, trained to answer the AI labeler's exact prompts (`stages/labeling/ai_labeler.py`):
 "Preferred response=" -> "1" / "2" and "Score=" -> "1".."10". It is then queried through the same
 code path a large local or served model takes.
 
@@ -34,13 +34,12 @@ from pathlib import Path
 
 import torch
 
-from stages import task
-from stages.ai_labeler import AiLabeler, LocalJudge, pair_prompt, score_prompt
-from stages.labelers import LabelerConfig, SimulatedLabeler
-from stages.manifest import Manifest, folder_digest
-from stages.modeling import ModelConfig, position_ids
-from stages.prepare import build_tiny_llama
-from stages.tracking import log_metrics
+from stages.data import task
+from stages.labeling.ai_labeler import AiLabeler, LocalJudge, pair_prompt, score_prompt
+from stages.labeling.labelers import LabelerConfig, SimulatedLabeler
+from stages.models.modeling import ModelConfig, build_tiny_llama, position_ids
+from stages.runtime.manifest import Manifest, folder_digest
+from stages.runtime.tracking import log_metrics
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ rollouts from the policy, reward = normalised RM score at the last token minus
 value model initialised from the reward model, GAE, clipped policy and value losses, optional
 PPO-ptx (a language-modelling loss on pretraining text) and an EMA of the policy for export.
 Checkpoints every `checkpoint_every` updates; a killed run resumes from the last complete one.
-The maths lives in `stages/ppo_math.py`.
+The maths lives in `stages/rl/ppo_math.py`.
 
 d-RLAIF (Lee et al. 2023, `pipeline=rlaif_direct`): with `judge` instead of `reward_model`, the AI
 labeler scores every rollout directly (its expected 1-10 score mapped to [-1, 1]) and there is no
@@ -25,14 +25,11 @@ from pathlib import Path
 
 import torch
 
-from stages import checkpoints, diagnostics, sources
-from stages import distributed as dist
-from stages import ppo_math as pm
-from stages.compute import autocast
-from stages.distributed import DistributedConfig, Engine
-from stages.labelers import LabelerConfig, make_labeler
-from stages.manifest import Manifest, folder_digest, read_jsonl, write_jsonl
-from stages.modeling import (
+from stages.data import sources
+from stages.data.tokens import SamplingBudget, fit_prompt_file, resolve_sampling
+from stages.labeling.labelers import LabelerConfig, make_labeler
+from stages.models.compute import autocast
+from stages.models.modeling import (
     Rollout,
     decode_responses,
     lm_loss,
@@ -40,13 +37,17 @@ from stages.modeling import (
     load_tokenizer,
     model_context,
 )
-from stages.ppo_models import FullCopies, SharedBase
-from stages.progress import progress
-from stages.reward_model import TrainedRewardModel
-from stages.rollout import GENERATIONS, HfRollout, VllmRollout, check
-from stages.tokens import SamplingBudget, fit_prompt_file, resolve_sampling
-from stages.tracking import log_metrics
-from stages.tuning import Tuning, optimizer
+from stages.models.tuning import Tuning, optimizer
+from stages.preference.scorers import TrainedRewardModel
+from stages.rl import ppo_math as pm
+from stages.rl.ppo_models import FullCopies, SharedBase
+from stages.rl.rollout import GENERATIONS, HfRollout, VllmRollout, check
+from stages.runtime import checkpoints, diagnostics
+from stages.runtime import distributed as dist
+from stages.runtime.distributed import DistributedConfig, Engine
+from stages.runtime.manifest import Manifest, folder_digest, read_jsonl, write_jsonl
+from stages.runtime.progress import progress
+from stages.runtime.tracking import log_metrics
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ class PpoConfig:
     missing_eos_penalty: float | None = None
     max_repetition: float = 0.5  # the last update's repetition above this flags the stage (diagnostics.py)
     checkpoint_every: int = 10  # updates between checkpoints; 0: never
-    generation: str = "hf"  # the rollout engine (stages/rollout.py): hf | vllm (CUDA; weights synced per update)
+    generation: str = "hf"  # the rollout engine (stages/rl/rollout.py): hf | vllm (CUDA; weights synced per update)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -420,7 +421,7 @@ def _export(state: _State, tokenizer, out_dir: Path) -> None:
     """The EMA weights as `policy` (InstructGPT), the last iterate beside them as `policy_last`.
     In a process group rank 0 writes; under ZeRO-3 through the rollout copy (whole weights)."""
     if state.zero3:  # the rollout copy holds the last iterate (synced after the last update)
-        from stages.tuning import export
+        from stages.models.tuning import export
 
         models = state.models
         targets = [("policy_last", None), ("policy", state.ema)] if state.ema is not None else [("policy", None)]

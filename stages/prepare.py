@@ -1,6 +1,6 @@
 """Prepare stage: a run's data, tokenizer and base model.
 
-The rows come from `stages/sources.py`: the embedded task (generated from `data.seed`) or the
+The rows come from `stages/data/sources.py`: the embedded task (generated from `data.seed`) or the
 user's files, in the internal schemas (`{"messages": [...]}` demonstrations, ranking rows for
 comparisons, prompt sets). `sources.json` records where each prompt set came from and whether a
 gold rule scores the data.
@@ -8,7 +8,7 @@ gold rule scores the data.
 The base model and tokenizer:
 - `model.name_or_path` set: loaded from there (safetensors only). A tokenizer without a chat
   template gets the default one, its role markers added as special tokens and the embeddings
-  resized, so a marker is one token (`stages/tokens.py`).
+  resized, so a marker is one token (`stages/data/tokens.py`).
 - embedded task: a word-level tokenizer trained on the task's words and a tiny Llama, pretrained
   briefly on unformatted task text.
 - own data without a model: a byte-level BPE tokenizer trained on the data and a tiny Llama,
@@ -30,12 +30,12 @@ from typing import Any
 
 import torch
 
-from stages import sources
-from stages.data import DatasetConfig
-from stages.manifest import Manifest, folder_digest, write_jsonl
-from stages.modeling import ModelConfig, lm_loss, load_causal_lm, load_tokenizer
-from stages.progress import progress
-from stages.tokens import DEFAULT_CHAT_TEMPLATE, ROLE_MARKERS, ensure_chat_template
+from stages.data import sources
+from stages.data.reader import DatasetConfig
+from stages.data.tokens import DEFAULT_CHAT_TEMPLATE, ROLE_MARKERS, ensure_chat_template
+from stages.models.modeling import ModelConfig, build_tiny_llama, lm_loss, load_causal_lm, load_tokenizer
+from stages.runtime.manifest import Manifest, folder_digest, write_jsonl
+from stages.runtime.progress import progress
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<eos>", *ROLE_MARKERS]
 log = logging.getLogger(__name__)
@@ -125,26 +125,6 @@ def build_bpe_tokenizer(corpus: list[str], vocab_size: int):
     )
     fast.chat_template = DEFAULT_CHAT_TEMPLATE
     return fast
-
-
-def build_tiny_llama(cfg: ModelConfig, tokenizer, seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_attention_heads,
-        max_position_embeddings=cfg.max_position_embeddings,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config)
 
 
 def pretrain(

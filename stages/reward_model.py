@@ -30,27 +30,26 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from stages import checkpoints
-from stages import distributed as dist
-from stages.compute import autocast
-from stages.distributed import DistributedConfig, Engine
-from stages.manifest import Manifest, folder_digest, read_jsonl
-from stages.modeling import POOLINGS, load_scalar_model, load_tokenizer, model_context, sequence_scores
-from stages.optim import schedule
-from stages.peft_setup import PeftConfig
-from stages.progress import progress
-from stages.tokens import (
-    Budget,
+from stages.data.tokens import (
     fit_rows,
     length_buckets,
     pack,
-    prompt_ids,
     resolve_budget,
-    response_ids,
     row_sources,
 )
-from stages.tracking import log_metrics
-from stages.tuning import Tuning, export, load, optimizer
+from stages.models.compute import autocast
+from stages.models.modeling import POOLINGS, load_tokenizer, model_context, sequence_scores
+from stages.models.optim import schedule
+from stages.models.peft_setup import PeftConfig
+from stages.models.tuning import Tuning, export, load, optimizer
+from stages.preference.rankings import encode_rankings, ranking_pairs
+from stages.preference.scorers import Normalization, pairwise_accuracy, pairwise_accuracy_by_k, score_encoded
+from stages.runtime import checkpoints
+from stages.runtime import distributed as dist
+from stages.runtime.distributed import DistributedConfig, Engine
+from stages.runtime.manifest import Manifest, folder_digest, read_jsonl
+from stages.runtime.progress import progress
+from stages.runtime.tracking import log_metrics
 
 
 @dataclass(frozen=True)
@@ -77,27 +76,6 @@ class RewardModelConfig:
             raise ValueError(f"stage.reward_model.targets: {self.targets!r} is not 'hard' or 'soft'")
         if self.epochs < 1 or self.batch_prompts < 1:
             raise ValueError("stage.reward_model: epochs and batch_prompts must be >= 1")
-
-
-@dataclass(frozen=True)
-class Normalization:
-    """How PPO reads a trained reward model: `score(x, y) = pooled head - bias`."""
-
-    bias: float
-    pooling: str = "last"
-    max_prompt_length: int | None = None  # the limits it was trained with: consumers cut rows the same way
-    max_length: int | None = None
-
-    def budget(self) -> Budget | None:
-        if self.max_prompt_length is None or self.max_length is None:
-            return None
-        return Budget(self.max_prompt_length, self.max_length)
-
-
-def ranking_pairs(ranks: list[int]) -> list[tuple[int, int]]:
-    """All (winner, loser) index pairs implied by ranks (0 = best); tied responses give no pair."""
-    k = len(ranks)
-    return [(i, j) for i in range(k) for j in range(k) if ranks[i] < ranks[j]]
 
 
 def ranking_loss(scores, pairs: list[list[tuple[int, int]]], margin: float = 0.0) -> torch.Tensor:
@@ -127,68 +105,6 @@ def soft_preference_loss(scores, prefs: list[list[list[float]]]) -> torch.Tensor
         d = s[i] - s[j]
         losses.append(-(target * F.logsigmoid(d) + (1 - target) * F.logsigmoid(-d)).mean())
     return torch.stack(losses).mean()
-
-
-def encode_rankings(tokenizer, rows: list[dict]) -> list[tuple[list[int], list[list[int]]]]:
-    """(prompt ids, [response ids, EOS where finished]) per ranking row (`stages/tokens.py`)."""
-    return [
-        (
-            prompt_ids(tokenizer, r["prompt"]),
-            [response_ids(tokenizer, y, f) for y, f in zip(r["responses"], r["finished"])],
-        )
-        for r in rows
-    ]
-
-
-def score_encoded(
-    model, encoded: list[tuple[list[int], list[list[int]]]], pad_id: int, pooling: str
-) -> list[torch.Tensor]:
-    """Per row a (K,) tensor of scores; every response of the batch in one jointly padded pass."""
-    flat = [(p, r) for p, responses in encoded for r in responses]
-    scores = sequence_scores(model, pack(flat, pad_id), pooling)
-    return list(scores.split([len(responses) for _, responses in encoded]))
-
-
-def score_rows(
-    model, tokenizer, rows: list[dict], pooling: str = "last", budget: Budget | None = None
-) -> list[torch.Tensor]:
-    """Per row a (K,) tensor of reward scores, one forward pass per response; K may vary by row.
-    With `budget`, long rows are cut as in training (prompt keeps its end)."""
-    encoded = encode_rankings(tokenizer, rows)
-    if budget is not None:
-        encoded = [budget.fit_row(p, rs) for p, rs in encoded]
-    return score_encoded(model, encoded, tokenizer.pad_token_id, pooling)
-
-
-@torch.no_grad()
-def pairwise_accuracy(
-    model, tokenizer, rows: list[dict], pooling: str = "last", batch: int = 64, budget: Budget | None = None
-) -> float:
-    return pairwise_accuracy_by_k(model, tokenizer, rows, pooling, batch, budget)["all"]
-
-
-def pair_agreement(scores, ranks: list[int]) -> tuple[float, int]:
-    """(hits, pairs): how many (winner, loser) pairs of `ranks` the scores order right, ties half."""
-    hits = [float(scores[w] > scores[l]) + 0.5 * float(scores[w] == scores[l]) for w, l in ranking_pairs(ranks)]
-    return sum(hits), len(hits)
-
-
-@torch.no_grad()
-def pairwise_accuracy_by_k(
-    model, tokenizer, rows: list[dict], pooling: str = "last", batch: int = 64, budget: Budget | None = None
-) -> dict[str, float]:
-    """Fraction of (winner, loser) pairs scored in the right order (ties half), overall and by K."""
-    correct: dict[str, float] = {}
-    total: dict[str, int] = {}
-    for start in range(0, len(rows), batch):
-        chunk = rows[start : start + batch]
-        scores = score_rows(model, tokenizer, chunk, pooling, budget)
-        for s, row in zip(scores, chunk):
-            hits, pairs = pair_agreement(s, row["ranks"])
-            for key in ("all", f"k{len(row['responses'])}"):
-                correct[key] = correct.get(key, 0.0) + hits
-                total[key] = total.get(key, 0) + pairs
-    return {key: correct[key] / total[key] for key in total}
 
 
 def _initial_model(cfg: RewardModelConfig, policy: Path, tokenizer, tuning: Tuning):
@@ -382,37 +298,3 @@ def _load_checkpoint(folder: Path | None, engine: Engine, model, opt) -> dict | 
         model.load_state_dict(resumed["model"])
         opt.load_state_dict(resumed["opt"])
     return resumed
-
-
-class TrainedRewardModel:
-    """A trained reward model read the way it was trained: its pooling and token limits, less the bias
-    that centres the SFT samples' scores (`normalization.json`). PPO and evaluate both score with it."""
-
-    def __init__(self, model_dir: Path, normalization: Path) -> None:
-        self.model = load_scalar_model(model_dir).eval().requires_grad_(False)
-        self.norm = load_normalization(normalization)
-
-    @torch.no_grad()
-    def score(self, batch) -> torch.Tensor:
-        """(batch,) normalised scores of sampled rollouts or packed rows."""
-        return sequence_scores(self.model, batch, self.norm.pooling) - self.norm.bias
-
-    def accuracy(self, tokenizer, rows: list[dict]) -> float:
-        """Pairwise accuracy on ranking rows, cut to the limits it was trained with."""
-        return pairwise_accuracy(self.model, tokenizer, rows, self.norm.pooling, budget=self.norm.budget())
-
-
-def load_normalization(path: Path) -> Normalization:
-    """Reads `normalization.json`; a file from before pooling was recorded means last-token pooling."""
-    raw = json.loads(Path(path).read_text())
-    if not isinstance(raw, dict) or "bias" not in raw:
-        raise ValueError(f'{path}: bias: missing (expected {{"bias": float, "pooling": str}})')
-    pooling = raw.get("pooling", "last")
-    if pooling not in POOLINGS:
-        raise ValueError(f"{path}: pooling: {pooling!r} is not one of {', '.join(POOLINGS)}")
-    return Normalization(
-        bias=float(raw["bias"]),
-        pooling=pooling,
-        max_prompt_length=raw.get("max_prompt_length"),
-        max_length=raw.get("max_length"),
-    )

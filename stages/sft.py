@@ -2,7 +2,7 @@
 
 Demonstrations are `{"messages": [...]}` rows (the data worker's schema); the loss is on the final
 assistant turn only, earlier turns are context rendered with the chat template, and the response
-ends with EOS. Rows are tokenized here, by `stages/tokens.py` (the ids every later stage samples
+ends with EOS. Rows are tokenized here, by `stages/data/tokens.py` (the ids every later stage samples
 and scores), cut to `max_prompt_length` / `max_length` (the counts go to the metrics), and handed
 to trl pre-tokenized. With an adapter method (`peft/`) the adapter is saved as `adapter/` and merged
 into the base, so the SFT policy is a plain model folder (safetensors) plus the tokenizer and chat
@@ -16,14 +16,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages import checkpoints
-from stages import distributed as dist
-from stages.distributed import DistributedConfig
-from stages.manifest import Manifest, folder_digest, read_jsonl
-from stages.modeling import load_tokenizer, model_context
-from stages.tokens import fit_rows, prompt_ids, resolve_budget, response_ids, row_sources
-from stages.tracking import TRAINER_ARGS, log_metrics, trainer_callback
-from stages.tuning import Tuning, export, load, trainer_setup
+from stages.data.tokens import fit_rows, prompt_ids, resolve_budget, response_ids, row_sources
+from stages.models.modeling import load_tokenizer, model_context
+from stages.models.tuning import Tuning, export, load, trainer_setup
+from stages.runtime import checkpoints
+from stages.runtime import distributed as dist
+from stages.runtime.distributed import DistributedConfig
+from stages.runtime.manifest import Manifest, folder_digest, read_jsonl
+from stages.runtime.tracking import TRAINER_ARGS, log_metrics, trainer_callback
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ def run(
     distributed: DistributedConfig | None = None,
 ) -> Manifest:
     """`checkpoint_dir`: trl's checkpoints go there, and a killed attempt's last complete one is resumed.
-    `distributed`: this process is one rank of a group (`stages/distributed.py`); the global batch
+    `distributed`: this process is one rank of a group (`stages/runtime/distributed.py`); the global batch
     stays `batch_size`, and trl runs under DDP or DeepSpeed ZeRO (its checkpoints in DeepSpeed's format)."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer

@@ -1,9 +1,13 @@
+import collections
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -15,12 +19,33 @@ import flows  # noqa: E402,F401  (project-local Prefect home, telemetry off)
 
 SHARED = ROOT.parent / "shared"
 
+# `make test` runs the suite on pytest-xdist workers, one per core: each worker is pinned to its own
+# core, so its torch (and every flow or stage process it starts, which reads the affinity for its
+# thread count) uses one thread and never contends with the other worker.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _cores = sorted(os.sched_getaffinity(0))
+    _core = _cores[int(os.environ["PYTEST_XDIST_WORKER"].removeprefix("gw")) % len(_cores)]
+    os.sched_setaffinity(0, {_core})
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[_var] = "1"
+
+
+def need_shared(path: Path) -> Path:
+    """`path` under ../shared (real data, real tokenizers). Absent: the test skips on a developer's
+    checkout without it, and fails under CI (`CI=true`), which always has it."""
+    if not path.exists():
+        message = f"{path} is absent: the shared data and tokenizers ship beside the checkout"
+        if os.environ.get("CI", "").lower() in ("1", "true"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
 
 @pytest.fixture(scope="session")
 def tiny_prepare(tmp_path_factory):
     """A prepared embedded task with small sizes: data, tokenizer and a briefly pretrained tiny Llama."""
     from stages import prepare
-    from stages.modeling import ModelConfig
+    from stages.models.modeling import ModelConfig
 
     out = tmp_path_factory.mktemp("prepare")
     data = prepare.DataConfig(
@@ -38,7 +63,7 @@ def tiny_prepare(tmp_path_factory):
 def tiny_comparisons(tiny_prepare, tmp_path_factory):
     """K = 3 sampled responses per prompt of the tiny prepared task, ranked by the simulated labeler."""
     from stages import comparisons
-    from stages.labelers import LabelerConfig
+    from stages.labeling.labelers import LabelerConfig
 
     p = tiny_prepare
     return comparisons.run(
@@ -99,8 +124,8 @@ def build_tiny_model(
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, LlamaConfig, LlamaForCausalLM
 
     gpt2 = SHARED / "tokenizers" / "gpt2"
-    if tokenizer is None and not gpt2.exists():
-        pytest.skip(f"{gpt2} is absent: the shared tokenizers ship beside the checkout")
+    if tokenizer is None:
+        need_shared(gpt2)
     tok = tokenizer or GPT2TokenizerFast.from_pretrained(str(gpt2))
     ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
     if arch == "gpt2":
@@ -130,3 +155,81 @@ def build_tiny_model(
         torch.save(model.state_dict(), folder / "pytorch_model.bin")
     tok.save_pretrained(folder)
     return folder
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Child:
+    """A long-lived child process (a server, a deployment, workers) for orchestration tests: its output
+    is drained by a thread (a full pipe would block it) and its last lines kept; a wait that runs out or
+    a child that dies fails the test with them; leaving the block stops its whole process group."""
+
+    def __init__(self, command: list[str], *, env: dict | None = None, lines: int = 60) -> None:
+        self.command = command
+        self.proc = subprocess.Popen(
+            command, cwd=ROOT, env=env or os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, start_new_session=True,
+        )  # fmt: skip
+        self.tail: collections.deque[str] = collections.deque(maxlen=lines)
+        self.seen: list[str] = []
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
+
+    def _drain(self) -> None:
+        for line in self.proc.stdout:
+            self.tail.append(line.rstrip())
+            self.seen.append(line.rstrip())
+
+    def last_lines(self) -> str:
+        return "\n".join(self.tail)
+
+    def fail(self, why: str):
+        pytest.fail(f"{' '.join(self.command[:3])}...: {why}; its last lines:\n{self.last_lines()}")
+
+    def alive(self) -> None:
+        if self.proc.poll() is not None:
+            self.fail(f"exited with code {self.proc.returncode}")
+
+    def wait_for(self, ready, timeout: float, what: str) -> None:
+        """Poll `ready()` until true; the child's death or `timeout` seconds fail the test."""
+        deadline = time.monotonic() + timeout
+        while not ready():
+            self.alive()
+            if time.monotonic() > deadline:
+                self.fail(f"no {what} within {timeout:.0f} s")
+            time.sleep(0.5)
+
+    def wait_for_line(self, predicate, timeout: float) -> str:
+        found: list[str] = []
+        self.wait_for(lambda: found.extend(l for l in list(self.seen) if predicate(l)) or found, timeout, "line")
+        return found[0]
+
+    def wait_for_url(self, url: str, timeout: float) -> None:
+        def answers() -> bool:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    return response.status == 200
+            except OSError:
+                return False
+
+        self.wait_for(answers, timeout, f"answer at {url}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._reader.join(timeout=10)
+
+    def __enter__(self) -> "Child":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

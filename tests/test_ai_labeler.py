@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from stages.ai_labeler import (
+from stages.labeling.ai_labeler import (
     AiLabeler,
     AiLabelerConfig,
     HttpJudge,
@@ -24,7 +24,7 @@ from stages.ai_labeler import (
     ranks_from_preferences,
     two_way_preference,
 )
-from stages.labelers import CachedLabeler
+from stages.labeling.labelers import CachedLabeler
 from tests.conftest import SHARED
 
 # ---------------------------------------------------------------- maths, by hand

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from flows.config import Config
-from stages import compute
-from stages.compute import ComputeConfig
-from stages.optim import OptimConfig
-from stages.peft_setup import PeftConfig
+from stages.models import compute
+from stages.models.compute import ComputeConfig
+from stages.models.optim import OptimConfig
+from stages.models.peft_setup import PeftConfig
 
 GPU_ONLY = [
     (ComputeConfig(precision="fp16"), r"fp16 needs CUDA"),

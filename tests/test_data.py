@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import need_shared
 
-from stages.data import DataError, DatasetConfig, load
+from stages.data.reader import DataError, DatasetConfig, load
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 REAL = [
@@ -24,8 +25,7 @@ REAL = [
 
 @pytest.mark.parametrize(("name", "kind", "fmt", "count"), REAL)
 def test_every_shared_file_loads_with_its_row_count(name, kind, fmt, count):
-    if not SHARED.exists():
-        pytest.skip(f"{SHARED} is absent: the shared real-data folder ships beside the checkout")
+    need_shared(SHARED)
     loaded = load(DatasetConfig(path=str(SHARED / name), kind=kind))
     assert (loaded.format, len(loaded.rows), loaded.bad) == (fmt, count, 0)
     declared = load(DatasetConfig(path=str(SHARED / name), kind=kind, format=fmt))
@@ -33,8 +33,7 @@ def test_every_shared_file_loads_with_its_row_count(name, kind, fmt, count):
 
 
 def test_hh_transcripts_split_into_turns_and_replies():
-    if not SHARED.exists():
-        pytest.skip(f"{SHARED} is absent")
+    need_shared(SHARED)
     row = load(DatasetConfig(path=str(SHARED / "hh-rlhf/harmless-base_test.jsonl.gz"), kind="preferences")).rows[0]
     assert [t["role"] for t in row["prompt"]][:2] == ["user", "assistant"]
     assert row["prompt"][-1]["role"] == "user" and row["chosen"] != row["rejected"]
@@ -184,7 +183,7 @@ def test_dataset_folder_loads_through_datasets(tmp_path, monkeypatch):
 
 def test_unreachable_hub_id_is_a_clear_error():
     code = (
-        "from stages.data import DatasetConfig, DataError, load\n"
+        "from stages.data.reader import DatasetConfig, DataError, load\n"
         "try:\n    load(DatasetConfig(path='nobody/no-such-dataset', kind='preferences'))\n"
         "except DataError as e:\n    print(e)\n"
     )

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.data import DataError, DatasetConfig, load
+from stages.data.reader import DataError, DatasetConfig, load
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIR = {"prompt": "describe the ocean", "chosen": "lovely fish", "rejected": "sad bus"}

@@ -6,12 +6,13 @@ import random
 
 import pytest
 
-from stages import comparisons, prepare, reward_model, task
-from stages.data import DataError, DatasetConfig
+from stages import comparisons, prepare, reward_model
+from stages.data import task
+from stages.data.reader import DataError, DatasetConfig
 from stages.evaluate import labeler_ceiling
-from stages.labelers import LabelerConfig
-from stages.manifest import read_jsonl
-from stages.modeling import ModelConfig
+from stages.labeling.labelers import LabelerConfig
+from stages.models.modeling import ModelConfig
+from stages.runtime.manifest import read_jsonl
 
 TINY = ModelConfig(hidden_size=32, intermediate_size=64, pretrain_documents=200, pretrain_epochs=1)
 

@@ -1,8 +1,8 @@
-"""Reward-hacking diagnostics by hand (`stages/diagnostics.py`)."""
+"""Reward-hacking diagnostics by hand (`stages/runtime/diagnostics.py`)."""
 
 import pytest
 
-from stages.diagnostics import describe, distinct_n, repetition, verdict
+from stages.runtime.diagnostics import describe, distinct_n, repetition, verdict
 
 
 def test_distinct_and_repetition_by_hand():

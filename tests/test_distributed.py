@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from flows import launch
-from stages import distributed as dist
-from stages import ppo_math as pm
-from stages.distributed import DistributedConfig, refusal
+from flows.launch import launch
+from stages.rl import ppo_math as pm
+from stages.runtime import distributed as dist
+from stages.runtime.distributed import DistributedConfig, refusal
 
 ROOT = Path(__file__).resolve().parents[1]
 ZERO3 = {"zero_optimization": {"stage": 3}}
@@ -102,7 +102,7 @@ def test_the_launch_command_is_torchrun_on_one_node_and_deepspeeds_across_nodes(
     )
     cmd = launch.command(many, tmp_path / "spec.pkl")
     assert cmd[1:3] == ["-m", "deepspeed.launcher.runner"] and cmd[cmd.index("--num_nodes") + 1] == "2"
-    assert cmd[-2:] == ["flows.rank", str(tmp_path / "spec.pkl")]
+    assert cmd[-2:] == ["flows.launch.rank", str(tmp_path / "spec.pkl")]
 
 
 def _global_statistics(rank: int, world: int, port: int, out: str) -> None:
@@ -201,7 +201,7 @@ def test_a_killed_rank_fails_the_ppo_stage_and_the_rerun_resumes(tmp_path):
 
 
 def test_vllm_rollouts_are_refused_without_a_gpu_before_any_compute(tmp_path):
-    from stages import rollout
+    from stages.rl import rollout
 
     with pytest.raises(ValueError, match="stage.ppo.generation=vllm needs a CUDA GPU and the vllm package"):
         rollout.check("vllm", cuda=False)
@@ -223,8 +223,8 @@ def test_vllm_rollouts_follow_the_policy_after_a_weight_sync(tmp_path):
     pytest.importorskip("vllm", reason="needs the vllm package (GPU machines)")
     from conftest import build_tiny_model
 
-    from stages.modeling import load_causal_lm, load_tokenizer
-    from stages.rollout import HfRollout, VllmRollout
+    from stages.models.modeling import load_causal_lm, load_tokenizer
+    from stages.rl.rollout import HfRollout, VllmRollout
 
     folder = build_tiny_model(tmp_path / "policy", "llama")
     tokenizer, policy = load_tokenizer(folder), load_causal_lm(folder)

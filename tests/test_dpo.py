@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from stages import dpo
-from stages.dpo import DpoConfig, plackett_luce_loss, preference_pairs
-from stages.manifest import write_jsonl
-from stages.peft_setup import PeftConfig
-from stages.tuning import Tuning
+from stages.dpo import DpoConfig, plackett_luce_loss
+from stages.models.peft_setup import PeftConfig
+from stages.models.tuning import Tuning
+from stages.preference.rankings import preference_pairs
+from stages.runtime.manifest import write_jsonl
 
 
 def test_k_way_ranking_expands_to_its_pairs_ties_dropped():
@@ -60,8 +61,8 @@ def test_bad_dpo_config_is_named(kwargs, key):
 
 def _comparisons(tiny_prepare, tmp_path):
     """Rankings in which responses with more positive words win (a learnable preference)."""
-    from stages import task
-    from stages.manifest import read_jsonl
+    from stages.data import task
+    from stages.runtime.manifest import read_jsonl
 
     prompts = [r["prompt"] for r in read_jsonl(tiny_prepare.file("comparison_prompts"))][:48]
     rows = []
@@ -79,7 +80,7 @@ def _comparisons(tiny_prepare, tmp_path):
     [("lora", "sigmoid"), ("full", "ipo"), ("lora", "plackett_luce")],
 )
 def test_dpo_stage_moves_the_policy_towards_the_chosen(tiny_prepare, tmp_path, method, loss):
-    from stages.modeling import load_causal_lm
+    from stages.models.modeling import load_causal_lm
 
     cmp, held = _comparisons(tiny_prepare, tmp_path)
     policy = tiny_prepare.file("base")

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from bench.faults import HOOKS, harness, plan
-from stages.manifest import clear_abandoned, publish, staging_folder
+from stages.runtime.manifest import clear_abandoned, publish, staging_folder
 
 
 def test_the_plan_covers_every_stage_and_the_publish_and_logging_points():

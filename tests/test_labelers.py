@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from stages import comparisons, reward_model
-from stages.labelers import CachedLabeler, LabelerConfig, LabelsMissing, SimulatedLabeler
-from stages.manifest import read_jsonl
+from stages.labeling.labelers import CachedLabeler, LabelerConfig, LabelsMissing, SimulatedLabeler
+from stages.runtime.manifest import read_jsonl
 
 
 def _file_cfg(tmp_path: Path, rankings: Path | None = None) -> LabelerConfig:

@@ -9,13 +9,16 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
+from conftest import Child, free_port
 from test_flow import TINY, statuses
 
 from flows.config import Config, RegistryConfig
-from stages.manifest import Manifest, folder_digest
+from stages.runtime.manifest import Manifest, folder_digest
 
 ROOT = Path(__file__).resolve().parents[1]
+ALIGNFLOW = str(Path(sys.executable).with_name("alignflow"))
 
 
 # -- locks and threads -------------------------------------------------------------------------
@@ -46,7 +49,7 @@ def test_a_second_caller_of_the_same_stage_waits_for_the_first(tmp_path, capfd):
 
 
 def test_threads_divide_the_usable_cores_between_concurrent_jobs(monkeypatch):
-    from flows import resources
+    from flows.launch import resources
 
     monkeypatch.setattr(resources, "usable_cores", lambda: 8)
     assert resources.threads_per_job(None, 1) == 8
@@ -65,7 +68,7 @@ def test_threads_divide_the_usable_cores_between_concurrent_jobs(monkeypatch):
 
 
 def test_gate_decisions_on_hand_values():
-    from flows.registry import decide, lookup
+    from flows.results.registry import decide, lookup
 
     reg = RegistryConfig(metric="gold_policy.mean", margin=0.05, max_kl_per_token=0.5)
     assert decide(0.3, 0.1, None, reg)[0] is True
@@ -111,8 +114,8 @@ def _summary(tmp: Path, name: str, win_rate: float, kl: float) -> dict:
 def test_worse_candidate_is_not_promoted_and_a_better_one_is(tmp_path):
     from mlflow import MlflowClient
 
-    from flows.pipeline import set_up_tracking
-    from flows.registry import gate
+    from flows.results.registry import gate
+    from flows.runner import set_up_tracking
 
     cfg = Config(artifacts_dir=str(tmp_path), registry=RegistryConfig(margin=0.02, max_kl_per_token=0.5))
     set_up_tracking(cfg)
@@ -143,7 +146,7 @@ def test_worse_candidate_is_not_promoted_and_a_better_one_is(tmp_path):
     assert gate(cfg, again)["reason"] == "already registered as version 5"
     assert len(client.search_model_versions("name='alignflow-policy'")) == 5
 
-    from flows.champion import describe
+    from flows.ops.champion import describe
 
     text = describe(cfg)
     assert text.startswith("champion: alignflow-policy version 5") and "version 2: win_rate 0.55 does not" in text
@@ -153,8 +156,12 @@ def test_worse_candidate_is_not_promoted_and_a_better_one_is(tmp_path):
 
 
 def _python(*args: str, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    return _alignflow(*args, env=env, timeout=timeout, program=sys.executable)
+
+
+def _alignflow(*args: str, env: dict | None = None, timeout: int = 900, program: str = ALIGNFLOW):
     proc = subprocess.run(
-        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env or os.environ.copy()
+        [program, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env or os.environ.copy()
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -199,9 +206,8 @@ def _assert_sweep(artifacts: Path, sweep_dir: Path, jobs: int, shared: list[str]
 def frontier(tmp_path_factory):
     """`make frontier` on tiny settings: a 2-job joblib sweep of PPO's beta, a 1-job sweep of DPO's."""
     art = tmp_path_factory.mktemp("frontier")
-    out = _python(
-        "-m",
-        "flows.frontier",
+    out = _alignflow(
+        "frontier",
         "--ppo-betas",
         "0.02,0.2",
         "--dpo-betas",
@@ -230,7 +236,8 @@ def test_joblib_sweep_shares_stages_and_writes_the_frontier(frontier):
     for s in rlhf + dpo:  # every run's report, logged to MLflow too
         report = Path(s["summary_path"]).with_name("report.html")
         assert report.stat().st_size > 1_000_000  # plotly inlined: no network needed
-        assert (art / "mlflow-artifacts").rglob("report.html")
+        logged = art / "mlflow-artifacts" / s["mlflow_run_id"] / "artifacts" / "report.html"
+        assert logged.read_bytes() == report.read_bytes()
 
 
 def _open_in_chromium(page_path: Path) -> dict:
@@ -319,14 +326,6 @@ def test_submitit_local_sweep_shares_stages(tmp_path):
 # -- the served deployment -----------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _api(url: str, path: str, body: dict | None = None):
     import httpx
 
@@ -335,17 +334,17 @@ def _api(url: str, path: str, body: dict | None = None):
     return r.json()
 
 
-def _wait_for_completed(url: str, deployment: str, n: int, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def _wait_for_completed(serve: Child, url: str, deployment: str, n: int, timeout: float = 300) -> None:
+    """Until `n` runs of the deployment completed; a failed, crashed or cancelled run fails at once."""
+
+    def completed() -> bool:
         runs = _api(url, "/flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [deployment]}}})
-        done = [r for r in runs if r["state_type"] == "COMPLETED"]
-        bad = [r for r in runs if r["state_type"] in ("FAILED", "CRASHED")]
-        assert not bad, bad[0]["state"]
-        if len(done) >= n:
-            return
-        time.sleep(1)
-    raise AssertionError(f"no {n} completed runs of the deployment within {timeout} s")
+        bad = [r for r in runs if r["state_type"] in ("FAILED", "CRASHED", "CANCELLED")]
+        if bad:
+            serve.fail(f"a run of the deployment ended {bad[0]['state_type']}: {bad[0]['state']['message']}")
+        return len([r for r in runs if r["state_type"] == "COMPLETED"]) >= n
+
+    serve.wait_for(completed, timeout, f"{n} completed runs of the deployment")
 
 
 @pytest.mark.slow
@@ -363,13 +362,10 @@ def test_served_deployment_retrains_on_the_new_data_event(tmp_path):
     pair = {"prompt": "describe the ocean", "chosen": "lovely fish", "rejected": "sad bus"}
     pairs.write_text("".join(json.dumps({**pair, "chosen": f"fish {i}"}) + "\n" for i in range(30)))
     art = tmp_path / "artifacts"
-    url = f"http://127.0.0.1:{_free_port()}/api"
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(tmp_path / "prefect"),
-        "PREFECT_API_URL": url,
-        "PREFECT_RUNNER_POLL_FREQUENCY": "1",
-    }
+    url = f"http://127.0.0.1:{free_port()}/api"
+    # as the README runs it: no PREFECT_API_URL; serve starts its server at `schedule.api_url`
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env |= {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
     overrides = [
         f"artifacts_dir={art}",
         f"model.name_or_path={model}",
@@ -382,40 +378,39 @@ def test_served_deployment_retrains_on_the_new_data_event(tmp_path):
         f"schedule.api_url={url}",
         "schedule.cron='0 4 * * *'",
     ]
-    serve = subprocess.Popen(
-        [sys.executable, "-m", "flows.serve", *overrides],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 180
-        deployments = []
-        while not deployments and time.monotonic() < deadline:
-            assert serve.poll() is None, serve.stdout.read()[-3000:]
+    with Child([ALIGNFLOW, "serve", *overrides], env=env) as serve:
+        deployments: list = []
+
+        def deployed() -> bool:
             try:
-                deployments = _api(url, "/deployments/filter", {})
+                deployments[:] = _api(url, "/deployments/filter", {})
             except Exception:
-                pass
-            time.sleep(1)
+                return False
+            return bool(deployments)
+
+        serve.wait_for(deployed, timeout=180, what="deployment")
         (dep,) = deployments
         assert [s["schedule"]["cron"] for s in dep["schedules"]] == ["0 4 * * *"]  # the schedule from config
         assert dep["global_concurrency_limit"]["limit"] == 1  # one run at a time
-        assert "127.0.0.1" in url
+        tree = [serve.proc.pid, *(c.pid for c in psutil.Process(serve.proc.pid).children(recursive=True))]
+        listening = {c.laddr.ip for c in psutil.net_connections("inet") if c.status == "LISTEN" and c.pid in tree}
+        assert listening == {"127.0.0.1"}  # the server serve started answers on loopback only
 
         def notify() -> None:
-            _python("-m", "flows.notify", str(pairs), "--api-url", url, env=env)
+            done = subprocess.run(
+                [ALIGNFLOW, "notify", str(pairs), "--api-url", url], cwd=ROOT, env=env, capture_output=True,
+                text=True, timeout=120,
+            )  # fmt: skip
+            assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
         notify()  # first data: everything runs
-        _wait_for_completed(url, dep["id"], 1)
+        _wait_for_completed(serve, url, dep["id"], 1)
         first = json.loads((art / "summary.json").read_text())
         assert set(statuses(first).values()) == {"ran"}
         with pairs.open("a") as f:  # new comparisons land in the same file
             f.write(json.dumps({**pair, "chosen": "a wonderful wave"}) + "\n")
         notify()
-        _wait_for_completed(url, dep["id"], 2)
+        _wait_for_completed(serve, url, dep["id"], 2)
         second = json.loads((art / "summary.json").read_text())
         # prepare and what reads its changed outputs reran; SFT, keyed on the demonstrations, did not
         assert statuses(second) == {"prepare": "ran", "sft": "cached", "comparisons": "ran", "reward_model": "ran"}
@@ -423,12 +418,6 @@ def test_served_deployment_retrains_on_the_new_data_event(tmp_path):
             second["stages"]["prepare"]["parents"]["file:data.comparisons"]
             != first["stages"]["prepare"]["parents"]["file:data.comparisons"]
         )
-    finally:
-        serve.terminate()
-        try:
-            serve.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            serve.kill()
 
 
 def test_prefect_yaml_deployments_are_valid_for_prefect_deploy():

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import SHARED, build_tiny_model, need_shared
 
-from tests.conftest import SHARED, build_tiny_model
 from tests.test_flow import align
 
 SMALL = [
@@ -27,8 +27,7 @@ SMALL = [
 
 
 def _real_rows(tmp_path: Path, source: Path, n: int) -> Path:
-    if not source.exists():
-        pytest.skip(f"{source} is absent: the shared real-data folder ships beside the checkout")
+    need_shared(source)
     if source.suffix == ".gz":
         rows = [json.loads(line) for line in gzip.open(source, "rt")][:n]
     else:

@@ -1,6 +1,6 @@
 """Every CPU-capable fine-tuning method and optimizer, in both kinds of training stage: a causal LM
 (SFT, DPO, the PPO policy) and a scalar head (reward model, PPO value). Each trains a few steps through
-the door the stages use (`stages/tuning.py`); the test asserts the trainable-parameter count the method
+the door the stages use (`stages/models/tuning.py`); the test asserts the trainable-parameter count the method
 implies, computed here by hand from the architecture, and that exactly those parameters changed."""
 
 from pathlib import Path
@@ -9,11 +9,11 @@ import pytest
 import torch
 from conftest import build_tiny_model
 
-from stages import tuning as tuning_lib
-from stages.compute import ComputeConfig
-from stages.optim import OptimConfig
-from stages.peft_setup import PeftConfig
-from stages.tuning import Tuning
+from stages.models import tuning as tuning_lib
+from stages.models.compute import ComputeConfig
+from stages.models.optim import OptimConfig
+from stages.models.peft_setup import PeftConfig
+from stages.models.tuning import Tuning
 
 H, I, LAYERS, R = 32, 64, 2, 4  # build_tiny_model's Llama: hidden, intermediate, layers; the LoRA rank
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Reward models rank responses; PPO follows them."]
@@ -151,8 +151,8 @@ def test_adapter_outputs_load_with_peft_and_merge_into_a_plain_folder(base, wide
 
 @pytest.mark.parametrize("method", ["lora", "pissa"])
 def test_an_adapter_reward_model_keeps_its_head_trainable_and_its_artifacts_loadable(base, tmp_path, method):
-    from stages.modeling import load_scalar_model
-    from stages.peft_setup import load_adapter
+    from stages.models.modeling import load_scalar_model
+    from stages.models.peft_setup import load_adapter
 
     tuning = Tuning(PeftConfig(method=method, r=R, alpha=2 * R, pissa_niter=2))
     model = tuning_lib.load(base, tuning, "scalar", adjust=lambda m: setattr(m.config, "pad_token_id", 0))

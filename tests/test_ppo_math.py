@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from stages import ppo_math as pm
+from stages.rl import ppo_math as pm
 
 
 def test_kl_penalty_on_every_token_and_score_on_the_last():

@@ -11,8 +11,8 @@ import json, sys
 from pathlib import Path
 import flows  # telemetry off
 from stages import ppo
-from stages.peft_setup import PeftConfig
-from stages.tuning import Tuning
+from stages.models.peft_setup import PeftConfig
+from stages.models.tuning import Tuning
 p, rm, out, ck = (Path(a) for a in sys.argv[1:5])
 cfg = ppo.PpoConfig(updates=6, rollouts_per_update=16, minibatch_size=8, checkpoint_every=2)
 m = ppo.run(cfg, Tuning(PeftConfig("full")), policy=p / "base", reward_model=rm / "model",
@@ -57,8 +57,8 @@ def test_killed_ppo_resumes_from_its_checkpoint(tiny_prepare, reward_model_dir, 
 def run_ppo(cfg, prepared, rm_dir: Path, out: Path, checkpoint_dir: Path | None = None):
     """The PPO stage on the tiny prepared task and the module's reward model."""
     from stages import ppo
-    from stages.peft_setup import PeftConfig
-    from stages.tuning import Tuning
+    from stages.models.peft_setup import PeftConfig
+    from stages.models.tuning import Tuning
 
     return ppo.run(
         cfg,

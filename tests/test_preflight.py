@@ -8,8 +8,8 @@ import pytest
 
 from flows.config import to_config
 from flows.preflight import preflight
-from stages.modeling import ModelError
-from stages.tokens import LengthError
+from stages.data.tokens import LengthError
+from stages.models.modeling import ModelError
 from tests.conftest import ROOT, build_tiny_model
 from tests.test_config import _compose
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from test_flow import NOISE, TINY, statuses
 
-from stages.manifest import Manifest, folder_digest
+from stages.runtime.manifest import Manifest, folder_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRETS = {"ALIGNFLOW_TEST_API_KEY": "sk-test-secret-4242", "HF_TOKEN": "hf_test_secret_9191"}
@@ -60,7 +60,8 @@ def test_two_runs_at_once_both_finish_and_compute_each_stage_once(two_runs):
     runs = client.search_runs([client.get_experiment_by_name("alignflow").experiment_id], max_results=200)
     parents = [r for r in runs if r.data.tags.get("alignflow.kind") == "align"]
     assert len(parents) == 2 and {r.info.status for r in runs} == {"FINISHED"}
-    assert statuses(summaries[0]) and summaries[0]["registry"]["version"] == summaries[1]["registry"]["version"]
+    assert list(statuses(summaries[0])) == ["prepare", "sft", "comparisons", "reward_model", "ppo", "evaluate"]
+    assert summaries[0]["registry"]["version"] == summaries[1]["registry"]["version"] == "1"  # registered once
 
 
 @pytest.mark.slow
@@ -86,7 +87,7 @@ def test_no_environment_secret_reaches_mlflow(two_runs):
 
 def test_remote_code_stays_off_unless_asked(tmp_path):
     """A model folder whose config points at its own Python: loading it must not run that code."""
-    from stages.modeling import ModelConfig, load_causal_lm
+    from stages.models.modeling import ModelConfig, load_causal_lm
 
     marker = tmp_path / "executed"
     folder = tmp_path / "remote"
@@ -108,7 +109,7 @@ def test_remote_code_stays_off_unless_asked(tmp_path):
 
 
 def test_pickled_weights_are_refused(tmp_path):
-    from stages.modeling import ModelError, check_model_folder
+    from stages.models.modeling import ModelError, check_model_folder
 
     folder = tmp_path / "pickled"
     folder.mkdir()
@@ -210,7 +211,7 @@ def test_a_kill_while_mlflow_builds_its_database_leaves_none_and_the_rerun_build
     """CI once killed a run among MLflow's table migrations: the half-built mlflow.db stopped every
     later run. The database is built beside its path and renamed, so a kill leaves none."""
     build = (
-        "from flows.config import Config; from flows.pipeline import set_up_tracking; "
+        "from flows.config import Config; from flows.runner import set_up_tracking; "
         f"set_up_tracking(Config(artifacts_dir={str(tmp_path)!r}))"
     )
     env = {**os.environ, "ALIGNFLOW_FAULT": "tracking:database"}
@@ -230,7 +231,7 @@ def test_a_kill_while_mlflow_builds_its_database_leaves_none_and_the_rerun_build
 
 def test_an_interrupt_swallowed_on_the_way_still_stops_the_next_loop_tick():
     """Python drops a KeyboardInterrupt raised inside a finalizer; the recorded signal raises again."""
-    from stages.progress import STOP, progress
+    from stages.runtime.progress import STOP, progress
 
     bar = progress(3, "loop")
     bar.update(1)

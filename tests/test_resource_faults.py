@@ -10,19 +10,19 @@ import pytest
 from test_flow import TINY
 
 from flows.config import Config
-from flows.resources import ResourceError
+from flows.launch.resources import ResourceError
 from flows.runner import StageCall, _execute
-from stages.peft_setup import PeftConfig
+from stages.models.peft_setup import PeftConfig
+from stages.models.tuning import Tuning
 from stages.ppo import PpoConfig
 from stages.sft import SftConfig
-from stages.tuning import Tuning
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def tracked(tmp_path):
-    from flows.pipeline import set_up_tracking
+    from flows.runner import set_up_tracking
 
     set_up_tracking(Config(artifacts_dir=str(tmp_path)))
     return tmp_path
@@ -55,7 +55,7 @@ def test_a_full_disk_while_the_stage_writes_its_artifact(tracked, monkeypatch):
 def test_a_full_disk_during_publish(tracked, monkeypatch):
     from flows import runner
     from stages import sft
-    from stages.manifest import Manifest, folder_digest
+    from stages.runtime.manifest import Manifest, folder_digest
 
     def trains(*args, out_dir, **kwargs):
         (out_dir / "policy").mkdir()

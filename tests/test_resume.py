@@ -7,15 +7,15 @@ from pathlib import Path
 import pytest
 from conftest import finish, kill_after_checkpoint
 
-from stages import checkpoints
+from stages.runtime import checkpoints
 
 SFT = """
 import json, sys
 from pathlib import Path
 import flows  # telemetry off
 from stages import sft
-from stages.peft_setup import PeftConfig
-from stages.tuning import Tuning
+from stages.models.peft_setup import PeftConfig
+from stages.models.tuning import Tuning
 p, out, ck = (Path(a) for a in sys.argv[1:4])
 cfg = sft.SftConfig(epochs=2, batch_size=16, checkpoint_every=8)
 m = sft.run(cfg, Tuning(PeftConfig()), base=p / "base", demonstrations=p / "demonstrations.jsonl", out_dir=out,
@@ -40,8 +40,8 @@ import json, sys
 from pathlib import Path
 import flows  # telemetry off
 from stages import dpo
-from stages.peft_setup import PeftConfig
-from stages.tuning import Tuning
+from stages.models.peft_setup import PeftConfig
+from stages.models.tuning import Tuning
 p, cmp, out, ck, loss = sys.argv[1:6]
 p, cmp = Path(p), Path(cmp)
 cfg = dpo.DpoConfig(epochs=2, batch_size=16, checkpoint_every=8, loss_type=loss, kl_prompts=8)
@@ -114,8 +114,8 @@ def test_a_half_written_trainer_checkpoint_is_skipped(tmp_path):
 
 def test_a_nan_loss_stops_sft_naming_the_key(tiny_prepare, tmp_path):
     from stages import sft
-    from stages.peft_setup import PeftConfig
-    from stages.tuning import Tuning
+    from stages.models.peft_setup import PeftConfig
+    from stages.models.tuning import Tuning
 
     with pytest.raises(FloatingPointError, match=r"sft: non-finite loss at step \d+; lower stage.sft.learning_rate"):
         sft.run(

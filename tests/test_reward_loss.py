@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from stages.reward_model import ranking_loss, ranking_pairs
+from stages.preference.rankings import ranking_pairs
+from stages.reward_model import ranking_loss
 
 
 def test_ranking_pairs_enumerate_all_c_k_2():
@@ -52,7 +53,7 @@ class _ScalarModel(torch.nn.Module):
 
 
 def _rollout():
-    from stages.modeling import Rollout
+    from stages.models.modeling import Rollout
 
     # two rows; query left-padded with 0; responses right-padded with 0 after the mask
     return Rollout(
@@ -65,7 +66,7 @@ def _rollout():
 
 
 def test_sequence_scores_last_token_and_mean_by_hand():
-    from stages.modeling import sequence_scores
+    from stages.models.modeling import sequence_scores
 
     model = _ScalarModel()
     assert sequence_scores(model, _rollout(), "last").tolist() == [6.0, 5.0]  # last real token
@@ -75,7 +76,7 @@ def test_sequence_scores_last_token_and_mean_by_hand():
 
 
 def test_normalization_file_is_validated(tmp_path):
-    from stages.reward_model import load_normalization
+    from stages.preference.scorers import load_normalization
 
     path = tmp_path / "normalization.json"
     path.write_text('{"bias": 0.5}')  # written before pooling was recorded: last token
@@ -103,8 +104,8 @@ def test_soft_preference_loss_by_hand():
 
 
 def test_soft_targets_need_ai_preferences(tmp_path, tiny_prepare):
-    from stages.manifest import write_jsonl
     from stages.reward_model import RewardModelConfig, run
+    from stages.runtime.manifest import write_jsonl
 
     rows = [{"prompt": "describe the ocean", "responses": ["fish", "bus"], "finished": [True, True], "ranks": [0, 1]}]
     write_jsonl(tmp_path / "c.jsonl", rows)

@@ -1,18 +1,20 @@
 """Each stage's run() on a tiny model built locally from a config, chained as the flow chains them."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import need_shared
 from safetensors.torch import load_file
 
 from stages import comparisons, evaluate, ppo, reward_model, sft
-from stages.labelers import LabelerConfig
-from stages.manifest import folder_digest, read_jsonl
-from stages.modeling import load_causal_lm, load_tokenizer
-from stages.peft_setup import PeftConfig
-from stages.tuning import Tuning
+from stages.labeling.labelers import LabelerConfig
+from stages.models.modeling import load_causal_lm, load_tokenizer
+from stages.models.peft_setup import PeftConfig
+from stages.models.tuning import Tuning
+from stages.runtime.manifest import folder_digest, read_jsonl
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -120,7 +122,7 @@ def test_ppo_updates_the_policy(chain):
     m = chain["ppo"]
     before, after = _weights(chain["sft"].file("policy")), _weights(m.file("policy"))
     assert any(not torch.equal(before[k], after[k]) for k in before)
-    assert all(v == v for v in m.metrics.values())  # no NaN
+    assert all(math.isfinite(v) for v in m.metrics.values())  # no NaN, no inf
     assert len(read_jsonl(m.file("samples"))) == 32
 
 
@@ -133,12 +135,11 @@ def test_evaluate_reports_every_figure(chain):
 
 def test_sft_on_real_demonstrations_through_the_data_worker(tmp_path):
     from stages import prepare
-    from stages.data import DatasetConfig
-    from stages.modeling import ModelConfig
+    from stages.data.reader import DatasetConfig
+    from stages.models.modeling import ModelConfig
 
     alpaca = Path(__file__).resolve().parents[2] / "shared/data/llamafactory-demo/alpaca_en_demo.json"
-    if not alpaca.exists():
-        pytest.skip(f"{alpaca} is absent: the shared real-data folder ships beside the checkout")
+    need_shared(alpaca)
     data = prepare.DataConfig(
         n_comparison_prompts=8,
         n_heldout_comparison_prompts=8,

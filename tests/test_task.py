@@ -2,8 +2,8 @@
 
 import pytest
 
-from stages import task
-from stages.labelers import LabelerConfig, SimulatedLabeler
+from stages.data import task
+from stages.labeling.labelers import CachedLabeler, LabelerConfig, SimulatedLabeler
 
 
 def test_gold_rule_by_hand():
@@ -26,7 +26,7 @@ def test_generation_is_deterministic_and_mixed_quality():
     assert min(scores) < 0 < max(scores)  # headroom for RLHF
 
 
-def test_simulated_labeler_is_noisy_but_content_cached():
+def test_simulated_labeler_is_noisy_and_its_noise_is_seeded_by_the_content():
     prompts = task.make_prompts(300, seed=5)
     responses = [d.response for d in task.make_demonstrations(600, seed=6)]
     noisy = SimulatedLabeler(LabelerConfig(noise=0.5))
@@ -36,4 +36,39 @@ def test_simulated_labeler_is_noisy_but_content_cached():
         for i, p in enumerate(prompts)
     )
     assert 0.6 < agree / len(prompts) < 0.99
-    assert noisy.rank(prompts[0], responses[:4]) == noisy.rank(prompts[0], responses[:4])
+    # its noise is seeded by the content, not by the order of the questions: a fresh labeler asked in
+    # another order gives every item the same ranks
+    items = [(p, responses[2 * i : 2 * i + 3]) for i, p in enumerate(prompts[:50])]
+    fresh = SimulatedLabeler(LabelerConfig(noise=0.5))
+    assert [fresh.rank(p, rs) for p, rs in reversed(items)][::-1] == [noisy.rank(p, rs) for p, rs in items]
+
+
+class Counting:
+    """A labeler that records what it was asked."""
+
+    identity = "counting"
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, list[str]]] = []
+
+    def label_all(self, items):
+        self.asked += items
+        return [{"ranks": list(range(len(rs)))} for _, rs in items]
+
+
+def test_the_cached_labeler_asks_only_what_it_has_not_labelled_and_remembers_across_processes(tmp_path):
+    cache = tmp_path / "labels.jsonl"
+    inner = Counting()
+    labeler = CachedLabeler(inner, cache)
+    a, b, c = ("p1", ["x", "y"]), ("p2", ["y", "z"]), ("p3", ["z", "x"])
+    assert labeler.rank_all([a, b, a]) == [[0, 1], [0, 1], [0, 1]]
+    assert inner.asked == [a, b] and labeler.asked == 2  # the repeated item asked once
+    labeler.rank_all([b, c])
+    assert inner.asked == [a, b, c] and labeler.asked == 1  # only the new one
+    again = Counting()  # a later run: a new labeler on the same file
+    assert CachedLabeler(again, cache).rank_all([c, a, b]) == [[0, 1]] * 3
+    assert again.asked == []
+    other = Counting()  # the key includes the labeler's identity: another labeler asks afresh
+    other.identity = "another"
+    CachedLabeler(other, cache).rank_all([a])
+    assert other.asked == [a]

@@ -1,4 +1,4 @@
-"""One tokenization everywhere (`stages/tokens.py`), on real tokenizers: GPT-2's byte-level BPE, a
+"""One tokenization everywhere (`stages/data/tokens.py`), on real tokenizers: GPT-2's byte-level BPE, a
 SentencePiece model and the embedded word-level one. The ids a response is trained on (SFT, RM,
 DPO) are the ids it is sampled as and scored as (PPO, evaluate)."""
 
@@ -6,11 +6,9 @@ import shutil
 
 import pytest
 import torch
+from conftest import need_shared
 
-from stages.modeling import Rollout, decode_responses, encode_queries, encode_rollout
-from stages.reward_model import encode_rankings
-from stages.sft import encode_demonstrations
-from stages.tokens import (
+from stages.data.tokens import (
     Budget,
     LengthError,
     adds_bos,
@@ -21,6 +19,9 @@ from stages.tokens import (
     prompt_ids,
     response_ids,
 )
+from stages.models.modeling import Rollout, decode_responses, encode_queries, encode_rollout
+from stages.preference.rankings import encode_rankings
+from stages.sft import encode_demonstrations
 from tests.conftest import SHARED
 
 RESPONSES = ["Once upon a time there was a cat.", "Sure, here are 3 ideas: bake, paint, read!", "no"]
@@ -31,8 +32,7 @@ def _gpt2():
     from transformers import GPT2TokenizerFast
 
     path = SHARED / "tokenizers" / "gpt2"
-    if not path.exists():
-        pytest.skip(f"{path} is absent: the shared tokenizers ship beside the checkout")
+    need_shared(path)
     tok = GPT2TokenizerFast.from_pretrained(str(path))
     tok.pad_token = tok.eos_token
     return tok
@@ -42,8 +42,7 @@ def _sentencepiece(tmp_path):
     from transformers import LlamaTokenizer
 
     model = SHARED / "tokenizers" / "tok512-sentencepiece" / "tok512.model"
-    if not model.exists():
-        pytest.skip(f"{model} is absent: the shared tokenizers ship beside the checkout")
+    need_shared(model)
     shutil.copy(model, tmp_path / "tokenizer.model")
     tok = LlamaTokenizer.from_pretrained(str(tmp_path))
     tok.pad_token = tok.eos_token

@@ -3,8 +3,10 @@
 import pytest
 import torch
 
-from stages.modeling import load_scalar_model, load_tokenizer, render_prompts
-from stages.reward_model import ranking_loss, ranking_pairs, score_rows
+from stages.models.modeling import load_scalar_model, load_tokenizer, render_prompts
+from stages.preference.rankings import ranking_pairs
+from stages.preference.scorers import score_rows
+from stages.reward_model import ranking_loss
 
 
 def test_k2_loss_matches_trl_reward_trainer(tiny_prepare, tmp_path):

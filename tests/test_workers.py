@@ -2,18 +2,19 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from datetime import datetime
 from pathlib import Path
 
 import pytest
+from conftest import Child
 
-from flows import launch, workers
+from flows.launch import launch
+from flows.ops import workers
 
 ROOT = Path(__file__).resolve().parents[1]
+ALIGNFLOW = str(Path(sys.executable).with_name("alignflow"))
 
 
 def test_a_sweep_expands_into_its_jobs():
@@ -27,21 +28,13 @@ def test_a_sweep_expands_into_its_jobs():
 def test_two_workers_run_two_sweep_jobs_concurrently(tmp_path):
     url = f"http://127.0.0.1:{launch.free_port()}/api"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": url}
-    serve = subprocess.Popen(
-        [sys.executable, "-m", "flows.workers", "serve", "--workers", "2", "--api-url", url],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 300
-        for line in serve.stdout:  # the server, the pool, the deployment, then the workers
-            if line.rstrip().endswith(": ready"):
-                break
-            assert time.monotonic() < deadline
-        assert serve.poll() is None
+    with Child([ALIGNFLOW, "workers", "serve", "--workers", "2", "--api-url", url], env=env) as serve:
+        # the server, the pool, the deployment, then the workers
+        serve.wait_for_line(lambda line: line.endswith(": ready"), timeout=300)
         runs_json = tmp_path / "runs.json"
         jobs = ["+experiment=tiny", f"artifacts_dir={tmp_path / 'artifacts'}", "pipeline.stop_after=sft"]
         sweep = subprocess.run(
-            [sys.executable, "-m", "flows.workers", "sweep", "--json", str(runs_json), *jobs, "stage.sft.seed=1,2"],
+            [ALIGNFLOW, "workers", "sweep", "--json", str(runs_json), *jobs, "stage.sft.seed=1,2"],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
         )  # fmt: skip
         assert sweep.returncode == 0, sweep.stdout[-2000:] + sweep.stderr[-2000:]
@@ -51,6 +44,3 @@ def test_two_workers_run_two_sweep_jobs_concurrently(tmp_path):
         assert s0 < e1 and s1 < e0  # both ran at the same time
         assert runs[0]["pid"] != runs[1]["pid"]  # each in a process of its own
         assert len(list((tmp_path / "artifacts" / "sft").glob("[0-9a-f]*"))) == 2  # two seeds, two policies
-    finally:
-        os.killpg(serve.pid, signal.SIGTERM)
-        serve.wait(timeout=60)

@@ -1,0 +1,4 @@
+"""Data machinery: reading user files (`reader`), the data sources a stage draws from (`sources`), the
+embedded synthetic task with its gold rule (`task`), and tokenisation with its length budgets (`tokens`).
+Imported by the stage modules and the machinery above it (models, preference, labeling); imports only `runtime`.
+"""

@@ -1,0 +1,328 @@
+"""Loading, prompting, sampling and scoring causal LMs: one path for tiny local models and hub ids.
+
+Secure defaults: weights load from safetensors only and `trust_remote_code` is off unless the
+config asks for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from stages.data.tokens import Packed, context_window, decode_response, prompt_ids, render, response_ids
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """`name_or_path` null builds the embedded tiny Llama from the sizes below."""
+
+    name_or_path: str | None = None
+    trust_remote_code: bool = False
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    max_position_embeddings: int = 64
+    # The embedded base is pretrained briefly on unformatted task text (a stand-in for web text), so
+    # that SFT, like SFT of a real LLM, adapts a model that already knows the language; LoRA on a
+    # random-init base cannot learn the task.
+    pretrain_documents: int = 8000
+    pretrain_epochs: int = 4
+    pretrain_learning_rate: float = 3e-3
+    bpe_vocab_size: int = 4096  # own data without a model: the byte-level BPE tokenizer trained on it
+
+
+class ModelError(ValueError):
+    """A model or tokenizer the pipeline cannot use safely; the message names the folder and why."""
+
+
+def check_model_folder(path: str | Path) -> None:
+    """A local model folder must hold safetensors weights: pickled checkpoints (`.bin`, `.pt`) can run
+    arbitrary code when loaded, so they are refused rather than loaded."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return  # a hub id: `from_pretrained` asks for safetensors (`use_safetensors=True`)
+    if not any(folder.glob("*.safetensors")):
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        found = f"found only {', '.join(pickles)}" if pickles else "found no weights"
+        raise ModelError(
+            f"{folder}: no *.safetensors weights ({found}). Pickled weights can execute code when loaded, so "
+            "alignflow loads safetensors only; convert with `model.save_pretrained(folder, safe_serialization=True)`"
+        )
+
+
+def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
+    """The tokenizer of a model folder or hub id; pad falls back to EOS, and a tokenizer without EOS
+    is refused (responses could never end)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tok.eos_token_id is None:
+        raise ModelError(
+            f"{path}: the tokenizer has no EOS token, so a response could never end; set `eos_token` in its "
+            "tokenizer_config.json (or `tokenizer.eos_token = ...` before `save_pretrained`)"
+        )
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def model_context(path: str | Path, *, trust_remote_code: bool = False) -> int:
+    """The context window of the model in a folder or hub id, read from its config alone."""
+    from transformers import AutoConfig
+
+    return context_window(AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code))
+
+
+def load_causal_lm(path: str | Path, *, trust_remote_code: bool = False, **load):
+    """`load`: more `from_pretrained` arguments (attention implementation, quantisation: `stages/models/tuning.py`)."""
+    from transformers import AutoModelForCausalLM
+
+    check_model_folder(path)
+    return AutoModelForCausalLM.from_pretrained(
+        str(path), trust_remote_code=trust_remote_code, use_safetensors=True, dtype=torch.float32, **load
+    )
+
+
+def render_prompts(tokenizer, prompts: list[str] | list[list[dict]]) -> list[str]:
+    """Prompts as the policy sees them: the chat template with the generation prompt. A prompt is a
+    user message, or a conversation (`[{"role", "content"}, ...]`, as in HH-RLHF pairs)."""
+    return [render(tokenizer, p) for p in prompts]
+
+
+@dataclass
+class Rollout:
+    """A batch of sampled responses.
+
+    query: (batch, query_len) left-padded; response: (batch, response_len) right-padded with pad;
+    response_mask: (batch, response_len) 1 on response tokens up to and including EOS;
+    finished: (batch,) whether the response ended with EOS.
+    """
+
+    query: torch.Tensor
+    query_mask: torch.Tensor
+    response: torch.Tensor
+    response_mask: torch.Tensor
+    finished: torch.Tensor
+
+    def sequences(self) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.cat([self.query, self.response], dim=1)
+        mask = torch.cat([self.query_mask, self.response_mask], dim=1)
+        return ids, mask
+
+    def packed(self) -> Packed:
+        ids, mask = self.sequences()
+        return Packed(ids, mask, torch.cat([torch.zeros_like(self.query_mask), self.response_mask], dim=1))
+
+
+def encode_queries(tokenizer, prompts: list, max_prompt_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids (`stages.data.tokens.prompt_ids`), each keeping its last `max_prompt_length`."""
+    rows = [prompt_ids(tokenizer, p) for p in prompts]
+    if max_prompt_length is not None:
+        rows = [r[-max_prompt_length:] for r in rows]
+    width = max(len(r) for r in rows)
+    query = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        query[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r) :] = 1
+    return query, mask
+
+
+@torch.no_grad()
+def sample(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator_seed: int | None = None,
+    max_prompt_length: int | None = None,
+) -> Rollout:
+    """Batched sampling with the KV cache (`generate`); the seam where a faster engine plugs in."""
+    query, query_mask = encode_queries(tokenizer, prompts, max_prompt_length)
+    if generator_seed is not None:
+        torch.manual_seed(generator_seed)
+    was_training = model.training
+    model.eval()
+    out = model.generate(
+        input_ids=query,
+        attention_mask=query_mask,
+        do_sample=True,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=0,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model.train(was_training)
+    response = out[:, query.shape[1] :]
+    is_eos = response == tokenizer.eos_token_id
+    # mask: tokens up to and including the first EOS
+    after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
+    response_mask = (~after_eos).long()
+    finished = is_eos.any(dim=1)
+    response = response.masked_fill(response_mask == 0, tokenizer.pad_token_id)
+    return Rollout(query, query_mask, response, response_mask, finished)
+
+
+def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
+    """Texts of the sampled responses, EOS excluded (see `stages.data.tokens.decode_response`)."""
+    texts = []
+    for ids, m, f in zip(rollout.response, rollout.response_mask, rollout.finished.tolist()):
+        kept = ids[m.bool()].tolist()
+        texts.append(decode_response(tokenizer, kept[:-1] if f else kept))
+    return texts
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, so a left-padded row scores like an unpadded one."""
+    return (mask.cumsum(dim=1) - 1).clamp(min=0)
+
+
+def response_logprobs(model, rollout: Rollout, *, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs and entropies of the response tokens: two (batch, response_len) tensors.
+
+    Only the positions that predict response tokens go through the LM head (`logits_to_keep`): on
+    long prompts and a large vocabulary the head and its softmax are most of the cost otherwise."""
+    ids, mask = rollout.sequences()
+    keep = rollout.response.shape[1] + 1  # the last query position predicts the first response token
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=keep).logits
+    logits = logits[:, -keep:-1, :] / temperature
+    logp_all = F.log_softmax(logits.float(), dim=-1)
+    logp = logp_all.gather(-1, rollout.response.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+@torch.no_grad()
+def mean_token_kl(policy, reference, rollouts: list[Rollout], *, temperature: float = 1.0) -> float:
+    """Mean per-token KL(pi || pi_ref), estimated on the policy's own samples in `rollouts`."""
+    kl_sum, tokens = 0.0, 0.0
+    for r in rollouts:
+        lp, _ = response_logprobs(policy, r, temperature=temperature)
+        lq, _ = response_logprobs(reference, r, temperature=temperature)
+        kl_sum += ((lp - lq) * r.response_mask).sum().item()
+        tokens += r.response_mask.sum().item()
+    return kl_sum / max(tokens, 1.0)
+
+
+def encode_rollout(tokenizer, prompts: list, responses: list[str], finished: list[bool]) -> Rollout:
+    """Tokenize given responses into the same layout `sample` returns (EOS kept where finished)."""
+    query, query_mask = encode_queries(tokenizer, prompts)
+    rows = [response_ids(tokenizer, r, f) for r, f in zip(responses, finished)]
+    width = max(1, max(len(r) for r in rows))
+    response = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    response_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        response[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        response_mask[i, : len(r)] = 1
+    return Rollout(query, query_mask, response, response_mask, torch.tensor(finished))
+
+
+def hidden_states(backbone, rollout: Rollout) -> torch.Tensor:
+    """Last hidden states of a decoder stack over query + response: (batch, seq_len, hidden)."""
+    ids, mask = rollout.sequences()
+    return backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
+
+
+def scalar_parts(model):
+    """(decoder stack, scalar head) of a sequence-classification model, plain or under peft (whose
+    adapters sit inside the stack, and whose trained copy of the head `score` routes to)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.base_model, inner.score
+
+
+def token_values(model, rollout: Rollout, *, backbone=None, head=None) -> torch.Tensor:
+    """Scalar head on every response position: (batch, response_len). Defaults to a
+    sequence-classification model's own backbone and `score` head.
+
+    Value t is read at the state that predicts response token t, as the policy's logits are.
+    """
+    if backbone is None:
+        backbone, head = scalar_parts(model)
+    hidden = hidden_states(backbone, rollout)
+    q = rollout.query.shape[1]
+    return head(hidden[:, q - 1 : -1, :]).squeeze(-1).float()
+
+
+POOLINGS = ("last", "mean")
+
+
+def sequence_scores(model, batch: Rollout | Packed, pooling: str = "last") -> torch.Tensor:
+    """A reward model's score per sequence: (batch,). `batch`: sampled rollouts or jointly packed rows.
+
+    - "last": the scalar head at the last real token (InstructGPT, TRL, DeepSpeed-Chat);
+    - "mean": the scalar head on every response token (EOS included), averaged over the response.
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling: {pooling!r} is not one of {', '.join(POOLINGS)}")
+    packed = batch.packed() if isinstance(batch, Rollout) else batch
+    mask = packed.attention_mask
+    backbone, head = scalar_parts(model)
+    hidden = backbone(input_ids=packed.ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
+    if pooling == "mean":
+        per_token = head(hidden).squeeze(-1).float()
+        resp = packed.response_mask.float()
+        return (per_token * resp).sum(1) / resp.sum(1).clamp(min=1.0)
+    last = (mask * torch.arange(mask.shape[1])).argmax(dim=1)
+    return head(hidden[torch.arange(hidden.shape[0]), last]).squeeze(-1).float()
+
+
+def sequence_logprobs(model, packed: Packed) -> torch.Tensor:
+    """Summed log-probability of each row's response tokens under `model`: (batch,)."""
+    mask = packed.attention_mask
+    logits = model(input_ids=packed.ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, :-1]
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, packed.ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return (logp * packed.response_mask[:, 1:]).sum(1)
+
+
+def lm_loss(model, tokenizer, texts: list[str], max_length: int | None = None) -> torch.Tensor:
+    """Mean next-token loss on plain texts (each ending with EOS), padding ignored."""
+    tokenizer.padding_side = "right"
+    enc = tokenizer(
+        [t + tokenizer.eos_token for t in texts],
+        return_tensors="pt",
+        padding=True,
+        truncation=max_length is not None,
+        max_length=max_length,
+        add_special_tokens=False,
+    )
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    return model(**enc, labels=labels).loss
+
+
+def load_scalar_model(path: str | Path, *, trust_remote_code: bool = False, **load):
+    """A sequence-classification model with one output (reward or value head)."""
+    from transformers import AutoModelForSequenceClassification
+
+    check_model_folder(path)
+    return AutoModelForSequenceClassification.from_pretrained(
+        str(path), num_labels=1, trust_remote_code=trust_remote_code, use_safetensors=True, dtype=torch.float32, **load
+    )
+
+
+def build_tiny_llama(cfg: ModelConfig, tokenizer, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_attention_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config)

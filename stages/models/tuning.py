@@ -1,0 +1,94 @@
+"""How a training stage trains: its fine-tuning method (`peft/`), optimizer (`optim/`) and compute
+(`compute/`), one value every training stage takes (SFT, reward model, PPO, DPO).
+
+`load` is the one door a training stage's model comes through: quantised (QLoRA), with its attention
+implementation and kernels, and the method applied; `optimizer` builds what trains it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stages.models import compute as compute_lib
+from stages.models import optim as optim_lib
+from stages.models import peft_setup
+from stages.models.compute import ComputeConfig
+from stages.models.optim import OptimConfig
+from stages.models.peft_setup import PeftConfig
+
+
+@dataclass(frozen=True)
+class Tuning:
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+
+    def for_stage(self, stage: str) -> Tuning:
+        """What `stage` trains with: the method where `peft.stages` names it, else full fine-tuning;
+        the optimizer and compute as configured."""
+        peft = self.peft.for_stage(stage)
+        return dataclasses.replace(self, peft=peft)
+
+
+def check(tuning: Tuning) -> None:
+    """Refuse, before any model loads, what this machine or this combination cannot run."""
+    compute_lib.check(tuning.compute)
+    optim_lib.check(tuning.optim, tuning.peft.method)
+
+
+def load_kwargs(tuning: Tuning) -> dict:
+    """`from_pretrained` arguments of a model that trains: attention implementation, quantisation."""
+    kwargs = compute_lib.load_kwargs(tuning.compute, training=True)
+    quantization = peft_setup.quantization_config(tuning.peft)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    return kwargs
+
+
+def load(path: str | Path, tuning: Tuning, kind: str, adjust=None):
+    """A model to train from `path` (a causal LM, or with `kind="scalar"` a one-output scalar head),
+    the method applied: only its weights require grad. `adjust(model)` runs on the loaded model
+    before the method (e.g. resizing embeddings)."""
+    from stages.models.modeling import load_causal_lm, load_scalar_model
+
+    kwargs = load_kwargs(tuning)
+    model = load_causal_lm(path, **kwargs) if kind == "causal_lm" else load_scalar_model(path, **kwargs)
+    model = compute_lib.apply_kernels(model, tuning.compute)
+    if adjust is not None:
+        adjust(model)
+    return peft_setup.prepare(model, tuning.peft, kind)
+
+
+def optimizer(model, tuning: Tuning, *, lr: float, weight_decay: float = 0.0, eps: float = 1e-8, extra=()):
+    return optim_lib.build(model, tuning.optim, tuning.peft, lr=lr, weight_decay=weight_decay, eps=eps, extra=extra)
+
+
+def trainer_setup(model, tuning: Tuning, *, lr: float, weight_decay: float = 0.0) -> tuple[dict, dict]:
+    """For a transformers/trl trainer: (training-argument fields, trainer keyword arguments). The
+    trainer gets the optimizer our own loops build, and makes its schedule (`optim.scheduler`).
+    Plain AdamW is the trainer's own (`adamw_torch_fused`, the same hyperparameters), which keeps
+    the SFT and DPO figures of before `optim/` to the last float."""
+    args = {**compute_lib.trainer_flags(tuning.compute), "lr_scheduler_type": tuning.optim.scheduler}
+    if tuning.optim.name == "adamw" and tuning.peft.method != "loraplus":
+        return args | {"weight_decay": weight_decay}, {}
+    return args, {"optimizers": (optimizer(model, tuning, lr=lr, weight_decay=weight_decay), None)}
+
+
+def export(model, tuning: Tuning, folder: Path, *, base: Path, adapter: Path | None = None, kind: str = "causal_lm"):
+    """The trained model as a plain folder, and for adapter methods its adapter (`peft_setup.export`)."""
+    peft_setup.export(model, tuning.peft, folder, base=Path(base), adapter=adapter, kind=kind)
+
+
+def shared_base_refusal(method: str) -> str:
+    return (
+        "stage.ppo.layout=shared_base: the reference is the base with the adapters off, so it needs an adapter "
+        f"method that leaves the base as it was (peft=lora, dora, loraplus, qlora), not {method}"
+    )
+
+
+def shares_base(tuning: Tuning) -> bool:
+    """Whether the model with its adapters disabled is the model it started from: a free reference.
+    Not for PiSSA, whose base keeps only the residual of the principal directions."""
+    return tuning.peft.adapters and tuning.peft.method != "pissa"

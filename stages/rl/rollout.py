@@ -1,0 +1,106 @@
+"""Where PPO's rollouts are sampled (`stage.ppo.generation`): the seam behind `stages.models.modeling.sample`.
+
+- `hf` (the default): transformers' `generate` with the KV cache, on the policy being trained; under
+  ZeRO-3, whose partitioned policy cannot generate rank by rank (each rank stops at its own EOS, so
+  their per-layer gathers would not line up), on a whole copy of the policy that takes the gathered
+  weights once per update (`sync`). trl gathers per generate call and removes DeepSpeed's hooks;
+  the copy keeps DeepSpeed's internals out of it, for one policy's memory more per rank.
+- `vllm` (GPU machines): a vLLM engine in the training process (colocated, as trl's `colocate` mode
+  and verl's hybrid engine), its weights pushed after each update (`load_weights`, as OpenRLHF and
+  verl sync their rollout engines), its prefix cache reset. Refused without CUDA and vllm.
+
+Both return a `modeling.Rollout`, so what follows (scores, KL, GAE) does not know which sampled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from stages.models.modeling import Rollout, encode_queries, sample
+
+GENERATIONS = ("hf", "vllm")
+
+
+def check(generation: str, *, cuda: bool | None = None) -> None:
+    """Refuse, before any model loads, a rollout engine this machine cannot run."""
+    if generation not in GENERATIONS:
+        raise ValueError(f"stage.ppo.generation: {generation!r} is not one of {', '.join(GENERATIONS)}")
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if generation == "vllm" and not (cuda and importlib.util.find_spec("vllm") is not None):
+        raise ValueError(
+            "stage.ppo.generation=vllm needs a CUDA GPU and the vllm package (pip install vllm==0.33.*); "
+            "this machine has " + ("no vllm" if cuda else "no CUDA device") + ": use stage.ppo.generation=hf"
+        )
+
+
+class HfRollout:
+    """`generate` on `model`; with `copy_from` (ZeRO-3) on a whole copy `model` synced from it."""
+
+    def __init__(self, model, copy_from=None) -> None:
+        self.model, self.source = model, copy_from
+
+    def sample(self, tokenizer, prompts: list, **kw) -> Rollout:
+        return sample(self.model, tokenizer, prompts, **kw)
+
+    def sync(self, gathered=contextlib.nullcontext) -> None:
+        """After an update: copy the trained policy's weights in (`gathered()`: whole inside; collective)."""
+        if self.source is None:
+            return
+        with gathered():
+            for p, q in zip(self.source.parameters(), self.model.parameters(), strict=True):
+                q.data.copy_(p.data)
+
+
+class VllmRollout:
+    """A colocated vLLM engine over the policy folder, its weights pushed from `source` after updates."""
+
+    def __init__(self, policy: Path, source, *, seed: int, gpu_memory_utilization: float = 0.3) -> None:
+        import os
+
+        from vllm import LLM
+
+        self.source = source
+        group = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        self.llm = LLM(
+            model=str(policy),
+            gpu_memory_utilization=gpu_memory_utilization,
+            seed=seed,
+            distributed_executor_backend="external_launcher" if group else None,  # one engine per rank
+            enable_prefix_caching=True,
+        )
+
+    def sample(
+        self, tokenizer, prompts: list, *, max_new_tokens: int, temperature=1.0, top_p=1.0, max_prompt_length=None
+    ) -> Rollout:
+        from vllm import SamplingParams
+
+        query, query_mask = encode_queries(tokenizer, prompts, max_prompt_length)
+        ids = [q[m.bool()].tolist() for q, m in zip(query, query_mask)]
+        params = SamplingParams(
+            temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, stop_token_ids=[tokenizer.eos_token_id]
+        )
+        outs = self.llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
+        rows = [list(o.outputs[0].token_ids) for o in outs]
+        return _rollout(query, query_mask, rows, tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+    def sync(self, gathered=contextlib.nullcontext) -> None:
+        model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
+        with gathered():
+            model.load_weights([(name, p.data) for name, p in self.source.named_parameters()])
+        self.llm.reset_prefix_cache()  # cached keys and values were computed by the old weights
+
+
+def _rollout(query, query_mask, rows: list[list[int]], eos: int, pad: int) -> Rollout:
+    """Sampled token rows (each ending at its EOS, or cut at the budget) in `sample`'s layout."""
+    width = max(1, max(len(r) for r in rows))
+    response = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        response[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    finished = torch.tensor([bool(r) and r[-1] == eos for r in rows])
+    return Rollout(query, query_mask, response, mask, finished)

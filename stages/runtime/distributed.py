@@ -1,0 +1,342 @@
+"""Data-parallel training across processes (config group `distributed/`): torch DDP, or DeepSpeed ZeRO.
+
+A launched stage runs as a process group (`flows/launch/launch.py` starts it with torchrun, or DeepSpeed's
+launcher across nodes); each rank calls the stage's `run` with `distributed=` this config. Rank 0
+writes the artifact, the other ranks write nothing.
+
+- `single`: one process, no launcher (the default).
+- `ddp`: torch's DistributedDataParallel; every rank holds the whole model and optimizer.
+- `zero2`: DeepSpeed ZeRO stage 2; optimizer state and gradients partitioned across ranks.
+- `zero3`: ZeRO stage 3; the parameters too. Each forward gathers a layer's parameters on the fly.
+- `zero3_offload`: ZeRO-3 with parameters and optimizer state in host memory (GPU memory saved).
+
+Trainer stages (SFT, DPO) hand the DeepSpeed dict to transformers' integration (`trainer_args`);
+our own loops (reward model, PPO) go through `Engine`: torch DDP or `deepspeed.initialize`.
+On CPU the backend is gloo; each rank caps its torch threads (the launcher sets them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MODES = ("single", "ddp", "zero2", "zero3", "zero3_offload")
+ZERO_STAGE = {"zero2": 2, "zero3": 3, "zero3_offload": 3}
+LAUNCHABLE = ("sft", "reward_model", "ppo", "dpo")  # the training stages; the others run in the flow's process
+LAUNCHERS = ("torchrun", "deepspeed")
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    mode: str = "single"
+    nproc_per_node: int = 1  # processes per node (one per GPU; on CPU, each gets the cores divided)
+    nnodes: int = 1
+    # torchrun: one node, the flow's; deepspeed: DeepSpeed's launcher reaches the nodes of `hostfile` (ssh/pdsh)
+    launcher: str = "torchrun"
+    hostfile: str | None = None
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None  # null: a free port
+    backend: str = "auto"  # auto: nccl with CUDA, else gloo
+    deepspeed: dict[str, Any] = field(default_factory=dict)  # the DeepSpeed config of the zero modes
+    stages: list[str] = field(default_factory=lambda: list(LAUNCHABLE))  # which training stages launch
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"distributed.mode: {self.mode!r} is not one of {', '.join(MODES)}")
+        if self.nproc_per_node < 1 or self.nnodes < 1:
+            raise ValueError("distributed.nproc_per_node and distributed.nnodes must be >= 1")
+        if self.mode == "single" and self.world_size > 1:
+            raise ValueError(
+                f"distributed.mode=single runs one process; {self.world_size} asked: use distributed=ddp or zero2/zero3"
+            )
+        if self.launcher not in LAUNCHERS:
+            raise ValueError(f"distributed.launcher: {self.launcher!r} is not one of {', '.join(LAUNCHERS)}")
+        if self.nnodes > 1 and (self.launcher != "deepspeed" or not self.hostfile):
+            raise ValueError(
+                "distributed.nnodes > 1: the flow reaches other nodes through DeepSpeed's launcher; set "
+                "distributed.launcher=deepspeed and distributed.hostfile (see README, Scaling out)"
+            )
+        if self.backend not in ("auto", "gloo", "nccl"):
+            raise ValueError(f"distributed.backend: {self.backend!r} is not auto, gloo or nccl")
+        unknown = sorted(set(self.stages) - set(LAUNCHABLE))
+        if unknown:
+            raise ValueError(f"distributed.stages: {unknown} are not training stages ({', '.join(LAUNCHABLE)})")
+        if self.mode in ZERO_STAGE:
+            stage = self.deepspeed.get("zero_optimization", {}).get("stage")
+            if stage != ZERO_STAGE[self.mode]:
+                raise ValueError(
+                    f"distributed.deepspeed.zero_optimization.stage: {stage} does not match "
+                    f"distributed.mode={self.mode} (ZeRO stage {ZERO_STAGE[self.mode]})"
+                )
+        elif self.deepspeed:
+            raise ValueError(f"distributed.deepspeed: only the zero modes use it, not mode={self.mode}")
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+    @property
+    def zero(self) -> int:
+        """The ZeRO stage, 0 without DeepSpeed."""
+        return ZERO_STAGE.get(self.mode, 0)
+
+    def launches(self, stage: str) -> bool:
+        """Whether `stage` runs as a process group under this config."""
+        return self.mode != "single" and stage in self.stages
+
+    def resolved_backend(self) -> str:
+        if self.backend != "auto":
+            return self.backend
+        return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def refusal(cfg: DistributedConfig, stage: str, *, method: str, layout: str | None = None) -> str | None:
+    """Why `stage` cannot run under `cfg` with fine-tuning `method`, or None."""
+    if not cfg.launches(stage):
+        return None
+    if method == "qlora":
+        return f"distributed.mode={cfg.mode}: {stage} with peft=qlora (a 4-bit base) runs in one process; use peft=lora"
+    if cfg.zero == 3 and method not in ("full", "freeze"):
+        return (
+            f"distributed.mode={cfg.mode}: {stage} with peft={method} is not wired under ZeRO-3 (the adapter is "
+            "merged on a copy of partitioned weights); use zero2 or ddp, or peft=full"
+        )
+    if stage == "ppo" and layout == "shared_base":
+        return "distributed: stage.ppo.layout=shared_base runs in one process; use layout=full_copies"
+    return None
+
+
+# ---- ranks ---------------------------------------------------------------------------------------
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init(cfg: DistributedConfig) -> None:
+    """Join the process group the launcher set up (its env: RANK, WORLD_SIZE, MASTER_ADDR/PORT)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if cfg.zero:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=cfg.resolved_backend())
+    else:
+        dist.init_process_group(backend=cfg.resolved_backend())
+
+
+def active() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """`x` summed over ranks (a copy); `x` itself in one process."""
+    if not active():
+        return x
+    import torch.distributed as dist
+
+    out = x.detach().clone()
+    dist.all_reduce(out)
+    return out
+
+
+def mean(x: torch.Tensor) -> float:
+    """The mean of `x`'s entries over all ranks' `x` together (equal or unequal sizes)."""
+    if not active():
+        return x.mean().item()
+    sums = all_reduce_sum(torch.tensor([x.detach().double().sum().item(), float(x.numel())], dtype=torch.float64))
+    return (sums[0] / sums[1]).item()
+
+
+def gather(items: list) -> list:
+    """Every rank's `items`, concatenated in rank order, on every rank (`items` in one process)."""
+    if not active():
+        return items
+    import torch.distributed as dist
+
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, items)
+    return [x for part in out for x in part]
+
+
+def barrier() -> None:
+    if active():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def share(n: int) -> slice:
+    """This rank's contiguous share of `n` items (the first ranks take one more when it does not divide)."""
+    w, r = world_size(), rank()
+    base, extra = divmod(n, w)
+    start = r * base + min(r, extra)
+    return slice(start, start + base + (r < extra))
+
+
+def per_rank(batch: int, what: str) -> int:
+    """A global batch split evenly across the ranks; refuses one that does not divide."""
+    w = world_size()
+    if batch % w:
+        raise ValueError(f"{what} ({batch}) must be a multiple of the {w} processes (distributed.nproc_per_node)")
+    return batch // w
+
+
+# ---- trainer stages (transformers' integration) -------------------------------------------------
+def trainer_args(cfg: DistributedConfig | None, batch_size: int, what: str) -> dict[str, Any]:
+    """TrainingArguments fields of a launched trainer stage: the per-rank batch of the same global batch,
+    the CPU backend, and for the zero modes the DeepSpeed dict (its "auto" fields filled by transformers)."""
+    if cfg is None or cfg.mode == "single":
+        return {"per_device_train_batch_size": batch_size}
+    args: dict[str, Any] = {
+        "per_device_train_batch_size": per_rank(batch_size, what),
+        "ddp_backend": cfg.resolved_backend(),
+    }
+    if cfg.zero:
+        args["deepspeed"] = copy.deepcopy(cfg.deepspeed)
+    return args
+
+
+def leave_trainer_zero3() -> None:
+    """After a trainer under ZeRO-3: models loaded from here on are whole and local (transformers
+    otherwise partitions every `from_pretrained` while the trainer's DeepSpeed config lives: a
+    collective that rank 0 alone would wait on forever)."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+
+
+# ---- our loops (reward model, PPO) --------------------------------------------------------------
+class Engine:
+    """One training module and its optimizer, as one process (`cfg` None or single), torch DDP, or a
+    DeepSpeed engine. Forward through `engine(...)`, then `backward(loss)` and `step()`.
+
+    `clip`: the gradient-norm clip (DeepSpeed clips inside its step; DDP and one process here).
+    """
+
+    def __init__(self, module, opt, cfg: DistributedConfig | None, *, micro_batch: int, clip: float = 0.0) -> None:
+        self.cfg = cfg if cfg is not None and cfg.mode != "single" else None
+        self.opt, self.clip, self.base = opt, clip, module
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        if self.cfg is None or not self.cfg.zero:
+            self.module = module
+            if self.cfg is not None and active():
+                self.module = torch.nn.parallel.DistributedDataParallel(module)
+            return
+        import deepspeed
+
+        ds = {
+            **copy.deepcopy(self.cfg.deepspeed),
+            "train_micro_batch_size_per_gpu": micro_batch,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": clip,
+        }
+        ds.pop("train_batch_size", None)
+        self.module, self.opt, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=ds)
+        self.base = self.module.module
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.cfg is not None and self.cfg.zero:
+            self.module.backward(loss)
+        else:
+            loss.backward()
+
+    def step(self) -> None:
+        if self.cfg is not None and self.cfg.zero:
+            self.module.step()  # clips (gradient_clipping), steps, zeroes the gradients
+            return
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        self.opt.step()
+        self.opt.zero_grad()
+
+    @contextlib.contextmanager
+    def gathered(self, modules=None):
+        """Under ZeRO-3 the full parameters of `modules` (default: all) on every rank while inside:
+        for generation, export and the EMA. Collective: every rank enters it."""
+        with gathered(self.base if modules is None else modules, self.cfg):
+            yield
+
+    # checkpoints: DeepSpeed's own format under ZeRO (each rank writes its partition), else one file
+    def save(self, folder: Path, step: int, client: dict[str, Any]) -> None:
+        """Collective. ZeRO: DeepSpeed's `save_checkpoint` (each rank its partitions, `latest` written
+        last, so a kill mid-save resumes from the one before); else rank 0 writes one file."""
+        from stages.runtime import checkpoints
+
+        if self.cfg is not None and self.cfg.zero:
+            self.module.save_checkpoint(str(folder), tag=f"step-{step}", client_state=client)
+            barrier()
+            return
+        if is_main():
+            checkpoints.save(folder, {"module": self.base.state_dict(), "opt": self.opt.state_dict(), **client})
+        barrier()
+
+    def load(self, folder: Path | None) -> dict[str, Any] | None:
+        """The client state of the last complete checkpoint (its module and optimizer restored), or None."""
+        from stages.runtime import checkpoints
+
+        if folder is None:
+            return None
+        if self.cfg is not None and self.cfg.zero:
+            if not (Path(folder) / "latest").exists():
+                return None
+            path, client = self.module.load_checkpoint(str(folder))
+            return client if path is not None else None
+        blob = checkpoints.load(folder)
+        if blob is None:
+            return None
+        self.base.load_state_dict(blob.pop("module"))
+        self.opt.load_state_dict(blob.pop("opt"))
+        return blob
+
+
+@contextlib.contextmanager
+def gathered(modules, cfg: DistributedConfig | None):
+    """ZeRO-3: the full parameters of `modules` materialised on every rank inside (DeepSpeed's
+    `GatheredParameters`, read-only); a no-op otherwise."""
+    if cfg is None or cfg.zero != 3:
+        yield
+        return
+    import deepspeed
+
+    modules = modules if isinstance(modules, (list, tuple)) else [modules]
+    params = [p for m in modules for p in m.parameters()]
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
+def state_bytes(module, opt) -> dict[str, int]:
+    """Bytes this rank holds of the parameters and of the optimizer state: ZeRO-3's partitions count
+    their local shard (`ds_tensor`), ZeRO-2's optimizer its flat partition."""
+    params = sum(
+        (p.ds_tensor.numel() * p.ds_tensor.element_size()) if hasattr(p, "ds_tensor") else p.numel() * p.element_size()
+        for p in module.parameters()
+    )
+    inner = getattr(opt, "optimizer", opt)  # DeepSpeed wraps the torch optimizer
+    state = sum(
+        v.numel() * v.element_size() for s in inner.state.values() for v in s.values() if isinstance(v, torch.Tensor)
+    )
+    extra = 0
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):  # ZeRO's fp32 master copy
+        for t in getattr(opt, name, []) or []:
+            extra += t.numel() * t.element_size()
+    return {"parameters": int(params), "optimizer": int(state + extra)}

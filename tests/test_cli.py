@@ -1,0 +1,139 @@
+"""`alignflow`, the one command: every subcommand's help, and each run on tiny settings as a user would,
+sharing one tiny pipeline's artifacts. The served deployment and the workers have their own tests
+(test_operations.py, test_workers.py), also through `alignflow`."""
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import ROOT, Child, free_port
+
+ALIGNFLOW = str(Path(sys.executable).with_name("alignflow"))
+TINY = ["+experiment=tiny"]
+STAGES = ["prepare", "sft", "comparisons", "reward_model", "ppo", "evaluate"]
+COMMANDS = ["align", "compare", "frontier", "serve", "notify", "workers", "champion", "ui"]
+
+
+def alignflow(*args: str, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        [ALIGNFLOW, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env or os.environ.copy()
+    )
+    assert done.returncode == 0, f"alignflow {' '.join(args)}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+def summary_of(done: subprocess.CompletedProcess) -> dict:
+    return json.loads(Path(done.stdout.rsplit("summary: ", 1)[1].strip()).read_text())
+
+
+def statuses(summary: dict) -> dict[str, str]:
+    return {name: s["status"] for name, s in summary["stages"].items()}
+
+
+def test_help_lists_every_subcommand_and_each_has_its_own():
+    top = alignflow("--help").stdout
+    assert [line.split()[0] for line in top.split("commands:\n", 1)[1].split("\n\n")[0].splitlines()] == COMMANDS
+    for name in COMMANDS:
+        text = alignflow(name, "--help").stdout
+        assert text.startswith("usage: alignflow") or text.startswith("usage: python -m"), (name, text[:200])
+        assert name in text.splitlines()[0]
+    wrong = subprocess.run([ALIGNFLOW, "algin"], capture_output=True, text=True, timeout=60)
+    assert wrong.returncode != 0 and "no command 'algin'" in wrong.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """`alignflow align +experiment=tiny`: the tiny pipeline once, its artifacts shared by the tests below."""
+    art = tmp_path_factory.mktemp("cli")
+    return art, summary_of(alignflow("align", *TINY, f"artifacts_dir={art}"))
+
+
+def child_runs(art: Path, parent: str) -> list:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{art}/mlflow.db")
+    exp = client.get_experiment_by_name("alignflow")
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+
+
+@pytest.mark.slow
+def test_align_runs_the_flow_and_its_cached_rerun_needs_no_prefect_server(tiny):
+    art, first = tiny
+    assert statuses(first) == dict.fromkeys(STAGES, "ran")
+    assert first["prefect_api_url"].startswith("http://127.0.0.1:")  # a temporary server recorded it
+    rerun = summary_of(alignflow("align", *TINY, f"artifacts_dir={art}"))
+    assert statuses(rerun) == dict.fromkeys(STAGES, "cached")
+    assert rerun["prefect_api_url"] is None  # no server was up and none was started: nothing had to run
+    assert rerun["eval"] == first["eval"]
+    runs = child_runs(art, rerun["mlflow_run_id"])  # MLflow still records the run and every stage as cached
+    assert sorted(r.data.tags["alignflow.stage"] for r in runs) == sorted(STAGES)
+    assert {r.data.tags["alignflow.status"] for r in runs} == {"cached"}
+    assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+@pytest.mark.slow
+def test_a_cached_rerun_is_recorded_by_the_prefect_server_that_is_up(tiny, tmp_path):
+    """`make serve`'s server answering at `schedule.api_url`: a rerun reuses it (no PREFECT_API_URL)."""
+    art, _ = tiny
+    url = f"http://127.0.0.1:{free_port()}/api"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    command = [prefect, "server", "start", "--host", "127.0.0.1", "--port", url.split(":")[2].split("/")[0]]
+    with Child(command, env={**env, "PREFECT_HOME": str(tmp_path), "PREFECT_UI_ENABLED": "false"}) as server:
+        server.wait_for_url(f"{url}/health", timeout=120)
+        rerun = summary_of(alignflow("align", *TINY, f"artifacts_dir={art}", f"schedule.api_url={url}", env=env))
+        assert statuses(rerun) == dict.fromkeys(STAGES, "cached")
+        assert rerun["prefect_api_url"] == url
+        (flow_run,) = _post(url, "/flow_runs/filter", {})
+        assert flow_run["state"]["type"] == "COMPLETED"
+        tasks = _post(url, "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run["id"]]}}})
+        assert sorted(t["name"] for t in tasks) == sorted(STAGES)
+        assert {t["state"]["name"] for t in tasks} == {"Cached"}
+
+
+def _post(url: str, path: str, body: dict) -> list:
+    request = urllib.request.Request(
+        f"{url}{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+@pytest.mark.slow
+def test_champion_prints_the_promoted_policy_and_its_lineage(tiny):
+    art, first = tiny
+    out = alignflow("champion", f"artifacts_dir={art}").stdout
+    assert out.startswith("champion: alignflow-policy version 1")
+    assert first["stages"]["ppo"]["digest"][:16] in out and first["mlflow_run_id"] in out
+
+
+@pytest.mark.slow
+def test_make_compare_writes_its_table_on_tiny_settings(tiny):
+    art, _ = tiny
+    make = subprocess.run(
+        ["make", "-o", ".venv/.installed", "compare", f"ARGS=+experiment=tiny artifacts_dir={art}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=1200,
+    )  # fmt: skip
+    assert make.returncode == 0, make.stdout[-3000:] + make.stderr[-3000:]
+    report = json.loads((art / "compare" / "compare.json").read_text())
+    assert [r["branch"].split(" ")[0] for r in report["rows"]] == ["rlhf", "dpo", "rlaif", "rlaif_direct"]
+    assert set(report["shared_stages"].values()) == {"cached"}  # the tiny run's prepare, sft and comparisons
+    assert (art / "compare" / "compare.txt").read_text().strip() in make.stdout
+
+
+@pytest.mark.slow
+def test_the_mlflow_ui_serves_the_artifacts_on_loopback_only(tiny):
+    art, _ = tiny
+    port = free_port()
+    with Child([ALIGNFLOW, "ui", "--port", str(port), "--artifacts-dir", str(art)]) as ui:
+        ui.wait_for_url(f"http://127.0.0.1:{port}/health", timeout=120)
+        tree = [ui.proc.pid, *(c.pid for c in psutil.Process(ui.proc.pid).children(recursive=True))]
+        listening = [c.laddr for c in psutil.net_connections("inet") if c.status == "LISTEN" and c.pid in tree]
+        assert listening and {a.ip for a in listening} == {"127.0.0.1"}, listening
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as page:
+            assert page.status == 200 and b"MLflow" in page.read()
