@@ -48,6 +48,7 @@ def _argv(module: str) -> Callable[[list[str]], None]:
     def call(argv: list[str]) -> None:
         import importlib
 
+        sys.argv[0] = f"alignflow {module.rsplit('.', 1)[1]}"  # argparse's prog in usage lines
         importlib.import_module(module).main(argv)
 
     return call

@@ -60,7 +60,9 @@ def test_two_runs_at_once_both_finish_and_compute_each_stage_once(two_runs):
     runs = client.search_runs([client.get_experiment_by_name("alignflow").experiment_id], max_results=200)
     parents = [r for r in runs if r.data.tags.get("alignflow.kind") == "align"]
     assert len(parents) == 2 and {r.info.status for r in runs} == {"FINISHED"}
-    assert list(statuses(summaries[0])) == ["prepare", "sft", "comparisons", "reward_model", "ppo", "evaluate"]
+    assert sorted(statuses(summaries[0])) == sorted(
+        ["prepare", "sft", "comparisons", "reward_model", "ppo", "evaluate"]
+    )
     assert summaries[0]["registry"]["version"] == summaries[1]["registry"]["version"] == "1"  # registered once
 
 
@@ -138,11 +140,6 @@ def test_the_prestarted_prefect_server_binds_to_loopback_only():
         proc.wait()
 
 
-def test_the_mlflow_ui_target_binds_to_loopback():
-    ui = next(line for line in (ROOT / "Makefile").read_text().splitlines() if "mlflow ui" in line)
-    assert "--host 127.0.0.1" in ui
-
-
 def test_an_interrupted_wait_gives_no_half_lock(tmp_path):
     """A run killed while it holds a stage lock releases it: the OS drops flock locks with the process."""
     code = (
@@ -188,8 +185,12 @@ def test_a_signal_stops_the_run_marks_it_killed_and_keeps_the_checkpoint(tmp_pat
     # EOF on stderr comes once every process holding it is gone: the run and the Prefect server it
     # started (which, killed by a signal that skips atexit, used to outlive it)
     _, err = proc.communicate(timeout=60)  # seconds in practice; the limit only guards a hang
-    assert proc.returncode != 0
-    assert "Traceback" not in err or sig == signal.SIGINT  # Ctrl-C may print Python's own
+    if sig == signal.SIGINT:  # Ctrl-C: the shell's code for it, and nothing raised but the interrupt itself
+        assert proc.returncode in (130, -signal.SIGINT), (proc.returncode, err[-2000:])
+        assert {line.split(":")[0] for line in raised(err)} <= {"KeyboardInterrupt"}, err[-3000:]
+    else:
+        assert proc.returncode != 0
+        assert "Traceback" not in err, err[-3000:]
     assert list(art.glob("ppo/.checkpoints/*/state.pt"))  # kept for the rerun
     assert not [p for p in art.glob("ppo/*") if not p.name.startswith(".")]  # no PPO artifact published
     assert not list(art.rglob(".tmp-*"))
@@ -205,6 +206,15 @@ def test_a_signal_stops_the_run_marks_it_killed_and_keeps_the_checkpoint(tmp_pat
     db = sqlite3.connect(home / "prefect.db")
     flow_states = {s for (s,) in db.execute("SELECT state_type FROM flow_run")}
     assert flow_states <= {"CRASHED", "CANCELLED"} and flow_states, flow_states
+
+
+def raised(err: str) -> list[str]:
+    """The exception line that ends each traceback printed in `err`."""
+    lines, out = err.splitlines(), []
+    for i, line in enumerate(lines):
+        if line.startswith("Traceback (most recent call last):"):
+            out += [next((x for x in lines[i + 1 :] if x and not x.startswith(" ")), "")]
+    return out
 
 
 def test_a_kill_while_mlflow_builds_its_database_leaves_none_and_the_rerun_builds_it(tmp_path):

@@ -11,7 +11,7 @@ from test_flow import TINY
 
 from flows.config import Config
 from flows.launch.resources import ResourceError
-from flows.runner import StageCall, _execute
+from flows.runner import StageCall, execute
 from stages.models.peft_setup import PeftConfig
 from stages.models.tuning import Tuning
 from stages.ppo import PpoConfig
@@ -48,7 +48,7 @@ def test_a_full_disk_while_the_stage_writes_its_artifact(tracked, monkeypatch):
 
     monkeypatch.setattr(sft, "run", writes_then_fills_the_disk)
     with pytest.raises(ResourceError, match=r"sft: no space left on the device of .*set artifacts_dir="):
-        _execute(_call("sft", (SftConfig(), Tuning(PeftConfig())), tracked), None)
+        execute(_call("sft", (SftConfig(), Tuning(PeftConfig())), tracked), None)
     _nothing_published(tracked, "sft")
 
 
@@ -68,7 +68,7 @@ def test_a_full_disk_during_publish(tracked, monkeypatch):
     monkeypatch.setattr(sft, "run", trains)
     monkeypatch.setattr(runner, "publish", full)
     with pytest.raises(ResourceError, match="nothing was published"):
-        _execute(_call("sft", (SftConfig(), Tuning(PeftConfig())), tracked), None)
+        execute(_call("sft", (SftConfig(), Tuning(PeftConfig())), tracked), None)
     _nothing_published(tracked, "sft")
 
 
@@ -80,7 +80,7 @@ def test_out_of_memory_names_the_keys_to_lower(tracked, monkeypatch):
 
     monkeypatch.setattr(ppo, "run", too_big)
     with pytest.raises(ResourceError) as e:
-        _execute(_call("ppo", (PpoConfig(), Tuning(PeftConfig("full"))), tracked), None)
+        execute(_call("ppo", (PpoConfig(), Tuning(PeftConfig("full"))), tracked), None)
     assert str(e.value).startswith("ppo: out of memory; lower stage.ppo.rollouts_per_update, stage.ppo.minibatch_size")
     _nothing_published(tracked, "ppo")
 
@@ -93,7 +93,7 @@ def test_other_errors_pass_through_unchanged(tracked, monkeypatch):
 
     monkeypatch.setattr(sft, "run", broken)
     with pytest.raises(RuntimeError, match="^something else$"):
-        _execute(_call("sft", (SftConfig(), Tuning(PeftConfig())), tracked), None)
+        execute(_call("sft", (SftConfig(), Tuning(PeftConfig())), tracked), None)
 
 
 @pytest.mark.slow

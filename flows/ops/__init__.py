@@ -1,4 +1,4 @@
 """Operating the align flow: the served deployment (`serve`), new-data events (`notify`), a work pool
-with local workers (`workers`) and the registry's champion (`champion`). Imports the flow
-(`flows.pipeline`) and below; nothing in the flow imports it.
+with local workers (`workers`) and the registry's champion (`champion`). Imported by the command line
+(`flows/cli.py`) alone; imports the flow (`flows.pipeline`) and below, and nothing in the flow imports it.
 """

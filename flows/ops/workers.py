@@ -110,7 +110,7 @@ def submit(jobs: list[list[str]], *, poll: float = 2.0) -> list[dict]:
 def main(argv: list[str]) -> None:
     from flows.ops.serve import ensure_server
 
-    parser = argparse.ArgumentParser(prog="python -m flows.ops.workers")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="server, pool, deployment and local workers; until Ctrl-C")
     serve.add_argument("--workers", type=int, default=2)
