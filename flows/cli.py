@@ -74,7 +74,7 @@ COMMANDS: dict[str, tuple[str, Callable[[list[str]], None], bool]] = {
     "compare": (
         "run every branch from one SFT and write one table (artifacts/compare/)",
         _argv("flows.studies.compare"),
-        True,
+        False,
     ),
     "frontier": ("sweep PPO and DPO beta and draw the reward-vs-KL frontier", _argv("flows.studies.frontier"), False),
     "serve": (

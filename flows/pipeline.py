@@ -268,7 +268,7 @@ def torch_threads() -> int:
 
 def catch_interrupts() -> None:
     """Ctrl-C (SIGINT) raises KeyboardInterrupt as always, and is recorded, so that one swallowed on
-    the way (see `stages/progress.STOP`) still stops the run at the next loop tick or publish."""
+    the way (see `stages/runtime/progress.STOP`) still stops the run at the next loop tick or publish."""
     import signal
     import threading
 

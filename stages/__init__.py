@@ -1,6 +1,9 @@
 """alignflow stages: pure, typed `run(cfg, *, inputs, out_dir) -> Manifest` functions.
 
-Nothing here imports Prefect or Hydra; `flows/` wires these together. Telemetry of the libraries the
+The top of this package holds the stage modules and nothing else (prepare, sft, comparisons,
+reward_model, ppo, dpo, judge, evaluate); the machinery they share lives in the subpackages below
+them (rl, labeling, preference, models, data, runtime), each saying what it holds and who may import
+it. Nothing here imports Prefect or Hydra; `flows/` wires these together. Telemetry of the libraries the
 stages use stays off even when a stage runs alone from a REPL.
 """
 

@@ -100,6 +100,9 @@ def finish(args: list[str]) -> dict:
 
 
 def pytest_collection_modifyitems(config, items):
+    # The end-to-end (`slow`) tests first, in file order otherwise: the longest jobs first is what keeps
+    # both xdist workers busy to the end (a long test started last would leave one core idle).
+    items.sort(key=lambda item: "slow" not in item.keywords)
     if os.environ.get("CUDA_VISIBLE_DEVICES") is None:
         import torch
 

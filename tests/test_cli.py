@@ -116,13 +116,14 @@ def test_champion_prints_the_promoted_policy_and_its_lineage(tiny):
 def test_make_compare_writes_its_table_on_tiny_settings(tiny):
     art, _ = tiny
     make = subprocess.run(
-        ["make", "-o", ".venv/.installed", "compare", f"ARGS=+experiment=tiny artifacts_dir={art}"],
+        ["make", "-o", ".venv/.installed", "compare", f"ARGS=--dpo-betas 0.3 +experiment=tiny artifacts_dir={art}"],
         cwd=ROOT, capture_output=True, text=True, timeout=1200,
     )  # fmt: skip
     assert make.returncode == 0, make.stdout[-3000:] + make.stderr[-3000:]
     report = json.loads((art / "compare" / "compare.json").read_text())
     assert [r["branch"].split(" ")[0] for r in report["rows"]] == ["rlhf", "dpo", "rlaif", "rlaif_direct"]
     assert set(report["shared_stages"].values()) == {"cached"}  # the tiny run's prepare, sft and comparisons
+    assert list(report["dpo_betas"]) == ["0.3"] and report["dpo_best_beta"] == 0.3
     assert (art / "compare" / "compare.txt").read_text().strip() in make.stdout
 
 

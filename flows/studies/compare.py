@@ -10,7 +10,7 @@ it records the gold score (± 95% CI), the gain and win rate over SFT, the KL to
 process's wall time and peak RSS (sampled every 0.1 s, the Prefect server excluded). Writes
 `artifacts/compare/compare.json`, logs it to MLflow, prints one table.
 
-    python -m flows.studies.compare [overrides for every branch, e.g. data.n_ppo_prompts=512]
+    alignflow compare [--dpo-betas 0.3,1.0] [overrides for every branch, e.g. data.n_ppo_prompts=512]
 """
 
 from __future__ import annotations
@@ -90,14 +90,21 @@ def table(rows: list[dict], sft: dict) -> str:
     return "\n".join(lines)
 
 
-def main(extra: list[str]) -> dict:
+def main(argv: list[str]) -> dict:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Other arguments: Hydra overrides.")
+    parser.add_argument("--dpo-betas", default=",".join(map(str, DPO_BETAS)), help="the DPO betas to pick the best of")
+    args, extra = parser.parse_known_args(argv)
+    betas = [float(b) for b in args.dpo_betas.split(",")]
     artifacts = next((a.split("=", 1)[1] for a in extra if a.startswith("artifacts_dir=")), "artifacts")
+    flows.prestart_prefect_server()()  # one server records every branch's process (each would boot its own)
     t0 = time.perf_counter()
     shared = run_branch(["pipeline=rlhf", "pipeline.stop_after=comparisons", *extra])  # prepare, sft, comparisons
     results = {"rlhf": run_branch(["pipeline=rlhf", *extra])}
     dpo = {
         beta: run_branch(["pipeline=dpo", f"stage.dpo.loss_type={DPO_LOSS}", f"stage.dpo.beta={beta}", *extra])
-        for beta in DPO_BETAS
+        for beta in betas
     }
     best = max(dpo, key=lambda b: dpo[b]["summary"]["eval"]["gold_policy"]["mean"])
     results[f"dpo (beta={best})"] = dpo[best]

@@ -17,7 +17,7 @@ Two backends, one interface (`next_token_logprobs`, `generate`): `LocalJudge` (a
 causal LM folder or hub id, safetensors only) and `HttpJudge` (an OpenAI-compatible server: vLLM,
 Ollama, hosted APIs), with the API key from an environment variable, retries on 429 and 5xx with
 exponential backoff, bounded concurrency and a timeout. Labels are cached by content in
-`stages/labelers.CachedLabeler`, so a rerun never pays for the same judgement twice.
+`stages/labeling/labelers.CachedLabeler`, so a rerun never pays for the same judgement twice.
 """
 
 from __future__ import annotations
