@@ -14,6 +14,7 @@ import ast
 import dataclasses
 import functools
 import importlib
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -151,25 +152,29 @@ def keys_file(call: StageCall) -> Path:
 
 
 def remember(call: StageCall, manifest: Manifest) -> None:
-    """Records which published folder the call's cache key produced (`<stage>/.keys/<key>`), so a later
-    run finds it without Prefect's result store; written to a temporary file and renamed."""
+    """Records the manifest the call's cache key produced (`<stage>/.keys/<key>`), as Prefect's result
+    store does, so a later run finds it without Prefect; written to a temporary file and renamed. The
+    folder's own manifest.json cannot serve: a folder is named by its content, so a stage whose inputs
+    or code changed but whose output did not keeps the folder, and its manifest, of the first key."""
     path = keys_file(call)
-    if path.exists() and path.read_text() == manifest.path:
+    text = manifest.to_json()
+    if path.exists() and path.read_text() == text:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(manifest.path)
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
 def recall(call: StageCall) -> Manifest | None:
-    """The published result of the call's cache key, if the artifacts folder still holds it whole."""
+    """The manifest the call's cache key produced, if its folder is still published."""
     try:
-        folder = Path(keys_file(call).read_text())
-        manifest = Manifest.load(folder)
+        manifest = Manifest(**json.loads(keys_file(call).read_text()))
     except (OSError, ValueError, TypeError):
         return None
-    return manifest if manifest.key == call.key() else None
+    if manifest.key != call.key() or not Path(manifest.path, MANIFEST).exists():
+        return None
+    return manifest
 
 
 def execute(call: StageCall, parent_run_id: str | None) -> Manifest:
