@@ -50,10 +50,10 @@ compare: venv ## rlhf, dpo (best beta), rlaif, rlaif_direct from one SFT: one ta
 # Both tiers run on pytest-xdist, one worker per core (tests/conftest.py pins each to its core).
 test: venv browser ## the whole suite: layering contracts, unit, stage, config, end-to-end flows, browser (~15 min on 2 cores)
 	.venv/bin/lint-imports
-	$(PY) -m pytest tests -n auto --dist load --durations=20
+	$(PY) -m pytest tests -n auto --dist worksteal --durations=20
 
 test-fast: venv ## unit, stage and config tests, no end-to-end flow (~2 min on 2 cores)
-	$(PY) -m pytest tests -m "not slow" -n auto --dist load
+	$(PY) -m pytest tests -m "not slow" -n auto --dist worksteal
 
 .bench-venvs/trl112/.installed:
 	python3 -m venv .bench-venvs/trl112
