@@ -91,10 +91,11 @@ def prestart_prefect_server():
     return lambda: wait_for_server(proc)
 
 
-def prefect_server(*, start: bool, local: str) -> bool:
+def prefect_server(*, must_run, local: str) -> bool:
     """Which Prefect server records this run; call before the first flow. A server named by
     PREFECT_API_URL (or prestarted for a sweep) is used; else one answering at `local` (`make serve`'s,
-    `schedule.api_url`) is reused; else a temporary one starts when `start` (a stage must run).
+    `schedule.api_url`) is reused; else a temporary one starts when `must_run()` (a stage must run;
+    asked only then, as it walks the branch's cache keys).
     False: no server, and none needed, as for a rerun whose every stage is cached, which then records
     itself in MLflow only (starting a server would take most of its time)."""
     if os.environ.get("PREFECT_API_URL"):
@@ -104,7 +105,7 @@ def prefect_server(*, start: bool, local: str) -> bool:
         ping(local)
         url = local
     except OSError:
-        if not start:
+        if not must_run():
             return False
         prestart_prefect_server()()
         url = os.environ["PREFECT_API_URL"]

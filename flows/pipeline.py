@@ -298,7 +298,7 @@ def job(dcfg) -> float | None:
     except (JudgeError, ValueError, OSError) as e:  # a config, model or data problem: one clear message
         raise SystemExit(f"error: {e}") from None
     # Prefect records the run when a server is up; a temporary one starts only when a stage must run
-    recorded = flows.prefect_server(start=not cached(cfg), local=cfg.schedule.api_url)
+    recorded = flows.prefect_server(must_run=lambda: not cached(cfg), local=cfg.schedule.api_url)
     try:
         summary = align_flow()(cfg) if recorded else align(cfg)
     except LabelsMissing as e:

@@ -2,7 +2,6 @@ import collections
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import flows  # noqa: E402,F401  (project-local Prefect home, telemetry off)
+from flows.launch.launch import free_port  # noqa: E402,F401  (for the orchestration tests)
 
 SHARED = ROOT.parent / "shared"
 
@@ -158,12 +158,6 @@ def build_tiny_model(
         torch.save(model.state_dict(), folder / "pytorch_model.bin")
     tok.save_pretrained(folder)
     return folder
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Child:
