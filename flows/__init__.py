@@ -26,7 +26,7 @@ for _key, _value in {
     # show their own progress (stages/runtime/progress.py)
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
-    "DS_ACCELERATOR": "cpu",  # DeepSpeed's "Setting ds_accelerator" line, and no CUDA probe
+    # DS_ACCELERATOR is left to DeepSpeed but for compute.device=cpu (`flows.launch.launch.accelerator_env`)
 }.items():
     os.environ.setdefault(_key, _value)
 

@@ -30,6 +30,7 @@ import flows
 from flows.branches import BRANCHES
 from flows.config import PIPELINES, Config
 from flows.fingerprint import Fingerprints
+from flows.launch import launch
 from flows.launch.resources import (
     SWEEP_RUN_ENV,
     ResourceError,
@@ -293,6 +294,7 @@ def job(dcfg) -> float | None:
     catch_interrupts()
     register_run()
     cap_threads(threads_per_job(cfg.threads, max(concurrent_jobs(), live_runs())))
+    launch.accelerator_env(os.environ, cfg.compute.device)  # before DeepSpeed is first imported
     try:
         preflight(cfg)
     except (JudgeError, ValueError, OSError) as e:  # a config, model or data problem: one clear message

@@ -178,6 +178,8 @@ def recall(call: StageCall) -> Manifest | None:
 
 
 def execute(call: StageCall, parent_run_id: str | None) -> Manifest:
+    from stages.runtime import device_guard
+
     module = importlib.import_module(f"stages.{call.stage}")
     root = Path(call.artifacts_dir) / call.stage
     key = call.key()
@@ -195,7 +197,8 @@ def execute(call: StageCall, parent_run_id: str | None) -> Manifest:
                 faults.point(f"start:{call.stage}")
                 kwargs = {**{k: Path(v) for k, v in call.inputs.items()}, **call.scalars, **extra}
                 if call.launch is None:
-                    manifest = module.run(*call.configs, **kwargs, out_dir=tmp)
+                    with device_guard.maybe_guard(call.stage):  # ALIGNFLOW_DEVICE_GUARD=1 (the tests)
+                        manifest = module.run(*call.configs, **kwargs, out_dir=tmp)
                 else:  # every rank runs it; rank 0 writes into `tmp`, and this task publishes as always
                     group = root / ".launch" / key[:16]
                     manifest = launch.run_group(

@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from flows.config import Config
+from stages.models.peft_setup import PeftConfig
+from stages.models.tuning import Tuning
 from stages.runtime.manifest import Manifest
 
 
@@ -38,7 +40,7 @@ def sft(run, cfg: Config, prep: Manifest) -> Manifest:
 
 def judge(run, cfg: Config) -> Manifest:
     """The AI labeler's model: the embedded judge trained here, or a record of `labeler.ai`'s model."""
-    return run("judge", cfg.stage.judge, cfg.labeler, target_len=cfg.data.target_len)
+    return run("judge", cfg.stage.judge, cfg.labeler, cfg.compute, target_len=cfg.data.target_len)
 
 
 def comparisons(
@@ -62,6 +64,7 @@ def comparisons(
         heldout_prompts=prep.file("heldout_comparison_prompts"),
         target_len=cfg.data.target_len,
         gold=gold(cfg),
+        device=cfg.compute.device,
         **lengths(cfg),
         **from_file,
         **with_judge,
@@ -90,6 +93,7 @@ def eval_reward_model(run, cfg: Config, sft: Manifest, prep: Manifest) -> Manife
     return run(
         "reward_model",
         cfg.stage.reward_model,
+        Tuning(peft=PeftConfig(method="full"), compute=cfg.compute),  # full fine-tuning, on the run's device
         name="eval_reward_model",
         serves="evaluate",
         files=_local("stage.reward_model.name_or_path", cfg.stage.reward_model.name_or_path),
@@ -172,6 +176,7 @@ def evaluate(
         prompts=prep.file("eval_prompts"),
         target_len=cfg.data.target_len,
         gold=gold(cfg),
+        device=cfg.compute.device,
         data_sources=prep.file("sources"),
         **lengths(cfg),
         **scored,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from stages.data.tokens import SamplingBudget, fit_prompt_file, resolve_sampling
 from stages.labeling.labelers import LabelerConfig, make_labeler
+from stages.models.compute import pick_device
 from stages.models.modeling import decode_responses, load_causal_lm, load_tokenizer, model_context, sample
 from stages.runtime.manifest import Manifest, folder_digest, read_jsonl, write_jsonl
 from stages.runtime.progress import progress
@@ -96,10 +97,12 @@ def run(
     gold: str | None = "embedded",
     truncation: bool = True,
     max_dropped_fraction: float = 0.0,
+    device: str = "auto",
 ) -> Manifest:
     """With `dataset` (and `dataset_heldout`), comparisons from a file (`data.comparisons`, already
     validated and split by prepare) pass through: nothing is sampled and no labeler is asked.
-    `judge`: the `judge` stage's artifact, the AI labeler's model (`labeler=ai`)."""
+    `judge`: the `judge` stage's artifact, the AI labeler's model (`labeler=ai`); `device`: where the
+    policy samples and the judge runs (`compute.device`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if dataset is not None:
@@ -107,7 +110,8 @@ def run(
             raise ValueError("comparisons: a dataset needs its held-out split too")
         sets = {"comparisons": read_jsonl(dataset), "heldout_comparisons": read_jsonl(dataset_heldout)}
         return _publish(out_dir, sets, {"comparisons/labeler/asked": 0.0})
-    labeler = make_labeler(labeler_cfg, target_len, judge, gold)  # a missing judge fails before sampling
+    where = pick_device(device)
+    labeler = make_labeler(labeler_cfg, target_len, judge, gold, where)  # a missing judge fails before sampling
     tokenizer = load_tokenizer(policy)
     budget = resolve_sampling("comparisons", cfg.max_prompt_length, cfg.max_new_tokens, model_context(policy))
     metrics: dict[str, float] = {}
@@ -122,7 +126,7 @@ def run(
             max_dropped_fraction=max_dropped_fraction,
         )
         metrics |= fitted.metrics(f"comparisons/{name}")
-    model = load_causal_lm(policy)
+    model = load_causal_lm(policy, device=where)
     sets = {name: list(zip(texts, sample_k(model, tokenizer, texts, cfg, budget))) for name, texts in kept.items()}
     # one labeling request for both sets (one task file for human rankers)
     items = [(p, responses) for pairs in sets.values() for p, (responses, _) in pairs]

@@ -33,18 +33,20 @@ from pathlib import Path
 
 import torch
 
-from stages.data.tokens import default_new_tokens, fit_rows, resolve_budget, row_sources
+from stages.data.tokens import default_new_tokens, fit_rows, pack, resolve_budget, row_sources
+from stages.models.compute import autocast, grad_scaler, model_device
 from stages.models.modeling import (
     load_causal_lm,
     load_tokenizer,
     mean_token_kl,
     model_context,
     sample,
+    sequence_logprobs,
 )
 from stages.models.optim import schedule
-from stages.models.tuning import Tuning, export, load, optimizer, shares_base, trainer_setup
+from stages.models.tuning import Tuning, device, export, load, optimizer, shares_base, trainer_setup
 from stages.preference.rankings import encode_rankings, preference_pairs
-from stages.preference.scorers import implicit_reward_accuracy, sequence_logps
+from stages.preference.scorers import implicit_reward_accuracy
 from stages.runtime import checkpoints
 from stages.runtime import distributed as dist
 from stages.runtime.distributed import DistributedConfig
@@ -100,7 +102,7 @@ class DpoConfig:
 def plackett_luce_loss(rewards: torch.Tensor, ranks: list[int]) -> torch.Tensor:
     """Listwise DPO loss of one ranking: rewards (K,) implicit rewards, ranks (K,) with 0 = best."""
     order = sorted(range(len(ranks)), key=lambda i: (ranks[i], i))
-    r = rewards[torch.tensor(order)]
+    r = rewards[torch.tensor(order, device=rewards.device)]
     tail = torch.logcumsumexp(r.flip(0), dim=0).flip(0)  # log sum_{j >= k} exp r_j
     return -(r - tail)[:-1].sum()
 
@@ -163,12 +165,12 @@ def _train_trl(
     return trainer.model, metrics
 
 
-def _reference_logps(model, ref, rows, pad_id: int) -> torch.Tensor:
+def _reference_logps(model, ref, packed) -> torch.Tensor:
     with torch.no_grad():
         if ref is not None:
-            return sequence_logps(ref, rows, pad_id)
+            return sequence_logprobs(ref, packed)
         with model.disable_adapter():
-            return sequence_logps(model, rows, pad_id)
+            return sequence_logprobs(model, packed)
 
 
 def _train_listwise(cfg: DpoConfig, tuning: Tuning, model, ref, tokenizer, rows: list[dict], encoded: list, ck):
@@ -180,6 +182,7 @@ def _train_listwise(cfg: DpoConfig, tuning: Tuning, model, ref, tokenizer, rows:
     steps = max(1, math.ceil(cfg.epochs * math.ceil(len(rows) / per_step)))
     sched = schedule(opt, tuning.optim, steps)
     gen = torch.Generator().manual_seed(cfg.seed)
+    device, scaler = model_device(model), grad_scaler(tuning.compute)
     at = {"step": 0, "in_pass": 0, "loss": 0.0}  # where training is: a step, and the batch of the pass
     resumed = checkpoints.load(ck)
     if resumed is not None:  # a killed attempt's last checkpoint: the same pass, from its next batch
@@ -189,39 +192,44 @@ def _train_listwise(cfg: DpoConfig, tuning: Tuning, model, ref, tokenizer, rows:
         gen.set_state(resumed["pass_rng"])
         at = resumed["at"]
     model.train()
-    step, loss, resumed_from = at["step"], torch.tensor(at["loss"]), at["step"]
+    step, last_loss, resumed_from = at["step"], at["loss"], at["step"]
     bar = progress(steps, "dpo: training")
     bar.update(step)
     while step < steps:
         pass_rng = gen.get_state()
-        batches = torch.randperm(len(rows), generator=gen).split(per_step)
+        batches = torch.randperm(len(rows), generator=gen, device="cpu").split(per_step)
         skip, at["in_pass"] = at["in_pass"], 0
         for b, idx in enumerate(batches[skip:], skip):
             if step == steps:
                 break
             batch = [rows[i] for i in idx]
             flat = [(p, r) for i in idx for p, responses in [encoded[i]] for r in responses]
-            ref_logps = _reference_logps(model, ref, flat, pad)
-            rewards = cfg.beta * (sequence_logps(model, flat, pad) - ref_logps)
+            packed = pack(flat, pad, device)  # once per step, on the policy's device
+            with autocast(tuning.compute):  # mixed precision (`compute.precision`); the loss in fp32
+                ref_logps = _reference_logps(model, ref, packed)
+                rewards = cfg.beta * (sequence_logprobs(model, packed) - ref_logps.to(device)).float()
             split = rewards.split([len(r["responses"]) for r in batch])
             loss = torch.stack([plackett_luce_loss(s, r["ranks"]) for s, r in zip(split, batch)]).mean()
-            checkpoints.check_finite("dpo", loss.item(), step)
+            last_loss = loss.item()
+            checkpoints.check_finite("dpo", last_loss, step)
             opt.zero_grad()
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)  # clip the true gradients (fp16's scaler; a pass-through otherwise)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
             step += 1
             bar.update(1)
             if step % 10 == 0:
-                log_metrics({"dpo/train/loss": loss.item()}, step=step)
-                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+                log_metrics({"dpo/train/loss": last_loss}, step=step)
+                bar.set_postfix(loss=f"{last_loss:.3f}", refresh=False)
             if ck is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 state = {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}
-                position = {"step": step, "in_pass": b + 1, "loss": loss.item()}
+                position = {"step": step, "in_pass": b + 1, "loss": last_loss}
                 checkpoints.save(ck, {**state, "at": position, "pass_rng": pass_rng})
     bar.close()
-    return model, {"dpo/train/loss": loss.item(), "dpo/steps": float(step), "dpo/resumed_from": float(resumed_from)}
+    return model, {"dpo/train/loss": last_loss, "dpo/steps": float(step), "dpo/resumed_from": float(resumed_from)}
 
 
 def run(
@@ -263,10 +271,12 @@ def run(
     from transformers import set_seed
 
     set_seed(cfg.seed)  # what trl does before it creates adapters: the same initial LoRA weights
-    model = load(policy, tuning, "causal_lm")
+    partitioned = dist.partitioned(distributed)
+    model = load(policy, tuning, "causal_lm", partitioned=partitioned)
     same_start = Path(policy).resolve() == Path(reference).resolve()
     free_ref = shares_base(tuning) and same_start
-    ref = None if free_ref else load_causal_lm(reference).eval().requires_grad_(False)
+    where = device(tuning, partitioned=partitioned)
+    ref = None if free_ref else load_causal_lm(reference, device=where).eval().requires_grad_(False)
     if cfg.loss_type == "plackett_luce":
         trained, metrics = _train_listwise(cfg, tuning, model, ref, tokenizer, rows, fitted.rows, checkpoint_dir)
     else:
@@ -279,15 +289,16 @@ def run(
     adapter = out_dir / "adapter" if tuning.peft.adapters else None
     with dist.gathered(trained, distributed):  # ZeRO-3: the full weights, on every rank
         if dist.is_main():
-            export(trained, tuning, out_dir / "policy", base=Path(policy), adapter=adapter)
+            export(trained, tuning, out_dir / "policy", base=Path(policy), adapter=adapter, partitioned=partitioned)
             tokenizer.save_pretrained(out_dir / "policy")
     if not dist.is_main():  # the measures below read rank 0's published folder
         return Manifest("dpo", str(out_dir), "", metrics=metrics)
     if distributed is not None:
         dist.leave_trainer_zero3()
         ref = None  # the trainer prepared it for the group (partitioned under ZeRO-3): read it again
-    trained = load_causal_lm(out_dir / "policy").eval()  # what was published is what is measured
-    reference_model = ref if ref is not None else load_causal_lm(reference).eval()
+    where = device(tuning)  # the measures run whole, on the stage's device
+    trained = load_causal_lm(out_dir / "policy", device=where).eval()  # what was published is what is measured
+    reference_model = ref.to(where) if ref is not None else load_causal_lm(reference, device=where).eval()
     unique = {json.dumps(r["prompt"]): r["prompt"] for r in held}  # a prompt may be a conversation
     prompts = list(unique.values())[: cfg.kl_prompts]
     if prompts:

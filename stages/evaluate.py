@@ -37,6 +37,7 @@ import torch
 from stages.data import sources
 from stages.data.tokens import fit_prompt_file, resolve_sampling
 from stages.labeling.labelers import LabelerConfig, SimulatedLabeler, make_labeler
+from stages.models.compute import pick_device
 from stages.models.modeling import (
     decode_responses,
     load_causal_lm,
@@ -167,9 +168,11 @@ def run(
     data_sources: Path | None = None,
     truncation: bool = True,
     max_dropped_fraction: float = 0.0,
+    device: str = "auto",
 ) -> Manifest:
     """`gold`: the data's gold rule (null for real data); `judge` with `labeler` (the AI labeler) or
-    `eval_reward_model` judges wins where there is no gold rule; `data_sources`: prepare's sources.json."""
+    `eval_reward_model` judges wins where there is no gold rule; `data_sources`: prepare's sources.json;
+    `device`: where every model samples and scores (`compute.device`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(sft_policy)
@@ -178,7 +181,8 @@ def run(
         tokenizer, prompts, budget, stage="evaluate", truncation=truncation, max_dropped_fraction=max_dropped_fraction
     )
     gold_fn = sources.gold_scorer(gold, target_len)
-    sft, pol = load_causal_lm(sft_policy), load_causal_lm(policy)
+    where = pick_device(device)
+    sft, pol = load_causal_lm(sft_policy, device=where), load_causal_lm(policy, device=where)
     sft_texts, sft_rollouts = _generate(sft, tokenizer, texts, cfg, budget)
     pol_texts, rollouts = _generate(pol, tokenizer, texts, cfg, budget)
     held = read_jsonl(heldout_comparisons) if heldout_comparisons is not None else []
@@ -203,11 +207,11 @@ def run(
         for row, ga, gb in zip(rows, gold_sft, gold_pol):
             row |= {"gold_sft": ga, "gold_policy": gb}
     elif judge is not None and labeler is not None:
-        ai = make_labeler(labeler, target_len, judge, gold)
+        ai = make_labeler(labeler, target_len, judge, gold, where)
         wins = [_win(label["ranks"]) for label in ai.label_all([(r["prompt"], [r["policy"], r["sft"]]) for r in rows])]
         result["win"] = _win_block("AI labeler", wins)
     if eval_reward_model is not None and eval_normalization is not None:
-        scorer = TrainedRewardModel(eval_reward_model, eval_normalization)
+        scorer = TrainedRewardModel(eval_reward_model, eval_normalization, device=where)
         s_sft, s_pol = _scores(scorer, sft_rollouts), _scores(scorer, rollouts)
         result["eval_rm"] = {"sft": mean_ci95(s_sft), "policy": mean_ci95(s_pol)}
         for row, a, b in zip(rows, s_sft, s_pol):
@@ -216,7 +220,7 @@ def run(
             wins = [0.5 if a == b else float(b > a) for a, b in zip(s_sft, s_pol)]
             result["win"] = _win_block("evaluation reward model", wins)
     if reward_model is not None and normalization is not None:
-        proxy = TrainedRewardModel(reward_model, normalization)
+        proxy = TrainedRewardModel(reward_model, normalization, device=where)
         p_sft, p_pol = _scores(proxy, sft_rollouts), _scores(proxy, rollouts)
         result["proxy_rm"] = {
             "note": "the reward model the policy was optimised against: a proxy, not an independent judge",

@@ -37,6 +37,7 @@ import torch
 from stages.data import task
 from stages.labeling.ai_labeler import AiLabeler, LocalJudge, pair_prompt, score_prompt
 from stages.labeling.labelers import LabelerConfig, SimulatedLabeler
+from stages.models.compute import ComputeConfig, autocast, checkpointing, grad_scaler, model_device, resolve_device
 from stages.models.modeling import ModelConfig, build_tiny_llama, position_ids
 from stages.runtime.manifest import Manifest, folder_digest
 from stages.runtime.tracking import log_metrics
@@ -115,36 +116,47 @@ def _build(cfg: JudgeConfig, corpus: list[str], seed: int):
     return tokenizer, build_tiny_llama(sizes, tokenizer, seed)
 
 
-def _train(model, tokenizer, texts: list[str], targets: list[dict[str, float]], cfg: JudgeConfig) -> float:
-    """Cross-entropy at the answer position against each text's target distribution over tokens."""
+def _train(
+    model, tokenizer, texts: list[str], targets: list[dict[str, float]], cfg: JudgeConfig, compute: ComputeConfig
+) -> float:
+    """Cross-entropy at the answer position against each text's target distribution over tokens, on
+    the model's device (mixed precision and checkpointing as `compute` says)."""
     vocab = tokenizer.get_vocab()
-    dense = torch.zeros(len(texts), len(tokenizer))
+    device = model_device(model)
+    dense = torch.zeros(len(texts), len(tokenizer), device="cpu")  # filled on the host, moved once
     for n, target in enumerate(targets):
         for token, p in target.items():
             dense[n, vocab[token]] = p
+    dense = dense.to(device)
+    checkpointing(model, compute)
+    scaler = grad_scaler(compute)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)
     steps = cfg.epochs * math.ceil(len(texts) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.learning_rate, total_steps=steps, pct_start=0.05)
     gen = torch.Generator().manual_seed(cfg.seed)
     tokenizer.padding_side = "left"
     model.train()
-    step, loss = 0, torch.tensor(0.0)
+    step, loss = 0, 0.0
     for _ in range(cfg.epochs):
-        for idx in torch.randperm(len(texts), generator=gen).split(cfg.batch_size):
-            enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True)
+        for idx in torch.randperm(len(texts), generator=gen, device="cpu").split(cfg.batch_size):
+            enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True).to(device)
             mask = enc["attention_mask"]
-            logits = model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=position_ids(mask)).logits
-            loss = -(dense[idx] * torch.log_softmax(logits[:, -1].float(), -1)).sum(-1).mean()
+            with autocast(compute):
+                logits = model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=position_ids(mask)).logits
+            batch_loss = -(dense[idx.to(device)] * torch.log_softmax(logits[:, -1].float(), -1)).sum(-1).mean()
             opt.zero_grad()
-            loss.backward()
+            scaler.scale(batch_loss).backward()
+            scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
             step += 1
+            loss = batch_loss.item()
             if step % 50 == 0:
-                log_metrics({"judge/train/loss": loss.item()}, step=step)
+                log_metrics({"judge/train/loss": loss}, step=step)
     model.eval()
-    return loss.item()
+    return loss
 
 
 def _agreement(p: torch.Tensor, a: list[float], b: list[float]) -> float:
@@ -153,8 +165,12 @@ def _agreement(p: torch.Tensor, a: list[float], b: list[float]) -> float:
     return sum(hits) / len(hits)
 
 
-def run(cfg: JudgeConfig, labeler: LabelerConfig, *, target_len: int, out_dir: Path) -> Manifest:
+def run(
+    cfg: JudgeConfig, labeler: LabelerConfig, compute: ComputeConfig | None = None, *, target_len: int, out_dir: Path
+) -> Manifest:
+    """`compute`: the device, precision and checkpointing the embedded judge trains with."""
     out_dir = Path(out_dir)
+    compute = compute or ComputeConfig()
     out_dir.mkdir(parents=True, exist_ok=True)
     ai = labeler.ai
     if ai.backend == "http" or ai.model is not None:  # an existing model or server: nothing to prepare
@@ -171,13 +187,14 @@ def run(cfg: JudgeConfig, labeler: LabelerConfig, *, target_len: int, out_dir: P
     targets += [{rubric_score_token(rubric(p, r)): 1.0} for p, r in scored]
     corpus = texts + [" ".join(task.vocabulary()), " ".join(str(s) for s in range(1, 11)), ai.preamble]
     tokenizer, model = _build(cfg, corpus, cfg.seed)
-    loss = _train(model, tokenizer, texts, targets, cfg)
+    device = resolve_device(compute)
+    loss = _train(model.to(device), tokenizer, texts, targets, cfg, compute)
     model.save_pretrained(out_dir / "model", safe_serialization=True)
     tokenizer.save_pretrained(out_dir / "model")
     (out_dir / "judge.json").write_text(json.dumps({"backend": "local", "model": None, "embedded": True}))
     # held-out agreement, asked through the AI labeler's own code path
     held = _pairs(cfg.n_eval_pairs, random.Random(cfg.seed + 1), cfg, target_len)
-    labeler_ai = AiLabeler(ai, LocalJudge(out_dir / "model", batch_size=ai.batch_size))
+    labeler_ai = AiLabeler(ai, LocalJudge(out_dir / "model", batch_size=ai.batch_size, device=device))
     p, consistent = labeler_ai.preferences(held)
     human = SimulatedLabeler(LabelerConfig(), target_len)
     noisy = [human.noisy_scores(q, [a, b]) for q, a, b in held]

@@ -17,6 +17,7 @@ Alone: `python -m flows.align pipeline.stop_after=ppo`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import warnings
@@ -28,7 +29,8 @@ import torch
 from stages.data import sources
 from stages.data.tokens import SamplingBudget, fit_prompt_file, resolve_sampling
 from stages.labeling.labelers import LabelerConfig, make_labeler
-from stages.models.compute import autocast
+from stages.models import peft_setup
+from stages.models.compute import autocast, grad_scaler, model_device
 from stages.models.modeling import (
     Rollout,
     decode_responses,
@@ -37,7 +39,7 @@ from stages.models.modeling import (
     load_tokenizer,
     model_context,
 )
-from stages.models.tuning import Tuning, optimizer
+from stages.models.tuning import Tuning, device, optimizer
 from stages.preference.scorers import TrainedRewardModel
 from stages.rl import ppo_math as pm
 from stages.rl.ppo_models import FullCopies, SharedBase
@@ -85,6 +87,11 @@ class PpoConfig:
     max_repetition: float = 0.5  # the last update's repetition above this flags the stage (diagnostics.py)
     checkpoint_every: int = 10  # updates between checkpoints; 0: never
     generation: str = "hf"  # the rollout engine (stages/rl/rollout.py): hf | vllm (CUDA; weights synced per update)
+    generation_batch_size: int | None = None  # hf: prompts per generate call, sorted by length; null: all at once
+    static_cache: bool = False  # hf: a preallocated KV cache (transformers compiles the decode step on a GPU)
+    # reference and reward models in host memory but while they score each update's rollouts
+    # (DeepSpeed-Chat, OpenRLHF): less accelerator memory, a transfer per update
+    offload_frozen: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -103,6 +110,8 @@ class PpoConfig:
             raise ValueError(f"stage.ppo.generation: {self.generation!r} is not one of {', '.join(GENERATIONS)}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"stage.ppo.ema_decay: must be in (0, 1) or null, got {self.ema_decay}")
+        if self.generation_batch_size is not None and self.generation_batch_size < 1:
+            raise ValueError(f"stage.ppo.generation_batch_size: must be >= 1 or null, got {self.generation_batch_size}")
 
 
 def _subset(r: Rollout, idx: torch.Tensor) -> Rollout:
@@ -121,8 +130,11 @@ class _State:
         self, cfg: PpoConfig, tuning: Tuning, policy: Path, critic_init: Path, distributed: DistributedConfig | None
     ) -> None:
         torch.manual_seed(cfg.seed)
+        # ZeRO-3 partitions the policy: rollouts come from a whole copy, synced after each update
+        self.zero3 = dist.partitioned(distributed)
+        self.device = device(tuning)
         self.models = (
-            FullCopies(policy, critic_init, cfg.temperature, tuning)
+            FullCopies(policy, critic_init, cfg.temperature, tuning, partitioned=self.zero3)
             if cfg.layout == "full_copies"
             else SharedBase(policy, critic_init, cfg.temperature, tuning)
         )
@@ -136,20 +148,45 @@ class _State:
         self.update = 0
         self.history: list[dict[str, float]] = []
         self.warned_kl = False
-        # ZeRO-3 partitions the policy: rollouts come from a whole copy, synced after each update
-        self.zero3 = distributed is not None and distributed.launches("ppo") and distributed.zero == 3
-        self.rollout_policy = load_causal_lm(policy).eval().requires_grad_(False) if self.zero3 else None
+        self.rollout_policy = _whole_copy(policy, tuning, self.device) if self.zero3 else None
         micro = dist.per_rank(cfg.minibatch_size, "stage.ppo.minibatch_size")
         dist.per_rank(cfg.rollouts_per_update, "stage.ppo.rollouts_per_update")
-        self.engine = Engine(_Trained(self.models), self.opt, distributed, micro_batch=micro, clip=cfg.max_grad_norm)
+        scaler = grad_scaler(tuning.compute)
+        self.engine = Engine(
+            _Trained(self.models), self.opt, distributed, micro_batch=micro, clip=cfg.max_grad_norm, scaler=scaler
+        )
         self.opt = self.engine.opt
+        self.offload = cfg.offload_frozen
         if dist.world_size() > 1:  # each rank samples its own rollouts
             torch.manual_seed(cfg.seed + dist.rank())
         trained = self.models.policy
         if cfg.generation == "vllm":
             self.rollout = VllmRollout(policy, trained, seed=cfg.seed + dist.rank())
         else:
-            self.rollout = HfRollout(self.rollout_policy, trained) if self.zero3 else HfRollout(trained)
+            hf = {"batch_size": cfg.generation_batch_size, "static_cache": cfg.static_cache}
+            self.rollout = HfRollout(self.rollout_policy, trained, **hf) if self.zero3 else HfRollout(trained, **hf)
+        if self.offload:
+            self.frozen_to("cpu")
+
+    def frozen_to(self, where) -> None:
+        for module in self.models.frozen:
+            module.to(where)
+
+    @contextlib.contextmanager
+    def frozen_on_device(self, scorer):
+        """With `offload_frozen`: the reference and reward models on the device while inside, in host
+        memory otherwise."""
+        if not self.offload:
+            yield
+            return
+        modules = self.models.frozen + scorer.frozen
+        for m in modules:
+            m.to(self.device)
+        try:
+            yield
+        finally:
+            for m in modules:
+                m.to("cpu")
 
     def sync_rollout(self) -> None:
         """After an update: the rollout engine takes the policy's weights (gathered under ZeRO-3)."""
@@ -219,23 +256,33 @@ class _Trained(torch.nn.Module):
 
 
 class RewardModelScore:
-    """InstructGPT: the normalised reward-model score of each rollout, (batch,)."""
+    """InstructGPT: the normalised reward-model score of each rollout, (batch,), on the rollout's device."""
 
-    def __init__(self, reward_model: Path, normalization: Path) -> None:
-        self.rm = TrainedRewardModel(reward_model, normalization)
+    def __init__(self, reward_model: Path, normalization: Path, device) -> None:
+        self.rm = TrainedRewardModel(reward_model, normalization, device=device)
+        self.frozen = [self.rm.model]
 
     def __call__(self, tokenizer, prompts: list[str], rollout: Rollout) -> torch.Tensor:
-        return self.rm.score(rollout)
+        return self.rm.score(rollout).to(rollout.query.device)
 
 
 class JudgeScore:
     """d-RLAIF: the AI labeler's expected 1-10 score of each decoded response, in [-1, 1], (batch,)."""
 
-    def __init__(self, labeler: LabelerConfig, judge: Path) -> None:
-        self.labeler = make_labeler(labeler, 0, judge)
+    def __init__(self, labeler: LabelerConfig, judge: Path, device) -> None:
+        self.labeler = make_labeler(labeler, 0, judge, device=device)
+        self.frozen = self.labeler.frozen
 
     def __call__(self, tokenizer, prompts: list[str], rollout: Rollout) -> torch.Tensor:
-        return torch.tensor(self.labeler.score_all(prompts, decode_responses(tokenizer, rollout)))
+        scores = self.labeler.score_all(prompts, decode_responses(tokenizer, rollout))
+        return torch.tensor(scores, dtype=torch.float32, device=rollout.query.device)
+
+
+def _whole_copy(policy: Path, tuning: Tuning, where):
+    """Under ZeRO-3: a whole copy of the trained policy's structure (the method's adapters too), for
+    sampling and export; its weights come from the gathered policy (`HfRollout.sync`)."""
+    copy = peft_setup.prepare(load_causal_lm(policy, device=where), tuning.peft, "causal_lm")
+    return copy.eval().requires_grad_(False)
 
 
 def run(
@@ -270,7 +317,8 @@ def run(
     check(cfg.generation)
     if (reward_model is None) == (judge is None or labeler is None):
         raise ValueError("ppo: score rollouts with either a reward model or an AI labeler and its judge, not both")
-    scorer = RewardModelScore(reward_model, normalization) if reward_model else JudgeScore(labeler, judge)
+    where = device(tuning)
+    scorer = RewardModelScore(reward_model, normalization, where) if reward_model else JudgeScore(labeler, judge, where)
     tokenizer = load_tokenizer(policy)
     budget = resolve_sampling("ppo", cfg.max_prompt_length, cfg.max_new_tokens, model_context(policy))
     texts, fitted = fit_prompt_file(
@@ -317,9 +365,10 @@ def _one_update(cfg, state: _State, tokenizer, scorer, batch_prompts, ptx_docs, 
         temperature=cfg.temperature,
         top_p=cfg.top_p,
     )
+    rollout = rollout.to(model_device(models.policy))  # once: every model below reads it there
     mask = rollout.response_mask.float()
     # 2. one pass each of policy, reference, value and reward over the rollout tokens
-    with torch.no_grad():
+    with torch.no_grad(), state.frozen_on_device(scorer):
         old_logp, _ = models.policy_logprobs(rollout)
         ref_logp = models.ref_logprobs(rollout)
         old_values = models.values(rollout) * mask
@@ -337,7 +386,8 @@ def _one_update(cfg, state: _State, tokenizer, scorer, batch_prompts, ptx_docs, 
     stats: dict[str, list[float]] = {"pg": [], "vf": [], "clipfrac": [], "approxkl": [], "entropy": [], "ptx": []}
     local = len(batch_prompts)
     for _ in range(cfg.ppo_epochs):
-        for idx in torch.randperm(local).split(local * cfg.minibatch_size // cfg.rollouts_per_update):
+        order = torch.randperm(local, device="cpu").to(mask.device)  # the host's RNG: the same on any device
+        for idx in order.split(local * cfg.minibatch_size // cfg.rollouts_per_update):
             mb, m = _subset(rollout, idx), mask[idx]
             with autocast(state.compute):  # mixed precision (`compute.precision`); the losses in fp32
                 logp, entropy, values = state.engine(mb)
@@ -394,7 +444,7 @@ def _one_update(cfg, state: _State, tokenizer, scorer, batch_prompts, ptx_docs, 
 
 def _over_ranks(value: float) -> float:
     """A per-rank statistic (a mean over equal shares) averaged over the ranks; itself in one process."""
-    return dist.mean(torch.tensor([value], dtype=torch.float64))
+    return dist.mean(torch.tensor([value], dtype=torch.float64, device="cpu"))
 
 
 def _named(stats: dict[str, list[float]]) -> dict[str, list[float]]:
@@ -411,7 +461,7 @@ def _named(stats: dict[str, list[float]]) -> dict[str, list[float]]:
 
 def _lm_loss(model, tokenizer, docs: list[str], batch_size: int, budget: SamplingBudget) -> torch.Tensor:
     """Next-token loss on a random batch of pretraining text (PPO-ptx), cut to the sampling budget."""
-    idx = torch.randint(len(docs), (batch_size,)).tolist()
+    idx = torch.randint(len(docs), (batch_size,), device="cpu").tolist()
     return lm_loss(
         model, tokenizer, [docs[i] for i in idx], max_length=budget.max_prompt_length + budget.max_new_tokens
     )

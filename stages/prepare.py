@@ -137,7 +137,7 @@ def pretrain(
     losses = []
     bar = progress(cfg.pretrain_epochs * math.ceil(len(documents) / 32), "prepare: pretraining")
     for _ in range(cfg.pretrain_epochs):
-        order = torch.randperm(len(documents), generator=gen).tolist()
+        order = torch.randperm(len(documents), generator=gen, device="cpu").tolist()
         total, batches = 0.0, 0
         for start in range(0, len(order), 32):
             loss = lm_loss(model, tokenizer, [documents[i] for i in order[start : start + 32]], max_length)

@@ -37,7 +37,7 @@ from stages.data.tokens import (
     resolve_budget,
     row_sources,
 )
-from stages.models.compute import autocast
+from stages.models.compute import autocast, grad_scaler, model_device
 from stages.models.modeling import POOLINGS, load_tokenizer, model_context, sequence_scores
 from stages.models.optim import schedule
 from stages.models.peft_setup import PeftConfig
@@ -88,8 +88,9 @@ def ranking_loss(scores, pairs: list[list[tuple[int, int]]], margin: float = 0.0
     for b, prompt_pairs in enumerate(pairs):
         if not prompt_pairs:
             continue
-        w = torch.tensor([p[0] for p in prompt_pairs])
-        l = torch.tensor([p[1] for p in prompt_pairs])
+        device = scores[b].device
+        w = torch.tensor([p[0] for p in prompt_pairs], dtype=torch.long, device=device)
+        l = torch.tensor([p[1] for p in prompt_pairs], dtype=torch.long, device=device)
         losses.append(-F.logsigmoid(scores[b][w] - scores[b][l] - margin).mean())
     return torch.stack(losses).mean() if losses else sum(s.sum() for s in scores) * 0.0
 
@@ -100,14 +101,14 @@ def soft_preference_loss(scores, prefs: list[list[list[float]]]) -> torch.Tensor
     losses = []
     for s, p in zip(scores, prefs):
         k = len(p)
-        i, j = torch.triu_indices(k, k, offset=1)
-        target = torch.tensor(p, dtype=s.dtype)[i, j]
+        i, j = torch.triu_indices(k, k, offset=1, device=s.device)
+        target = torch.tensor(p, dtype=s.dtype, device=s.device)[i, j]
         d = s[i] - s[j]
         losses.append(-(target * F.logsigmoid(d) + (1 - target) * F.logsigmoid(-d)).mean())
     return torch.stack(losses).mean()
 
 
-def _initial_model(cfg: RewardModelConfig, policy: Path, tokenizer, tuning: Tuning):
+def _initial_model(cfg: RewardModelConfig, policy: Path, tokenizer, tuning: Tuning, partitioned: bool):
     """The SFT policy with a scalar head, or `cfg.name_or_path`'s model when its vocabulary agrees;
     the fine-tuning method applied. Returns (model, the folder it started from)."""
     source = policy if cfg.name_or_path is None else cfg.name_or_path
@@ -126,7 +127,7 @@ def _initial_model(cfg: RewardModelConfig, policy: Path, tokenizer, tuning: Tuni
             model.resize_token_embeddings(len(tokenizer))
         model.config.pad_token_id = tokenizer.pad_token_id
 
-    return load(source, tuning, "scalar", adjust), source
+    return load(source, tuning, "scalar", adjust, partitioned=partitioned), source
 
 
 def run(
@@ -173,14 +174,20 @@ def run(
     encoded = fitted.rows
     lengths = [sum(len(p) + len(r) for r in rs) for p, rs in encoded]
     log_metrics(fitted.metrics("rm/data"))
-    model, source = _initial_model(cfg, policy, tokenizer, tuning)
+    partitioned = dist.partitioned(distributed)
+    model, source = _initial_model(cfg, policy, tokenizer, tuning, partitioned)
     pad = tokenizer.pad_token_id
     opt = optimizer(model, tuning, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(rows) / cfg.batch_prompts)
     sched = schedule(opt, tuning.optim, cfg.epochs * steps_per_epoch)
     engine = Engine(
-        _Scores(model, cfg.pooling), opt, distributed, micro_batch=max(1, cfg.batch_prompts // dist.world_size())
+        _Scores(model, cfg.pooling),
+        opt,
+        distributed,
+        micro_batch=max(1, cfg.batch_prompts // dist.world_size()),
+        scaler=grad_scaler(tuning.compute),
     )
+    device = model_device(engine.base)  # DeepSpeed has placed the partitions by now
     gen = torch.Generator().manual_seed(cfg.seed)
     at = {"step": 0, "tokens": 0, "epoch": 0, "in_epoch": 0, "loss": math.nan}  # where training is
     resumed = _load_checkpoint(checkpoint_dir, engine, model, opt)
@@ -207,7 +214,7 @@ def run(
             batch = [rows[i] for i in mine]
             with autocast(tuning.compute):
                 flat = [(p, r) for i in mine for p, rs in [encoded[i]] for r in rs]
-                scores = list(engine(pack(flat, pad)).float().split([len(encoded[i][1]) for i in mine]))
+                scores = list(engine(pack(flat, pad, device)).float().split([len(encoded[i][1]) for i in mine]))
             tokens += sum(lengths[i] for i in idx)
             if cfg.targets == "soft":
                 loss = soft_preference_loss(scores, [r["prefs"] for r in batch])
@@ -218,7 +225,8 @@ def run(
             engine.step()
             sched.step()
             step = step + 1
-            shared = dist.all_reduce_sum(torch.tensor([loss.item() * weight * len(mine), weight * len(mine)]))
+            local = [loss.item() * weight * len(mine), weight * len(mine)]
+            shared = dist.all_reduce_sum(torch.tensor(local, device="cpu"))
             last_loss = (shared[0] / shared[1]).item()  # the global batch's mean loss
             tail.append(last_loss)
             bar.update(1)
@@ -260,7 +268,15 @@ def run(
     )
     with dist.gathered(model, distributed):  # ZeRO-3: the full weights, on every rank
         if dist.is_main():
-            export(model, tuning, out_dir / "model", base=Path(source), adapter=adapter, kind="scalar")
+            export(
+                model,
+                tuning,
+                out_dir / "model",
+                base=Path(source),
+                adapter=adapter,
+                kind="scalar",
+                partitioned=partitioned,
+            )
             tokenizer.save_pretrained(out_dir / "model")
             (out_dir / "normalization.json").write_text(json.dumps(dataclasses.asdict(normalization)))
     return Manifest(

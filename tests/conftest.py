@@ -19,6 +19,10 @@ from flows.launch.launch import free_port  # noqa: E402,F401  (for the orchestra
 
 SHARED = ROOT.parent / "shared"
 
+# Every stage a test runs through the flows (and every rank it launches) runs under the device guard
+# (stages/runtime/device_guard.py): a tensor made without `device=` or an op across devices fails it.
+os.environ["ALIGNFLOW_DEVICE_GUARD"] = "1"
+
 # `make test` runs the suite on pytest-xdist workers, one per core: each worker is pinned to its own
 # core, so its torch (and every flow or stage process it starts, which reads the affinity for its
 # thread count) uses one thread and never contends with the other worker.

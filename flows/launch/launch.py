@@ -57,6 +57,31 @@ def command(cfg: DistributedConfig, spec: Path) -> list[str]:
     return [*torchrun, "--master_port", port, "-m", "flows.launch.rank", str(spec)]
 
 
+def accelerator_env(env, device: str):
+    """DeepSpeed picks its accelerator itself (CUDA where there is one) unless the run is on the CPU:
+    then `DS_ACCELERATOR=cpu` (no CUDA probe, and the CPU accelerator even on a GPU node). A value
+    the user set is kept."""
+    from stages.models.compute import pick_device
+
+    if pick_device(device).type == "cpu":
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    return env
+
+
+def device_of(configs: tuple) -> str:
+    """`compute.device` of a training stage's configs (its `Tuning`); auto if it has none."""
+    from stages.models.tuning import Tuning
+
+    return next((c.compute.device for c in configs if isinstance(c, Tuning)), "auto")
+
+
+def rank_env(env: dict, threads_per_rank: int, device: str) -> dict:
+    """The environment every rank of a group starts with: its torch threads capped, the accelerator."""
+    per_rank = str(max(1, threads_per_rank))
+    env |= {v: per_rank for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    return accelerator_env(env, device)
+
+
 def run_group(
     cfg: DistributedConfig,
     stage: str,
@@ -78,8 +103,7 @@ def run_group(
             {"stage": stage, "configs": configs, "kwargs": kwargs, "out_dir": str(out_dir), "distributed": cfg}
         )
     )
-    per_rank = max(1, threads // cfg.nproc_per_node)
-    env = {**os.environ, **{v: str(per_rank) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}}
+    env = rank_env(dict(os.environ), threads // cfg.nproc_per_node, device_of(configs))
     if run_id is not None:
         env["ALIGNFLOW_MLFLOW_RUN_ID"] = run_id  # rank 0 logs its metrics to the stage's run
         import mlflow

@@ -22,7 +22,7 @@ from pathlib import Path
 def main(spec_path: str) -> None:
     import torch
 
-    from stages.runtime import distributed
+    from stages.runtime import device_guard, distributed
 
     folder = Path(spec_path).parent
     spec = pickle.loads(Path(spec_path).read_bytes())  # written by this flow's own task: trusted
@@ -36,7 +36,8 @@ def main(spec_path: str) -> None:
     try:
         distributed.init(cfg)
         module = importlib.import_module(f"stages.{spec['stage']}")
-        manifest = module.run(*spec["configs"], **spec["kwargs"], out_dir=out_dir, distributed=cfg)
+        with device_guard.maybe_guard(f"{spec['stage']} (rank {rank})"):
+            manifest = module.run(*spec["configs"], **spec["kwargs"], out_dir=out_dir, distributed=cfg)
         distributed.barrier()  # every rank finished: rank 0's artifact is complete
         if rank == 0:
             (folder / "manifest.json.tmp").write_text(manifest.to_json())

@@ -33,6 +33,7 @@ def retrain(overrides: list[str] | None = None) -> dict[str, Any]:
     from hydra import compose, initialize_config_dir
 
     from flows.config import register, to_config
+    from flows.launch.launch import accelerator_env
     from flows.launch.resources import cap_threads, live_runs, register_run, threads_per_job
     from flows.pipeline import align_flow
     from flows.preflight import preflight
@@ -43,6 +44,7 @@ def retrain(overrides: list[str] | None = None) -> dict[str, Any]:
         cfg = to_config(compose("config", overrides=list(overrides or [])))
     register_run()
     cap_threads(threads_per_job(cfg.threads, live_runs()))
+    accelerator_env(os.environ, cfg.compute.device)  # before DeepSpeed is first imported
     preflight(cfg)
     summary = align_flow()(cfg)
     print(report.table(summary["stages"]))

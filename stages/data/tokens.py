@@ -140,24 +140,24 @@ class Packed:
     attention_mask: torch.Tensor
     response_mask: torch.Tensor
 
+    def to(self, device) -> Packed:
+        return Packed(self.ids.to(device), self.attention_mask.to(device), self.response_mask.to(device))
 
-def pack(rows: list[tuple[list[int], list[int]]], pad_id: int) -> Packed:
+
+def pack(rows: list[tuple[list[int], list[int]]], pad_id: int, device: torch.device | str = "cpu") -> Packed:
+    """Rows laid out on the host, then moved to `device` in one transfer per tensor."""
     width = max(1, max(len(p) + len(r) for p, r in rows))
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(rows), width), dtype=torch.long)
-    resp = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (p, r) in enumerate(rows):
-        ids[i, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
-        attn[i, : len(p) + len(r)] = 1
-        resp[i, len(p) : len(p) + len(r)] = 1
-    return Packed(ids, attn, resp)
+    ids = [p + r + [pad_id] * (width - len(p) - len(r)) for p, r in rows]
+    attn = [[1] * (len(p) + len(r)) + [0] * (width - len(p) - len(r)) for p, r in rows]
+    resp = [[0] * len(p) + [1] * len(r) + [0] * (width - len(p) - len(r)) for p, r in rows]
+    return Packed(*(torch.tensor(x, dtype=torch.long, device=device) for x in (ids, attn, resp)))
 
 
 def length_buckets(lengths: list[int], batch: int, generator: torch.Generator | None = None) -> list[list[int]]:
     """Indices grouped into batches of similar length, the batches in random order: rows sorted by
     length within windows of 50 batches (so an epoch still mixes), then cut into batches."""
     order = (
-        torch.randperm(len(lengths), generator=generator).tolist()
+        torch.randperm(len(lengths), generator=generator, device="cpu").tolist()
         if generator is not None
         else list(range(len(lengths)))
     )
@@ -167,7 +167,7 @@ def length_buckets(lengths: list[int], batch: int, generator: torch.Generator | 
         chunk = sorted(order[start : start + window], key=lambda i: lengths[i])
         batches += [chunk[i : i + batch] for i in range(0, len(chunk), batch)]
     if generator is not None:
-        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator, device="cpu").tolist()]
     return batches
 
 

@@ -33,6 +33,7 @@ from typing import Protocol
 
 import torch
 
+from stages.models.compute import model_device
 from stages.models.modeling import load_causal_lm, load_tokenizer, position_ids
 from stages.preference.rankings import ranks_from_scores
 
@@ -113,7 +114,7 @@ def ranks_from_preferences(prefs: list[list[float]]) -> list[int]:
 def expected_score(logprobs: torch.Tensor) -> torch.Tensor:
     """E[score] over 1..10 from (n, 10) log-probabilities of the score tokens, renormalised: (n,)."""
     probs = torch.softmax(logprobs, dim=-1)
-    return (probs * torch.arange(1, logprobs.shape[-1] + 1, dtype=probs.dtype)).sum(-1)
+    return (probs * torch.arange(1, logprobs.shape[-1] + 1, dtype=probs.dtype, device=probs.device)).sum(-1)
 
 
 def normalized_score(expected: torch.Tensor) -> torch.Tensor:
@@ -161,9 +162,11 @@ class Judge(Protocol):
 class LocalJudge:
     """A Hugging Face causal LM, loaded from safetensors; the text is fed as is (no chat template)."""
 
-    def __init__(self, model: str | Path, *, batch_size: int = 64, trust_remote_code: bool = False) -> None:
+    def __init__(
+        self, model: str | Path, *, batch_size: int = 64, trust_remote_code: bool = False, device=None
+    ) -> None:
         self.tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
-        self.model = load_causal_lm(model, trust_remote_code=trust_remote_code).eval()
+        self.model = load_causal_lm(model, trust_remote_code=trust_remote_code, device=device).eval()
         self.batch_size = batch_size
         self.identity = f"local:{Path(model).name if Path(model).exists() else model}"
 
@@ -182,22 +185,23 @@ class LocalJudge:
                 f"labeler.ai: the judge's tokenizer splits the answer tokens {candidates} into several pieces; "
                 "use a model whose vocabulary holds each digit answer as one token"
             )
-        cand = torch.tensor([i[0] for i in ids])
+        device = model_device(self.model)
+        cand = torch.tensor([i[0] for i in ids], dtype=torch.long, device=device)
         out_lp, out_valid = [], []
         tok = self.tokenizer
         tok.padding_side = "left"
         for start in range(0, len(texts), self.batch_size):
             enc = tok(
                 texts[start : start + self.batch_size], return_tensors="pt", padding=True, add_special_tokens=True
-            )
+            ).to(device)
             logits = self.model(
                 input_ids=enc["input_ids"],
                 attention_mask=enc["attention_mask"],
                 position_ids=position_ids(enc["attention_mask"]),
             ).logits[:, -1, :]
             logp = torch.log_softmax(logits.float(), dim=-1)
-            out_lp.append(logp[:, cand])
-            out_valid.append(torch.isin(logp.argmax(-1), cand))
+            out_lp.append(logp[:, cand].cpu())  # answers are read on the host
+            out_valid.append(torch.isin(logp.argmax(-1), cand).cpu())
         return torch.cat(out_lp), torch.cat(out_valid)
 
     @torch.no_grad()
@@ -207,6 +211,7 @@ class LocalJudge:
         outs = []
         for start in range(0, len(texts), self.batch_size):
             enc = tok(texts[start : start + self.batch_size], return_tensors="pt", padding=True)
+            enc = enc.to(model_device(self.model))
             gen = self.model.generate(
                 **enc, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id
             )
@@ -296,8 +301,8 @@ class HttpJudge:
     def next_token_logprobs(self, texts: list[str], candidates: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         with ThreadPoolExecutor(self.cfg.concurrency) as pool:
             answers = list(pool.map(self._top_logprobs, texts))
-        lp = torch.tensor([[top.get(c, -float("inf")) for c in candidates] for top, _ in answers])
-        valid = torch.tensor([chosen in candidates for _, chosen in answers])
+        lp = torch.tensor([[top.get(c, -float("inf")) for c in candidates] for top, _ in answers], device="cpu")
+        valid = torch.tensor([chosen in candidates for _, chosen in answers], device="cpu")
         return lp, valid
 
     def generate(self, texts: list[str], max_new_tokens: int) -> list[str]:
@@ -319,16 +324,16 @@ class HttpJudge:
             return list(pool.map(one, texts))
 
 
-def load_judge(cfg: AiLabelerConfig, judge_dir: Path | None) -> Judge:
+def load_judge(cfg: AiLabelerConfig, judge_dir: Path | None, device=None) -> Judge:
     """The configured backend; a local judge without `labeler.ai.model` is the pipeline's embedded
-    judge in `judge_dir/model` (written by the `judge` stage)."""
+    judge in `judge_dir/model` (written by the `judge` stage), on `device`."""
     if cfg.backend == "http":
         return HttpJudge(cfg)
     if cfg.model is not None:
-        return LocalJudge(cfg.model, batch_size=cfg.batch_size, trust_remote_code=cfg.trust_remote_code)
+        return LocalJudge(cfg.model, batch_size=cfg.batch_size, trust_remote_code=cfg.trust_remote_code, device=device)
     if judge_dir is None or not (Path(judge_dir) / "model").exists():
         raise JudgeError("labeler.ai.model is null, so the embedded judge is used, but no judge artifact was given")
-    return LocalJudge(Path(judge_dir) / "model", batch_size=cfg.batch_size)
+    return LocalJudge(Path(judge_dir) / "model", batch_size=cfg.batch_size, device=device)
 
 
 # ---------------------------------------------------------------- the labeler

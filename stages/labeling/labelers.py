@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import torch
+
 from stages.data import sources
 from stages.data.reader import DatasetConfig, load, read_records
 from stages.labeling.ai_labeler import AiLabeler, AiLabelerConfig, load_judge
@@ -164,6 +166,12 @@ class CachedLabeler:
                 for k, label in zip(keys, labels):
                     f.write(json.dumps({"key": k, "label": label}) + "\n")
 
+    @property
+    def frozen(self) -> list:
+        """The local judge's model, if any (what PPO's `offload_frozen` moves)."""
+        model = getattr(getattr(self.inner, "judge", None), "model", None)
+        return [model] if isinstance(model, torch.nn.Module) else []
+
     def label_all(self, items: list[tuple[str, list[str]]]) -> list[dict]:
         keys = [self.key(p, rs) for p, rs in items]
         todo = self._fresh(keys)
@@ -187,10 +195,11 @@ class CachedLabeler:
 
 
 def make_labeler(
-    cfg: LabelerConfig, target_len: int, judge_dir: Path | None = None, gold: str | None = "embedded"
+    cfg: LabelerConfig, target_len: int, judge_dir: Path | None = None, gold: str | None = "embedded", device=None
 ) -> CachedLabeler:
     """`judge_dir`: the `judge` stage's artifact, whose model the AI labeler uses unless
-    `labeler.ai.model` names another. `gold`: the data's gold rule, which the simulated labeler needs."""
+    `labeler.ai.model` names another (loaded on `device`). `gold`: the data's gold rule, which the
+    simulated labeler needs."""
     inner: Labeler
     if cfg.kind == "simulated":
         if gold is None:
@@ -202,5 +211,5 @@ def make_labeler(
     elif cfg.kind == "file":
         inner = FileLabeler(cfg)
     else:
-        inner = AiLabeler(cfg.ai, load_judge(cfg.ai, judge_dir))
+        inner = AiLabeler(cfg.ai, load_judge(cfg.ai, judge_dir, device))
     return CachedLabeler(inner, cfg.cache_file)

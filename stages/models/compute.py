@@ -10,6 +10,11 @@
 - `kernels`: `liger` (Liger's fused Triton kernels, patched into the loaded model), a CUDA-only
   accelerator. `unsloth` is refused: it loads models through its own `FastLanguageModel`, which
   alignflow does not wire yet.
+- `device`: the one device decision, `auto | cpu | cuda | cuda:N`. `auto` is the accelerator where
+  there is one (under torchrun each rank its own `LOCAL_RANK` GPU), else the CPU. Every stage loads
+  its models onto `resolve_device(compute)` and makes its tensors on the device of the model they feed.
+- `gradient_checkpointing`: recompute activations in the backward pass instead of keeping them
+  (every training stage; the KV cache is off while training and on while sampling).
 
 What this machine cannot run is refused by `check` before any model loads, naming the requirement.
 """
@@ -18,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +33,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 ATTENTIONS = ("eager", "sdpa", "flash_attention_2")
 KERNELS = ("none", "liger", "unsloth")
 S2 = "s2_attention"  # the name it is registered under in transformers' AttentionInterface
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 @dataclass(frozen=True)
@@ -35,8 +43,12 @@ class ComputeConfig:
     s2_attention: bool = False
     s2_group_ratio: float = 0.25  # LongLoRA's group: a quarter of the sequence
     kernels: str = "none"
+    device: str = "auto"
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
+        if not DEVICE.fullmatch(self.device):
+            raise ValueError(f"compute.device: {self.device!r} is not auto, cpu, cuda or cuda:N")
         for key, value, allowed in (
             ("precision", self.precision, PRECISIONS),
             ("attention", self.attention, ATTENTIONS),
@@ -56,7 +68,8 @@ def _have(package: str) -> bool:
 
 def check(compute: ComputeConfig, *, cuda: bool | None = None) -> None:
     """Refuse, before any model loads, what this machine cannot run."""
-    cuda = torch.cuda.is_available() if cuda is None else cuda
+    check_device(compute.device, gpus=None if cuda is None else int(cuda))
+    cuda = resolve_device(compute, gpus=None if cuda is None else int(cuda)).type == "cuda"
     if compute.precision == "fp16" and not cuda:
         raise ValueError("compute.precision=fp16 needs CUDA (no CUDA device here); use fp32 or bf16")
     if compute.precision == "bf16" and not cuda and not _cpu_bf16():
@@ -73,9 +86,43 @@ def check(compute: ComputeConfig, *, cuda: bool | None = None) -> None:
         )
 
 
+def check_device(device: str, *, gpus: int | None = None) -> None:
+    """Refuse a device this machine does not have, naming the key."""
+    gpus = torch.cuda.device_count() if gpus is None else gpus
+    if device.startswith("cuda") and gpus == 0:
+        raise ValueError(f"compute.device={device}: this machine has no CUDA device; use compute.device=cpu or auto")
+    if device.startswith("cuda:") and int(device.split(":")[1]) >= gpus:
+        raise ValueError(
+            f"compute.device={device}: this machine has {gpus} CUDA device(s) (cuda:0..cuda:{gpus - 1}); "
+            "set compute.device to one of them, or auto"
+        )
+
+
+def resolve_device(compute: ComputeConfig, *, gpus: int | None = None) -> torch.device:
+    """The device a stage runs on: `compute.device` (`pick_device`)."""
+    return pick_device(compute.device, gpus=gpus)
+
+
+def pick_device(name: str, *, gpus: int | None = None) -> torch.device:
+    """`auto` is the GPU where there is one (under a launcher each rank its own, `LOCAL_RANK`), else
+    the CPU; `cuda` is this rank's GPU; `cpu` and `cuda:N` are themselves."""
+    gpus = torch.cuda.device_count() if gpus is None else gpus
+    if name == "cpu" or (name == "auto" and gpus == 0):
+        return torch.device("cpu")
+    if name in ("cuda", "auto"):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device(name)
+
+
+def model_device(model) -> torch.device:
+    """Where a model's weights are: the device its inputs must be on."""
+    param = next(iter(model.parameters()), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
 def _cpu_bf16() -> bool:
     try:
-        torch.ones(2, dtype=torch.bfloat16) @ torch.ones(2, dtype=torch.bfloat16)
+        torch.ones(2, dtype=torch.bfloat16, device="cpu") @ torch.ones(2, dtype=torch.bfloat16, device="cpu")
         return True
     except RuntimeError:
         return False
@@ -90,18 +137,42 @@ def load_kwargs(compute: ComputeConfig, *, training: bool) -> dict:
 
 
 def trainer_flags(compute: ComputeConfig) -> dict:
-    """transformers' precision flags, both explicit (TRL turns bf16 on by default), and the device:
-    the GPU where there is one (under torchrun, each rank its own), else the CPU."""
-    cpu = not torch.cuda.is_available()
-    return {"bf16": compute.precision == "bf16", "fp16": compute.precision == "fp16", "use_cpu": cpu}
+    """transformers' precision flags, both explicit (TRL turns bf16 on by default), the device (the
+    trainer places the model: on the CPU, or the GPU of `resolve_device`, under torchrun each rank's
+    own) and gradient checkpointing (non-reentrant: adapters on a frozen base need no input grads)."""
+    device = resolve_device(compute)
+    if device.type == "cuda" and device.index:
+        torch.cuda.set_device(device)  # the trainer's "cuda" is the current device
+    return {
+        "bf16": compute.precision == "bf16",
+        "fp16": compute.precision == "fp16",
+        "use_cpu": device.type == "cpu",
+        "gradient_checkpointing": compute.gradient_checkpointing,
+        "gradient_checkpointing_kwargs": {"use_reentrant": False} if compute.gradient_checkpointing else None,
+    }
 
 
 def autocast(compute: ComputeConfig):
-    """Mixed precision for the loops of our own (reward model, PPO): autocast, fp32 master weights."""
+    """Mixed precision for the loops of our own (reward model, PPO, listwise DPO, the judge): autocast on
+    the stage's device, fp32 master weights (fp16 needs `grad_scaler` too)."""
     if compute.precision == "fp32":
         return contextlib.nullcontext()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(compute).type
     return torch.autocast(device, dtype=torch.bfloat16 if compute.precision == "bf16" else torch.float16)
+
+
+def grad_scaler(compute: ComputeConfig) -> torch.amp.GradScaler:
+    """fp16's loss scaling (bf16 and fp32 need none: the scaler is then a pass-through)."""
+    return torch.amp.GradScaler(resolve_device(compute).type, enabled=compute.precision == "fp16")
+
+
+def checkpointing(model, compute: ComputeConfig):
+    """Gradient checkpointing on a model our loops train (`compute.gradient_checkpointing`): activations
+    recomputed in backward, the KV cache off while training (sampling turns it on per call)."""
+    if compute.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
 
 
 def apply_kernels(model, compute: ComputeConfig):
@@ -128,7 +199,7 @@ def _block_mask(mask: torch.Tensor, group: int) -> torch.Tensor:
     b, _, n, _ = mask.shape
     g = n // group
     blocks = mask.reshape(b, g, group, g, group)
-    idx = torch.arange(g)
+    idx = torch.arange(g, device=mask.device)
     return blocks[:, idx, :, idx, :].permute(1, 0, 2, 3)
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from stages.data.tokens import Packed, context_window, decode_response, prompt_ids, render, response_ids
+from stages.models.compute import model_device
 
 
 @dataclass(frozen=True)
@@ -77,14 +78,16 @@ def model_context(path: str | Path, *, trust_remote_code: bool = False) -> int:
     return context_window(AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code))
 
 
-def load_causal_lm(path: str | Path, *, trust_remote_code: bool = False, **load):
-    """`load`: more `from_pretrained` arguments (attention implementation, quantisation: `stages/models/tuning.py`)."""
+def load_causal_lm(path: str | Path, *, trust_remote_code: bool = False, device=None, **load):
+    """`device`: where the weights go (a frozen model's: reference, sampler, judge); `load`: more
+    `from_pretrained` arguments (attention implementation, quantisation: `stages/models/tuning.py`)."""
     from transformers import AutoModelForCausalLM
 
     check_model_folder(path)
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         str(path), trust_remote_code=trust_remote_code, use_safetensors=True, dtype=torch.float32, **load
     )
+    return model if device is None else model.to(device)
 
 
 def render_prompts(tokenizer, prompts: list[str] | list[list[dict]]) -> list[str]:
@@ -108,6 +111,13 @@ class Rollout:
     response_mask: torch.Tensor
     finished: torch.Tensor
 
+    def to(self, device) -> Rollout:
+        if self.query.device == torch.device(device):
+            return self
+        return Rollout(
+            *(t.to(device) for t in (self.query, self.query_mask, self.response, self.response_mask, self.finished))
+        )
+
     def sequences(self) -> tuple[torch.Tensor, torch.Tensor]:
         ids = torch.cat([self.query, self.response], dim=1)
         mask = torch.cat([self.query_mask, self.response_mask], dim=1)
@@ -118,18 +128,21 @@ class Rollout:
         return Packed(ids, mask, torch.cat([torch.zeros_like(self.query_mask), self.response_mask], dim=1))
 
 
-def encode_queries(tokenizer, prompts: list, max_prompt_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded prompt ids (`stages.data.tokens.prompt_ids`), each keeping its last `max_prompt_length`."""
+def encode_queries(
+    tokenizer, prompts: list, max_prompt_length: int | None = None, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids (`stages.data.tokens.prompt_ids`), each keeping its last `max_prompt_length`,
+    on `device`: two (batch, query_len) tensors."""
     rows = [prompt_ids(tokenizer, p) for p in prompts]
     if max_prompt_length is not None:
         rows = [r[-max_prompt_length:] for r in rows]
     width = max(len(r) for r in rows)
-    query = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        query[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r) :] = 1
-    return query, mask
+    query = [[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows]
+    mask = [[0] * (width - len(r)) + [1] * len(r) for r in rows]
+    return (
+        torch.tensor(query, dtype=torch.long, device=device),
+        torch.tensor(mask, dtype=torch.long, device=device),
+    )
 
 
 @torch.no_grad()
@@ -143,9 +156,12 @@ def sample(
     top_p: float = 1.0,
     generator_seed: int | None = None,
     max_prompt_length: int | None = None,
+    static_cache: bool = False,
 ) -> Rollout:
-    """Batched sampling with the KV cache (`generate`); the seam where a faster engine plugs in."""
-    query, query_mask = encode_queries(tokenizer, prompts, max_prompt_length)
+    """Batched sampling with the KV cache (`generate`) on the model's device; the seam where a faster
+    engine plugs in. `static_cache`: a preallocated cache of fixed shape, which transformers compiles
+    the decode step for on a GPU (`torch.compile`); the same tokens as the dynamic cache."""
+    query, query_mask = encode_queries(tokenizer, prompts, max_prompt_length, device=model_device(model))
     if generator_seed is not None:
         torch.manual_seed(generator_seed)
     was_training = model.training
@@ -160,6 +176,8 @@ def sample(
         max_new_tokens=max_new_tokens,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,  # on while sampling, though gradient checkpointing turns it off for training
+        **({"cache_implementation": "static"} if static_cache else {}),
     )
     model.train(was_training)
     response = out[:, query.shape[1] :]
@@ -191,6 +209,7 @@ def response_logprobs(model, rollout: Rollout, *, temperature: float = 1.0) -> t
 
     Only the positions that predict response tokens go through the LM head (`logits_to_keep`): on
     long prompts and a large vocabulary the head and its softmax are most of the cost otherwise."""
+    rollout = rollout.to(model_device(model))
     ids, mask = rollout.sequences()
     keep = rollout.response.shape[1] + 1  # the last query position predicts the first response token
     logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=keep).logits
@@ -213,21 +232,27 @@ def mean_token_kl(policy, reference, rollouts: list[Rollout], *, temperature: fl
     return kl_sum / max(tokens, 1.0)
 
 
-def encode_rollout(tokenizer, prompts: list, responses: list[str], finished: list[bool]) -> Rollout:
-    """Tokenize given responses into the same layout `sample` returns (EOS kept where finished)."""
-    query, query_mask = encode_queries(tokenizer, prompts)
+def encode_rollout(
+    tokenizer, prompts: list, responses: list[str], finished: list[bool], device: torch.device | str = "cpu"
+) -> Rollout:
+    """Tokenize given responses into the same layout `sample` returns (EOS kept where finished), on `device`."""
+    query, query_mask = encode_queries(tokenizer, prompts, device=device)
     rows = [response_ids(tokenizer, r, f) for r, f in zip(responses, finished)]
+    return response_rollout(query, query_mask, rows, tokenizer.pad_token_id, finished)
+
+
+def response_rollout(query, query_mask, rows: list[list[int]], pad: int, finished: list[bool]) -> Rollout:
+    """Response token rows right-padded into a `Rollout` beside `query`, on the query's device."""
     width = max(1, max(len(r) for r in rows))
-    response = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    response_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        response[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        response_mask[i, : len(r)] = 1
-    return Rollout(query, query_mask, response, response_mask, torch.tensor(finished))
+    device = query.device
+    response = torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
+    return Rollout(query, query_mask, response, mask, torch.tensor(finished, dtype=torch.bool, device=device))
 
 
 def hidden_states(backbone, rollout: Rollout) -> torch.Tensor:
     """Last hidden states of a decoder stack over query + response: (batch, seq_len, hidden)."""
+    rollout = rollout.to(model_device(backbone))
     ids, mask = rollout.sequences()
     return backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
 
@@ -264,19 +289,21 @@ def sequence_scores(model, batch: Rollout | Packed, pooling: str = "last") -> to
     if pooling not in POOLINGS:
         raise ValueError(f"pooling: {pooling!r} is not one of {', '.join(POOLINGS)}")
     packed = batch.packed() if isinstance(batch, Rollout) else batch
-    mask = packed.attention_mask
     backbone, head = scalar_parts(model)
+    packed = packed.to(model_device(model))
+    mask = packed.attention_mask
     hidden = backbone(input_ids=packed.ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
     if pooling == "mean":
         per_token = head(hidden).squeeze(-1).float()
         resp = packed.response_mask.float()
         return (per_token * resp).sum(1) / resp.sum(1).clamp(min=1.0)
-    last = (mask * torch.arange(mask.shape[1])).argmax(dim=1)
-    return head(hidden[torch.arange(hidden.shape[0]), last]).squeeze(-1).float()
+    last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(dim=1)
+    return head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last]).squeeze(-1).float()
 
 
 def sequence_logprobs(model, packed: Packed) -> torch.Tensor:
     """Summed log-probability of each row's response tokens under `model`: (batch,)."""
+    packed = packed.to(model_device(model))
     mask = packed.attention_mask
     logits = model(input_ids=packed.ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, :-1]
     logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, packed.ids[:, 1:].unsqueeze(-1)).squeeze(-1)
@@ -294,18 +321,20 @@ def lm_loss(model, tokenizer, texts: list[str], max_length: int | None = None) -
         max_length=max_length,
         add_special_tokens=False,
     )
+    enc = enc.to(model_device(model))
     labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
     return model(**enc, labels=labels).loss
 
 
-def load_scalar_model(path: str | Path, *, trust_remote_code: bool = False, **load):
-    """A sequence-classification model with one output (reward or value head)."""
+def load_scalar_model(path: str | Path, *, trust_remote_code: bool = False, device=None, **load):
+    """A sequence-classification model with one output (reward or value head), on `device` if given."""
     from transformers import AutoModelForSequenceClassification
 
     check_model_folder(path)
-    return AutoModelForSequenceClassification.from_pretrained(
+    model = AutoModelForSequenceClassification.from_pretrained(
         str(path), num_labels=1, trust_remote_code=trust_remote_code, use_safetensors=True, dtype=torch.float32, **load
     )
+    return model if device is None else model.to(device)
 
 
 def build_tiny_llama(cfg: ModelConfig, tokenizer, seed: int):

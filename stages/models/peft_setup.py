@@ -193,7 +193,16 @@ def trainable_names(model) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-def export(model, cfg: PeftConfig, folder: Path, *, base: Path, adapter: Path | None = None, kind: str = "causal_lm"):
+def export(
+    model,
+    cfg: PeftConfig,
+    folder: Path,
+    *,
+    base: Path,
+    adapter: Path | None = None,
+    kind: str = "causal_lm",
+    fresh_base: bool = False,
+):
     """Write the trained `model` as a plain `from_pretrained` folder at `folder` and, for adapter
     methods with `adapter` given, the adapter (loads with `PeftModel.from_pretrained` on `base`).
     `model` itself is left as it was.
@@ -203,6 +212,8 @@ def export(model, cfg: PeftConfig, folder: Path, *, base: Path, adapter: Path | 
       `path_initial_model_for_weight_conversion`), which the trained base's residual is not.
     - QLoRA: the adapter is reloaded onto `base` in full precision and merged there: a merge into
       4-bit weights would round them, and a QLoRA adapter is meant to load on a full-precision base.
+    - `fresh_base` (ZeRO-3, the weights gathered): merged the same way, since a partitioned model
+      cannot be copied.
     """
     folder = Path(folder)
     if not cfg.adapters:
@@ -218,7 +229,7 @@ def export(model, cfg: PeftConfig, folder: Path, *, base: Path, adapter: Path | 
             _keep_saved_modules(model, target, Path(scratch) / "as-trained")
         else:
             model.save_pretrained(target, safe_serialization=True)
-        if cfg.method == "qlora":  # merge on the original full-precision base
+        if cfg.method == "qlora" or fresh_base:  # merge on the original full-precision base
             merged = load_adapter(target, base, kind).merge_and_unload()
             merged.config.pad_token_id = model.config.pad_token_id
         else:  # on a copy: the caller may train on (PPO's EMA weights are loaded after the last iterate's export)

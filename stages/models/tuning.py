@@ -38,26 +38,42 @@ def check(tuning: Tuning) -> None:
     optim_lib.check(tuning.optim, tuning.peft.method)
 
 
-def load_kwargs(tuning: Tuning) -> dict:
-    """`from_pretrained` arguments of a model that trains: attention implementation, quantisation."""
+def device(tuning: Tuning, *, partitioned: bool = False):
+    """Where a stage's models go (`compute.device`). `partitioned` (ZeRO-3): the host, from where
+    DeepSpeed moves each rank's partition to its device."""
+    import torch
+
+    return torch.device("cpu") if partitioned else compute_lib.resolve_device(tuning.compute)
+
+
+def load_kwargs(tuning: Tuning, device=None) -> dict:
+    """`from_pretrained` arguments of a model that trains: attention implementation, quantisation
+    (a quantised base is placed by bitsandbytes, on `device` when that is a GPU)."""
     kwargs = compute_lib.load_kwargs(tuning.compute, training=True)
     quantization = peft_setup.quantization_config(tuning.peft)
     if quantization is not None:
         kwargs["quantization_config"] = quantization
+        if device is not None and device.type == "cuda":
+            kwargs["device_map"] = {"": device.index or 0}
     return kwargs
 
 
-def load(path: str | Path, tuning: Tuning, kind: str, adjust=None):
+def load(path: str | Path, tuning: Tuning, kind: str, adjust=None, *, partitioned: bool = False):
     """A model to train from `path` (a causal LM, or with `kind="scalar"` a one-output scalar head),
-    the method applied: only its weights require grad. `adjust(model)` runs on the loaded model
-    before the method (e.g. resizing embeddings)."""
+    on the stage's device (`device`), the method applied: only its weights require grad, and with
+    `compute.gradient_checkpointing` its activations recomputed. `adjust(model)` runs on the loaded
+    model before the method (e.g. resizing embeddings)."""
     from stages.models.modeling import load_causal_lm, load_scalar_model
 
-    kwargs = load_kwargs(tuning)
+    where = device(tuning, partitioned=partitioned)
+    kwargs = load_kwargs(tuning, where)
     model = load_causal_lm(path, **kwargs) if kind == "causal_lm" else load_scalar_model(path, **kwargs)
+    if "quantization_config" not in kwargs:
+        model = model.to(where)
     model = compute_lib.apply_kernels(model, tuning.compute)
     if adjust is not None:
         adjust(model)
+    compute_lib.checkpointing(model, tuning.compute)
     return peft_setup.prepare(model, tuning.peft, kind)
 
 
@@ -76,9 +92,19 @@ def trainer_setup(model, tuning: Tuning, *, lr: float, weight_decay: float = 0.0
     return args, {"optimizers": (optimizer(model, tuning, lr=lr, weight_decay=weight_decay), None)}
 
 
-def export(model, tuning: Tuning, folder: Path, *, base: Path, adapter: Path | None = None, kind: str = "causal_lm"):
-    """The trained model as a plain folder, and for adapter methods its adapter (`peft_setup.export`)."""
-    peft_setup.export(model, tuning.peft, folder, base=Path(base), adapter=adapter, kind=kind)
+def export(
+    model,
+    tuning: Tuning,
+    folder: Path,
+    *,
+    base: Path,
+    adapter: Path | None = None,
+    kind: str = "causal_lm",
+    partitioned: bool = False,
+):
+    """The trained model as a plain folder, and for adapter methods its adapter (`peft_setup.export`).
+    `partitioned` (ZeRO-3, inside a gather): the adapter is merged into a fresh load of `base`."""
+    peft_setup.export(model, tuning.peft, folder, base=Path(base), adapter=adapter, kind=kind, fresh_base=partitioned)
 
 
 def shared_base_refusal(method: str) -> str:

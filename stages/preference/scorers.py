@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from stages.data.tokens import Budget, pack
+from stages.models.compute import model_device
 from stages.models.modeling import POOLINGS, load_scalar_model, sequence_logprobs, sequence_scores
 from stages.preference.rankings import encode_rankings, pair_agreement
 
@@ -33,9 +34,10 @@ class Normalization:
 def score_encoded(
     model, encoded: list[tuple[list[int], list[list[int]]]], pad_id: int, pooling: str
 ) -> list[torch.Tensor]:
-    """Per row a (K,) tensor of scores; every response of the batch in one jointly padded pass."""
+    """Per row a (K,) tensor of scores; every response of the batch in one jointly padded pass, on the
+    model's device."""
     flat = [(p, r) for p, responses in encoded for r in responses]
-    scores = sequence_scores(model, pack(flat, pad_id), pooling)
+    scores = sequence_scores(model, pack(flat, pad_id, model_device(model)), pooling)
     return list(scores.split([len(responses) for _, responses in encoded]))
 
 
@@ -79,8 +81,8 @@ class TrainedRewardModel:
     """A trained reward model read the way it was trained: its pooling and token limits, less the bias
     that centres the SFT samples' scores (`normalization.json`). PPO and evaluate both score with it."""
 
-    def __init__(self, model_dir: Path, normalization: Path) -> None:
-        self.model = load_scalar_model(model_dir).eval().requires_grad_(False)
+    def __init__(self, model_dir: Path, normalization: Path, device=None) -> None:
+        self.model = load_scalar_model(model_dir, device=device).eval().requires_grad_(False)
         self.norm = load_normalization(normalization)
 
     @torch.no_grad()
@@ -110,7 +112,7 @@ def load_normalization(path: Path) -> Normalization:
 
 
 def sequence_logps(model, rows: list[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:
-    return sequence_logprobs(model, pack(rows, pad_id))
+    return sequence_logprobs(model, pack(rows, pad_id, model_device(model)))
 
 
 @torch.no_grad()
@@ -122,7 +124,8 @@ def implicit_reward_accuracy(model, ref, pad_id: int, pairs: list[dict], batch: 
         rows = [(p["prompt_ids"], p["chosen_ids"]) for p in chunk] + [
             (p["prompt_ids"], p["rejected_ids"]) for p in chunk
         ]
-        margin = sequence_logps(model, rows, pad_id) - sequence_logps(ref, rows, pad_id)
+        packed = pack(rows, pad_id, model_device(model))
+        margin = sequence_logprobs(model, packed) - sequence_logprobs(ref, packed).to(packed.ids.device)
         c, r = margin.split(len(chunk))
         hits += ((c > r).float() + 0.5 * (c == r).float()).tolist()
     return sum(hits) / max(1, len(hits))

@@ -34,8 +34,8 @@ def kl_penalized_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tens
     """Per-token rewards: `-beta * kl` on every token (kl: a per-token estimate of
     KL(pi || pi_ref), see `kl_estimate`), plus `score` (batch,) on the last response token."""
     rewards = -beta * kl * mask
-    last = (mask * torch.arange(mask.shape[1])).argmax(dim=1)
-    rewards[torch.arange(mask.shape[0]), last] += score
+    last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(dim=1)
+    rewards[torch.arange(mask.shape[0], device=mask.device), last] += score
     return rewards * mask
 
 
@@ -48,9 +48,9 @@ def gae(
     """
     values = values * mask
     advantages = torch.zeros_like(rewards)
-    last_gae = torch.zeros(rewards.shape[0])
+    last_gae = torch.zeros(rewards.shape[0], device=rewards.device)
     for t in reversed(range(rewards.shape[1])):
-        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros(rewards.shape[0])
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last_gae)
         delta = rewards[:, t] + gamma * next_value - values[:, t]
         last_gae = (delta + gamma * lam * last_gae) * mask[:, t]
         advantages[:, t] = last_gae

@@ -9,7 +9,9 @@
   second copy), the value model is the base with a `value` adapter and a scalar head initialised
   from the reward model's head. Only the adapters and the head train. The reward model stays a separate frozen model.
 
-Both expose: `policy` (for sampling), `policy_logprobs`, `ref_logprobs`, `values`,
+Both load onto the stage's device (`compute.device`; under ZeRO-3 the trained models stay on the
+host until DeepSpeed places their partitions) and expose: `policy` (for sampling), `policy_logprobs`,
+`ref_logprobs`, `values`, `frozen` (the models that never train: what `offload_frozen` moves),
 `trainable` and `module` (what the optimizer trains), `policy_state` / `load_policy_state`,
 `state_dict` / `load_state_dict` (checkpoints)
 and `export(folder)`.
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from stages.models.compute import checkpointing
 from stages.models.modeling import (
     Rollout,
     load_causal_lm,
@@ -31,16 +34,25 @@ from stages.models.modeling import (
     token_values,
 )
 from stages.models.peft_setup import load_adapter, lora_config
-from stages.models.tuning import Tuning, export, load, load_kwargs, shared_base_refusal, shares_base
+from stages.models.tuning import Tuning, device, export, load, load_kwargs, shared_base_refusal, shares_base
 
 
 class FullCopies:
-    def __init__(self, policy: Path, critic_init: Path, temperature: float, tuning: Tuning | None = None) -> None:
+    def __init__(
+        self,
+        policy: Path,
+        critic_init: Path,
+        temperature: float,
+        tuning: Tuning | None = None,
+        *,
+        partitioned: bool = False,
+    ) -> None:
         tuning = tuning or Tuning()
         self.tuning, self.base = tuning, Path(policy)
-        self.policy = load(policy, tuning, "causal_lm")
-        self.ref = load_causal_lm(policy).eval().requires_grad_(False)
-        self.critic = load(critic_init, tuning, "scalar")
+        self.policy = load(policy, tuning, "causal_lm", partitioned=partitioned)
+        self.ref = load_causal_lm(policy, device=device(tuning)).eval().requires_grad_(False)
+        self.frozen = [self.ref]
+        self.critic = load(critic_init, tuning, "scalar", partitioned=partitioned)
         self.temperature = temperature
         self.module = torch.nn.ModuleDict({"policy": self.policy, "critic": self.critic})
         self.trainable = [p for p in self.module.parameters() if p.requires_grad]
@@ -84,14 +96,18 @@ class SharedBase:
         if not shares_base(tuning):
             raise ValueError(shared_base_refusal(tuning.peft.method))
         self.tuning, self.base = tuning, Path(policy)
+        where = device(tuning)
         lora = lora_config(tuning.peft, "CAUSAL_LM")
-        base = load_causal_lm(policy, **load_kwargs(tuning))
+        kwargs = load_kwargs(tuning, where)
+        base = load_causal_lm(policy, device=None if "quantization_config" in kwargs else where, **kwargs)
+        checkpointing(base, tuning.compute)
         if tuning.peft.method == "qlora":
             base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
         self.model = get_peft_model(base, lora, adapter_name="policy")
         self.model.add_adapter("value", lora)
+        self.frozen: list = []  # the reference is the base itself
         rm_head = load_scalar_model(critic_init).score.weight.detach()
-        self.value_head = torch.nn.Linear(rm_head.shape[1], 1, bias=False)
+        self.value_head = torch.nn.Linear(rm_head.shape[1], 1, bias=False, device=where)
         with torch.no_grad():
             self.value_head.weight.copy_(rm_head)
         self.temperature = temperature

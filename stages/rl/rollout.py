@@ -1,6 +1,9 @@
 """Where PPO's rollouts are sampled (`stage.ppo.generation`): the seam behind `stages.models.modeling.sample`.
 
-- `hf` (the default): transformers' `generate` with the KV cache, on the policy being trained; under
+- `hf` (the default): transformers' `generate` with the KV cache, on the policy being trained, on its
+  device. With `batch_size` the prompts are sorted by length and sampled in batches of that many (a
+  batch of similar lengths pads little: less compute per token, less cache memory); with
+  `static_cache` the cache is preallocated, and transformers compiles the decode step on a GPU. Under
   ZeRO-3, whose partitioned policy cannot generate rank by rank (each rank stops at its own EOS, so
   their per-layer gathers would not line up), on a whole copy of the policy that takes the gathered
   weights once per update (`sync`). trl gathers per generate call and removes DeepSpeed's hooks;
@@ -20,7 +23,9 @@ from pathlib import Path
 
 import torch
 
-from stages.models.modeling import Rollout, encode_queries, sample
+from stages.data.tokens import prompt_ids
+from stages.models.compute import model_device
+from stages.models.modeling import Rollout, encode_queries, response_rollout, sample
 
 GENERATIONS = ("hf", "vllm")
 
@@ -38,13 +43,23 @@ def check(generation: str, *, cuda: bool | None = None) -> None:
 
 
 class HfRollout:
-    """`generate` on `model`; with `copy_from` (ZeRO-3) on a whole copy `model` synced from it."""
+    """`generate` on `model`; with `copy_from` (ZeRO-3) on a whole copy `model` synced from it.
+    `batch_size`: prompts per `generate` call, sorted by length (None: all in one call)."""
 
-    def __init__(self, model, copy_from=None) -> None:
+    def __init__(self, model, copy_from=None, *, batch_size: int | None = None, static_cache: bool = False) -> None:
         self.model, self.source = model, copy_from
+        self.batch_size, self.static_cache = batch_size, static_cache
 
     def sample(self, tokenizer, prompts: list, **kw) -> Rollout:
-        return sample(self.model, tokenizer, prompts, **kw)
+        kw = {**kw, "static_cache": self.static_cache}
+        if self.batch_size is None or self.batch_size >= len(prompts):
+            return sample(self.model, tokenizer, prompts, **kw)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids(tokenizer, prompts[i])))
+        parts = [
+            sample(self.model, tokenizer, [prompts[i] for i in order[s : s + self.batch_size]], **kw)
+            for s in range(0, len(order), self.batch_size)
+        ]
+        return merge(parts, order, tokenizer.pad_token_id)
 
     def sync(self, gathered=contextlib.nullcontext) -> None:
         """After an update: copy the trained policy's weights in (`gathered()`: whole inside; collective)."""
@@ -78,7 +93,8 @@ class VllmRollout:
     ) -> Rollout:
         from vllm import SamplingParams
 
-        query, query_mask = encode_queries(tokenizer, prompts, max_prompt_length)
+        device = model_device(self.source)  # the trained policy's: what scores the rollout
+        query, query_mask = encode_queries(tokenizer, prompts, max_prompt_length, device=device)
         ids = [q[m.bool()].tolist() for q, m in zip(query, query_mask)]
         params = SamplingParams(
             temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, stop_token_ids=[tokenizer.eos_token_id]
@@ -96,11 +112,22 @@ class VllmRollout:
 
 def _rollout(query, query_mask, rows: list[list[int]], eos: int, pad: int) -> Rollout:
     """Sampled token rows (each ending at its EOS, or cut at the budget) in `sample`'s layout."""
-    width = max(1, max(len(r) for r in rows))
-    response = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        response[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    finished = torch.tensor([bool(r) and r[-1] == eos for r in rows])
-    return Rollout(query, query_mask, response, mask, finished)
+    return response_rollout(query, query_mask, rows, pad, [bool(r) and r[-1] == eos for r in rows])
+
+
+def merge(parts: list[Rollout], order: list[int], pad: int) -> Rollout:
+    """Rollouts of consecutive slices of `order` as one, in the original prompt order: queries
+    left-padded and responses right-padded to the widest part."""
+    q_width = max(p.query.shape[1] for p in parts)
+    r_width = max(p.response.shape[1] for p in parts)
+    pad_q = [torch.nn.functional.pad(p.query, (q_width - p.query.shape[1], 0), value=pad) for p in parts]
+    pad_qm = [torch.nn.functional.pad(p.query_mask, (q_width - p.query.shape[1], 0)) for p in parts]
+    pad_r = [torch.nn.functional.pad(p.response, (0, r_width - p.response.shape[1]), value=pad) for p in parts]
+    pad_rm = [torch.nn.functional.pad(p.response_mask, (0, r_width - p.response.shape[1])) for p in parts]
+    device = parts[0].query.device
+    inverse = torch.empty(len(order), dtype=torch.long, device=device)
+    inverse[torch.tensor(order, dtype=torch.long, device=device)] = torch.arange(
+        len(order), dtype=torch.long, device=device
+    )
+    cat = [torch.cat(x)[inverse] for x in (pad_q, pad_qm, pad_r, pad_rm, [p.finished for p in parts])]
+    return Rollout(*cat)

@@ -12,7 +12,13 @@ writes the artifact, the other ranks write nothing.
 
 Trainer stages (SFT, DPO) hand the DeepSpeed dict to transformers' integration (`trainer_args`);
 our own loops (reward model, PPO) go through `Engine`: torch DDP or `deepspeed.initialize`.
-On CPU the backend is gloo; each rank caps its torch threads (the launcher sets them).
+On CPU the backend is gloo; each rank caps its torch threads (the launcher sets them). On GPUs the
+backend is NCCL: each rank takes its `LOCAL_RANK` GPU (`init`), DDP wraps the module on it, and the
+collectives here run on it.
+
+LoRA-family adapters train under ZeRO-3 (the base partitioned, the adapters and heads trained on
+every rank); at publish the adapter is saved from the gathered weights and merged into a fresh load of
+the base (`partitioned`), since a partitioned model cannot be copied to merge.
 """
 
 from __future__ import annotations
@@ -100,12 +106,17 @@ def refusal(cfg: DistributedConfig, stage: str, *, method: str, layout: str | No
     """Why `stage` cannot run under `cfg` with fine-tuning `method`, or None."""
     if not cfg.launches(stage):
         return None
+    if method == "qlora" and cfg.zero == 3:
+        return (
+            f"distributed.mode={cfg.mode}: {stage} with peft=qlora: bitsandbytes' 4-bit weights cannot be "
+            "partitioned by ZeRO-3; use peft=lora (LoRA on a partitioned bf16 base), or zero2/ddp"
+        )
     if method == "qlora":
         return f"distributed.mode={cfg.mode}: {stage} with peft=qlora (a 4-bit base) runs in one process; use peft=lora"
-    if cfg.zero == 3 and method not in ("full", "freeze"):
+    if cfg.zero == 3 and method == "pissa":
         return (
-            f"distributed.mode={cfg.mode}: {stage} with peft={method} is not wired under ZeRO-3 (the adapter is "
-            "merged on a copy of partitioned weights); use zero2 or ddp, or peft=full"
+            f"distributed.mode={cfg.mode}: {stage} with peft=pissa: its adapters start from an SVD of each whole "
+            "weight, which ZeRO-3 holds partitioned across ranks; use peft=lora or dora, or zero2"
         )
     if stage == "ppo" and layout == "shared_base":
         return "distributed: stage.ppo.layout=shared_base runs in one process; use layout=full_copies"
@@ -125,12 +136,28 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def partitioned(cfg: DistributedConfig | None) -> bool:
+    """Whether this process is a rank of a ZeRO-3 group: its models' parameters are partitioned."""
+    return cfg is not None and cfg.mode != "single" and cfg.zero == 3 and world_size() > 1
+
+
+def comm_device() -> torch.device:
+    """Where collectives run: this rank's GPU under NCCL, else the host."""
+    import torch.distributed as dist
+
+    if active() and dist.get_backend() == "nccl":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
 def init(cfg: DistributedConfig) -> None:
     """Join the process group the launcher set up (its env: RANK, WORLD_SIZE, MASTER_ADDR/PORT)."""
     import torch.distributed as dist
 
     if dist.is_initialized():
         return
+    if cfg.resolved_backend() == "nccl":  # each rank its own GPU, before any CUDA tensor is made
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if cfg.zero:
         import deepspeed
 
@@ -151,16 +178,17 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
         return x
     import torch.distributed as dist
 
-    out = x.detach().clone()
+    out = x.detach().to(comm_device(), copy=True)
     dist.all_reduce(out)
-    return out
+    return out.to(x.device)
 
 
 def mean(x: torch.Tensor) -> float:
     """The mean of `x`'s entries over all ranks' `x` together (equal or unequal sizes)."""
     if not active():
         return x.mean().item()
-    sums = all_reduce_sum(torch.tensor([x.detach().double().sum().item(), float(x.numel())], dtype=torch.float64))
+    local = [x.detach().double().sum().item(), float(x.numel())]
+    sums = all_reduce_sum(torch.tensor(local, dtype=torch.float64, device="cpu"))
     return (sums[0] / sums[1]).item()
 
 
@@ -228,16 +256,22 @@ class Engine:
     DeepSpeed engine. Forward through `engine(...)`, then `backward(loss)` and `step()`.
 
     `clip`: the gradient-norm clip (DeepSpeed clips inside its step; DDP and one process here).
+    `scaler`: fp16's gradient scaler (`compute.grad_scaler`) for one process and DDP; DeepSpeed
+    scales with its own config's `fp16` section.
     """
 
-    def __init__(self, module, opt, cfg: DistributedConfig | None, *, micro_batch: int, clip: float = 0.0) -> None:
+    def __init__(
+        self, module, opt, cfg: DistributedConfig | None, *, micro_batch: int, clip: float = 0.0, scaler=None
+    ) -> None:
         self.cfg = cfg if cfg is not None and cfg.mode != "single" else None
-        self.opt, self.clip, self.base = opt, clip, module
+        self.opt, self.clip, self.base, self.scaler = opt, clip, module, scaler
         self.params = [p for p in module.parameters() if p.requires_grad]
         if self.cfg is None or not self.cfg.zero:
             self.module = module
             if self.cfg is not None and active():
-                self.module = torch.nn.parallel.DistributedDataParallel(module)
+                device = next(module.parameters()).device
+                ids = [device.index] if device.type == "cuda" else None  # NCCL: the module's own GPU
+                self.module = torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
             return
         import deepspeed
 
@@ -257,6 +291,8 @@ class Engine:
     def backward(self, loss: torch.Tensor) -> None:
         if self.cfg is not None and self.cfg.zero:
             self.module.backward(loss)
+        elif self.scaler is not None:
+            self.scaler.scale(loss).backward()
         else:
             loss.backward()
 
@@ -264,9 +300,15 @@ class Engine:
         if self.cfg is not None and self.cfg.zero:
             self.module.step()  # clips (gradient_clipping), steps, zeroes the gradients
             return
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)  # clip the true gradients
         if self.clip:
             torch.nn.utils.clip_grad_norm_(self.params, self.clip)
-        self.opt.step()
+        if self.scaler is not None:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
         self.opt.zero_grad()
 
     @contextlib.contextmanager
