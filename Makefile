@@ -10,7 +10,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help venv browser align compare frontier serve workers champion faults test test-fast bench bench-rerun bench-peft methods bench-dist bench-real lint ui clean
+.PHONY: help venv browser gpu-check gpu-wheels align compare frontier serve workers champion faults test test-fast bench bench-rerun bench-peft methods bench-dist bench-real lint ui clean
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -71,6 +71,18 @@ bench: venv .bench-venvs/trl112/.installed ## benchmarks, side by side in one ru
 	$(PY) -m bench.ppo_vs_trl
 	$(PY) -m bench.real_data
 	$(PY) -m bench.peft_methods
+
+gpu-check: venv ## on a CUDA machine: every branch on the GPU (checked by hooks), then 0.5B-model timings: artifacts/bench/gpu_check.json
+	$(PY) -m bench.gpu_check $(ARGS)
+
+# For a GPU machine that has torch, transformers and peft but not trl/datasets: wheels to carry in .gpu/
+# (git-ignored), with GPT-2's tokenizer; there: pip install --no-deps --target /tmp/site .gpu/whl/*.whl
+gpu-wheels: ## download trl, datasets and their missing pure-Python deps (py3.12) into .gpu/whl, copy GPT-2's tokenizer
+	mkdir -p .gpu/whl && cp -r ../shared/tokenizers/gpt2 .gpu/gpt2
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .gpu/whl trl==$$($(PY) -c "import trl; print(trl.__version__)") \
+		datasets==$$($(PY) -c "import datasets; print(datasets.__version__)") dill multiprocess
 
 bench-rerun: venv ## the embedded default cold, then rerun with nothing changed (no server; a server up): artifacts/bench/cached_rerun.json
 	$(PY) -m bench.cached_rerun $(ARGS)

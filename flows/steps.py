@@ -23,7 +23,7 @@ def lengths(cfg: Config) -> dict:
 
 
 def prepare(run, cfg: Config) -> Manifest:
-    return run("prepare", cfg.data, cfg.model, files=config_files(cfg))
+    return run("prepare", cfg.data, cfg.model, files=config_files(cfg), device=cfg.compute.device)
 
 
 def sft(run, cfg: Config, prep: Manifest) -> Manifest:

@@ -33,6 +33,7 @@ import torch
 from stages.data import sources
 from stages.data.reader import DatasetConfig
 from stages.data.tokens import DEFAULT_CHAT_TEMPLATE, ROLE_MARKERS, ensure_chat_template
+from stages.models.compute import pick_device
 from stages.models.modeling import ModelConfig, build_tiny_llama, lm_loss, load_causal_lm, load_tokenizer
 from stages.runtime.manifest import Manifest, folder_digest, write_jsonl
 from stages.runtime.progress import progress
@@ -155,8 +156,9 @@ def _texts(prompt: Any) -> list[str]:
     return [prompt] if isinstance(prompt, str) else [m["content"] for m in prompt]
 
 
-def base_model(cfg: DataConfig, model_cfg: ModelConfig, data: sources.Sourced):
-    """(tokenizer, model, pretraining losses, notes) as described in the module docstring."""
+def base_model(cfg: DataConfig, model_cfg: ModelConfig, data: sources.Sourced, device: str = "auto"):
+    """(tokenizer, model, pretraining losses, notes) as described in the module docstring; the
+    embedded base pretrains on `device` (`compute.device`)."""
     notes: dict[str, Any] = {}
     if model_cfg.name_or_path is not None:
         tokenizer = load_tokenizer(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
@@ -182,13 +184,13 @@ def base_model(cfg: DataConfig, model_cfg: ModelConfig, data: sources.Sourced):
         texts += [" ".join(_texts(r["prompt"]) + r["responses"]) for rows in data.comparisons.values() for r in rows]
         tokenizer = build_bpe_tokenizer(texts, model_cfg.bpe_vocab_size)
         notes["tokenizer"] = f"byte-level BPE trained on the data ({len(tokenizer)} tokens)"
-    model = build_tiny_llama(model_cfg, tokenizer, cfg.seed)
+    model = build_tiny_llama(model_cfg, tokenizer, cfg.seed).to(pick_device(device))
     docs = data.pretrain[: model_cfg.pretrain_documents]
     losses = pretrain(model, tokenizer, docs, model_cfg, cfg.seed, max_length=model_cfg.max_position_embeddings)
     return tokenizer, model, losses, notes
 
 
-def run(cfg: DataConfig, model_cfg: ModelConfig, *, out_dir: Path) -> Manifest:
+def run(cfg: DataConfig, model_cfg: ModelConfig, *, out_dir: Path, device: str = "auto") -> Manifest:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = sources.assemble(cfg, model_cfg.pretrain_documents)  # every file validated before any compute
@@ -203,7 +205,7 @@ def run(cfg: DataConfig, model_cfg: ModelConfig, *, out_dir: Path) -> Manifest:
     for name, prompts in data.prompt_sets.items():
         write_jsonl(out_dir / f"{name}.jsonl", [{"prompt": p} for p in prompts])
         metrics[f"prepare/{name}/rows"] = float(len(prompts))
-    tokenizer, model, pretrain_losses, notes = base_model(cfg, model_cfg, data)
+    tokenizer, model, pretrain_losses, notes = base_model(cfg, model_cfg, data, device)
     write_jsonl(out_dir / "pretrain.jsonl", [{"text": d} for d in data.pretrain])  # PPO-ptx's mix
     described = {"prompt_source": data.prompt_source, "gold": data.gold, **notes}
     (out_dir / "sources.json").write_text(json.dumps(described, indent=2, sort_keys=True))

@@ -234,3 +234,15 @@ def test_fp16s_scaler_is_a_pass_through_in_other_precisions():
     scaler = compute.grad_scaler(ComputeConfig(device="cpu", precision="bf16"))
     loss = torch.tensor(3.0, device="cpu")
     assert not scaler.is_enabled() and scaler.scale(loss) is loss
+
+
+def test_the_gpu_check_says_in_one_line_that_this_machine_has_no_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: `make gpu-check` runs the whole check here")
+    done = subprocess.run(
+        ["make", "-s", "gpu-check"], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines() == [
+        "gpu-check: no CUDA device on this machine; nothing checked (run it where a GPU is lent)"
+    ]

@@ -31,8 +31,14 @@ def test_the_config_refuses_what_it_cannot_run():
     with pytest.raises(ValueError, match=r"distributed.stages: \['evaluate'\]"):
         DistributedConfig(mode="ddp", nproc_per_node=2, stages=["evaluate"])
     zero3 = DistributedConfig(mode="zero3", nproc_per_node=2, deepspeed=ZERO3)
-    assert "peft=lora is not wired under ZeRO-3" in refusal(zero3, "sft", method="lora")
-    assert "peft=qlora" in refusal(zero3, "reward_model", method="qlora")
+    for method in ("lora", "dora", "loraplus", "full", "freeze"):  # LoRA on a partitioned base, and in full
+        assert refusal(zero3, "sft", method=method) is None
+    assert "bitsandbytes' 4-bit weights cannot be partitioned by ZeRO-3" in refusal(
+        zero3, "reward_model", method="qlora"
+    )
+    assert "an SVD of each whole weight" in refusal(zero3, "dpo", method="pissa")
+    ddp = DistributedConfig(mode="ddp", nproc_per_node=2)
+    assert "a 4-bit base) runs in one process" in refusal(ddp, "sft", method="qlora")
     assert "layout=shared_base" in refusal(DistributedConfig(mode="ddp", nproc_per_node=2), "ppo", method="lora",
                                            layout="shared_base")  # fmt: skip
     assert refusal(zero3, "ppo", method="full", layout="full_copies") is None
@@ -57,8 +63,10 @@ def test_a_typo_in_a_distributed_key_is_named(tmp_path):
                     overrides=["distributed=ddp", "stage.ppo.minibatch_size=5", "stage.ppo.rollouts_per_update=10"],
                 )
             )
-        with pytest.raises(ValueError, match="peft=lora is not wired under ZeRO-3"):
-            to_config(compose("config", overrides=["distributed=zero3"]))  # lora trains sft by default
+        lora = to_config(compose("config", overrides=["distributed=zero3"]))  # the default peft=lora: wired
+        assert lora.tuning("sft").peft.method == "lora" and lora.distributed.zero == 3
+        with pytest.raises(ValueError, match="peft=pissa: its adapters start from an SVD"):
+            to_config(compose("config", overrides=["distributed=zero3", "peft=pissa"]))
 
 
 def test_shares_split_a_batch_across_ranks(monkeypatch):
@@ -153,21 +161,32 @@ def _summary(stdout: str) -> dict:
 
 
 @pytest.mark.slow
-def test_sft_and_the_reward_model_train_under_zero3_on_two_processes_through_the_flow(tmp_path):
+def test_sft_and_the_reward_model_train_under_zero3_with_lora_as_one_process_does(tmp_path):
+    """The default `peft=lora` (SFT with adapters on a partitioned base, the reward model in full) on
+    two ZeRO-3 ranks, against the same recipe in one process: the published models agree."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    args = ["distributed=zero3", "peft=full", "pipeline.stop_after=reward_model"]
-    out, err = _flow(args, tmp_path).communicate(timeout=900)
+    args = ["distributed=zero3", "pipeline.stop_after=reward_model"]
+    out, err = _flow(args, tmp_path / "zero3").communicate(timeout=900)
     assert "DeepSpeed" in err, err[-3000:]  # the stages ran in DeepSpeed's process group
     stages = _summary(out)["stages"]
     assert stages["sft"]["status"] == stages["reward_model"]["status"] == "ran", err[-3000:]
-    policy = AutoModelForCausalLM.from_pretrained(Path(stages["sft"]["artifact"], "policy"))
-    rm = AutoModelForSequenceClassification.from_pretrained(Path(stages["reward_model"]["artifact"], "model"))
-    assert policy.model.embed_tokens.weight.shape[1] == 32  # whole weights, not rank 0's partition
-    assert rm.score.weight.shape == (1, 32) and rm.score.weight.abs().sum() > 0
+    one, err_one = _flow(["pipeline.stop_after=reward_model"], tmp_path / "single").communicate(timeout=900)
+    single = _summary(one)["stages"]
+    ids = torch.randint(3, 90, (2, 12), generator=torch.Generator().manual_seed(0))
+    for stage, cls, folder in (
+        ("sft", AutoModelForCausalLM, "policy"),
+        ("reward_model", AutoModelForSequenceClassification, "model"),
+    ):
+        group = cls.from_pretrained(Path(stages[stage]["artifact"], folder)).eval()
+        alone = cls.from_pretrained(Path(single[stage]["artifact"], folder)).eval()
+        assert group.model.embed_tokens.weight.shape[1] == 32  # whole weights, not rank 0's partition
+        with torch.no_grad():
+            torch.testing.assert_close(group(input_ids=ids).logits, alone(input_ids=ids).logits, atol=5e-3, rtol=5e-3)
+    assert (Path(stages["sft"]["artifact"]) / "adapter" / "adapter_config.json").exists()  # LoRA trained it
     assert stages["reward_model"]["metrics"]["rm/eval/accuracy"] > 0.5
-    assert not list(tmp_path.glob("*/.launch/*"))  # a finished group leaves no working folder
-    out, err = _flow(args, tmp_path).communicate(timeout=900)
+    assert not list((tmp_path / "zero3").glob("*/.launch/*"))  # a finished group leaves no working folder
+    out, err = _flow(args, tmp_path / "zero3").communicate(timeout=900)
     again = _summary(out)["stages"]
     assert {again[s]["status"] for s in ("prepare", "sft", "comparisons", "reward_model")} == {"cached"}, err[-2000:]
     assert again["reward_model"]["artifact"] == stages["reward_model"]["artifact"]

@@ -120,7 +120,13 @@ JUDGE_TINY = [
 
 
 @pytest.mark.slow
-def test_branches_share_cached_stages_and_write_the_same_summary(tmp_path):
+def test_every_branch_shares_cached_stages_and_keeps_device_discipline(tmp_path):
+    """rlhf, dpo (and two rounds), rlaif, rlaif_direct and PPO's shared-base layout, each stage under the
+    device guard (`ALIGNFLOW_DEVICE_GUARD=1`, set for the whole suite by conftest): a tensor made
+    without `device=` in our code, or an op across devices, would fail its stage and this test."""
+    import os
+
+    assert os.environ["ALIGNFLOW_DEVICE_GUARD"] == "1"
     rlhf = align(tmp_path, *TINY)
     dpo = align(tmp_path, *TINY, "pipeline=dpo")
     assert statuses(dpo) == {
@@ -141,6 +147,8 @@ def test_branches_share_cached_stages_and_write_the_same_summary(tmp_path):
     }
     direct = align(tmp_path, *TINY, *JUDGE_TINY, "pipeline=rlaif_direct")
     assert statuses(direct) == {**dict.fromkeys(["prepare", "sft", "judge"], "cached"), "ppo": "ran", "evaluate": "ran"}
+    shared = align(tmp_path, *TINY, "stage.ppo.layout=shared_base")  # LoRA policy and value on one base
+    assert statuses(shared) == {**dict.fromkeys(STAGES[:4], "cached"), "ppo": "ran", "evaluate": "ran"}
     for summary in (dpo, rounds, rlaif, direct):
         assert set(summary) == set(rlhf) and set(summary["eval"]) == set(rlhf["eval"])
     assert dpo["eval"]["proxy_rm"] is None and 0 <= dpo["eval"]["rm_accuracy"] <= 1  # DPO's implicit reward
