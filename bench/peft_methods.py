@@ -12,6 +12,7 @@ Writes artifacts/bench/peft_methods.json and .md.
 
     python -m bench.peft_methods [--hidden 768 --layers 10 --steps 6 --seq 128 --batch 4]
     python -m bench.peft_methods --hidden 896 --layers 24 --extra qlora,flash,liger   # ~0.5B on a GPU
+    python -m bench.peft_methods --only full,lora --extra ckpt   # with gradient checkpointing
 """
 
 from __future__ import annotations
@@ -164,6 +165,7 @@ def one(args) -> dict:
         precision="bf16" if "bf16" in extra else "fp32",
         attention="flash_attention_2" if "flash" in extra else "sdpa",
         kernels="liger" if "liger" in extra else "none",
+        gradient_checkpointing="ckpt" in extra,
     )
     tuning = Tuning(peft, optim, compute)
     tuning_lib.check(tuning)
@@ -258,7 +260,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=max(1, len(os.sched_getaffinity(0))))
-    ap.add_argument("--extra", default="", help="comma list: bf16, flash, liger (GPU)")
+    ap.add_argument("--extra", default="", help="comma list: ckpt (gradient checkpointing); bf16, flash, liger (GPU)")
     ap.add_argument("--only", default="", help="comma list of labels' first words, e.g. full,lora")
     ap.add_argument("--out", default=str(OUT / "peft_methods"))
     # one measurement, in a child process
