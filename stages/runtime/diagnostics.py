@@ -7,12 +7,19 @@
   ("great great great great" is 0.75);
 - `length`: mean response length in tokens (EOS included).
 
+Degenerate outputs (`degenerate`), each a share of the responses: `empty_share` (nothing but EOS),
+`prompt_copy_share` (the response is the prompt, or a prefix of it, repeated back) and
+`top_response_share` (the most frequent non-empty response: a policy that found one answer its reward
+model likes gives it to every prompt). `degenerate_reasons` turns them, and the length relative to SFT's,
+into one-line reasons against their bounds ("68% of responses are empty; bound 5% (...)").
+
 `flag` turns values and their configured bounds into the status a stage ends with; `verdict` is
 the evaluation's (KL to SFT per token and repetition).
 """
 
 from __future__ import annotations
 
+import collections
 import statistics
 
 
@@ -55,3 +62,46 @@ def verdict(kl_per_token: float | None, rep: float, *, max_kl_per_token: float, 
             ("repetition", rep, max_repetition, "max_repetition"),
         ]
     )
+
+
+def _words(text) -> str:
+    if not isinstance(text, str):  # a conversation: the last user turn is what a copy repeats
+        text = next((m["content"] for m in reversed(text) if m.get("role") == "user"), "")
+    return " ".join(text.split()).lower()
+
+
+def degenerate(prompts: list, texts: list[str]) -> dict[str, float]:
+    """Shares of empty responses, of responses that repeat the prompt (or its start), and of the
+    most frequent response, over `texts` (one per prompt)."""
+    if not texts:
+        return {"empty_share": 0.0, "prompt_copy_share": 0.0, "top_response_share": 0.0}
+    norm = [_words(t) for t in texts]
+    copies = sum(1 for p, t in zip(prompts, norm) if t and _words(p).startswith(t))
+    return {
+        "empty_share": sum(1 for t in norm if not t) / len(norm),
+        "prompt_copy_share": copies / len(norm),
+        # the most frequent non-empty response (empty ones have their own share)
+        "top_response_share": max(collections.Counter(t for t in norm if t).values(), default=0) / len(norm),
+    }
+
+
+def degenerate_reasons(policy: dict, sft: dict | None, bounds: dict[str, float], prefix: str) -> list[str]:
+    """One line per bound a policy's degenerate figures cross. `policy`/`sft`: `describe` plus
+    `degenerate` figures; `bounds`: max_empty_share, max_prompt_copy_share, max_top_response_share,
+    min_length_ratio (against SFT's mean length); `prefix`: the config section that holds them."""
+    reasons = []
+    for key, what in (
+        ("empty_share", "responses are empty"),
+        ("prompt_copy_share", "responses repeat the prompt"),
+        ("top_response_share", "responses are one and the same answer"),
+    ):
+        bound = bounds.get(f"max_{key}")
+        if bound is not None and policy[key] > bound:
+            reasons.append(f"{policy[key]:.0%} of {what}; bound {bound:.0%} ({prefix}.max_{key})")
+    ratio = bounds.get("min_length_ratio")
+    if ratio is not None and sft is not None and sft["length"] > 0 and policy["length"] < ratio * sft["length"]:
+        reasons.append(
+            f"mean response length fell to {policy['length'] / sft['length']:.2f}x SFT's ({policy['length']:.1f} vs "
+            f"{sft['length']:.1f} tokens); bound {ratio}x ({prefix}.min_length_ratio)"
+        )
+    return reasons
