@@ -31,8 +31,10 @@ def test_unsloth_is_refused_even_with_cuda_rather_than_ignored():
 
 def test_trl_bf16_default_is_overridden_both_ways():
     cpu = not torch.cuda.is_available()  # trainers train on the GPU where there is one
-    assert compute.trainer_flags(ComputeConfig()) == {"bf16": False, "fp16": False, "use_cpu": cpu}
-    assert compute.trainer_flags(ComputeConfig(precision="bf16")) == {"bf16": True, "fp16": False, "use_cpu": cpu}
+    off = {"gradient_checkpointing": False, "gradient_checkpointing_kwargs": None}
+    assert compute.trainer_flags(ComputeConfig()) == {"bf16": False, "fp16": False, "use_cpu": cpu, **off}
+    bf16 = compute.trainer_flags(ComputeConfig(precision="bf16"))
+    assert bf16 == {"bf16": True, "fp16": False, "use_cpu": cpu, **off}
 
 
 def test_cpu_options_pass():

@@ -1,5 +1,6 @@
 """What every stage runs inside: typed manifests and atomic folders (`manifest`), checkpoints, progress,
-MLflow logging from a stage (`tracking`), text diagnostics and verdicts (`diagnostics`), and the
-process-group engine (`distributed`). Imported by every stage, by the machinery above it and by
+MLflow logging from a stage (`tracking`), text diagnostics and verdicts (`diagnostics`), the
+process-group engine (`distributed`), and the device guard that checks every stage's tensors are
+made on a named device (`device_guard`). Imported by every stage, by the machinery above it and by
 `flows`; the bottom layer, it imports no other alignflow package.
 """
