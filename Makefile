@@ -10,7 +10,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help venv browser gpu-check gpu-wheels align compare frontier serve workers champion faults test test-fast bench bench-rerun bench-peft methods bench-dist bench-real lint ui clean
+.PHONY: help venv browser gpu-check gpu-wheels bench-lengths align compare frontier serve workers champion faults test test-fast bench bench-rerun bench-peft methods bench-dist bench-real lint ui clean
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -71,6 +71,7 @@ bench: venv .bench-venvs/trl112/.installed ## benchmarks, side by side in one ru
 	$(PY) -m bench.ppo_vs_trl
 	$(PY) -m bench.real_data
 	$(PY) -m bench.peft_methods
+	$(PY) -m bench.length_defaults
 
 gpu-check: venv ## on a CUDA machine: every branch on the GPU (checked by hooks), then 0.5B-model timings: artifacts/bench/gpu_check.json
 	$(PY) -m bench.gpu_check $(ARGS)
@@ -86,6 +87,9 @@ gpu-wheels: ## download trl, datasets and their missing pure-Python deps (py3.12
 
 bench-rerun: venv ## the embedded default cold, then rerun with nothing changed (no server; a server up): artifacts/bench/cached_rerun.json
 	$(PY) -m bench.cached_rerun $(ARGS)
+
+bench-lengths: venv ## rows each stage cuts and drops on the shared datasets, by tokenizer and context: artifacts/bench/length_defaults.{json,md}
+	$(PY) -m bench.length_defaults
 
 bench-peft: venv ## every fine-tuning method and optimizer on a ~110M Llama, SFT and RM steps: artifacts/bench/peft_methods.{json,md}
 	$(PY) -m bench.peft_methods $(ARGS)

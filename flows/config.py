@@ -53,8 +53,16 @@ class PipelineConfig:
     name: str = "rlhf"
     stop_after: str | None = None  # run the pipeline up to and including this stage
     rounds: int = 1  # dpo: iterative / online DPO, each further round samples K from the current policy
+    # Quality gates: the lower end of the 95% CI of held-out accuracy that a reward model (before PPO)
+    # and the embedded AI labeler (before its labels are distilled) must reach; 0 turns a gate off.
+    # Chance is 0.5; the HH-RLHF reward model that PPO once optimised had 0.571 (CI 0.51-0.63).
+    min_rm_accuracy: float = 0.55
+    min_labeler_accuracy: float = 0.55
 
     def __post_init__(self) -> None:
+        for key in ("min_rm_accuracy", "min_labeler_accuracy"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ValueError(f"pipeline.{key}: must be in [0, 1], got {getattr(self, key)}")
         if self.rounds < 1 or (self.rounds > 1 and self.name != "dpo"):
             raise ValueError(f"pipeline.rounds: must be 1, or more with pipeline=dpo; got {self.rounds}")
         if self.name not in PIPELINES:
@@ -187,6 +195,11 @@ class Config:
             why = refusal(self.distributed, stage, method=self.tuning(stage).peft.method, layout=self.stage.ppo.layout)
             if why is not None:
                 raise ValueError(why)
+        if self.distributed.launches("ppo") and self.stage.ppo.watch_every:
+            raise ValueError(
+                f"stage.ppo.watch_every: the over-optimisation watch runs in one process, not under "
+                f"distributed={self.distributed.mode}; set distributed.stages without ppo, or watch_every=0"
+            )
 
 
 def _writable(node: DictConfig) -> DictConfig:

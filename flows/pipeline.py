@@ -43,6 +43,7 @@ from flows.launch.resources import (
 from flows.preflight import preflight
 from flows.results import html_report, registry, report
 from flows.runner import StageCall, execute, flatten, recall, remember, set_up_tracking, stage_task, tracked_run
+from flows.steps import QualityGate
 from stages.runtime.manifest import MANIFEST, Manifest
 from stages.runtime.progress import STOP
 
@@ -219,13 +220,19 @@ def align(cfg: Config) -> dict[str, Any]:
         summary: dict[str, Any] = {"pipeline": cfg.pipeline.name, "mlflow_run_id": parent.info.run_id}
         # the Prefect server that recorded this run; None: a cached rerun with no server up, in MLflow only
         summary["prefect_api_url"] = os.environ.get("PREFECT_API_URL") if run.task is not None else None
+        stopped = None
         try:
             ev = BRANCHES[cfg.pipeline.name](run, cfg)
             summary["eval"] = json.loads(ev.file("eval").read_text())
         except StopPipeline:
             pass
+        except QualityGate as e:  # a model at chance: the stages so far stay cached, nothing after runs
+            stopped = str(e)
         summary["stages"] = run.stages
         summary["verdict"] = report.verdict(run.stages)
+        if stopped is not None:
+            summary["verdict"] = {"status": "stopped", "reasons": [stopped, *summary["verdict"]["reasons"]]}
+        summary["lengths"] = report.lengths(run.stages)
         summary["threads"] = torch_threads()
         if "prepare" in run.stages:
             sources_json = Path(run.stages["prepare"]["artifact"], "sources.json")
@@ -311,13 +318,16 @@ def job(dcfg) -> float | None:
     if STOP:  # interrupted, the interrupt swallowed, and yet the run ran out: still not a success
         raise SystemExit(130)
     print(report.table(summary["stages"]))
+    print("\n" + report.lengths_line(summary["lengths"]))
     if "eval" in summary:
         print("\n" + report.eval_line(summary["eval"]))
     if summary["verdict"]["status"] != "ok":
-        print("\nVERDICT: flagged\n  " + "\n  ".join(summary["verdict"]["reasons"]))
+        print(f"\nVERDICT: {summary['verdict']['status']}\n  " + "\n  ".join(summary["verdict"]["reasons"]))
     if "registry" in summary:
         print("\n" + registry.describe(summary["registry"]))
     print(f"\nreport: {summary['report_path']}\nsummary: {summary['summary_path']}")
+    if summary["verdict"]["status"] == "stopped":  # a quality gate: the run did not do what was asked
+        raise SystemExit(1)
     return sweep_result(summary, cfg.sweep.objective)
 
 

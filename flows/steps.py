@@ -12,6 +12,25 @@ from stages.models.tuning import Tuning
 from stages.runtime.manifest import Manifest
 
 
+class QualityGate(ValueError):
+    """A model whose held-out accuracy does not clear its bound: what follows would optimise noise."""
+
+
+def check_accuracy(what: str, manifest: Manifest, accuracy: str, pairs: str, bound: float, key: str) -> None:
+    """Stop the pipeline when the lower end of `manifest`'s held-out accuracy CI is below `bound`."""
+    from stages.preference.validity import validity
+
+    n = int(manifest.metrics.get(pairs, 0))
+    if bound <= 0 or n == 0:  # the gate is off, or nothing measured it (an external judge)
+        return
+    v = validity(what, manifest.metrics[accuracy] * n, n, bound=bound, key=key)
+    if not v["valid"]:
+        raise QualityGate(
+            f"{v['reason'].replace(', so its verdict is not evidence', '')}: what follows would optimise noise. "
+            f"Give it more or cleaner comparisons, or set {key}=0 to go on anyway"
+        )
+
+
 def gold(cfg: Config) -> str | None:
     """The gold rule that scores the data: the embedded task's, none for your own data."""
     return "embedded" if cfg.data.is_embedded else None
@@ -39,8 +58,13 @@ def sft(run, cfg: Config, prep: Manifest) -> Manifest:
 
 
 def judge(run, cfg: Config) -> Manifest:
-    """The AI labeler's model: the embedded judge trained here, or a record of `labeler.ai`'s model."""
-    return run("judge", cfg.stage.judge, cfg.labeler, cfg.compute, target_len=cfg.data.target_len)
+    """The AI labeler's model: the embedded judge trained here, or a record of `labeler.ai`'s model.
+    Stops the pipeline unless the embedded judge's held-out agreement with (simulated) human
+    preferences clears `pipeline.min_labeler_accuracy`: its labels would train the reward model."""
+    j = run("judge", cfg.stage.judge, cfg.labeler, cfg.compute, target_len=cfg.data.target_len)
+    bound, key = cfg.pipeline.min_labeler_accuracy, "pipeline.min_labeler_accuracy"
+    check_accuracy("AI labeler", j, "judge/agreement_human", "judge/agreement_human_pairs", bound, key)
+    return j
 
 
 def comparisons(
@@ -72,7 +96,9 @@ def comparisons(
 
 
 def reward_model(run, cfg: Config, sft: Manifest, cmp: Manifest) -> Manifest:
-    return run(
+    """The reward model PPO optimises; stops the pipeline here unless its held-out accuracy clears
+    `pipeline.min_rm_accuracy` (a judge at chance would have PPO optimise noise)."""
+    rm = run(
         "reward_model",
         cfg.stage.reward_model,
         cfg.tuning("reward_model"),
@@ -83,6 +109,9 @@ def reward_model(run, cfg: Config, sft: Manifest, cmp: Manifest) -> Manifest:
         **lengths(cfg),
         checkpointed=True,
     )
+    key = "pipeline.min_rm_accuracy"
+    check_accuracy("reward model", rm, "rm/eval/accuracy", "rm/eval/pairs", cfg.pipeline.min_rm_accuracy, key)
+    return rm
 
 
 def eval_reward_model(run, cfg: Config, sft: Manifest, prep: Manifest) -> Manifest | None:
@@ -113,6 +142,11 @@ def ppo(run, cfg: Config, sft: Manifest, prep: Manifest, *, rm: Manifest | None 
         if rm is not None
         else {"judge": Path(judge.path)}
     )
+    watched: dict = {}
+    if cfg.stage.ppo.watch_every:  # the over-optimisation watch: held-out prompts, an independent judge
+        watched["watch_prompts"] = prep.file("heldout_comparison_prompts")
+        if (erm := eval_reward_model(run, cfg, sft, prep)) is not None:
+            watched |= {"judge_reward_model": erm.file("model"), "judge_normalization": erm.file("normalization")}
     return run(
         "ppo",
         cfg.stage.ppo,
@@ -125,6 +159,7 @@ def ppo(run, cfg: Config, sft: Manifest, prep: Manifest, *, rm: Manifest | None 
         gold=gold(cfg),
         target_len=cfg.data.target_len,
         **lengths(cfg),
+        **watched,
         checkpointed=True,
     )
 
@@ -160,6 +195,8 @@ def evaluate(
     labeler over `judge`, else an evaluation reward model; the proxy reward model's scores and
     accuracy and the labelers' agreement where they exist."""
     scored = {"reward_model": rm.file("model"), "normalization": rm.file("normalization")} if rm else {}
+    if "budget" in policy.files:  # DPO's token limits: its held-out implicit-reward accuracy keeps them
+        scored["policy_budget"] = policy.file("budget")
     held = {"heldout_comparisons": cmp.file("heldout_comparisons")} if cmp else {}
     judged: dict = {}
     labeler: tuple = ()

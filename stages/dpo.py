@@ -319,5 +319,7 @@ def run(
     )
     log_metrics(metrics)
     shutil.rmtree(out_dir / "trainer", ignore_errors=True)
-    files = {"policy": "policy", **({"adapter": "adapter"} if adapter else {})}
+    limits = {"max_prompt_length": budget.max_prompt_length, "max_length": budget.max_length}
+    (out_dir / "budget.json").write_text(json.dumps(limits))  # evaluate scores held-out rows within them
+    files = {"policy": "policy", "budget": "budget.json", **({"adapter": "adapter"} if adapter else {})}
     return Manifest("dpo", str(out_dir), folder_digest(out_dir), metrics=metrics, files=files)

@@ -3,22 +3,29 @@
 Both policies sample at temperature 1, one response per prompt. `eval.json` has one shape in every
 branch and on every data source; a block is null where it does not apply:
 
-- `win`: the policy's win rate over SFT with a 95% CI, and who judged it:
+- `win`: the policy's win rate over SFT with a 95% CI, the length-controlled rate beside it
+  (`lc_rate`, `stages/preference/validity.py`), and who judged it:
   - data with a gold rule (the embedded task): the simulated human labeler (`win_labeler_noise`),
     whichever labeler trained the branch, so branches compare on one scale;
   - otherwise the AI labeler (`labeler=ai`, position-debiased) when the branch has a judge;
   - otherwise an independent **evaluation reward model**, trained on a split of the comparisons
     that the policy's reward model never saw (Gao et al. 2022's gold-RM protocol);
-  `win_rate` repeats `win.rate`.
+  `win_rate` repeats `win.rate`, `win_rate_lc` `win.lc_rate`. `win.judge` is the judge's own
+  held-out agreement with human preferences, with a 95% CI (`stages/labeling/judges.py`): when the
+  CI's lower end does not reach `min_judge_accuracy`, the win rate is not evidence and the verdict
+  is "inconclusive" (the registry promotes nothing inconclusive).
 - `gold_sft`, `gold_policy`: the gold rule's mean score with a 95% CI (null without a gold rule);
 - `proxy_rm`: the policy's own reward model's scores, labelled as the proxy that was optimised;
   `eval_rm`: the evaluation reward model's scores;
 - `kl_to_sft`: mean per-token KL of the policy to SFT on its own samples;
-- `sft`, `policy`: response length, EOS rate, distinct-1/2 and repetition (`stages/runtime/diagnostics.py`);
+- `sft`, `policy`: response length, EOS rate, distinct-1/2, repetition, and the degenerate shares:
+  empty responses, copies of the prompt, the most frequent answer (`stages/runtime/diagnostics.py`);
 - `rm_accuracy`: the reward model's (or, without one, DPO's implicit reward's) pairwise accuracy on
   held-out comparisons, `labeler_ceiling` the gold rule's agreement with their labels, and `judge`
   the AI labeler's agreement with the gold rule and the simulated human labeler;
-- `verdict`: "flagged" with reasons when the KL or the repetition passes its bound.
+- `verdict`: "flagged" with reasons when the KL, the repetition or a degenerate share passes its
+  bound, or the length collapses against SFT's; else "inconclusive" when the judge is not shown
+  valid; else "ok".
 
 Alone: `python -m flows.align` (it is the last stage).
 """
@@ -35,7 +42,8 @@ from typing import Any
 import torch
 
 from stages.data import sources
-from stages.data.tokens import fit_prompt_file, resolve_sampling
+from stages.data.tokens import Budget, fit_prompt_file, resolve_budget, resolve_sampling
+from stages.labeling import judges
 from stages.labeling.labelers import LabelerConfig, SimulatedLabeler, make_labeler
 from stages.models.compute import pick_device
 from stages.models.modeling import (
@@ -46,8 +54,9 @@ from stages.models.modeling import (
     model_context,
     sample,
 )
-from stages.preference.rankings import encode_rankings, pair_agreement, preference_pairs
+from stages.preference.rankings import encode_rankings, preference_pairs
 from stages.preference.scorers import TrainedRewardModel, implicit_reward_accuracy
+from stages.preference.validity import length_controlled, validity
 from stages.runtime import diagnostics
 from stages.runtime.manifest import Manifest, folder_digest, read_jsonl, write_jsonl
 from stages.runtime.progress import progress
@@ -63,43 +72,19 @@ class EvaluateConfig:
     win_labeler_noise: float = 0.3  # the simulated human labeler that judges wins (conf/labeler/simulated.yaml)
     max_kl_per_token: float = 1.0  # above: the verdict is "flagged" (policy far from SFT: likely reward hacking)
     max_repetition: float = 0.5  # above: "flagged" (see stages/runtime/diagnostics.py)
+    # the lower end of the win judge's 95% CI of held-out accuracy must reach this, or the win rate is
+    # not evidence ("inconclusive"). Chance is 0.5; the HH-RLHF run that printed "89.4%" had a judge at
+    # 0.511 (CI 0.45-0.58); the embedded task's judges reach 0.8-0.9.
+    min_judge_accuracy: float = 0.55
+    max_empty_share: float = 0.05  # degenerate outputs (flagged above): empty responses
+    max_prompt_copy_share: float = 0.05  # responses that repeat the prompt
+    max_top_response_share: float = 0.25  # one answer given to a quarter of the prompts
+    min_length_ratio: float = 0.5  # mean length against SFT's (a collapse below: flagged)
 
 
 def mean_ci95(xs: list[float]) -> dict[str, float]:
     ci = 1.96 * statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else math.nan
     return {"mean": statistics.fmean(xs), "ci95": ci}
-
-
-def labeler_ceiling(rows: list[dict], gold) -> float | None:
-    """Agreement of the noise-free gold rule with the labels (ties count half); None without a gold
-    rule or for rows it cannot score (a dataset's conversations)."""
-    if gold is None or not all(isinstance(r["prompt"], str) for r in rows):
-        return None
-    agree, total = 0.0, 0
-    try:
-        for row in rows:
-            hits, pairs = pair_agreement([gold(row["prompt"], y) for y in row["responses"]], row["ranks"])
-            agree, total = agree + hits, total + pairs
-    except ValueError:  # a prompt the gold rule does not know (comparisons from a file)
-        return None
-    return agree / total if total else None
-
-
-def judge_agreement(rows: list[dict], target_len: int, noise: float, gold) -> dict[str, float] | None:
-    """Pairwise agreement of AI-labelled rankings with the gold rule and the simulated human labeler;
-    None without a gold rule or unless the rows carry the AI labeler's soft preferences."""
-    if gold is None or not rows or not all("prefs" in r and isinstance(r["prompt"], str) for r in rows):
-        return None
-    human = SimulatedLabeler(LabelerConfig(noise=noise), target_len)
-    agree = {"gold": [0.0, 0], "human": [0.0, 0]}
-    for row in rows:
-        scores = {"gold": [gold(row["prompt"], y) for y in row["responses"]]}
-        scores["human"] = human.noisy_scores(row["prompt"], row["responses"])
-        for name, values in scores.items():
-            hits, pairs = pair_agreement(values, row["ranks"])
-            agree[name][0] += hits
-            agree[name][1] += pairs
-    return {f"agreement_{k}": h / max(1, n) for k, (h, n) in agree.items()}
 
 
 def _generate(model, tokenizer, prompts, cfg, budget):
@@ -127,25 +112,57 @@ def _win(ranks: list[int]) -> float:
     return 0.5 if ranks[0] == ranks[1] else float(ranks[0] < ranks[1])
 
 
-def _described(texts: list[str], rollouts) -> dict[str, float]:
-    lengths = [int(n) for r in rollouts for n in r.response_mask.sum(1).tolist()]
+def _lengths(rollouts) -> list[int]:
+    return [int(n) for r in rollouts for n in r.response_mask.sum(1).tolist()]
+
+
+def _described(prompts: list, texts: list[str], rollouts) -> dict[str, float]:
     finished = [bool(f) for r in rollouts for f in r.finished.tolist()]
-    return diagnostics.describe(texts, lengths, finished)
+    return diagnostics.describe(texts, _lengths(rollouts), finished) | diagnostics.degenerate(prompts, texts)
 
 
 def _scores(rm: TrainedRewardModel, rollouts) -> list[float]:
     return [s for r in rollouts for s in rm.score(r).tolist()]
 
 
-def _win_block(by: str, wins: list[float]) -> dict[str, Any]:
+def _win_block(by: str, wins: list[float], lengths: tuple[list[int], list[int]], judge: dict) -> dict[str, Any]:
+    """The win rate with its CI, the length-controlled rate, and the judge's own held-out validity."""
     ci = mean_ci95(wins)
-    return {"by": by, "rate": ci["mean"], "ci95": ci["ci95"], "n": len(wins)}
+    lc = length_controlled(wins, *lengths)
+    return {"by": by, "rate": ci["mean"], "ci95": ci["ci95"], "n": len(wins), "lc_rate": lc, "judge": judge}
 
 
-def _dpo_accuracy(pol, sft, tokenizer, held: list[dict]) -> float | None:
-    """DPO's implicit reward (log pi - log pi_sft) ranking held-out pairs; the scale beta does not matter."""
-    pairs = preference_pairs(encode_rankings(tokenizer, held), held)
+def _verdict(cfg: EvaluateConfig, result: dict[str, Any]) -> dict[str, Any]:
+    """flagged (the policy crossed a bound) > inconclusive (its judge is not shown valid) > ok."""
+    flagged = diagnostics.verdict(
+        result["kl_to_sft"],
+        result["policy"]["repetition"],
+        max_kl_per_token=cfg.max_kl_per_token,
+        max_repetition=cfg.max_repetition,
+    )["reasons"]
+    bounds = {k: getattr(cfg, k) for k in ("max_empty_share", "max_prompt_copy_share", "max_top_response_share")}
+    bounds["min_length_ratio"] = cfg.min_length_ratio
+    flagged += diagnostics.degenerate_reasons(result["policy"], result["sft"], bounds, "evaluate")
+    judge = (result["win"] or {}).get("judge")
+    unproven = [f"the win rate is not evidence: {judge['reason']}"] if judge and not judge["valid"] else []
+    status = "flagged" if flagged else "inconclusive" if unproven else "ok"
+    return {"status": status, "reasons": flagged + unproven}
+
+
+def _dpo_accuracy(pol, sft, tokenizer, held: list[dict], budget: Budget) -> float | None:
+    """DPO's implicit reward (log pi - log pi_sft) ranking held-out pairs, each cut to `budget` (the DPO
+    stage's limits: never past the model's context); the scale beta does not matter."""
+    encoded = [budget.fit_row(p, rs) for p, rs in encode_rankings(tokenizer, held)]
+    pairs = preference_pairs(encoded, held)
     return implicit_reward_accuracy(pol, sft, tokenizer.pad_token_id, pairs) if pairs else None
+
+
+def _training_budget(path: Path | None, context: int) -> Budget:
+    """The limits the policy trained with (DPO's `budget.json`), else DPO's defaults for the context."""
+    if path is not None:
+        raw = json.loads(Path(path).read_text())
+        return Budget(int(raw["max_prompt_length"]), int(raw["max_length"]))
+    return resolve_budget("dpo", None, None, context)
 
 
 @torch.no_grad()
@@ -166,12 +183,14 @@ def run(
     eval_normalization: Path | None = None,
     judge: Path | None = None,
     data_sources: Path | None = None,
+    policy_budget: Path | None = None,
     truncation: bool = True,
     max_dropped_fraction: float = 0.0,
     device: str = "auto",
 ) -> Manifest:
     """`gold`: the data's gold rule (null for real data); `judge` with `labeler` (the AI labeler) or
     `eval_reward_model` judges wins where there is no gold rule; `data_sources`: prepare's sources.json;
+    `policy_budget`: the token limits the policy trained with (DPO's), which its held-out scoring keeps;
     `device`: where every model samples and scores (`compute.device`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -193,32 +212,43 @@ def run(
         "proxy_rm": None,
         "eval_rm": None,
         "rm_accuracy": None,
-        "labeler_ceiling": labeler_ceiling(held, gold_fn) if held else None,
-        "judge": judge_agreement(held, target_len, cfg.win_labeler_noise, gold_fn),
+        "labeler_ceiling": judges.labeler_ceiling(held, gold_fn) if held else None,
+        "judge": judges.judge_agreement(held, target_len, cfg.win_labeler_noise, gold_fn),
     }
     rows = [{"prompt": p, "sft": a, "policy": b} for p, a, b in zip(texts, sft_texts, pol_texts)]
+    triples = list(zip(texts, pol_texts, sft_texts))
+    human_held = judges.human_labelled(held)
+    humans = judges.independent_human(cfg.win_labeler_noise, target_len, gold) if gold_fn is not None else None
+    win: tuple | None = None  # (who judged, wins, held-out hits, held-out pairs)
     if gold_fn is not None:
         gold_sft = [gold_fn(p, y) for p, y in zip(texts, sft_texts)]
         gold_pol = [gold_fn(p, y) for p, y in zip(texts, pol_texts)]
         result["gold_sft"], result["gold_policy"] = mean_ci95(gold_sft), mean_ci95(gold_pol)
         human = SimulatedLabeler(LabelerConfig(noise=cfg.win_labeler_noise), target_len, gold)  # one scale
-        wins = [_win(human.rank(p, [a, b])) for p, a, b in zip(texts, pol_texts, sft_texts)]
-        result["win"] = _win_block("simulated human labeler", wins)
+        wins = [_win(human.rank(p, [a, b])) for p, a, b in triples]
+        items = [(r["prompt"], r["responses"]) for r in held] or [(p, [a, b]) for p, a, b in triples]
+        win = ("simulated human labeler", wins, *judges.simulated_agreement(human, humans, items))
         for row, ga, gb in zip(rows, gold_sft, gold_pol):
             row |= {"gold_sft": ga, "gold_policy": gb}
     elif judge is not None and labeler is not None:
         ai = make_labeler(labeler, target_len, judge, gold, where)
-        wins = [_win(label["ranks"]) for label in ai.label_all([(r["prompt"], [r["policy"], r["sft"]]) for r in rows])]
-        result["win"] = _win_block("AI labeler", wins)
+        ranks = [label["ranks"] for label in ai.label_all([(p, [a, b]) for p, a, b in triples])]
+        truth = [r["ranks"] for r in human_held]
+        judged = [label["ranks"] for label in ai.label_all([(r["prompt"], r["responses"]) for r in human_held])]
+        win = ("AI labeler", [_win(r) for r in ranks], *judges.ranks_agreement(judged, truth))
     if eval_reward_model is not None and eval_normalization is not None:
         scorer = TrainedRewardModel(eval_reward_model, eval_normalization, device=where)
         s_sft, s_pol = _scores(scorer, sft_rollouts), _scores(scorer, rollouts)
         result["eval_rm"] = {"sft": mean_ci95(s_sft), "policy": mean_ci95(s_pol)}
         for row, a, b in zip(rows, s_sft, s_pol):
             row |= {"eval_rm_sft": a, "eval_rm_policy": b}
-        if result["win"] is None:
+        if win is None:
             wins = [0.5 if a == b else float(b > a) for a, b in zip(s_sft, s_pol)]
-            result["win"] = _win_block("evaluation reward model", wins)
+            win = ("evaluation reward model", wins, *scorer.counts(tokenizer, human_held))
+    if win is not None:
+        by, wins, hits, pairs = win
+        valid = validity(by, hits, pairs, bound=cfg.min_judge_accuracy, key="evaluate.min_judge_accuracy")
+        result["win"] = _win_block(by, wins, (_lengths(rollouts), _lengths(sft_rollouts)), valid)
     if reward_model is not None and normalization is not None:
         proxy = TrainedRewardModel(reward_model, normalization, device=where)
         p_sft, p_pol = _scores(proxy, sft_rollouts), _scores(proxy, rollouts)
@@ -231,27 +261,33 @@ def run(
             row |= {"proxy_rm_sft": a, "proxy_rm_policy": b}
         result["rm_accuracy"] = proxy.accuracy(tokenizer, held) if held else None
     elif held:
-        result["rm_accuracy"] = _dpo_accuracy(pol, sft, tokenizer, held)
+        train_budget = _training_budget(policy_budget, model_context(policy))
+        result["rm_accuracy"] = _dpo_accuracy(pol, sft, tokenizer, held, train_budget)
     result["win_rate"] = result["win"]["rate"] if result["win"] else None
+    result["win_rate_lc"] = result["win"]["lc_rate"] if result["win"] else None
     result["kl_to_sft"] = mean_token_kl(pol, sft, rollouts, temperature=cfg.temperature)  # on the policy's samples
-    result["sft"], result["policy"] = _described(sft_texts, sft_rollouts), _described(pol_texts, rollouts)
-    result["verdict"] = diagnostics.verdict(
-        result["kl_to_sft"],
-        result["policy"]["repetition"],
-        max_kl_per_token=cfg.max_kl_per_token,
-        max_repetition=cfg.max_repetition,
-    )
+    result["sft"] = _described(texts, sft_texts, sft_rollouts)
+    result["policy"] = _described(texts, pol_texts, rollouts)
+    result["verdict"] = _verdict(cfg, result)
     result["n_prompts"] = len(texts)
     result["prompts"] = fitted.metrics("prompts") | {"source": _prompt_source(data_sources)}
     write_jsonl(out_dir / "generations.jsonl", rows)
-    metrics = {"eval/kl_to_sft": result["kl_to_sft"], "eval/flagged": float(result["verdict"]["status"] != "ok")}
+    status = result["verdict"]["status"]
+    metrics = {
+        "eval/kl_to_sft": result["kl_to_sft"],
+        "eval/flagged": float(status == "flagged"),
+        "eval/inconclusive": float(status == "inconclusive"),
+    }
+    if result["win"] is not None and result["win"]["judge"]["accuracy"] is not None:
+        metrics["eval/judge_accuracy"] = result["win"]["judge"]["accuracy"]
+        metrics["eval/judge_ci95_low"] = result["win"]["judge"]["ci95"][0]
     metrics["eval/tokens"] = float(
         sum((r.query_mask.sum() + r.response_mask.sum()).item() for r in sft_rollouts + rollouts)
     )
     for key in ("gold_sft", "gold_policy"):
         if result[key] is not None:
             metrics[f"eval/{key}"] = result[key]["mean"]
-    for key in ("win_rate", "rm_accuracy", "labeler_ceiling"):
+    for key in ("win_rate", "win_rate_lc", "rm_accuracy", "labeler_ceiling"):
         if result[key] is not None:
             metrics[f"eval/{key}"] = result[key]
     for block in ("proxy_rm", "eval_rm"):

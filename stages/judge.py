@@ -208,6 +208,7 @@ def run(
             [task.gold_score(q, b, target_len=target_len) for q, _, b in held],
         ),
         "judge/agreement_human": _agreement(p, [s[0] for s in noisy], [s[1] for s in noisy]),
+        "judge/agreement_human_pairs": float(len(held)),  # its CI gates RLAIF (pipeline.min_labeler_accuracy)
     }
     log_metrics(metrics)
     return Manifest(

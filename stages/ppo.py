@@ -8,6 +8,13 @@ PPO-ptx (a language-modelling loss on pretraining text) and an EMA of the policy
 Checkpoints every `checkpoint_every` updates; a killed run resumes from the last complete one.
 The maths lives in `stages/rl/ppo_math.py`.
 
+Degenerate rollouts (empty answers, copies of the prompt, one answer for every prompt, a length
+collapse against the first update's) are measured every update (`stages/runtime/diagnostics.py`);
+crossing a bound flags the stage, and with `stop_on_degenerate` stops training there with the
+reason. `watch_every` scores fixed held-out prompts with the proxy and an independent judge against
+KL as training goes (`stages/rl/watch.py`, Gao et al. 2022); `select=judge_peak` publishes the
+policy at the judge's best point.
+
 d-RLAIF (Lee et al. 2023, `pipeline=rlaif_direct`): with `judge` instead of `reward_model`, the AI
 labeler scores every rollout directly (its expected 1-10 score mapped to [-1, 1]) and there is no
 reward model; the value model then starts from the SFT policy with a fresh head.
@@ -44,6 +51,7 @@ from stages.preference.scorers import TrainedRewardModel
 from stages.rl import ppo_math as pm
 from stages.rl.ppo_models import FullCopies, SharedBase
 from stages.rl.rollout import GENERATIONS, HfRollout, VllmRollout, check
+from stages.rl.watch import Watch
 from stages.runtime import checkpoints, diagnostics
 from stages.runtime import distributed as dist
 from stages.runtime.distributed import DistributedConfig, Engine
@@ -92,6 +100,17 @@ class PpoConfig:
     # reference and reward models in host memory but while they score each update's rollouts
     # (DeepSpeed-Chat, OpenRLHF): less accelerator memory, a transfer per update
     offload_frozen: bool = False
+    # degenerate rollouts: above a bound the stage is flagged; with stop_on_degenerate training stops there
+    stop_on_degenerate: bool = False
+    max_empty_share: float = 0.5
+    max_prompt_copy_share: float = 0.5
+    max_top_response_share: float = 0.5
+    min_length_ratio: float = 0.25  # mean length against the first update's
+    # over-optimisation (Gao et al. 2022): every N updates, score held-out prompts with the proxy and an
+    # independent judge (the gold rule, else the evaluation reward model) against KL; 0: off
+    watch_every: int = 0
+    watch_prompts: int = 64
+    select: str = "last"  # last | judge_peak: publish the policy at the judge's best watched point
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -110,6 +129,12 @@ class PpoConfig:
             raise ValueError(f"stage.ppo.generation: {self.generation!r} is not one of {', '.join(GENERATIONS)}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"stage.ppo.ema_decay: must be in (0, 1) or null, got {self.ema_decay}")
+        if self.select not in ("last", "judge_peak"):
+            raise ValueError(f"stage.ppo.select: {self.select!r} is not 'last' or 'judge_peak'")
+        if self.select == "judge_peak" and self.watch_every < 1:
+            raise ValueError("stage.ppo.select=judge_peak needs stage.ppo.watch_every >= 1 (the judge's curve)")
+        if self.watch_every < 0 or self.watch_prompts < 1:
+            raise ValueError("stage.ppo.watch_every must be >= 0 and stage.ppo.watch_prompts >= 1")
         if self.generation_batch_size is not None and self.generation_batch_size < 1:
             raise ValueError(f"stage.ppo.generation_batch_size: must be >= 1 or null, got {self.generation_batch_size}")
 
@@ -148,6 +173,8 @@ class _State:
         self.update = 0
         self.history: list[dict[str, float]] = []
         self.warned_kl = False
+        self.watch: Watch | None = None
+        self.stopped: str | None = None  # why training stopped before `updates` (degenerate rollouts)
         self.rollout_policy = _whole_copy(policy, tuning, self.device) if self.zero3 else None
         micro = dist.per_rank(cfg.minibatch_size, "stage.ppo.minibatch_size")
         dist.per_rank(cfg.rollouts_per_update, "stage.ppo.rollouts_per_update")
@@ -217,6 +244,7 @@ class _State:
             "history": self.history,
             "rng": torch.get_rng_state(),
             "warned_kl": self.warned_kl,
+            "watch": {"points": self.watch.points, "best": self.watch.best} if self.watch else None,
         }
         checkpoints.save(folder, blob)  # temp-then-rename: a half-written checkpoint is never picked up
 
@@ -235,6 +263,8 @@ class _State:
             self.opt.load_state_dict(blob["opt"])
         self.beta, self.ema, self.update = blob["beta"], blob["ema"], blob["update"]
         self.history, self.warned_kl = blob["history"], blob["warned_kl"]
+        if self.watch is not None and blob.get("watch"):
+            self.watch.points, self.watch.best = blob["watch"]["points"], blob["watch"]["best"]
         if self.kl_ctl is not None:
             self.kl_ctl.beta = self.beta
         torch.set_rng_state(blob["rng"])
@@ -303,9 +333,14 @@ def run(
     truncation: bool = True,
     max_dropped_fraction: float = 0.0,
     distributed: DistributedConfig | None = None,
+    watch_prompts: Path | None = None,
+    judge_reward_model: Path | None = None,
+    judge_normalization: Path | None = None,
 ) -> Manifest:
     """Scores rollouts with `reward_model` (and its `normalization`), or, d-RLAIF, with the AI
     `labeler` over `judge`. `gold` set (the embedded task's rule): log the hidden gold score too.
+    `watch_prompts` (with `watch_every`): the held-out prompts the proxy and the independent judge
+    (`gold`, else `judge_reward_model`) score as training goes.
 
     `distributed`: this process is one rank of a group, data-parallel over rollouts. Each rank samples
     and scores its share of the update's `rollouts_per_update` prompts and trains on minibatches of
@@ -326,7 +361,12 @@ def run(
     )
     gold_fn = sources.gold_scorer(gold, target_len)
     state = _State(cfg, tuning, policy, reward_model or policy, distributed)
+    if cfg.watch_every:
+        judged = (judge_reward_model, judge_normalization)
+        state.watch = _watch(cfg, tokenizer, scorer, gold_fn, watch_prompts, *judged, budget)
     resumed_from = state.update if checkpoint_dir and state.load(Path(checkpoint_dir)) else 0
+    if state.watch is not None and not state.watch.points:  # the SFT policy's point: where KL is 0
+        log_metrics(_named_point(state.watch.look(state.models, tokenizer, 0)), step=0)
     ptx_docs = [r["text"] for r in read_jsonl(pretrain)] if pretrain and cfg.ptx_coef > 0 else []
     bar = progress(cfg.updates, "ppo: updates", unit="update")
     bar.update(state.update)
@@ -339,6 +379,8 @@ def run(
         responses = dist.gather(decode_responses(tokenizer, rollout))  # the global batch's, on every rank
         row["ppo/distinct_2"] = diagnostics.distinct_n(responses, 2)
         row["ppo/repetition"] = diagnostics.repetition(responses)
+        row |= {f"ppo/{k}": v for k, v in diagnostics.degenerate(batch_prompts, responses).items()}
+        degenerate = _degenerate_reasons(cfg, row, state.history)
         if gold_fn is not None:
             row["ppo/objective/gold"] = sum(gold_fn(p, r) for p, r in zip(batch_prompts, responses)) / len(responses)
         state.history.append(row)
@@ -346,8 +388,14 @@ def run(
         bar.set_postfix(reward=f"{row['ppo/objective/scores']:.3f}", kl=f"{row['ppo/objective/kl']:.3f}", refresh=False)
         bar.update(1)
         state.update += 1
+        if cfg.stop_on_degenerate and degenerate:  # no use training on: say why, publish what there is
+            state.stopped = f"stopped early after update {state.update} of {cfg.updates}: {degenerate[0]}"
+        if state.watch is not None and state.watch.due(state.update, last=state.update == cfg.updates or state.stopped):
+            log_metrics(_named_point(state.watch.look(state.models, tokenizer, state.update)), step=state.update)
         if checkpoint_dir and cfg.checkpoint_every and state.update % cfg.checkpoint_every == 0:
             state.save(Path(checkpoint_dir))
+        if state.stopped:
+            break
     bar.close()
     manifest = _finish(cfg, state, tokenizer, out_dir, batch_prompts, responses, resumed_from, checkpoint_dir)
     manifest.metrics.update(fitted.metrics("ppo/data"))
@@ -467,14 +515,15 @@ def _lm_loss(model, tokenizer, docs: list[str], batch_size: int, budget: Samplin
     )
 
 
-def _export(state: _State, tokenizer, out_dir: Path) -> None:
-    """The EMA weights as `policy` (InstructGPT), the last iterate beside them as `policy_last`.
+def _export(state: _State, tokenizer, out_dir: Path, published: dict | None) -> None:
+    """`published` (the EMA weights, InstructGPT; or the policy at the judge's peak) as `policy`, the
+    last iterate beside them as `policy_last`; without `published` the last iterate as `policy`.
     In a process group rank 0 writes; under ZeRO-3 through the rollout copy (whole weights)."""
     if state.zero3:  # the rollout copy holds the last iterate (synced after the last update)
         from stages.models.tuning import export
 
         models = state.models
-        targets = [("policy_last", None), ("policy", state.ema)] if state.ema is not None else [("policy", None)]
+        targets = [("policy_last", None), ("policy", published)] if published is not None else [("policy", None)]
         for name, weights in targets:
             if weights is not None:
                 state.rollout_policy.load_state_dict(weights, strict=False)
@@ -482,18 +531,21 @@ def _export(state: _State, tokenizer, out_dir: Path) -> None:
                 export(state.rollout_policy, models.tuning, out_dir / name, base=models.base)
                 tokenizer.save_pretrained(out_dir / name)
         return
-    if state.ema is not None:
+    if published is not None:
         if dist.is_main():
             state.models.export(out_dir / "policy_last")
             tokenizer.save_pretrained(out_dir / "policy_last")
-        state.models.load_policy_state(state.ema)
+        state.models.load_policy_state(published)
     if dist.is_main():
         state.models.export(out_dir / "policy")
         tokenizer.save_pretrained(out_dir / "policy")
 
 
 def _finish(cfg, state: _State, tokenizer, out_dir, batch_prompts, responses, resumed_from, checkpoint_dir) -> Manifest:
-    _export(state, tokenizer, out_dir)
+    watch = state.watch
+    peak = cfg.select == "judge_peak" and watch is not None and watch.best is not None
+    published_update = watch.best["update"] if peak else state.update
+    _export(state, tokenizer, out_dir, watch.best["state"] if peak else state.ema)
     write_jsonl(out_dir / "samples.jsonl", [{"prompt": p, "response": r} for p, r in zip(batch_prompts, responses)])
     first, last = state.history[0], state.history[-1]
     verdict = diagnostics.flag(
@@ -502,6 +554,8 @@ def _finish(cfg, state: _State, tokenizer, out_dir, batch_prompts, responses, re
             ("repetition", last["ppo/repetition"], cfg.max_repetition, "stage.ppo.max_repetition"),
         ]
     )
+    verdict["reasons"] += [state.stopped] if state.stopped else _degenerate_reasons(cfg, last, state.history)
+    verdict["status"] = "flagged" if verdict["reasons"] else "ok"
     (out_dir / "verdict.json").write_text(json.dumps(verdict))
     metrics = {
         "ppo/objective/scores_first": first["ppo/objective/scores"],
@@ -514,12 +568,57 @@ def _finish(cfg, state: _State, tokenizer, out_dir, batch_prompts, responses, re
         "ppo/repetition_last": last["ppo/repetition"],
         "ppo/flagged": float(verdict["status"] != "ok"),
         "ppo/tokens": float(sum(h["ppo/tokens"] for h in state.history)),
+        "ppo/stopped_early": float(state.stopped is not None),
+        "ppo/published_update": float(published_update),
+        **{f"ppo/{k}_last": last[f"ppo/{k}"] for k in ("empty_share", "prompt_copy_share", "top_response_share")},
     }
+    files = {"policy": "policy", "samples": "samples.jsonl", "verdict": "verdict.json"}
+    if watch is not None:
+        watch.write(out_dir / "watch.json", published_update)
+        files["watch"] = "watch.json"
+        metrics["ppo/watch/best_update"] = float(watch.best["update"])
+        metrics["ppo/watch/judge_best"] = watch.best["judge"]
+        over = watch.overoptimised()
+        if over is not None:
+            metrics["ppo/watch/overoptimised_from"] = float(over["from_update"])
     if state.engine.cfg is None:  # a process group's are removed by the flow, once it published
         checkpoints.spent(checkpoint_dir)  # the finished stage is cached as an artifact
-    files = {"policy": "policy", "samples": "samples.jsonl", "verdict": "verdict.json"}
-    files |= {"policy_last": "policy_last"} if state.ema else {}
+    files |= {"policy_last": "policy_last"} if state.ema or peak else {}
     return Manifest(stage="ppo", path=str(out_dir), digest=folder_digest(out_dir), metrics=metrics, files=files)
+
+
+def _degenerate_reasons(cfg: PpoConfig, row: dict[str, float], history: list[dict[str, float]]) -> list[str]:
+    """The bounds an update's rollouts cross; the length against the first update's."""
+    figures = {k: row[f"ppo/{k}"] for k in ("empty_share", "prompt_copy_share", "top_response_share")}
+    figures["length"] = row["ppo/response_length"]
+    first = {"length": history[0]["ppo/response_length"]} if history else None
+    bounds = {k: getattr(cfg, k) for k in ("max_empty_share", "max_prompt_copy_share", "max_top_response_share")}
+    bounds["min_length_ratio"] = cfg.min_length_ratio
+    return diagnostics.degenerate_reasons(figures, first, bounds, "stage.ppo")
+
+
+def _named_point(point: dict[str, float]) -> dict[str, float]:
+    return {f"ppo/watch/{k}": v for k, v in point.items() if k != "update"}
+
+
+def _watch(cfg: PpoConfig, tokenizer, scorer, gold_fn, prompts: Path | None, judge_rm, judge_norm, budget) -> Watch:
+    """The over-optimisation watch: the proxy (the scorer PPO optimises) and an independent judge."""
+    if prompts is None:
+        raise ValueError("stage.ppo.watch_every: the watch needs held-out prompts (watch_prompts)")
+    texts = [r["prompt"] for r in read_jsonl(prompts)][: cfg.watch_prompts]
+    if gold_fn is not None:
+        judge = lambda ps, ts, rollout: [gold_fn(p, t) for p, t in zip(ps, ts)]  # noqa: E731
+    elif judge_rm is not None:
+        rm = TrainedRewardModel(judge_rm, judge_norm, device=model_device(scorer.frozen[0]) if scorer.frozen else None)
+        judge = lambda ps, ts, rollout: rm.score(rollout)  # noqa: E731
+    else:
+        raise ValueError(
+            "stage.ppo.watch_every: the watch needs a judge independent of the proxy: the embedded task's gold "
+            "rule, or an evaluation reward model (data with comparisons); set stage.ppo.watch_every=0"
+        )
+    proxy = lambda ps, rollout: scorer(tokenizer, ps, rollout)  # noqa: E731
+    every, seed = cfg.watch_every, cfg.seed + 7919  # its own sampling seed: the same prompts, comparable points
+    return Watch(texts, proxy, judge, every=every, seed=seed, budget=budget, temperature=cfg.temperature)
 
 
 def _explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:

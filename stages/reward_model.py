@@ -43,7 +43,8 @@ from stages.models.optim import schedule
 from stages.models.peft_setup import PeftConfig
 from stages.models.tuning import Tuning, export, load, optimizer
 from stages.preference.rankings import encode_rankings, ranking_pairs
-from stages.preference.scorers import Normalization, pairwise_accuracy, pairwise_accuracy_by_k, score_encoded
+from stages.preference.scorers import Normalization, pairwise_accuracy, pairwise_counts, score_encoded
+from stages.preference.validity import wilson
 from stages.runtime import checkpoints
 from stages.runtime import distributed as dist
 from stages.runtime.distributed import DistributedConfig, Engine
@@ -247,14 +248,17 @@ def run(
         bias = torch.cat(
             [s for i in range(0, len(encoded), 64) for s in score_encoded(model, encoded[i : i + 64], pad, cfg.pooling)]
         ).mean()
+    held_counts = pairwise_counts(model, tokenizer, held, cfg.pooling, budget=budget)
+    hits, pairs = held_counts.get("all", (0.0, 0))
     metrics = {
         "rm/train/loss_last": last_loss,
         "rm/train/loss_tail": sum(tail) / len(tail) if tail else last_loss,  # the last 10% of steps' mean: less noisy
         "rm/train/accuracy": pairwise_accuracy(model, tokenizer, rows, cfg.pooling, budget=budget),
-        **{
-            f"rm/eval/accuracy{'' if k == 'all' else '_' + k}": v
-            for k, v in pairwise_accuracy_by_k(model, tokenizer, held, cfg.pooling, budget=budget).items()
-        },
+        **{f"rm/eval/accuracy{'' if k == 'all' else '_' + k}": h / n for k, (h, n) in held_counts.items()},
+        # the held-out accuracy's 95% CI: what the flow's gate before PPO reads (pipeline.min_rm_accuracy)
+        "rm/eval/pairs": float(pairs),
+        "rm/eval/ci95_low": wilson(hits, pairs)[0],
+        "rm/eval/ci95_high": wilson(hits, pairs)[1],
         "rm/bias": bias.item(),
         "rm/tokens": float(tokens),
         "rm/steps": float(step),

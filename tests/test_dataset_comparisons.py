@@ -9,7 +9,7 @@ import pytest
 from stages import comparisons, prepare, reward_model
 from stages.data import task
 from stages.data.reader import DataError, DatasetConfig
-from stages.evaluate import labeler_ceiling
+from stages.labeling.judges import labeler_ceiling
 from stages.labeling.labelers import LabelerConfig
 from stages.models.modeling import ModelConfig
 from stages.runtime.manifest import read_jsonl

@@ -151,6 +151,8 @@ def test_every_branch_shares_cached_stages_and_keeps_device_discipline(tmp_path)
     assert statuses(shared) == {**dict.fromkeys(STAGES[:4], "cached"), "ppo": "ran", "evaluate": "ran"}
     for summary in (dpo, rounds, rlaif, direct):
         assert set(summary) == set(rlhf) and set(summary["eval"]) == set(rlhf["eval"])
+    for summary in (rlhf, dpo, rounds, rlaif, direct, shared):  # beside the raw rate, every branch
+        assert 0 <= summary["eval"]["win_rate_lc"] <= 1 and summary["eval"]["win"]["judge"]["pairs"] > 0
     assert dpo["eval"]["proxy_rm"] is None and 0 <= dpo["eval"]["rm_accuracy"] <= 1  # DPO's implicit reward
     assert direct["eval"]["rm_accuracy"] is None and direct["eval"]["labeler_ceiling"] is None
     assert rlhf["eval"]["judge"] is None

@@ -99,6 +99,33 @@ def rm_by_k(summary: dict[str, Any]) -> go.Figure | None:
     return fig
 
 
+def overoptimisation(summary: dict[str, Any]) -> go.Figure | None:
+    """PPO's watch (`stage.ppo.watch_every`): the proxy reward model and the independent judge on
+    held-out prompts against KL to the reference (Gao et al. 2022), the published point marked."""
+    ppo = next((s for s in summary["stages"].values() if s["stage"] == "ppo"), None)
+    path = Path(ppo["artifact"], "watch.json") if ppo else None
+    if path is None or not path.exists():
+        return None
+    watch = json.loads(path.read_text())
+    points = watch["points"]
+    kl = [p["kl_per_token"] for p in points]
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    labels = [f"update {int(p['update'])}" for p in points]
+    for key, name, right in (("proxy", "proxy reward model", False), ("judge", "independent judge", True)):
+        trace = go.Scatter(x=kl, y=[p[key] for p in points], name=name, text=labels, mode="lines+markers")
+        fig.add_trace(trace, secondary_y=right)
+    best = next((p for p in points if int(p["update"]) == watch["published_update"]), None)
+    if best is not None:
+        fig.add_trace(
+            go.Scatter(x=[best["kl_per_token"]], y=[best["judge"]], mode="markers", marker_size=14, name="published"),
+            secondary_y=True,
+        )
+    note = (watch.get("overoptimised") or {}).get("note", "no point where the proxy rose while the judge fell")
+    fig.update_layout(title=f"PPO over-optimisation: proxy and judge against KL<br><sup>{note}</sup>", height=380)
+    fig.update_xaxes(title_text="KL to the reference per token")
+    return fig
+
+
 def generations(summary: dict[str, Any]) -> list[dict[str, Any]]:
     ev = summary["stages"].get("evaluate")
     path = Path(ev["artifact"], "generations.jsonl") if ev else None
@@ -138,7 +165,7 @@ def write(summary: dict[str, Any], path: Path) -> Path:
     """Write the page (to a temporary name, then renamed) and return its path."""
     rows = generations(summary)
     figs = stage_figures(summary)
-    figs += [f for f in (rm_by_k(summary), score_distribution(rows)) if f is not None]
+    figs += [f for f in (overoptimisation(summary), rm_by_k(summary), score_distribution(rows)) if f is not None]
     parts = [f.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig{i}") for i, f in enumerate(figs)]
     eval_line = report.eval_line(summary["eval"]) if "eval" in summary else "no evaluation (pipeline.stop_after)"
     verdict = summary["verdict"]

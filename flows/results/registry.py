@@ -32,9 +32,15 @@ def lookup(block: dict[str, Any], dotted: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def decide(value: float | None, kl: float, champion: float | None, reg: RegistryConfig) -> tuple[bool, str]:
+def decide(
+    value: float | None, kl: float, champion: float | None, reg: RegistryConfig, verdict: dict | None = None
+) -> tuple[bool, str]:
     """(promoted, why) for a candidate with `value` of `reg.metric` and `kl` per token, against the
-    champion's value (None: there is no champion yet)."""
+    champion's value (None: there is no champion yet). A run whose verdict is not "ok" (flagged: a
+    bound crossed; inconclusive: its judge not shown valid) is never promoted."""
+    if verdict is not None and verdict["status"] != "ok":
+        first = verdict["reasons"][0] if verdict["reasons"] else ""
+        return False, f"the run's verdict is {verdict['status']}: {first}"
     if value is None:
         return False, f"{reg.metric} is not in this run's evaluation, so it cannot be compared"
     if kl > reg.max_kl_per_token:
@@ -87,7 +93,7 @@ def gate(cfg: Config, summary: dict[str, Any]) -> dict[str, Any]:
         return _record(reg, known.version, known.tags.get("alignflow.promoted") == "true", "", already=True)
     value, kl = lookup(summary["eval"], reg.metric), float(summary["eval"]["kl_to_sft"])
     champion = _champion(client, reg)
-    promoted, why = decide(value, kl, champion[1] if champion else None, reg)
+    promoted, why = decide(value, kl, champion[1] if champion else None, reg, summary.get("verdict"))
     tags = {
         "alignflow.digest": digest,
         "alignflow.promoted": str(promoted).lower(),

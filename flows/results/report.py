@@ -20,7 +20,15 @@ KEY_METRICS = {
         "ppo/finished_last",
         "ppo/repetition_last",
     ],
-    "evaluate": ["eval/gold_sft", "eval/gold_policy", "eval/win_rate", "eval/eval_rm/policy", "eval/policy/eos_rate"],
+    "evaluate": [
+        "eval/gold_sft",
+        "eval/gold_policy",
+        "eval/win_rate",
+        "eval/win_rate_lc",
+        "eval/judge_accuracy",
+        "eval/eval_rm/policy",
+        "eval/policy/empty_share",
+    ],
     "judge": ["judge/position_consistency", "judge/agreement_gold", "judge/agreement_human"],
     "dpo": ["dpo/train/rewards/margins", "dpo/eval/accuracy", "dpo/kl_to_sft"],
 }
@@ -31,15 +39,40 @@ def table(stages: dict[str, dict[str, Any]]) -> str:
     for name, s in stages.items():
         keys = KEY_METRICS.get(s["stage"], [])  # rounds (dpo_r2) show as their stage
         shown = ", ".join(f"{k.split('/', 1)[1]}={s['metrics'][k]:.3g}" for k in keys if k in s["metrics"])
-        flag = "  FLAGGED" if s.get("verdict", {}).get("status", "ok") != "ok" else ""
+        status = s.get("verdict", {}).get("status", "ok")
+        flag = f"  {status.upper()}" if status != "ok" else ""
         lines.append(f"{name:<18}{s['status']:<8}{s['seconds']:>9.1f}  {shown}{flag}")
     return "\n".join(lines)
 
 
 def verdict(stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """ "flagged" when any stage's verdict is, with its reasons prefixed by the stage."""
+    """The run's verdict: "flagged" when any stage's is (a bound crossed), else "inconclusive" when any
+    stage's is (a judge not shown valid), else "ok"; the reasons prefixed by their stage."""
     reasons = [f"{name}: {r}" for name, s in stages.items() for r in s.get("verdict", {}).get("reasons", [])]
-    return {"status": "flagged" if reasons else "ok", "reasons": reasons}
+    statuses = {s.get("verdict", {}).get("status", "ok") for s in stages.values()}
+    status = next((x for x in ("flagged", "inconclusive") if x in statuses), "ok")
+    return {"status": status, "reasons": reasons}
+
+
+def lengths(stages: dict[str, dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Rows each stage cut to its token limits and dropped (a ranking whose responses became identical
+    once cut, or any long row with data.truncation off), from the stages' `<prefix>/data/*` metrics."""
+    out = {}
+    for name, s in stages.items():
+        m = s.get("metrics", {})
+        cut = sum(int(v) for k, v in m.items() if k.endswith("/truncated") and "/data" in k)
+        dropped = sum(int(v) for k, v in m.items() if k.endswith("/dropped") and "/data" in k)
+        if any("/data" in k and k.endswith(("/truncated", "/dropped")) for k in m):
+            out[name] = {"cut": cut, "dropped": dropped}
+    return out
+
+
+def lengths_line(lengths: dict[str, dict[str, int]]) -> str:
+    """One line: the rows cut and dropped per stage; dropped rows said loudly."""
+    cut = ", ".join(f"{k} {v['cut']}" for k, v in lengths.items() if v["cut"]) or "none"
+    dropped = ", ".join(f"{k} {v['dropped']}" for k, v in lengths.items() if v["dropped"])
+    line = f"rows cut to the token limits: {cut}"
+    return line + (f"; ROWS DROPPED: {dropped} (data.max_dropped_fraction)" if dropped else "; rows dropped: none")
 
 
 def _ci(block: dict | None) -> str:
@@ -52,7 +85,15 @@ def eval_line(e: dict[str, Any]) -> str:
     if e.get("gold_sft") is not None:
         parts.append(f"gold SFT {_ci(e['gold_sft'])}   gold policy {_ci(e['gold_policy'])}")
     if e.get("win"):
-        parts.append(f"win rate {e['win']['rate']:.1%} ± {e['win']['ci95']:.1%} ({e['win']['by']})")
+        w = e["win"]
+        parts.append(f"win rate {w['rate']:.1%} ± {w['ci95']:.1%} ({w['by']})")
+        if w.get("lc_rate") is not None:
+            parts.append(f"length-controlled {w['lc_rate']:.1%}")
+        judge = w.get("judge")
+        if judge and judge["accuracy"] is not None:
+            lo, hi = judge["ci95"]
+            ok = "" if judge["valid"] else ": NOT EVIDENCE"
+            parts.append(f"judge acc {judge['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]{ok}")
     parts.append(f"KL/token {e['kl_to_sft']:.3f}")
     if e.get("policy"):
         parts.append(f"EOS {e['policy']['eos_rate']:.0%}  repetition {e['policy']['repetition']:.2f}")

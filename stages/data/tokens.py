@@ -15,6 +15,7 @@ ids it is sampled as and scored as (PPO, evaluate).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,8 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
+
+log = logging.getLogger(__name__)
 
 
 def ensure_chat_template(tokenizer) -> list[str]:
@@ -228,6 +231,13 @@ def fit_rows(
         truncated += 1
         out.append((cut_prompt, cut_responses))
         kept.append(i)
+    if dropped and dropped <= max_dropped_fraction * len(rows):  # allowed, and said loudly
+        i, why = first
+        where = sources[i] if sources else f"row {i + 1}"
+        log.warning(
+            "%s: %d of %d rows dropped (%.1f%%, within data.max_dropped_fraction=%s); the first, %s: %s",
+            stage, dropped, len(rows), 100 * dropped / len(rows), max_dropped_fraction, where, why,
+        )  # fmt: skip
     if dropped > max_dropped_fraction * len(rows):
         i, why = first
         p, responses = rows[i]

@@ -64,6 +64,16 @@ def pairwise_accuracy_by_k(
     model, tokenizer, rows: list[dict], pooling: str = "last", batch: int = 64, budget: Budget | None = None
 ) -> dict[str, float]:
     """Fraction of (winner, loser) pairs scored in the right order (ties half), overall and by K."""
+    counts = pairwise_counts(model, tokenizer, rows, pooling, batch, budget)
+    return {key: hits / pairs for key, (hits, pairs) in counts.items()}
+
+
+@torch.no_grad()
+def pairwise_counts(
+    model, tokenizer, rows: list[dict], pooling: str = "last", batch: int = 64, budget: Budget | None = None
+) -> dict[str, tuple[float, int]]:
+    """(hits, pairs) of (winner, loser) pairs scored in the right order (ties half), overall ("all")
+    and by K ("k2", "k4", ...): what an accuracy's confidence interval needs."""
     correct: dict[str, float] = {}
     total: dict[str, int] = {}
     for start in range(0, len(rows), batch):
@@ -74,7 +84,7 @@ def pairwise_accuracy_by_k(
             for key in ("all", f"k{len(row['responses'])}"):
                 correct[key] = correct.get(key, 0.0) + hits
                 total[key] = total.get(key, 0) + pairs
-    return {key: correct[key] / total[key] for key in total}
+    return {key: (correct[key], total[key]) for key in total if total[key]}
 
 
 class TrainedRewardModel:
@@ -93,6 +103,13 @@ class TrainedRewardModel:
     def accuracy(self, tokenizer, rows: list[dict]) -> float:
         """Pairwise accuracy on ranking rows, cut to the limits it was trained with."""
         return pairwise_accuracy(self.model, tokenizer, rows, self.norm.pooling, budget=self.norm.budget())
+
+    def counts(self, tokenizer, rows: list[dict]) -> tuple[float, int]:
+        """(hits, pairs) on ranking rows, cut to the limits it was trained with; (0, 0) without rows."""
+        if not rows:
+            return 0.0, 0
+        counts = pairwise_counts(self.model, tokenizer, rows, self.norm.pooling, budget=self.norm.budget())
+        return counts.get("all", (0.0, 0))
 
 
 def load_normalization(path: Path) -> Normalization:

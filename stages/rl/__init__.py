@@ -1,4 +1,5 @@
 """Reinforcement-learning machinery of the PPO stage: the maths on hand-checkable tensors (`ppo_math`),
-the policy/value/reference layouts (`ppo_models`) and the rollout engines (`rollout`).
+the policy/value/reference layouts (`ppo_models`), the rollout engines (`rollout`) and the
+over-optimisation watch (`watch`).
 Imported by `stages/ppo.py`; imports `models`, `data` and `runtime`.
 """
