@@ -38,7 +38,8 @@ def tokenizers():
     gpt2 = GPT2TokenizerFast.from_pretrained(str(SHARED / "tokenizers" / "gpt2"))
     sp_dir = OUT / "tok512"
     sp_dir.mkdir(parents=True, exist_ok=True)
-    (sp_dir / "tokenizer.model").write_bytes((SHARED / "tokenizers" / "tok512-sentencepiece" / "tok512.model").read_bytes())
+    model = SHARED / "tokenizers" / "tok512-sentencepiece" / "tok512.model"
+    (sp_dir / "tokenizer.model").write_bytes(model.read_bytes())
     sp = LlamaTokenizer.from_pretrained(str(sp_dir))
     for tok in (gpt2, sp):
         ensure_chat_template(tok)
@@ -55,7 +56,10 @@ def rows_of(name: str) -> tuple[list[dict], list[dict]]:
     records = load(DatasetConfig(path=str(SHARED / spec["path"]), kind=spec["kind"], format=spec["format"])).rows
     if spec["kind"] == "demonstrations":
         return records, []
-    rankings = [{"prompt": r["prompt"], "responses": [r["chosen"], r["rejected"]], "ranks": [0, 1], "finished": [True, True]} for r in records]
+    rankings = [
+        {"prompt": r["prompt"], "responses": [r["chosen"], r["rejected"]], "ranks": [0, 1], "finished": [True, True]}
+        for r in records
+    ]
     demos = [{"messages": _as_messages(r["prompt"]) + [{"role": "assistant", "content": r["chosen"]}]} for r in records]
     return demos, rankings
 
@@ -94,7 +98,8 @@ def main() -> None:
     rows = measure()
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "length_defaults.json").write_text(json.dumps(rows, indent=2))
-    lines = ["| dataset | tokenizer | context | stage | rows | cut | dropped (fraction) |", "|---|---|---:|---|---:|---:|---:|"]
+    lines = ["| dataset | tokenizer | context | stage | rows | cut | dropped (fraction) |"]
+    lines.append("|---|---|---:|---|---:|---:|---:|")
     for r in rows:
         lines.append(
             f"| {r['dataset']} | {r['tokenizer']} | {r['context']} | {r['stage']} | {r['rows']} | {r['cut']} | "
