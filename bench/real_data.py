@@ -60,11 +60,13 @@ def outcome(summary: dict) -> dict:
 def main() -> None:
     art = Path("artifacts/bench/real_data_run")
     shutil.rmtree(art, ignore_errors=True)  # from nothing, as a user's first run
-    base = [f"artifacts_dir={art}", "+experiment=hh_rlhf_small"]
+    # the bench times the whole recipe: its reward model's held-out accuracy (0.571 in the README's run,
+    # 95% CI about 0.51-0.63) does not clear the default quality gate, where a user's run now stops
+    base = [f"artifacts_dir={art}", "+experiment=hh_rlhf_small", "pipeline.min_rm_accuracy=0"]
     first = run_branch(base)
     penalty = run_branch([*base, "stage.ppo.missing_eos_penalty=1.0"])
     results = {
-        "command": "python -m flows.align +experiment=hh_rlhf_small",
+        "command": "python -m flows.align +experiment=hh_rlhf_small pipeline.min_rm_accuracy=0",
         "wall_s": first["wall_s"],
         "target_s": TARGET_S,
         "under_target": first["wall_s"] < TARGET_S,

@@ -261,7 +261,7 @@ def cached(cfg: Config) -> bool:
     the branch walked with a probing runner (cache keys and file digests only, nothing computed)."""
     try:
         BRANCHES[cfg.pipeline.name](Pipeline(cfg, None, probe=True), cfg)
-    except StopPipeline:
+    except (StopPipeline, QualityGate):  # everything before the gate is cached, and nothing after runs
         pass
     except NotCached:
         return False
