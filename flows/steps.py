@@ -26,7 +26,7 @@ def check_accuracy(what: str, manifest: Manifest, accuracy: str, pairs: str, bou
     v = validity(what, manifest.metrics[accuracy] * n, n, bound=bound, key=key)
     if not v["valid"]:
         raise QualityGate(
-            f"{v['reason'].replace(', so its verdict is not evidence', '')}: what follows would optimise noise. "
+            f"{v['reason']}: what follows would optimise noise. "
             f"Give it more or cleaner comparisons, or set {key}=0 to go on anyway"
         )
 

@@ -140,8 +140,7 @@ def _verdict(cfg: EvaluateConfig, result: dict[str, Any]) -> dict[str, Any]:
         max_kl_per_token=cfg.max_kl_per_token,
         max_repetition=cfg.max_repetition,
     )["reasons"]
-    bounds = {k: getattr(cfg, k) for k in ("max_empty_share", "max_prompt_copy_share", "max_top_response_share")}
-    bounds["min_length_ratio"] = cfg.min_length_ratio
+    bounds = diagnostics.degenerate_bounds(cfg)
     flagged += diagnostics.degenerate_reasons(result["policy"], result["sft"], bounds, "evaluate")
     judge = (result["win"] or {}).get("judge")
     unproven = [f"the win rate is not evidence: {judge['reason']}"] if judge and not judge["valid"] else []
@@ -218,7 +217,6 @@ def run(
     rows = [{"prompt": p, "sft": a, "policy": b} for p, a, b in zip(texts, sft_texts, pol_texts)]
     triples = list(zip(texts, pol_texts, sft_texts))
     human_held = judges.human_labelled(held)
-    humans = judges.independent_human(cfg.win_labeler_noise, target_len, gold) if gold_fn is not None else None
     win: tuple | None = None  # (who judged, wins, held-out hits, held-out pairs)
     if gold_fn is not None:
         gold_sft = [gold_fn(p, y) for p, y in zip(texts, sft_texts)]
@@ -227,6 +225,7 @@ def run(
         human = SimulatedLabeler(LabelerConfig(noise=cfg.win_labeler_noise), target_len, gold)  # one scale
         wins = [_win(human.rank(p, [a, b])) for p, a, b in triples]
         items = [(r["prompt"], r["responses"]) for r in held] or [(p, [a, b]) for p, a, b in triples]
+        humans = judges.independent_human(cfg.win_labeler_noise, target_len, gold)
         win = ("simulated human labeler", wins, *judges.simulated_agreement(human, humans, items))
         for row, ga, gb in zip(rows, gold_sft, gold_pol):
             row |= {"gold_sft": ga, "gold_policy": gb}

@@ -363,7 +363,7 @@ def run(
     state = _State(cfg, tuning, policy, reward_model or policy, distributed)
     if cfg.watch_every:
         judged = (judge_reward_model, judge_normalization)
-        state.watch = _watch(cfg, tokenizer, scorer, gold_fn, watch_prompts, *judged, budget)
+        state.watch = _watch(cfg, tokenizer, scorer, gold_fn, watch_prompts, *judged, budget, where)
     resumed_from = state.update if checkpoint_dir and state.load(Path(checkpoint_dir)) else 0
     if state.watch is not None and not state.watch.points:  # the SFT policy's point: where KL is 0
         log_metrics(_named_point(state.watch.look(state.models, tokenizer, 0)), step=0)
@@ -592,16 +592,16 @@ def _degenerate_reasons(cfg: PpoConfig, row: dict[str, float], history: list[dic
     figures = {k: row[f"ppo/{k}"] for k in ("empty_share", "prompt_copy_share", "top_response_share")}
     figures["length"] = row["ppo/response_length"]
     first = {"length": history[0]["ppo/response_length"]} if history else None
-    bounds = {k: getattr(cfg, k) for k in ("max_empty_share", "max_prompt_copy_share", "max_top_response_share")}
-    bounds["min_length_ratio"] = cfg.min_length_ratio
-    return diagnostics.degenerate_reasons(figures, first, bounds, "stage.ppo")
+    return diagnostics.degenerate_reasons(figures, first, diagnostics.degenerate_bounds(cfg), "stage.ppo")
 
 
 def _named_point(point: dict[str, float]) -> dict[str, float]:
     return {f"ppo/watch/{k}": v for k, v in point.items() if k != "update"}
 
 
-def _watch(cfg: PpoConfig, tokenizer, scorer, gold_fn, prompts: Path | None, judge_rm, judge_norm, budget) -> Watch:
+def _watch(
+    cfg: PpoConfig, tokenizer, scorer, gold_fn, prompts: Path | None, judge_rm, judge_norm, budget, where
+) -> Watch:
     """The over-optimisation watch: the proxy (the scorer PPO optimises) and an independent judge."""
     if prompts is None:
         raise ValueError("stage.ppo.watch_every: the watch needs held-out prompts (watch_prompts)")
@@ -609,7 +609,7 @@ def _watch(cfg: PpoConfig, tokenizer, scorer, gold_fn, prompts: Path | None, jud
     if gold_fn is not None:
         judge = lambda ps, ts, rollout: [gold_fn(p, t) for p, t in zip(ps, ts)]  # noqa: E731
     elif judge_rm is not None:
-        rm = TrainedRewardModel(judge_rm, judge_norm, device=model_device(scorer.frozen[0]) if scorer.frozen else None)
+        rm = TrainedRewardModel(judge_rm, judge_norm, device=where)  # the stage's device, as the proxy's
         judge = lambda ps, ts, rollout: rm.score(rollout)  # noqa: E731
     else:
         raise ValueError(

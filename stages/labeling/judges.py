@@ -9,8 +9,8 @@ A win rate is only as good as its judge. Each judge's held-out agreement is coun
   come from the same seeded labeler and would agree by construction); without held-out comparisons
   (rlaif_direct), on the evaluation's own (policy, SFT) pairs, which are harder to tell apart the
   closer the policy stays to SFT;
-- the **AI labeler**: with a gold rule, against the independent simulated human on the same pairs;
-  without one, against the held-out comparisons when humans labelled them (not the AI itself);
+- the **AI labeler** (the win judge where there is no gold rule): against the held-out comparisons
+  when humans labelled them, never against the AI's own labels;
 - an **evaluation reward model**: against the held-out comparisons when humans labelled them
   (`stages/preference/scorers.py: pairwise_counts`).
 

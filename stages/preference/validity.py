@@ -36,13 +36,13 @@ def validity(judge: str, hits: float, pairs: int, *, bound: float, key: str) -> 
     accuracy = hits / pairs if pairs else None
     valid = pairs > 0 and lo >= bound
     if pairs == 0:
-        why = f"{judge}: no held-out human preferences to measure it on, so its verdict is not evidence"
+        why = f"{judge}: no held-out human preferences to measure it on"
     elif valid:
         why = f"{judge}: held-out accuracy {accuracy:.3f} (95% CI {lo:.3f}-{hi:.3f}) clears {key}={bound}"
     else:
         why = (
             f"{judge}: held-out accuracy {accuracy:.3f} (95% CI {lo:.3f}-{hi:.3f}, {pairs} pairs) does not "
-            f"clear {key}={bound}, so its verdict is not evidence"
+            f"clear {key}={bound}"
         )
     return {
         "judge": judge,

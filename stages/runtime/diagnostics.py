@@ -85,6 +85,14 @@ def degenerate(prompts: list, texts: list[str]) -> dict[str, float]:
     }
 
 
+DEGENERATE_BOUNDS = ("max_empty_share", "max_prompt_copy_share", "max_top_response_share", "min_length_ratio")
+
+
+def degenerate_bounds(cfg) -> dict[str, float]:
+    """The degenerate-output bounds of a stage config that has them (evaluate's, PPO's)."""
+    return {key: getattr(cfg, key) for key in DEGENERATE_BOUNDS}
+
+
 def degenerate_reasons(policy: dict, sft: dict | None, bounds: dict[str, float], prefix: str) -> list[str]:
     """One line per bound a policy's degenerate figures cross. `policy`/`sft`: `describe` plus
     `degenerate` figures; `bounds`: max_empty_share, max_prompt_copy_share, max_top_response_share,
