@@ -114,3 +114,52 @@ def test_ptx_mixing_adds_the_scaled_lm_gradient():
     ppo_loss, lm_loss = 3 * w, w**2
     pm.ptx_mix(ppo_loss, lm_loss, coef=27.8).backward()
     assert w.grad.item() == pytest.approx(3 + 27.8 * 2 * 2.0)
+
+
+def test_group_estimators_by_hand():
+    score = torch.tensor([1.0, 0.0, 3.0, 3.0])  # two groups of n=2: (1, 0) and (3, 3)
+    # grpo: mean 0.5, unbiased std sqrt(0.5) = 0.7071 -> +-0.7071; the tied group gives 0
+    grpo = pm.group_relative(score, 2, "grpo")
+    assert torch.allclose(grpo, torch.tensor([0.5 / (0.5**0.5 + 1e-6), -0.5 / (0.5**0.5 + 1e-6), 0.0, 0.0]))
+    assert torch.allclose(pm.group_relative(score, 2, "dr_grpo"), torch.tensor([0.5, -0.5, 0.0, 0.0]))
+    # rloo, n=3 on (1, 2, 6): 1 - 4 = -3, 2 - 3.5 = -1.5, 6 - 1.5 = 4.5
+    rloo = pm.group_relative(torch.tensor([1.0, 2.0, 6.0]), 3, "rloo")
+    assert torch.allclose(rloo, torch.tensor([-3.0, -1.5, 4.5]))
+    with pytest.raises(ValueError, match="samples_per_prompt"):
+        pm.group_relative(score, 3, "grpo")
+
+
+def test_critic_free_advantages_broadcast_the_return_and_penalise_kl():
+    score = torch.tensor([1.0, 0.0])
+    kl = torch.tensor([[0.5, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    # dr_grpo, KL as a loss term (beta 0): (0.5, -0.5) on every response token
+    adv = pm.critic_free_advantages(score, kl, mask, estimator="dr_grpo", n=2, beta=0.0)
+    assert torch.allclose(adv, torch.tensor([[0.5, 0.5, 0.5], [-0.5, -0.5, 0.0]]))
+    # rloo with the KL in the reward, beta 0.1
+    # n=2 leave-one-out baselines: 1 - 0 = 1 and 0 - 1 = -1
+    adv = pm.critic_free_advantages(score, kl, mask, estimator="rloo", n=2, beta=0.1)
+    # rewards row0: [-0.05, -0.1, 1.0]; returns: [0.85, 0.9, 1.0]
+    # rewards row1: [-0.1, -1.0, 0]; returns: [-1.1, -1.0, 0]
+    assert torch.allclose(adv, torch.tensor([[0.85, 0.9, 1.0], [-1.1, -1.0, 0.0]]))
+
+
+def test_reinforce_pp_whitens_the_returns_over_the_batch():
+    score = torch.tensor([2.0, 0.0])
+    kl = torch.zeros(2, 2)
+    mask = torch.ones(2, 2)
+    adv = pm.critic_free_advantages(score, kl, mask, estimator="reinforce_pp", n=1, beta=0.0)
+    # returns [[2, 2], [0, 0]]: mean 1, variance 1 -> [[1, 1], [-1, -1]]
+    assert torch.allclose(adv, torch.tensor([[1.0, 1.0], [-1.0, -1.0]]), atol=1e-4)
+    base = pm.critic_free_advantages(score, kl, mask, estimator="reinforce_pp_baseline", n=2, beta=0.0)
+    assert torch.allclose(base, torch.tensor([[1.0, 1.0], [-1.0, -1.0]]), atol=1e-4)
+
+
+def test_dr_grpo_aggregation_has_no_length_bias():
+    x = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
+    assert pm.aggregate(x, mask).item() == pytest.approx(1.0)  # token mean
+    assert pm.aggregate(x, mask, horizon=4).item() == pytest.approx((4 + 1) / (2 * 4))
+    # k3 of equal log-probs is 0; of log r = -1: e^-1 - 1 + 1 = 0.3679
+    logp, ref = torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, -1.0]])
+    assert pm.kl_loss(logp, ref, torch.ones(1, 2)).item() == pytest.approx(math.exp(-1) / 2, rel=1e-5)

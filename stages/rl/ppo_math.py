@@ -58,13 +58,19 @@ def gae(
 
 
 def policy_loss(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float,
+    horizon: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Clipped surrogate `-min(r A, clip(r, 1-e, 1+e) A)`; returns (loss, clipfrac, approxkl)."""
+    """Clipped surrogate `-min(r A, clip(r, 1-e, 1+e) A)`, aggregated by `aggregate` (`horizon`: Dr.
+    GRPO's constant normaliser); returns (loss, clipfrac, approxkl)."""
     ratio = torch.exp(logprobs - old_logprobs)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    loss = aggregate(torch.max(unclipped, clipped), mask, horizon)
     clipfrac = masked_mean((clipped > unclipped).float(), mask)
     approxkl = 0.5 * masked_mean((logprobs - old_logprobs) ** 2, mask)
     return loss, clipfrac, approxkl
@@ -120,3 +126,84 @@ def ema_update(ema: dict[str, torch.Tensor], params: dict[str, torch.Tensor], de
 def ptx_mix(ppo_loss: torch.Tensor, lm_loss: torch.Tensor, coef: float) -> torch.Tensor:
     """PPO-ptx (InstructGPT eq. 2): the PPO loss plus `coef` times the pretraining LM loss."""
     return ppo_loss + coef * lm_loss
+
+
+# Advantage estimators (`stage.ppo.advantage`), as OpenRLHF names them. `gae` needs a value model; the
+# others are critic-free and score whole responses: `grpo` (Shao et al. 2024, group-normalised),
+# `dr_grpo` (Liu et al. 2025: no std normalisation, no length normalisation of the loss), `rloo`
+# (Ahmadian et al. 2024, leave-one-out baseline), `reinforce_pp` (Hu 2025, REINFORCE++: returns
+# whitened over the global batch) and `reinforce_pp_baseline` (the group mean subtracted first).
+CRITIC_FREE = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+ESTIMATORS = ("gae", *CRITIC_FREE)
+GROUPED = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")  # need samples_per_prompt >= 2
+
+
+def group_relative(score: torch.Tensor, n: int, estimator: str) -> torch.Tensor:
+    """Each response's score against its prompt's group of `n` responses, (batch,) -> (batch,).
+
+    The batch holds the groups one after another (`n` consecutive responses share a prompt).
+    grpo: (r - mean) / (std + 1e-6), std unbiased as torch's; dr_grpo and reinforce_pp_baseline:
+    r - mean; rloo: r - mean of the other n - 1 responses."""
+    if estimator not in GROUPED:
+        raise ValueError(f"stage.ppo.advantage: {estimator!r} is not a group estimator ({', '.join(GROUPED)})")
+    if n < 2 or score.shape[0] % n:
+        raise ValueError(f"stage.ppo.samples_per_prompt: a group needs n >= 2 dividing the batch, got n={n}")
+    g = score.view(-1, n)
+    mean = g.mean(dim=1, keepdim=True)
+    if estimator == "grpo":
+        out = (g - mean) / (g.std(dim=1, keepdim=True) + 1e-6)
+    elif estimator == "rloo":
+        out = g - (g.sum(dim=1, keepdim=True) - g) / (n - 1)
+    else:
+        out = g - mean
+    return out.reshape(-1)
+
+
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """G_t = sum_{s >= t} gamma^(s - t) r_s over the response (the REINFORCE return)."""
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros(rewards.shape[0], device=rewards.device, dtype=rewards.dtype)
+    for t in reversed(range(rewards.shape[1])):
+        running = (rewards[:, t] + gamma * running) * mask[:, t]
+        returns[:, t] = running
+    return returns
+
+
+def critic_free_advantages(
+    score: torch.Tensor,
+    kl: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    estimator: str,
+    n: int,
+    beta: float,
+    gamma: float = 1.0,
+    total=None,
+) -> torch.Tensor:
+    """Per-token advantages without a value model, (batch, response_len).
+
+    1. the score, relative to its group for the group estimators;
+    2. the per-token KL penalty `-beta * kl` (pass beta=0 when the KL is a loss term, GRPO's way);
+    3. the discounted return of each token;
+    4. REINFORCE++: whitened over the global batch (`total` sums over ranks)."""
+    if estimator not in CRITIC_FREE:
+        raise ValueError(f"stage.ppo.advantage: {estimator!r} is not critic-free ({', '.join(CRITIC_FREE)})")
+    seq = group_relative(score, n, estimator) if estimator in GROUPED else score
+    advantages = discounted_returns(kl_penalized_rewards(seq, kl, mask, beta), mask, gamma)
+    if estimator.startswith("reinforce_pp"):
+        advantages = masked_whiten(advantages, mask, total=total)
+    return advantages * mask
+
+
+def aggregate(x: torch.Tensor, mask: torch.Tensor, horizon: int | None = None) -> torch.Tensor:
+    """A per-token loss to a scalar: the mean over response tokens, or with `horizon` (Dr. GRPO) the sum
+    over each response's tokens divided by a constant `horizon`, averaged over responses (a long
+    response's tokens then weigh as much as a short one's: no length bias)."""
+    if horizon is None:
+        return masked_mean(x, mask)
+    return (x * mask).sum() / (mask.shape[0] * horizon)
+
+
+def kl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, horizon: int | None = None):
+    """GRPO's KL term: the k3 estimate of KL(pi || pi_ref) on the sampled tokens, differentiable in pi."""
+    return aggregate(kl_estimate(logprobs, ref_logprobs, "k3"), mask, horizon)
