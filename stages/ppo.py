@@ -111,9 +111,36 @@ class PpoConfig:
     watch_every: int = 0
     watch_prompts: int = 64
     select: str = "last"  # last | judge_peak: publish the policy at the judge's best watched point
+    # the advantage estimator (stages/rl/ppo_math.py): gae (InstructGPT, with a value model) or a
+    # critic-free one (grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline: no value model loaded)
+    advantage: str = "gae"
+    samples_per_prompt: int = 1  # n responses per prompt each update; the group estimators need n >= 2
+    kl_penalty: str = "reward"  # reward: -beta*KL per token in the reward (InstructGPT); loss: GRPO's k3 term
     seed: int = 0
 
+    @property
+    def critic_free(self) -> bool:
+        return self.advantage in pm.CRITIC_FREE
+
     def __post_init__(self) -> None:
+        if self.advantage not in pm.ESTIMATORS:
+            raise ValueError(f"stage.ppo.advantage: {self.advantage!r} is not one of {', '.join(pm.ESTIMATORS)}")
+        if self.kl_penalty not in ("reward", "loss"):
+            raise ValueError(f"stage.ppo.kl_penalty: {self.kl_penalty!r} is not 'reward' or 'loss'")
+        if self.samples_per_prompt < 1 or self.rollouts_per_update % self.samples_per_prompt:
+            raise ValueError(
+                f"stage.ppo.samples_per_prompt ({self.samples_per_prompt}) must be >= 1 and divide "
+                f"stage.ppo.rollouts_per_update ({self.rollouts_per_update})"
+            )
+        if self.advantage in pm.GROUPED and self.samples_per_prompt < 2:
+            raise ValueError(
+                f"stage.ppo.advantage={self.advantage} compares responses to one prompt: "
+                f"set stage.ppo.samples_per_prompt >= 2, got {self.samples_per_prompt}"
+            )
+        if self.kl_penalty == "loss" and self.advantage == "gae":
+            raise ValueError(
+                "stage.ppo.kl_penalty=loss is for the critic-free estimators; gae keeps the KL in the reward"
+            )
         if self.rollouts_per_update % self.minibatch_size:
             raise ValueError(
                 f"stage.ppo.rollouts_per_update ({self.rollouts_per_update}) must be a multiple of "
@@ -158,6 +185,7 @@ class _State:
         # ZeRO-3 partitions the policy: rollouts come from a whole copy, synced after each update
         self.zero3 = dist.partitioned(distributed)
         self.device = device(tuning)
+        critic_init = None if cfg.critic_free else critic_init  # no value model to load
         self.models = (
             FullCopies(policy, critic_init, cfg.temperature, tuning, partitioned=self.zero3)
             if cfg.layout == "full_copies"
@@ -177,7 +205,11 @@ class _State:
         self.stopped: str | None = None  # why training stopped before `updates` (degenerate rollouts)
         self.rollout_policy = _whole_copy(policy, tuning, self.device) if self.zero3 else None
         micro = dist.per_rank(cfg.minibatch_size, "stage.ppo.minibatch_size")
-        dist.per_rank(cfg.rollouts_per_update, "stage.ppo.rollouts_per_update")
+        if dist.per_rank(cfg.rollouts_per_update, "stage.ppo.rollouts_per_update") % cfg.samples_per_prompt:
+            raise ValueError(
+                "stage.ppo.samples_per_prompt must divide each process's share of stage.ppo.rollouts_per_update "
+                "(a prompt's group of responses stays on one rank)"
+            )
         scaler = grad_scaler(tuning.compute)
         self.engine = Engine(
             _Trained(self.models), self.opt, distributed, micro_batch=micro, clip=cfg.max_grad_norm, scaler=scaler
@@ -372,8 +404,10 @@ def run(
     bar.update(state.update)
     while state.update < cfg.updates:
         update = state.update
-        start = (update * cfg.rollouts_per_update) % len(texts)  # data position follows the update index
-        batch_prompts = [texts[(start + i) % len(texts)] for i in range(cfg.rollouts_per_update)]
+        n = cfg.samples_per_prompt  # each prompt n times in a row: one group of responses
+        per_update = cfg.rollouts_per_update // n
+        start = (update * per_update) % len(texts)  # data position follows the update index
+        batch_prompts = [texts[(start + i // n) % len(texts)] for i in range(cfg.rollouts_per_update)]
         mine = batch_prompts[dist.share(len(batch_prompts))]  # this rank's rollouts
         row, rollout = _one_update(cfg, state, tokenizer, scorer, mine, ptx_docs, update, budget)
         responses = dist.gather(decode_responses(tokenizer, rollout))  # the global batch's, on every rank
@@ -424,14 +458,30 @@ def _one_update(cfg, state: _State, tokenizer, scorer, batch_prompts, ptx_docs, 
         if cfg.missing_eos_penalty is not None:
             score = score - cfg.missing_eos_penalty * (~rollout.finished).float()
     _check_finite("reward", score, update)
-    # 3. per-token KL penalty, GAE
+    # 3. per-token KL penalty, advantages: GAE with the value model, or a critic-free estimator
     kl = pm.kl_estimate(old_logp, ref_logp, cfg.kl_estimator) * mask
-    rewards = pm.kl_penalized_rewards(score, kl, mask, state.beta)
-    advantages, returns = pm.gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-    if cfg.whiten_advantages:  # by the global batch's statistics: the same on every rank
-        advantages = pm.masked_whiten(advantages, mask, total=dist.all_reduce_sum if dist.active() else None)
+    total = dist.all_reduce_sum if dist.active() else None
+    in_reward = state.beta if cfg.kl_penalty == "reward" else 0.0
+    horizon = budget.max_new_tokens if cfg.advantage == "dr_grpo" else None  # Dr. GRPO: no length normalisation
+    if cfg.critic_free:
+        kw = {"estimator": cfg.advantage, "n": cfg.samples_per_prompt, "beta": in_reward, "gamma": cfg.gamma}
+        advantages = pm.critic_free_advantages(score, kl, mask, **kw, total=total)
+        returns = advantages
+    else:
+        rewards = pm.kl_penalized_rewards(score, kl, mask, state.beta)
+        advantages, returns = pm.gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:  # by the global batch's statistics: the same on every rank
+            advantages = pm.masked_whiten(advantages, mask, total=total)
     # 4. PPO epochs over shuffled minibatches (of this rank's rollouts)
-    stats: dict[str, list[float]] = {"pg": [], "vf": [], "clipfrac": [], "approxkl": [], "entropy": [], "ptx": []}
+    stats: dict[str, list[float]] = {
+        "pg": [],
+        "vf": [],
+        "clipfrac": [],
+        "approxkl": [],
+        "entropy": [],
+        "ptx": [],
+        "kl_loss": [],
+    }
     local = len(batch_prompts)
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(local, device="cpu").to(mask.device)  # the host's RNG: the same on any device
@@ -440,9 +490,17 @@ def _one_update(cfg, state: _State, tokenizer, scorer, batch_prompts, ptx_docs, 
             with autocast(state.compute):  # mixed precision (`compute.precision`); the losses in fp32
                 logp, entropy, values = state.engine(mb)
             logp, entropy, values = logp.float(), entropy.float(), values.float()
-            pg, clipfrac, approxkl = pm.policy_loss(logp, old_logp[idx], advantages[idx], m, cfg.clip)
-            vf, _ = pm.value_loss(values, old_values[idx], returns[idx], m, cfg.value_clip)
-            loss = pg + cfg.vf_coef * vf
+            pg, clipfrac, approxkl = pm.policy_loss(logp, old_logp[idx], advantages[idx], m, cfg.clip, horizon)
+            if cfg.critic_free:  # no value model: no value loss
+                vf = torch.zeros((), device=pg.device)
+                loss = pg
+            else:
+                vf, _ = pm.value_loss(values, old_values[idx], returns[idx], m, cfg.value_clip)
+                loss = pg + cfg.vf_coef * vf
+            if cfg.kl_penalty == "loss":  # GRPO: k3 KL to the reference as a loss term
+                kl_term = pm.kl_loss(logp, ref_logp[idx], m, horizon)
+                loss = loss + state.beta * kl_term
+                stats["kl_loss"].append(kl_term.item())
             if ptx_docs:
                 lm = _lm_loss(models.policy, tokenizer, ptx_docs, cfg.ptx_batch_size, budget)
                 loss = pm.ptx_mix(loss, lm, cfg.ptx_coef)
@@ -470,7 +528,9 @@ def _one_update(cfg, state: _State, tokenizer, scorer, batch_prompts, ptx_docs, 
         "ppo/objective/non_score_reward": dist.mean(-state.beta * kl.sum(1)),
         "ppo/objective/rlhf_reward": dist.mean(score - state.beta * kl.sum(1)),
         "ppo/objective/beta": state.beta,
-        "ppo/val/explained_variance": _over_ranks(_explained_variance(old_values, returns, mask)),
+        "ppo/val/explained_variance": (
+            math.nan if cfg.critic_free else _over_ranks(_explained_variance(old_values, returns, mask))
+        ),
         "ppo/response_length": dist.mean(mask.sum(1)),
         # tokens through the model per update: rollout forward passes plus the PPO epochs' passes
         "ppo/tokens": float(tokens * (1 + cfg.ppo_epochs)),
@@ -503,6 +563,7 @@ def _named(stats: dict[str, list[float]]) -> dict[str, list[float]]:
         "approxkl": "policy/approxkl",
         "entropy": "policy/entropy",
         "ptx": "loss/ptx",
+        "kl_loss": "loss/kl",
     }
     return {names[k]: v for k, v in stats.items()}
 
@@ -570,6 +631,8 @@ def _finish(cfg, state: _State, tokenizer, out_dir, batch_prompts, responses, re
         "ppo/tokens": float(sum(h["ppo/tokens"] for h in state.history)),
         "ppo/stopped_early": float(state.stopped is not None),
         "ppo/published_update": float(published_update),
+        "ppo/value_model": float(not cfg.critic_free),  # 0: the estimator loaded no value model
+        "ppo/samples_per_prompt": float(cfg.samples_per_prompt),
         **{f"ppo/{k}_last": last[f"ppo/{k}"] for k in ("empty_share", "prompt_copy_share", "top_response_share")},
     }
     files = {"policy": "policy", "samples": "samples.jsonl", "verdict": "verdict.json"}

@@ -193,3 +193,62 @@ def test_ppo_shared_base_layout_trains_adapters_and_exports_a_plain_model(chain,
             prompts=_prompts(chain),
             out_dir=tmp_path / "x",
         )
+
+
+@pytest.mark.parametrize(
+    "estimator, layout, kl_penalty",
+    [
+        ("grpo", "full_copies", "loss"),
+        ("rloo", "full_copies", "reward"),
+        ("dr_grpo", "shared_base", "loss"),
+        ("reinforce_pp", "full_copies", "reward"),
+        ("reinforce_pp_baseline", "shared_base", "reward"),
+    ],
+)
+def test_critic_free_estimators_train_the_policy_and_load_no_value_model(
+    chain, tmp_path, monkeypatch, estimator, layout, kl_penalty
+):
+    from stages.rl import ppo_models
+
+    built = []
+    for cls in (ppo_models.FullCopies, ppo_models.SharedBase):
+
+        def spy(self, policy, critic_init, *a, _original=cls.__init__, **kw):
+            built.append(critic_init)
+            _original(self, policy, critic_init, *a, **kw)
+
+        monkeypatch.setattr(cls, "__init__", spy)
+    n = 1 if estimator == "reinforce_pp" else 4
+    m = ppo.run(
+        ppo.PpoConfig(
+            updates=2,
+            rollouts_per_update=16,
+            minibatch_size=8,
+            layout=layout,
+            advantage=estimator,
+            samples_per_prompt=n,
+            kl_penalty=kl_penalty,
+        ),
+        Tuning(PeftConfig(r=4, alpha=8) if layout == "shared_base" else PeftConfig("full")),
+        policy=chain["sft"].file("policy"),
+        reward_model=chain["rm"].file("model"),
+        normalization=chain["rm"].file("normalization"),
+        prompts=_prompts(chain),
+        out_dir=tmp_path,
+    )
+    assert built == [None]  # the models were built without a value model to initialise
+    assert m.metrics["ppo/value_model"] == 0.0 and m.metrics["ppo/samples_per_prompt"] == n
+    before, after = _weights(chain["sft"].file("policy")), _weights(m.file("policy"))
+    assert set(before) == set(after)  # a plain model folder, whatever the layout
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_estimator_config_is_checked():
+    with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
+        ppo.PpoConfig(advantage="grpo")
+    with pytest.raises(ValueError, match="stage.ppo.advantage"):
+        ppo.PpoConfig(advantage="a2c")
+    with pytest.raises(ValueError, match="divide"):
+        ppo.PpoConfig(advantage="rloo", samples_per_prompt=3, rollouts_per_update=64)
+    with pytest.raises(ValueError, match="kl_penalty=loss"):
+        ppo.PpoConfig(kl_penalty="loss")

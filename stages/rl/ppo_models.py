@@ -41,7 +41,7 @@ class FullCopies:
     def __init__(
         self,
         policy: Path,
-        critic_init: Path,
+        critic_init: Path | None,
         temperature: float,
         tuning: Tuning | None = None,
         *,
@@ -52,9 +52,11 @@ class FullCopies:
         self.policy = load(policy, tuning, "causal_lm", partitioned=partitioned)
         self.ref = load_causal_lm(policy, device=device(tuning)).eval().requires_grad_(False)
         self.frozen = [self.ref]
-        self.critic = load(critic_init, tuning, "scalar", partitioned=partitioned)
+        # no critic_init: a critic-free estimator, no value model at all
+        self.critic = None if critic_init is None else load(critic_init, tuning, "scalar", partitioned=partitioned)
         self.temperature = temperature
-        self.module = torch.nn.ModuleDict({"policy": self.policy, "critic": self.critic})
+        trained = {"policy": self.policy} | ({"critic": self.critic} if self.critic is not None else {})
+        self.module = torch.nn.ModuleDict(trained)
         self.trainable = [p for p in self.module.parameters() if p.requires_grad]
         self._policy_keys = [n for n, p in self.policy.named_parameters() if p.requires_grad]
 
@@ -66,6 +68,8 @@ class FullCopies:
         return response_logprobs(self.ref, rollout, temperature=self.temperature)[0]
 
     def values(self, rollout: Rollout) -> torch.Tensor:
+        if self.critic is None:  # critic-free: zeros, never trained
+            return torch.zeros(rollout.response.shape, device=rollout.response.device)
         return token_values(self.critic, rollout)
 
     def policy_state(self) -> dict[str, torch.Tensor]:
@@ -79,18 +83,20 @@ class FullCopies:
             raise ValueError(f"ppo: the policy state has weights the policy lacks: {unexpected[:3]}")
 
     def state_dict(self) -> dict:
-        return {"policy": self.policy.state_dict(), "critic": self.critic.state_dict()}
+        critic = {"critic": self.critic.state_dict()} if self.critic is not None else {}
+        return {"policy": self.policy.state_dict(), **critic}
 
     def load_state_dict(self, blob: dict) -> None:
         self.policy.load_state_dict(blob["policy"])
-        self.critic.load_state_dict(blob["critic"])
+        if self.critic is not None:
+            self.critic.load_state_dict(blob["critic"])
 
     def export(self, folder: Path) -> None:
         export(self.policy, self.tuning, folder, base=self.base)
 
 
 class SharedBase:
-    def __init__(self, policy: Path, critic_init: Path, temperature: float, tuning: Tuning) -> None:
+    def __init__(self, policy: Path, critic_init: Path | None, temperature: float, tuning: Tuning) -> None:
         from peft import get_peft_model, prepare_model_for_kbit_training
 
         if not shares_base(tuning):
@@ -104,17 +110,19 @@ class SharedBase:
         if tuning.peft.method == "qlora":
             base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
         self.model = get_peft_model(base, lora, adapter_name="policy")
-        self.model.add_adapter("value", lora)
         self.frozen: list = []  # the reference is the base itself
-        rm_head = load_scalar_model(critic_init).score.weight.detach()
-        self.value_head = torch.nn.Linear(rm_head.shape[1], 1, bias=False, device=where)
-        with torch.no_grad():
-            self.value_head.weight.copy_(rm_head)
+        self.value_head = None  # critic-free (no critic_init): no value adapter, no head
+        if critic_init is not None:
+            self.model.add_adapter("value", lora)
+            rm_head = load_scalar_model(critic_init).score.weight.detach()
+            self.value_head = torch.nn.Linear(rm_head.shape[1], 1, bias=False, device=where)
+            with torch.no_grad():
+                self.value_head.weight.copy_(rm_head)
         self.temperature = temperature
-        self.trainable = [p for n, p in self.model.named_parameters() if "lora_" in n] + list(
-            self.value_head.parameters()
-        )
-        self.module = torch.nn.ModuleDict({"model": self.model, "value_head": self.value_head})
+        head = list(self.value_head.parameters()) if self.value_head is not None else []
+        self.trainable = [p for n, p in self.model.named_parameters() if "lora_" in n] + head
+        modules = {"model": self.model} | ({"value_head": self.value_head} if self.value_head is not None else {})
+        self.module = torch.nn.ModuleDict(modules)
         self._use("policy")
 
     def _use(self, adapter: str) -> None:
@@ -137,6 +145,8 @@ class SharedBase:
             return response_logprobs(self.model, rollout, temperature=self.temperature)[0]
 
     def values(self, rollout: Rollout) -> torch.Tensor:
+        if self.value_head is None:  # critic-free: zeros, never trained
+            return torch.zeros(rollout.response.shape, device=rollout.response.device)
         self._use("value")
         backbone = self.model.get_base_model().model  # the decoder stack, LoRA layers included
         return token_values(self.model, rollout, backbone=backbone, head=self.value_head)
@@ -149,11 +159,13 @@ class SharedBase:
 
     def state_dict(self) -> dict:
         lora = {k: v for k, v in self.model.state_dict().items() if "lora_" in k}
-        return {"lora": lora, "value_head": self.value_head.state_dict()}
+        head = {"value_head": self.value_head.state_dict()} if self.value_head is not None else {}
+        return {"lora": lora, **head}
 
     def load_state_dict(self, blob: dict) -> None:
         self.model.load_state_dict(blob["lora"], strict=False)
-        self.value_head.load_state_dict(blob["value_head"])
+        if self.value_head is not None:
+            self.value_head.load_state_dict(blob["value_head"])
 
     def export(self, folder: Path) -> None:
         """A plain model folder: the policy adapter merged into the base (a full-precision one under QLoRA)."""
@@ -165,5 +177,6 @@ class SharedBase:
             return
         model = copy.deepcopy(self.model)
         model.set_adapter("policy")
-        model.delete_adapter("value")
+        if self.value_head is not None:
+            model.delete_adapter("value")
         model.merge_and_unload().save_pretrained(folder, safe_serialization=True)
