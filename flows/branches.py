@@ -4,6 +4,8 @@
 - `dpo` (Rafailov et al. 2023): sft -> comparisons -> dpo [-> comparisons -> dpo per further round] -> evaluate
 - `rlaif` (Lee et al. 2023): sft -> judge -> comparisons (AI-labelled) -> reward_model (soft labels) -> ppo -> evaluate
 - `rlaif_direct` (d-RLAIF): sft -> judge -> ppo (scored by the judge) -> evaluate
+- `grpo` (Shao et al. 2024), `rloo` (Ahmadian et al. 2024): rlhf's DAG, the ppo stage with a critic-free
+  estimator (`stage.ppo.advantage`, n samples per prompt, no value model); the other stages are rlhf's, cached
 
 `run` is the flow's stage runner (`flows.align.Pipeline`); the calls live in `flows/steps.py`, so a
 stage two branches share has one cache key.
@@ -54,4 +56,12 @@ def rlaif_direct(run, cfg: Config) -> Manifest:
     return steps.evaluate(run, cfg, sft, ppo, prep, rm=None, cmp=None, judge=judge)
 
 
-BRANCHES = {"rlhf": rlhf, "dpo": dpo, "rlaif": rlaif, "rlaif_direct": rlaif_direct}
+def grpo(run, cfg: Config) -> Manifest:
+    return rlhf(run, cfg)  # the estimator is the ppo stage's config (conf/pipeline/grpo.yaml)
+
+
+def rloo(run, cfg: Config) -> Manifest:
+    return rlhf(run, cfg)  # the estimator is the ppo stage's config (conf/pipeline/rloo.yaml)
+
+
+BRANCHES = {"rlhf": rlhf, "dpo": dpo, "rlaif": rlaif, "rlaif_direct": rlaif_direct, "grpo": grpo, "rloo": rloo}

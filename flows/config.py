@@ -33,8 +33,14 @@ PIPELINES = {
     "dpo": ("prepare", "sft", "comparisons", "dpo", "evaluate"),
     "rlaif": ("prepare", "sft", "judge", "comparisons", "reward_model", "ppo", "evaluate"),
     "rlaif_direct": ("prepare", "sft", "judge", "ppo", "evaluate"),
+    # rlhf's DAG with a critic-free estimator in the ppo stage (no value model): its own ppo artifact,
+    # the same cached prepare, sft, comparisons and reward_model
+    "grpo": ("prepare", "sft", "comparisons", "reward_model", "ppo", "evaluate"),
+    "rloo": ("prepare", "sft", "comparisons", "reward_model", "ppo", "evaluate"),
 }
 AI_LABELED = ("rlaif", "rlaif_direct")
+# the estimators (`stage.ppo.advantage`) a critic-free branch name stands for
+ESTIMATOR_BRANCHES = {"grpo": ("grpo", "dr_grpo"), "rloo": ("rloo",)}
 
 
 @dataclass(frozen=True)
@@ -152,7 +158,14 @@ class Config:
         self._check_distributed()
         if self.stage.ppo.layout == "shared_base" and not shares_base(self.tuning("ppo")):
             raise ValueError(shared_base_refusal(self.peft.method))
-        sampled = self.pipeline.name in ("rlhf", "dpo") and self.data.comparisons is None
+        estimators = ESTIMATOR_BRANCHES.get(self.pipeline.name)
+        if estimators is not None and self.stage.ppo.advantage not in estimators:
+            raise ValueError(
+                f"stage.ppo.advantage: pipeline={self.pipeline.name} runs {' or '.join(estimators)}, "
+                f"got {self.stage.ppo.advantage!r} (other estimators run under pipeline=rlhf)"
+            )
+        labeled = "comparisons" in PIPELINES[self.pipeline.name] and self.pipeline.name not in AI_LABELED
+        sampled = labeled and self.data.comparisons is None
         sampled = sampled and self.pipeline.stop_after not in ("prepare", "sft")
         if sampled and self.labeler.kind == "simulated" and not self.data.is_embedded:
             raise ValueError(

@@ -122,6 +122,17 @@ def test_ai_branches_need_the_ai_labeler():
         to_config(_compose(["pipeline=rlaif", "labeler=simulated"]))
 
 
+def test_critic_free_branches_set_their_estimator_and_refuse_another():
+    grpo = to_config(_compose(["pipeline=grpo"])).stage.ppo
+    assert (grpo.advantage, grpo.samples_per_prompt, grpo.kl_penalty, grpo.critic_free) == ("grpo", 4, "loss", True)
+    rloo = to_config(_compose(["pipeline=rloo"])).stage.ppo
+    assert (rloo.advantage, rloo.kl_penalty) == ("rloo", "reward")
+    assert to_config(_compose(["pipeline=grpo", "stage.ppo.advantage=dr_grpo"])).stage.ppo.advantage == "dr_grpo"
+    with pytest.raises(ValueError, match="stage.ppo.advantage: pipeline=rloo runs rloo, got 'gae'"):
+        to_config(_compose(["pipeline=rloo", "stage.ppo.advantage=gae", "stage.ppo.kl_penalty=reward"]))
+    assert to_config(_compose(["stage.ppo.advantage=reinforce_pp"])).pipeline.name == "rlhf"  # any estimator there
+
+
 @pytest.mark.parametrize(
     "override, key",
     [
