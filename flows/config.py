@@ -37,6 +37,8 @@ PIPELINES = {
     # the same cached prepare, sft, comparisons and reward_model
     "grpo": ("prepare", "sft", "comparisons", "reward_model", "ppo", "evaluate"),
     "rloo": ("prepare", "sft", "comparisons", "reward_model", "ppo", "evaluate"),
+    # verifiable rewards: the ppo stage scored by `stage.ppo.reward_function` alone, no reward model
+    "rlvr": ("prepare", "sft", "ppo", "evaluate"),
 }
 AI_LABELED = ("rlaif", "rlaif_direct")
 # the estimators (`stage.ppo.advantage`) a critic-free branch name stands for
@@ -164,6 +166,11 @@ class Config:
                 f"stage.ppo.advantage: pipeline={self.pipeline.name} runs {' or '.join(estimators)}, "
                 f"got {self.stage.ppo.advantage!r} (other estimators run under pipeline=rlhf)"
             )
+        if self.pipeline.name == "rlvr" and self.stage.ppo.reward_function is None:
+            raise ValueError(
+                "stage.ppo.reward_function: pipeline=rlvr scores with a reward from code; name one "
+                "(package.module:name, see stages/rl/rewards.py)"
+            )
         labeled = "comparisons" in PIPELINES[self.pipeline.name] and self.pipeline.name not in AI_LABELED
         sampled = labeled and self.data.comparisons is None
         sampled = sampled and self.pipeline.stop_after not in ("prepare", "sft")
@@ -172,9 +179,10 @@ class Config:
                 "labeler.kind: the simulated labeler scores with the embedded task's gold rule, and your data has "
                 "none; give data.comparisons, or use labeler=ai or labeler=file"
             )
-        if self.pipeline.name in AI_LABELED and not self.data.is_embedded and self.labeler.ai.model is None:
+        if self.pipeline.name in AI_LABELED and self.data.gold != "embedded" and self.labeler.ai.model is None:
             raise ValueError(
-                "labeler.ai.model: the embedded judge knows only the embedded task; on your own data name a judge "
+                "labeler.ai.model: the embedded judge knows only the embedded words task (data.task=words); on "
+                "other data name a judge "
                 "model (a local path or hub id, or a served model with labeler.ai.backend=http)"
             )
         if self.pipeline.name in AI_LABELED and self.labeler.kind != "ai":

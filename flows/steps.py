@@ -9,6 +9,7 @@ from pathlib import Path
 from flows.config import Config
 from stages.models.peft_setup import PeftConfig
 from stages.models.tuning import Tuning
+from stages.rl import rewards
 from stages.runtime.manifest import Manifest
 
 
@@ -33,7 +34,7 @@ def check_accuracy(what: str, manifest: Manifest, accuracy: str, pairs: str, bou
 
 def gold(cfg: Config) -> str | None:
     """The gold rule that scores the data: the embedded task's, none for your own data."""
-    return "embedded" if cfg.data.is_embedded else None
+    return cfg.data.gold
 
 
 def lengths(cfg: Config) -> dict:
@@ -135,13 +136,17 @@ def eval_reward_model(run, cfg: Config, sft: Manifest, prep: Manifest) -> Manife
 
 
 def ppo(run, cfg: Config, sft: Manifest, prep: Manifest, *, rm: Manifest | None = None, judge: Manifest | None = None):
-    """PPO against the reward model `rm` (InstructGPT), or, d-RLAIF, scored by the AI labeler over `judge`."""
-    labeler = () if rm is not None else (cfg.labeler,)
-    scorer = (
-        {"reward_model": rm.file("model"), "normalization": rm.file("normalization")}
-        if rm is not None
-        else {"judge": Path(judge.path)}
-    )
+    """PPO against the reward model `rm` (InstructGPT), or, d-RLAIF, scored by the AI labeler over `judge`;
+    `stage.ppo.reward_function` scores beside them, or alone (neither given: `pipeline=rlvr`)."""
+    labeler = (cfg.labeler,) if judge is not None else ()
+    scorer: dict = {}
+    if rm is not None:
+        scorer = {"reward_model": rm.file("model"), "normalization": rm.file("normalization")}
+    elif judge is not None:
+        scorer = {"judge": Path(judge.path)}
+    files = {}
+    if cfg.stage.ppo.reward_function and (source := rewards.source_file(cfg.stage.ppo.reward_function)):
+        files["stage.ppo.reward_function"] = source  # an edited reward function retrains
     watched: dict = {}
     if cfg.stage.ppo.watch_every:  # the over-optimisation watch: held-out prompts, an independent judge
         watched["watch_prompts"] = prep.file("heldout_comparison_prompts")
@@ -160,6 +165,7 @@ def ppo(run, cfg: Config, sft: Manifest, prep: Manifest, *, rm: Manifest | None 
         target_len=cfg.data.target_len,
         **lengths(cfg),
         **watched,
+        files=files,
         checkpointed=True,
     )
 

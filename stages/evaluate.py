@@ -15,6 +15,8 @@ branch and on every data source; a block is null where it does not apply:
   CI's lower end does not reach `min_judge_accuracy`, the win rate is not evidence and the verdict
   is "inconclusive" (the registry promotes nothing inconclusive).
 - `gold_sft`, `gold_policy`: the gold rule's mean score with a 95% CI (null without a gold rule);
+- `accuracy`: on an exact-match task (`data.task=arithmetic`), SFT's and the policy's share of right
+  answers with 95% Wilson intervals, their difference with its 95% CI and their ratio (null elsewhere);
 - `proxy_rm`: the policy's own reward model's scores, labelled as the proxy that was optimised;
   `eval_rm`: the evaluation reward model's scores;
 - `kl_to_sft`: mean per-token KL of the policy to SFT on its own samples;
@@ -35,6 +37,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from itertools import combinations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,7 +59,7 @@ from stages.models.modeling import (
 )
 from stages.preference.rankings import encode_rankings, preference_pairs
 from stages.preference.scorers import TrainedRewardModel, implicit_reward_accuracy
-from stages.preference.validity import length_controlled, validity
+from stages.preference.validity import length_controlled, validity, wilson
 from stages.runtime import diagnostics
 from stages.runtime.manifest import Manifest, folder_digest, read_jsonl, write_jsonl
 from stages.runtime.progress import progress
@@ -80,6 +83,26 @@ class EvaluateConfig:
     max_prompt_copy_share: float = 0.05  # responses that repeat the prompt
     max_top_response_share: float = 0.25  # one answer given to a quarter of the prompts
     min_length_ratio: float = 0.5  # mean length against SFT's (a collapse below: flagged)
+
+
+def accuracy_block(sft: list[float], policy: list[float]) -> dict[str, Any]:
+    """Exact-match accuracies (scores 0 or 1) with Wilson intervals; the difference's 95% CI by the
+    normal approximation of two proportions."""
+
+    def one(xs: list[float]) -> dict[str, Any]:
+        return {"accuracy": sum(xs) / len(xs), "ci95": list(wilson(sum(xs), len(xs))), "n": len(xs)}
+
+    a, b = one(sft), one(policy)
+    n = len(sft)
+    p, q = a["accuracy"], b["accuracy"]
+    half = 1.96 * math.sqrt((p * (1 - p) + q * (1 - q)) / n)
+    return {
+        "sft": a,
+        "policy": b,
+        "difference": q - p,
+        "difference_ci95": [q - p - half, q - p + half],
+        "ratio": q / p if p else None,
+    }
 
 
 def mean_ci95(xs: list[float]) -> dict[str, float]:
@@ -207,6 +230,7 @@ def run(
     result: dict[str, Any] = {
         "gold_sft": None,
         "gold_policy": None,
+        "accuracy": None,
         "win": None,
         "proxy_rm": None,
         "eval_rm": None,
@@ -222,9 +246,13 @@ def run(
         gold_sft = [gold_fn(p, y) for p, y in zip(texts, sft_texts)]
         gold_pol = [gold_fn(p, y) for p, y in zip(texts, pol_texts)]
         result["gold_sft"], result["gold_policy"] = mean_ci95(gold_sft), mean_ci95(gold_pol)
+        if gold in sources.EXACT_MATCH:
+            result["accuracy"] = accuracy_block(gold_sft, gold_pol)
         human = SimulatedLabeler(LabelerConfig(noise=cfg.win_labeler_noise), target_len, gold)  # one scale
         wins = [_win(human.rank(p, [a, b])) for p, a, b in triples]
         items = [(r["prompt"], r["responses"]) for r in held] or [(p, [a, b]) for p, a, b in triples]
+        if gold in sources.EXACT_MATCH:  # a verifier ties most pairs: measure its labeler where it prefers one
+            items = [(p, [a, b]) for p, rs in items for a, b in combinations(rs, 2) if gold_fn(p, a) != gold_fn(p, b)]
         humans = judges.independent_human(cfg.win_labeler_noise, target_len, gold)
         win = ("simulated human labeler", wins, *judges.simulated_agreement(human, humans, items))
         for row, ga, gb in zip(rows, gold_sft, gold_pol):
@@ -286,6 +314,9 @@ def run(
     for key in ("gold_sft", "gold_policy"):
         if result[key] is not None:
             metrics[f"eval/{key}"] = result[key]["mean"]
+    if result["accuracy"] is not None:
+        metrics["eval/accuracy/sft"] = result["accuracy"]["sft"]["accuracy"]
+        metrics["eval/accuracy/policy"] = result["accuracy"]["policy"]["accuracy"]
     for key in ("win_rate", "win_rate_lc", "rm_accuracy", "labeler_ceiling"):
         if result[key] is not None:
             metrics[f"eval/{key}"] = result[key]

@@ -19,6 +19,13 @@ d-RLAIF (Lee et al. 2023, `pipeline=rlaif_direct`): with `judge` instead of `rew
 labeler scores every rollout directly (its expected 1-10 score mapped to [-1, 1]) and there is no
 reward model; the value model then starts from the SFT policy with a fresh head.
 
+The advantage estimator (`advantage`): InstructGPT's GAE with its value model, or a critic-free one
+(GRPO, Dr. GRPO, RLOO, REINFORCE++ with or without a group baseline: `stages/rl/ppo_math.py`) over
+`samples_per_prompt` responses per prompt, with no value model loaded; the KL to SFT in the reward
+or, GRPO's way, as a k3 loss term (`kl_penalty`). The same rollout, scoring and clipped-update loop
+serves every estimator. Rewards from code (`reward_function`, `stages/rl/rewards.py`) score alone
+(`pipeline=rlvr`) or beside the reward model.
+
 Alone: `python -m flows.align pipeline.stop_after=ppo`.
 """
 
@@ -49,6 +56,7 @@ from stages.models.modeling import (
 from stages.models.tuning import Tuning, device, optimizer
 from stages.preference.scorers import TrainedRewardModel
 from stages.rl import ppo_math as pm
+from stages.rl import rewards
 from stages.rl.ppo_models import FullCopies, SharedBase
 from stages.rl.rollout import GENERATIONS, HfRollout, VllmRollout, check
 from stages.rl.watch import Watch
@@ -116,6 +124,11 @@ class PpoConfig:
     advantage: str = "gae"
     samples_per_prompt: int = 1  # n responses per prompt each update; the group estimators need n >= 2
     kl_penalty: str = "reward"  # reward: -beta*KL per token in the reward (InstructGPT); loss: GRPO's k3 term
+    # a reward from code, `package.module:name` (stages/rl/rewards.py), alone (no reward model given) or
+    # summed with the reward model's normalised score: w_model * rm + w_function * function
+    reward_function: str | None = None
+    reward_function_weight: float = 1.0
+    reward_model_weight: float = 1.0
     seed: int = 0
 
     @property
@@ -136,6 +149,13 @@ class PpoConfig:
             raise ValueError(
                 f"stage.ppo.advantage={self.advantage} compares responses to one prompt: "
                 f"set stage.ppo.samples_per_prompt >= 2, got {self.samples_per_prompt}"
+            )
+        for key in ("reward_function_weight", "reward_model_weight"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"stage.ppo.{key}: must be >= 0, got {getattr(self, key)}")
+        if self.reward_function is not None and ":" not in self.reward_function:
+            raise ValueError(
+                f"stage.ppo.reward_function: {self.reward_function!r} is not of the form package.module:name"
             )
         if self.kl_penalty == "loss" and self.advantage == "gae":
             raise ValueError(
@@ -340,6 +360,41 @@ class JudgeScore:
         return torch.tensor(scores, dtype=torch.float32, device=rollout.query.device)
 
 
+class Scores:
+    """Each rollout's score, (batch,): the reward model's or the judge's (`model`), the reward
+    function's (`function`), or their weighted sum (`stage.ppo.reward_model_weight`, `reward_function_weight`)."""
+
+    def __init__(self, model, function: rewards.FunctionScore | None, cfg: PpoConfig) -> None:
+        self.model, self.function = model, function
+        self.weights = (cfg.reward_model_weight, cfg.reward_function_weight)
+        self.frozen = model.frozen if model is not None else []
+
+    def __call__(self, tokenizer, prompts: list, rollout: Rollout) -> torch.Tensor:
+        if self.function is None:
+            return self.model(tokenizer, prompts, rollout)
+        responses = decode_responses(tokenizer, rollout)
+        score = self.weights[1] * self.function.scores(prompts, responses, rollout.query.device)
+        if self.model is not None:
+            score = score + self.weights[0] * self.model(tokenizer, prompts, rollout)
+        return score
+
+
+def _scorer(cfg: PpoConfig, labeler, reward_model, normalization, judge, where) -> Scores:
+    if reward_model is not None and judge is not None:
+        raise ValueError("ppo: score rollouts with either a reward model or an AI labeler and its judge, not both")
+    if judge is not None and labeler is None:
+        raise ValueError("ppo: the judge scores through the AI labeler: pass its labeler config")
+    function = rewards.FunctionScore(cfg.reward_function) if cfg.reward_function else None
+    if reward_model is None and judge is None and function is None:
+        raise ValueError("ppo: nothing scores the rollouts: give a reward model, a judge or stage.ppo.reward_function")
+    model = None
+    if reward_model is not None:
+        model = RewardModelScore(reward_model, normalization, where)
+    elif judge is not None:
+        model = JudgeScore(labeler, judge, where)
+    return Scores(model, function, cfg)
+
+
 def _whole_copy(policy: Path, tuning: Tuning, where):
     """Under ZeRO-3: a whole copy of the trained policy's structure (the method's adapters too), for
     sampling and export; its weights come from the gathered policy (`HfRollout.sync`)."""
@@ -370,7 +425,8 @@ def run(
     judge_normalization: Path | None = None,
 ) -> Manifest:
     """Scores rollouts with `reward_model` (and its `normalization`), or, d-RLAIF, with the AI
-    `labeler` over `judge`. `gold` set (the embedded task's rule): log the hidden gold score too.
+    `labeler` over `judge`; with `cfg.reward_function`, a reward from code alone or summed with the
+    reward model (`stages/rl/rewards.py`). `gold` set (the embedded task's rule): log the hidden gold score too.
     `watch_prompts` (with `watch_every`): the held-out prompts the proxy and the independent judge
     (`gold`, else `judge_reward_model`) score as training goes.
 
@@ -382,10 +438,8 @@ def run(
     and reward models are whole frozen copies on every rank."""
     out_dir = Path(out_dir)
     check(cfg.generation)
-    if (reward_model is None) == (judge is None or labeler is None):
-        raise ValueError("ppo: score rollouts with either a reward model or an AI labeler and its judge, not both")
     where = device(tuning)
-    scorer = RewardModelScore(reward_model, normalization, where) if reward_model else JudgeScore(labeler, judge, where)
+    scorer = _scorer(cfg, labeler, reward_model, normalization, judge, where)
     tokenizer = load_tokenizer(policy)
     budget = resolve_sampling("ppo", cfg.max_prompt_length, cfg.max_new_tokens, model_context(policy))
     texts, fitted = fit_prompt_file(

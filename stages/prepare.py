@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class DataConfig:
     seed: int = 0
+    task: str = "words"  # the embedded task: words (the hidden gold rule) or arithmetic (exact match, verifiable)
     target_len: int = 6  # the gold rule's preferred response length, in words
     n_demonstrations: int = 3000
     n_comparison_prompts: int = 600
@@ -65,6 +66,8 @@ class DataConfig:
     max_dropped_fraction: float = 0.05
 
     def __post_init__(self) -> None:
+        if self.task not in sources.EMBEDDED_GOLD:
+            raise ValueError(f"data.task: {self.task!r} is not one of {', '.join(sources.EMBEDDED_GOLD)}")
         if self.comparisons is not None and self.comparisons.kind not in ("preferences", "rankings"):
             raise ValueError(f"data.comparisons.kind: {self.comparisons.kind!r} is not 'preferences' or 'rankings'")
         for key in ("prompts", "eval_prompts"):
@@ -82,6 +85,11 @@ class DataConfig:
     def is_embedded(self) -> bool:
         """No data file is configured: the run is the embedded task's."""
         return all(getattr(self, k) is None for k in ("demonstrations", "comparisons", "prompts", "eval_prompts"))
+
+    @property
+    def gold(self) -> str | None:
+        """The gold rule that scores the data: the embedded task's, none for your own data."""
+        return sources.EMBEDDED_GOLD[self.task] if self.is_embedded else None
 
 
 def build_tokenizer(corpus: list[str]):
@@ -180,8 +188,8 @@ def base_model(cfg: DataConfig, model_cfg: ModelConfig, data: sources.Sourced, d
             model.resize_token_embeddings(len(tokenizer))
         return tokenizer, model, [], notes
     texts = [" ".join(m["content"] for m in r["messages"]) for r in data.demonstrations]
-    if data.gold == "embedded":
-        tokenizer = build_tokenizer([*texts, " ".join(sources.vocabulary_hint())])
+    if data.gold in sources.EMBEDDED_GOLD.values():
+        tokenizer = build_tokenizer([*texts, " ".join(sources.vocabulary_hint(data.gold))])
     else:
         texts += [" ".join(_texts(p)) for ps in data.prompt_sets.values() for p in ps]
         texts += [" ".join(_texts(r["prompt"]) + r["responses"]) for rows in data.comparisons.values() for r in rows]

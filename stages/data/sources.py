@@ -6,7 +6,8 @@ and generates rows but loads no model, so the flow's preflight can check lengths
 compute.
 
 - **embedded** (no data file configured): the synthetic task of `stages/data/task.py`, the only module
-  that names it, with its hidden gold rule (`gold_scorer("embedded")`).
+  that names it, with its hidden gold rule (`gold_scorer("embedded")`); or, `data.task=arithmetic`,
+  the verifiable task of `stages/data/arithmetic.py`, scored by exact match (`gold_scorer("arithmetic")`).
 - **files** (`data.demonstrations`, `data.comparisons`, `data.prompts`, `data.eval_prompts`, any of
   them): rows through the data worker (`stages/data/reader.py`). Nothing comes from the synthetic
   generator and there is no gold rule. Without a prompt file the prompts come from the user's data:
@@ -24,10 +25,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from stages.data import task
+from stages.data import arithmetic, task
 from stages.data.reader import DataError, DatasetConfig, as_ranking_rows, load
 
 PROMPT_SETS = ("comparison_prompts", "heldout_comparison_prompts", "ppo_prompts", "eval_prompts")
+# the embedded tasks (`data.task`) by the name of their gold rule; an exact-match rule scores 0 or 1,
+# so its mean is an accuracy (evaluation reports it with a Wilson interval)
+EMBEDDED_GOLD = {"words": "embedded", "arithmetic": "arithmetic"}
+EXACT_MATCH = ("arithmetic",)
 
 
 @dataclass
@@ -45,8 +50,10 @@ def gold_scorer(name: str | None, target_len: int = 6) -> Callable[[Any, str], f
     """The gold rule a data source brings: `gold(prompt, response) -> float`; None for real data."""
     if name is None:
         return None
+    if name == "arithmetic":
+        return lambda prompt, response: arithmetic.exact_match(prompt, response)
     if name != "embedded":
-        raise ValueError(f"gold: {name!r} is not a known gold rule ('embedded')")
+        raise ValueError(f"gold: {name!r} is not a known gold rule ({', '.join(EMBEDDED_GOLD.values())})")
     return lambda prompt, response: task.gold_score(prompt, response, target_len=target_len)
 
 
@@ -61,6 +68,8 @@ def _sizes(cfg) -> dict[str, int]:
 
 def embedded(cfg, pretrain_documents: int) -> Sourced:
     """The synthetic task, generated from `cfg.seed` (cfg: `stages.prepare.DataConfig`)."""
+    if cfg.task == "arithmetic":
+        return embedded_arithmetic(cfg, pretrain_documents)
     demos = task.make_demonstrations(cfg.n_demonstrations, cfg.seed, target_len=cfg.target_len)
     rows = [
         {"messages": [{"role": "user", "content": d.prompt}, {"role": "assistant", "content": d.response}]}
@@ -80,9 +89,36 @@ def embedded(cfg, pretrain_documents: int) -> Sourced:
     )
 
 
-def vocabulary_hint() -> list[str]:
-    """Every word of the embedded task, so its word-level tokenizer has no unknown words."""
-    return task.vocabulary()
+def embedded_arithmetic(cfg, pretrain_documents: int) -> Sourced:
+    """The verifiable task: every training set from the training combinations, evaluation's from the
+    held-out ones (`stages/data/arithmetic.py`)."""
+    train, held = arithmetic.split(cfg.seed)
+    demos = arithmetic.make_demonstrations(cfg.n_demonstrations, cfg.seed, train)
+    rows = [
+        {"messages": [{"role": "user", "content": d.prompt}, {"role": "assistant", "content": d.response}]}
+        for d in demos
+    ]
+    sizes = _sizes(cfg)
+    sets = {
+        name: arithmetic.make_prompts(n, cfg.seed * 1000 + i + 1, held if name == "eval_prompts" else train)
+        for i, (name, n) in enumerate(sizes.items())
+    }
+    web = arithmetic.make_demonstrations(pretrain_documents, cfg.seed + 7919, train)
+    source = dict.fromkeys(sets, "embedded arithmetic task, training combinations")
+    source["eval_prompts"] = "embedded arithmetic task, held-out combinations"
+    return Sourced(
+        demonstrations=rows,
+        prompt_sets=sets,
+        prompt_source=source,
+        pretrain=[f"{d.prompt} {d.response}" for d in web],
+        gold="arithmetic",
+        metrics={"prepare/demonstrations/accuracy": sum(d.correct for d in demos) / max(1, len(demos))},
+    )
+
+
+def vocabulary_hint(gold: str = "embedded") -> list[str]:
+    """Every word of an embedded task, so its word-level tokenizer has no unknown words."""
+    return arithmetic.vocabulary() if gold == "arithmetic" else task.vocabulary()
 
 
 def _loaded(ds: DatasetConfig, kind: str) -> tuple[list[dict[str, Any]], int]:
