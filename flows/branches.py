@@ -6,7 +6,8 @@
 - `rlaif_direct` (d-RLAIF): sft -> judge -> ppo (scored by the judge) -> evaluate
 - `grpo` (Shao et al. 2024), `rloo` (Ahmadian et al. 2024): rlhf's DAG, the ppo stage with a critic-free
   estimator (`stage.ppo.advantage`, n samples per prompt, no value model); the other stages are rlhf's, cached
-- `rlvr` (verifiable rewards, Tülu 3 / DeepSeek-R1): sft -> ppo (GRPO, scored by `stage.ppo.reward_function`) -> evaluate
+- `rlvr` (verifiable rewards, Tülu 3 / DeepSeek-R1): sft -> ppo (GRPO scored by `stage.ppo.reward_function`)
+  -> evaluate
 
 `run` is the flow's stage runner (`flows.align.Pipeline`); the calls live in `flows/steps.py`, so a
 stage two branches share has one cache key.
@@ -72,4 +73,12 @@ def rlvr(run, cfg: Config) -> Manifest:
     return steps.evaluate(run, cfg, sft, ppo, prep, rm=None, cmp=None)
 
 
-BRANCHES = {"rlhf": rlhf, "dpo": dpo, "rlaif": rlaif, "rlaif_direct": rlaif_direct, "grpo": grpo, "rloo": rloo, "rlvr": rlvr}
+BRANCHES = {
+    "rlhf": rlhf,
+    "dpo": dpo,
+    "rlaif": rlaif,
+    "rlaif_direct": rlaif_direct,
+    "grpo": grpo,
+    "rloo": rloo,
+    "rlvr": rlvr,
+}

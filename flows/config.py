@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from omegaconf import DictConfig, OmegaConf
 
 from stages.comparisons import ComparisonsConfig
-from stages.dpo import DpoConfig
+from stages.dpo import OWN_LOSSES, DpoConfig
 from stages.evaluate import EvaluateConfig
 from stages.judge import JudgeConfig
 from stages.labeling.labelers import LabelerConfig
@@ -193,9 +193,9 @@ class Config:
 
     def _check_distributed(self) -> None:
         """What a process group cannot run (`distributed/`), named before any compute."""
-        if self.distributed.launches("dpo") and self.stage.dpo.loss_type == "plackett_luce":
+        if self.distributed.launches("dpo") and self.stage.dpo.loss_type in OWN_LOSSES:
             raise ValueError(
-                "distributed: stage.dpo.loss_type=plackett_luce (our listwise loop) runs in one process; "
+                f"distributed: stage.dpo.loss_type={self.stage.dpo.loss_type} (our own loop) runs in one process; "
                 "use a pairwise loss (trl's DPOTrainer runs under DDP and ZeRO) or distributed.stages without dpo"
             )
         world = self.distributed.world_size

@@ -10,7 +10,10 @@ policy as the reference. Two ways to use a K-way ranking:
 
       loss = -sum_{k=1}^{K-1} [ r(x, y_tau(k)) - log sum_{j>=k} exp r(x, y_tau(j)) ]
 
-  which equals the sigmoid loss -log sigmoid(r_w - r_l) at K = 2. Ties are broken by response order.
+  which equals the sigmoid loss -log sigmoid(r_w - r_l) at K = 2. Ties are broken by response order;
+- `loss_type: simpo | orpo` (reference-free: no reference model in training) and `kto` (unpaired
+  thumbs: labelled rows, or each ranking split into its better and worse half), our own loop too;
+  the losses are in `stages/preference/losses.py`.
 
 The reference is the SFT policy: under LoRA, the same base with the adapters disabled; otherwise an
 explicit copy, passed to trl (which would otherwise reload it from `config._name_or_path`). Iterative
@@ -45,6 +48,7 @@ from stages.models.modeling import (
 )
 from stages.models.optim import schedule
 from stages.models.tuning import Tuning, device, export, load, optimizer, shares_base, trainer_setup
+from stages.preference import losses
 from stages.preference.rankings import encode_rankings, preference_pairs
 from stages.preference.scorers import implicit_reward_accuracy
 from stages.runtime import checkpoints
@@ -70,13 +74,15 @@ TRL_LOSSES = (
     "discopop",
     "sigmoid_norm",
 )
-LOSSES = (*TRL_LOSSES, "plackett_luce")
+OWN_LOSSES = ("plackett_luce", "simpo", "orpo", "kto")  # our loop, one batch element per prompt's group
+REFERENCE_FREE = ("simpo", "orpo")  # no reference model in training
+LOSSES = (*TRL_LOSSES, *OWN_LOSSES)
 
 
 @dataclass(frozen=True)
 class DpoConfig:
     beta: float = 0.1  # Rafailov et al. 2023: 0.1 in their dialogue runs; higher keeps closer to SFT
-    loss_type: str = "sigmoid"  # the DPO loss; trl's variants; or plackett_luce (listwise, ours)
+    loss_type: str = "sigmoid"  # the DPO loss; trl's variants; or ours: plackett_luce, simpo, orpo, kto
     label_smoothing: float = 0.0  # robust DPO / cDPO: the assumed probability that a label is flipped
     epochs: float = 1.0
     learning_rate: float = 1e-3
@@ -85,6 +91,11 @@ class DpoConfig:
     max_length: int | None = None  # prompt + response tokens; null: the model's context window
     kl_prompts: int = 200  # held-out prompts sampled to measure the KL to SFT
     max_new_tokens: int | None = None  # for the KL samples; null: a quarter of the context
+    simpo_beta: float = 2.0  # SimPO (Meng et al. 2024): the length-normalised reward's scale
+    simpo_gamma: float = 1.0  # SimPO's target margin (their gamma/beta = 0.5)
+    orpo_lambda: float = 0.1  # ORPO (Hong et al. 2024): the odds-ratio term's weight beside the NLL
+    kto_desirable_weight: float = 1.0  # KTO (Ethayarajh et al. 2024): lambda_D and lambda_U
+    kto_undesirable_weight: float = 1.0
     seed: int = 0
     checkpoint_every: int = 50  # steps between checkpoints (a killed run resumes from the last); 0: never
 
@@ -95,6 +106,11 @@ class DpoConfig:
             raise ValueError(f"stage.dpo.beta: must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"stage.dpo.label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
+        for key in ("simpo_beta", "kto_desirable_weight", "kto_undesirable_weight"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"stage.dpo.{key}: must be > 0, got {getattr(self, key)}")
+        if self.simpo_gamma < 0 or self.orpo_lambda < 0:
+            raise ValueError("stage.dpo.simpo_gamma and stage.dpo.orpo_lambda must be >= 0")
         if self.batch_size < 1 or self.epochs <= 0:
             raise ValueError("stage.dpo: batch_size must be >= 1 and epochs > 0")
 
@@ -173,8 +189,32 @@ def _reference_logps(model, ref, packed) -> torch.Tensor:
             return sequence_logprobs(model, packed)
 
 
-def _train_listwise(cfg: DpoConfig, tuning: Tuning, model, ref, tokenizer, rows: list[dict], encoded: list, ck):
-    """Plackett-Luce DPO: one batch element per prompt with all its K responses; `ck`: checkpoints."""
+def group_loss(cfg: DpoConfig, logps: torch.Tensor, ref_logps, lengths: torch.Tensor, batch: list[dict]):
+    """The loss of a batch of prompts' groups under our losses (`stages/preference/losses.py`)."""
+    sizes = [len(r["responses"]) for r in batch]
+    if cfg.loss_type == "kto":  # unpaired: every labelled response on its own, z from the whole batch
+        rewards = logps - ref_logps
+        thumbs = [t for r in batch for t in (r.get("thumbs") or losses.thumbs_from_ranks(r["ranks"]))]
+        keep = torch.tensor([t is not None for t in thumbs], device=logps.device)
+        desirable = torch.tensor([bool(t) for t in thumbs], device=logps.device)
+        z = losses.kto_reference_point(rewards)
+        w = (cfg.kto_desirable_weight, cfg.kto_undesirable_weight)
+        return losses.kto_loss(rewards[keep], desirable[keep], z, cfg.beta, *w)
+    if cfg.loss_type == "plackett_luce":
+        rewards = (cfg.beta * (logps - ref_logps)).split(sizes)
+        return torch.stack([plackett_luce_loss(r, row["ranks"]) for r, row in zip(rewards, batch)]).mean()
+    per = []
+    for lp, n, row in zip(logps.split(sizes), lengths.split(sizes), batch):
+        if cfg.loss_type == "simpo":
+            per.append(losses.simpo_loss(lp, n, row["ranks"], cfg.simpo_beta, cfg.simpo_gamma))
+        else:
+            per.append(losses.orpo_loss(lp, n, row["ranks"], cfg.orpo_lambda))
+    return torch.stack(per).mean()
+
+
+def _train_own(cfg: DpoConfig, tuning: Tuning, model, ref, tokenizer, rows: list[dict], encoded: list, ck):
+    """Our loop (Plackett-Luce, SimPO, ORPO, KTO): one batch element per prompt with all its K
+    responses; `ck`: checkpoints."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = optimizer(model, tuning, lr=cfg.learning_rate, weight_decay=0.01)  # torch AdamW default
     per_step = max(1, cfg.batch_size // max(len(r["responses"]) for r in rows))
@@ -205,11 +245,13 @@ def _train_listwise(cfg: DpoConfig, tuning: Tuning, model, ref, tokenizer, rows:
             batch = [rows[i] for i in idx]
             flat = [(p, r) for i in idx for p, responses in [encoded[i]] for r in responses]
             packed = pack(flat, pad, device)  # once per step, on the policy's device
+            lengths = torch.tensor([len(r) for _, r in flat], device=device, dtype=torch.float32)
             with autocast(tuning.compute):  # mixed precision (`compute.precision`); the loss in fp32
-                ref_logps = _reference_logps(model, ref, packed)
-                rewards = cfg.beta * (sequence_logprobs(model, packed) - ref_logps.to(device)).float()
-            split = rewards.split([len(r["responses"]) for r in batch])
-            loss = torch.stack([plackett_luce_loss(s, r["ranks"]) for s, r in zip(split, batch)]).mean()
+                ref_logps = None
+                if cfg.loss_type not in REFERENCE_FREE:
+                    ref_logps = _reference_logps(model, ref, packed).to(device).float()
+                logps = sequence_logprobs(model, packed).float()
+            loss = group_loss(cfg, logps, ref_logps, lengths, batch)
             last_loss = loss.item()
             checkpoints.check_finite("dpo", last_loss, step)
             opt.zero_grad()
@@ -266,7 +308,7 @@ def run(
     )
     rows = [rows[i] for i in fitted.kept]
     pairs = preference_pairs(fitted.rows, rows)
-    if not pairs:
+    if not pairs and cfg.loss_type != "kto":
         raise ValueError(f"{comparisons}: no untied pair to learn from")
     from transformers import set_seed
 
@@ -276,9 +318,10 @@ def run(
     same_start = Path(policy).resolve() == Path(reference).resolve()
     free_ref = shares_base(tuning) and same_start
     where = device(tuning, partitioned=partitioned)
-    ref = None if free_ref else load_causal_lm(reference, device=where).eval().requires_grad_(False)
-    if cfg.loss_type == "plackett_luce":
-        trained, metrics = _train_listwise(cfg, tuning, model, ref, tokenizer, rows, fitted.rows, checkpoint_dir)
+    needs_ref = not (free_ref or cfg.loss_type in REFERENCE_FREE)  # SimPO and ORPO train without one
+    ref = load_causal_lm(reference, device=where).eval().requires_grad_(False) if needs_ref else None
+    if cfg.loss_type in OWN_LOSSES:
+        trained, metrics = _train_own(cfg, tuning, model, ref, tokenizer, rows, fitted.rows, checkpoint_dir)
     else:
         args = (cfg, tuning, model, ref, tokenizer, pairs, out_dir, budget, checkpoint_dir, distributed)
         trained, metrics = _train_trl(*args)

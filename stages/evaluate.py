@@ -37,8 +37,8 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from itertools import combinations
 from dataclasses import dataclass
+from itertools import combinations
 from pathlib import Path
 from typing import Any
 

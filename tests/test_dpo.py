@@ -77,7 +77,14 @@ def _comparisons(tiny_prepare, tmp_path):
 
 @pytest.mark.parametrize(
     "method, loss",
-    [("lora", "sigmoid"), ("full", "ipo"), ("lora", "plackett_luce")],
+    [
+        ("lora", "sigmoid"),
+        ("full", "ipo"),
+        ("lora", "plackett_luce"),
+        ("full", "simpo"),
+        ("lora", "orpo"),
+        ("full", "kto"),
+    ],
 )
 def test_dpo_stage_moves_the_policy_towards_the_chosen(tiny_prepare, tmp_path, method, loss):
     from stages.models.modeling import load_causal_lm
@@ -94,7 +101,7 @@ def test_dpo_stage_moves_the_policy_towards_the_chosen(tiny_prepare, tmp_path, m
     assert m.metrics["dpo/pairs"] == 40 * 3
     assert m.metrics["dpo/eval/accuracy"] > 0.5  # implicit reward orders held-out pairs as labelled
     assert math.isfinite(m.metrics["dpo/kl_to_sft"])
-    if loss != "plackett_luce":
+    if loss in dpo.TRL_LOSSES:
         assert {"dpo/train/rewards/chosen", "dpo/train/rewards/margins", "dpo/train/rewards/accuracies"} <= set(
             m.metrics
         )
