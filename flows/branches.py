@@ -8,6 +8,8 @@
   estimator (`stage.ppo.advantage`, n samples per prompt, no value model); the other stages are rlhf's, cached
 - `rlvr` (verifiable rewards, Tülu 3 / DeepSeek-R1): sft -> ppo (GRPO scored by `stage.ppo.reward_function`)
   -> evaluate
+- `best_of_n` (rejection sampling, Llama 2; RAFT): sft -> comparisons -> reward_model -> [best_of_n -> sft on the
+  kept best] per round -> evaluate; prepare, sft, comparisons and reward_model are rlhf's, cached
 
 `run` is the flow's stage runner (`flows.align.Pipeline`); the calls live in `flows/steps.py`, so a
 stage two branches share has one cache key.
@@ -73,6 +75,19 @@ def rlvr(run, cfg: Config) -> Manifest:
     return steps.evaluate(run, cfg, sft, ppo, prep, rm=None, cmp=None)
 
 
+def best_of_n(run, cfg: Config) -> Manifest:
+    prep = steps.prepare(run, cfg)
+    sft = steps.sft(run, cfg, prep)
+    cmp = steps.comparisons(run, cfg, sft, prep)
+    rm = steps.reward_model(run, cfg, sft, cmp)
+    policy = sft
+    for round_ in range(1, cfg.stage.best_of_n.rounds + 1):  # sample n, keep the RM's best, fine-tune on it
+        suffix = "" if round_ == 1 else f"_r{round_}"
+        best = steps.best_of_n(run, cfg, policy, prep, rm, round_=round_, name=f"best_of_n{suffix}")
+        policy = steps.sft_on(run, cfg, policy, best, name=f"best_of_n_sft{suffix}")
+    return steps.evaluate(run, cfg, sft, policy, prep, rm=rm, cmp=cmp)
+
+
 BRANCHES = {
     "rlhf": rlhf,
     "dpo": dpo,
@@ -81,4 +96,5 @@ BRANCHES = {
     "grpo": grpo,
     "rloo": rloo,
     "rlvr": rlvr,
+    "best_of_n": best_of_n,
 }

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import DictConfig, OmegaConf
 
+from stages.best_of_n import BestOfNConfig
 from stages.comparisons import ComparisonsConfig
 from stages.dpo import OWN_LOSSES, DpoConfig
 from stages.evaluate import EvaluateConfig
@@ -39,6 +40,8 @@ PIPELINES = {
     "rloo": ("prepare", "sft", "comparisons", "reward_model", "ppo", "evaluate"),
     # verifiable rewards: the ppo stage scored by `stage.ppo.reward_function` alone, no reward model
     "rlvr": ("prepare", "sft", "ppo", "evaluate"),
+    # rejection-sampling fine-tuning: best_of_n samples and keeps the RM's best, SFT trains on them (per round)
+    "best_of_n": ("prepare", "sft", "comparisons", "reward_model", "best_of_n", "evaluate"),
 }
 AI_LABELED = ("rlaif", "rlaif_direct")
 # the estimators (`stage.ppo.advantage`) a critic-free branch name stands for
@@ -54,6 +57,7 @@ class StageConfigs:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     dpo: DpoConfig = field(default_factory=DpoConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+    best_of_n: BestOfNConfig = field(default_factory=BestOfNConfig)
 
 
 @dataclass(frozen=True)

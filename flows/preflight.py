@@ -26,7 +26,12 @@ from stages.rl import rollout
 from stages.sft import encode_demonstrations
 
 TRAINING = ("sft", "reward_model", "dpo")  # stages with max_prompt_length / max_length
-SAMPLING = {"comparisons": "comparison_prompts", "ppo": "ppo_prompts", "evaluate": "eval_prompts"}
+SAMPLING = {
+    "comparisons": "comparison_prompts",
+    "ppo": "ppo_prompts",
+    "best_of_n": "ppo_prompts",
+    "evaluate": "eval_prompts",
+}
 
 
 def context(cfg: Config) -> int:

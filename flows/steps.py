@@ -58,6 +58,39 @@ def sft(run, cfg: Config, prep: Manifest) -> Manifest:
     )
 
 
+def best_of_n(run, cfg: Config, policy: Manifest, prep: Manifest, rm: Manifest, *, round_: int, name: str):
+    """n samples per prompt from `policy`, the reward model's best of each kept as demonstrations."""
+    return run(
+        "best_of_n",
+        cfg.stage.best_of_n,
+        name=name,
+        policy=policy.file("policy"),
+        prompts=prep.file("ppo_prompts"),
+        reward_model=rm.file("model"),
+        normalization=rm.file("normalization"),
+        round=round_,
+        gold=gold(cfg),
+        target_len=cfg.data.target_len,
+        device=cfg.compute.device,
+        **lengths(cfg),
+    )
+
+
+def sft_on(run, cfg: Config, policy: Manifest, best: Manifest, *, name: str) -> Manifest:
+    """The SFT stage again, from `policy`, on best-of-n's kept responses (it belongs to the best_of_n row)."""
+    return run(
+        "sft",
+        cfg.stage.sft,
+        cfg.tuning("sft"),
+        name=name,
+        serves="best_of_n",
+        base=policy.file("policy"),
+        demonstrations=best.file("demonstrations"),
+        **lengths(cfg),
+        checkpointed=True,
+    )
+
+
 def judge(run, cfg: Config) -> Manifest:
     """The AI labeler's model: the embedded judge trained here, or a record of `labeler.ai`'s model.
     Stops the pipeline unless the embedded judge's held-out agreement with (simulated) human
