@@ -115,7 +115,10 @@ def run(
     demos = [{"messages": [*_as_messages(flat[i]), {"role": "assistant", "content": responses[i]}]} for i in best]
     write_jsonl(out_dir / "demonstrations.jsonl", demos)
     kept = set(best)
-    rows = [{"prompt": p, "response": r, "score": s, "kept": i in kept} for i, (p, r, s) in enumerate(zip(flat, responses, scores))]
+    rows = [
+        {"prompt": p, "response": r, "score": s, "kept": i in kept}
+        for i, (p, r, s) in enumerate(zip(flat, responses, scores))
+    ]
     write_jsonl(out_dir / "samples.jsonl", rows)
     metrics = {
         "best_of_n/prompts": float(len(chosen)),

@@ -23,6 +23,8 @@ KEY_METRICS = {
     "evaluate": [
         "eval/gold_sft",
         "eval/gold_policy",
+        "eval/accuracy/sft",
+        "eval/accuracy/policy",
         "eval/win_rate",
         "eval/win_rate_lc",
         "eval/judge_accuracy",
@@ -31,6 +33,7 @@ KEY_METRICS = {
     ],
     "judge": ["judge/position_consistency", "judge/agreement_gold", "judge/agreement_human"],
     "dpo": ["dpo/train/rewards/margins", "dpo/eval/accuracy", "dpo/kl_to_sft"],
+    "best_of_n": ["best_of_n/score_all", "best_of_n/score_best", "best_of_n/gold_all", "best_of_n/gold_best"],
 }
 
 
@@ -84,6 +87,15 @@ def eval_line(e: dict[str, Any]) -> str:
     parts = []
     if e.get("gold_sft") is not None:
         parts.append(f"gold SFT {_ci(e['gold_sft'])}   gold policy {_ci(e['gold_policy'])}")
+    if e.get("accuracy"):  # an exact-match task: accuracies with Wilson intervals
+        a = e["accuracy"]
+        (sl, sh), (pl, ph) = a["sft"]["ci95"], a["policy"]["ci95"]
+        dl, dh = a["difference_ci95"]
+        parts.append(
+            f"exact match SFT {a['sft']['accuracy']:.3f} [{sl:.3f}, {sh:.3f}]   policy "
+            f"{a['policy']['accuracy']:.3f} [{pl:.3f}, {ph:.3f}]   "
+            f"difference {a['difference']:+.3f} [{dl:+.3f}, {dh:+.3f}]"
+        )
     if e.get("win"):
         w = e["win"]
         parts.append(f"win rate {w['rate']:.1%} ± {w['ci95']:.1%} ({w['by']})")
