@@ -216,3 +216,49 @@ def test_the_pipeline_runs_under_another_method(tmp_path, overrides, adapters):
         else:  # optim=badam brings peft=full with it
             assert params[f"{stage}.optim.name"] == "badam" and params[f"{stage}.peft.method"] == "full"
             assert not (folder / "adapter").exists()
+
+
+@pytest.mark.slow
+def test_every_estimator_loss_and_baseline_shares_the_cached_stages(tmp_path):
+    """Issue 23: each advantage estimator, each new preference loss, best-of-n and verifiable rewards
+    through the flow; prepare, sft, comparisons and reward_model computed once, and the critic-free
+    runs load no value model (the ppo manifest's `ppo/value_model`)."""
+    upstream = ["prepare", "sft", "comparisons", "reward_model"]
+    rlhf = align(tmp_path, *TINY)
+    assert rlhf["stages"]["ppo"]["metrics"]["ppo/value_model"] == 1.0
+    for estimator, n, kl in (
+        ("grpo", 4, "loss"),
+        ("dr_grpo", 4, "loss"),
+        ("rloo", 4, "reward"),
+        ("reinforce_pp", 1, "reward"),
+        ("reinforce_pp_baseline", 4, "reward"),
+    ):
+        run = align(
+            tmp_path,
+            *TINY,
+            f"stage.ppo.advantage={estimator}",
+            f"stage.ppo.samples_per_prompt={n}",
+            f"stage.ppo.kl_penalty={kl}",
+        )
+        assert statuses(run) == {**dict.fromkeys(upstream, "cached"), "ppo": "ran", "evaluate": "ran"}, estimator
+        metrics = run["stages"]["ppo"]["metrics"]
+        assert metrics["ppo/value_model"] == 0.0 and metrics["ppo/samples_per_prompt"] == n
+    # the branch names stand for the same ppo config: even the ppo stage is cached
+    for branch in ("grpo", "rloo"):
+        assert statuses(align(tmp_path, *TINY, f"pipeline={branch}")) == dict.fromkeys(STAGES, "cached")
+    for loss in ("simpo", "orpo", "kto"):
+        run = align(tmp_path, *TINY, "pipeline=dpo", f"stage.dpo.loss_type={loss}")
+        assert statuses(run) == {**dict.fromkeys(upstream[:3], "cached"), "dpo": "ran", "evaluate": "ran"}, loss
+    bon = align(tmp_path, *TINY, "pipeline=best_of_n", "stage.best_of_n.rounds=2")
+    assert statuses(bon) == {
+        **dict.fromkeys(upstream, "cached"),
+        **dict.fromkeys(["best_of_n", "best_of_n_sft", "best_of_n_r2", "best_of_n_sft_r2", "evaluate"], "ran"),
+    }
+    kept = bon["stages"]["best_of_n"]["metrics"]
+    assert kept["best_of_n/score_best"] >= kept["best_of_n/score_all"]  # the reward model's best of each n
+    rlvr = align(tmp_path, *TINY, "pipeline=rlvr")  # the arithmetic task: its own data, no reward model
+    assert statuses(rlvr) == dict.fromkeys(["prepare", "sft", "ppo", "evaluate"], "ran")
+    accuracy = rlvr["eval"]["accuracy"]
+    assert 0 <= accuracy["sft"]["accuracy"] <= 1 and accuracy["sft"]["n"] == 32
+    assert rlvr["eval"]["gold_sft"]["mean"] == accuracy["sft"]["accuracy"]  # exact match: the mean is the accuracy
+    assert rlhf["eval"]["accuracy"] is None  # not an exact-match task
