@@ -44,7 +44,7 @@ champion: venv ## the registry's champion policy and its lineage
 workers: venv ## Prefect process work pool + 2 local workers; then `PREFECT_API_URL=... alignflow workers sweep a=1,2`
 	$(CLI) workers serve --workers 2 $(ARGS)
 
-compare: venv ## rlhf, dpo (best beta), rlaif, rlaif_direct from one SFT: one table, artifacts/compare/compare.json
+compare: venv ## every branch and estimator (ppo, grpo, rloo, ..., dpo, kto, simpo, orpo, rlaif, best_of_n, rlvr) from one SFT: one table, artifacts/compare/compare.json
 	$(CLI) compare $(ARGS)
 
 # Both tiers run on pytest-xdist, one worker per core (tests/conftest.py pins each to its core).

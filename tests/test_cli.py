@@ -121,7 +121,20 @@ def test_make_compare_writes_its_table_on_tiny_settings(tiny):
     )  # fmt: skip
     assert make.returncode == 0, make.stdout[-3000:] + make.stderr[-3000:]
     report = json.loads((art / "compare" / "compare.json").read_text())
-    assert [r["branch"].split(" ")[0] for r in report["rows"]] == ["rlhf", "dpo", "rlaif", "rlaif_direct"]
+    assert [r["branch"].split(" ")[0] for r in report["rows"]] == [
+        "rlhf", "dpo", "kto", "simpo", "orpo", "rlaif", "rlaif_direct", "grpo", "rloo",
+        "dr_grpo", "reinforce_pp", "reinforce_pp_baseline", "best_of_n",
+    ]  # fmt: skip
+    by = {r["branch"].split(" ")[0]: r for r in report["rows"]}
+    assert by["rlhf"]["value_model"] == 1.0 and by["grpo"]["value_model"] == by["rloo"]["value_model"] == 0.0
+    assert set(report["targets"]["critic_free_vs_ppo"]) == {
+        "grpo",
+        "rloo",
+        "dr_grpo",
+        "reinforce_pp",
+        "reinforce_pp_baseline",
+    }
+    assert 0 <= report["verifiable"]["accuracy"]["policy"]["accuracy"] <= 1
     assert set(report["shared_stages"].values()) == {"cached"}  # the tiny run's prepare, sft and comparisons
     assert list(report["dpo_betas"]) == ["0.3"] and report["dpo_best_beta"] == 0.3
     assert (art / "compare" / "compare.txt").read_text().strip() in make.stdout

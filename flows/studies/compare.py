@@ -1,10 +1,16 @@
-"""`make compare`: RLHF, DPO (best of a small beta set), RLAIF and d-RLAIF from the same SFT artifact.
+"""`make compare`: every branch and estimator from the same SFT artifact, one table.
+
+PPO (rlhf, GAE with a value model) and the critic-free estimators in the same loop (grpo, rloo,
+dr_grpo, reinforce_pp, reinforce_pp_baseline: no value model); DPO (best of a small beta set) and
+the other preference losses at that beta (KTO on each ranking split into thumbs) or their papers'
+defaults (SimPO, ORPO: reference-free); RLAIF and d-RLAIF; best-of-n. Then the verifiable task
+(`pipeline=rlvr` on `data=embedded_arithmetic`): held-out exact-match accuracy of SFT and GRPO.
 
 The best DPO beta is chosen by the gold score on the evaluation prompts (a small sweep, reported as
 such, not a held-out selection).
 
 Each branch runs as its own `python -m flows.align pipeline=<branch>` process on one artifacts folder.
-A first process runs the shared prepare, sft and comparisons (timed apart, cached when they exist),
+A first process runs the shared prepare, sft, comparisons and reward_model (timed apart, cached when they exist),
 so every branch finds them cached. For each
 it records the gold score (± 95% CI), the gain and win rate over SFT, the KL to SFT per token, the
 process's wall time and peak RSS (sampled every 0.1 s, the Prefect server excluded). Writes
@@ -33,6 +39,17 @@ DPO_LOSS = "plackett_luce"
 DPO_BETAS = (0.3, 1.0)
 
 
+# rows run with pipeline=rlhf and these overrides (the branch names grpo and rloo have their own yaml)
+ESTIMATORS = {
+    "dr_grpo": ["stage.ppo.advantage=dr_grpo", "stage.ppo.samples_per_prompt=4", "stage.ppo.kl_penalty=loss"],
+    "reinforce_pp": ["stage.ppo.advantage=reinforce_pp", "stage.ppo.samples_per_prompt=1"],
+    "reinforce_pp_baseline": ["stage.ppo.advantage=reinforce_pp_baseline", "stage.ppo.samples_per_prompt=4"],
+}
+PREFERENCE_LOSSES = ("kto", "simpo", "orpo")  # kto at DPO's best beta; simpo and orpo reference-free
+# the stages a row computes itself (the rest are the shared, cached ones)
+OWN_STAGES = {"ppo", "dpo", "judge", "best_of_n", "best_of_n_sft"}
+
+
 def run_branch(overrides: list[str]) -> dict:
     """One flow process: its summary, wall time and peak RSS."""
     with tempfile.TemporaryFile("w+") as out:
@@ -55,7 +72,15 @@ def run_branch(overrides: list[str]) -> dict:
         raise SystemExit(f"flows.align {' '.join(overrides)} failed:\n{text[-3000:]}")
     summary = json.loads(Path(text.rsplit("summary: ", 1)[1].strip()).read_text())
     ran = sum(s["seconds"] for s in summary["stages"].values() if s["status"] == "ran")
-    return {"summary": summary, "wall_s": wall, "ran_stage_s": ran, "peak_rss_mb": peak / 2**20}
+    own = [s for name, s in summary["stages"].items() if s["status"] == "ran" and s["stage"] in OWN_STAGES]
+    return {
+        "summary": summary,
+        "wall_s": wall,
+        "ran_stage_s": ran,
+        "peak_rss_mb": peak / 2**20,
+        "own_stage_s": sum(s["seconds"] for s in own),  # PPO's, DPO's, best-of-n's: the branch's own work
+        "own_stage_peak_rss_mb": max((s.get("peak_rss_mb") or 0.0 for s in own), default=0.0),
+    }
 
 
 def row(name: str, result: dict) -> dict:
@@ -70,6 +95,9 @@ def row(name: str, result: dict) -> dict:
         "wall_s": result["wall_s"],
         "ran_stage_s": result["ran_stage_s"],
         "peak_rss_mb": result["peak_rss_mb"],
+        "own_stage_s": result["own_stage_s"],
+        "own_stage_peak_rss_mb": result["own_stage_peak_rss_mb"],
+        "value_model": result["summary"]["stages"].get("ppo", {}).get("metrics", {}).get("ppo/value_model"),
         "stages": {k: v["status"] for k, v in result["summary"]["stages"].items()},
         "judge": e["judge"],
     }
@@ -77,15 +105,16 @@ def row(name: str, result: dict) -> dict:
 
 def table(rows: list[dict], sft: dict) -> str:
     lines = [
-        f"{'branch':<16}{'gold ± 95% CI':>18}{'gain':>8}{'win rate':>10}{'KL/token':>10}"
-        f"{'wall s':>9}{'peak RSS MB':>13}",
-        "-" * 84,
-        f"{'sft':<16}{sft['mean']:>10.3f} ± {sft['ci95']:.3f}{'':>8}{'':>10}{'':>10}{'':>9}{'':>13}",
+        f"{'branch':<24}{'gold ± 95% CI':>18}{'gain':>8}{'win rate':>10}{'KL/token':>10}"
+        f"{'wall s':>9}{'peak RSS MB':>13}{'stage s':>9}{'stage MB':>10}",
+        "-" * 111,
+        f"{'sft':<24}{sft['mean']:>10.3f} ± {sft['ci95']:.3f}",
     ]
     for r in rows:
         lines.append(
-            f"{r['branch']:<16}{r['gold']:>10.3f} ± {r['gold_ci95']:.3f}{r['gain']:>8.3f}{r['win_rate']:>10.1%}"
-            f"{r['kl_to_sft']:>10.3f}{r['wall_s']:>9.0f}{r['peak_rss_mb']:>13.0f}"
+            f"{r['branch']:<24}{r['gold']:>10.3f} ± {r['gold_ci95']:.3f}{r['gain']:>8.3f}{r['win_rate']:>10.1%}"
+            f"{r['kl_to_sft']:>10.3f}{r['wall_s']:>9.0f}{r['peak_rss_mb']:>13.0f}{r['own_stage_s']:>9.1f}"
+            f"{r['own_stage_peak_rss_mb']:>10.0f}"
         )
     return "\n".join(lines)
 
@@ -100,7 +129,9 @@ def main(argv: list[str]) -> dict:
     artifacts = next((a.split("=", 1)[1] for a in extra if a.startswith("artifacts_dir=")), "artifacts")
     flows.prestart_prefect_server()()  # one server records every branch's process (each would boot its own)
     t0 = time.perf_counter()
-    shared = run_branch(["pipeline=rlhf", "pipeline.stop_after=comparisons", *extra])  # prepare, sft, comparisons
+    # prepare, sft, comparisons and the reward model first: every row's process then starts from the same
+    # cached upstream, so each own stage pays the same start-up (imports) and is timed alike
+    shared = run_branch(["pipeline=rlhf", "pipeline.stop_after=reward_model", *extra])
     results = {"rlhf": run_branch(["pipeline=rlhf", *extra])}
     dpo = {
         beta: run_branch(["pipeline=dpo", f"stage.dpo.loss_type={DPO_LOSS}", f"stage.dpo.beta={beta}", *extra])
@@ -108,12 +139,38 @@ def main(argv: list[str]) -> dict:
     }
     best = max(dpo, key=lambda b: dpo[b]["summary"]["eval"]["gold_policy"]["mean"])
     results[f"dpo (beta={best})"] = dpo[best]
+    for loss in PREFERENCE_LOSSES:
+        beta = [f"stage.dpo.beta={best}"] if loss == "kto" else []
+        results[loss] = run_branch(["pipeline=dpo", f"stage.dpo.loss_type={loss}", *beta, *extra])
     results["rlaif"] = run_branch(["pipeline=rlaif", *extra])
     results["rlaif_direct"] = run_branch(["pipeline=rlaif_direct", *extra])
+    results["grpo"] = run_branch(["pipeline=grpo", *extra])
+    results["rloo"] = run_branch(["pipeline=rloo", *extra])
+    for name, overrides in ESTIMATORS.items():
+        results[name] = run_branch(["pipeline=rlhf", *overrides, *extra])
+    results["best_of_n"] = run_branch(["pipeline=best_of_n", *extra])
     rows = [row(name, r) for name, r in results.items()]
     sft = results["rlhf"]["summary"]["eval"]["gold_sft"]
     by = {r["branch"].split(" ")[0]: r for r in rows}
     ppo, dpo_row = by["rlhf"], by["dpo"]
+    verifiable = verifiable_task(run_branch(["pipeline=rlvr", *extra]))
+
+    def within(a: dict, b: dict) -> dict:
+        ci = math.sqrt(a["gold_ci95"] ** 2 + b["gold_ci95"] ** 2)
+        return {"gain_minus": a["gain"] - b["gain"], "difference_ci95": ci, "at_least": a["gain"] >= b["gain"] - ci}
+
+    critic_free = {
+        name: {
+            **within(by[name], ppo),
+            "stage_time_ratio": by[name]["own_stage_s"] / ppo["own_stage_s"],
+            "stage_peak_rss_ratio": by[name]["own_stage_peak_rss_mb"] / ppo["own_stage_peak_rss_mb"],
+        }
+        for name in ("grpo", "rloo", *ESTIMATORS)
+    }
+    for t in critic_free.values():
+        t["met"] = t["at_least"] and t["stage_time_ratio"] <= 0.7 and t["stage_peak_rss_ratio"] <= 0.8
+    kto = within(by["kto"], dpo_row)
+    kto["within_ci"] = abs(kto["gain_minus"]) <= kto["difference_ci95"]
     gap_ci = math.sqrt(ppo["gold_ci95"] ** 2 + dpo_row["gold_ci95"] ** 2)
     report = {
         "rows": rows,
@@ -121,10 +178,15 @@ def main(argv: list[str]) -> dict:
         "dpo_betas": {str(b): row(f"dpo (beta={b})", r) for b, r in dpo.items()},
         "dpo_best_beta": best,
         "dpo_loss_type": DPO_LOSS,
+        "verifiable": verifiable,
         "targets": {
             "dpo_gain_minus_ppo_gain": dpo_row["gain"] - ppo["gain"],
             "dpo_gain_within_ci_of_ppo": abs(dpo_row["gain"] - ppo["gain"]) <= gap_ci,
             "difference_ci95": gap_ci,
+            "critic_free_vs_ppo": critic_free,
+            "kto_vs_dpo": kto,
+            "verifiable_grpo_vs_sft": verifiable["target"],
+            "best_of_n_gain_over_ppo_gain": by["best_of_n"]["gain"] / ppo["gain"] if ppo["gain"] else None,
             "rlaif_gain_over_rlhf_gain": by["rlaif"]["gain"] / ppo["gain"] if ppo["gain"] else None,
             "rlaif_direct_gain_over_rlhf_gain": by["rlaif_direct"]["gain"] / ppo["gain"] if ppo["gain"] else None,
             "judge_stage_metrics": results["rlaif"]["summary"]["stages"]["judge"]["metrics"],
@@ -141,18 +203,62 @@ def main(argv: list[str]) -> dict:
     out = Path(artifacts, "compare", "compare.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
-    (out.parent / "compare.txt").write_text(table(rows, sft) + "\n")
+    text = table(rows, sft) + "\n\n" + verifiable_line(verifiable)
+    (out.parent / "compare.txt").write_text(text + "\n")
     _log_to_mlflow(artifacts, out)
-    print(table(rows, sft))
+    print(text)
     t = report["targets"]
+    for name, c in t["critic_free_vs_ppo"].items():
+        print(
+            f"{name}: gain - PPO's {c['gain_minus']:+.3f} (CI of the difference ±{c['difference_ci95']:.3f}), "
+            f"stage time {c['stage_time_ratio']:.2f}x, stage peak RSS {c['stage_peak_rss_ratio']:.2f}x PPO's: "
+            f"target (>= PPO's gain within the CI, <= 0.7x time, <= 0.8x RSS) {'met' if c['met'] else 'missed'}"
+        )
+    k = t["kto_vs_dpo"]
+    print(
+        f"kto: gain - DPO's {k['gain_minus']:+.3f} (CI ±{k['difference_ci95']:.3f}): "
+        f"{'within' if k['within_ci'] else 'outside'} the CI"
+    )
     print(
         f"\nDPO gain - PPO gain {t['dpo_gain_minus_ppo_gain']:+.3f} (95% CI of the difference ±{gap_ci:.3f}); "
         f"RLAIF / RLHF gain {t['rlaif_gain_over_rlhf_gain']:.2f}; d-RLAIF / RLHF gain "
         f"{t['rlaif_direct_gain_over_rlhf_gain']:.2f}\ntotal {report['total_wall_s']:.0f} s: shared prepare/sft/"
-        f"comparisons {report['shared_wall_s']:.0f} s, the branches {report['branches_wall_s']:.0f} s"
+        f"comparisons/reward_model {report['shared_wall_s']:.0f} s, the branches {report['branches_wall_s']:.0f} s"
         f"\nwrote {out.resolve()}"
     )
     return report
+
+
+def verifiable_task(result: dict) -> dict:
+    """SFT's and GRPO's held-out exact-match accuracy on the arithmetic task, and the target's check."""
+    a = result["summary"]["eval"]["accuracy"]
+    sft, pol = a["sft"]["accuracy"], a["policy"]["accuracy"]
+    return {
+        "accuracy": a,
+        "wall_s": result["wall_s"],
+        "ppo_stage_s": result["own_stage_s"],
+        "target": {
+            "ratio": pol / sft if sft else None,
+            "points": 100 * (pol - sft),
+            "met": bool(sft and pol >= 2 * sft and pol - sft >= 0.2),
+            "difference_ci95": a["difference_ci95"],
+        },
+    }
+
+
+def verifiable_line(v: dict) -> str:
+    a, t = v["accuracy"], v["target"]
+    (sl, sh), (pl, ph) = a["sft"]["ci95"], a["policy"]["ci95"]
+    dl, dh = a["difference_ci95"]
+    ratio = f"{t['ratio']:.2f}x" if t["ratio"] is not None else "n/a"
+    return (
+        f"verifiable task (pipeline=rlvr, data=embedded_arithmetic, {a['sft']['n']} held-out prompts): exact match "
+        f"SFT {a['sft']['accuracy']:.3f} [{sl:.3f}, {sh:.3f}], "
+        f"GRPO {a['policy']['accuracy']:.3f} [{pl:.3f}, {ph:.3f}]; "
+        f"{ratio}, {t['points']:+.1f} points (95% CI of the difference "
+        f"[{100 * dl:+.1f}, {100 * dh:+.1f}]): "
+        f"target (>= 2x and >= +20 points) {'met' if t['met'] else 'missed'}"
+    )
 
 
 def _log_to_mlflow(artifacts: str, path: Path) -> None:
