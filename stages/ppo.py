@@ -487,7 +487,23 @@ def run(
     bar.close()
     manifest = _finish(cfg, state, tokenizer, out_dir, batch_prompts, responses, resumed_from, checkpoint_dir)
     manifest.metrics.update(fitted.metrics("ppo/data"))
+    manifest.metrics["ppo/model_state_mb"] = _model_state_mb(state, scorer)
     return manifest
+
+
+def _model_state_mb(state: _State, scorer) -> float:
+    """The models' weights (trained, reference, scorer, each tensor once) and the optimizer's state, in MB:
+    what a critic-free estimator saves shows here whatever the process's baseline RSS."""
+    seen: dict[int, int] = {}
+    modules = [state.models.module, *state.models.frozen, *scorer.frozen]
+    for module in modules:
+        for t in [*module.parameters(), *module.buffers()]:
+            seen[t.data_ptr()] = t.numel() * t.element_size()
+    for per_param in state.opt.state.values():
+        for v in per_param.values():
+            if torch.is_tensor(v):
+                seen[v.data_ptr()] = v.numel() * v.element_size()
+    return sum(seen.values()) / 2**20
 
 
 def _one_update(cfg, state: _State, tokenizer, scorer, batch_prompts, ptx_docs, update, budget: SamplingBudget):

@@ -44,7 +44,7 @@ def test_own_data_without_comparisons_cannot_use_the_simulated_labeler():
         to_config(_compose(["data=alpaca_demo"]))
     to_config(_compose(["data=alpaca_demo", "pipeline.stop_after=sft"]))  # SFT alone labels nothing
     to_config(_compose(["data=files"]))  # comparisons from the file: nothing to label
-    with pytest.raises(ValueError, match="labeler.ai.model: the embedded judge knows only the embedded task"):
+    with pytest.raises(ValueError, match="labeler.ai.model: the embedded judge knows only the embedded words task"):
         to_config(_compose(["data=files", "pipeline=rlaif"]))
     to_config(_compose(["data=files", "pipeline=rlaif", "labeler.ai.model=/models/judge"]))
 

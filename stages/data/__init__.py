@@ -1,4 +1,5 @@
 """Data machinery: reading user files (`reader`), the data sources a stage draws from (`sources`), the
-embedded synthetic task with its gold rule (`task`), and tokenisation with its length budgets (`tokens`).
+embedded synthetic task with its gold rule (`task`), the embedded verifiable arithmetic task
+(`arithmetic`), and tokenisation with its length budgets (`tokens`).
 Imported by the stage modules and the machinery above it (models, preference, labeling); imports only `runtime`.
 """
