@@ -7,8 +7,9 @@ full key named.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, ValidationError
 
 from stages.best_of_n import BestOfNConfig
 from stages.comparisons import ComparisonsConfig
@@ -26,6 +27,7 @@ from stages.ppo import PpoConfig
 from stages.prepare import DataConfig
 from stages.reward_model import RewardModelConfig
 from stages.runtime.distributed import DistributedConfig, refusal
+from stages.runtime.rules import COUNT, NONNEGATIVE, POSITIVE, UNIT, ConfigError, Rule, check_tree
 from stages.sft import SftConfig
 
 # The stages of each branch, in order (`flows/branches.py` wires them; `pipeline.stop_after` names one)
@@ -71,6 +73,8 @@ class PipelineConfig:
     min_rm_accuracy: float = 0.55
     min_labeler_accuracy: float = 0.55
 
+    RULES: ClassVar[dict[str, Rule]] = {"rounds": COUNT, "min_rm_accuracy": UNIT, "min_labeler_accuracy": UNIT}
+
     def __post_init__(self) -> None:
         for key in ("min_rm_accuracy", "min_labeler_accuracy"):
             if not 0.0 <= getattr(self, key) <= 1.0:
@@ -104,6 +108,8 @@ class RegistryConfig:
     higher_is_better: bool = True
     margin: float = 0.0
     max_kl_per_token: float = 1.0  # the evaluation's own reward-hacking bound (stage.evaluate.max_kl_per_token)
+
+    RULES: ClassVar[dict[str, Rule]] = {"margin": NONNEGATIVE, "max_kl_per_token": POSITIVE}
 
     def __post_init__(self) -> None:
         if not self.metric.strip():
@@ -148,6 +154,8 @@ class Config:
     artifacts_dir: str = "artifacts"
     threads: int | None = None  # torch threads; null: the usable cores divided by the jobs running at once
 
+    RULES: ClassVar[dict[str, Rule]] = {"threads": COUNT}
+
     def tuning(self, stage: str) -> Tuning:
         """How `stage` trains (`peft/`, `optim/`, `compute/`), its fine-tuning method as `peft.stages` says."""
         tuning = Tuning(self.peft, self.optim, self.compute)
@@ -156,6 +164,7 @@ class Config:
         return tuning.for_stage(stage)
 
     def __post_init__(self) -> None:
+        check_tree(Config, self)  # every numeric key in its declared range (`stages/runtime/rules.py`)
         for stage in TRAINING_STAGES:  # an optimizer that cannot train a stage's method: named before any compute
             try:
                 check_optim(self.optim, self.tuning(stage).peft.method)
@@ -250,4 +259,9 @@ def register() -> None:
 def to_config(cfg: DictConfig) -> Config:
     """Typed, validated config; `__post_init__` checks raise naming their key."""
     merged = OmegaConf.merge(schema(), cfg)
-    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    check_tree(Config, merged)  # ranges first: the dataclasses' own checks may divide by a size
+    try:
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except ValidationError as e:  # a check in a __post_init__, wrapped by OmegaConf: its own message
+        cause = e.__cause__ if isinstance(e.__cause__, ValueError) else e
+        raise ConfigError(str(cause).split("\n")[0]) from e

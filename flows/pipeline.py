@@ -37,7 +37,9 @@ from flows.launch.resources import (
     cap_threads,
     concurrent_jobs,
     live_runs,
+    peak_rss_mb,
     register_run,
+    reset_peak_rss,
     threads_per_job,
 )
 from flows.preflight import preflight
@@ -168,24 +170,6 @@ def in_prefect_flow() -> bool:
     from prefect.context import FlowRunContext
 
     return FlowRunContext.get() is not None
-
-
-def reset_peak_rss() -> None:
-    """Linux: restart the process's peak-RSS count (VmHWM), so each stage reports its own peak."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def peak_rss_mb() -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 @contextmanager

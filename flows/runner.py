@@ -30,7 +30,7 @@ import flows
 from flows.config import Config
 from flows.launch import faults, launch
 from flows.launch.faults import LOCK_TAG
-from flows.launch.resources import resource_error, run_lock
+from flows.launch.resources import peak_rss_mb, resource_error, run_lock
 from stages.runtime import checkpoints
 from stages.runtime.distributed import DistributedConfig
 from stages.runtime.manifest import MANIFEST, Manifest, publish, sha256_json, staging_folder
@@ -221,7 +221,7 @@ def execute(call: StageCall, parent_run_id: str | None) -> Manifest:
                     key=key,
                     parents=call.parents,
                     run_id=run.info.run_id,
-                    metrics={**manifest.metrics, f"{call.stage}/seconds": seconds},
+                    metrics={**manifest.metrics, f"{call.stage}/seconds": seconds, **_peak_rss(call.stage)},
                 )
                 (tmp / MANIFEST).write_text(manifest.to_json())
                 faults.point(f"publish:{call.stage}")
@@ -244,6 +244,13 @@ def execute(call: StageCall, parent_run_id: str | None) -> Manifest:
             if name in manifest.files:
                 mlflow.log_artifact(str(manifest.file(name)))
     return manifest
+
+
+def _peak_rss(stage: str) -> dict[str, float]:
+    """The process's peak RSS over the stage (the flow reset the count before it), kept in the manifest
+    so a cached stage still says what computing it took (`make compare` reads it)."""
+    peak = peak_rss_mb()
+    return {} if peak is None else {f"{stage}/peak_rss_mb": peak}
 
 
 def stage_task():

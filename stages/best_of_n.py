@@ -18,6 +18,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -28,6 +29,7 @@ from stages.models.modeling import decode_responses, load_causal_lm, load_tokeni
 from stages.preference.scorers import TrainedRewardModel
 from stages.runtime.manifest import Manifest, folder_digest, write_jsonl
 from stages.runtime.progress import progress
+from stages.runtime.rules import COUNT, POSITIVE, UNCONSTRAINED, Rule, at_least
 from stages.runtime.tracking import log_metrics
 
 
@@ -41,6 +43,11 @@ class BestOfNConfig:
     temperature: float = 1.0
     batch_size: int = 256  # sequences per generate call
     seed: int = 0
+
+    RULES: ClassVar[dict[str, Rule]] = {
+        "n": at_least(2), "prompts": COUNT, "rounds": COUNT, "max_new_tokens": COUNT, "max_prompt_length": COUNT,
+        "temperature": POSITIVE, "batch_size": COUNT, "seed": UNCONSTRAINED,
+    }  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.n < 2:

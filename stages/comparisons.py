@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from stages.data.tokens import SamplingBudget, fit_prompt_file, resolve_sampling
 from stages.labeling.labelers import LabelerConfig, make_labeler
@@ -22,6 +23,7 @@ from stages.models.compute import pick_device
 from stages.models.modeling import decode_responses, load_causal_lm, load_tokenizer, model_context, sample
 from stages.runtime.manifest import Manifest, folder_digest, read_jsonl, write_jsonl
 from stages.runtime.progress import progress
+from stages.runtime.rules import COUNT, POSITIVE, UNCONSTRAINED, Rule, at_least
 from stages.runtime.tracking import log_metrics
 
 
@@ -33,6 +35,11 @@ class ComparisonsConfig:
     temperature: float = 1.0
     batch_size: int = 256  # sequences per generate call
     seed: int = 0
+
+    RULES: ClassVar[dict[str, Rule]] = {
+        "k": at_least(2), "max_new_tokens": COUNT, "max_prompt_length": COUNT, "temperature": POSITIVE,
+        "batch_size": COUNT, "seed": UNCONSTRAINED,
+    }  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.k < 2:

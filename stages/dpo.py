@@ -33,6 +33,7 @@ import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -56,6 +57,7 @@ from stages.runtime import distributed as dist
 from stages.runtime.distributed import DistributedConfig
 from stages.runtime.manifest import Manifest, folder_digest, read_jsonl
 from stages.runtime.progress import progress
+from stages.runtime.rules import COUNT, NONNEGATIVE, OFF_OR_COUNT, POSITIVE, UNCONSTRAINED, Rule, at_least, between
 from stages.runtime.tracking import TRAINER_ARGS, log_metrics, trainer_callback
 
 TRL_LOSSES = (
@@ -98,6 +100,14 @@ class DpoConfig:
     kto_undesirable_weight: float = 1.0
     seed: int = 0
     checkpoint_every: int = 50  # steps between checkpoints (a killed run resumes from the last); 0: never
+
+    RULES: ClassVar[dict[str, Rule]] = {
+        "beta": POSITIVE, "label_smoothing": between(0, 0.5, high_open=True), "epochs": POSITIVE,
+        "learning_rate": POSITIVE, "batch_size": COUNT, "max_prompt_length": COUNT, "max_length": at_least(2),
+        "kl_prompts": COUNT, "max_new_tokens": COUNT, "simpo_beta": POSITIVE, "simpo_gamma": NONNEGATIVE,
+        "orpo_lambda": NONNEGATIVE, "kto_desirable_weight": POSITIVE, "kto_undesirable_weight": POSITIVE,
+        "seed": UNCONSTRAINED, "checkpoint_every": OFF_OR_COUNT,
+    }  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.loss_type not in LOSSES:

@@ -40,7 +40,7 @@ import statistics
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -63,6 +63,7 @@ from stages.preference.validity import length_controlled, validity, wilson
 from stages.runtime import diagnostics
 from stages.runtime.manifest import Manifest, folder_digest, read_jsonl, write_jsonl
 from stages.runtime.progress import progress
+from stages.runtime.rules import COUNT, NONNEGATIVE, POSITIVE, UNCONSTRAINED, UNIT, Rule, between
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,13 @@ class EvaluateConfig:
     max_prompt_copy_share: float = 0.05  # responses that repeat the prompt
     max_top_response_share: float = 0.25  # one answer given to a quarter of the prompts
     min_length_ratio: float = 0.5  # mean length against SFT's (a collapse below: flagged)
+
+    RULES: ClassVar[dict[str, Rule]] = {
+        "max_new_tokens": COUNT, "max_prompt_length": COUNT, "temperature": POSITIVE, "batch_size": COUNT,
+        "seed": UNCONSTRAINED, "win_labeler_noise": between(0, 0.5, high_open=True), "max_kl_per_token": POSITIVE,
+        "max_repetition": UNIT, "min_judge_accuracy": UNIT, "max_empty_share": UNIT, "max_prompt_copy_share": UNIT,
+        "max_top_response_share": UNIT, "min_length_ratio": NONNEGATIVE,
+    }  # fmt: skip
 
 
 def accuracy_block(sft: list[float], policy: list[float]) -> dict[str, Any]:

@@ -31,6 +31,7 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -40,6 +41,7 @@ from stages.labeling.labelers import LabelerConfig, SimulatedLabeler
 from stages.models.compute import ComputeConfig, autocast, checkpointing, grad_scaler, model_device, resolve_device
 from stages.models.modeling import ModelConfig, build_tiny_llama, position_ids
 from stages.runtime.manifest import Manifest, folder_digest
+from stages.runtime.rules import COUNT, POSITIVE, UNCONSTRAINED, UNIT, Rule
 from stages.runtime.tracking import log_metrics
 
 
@@ -58,6 +60,12 @@ class JudgeConfig:
     learning_rate: float = 2e-3
     batch_size: int = 64
     seed: int = 0
+
+    RULES: ClassVar[dict[str, Rule]] = {
+        "n_pairs": COUNT, "n_scores": COUNT, "n_eval_pairs": COUNT, "salad_fraction": UNIT, "temperature": POSITIVE,
+        "hidden_size": COUNT, "intermediate_size": COUNT, "num_hidden_layers": COUNT, "num_attention_heads": COUNT,
+        "epochs": COUNT, "learning_rate": POSITIVE, "batch_size": COUNT, "seed": UNCONSTRAINED,
+    }  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.temperature <= 0 or not 0 <= self.salad_fraction <= 1:

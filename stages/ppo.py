@@ -37,6 +37,7 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -63,8 +64,20 @@ from stages.rl.watch import Watch
 from stages.runtime import checkpoints, diagnostics
 from stages.runtime import distributed as dist
 from stages.runtime.distributed import DistributedConfig, Engine
+from stages.runtime.errors import NonFiniteStop
 from stages.runtime.manifest import Manifest, folder_digest, read_jsonl, write_jsonl
 from stages.runtime.progress import progress
+from stages.runtime.rules import (
+    COUNT,
+    NONNEGATIVE,
+    OFF_OR_COUNT,
+    OPEN_UNIT,
+    POSITIVE,
+    UNCONSTRAINED,
+    UNIT,
+    Rule,
+    between,
+)
 from stages.runtime.tracking import log_metrics
 
 
@@ -131,6 +144,19 @@ class PpoConfig:
     reward_model_weight: float = 1.0
     seed: int = 0
 
+    RULES: ClassVar[dict[str, Rule]] = {
+        "updates": COUNT, "rollouts_per_update": COUNT, "ppo_epochs": COUNT, "minibatch_size": COUNT,
+        "learning_rate": POSITIVE, "beta": NONNEGATIVE, "kl_target": POSITIVE, "kl_horizon": COUNT,
+        "kl_warn": POSITIVE, "gamma": UNIT, "lam": UNIT, "clip": POSITIVE, "value_clip": POSITIVE,
+        "vf_coef": NONNEGATIVE, "max_grad_norm": POSITIVE, "ptx_coef": NONNEGATIVE, "ptx_batch_size": COUNT,
+        "ema_decay": OPEN_UNIT, "max_new_tokens": COUNT, "max_prompt_length": COUNT, "temperature": POSITIVE,
+        "top_p": between(0, 1, low_open=True), "missing_eos_penalty": UNCONSTRAINED, "max_repetition": UNIT,
+        "checkpoint_every": OFF_OR_COUNT, "generation_batch_size": COUNT, "max_empty_share": UNIT,
+        "max_prompt_copy_share": UNIT, "max_top_response_share": UNIT, "min_length_ratio": NONNEGATIVE,
+        "watch_every": OFF_OR_COUNT, "watch_prompts": COUNT, "samples_per_prompt": COUNT,
+        "reward_function_weight": NONNEGATIVE, "reward_model_weight": NONNEGATIVE, "seed": UNCONSTRAINED,
+    }  # fmt: skip
+
     @property
     def critic_free(self) -> bool:
         return self.advantage in pm.CRITIC_FREE
@@ -192,7 +218,7 @@ def _subset(r: Rollout, idx: torch.Tensor) -> Rollout:
 
 def _check_finite(name: str, x: torch.Tensor, update: int) -> None:
     if not torch.isfinite(x).all():
-        raise FloatingPointError(f"ppo: non-finite {name} at update {update}; lower stage.ppo.learning_rate")
+        raise NonFiniteStop(f"ppo: non-finite {name} at update {update}; lower stage.ppo.learning_rate")
 
 
 class _State:

@@ -26,7 +26,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -37,6 +37,7 @@ from stages.models.compute import pick_device
 from stages.models.modeling import ModelConfig, build_tiny_llama, lm_loss, load_causal_lm, load_tokenizer
 from stages.runtime.manifest import Manifest, folder_digest, write_jsonl
 from stages.runtime.progress import progress
+from stages.runtime.rules import COUNT, OPEN_UNIT, UNCONSTRAINED, UNIT, Rule, between
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<eos>", *ROLE_MARKERS]
 log = logging.getLogger(__name__)
@@ -64,6 +65,13 @@ class DataConfig:
     # `make bench-lengths`: default limits drop at most 1.0% of a shared dataset's rows at a 256-token
     # context (ShareGPT pairs, a 512-piece SentencePiece tokenizer), 4.7% at 128 tokens
     max_dropped_fraction: float = 0.05
+
+    RULES: ClassVar[dict[str, Rule]] = {
+        "seed": UNCONSTRAINED, "target_len": COUNT, "n_demonstrations": COUNT, "n_comparison_prompts": COUNT,
+        "n_heldout_comparison_prompts": COUNT, "n_ppo_prompts": COUNT, "n_eval_prompts": COUNT,
+        "heldout_fraction": OPEN_UNIT, "eval_rm_fraction": between(0, 1, high_open=True),
+        "max_dropped_fraction": UNIT,
+    }  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.task not in sources.EMBEDDED_GOLD:

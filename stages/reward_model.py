@@ -26,6 +26,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,7 @@ from stages.runtime import distributed as dist
 from stages.runtime.distributed import DistributedConfig, Engine
 from stages.runtime.manifest import Manifest, folder_digest, read_jsonl
 from stages.runtime.progress import progress
+from stages.runtime.rules import COUNT, NONNEGATIVE, OFF_OR_COUNT, POSITIVE, UNCONSTRAINED, Rule, at_least
 from stages.runtime.tracking import log_metrics
 
 
@@ -69,6 +71,12 @@ class RewardModelConfig:
     name_or_path: str | None = None
     seed: int = 0
     checkpoint_every: int = 50  # steps between checkpoints (a killed run resumes from the last); 0: never
+
+    RULES: ClassVar[dict[str, Rule]] = {
+        "epochs": COUNT, "learning_rate": POSITIVE, "batch_prompts": COUNT, "weight_decay": NONNEGATIVE,
+        "margin": NONNEGATIVE, "max_prompt_length": COUNT, "max_length": at_least(2), "seed": UNCONSTRAINED,
+        "checkpoint_every": OFF_OR_COUNT,
+    }  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:

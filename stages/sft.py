@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from stages.data.tokens import fit_rows, prompt_ids, resolve_budget, response_ids, row_sources
 from stages.models.modeling import load_tokenizer, model_context
@@ -23,6 +24,7 @@ from stages.runtime import checkpoints
 from stages.runtime import distributed as dist
 from stages.runtime.distributed import DistributedConfig
 from stages.runtime.manifest import Manifest, folder_digest, read_jsonl
+from stages.runtime.rules import COUNT, OFF_OR_COUNT, POSITIVE, UNCONSTRAINED, UNIT, Rule, at_least
 from stages.runtime.tracking import TRAINER_ARGS, log_metrics, trainer_callback
 
 
@@ -37,6 +39,11 @@ class SftConfig:
     sampling: str = "group_by_length"  # or "random": transformers' train_sampling_strategy
     seed: int = 0
     checkpoint_every: int = 50  # steps between trainer checkpoints (a killed run resumes); 0: never
+
+    RULES: ClassVar[dict[str, Rule]] = {
+        "epochs": POSITIVE, "learning_rate": POSITIVE, "batch_size": COUNT, "max_prompt_length": COUNT,
+        "max_length": at_least(2), "warmup_ratio": UNIT, "seed": UNCONSTRAINED, "checkpoint_every": OFF_OR_COUNT,
+    }  # fmt: skip
 
 
 def encode_demonstrations(tokenizer, rows: list[dict]) -> list[tuple[list[int], list[list[int]]]]:

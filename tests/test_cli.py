@@ -127,6 +127,10 @@ def test_make_compare_writes_its_table_on_tiny_settings(tiny):
     ]  # fmt: skip
     by = {r["branch"].split(" ")[0]: r for r in report["rows"]}
     assert by["rlhf"]["value_model"] == 1.0 and by["grpo"]["value_model"] == by["rloo"]["value_model"] == 0.0
+    # the tiny fixture ran rlhf first: its PPO is cached here and timed from the manifest it recorded
+    assert by["rlhf"]["own_stage_cached"] and by["rlhf"]["own_stage_s"] > 0 and by["rlhf"]["own_stage_peak_rss_mb"] > 0
+    assert not by["grpo"]["own_stage_cached"] and by["grpo"]["model_state_mb"] < by["rlhf"]["model_state_mb"]
+    assert all(t["stage_time_ratio"] > 0 for t in report["targets"]["critic_free_vs_ppo"].values())
     assert set(report["targets"]["critic_free_vs_ppo"]) == {
         "grpo",
         "rloo",

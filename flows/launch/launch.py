@@ -28,13 +28,14 @@ from typing import Any
 
 import flows
 from stages.runtime.distributed import DistributedConfig
+from stages.runtime.errors import ExpectedFailure
 from stages.runtime.manifest import Manifest
 
 SPEC = "spec.pkl"
 RESULT = "manifest.json"
 
 
-class RankFailed(RuntimeError):
+class RankFailed(ExpectedFailure, RuntimeError):
     """A rank of a launched stage died without an error of its own (a signal, the OOM killer)."""
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from stages.runtime.errors import ExpectedFailure
 from stages.runtime.manifest import lock_is_held
 
 RUNS_DIR = Path(tempfile.gettempdir()) / "alignflow-runs"
@@ -132,7 +133,7 @@ MEMORY_KEYS = {
 }
 
 
-class ResourceError(RuntimeError):
+class ResourceError(ExpectedFailure, RuntimeError):
     """Out of memory or disk, with the config keys or the folder to change."""
 
 
@@ -151,3 +152,21 @@ def resource_error(stage: str, folder: Path, error: BaseException) -> BaseExcept
             "or set artifacts_dir= to a larger disk (nothing was published)"
         )
     return error
+
+
+def reset_peak_rss() -> None:
+    """Linux: restart the process's peak-RSS count (VmHWM), so each stage reports its own peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None

@@ -26,7 +26,10 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
+
+from stages.runtime.errors import ExpectedFailure
+from stages.runtime.rules import UNIT, Rule
 
 KINDS = ("demonstrations", "preferences", "rankings", "prompts", "unary", "text")
 FORMATS = (
@@ -69,6 +72,10 @@ class DatasetConfig:
     # sampled response may be empty and a ranker may tie them all
     keep_degenerate: bool = False
 
+    RULES: ClassVar[dict[str, Rule]] = {
+        "max_bad_fraction": UNIT,
+    }  # fmt: skip
+
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"data.kind: {self.kind!r} is not one of {', '.join(KINDS)}")
@@ -78,13 +85,13 @@ class DatasetConfig:
             raise ValueError(f"data.on_error: {self.on_error!r} is not 'raise' or 'skip'")
 
 
-class RowError(ValueError):
+class RowError(ExpectedFailure, ValueError):
     def __init__(self, field_name: str, problem: str) -> None:
         super().__init__(f"{field_name}: {problem}")
         self.field_name, self.problem = field_name, problem
 
 
-class DataError(ValueError):
+class DataError(ExpectedFailure, ValueError):
     """Every bad row of a file, one `file:line: field: problem` per line."""
 
     def __init__(self, problems: list[str]) -> None:

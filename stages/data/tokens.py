@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from stages.runtime.errors import ExpectedFailure
 from stages.runtime.manifest import read_jsonl
 
 # Used when a base model ships without a chat template. Its role markers become special tokens of
@@ -179,7 +180,7 @@ def row_sources(rows: list[dict], path) -> list[str]:
     return [r.get("source", f"{path}:{i}") for i, r in enumerate(rows, 1)]
 
 
-class LengthError(ValueError):
+class LengthError(ExpectedFailure, ValueError):
     """Rows that do not fit a stage's token limits; the message names the key to raise."""
 
 

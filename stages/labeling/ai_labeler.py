@@ -29,13 +29,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import torch
 
 from stages.models.compute import model_device
 from stages.models.modeling import load_causal_lm, load_tokenizer, position_ids
 from stages.preference.rankings import ranks_from_scores
+from stages.runtime.errors import ExpectedFailure
+from stages.runtime.rules import COUNT, NONNEGATIVE, OFF_OR_COUNT, POSITIVE, UNIT, Rule, one_of
 
 ANSWERS = ("1", "2")
 SCORES = tuple(str(s) for s in range(1, 11))
@@ -47,6 +49,10 @@ class FewShot:
     response_1: str
     response_2: str
     preferred: int  # 1 or 2
+
+    RULES: ClassVar[dict[str, Rule]] = {
+        "preferred": one_of(1, 2),
+    }  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,11 @@ class AiLabelerConfig:
     concurrency: int = 4  # http: requests in flight
     trust_remote_code: bool = False
 
+    RULES: ClassVar[dict[str, Rule]] = {
+        "rationale_tokens": COUNT, "max_invalid_fraction": UNIT, "batch_size": COUNT, "timeout_s": POSITIVE,
+        "max_retries": OFF_OR_COUNT, "backoff_s": NONNEGATIVE, "concurrency": COUNT,
+    }  # fmt: skip
+
     def __post_init__(self) -> None:
         if self.backend not in ("local", "http"):
             raise ValueError(f"labeler.ai.backend: {self.backend!r} is not 'local' or 'http'")
@@ -82,7 +93,7 @@ class AiLabelerConfig:
                 raise ValueError(f"labeler.ai.few_shot[{i}].preferred: must be 1 or 2, got {shot.preferred}")
 
 
-class JudgeError(RuntimeError):
+class JudgeError(ExpectedFailure, RuntimeError):
     """The judge could not give a usable answer (unreachable, malformed, too many invalid answers)."""
 
 

@@ -27,7 +27,7 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import torch
 
@@ -36,6 +36,7 @@ from stages.data.reader import DatasetConfig, load, read_records
 from stages.labeling.ai_labeler import AiLabeler, AiLabelerConfig, load_judge
 from stages.preference.rankings import ranks_from_scores
 from stages.runtime.manifest import read_jsonl, write_jsonl
+from stages.runtime.rules import NONNEGATIVE, UNCONSTRAINED, Rule
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,10 @@ class LabelerConfig:
     rankings_file: str | None = None  # file: the rankers' filled-in copy of the task, to import
     cache_file: str | None = None  # content-keyed label cache (JSONL); null: no cache
     ai: AiLabelerConfig = field(default_factory=AiLabelerConfig)  # ai: the judge, its prompt and backend
+
+    RULES: ClassVar[dict[str, Rule]] = {
+        "noise": NONNEGATIVE, "seed": UNCONSTRAINED,
+    }  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.kind not in ("simulated", "file", "ai"):

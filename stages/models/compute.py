@@ -26,8 +26,11 @@ import importlib.util
 import os
 import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
+
+from stages.runtime.rules import Rule, between
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 ATTENTIONS = ("eager", "sdpa", "flash_attention_2")
@@ -45,6 +48,10 @@ class ComputeConfig:
     kernels: str = "none"
     device: str = "auto"
     gradient_checkpointing: bool = False
+
+    RULES: ClassVar[dict[str, Rule]] = {
+        "s2_group_ratio": between(0, 1, low_open=True),
+    }  # fmt: skip
 
     def __post_init__(self) -> None:
         if not DEVICE.fullmatch(self.device):

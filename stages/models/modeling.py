@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from stages.data.tokens import Packed, context_window, decode_response, prompt_ids, render, response_ids
 from stages.models.compute import model_device
+from stages.runtime.errors import ExpectedFailure
+from stages.runtime.rules import COUNT, OFF_OR_COUNT, POSITIVE, Rule, at_least
 
 
 @dataclass(frozen=True)
@@ -35,8 +38,14 @@ class ModelConfig:
     pretrain_learning_rate: float = 3e-3
     bpe_vocab_size: int = 4096  # own data without a model: the byte-level BPE tokenizer trained on it
 
+    RULES: ClassVar[dict[str, Rule]] = {
+        "hidden_size": COUNT, "intermediate_size": COUNT, "num_hidden_layers": COUNT, "num_attention_heads": COUNT,
+        "max_position_embeddings": at_least(8), "pretrain_documents": COUNT, "pretrain_epochs": OFF_OR_COUNT,
+        "pretrain_learning_rate": POSITIVE, "bpe_vocab_size": at_least(64),
+    }  # fmt: skip
 
-class ModelError(ValueError):
+
+class ModelError(ExpectedFailure, ValueError):
     """A model or tokenizer the pipeline cannot use safely; the message names the folder and why."""
 
 

@@ -20,8 +20,11 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
+
+from stages.runtime.rules import COUNT, POSITIVE, Rule
 
 NAMES = ("adamw", "adamw_8bit", "galore", "badam")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -38,6 +41,10 @@ class OptimConfig:
     galore_proj_type: str = "std"
     badam_switch_every: int = 50
     badam_switch_mode: str = "ascending"
+
+    RULES: ClassVar[dict[str, Rule]] = {
+        "galore_rank": COUNT, "galore_update_proj_gap": COUNT, "galore_scale": POSITIVE, "badam_switch_every": COUNT,
+    }  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.name not in NAMES:

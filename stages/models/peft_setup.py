@@ -29,6 +29,9 @@ import tempfile
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
+
+from stages.runtime.rules import COUNT, OFF_OR_COUNT, POSITIVE, Rule, between, one_of
 
 METHODS = ("full", "freeze", "lora", "dora", "pissa", "loraplus", "qlora")
 ADAPTERS = ("lora", "dora", "pissa", "loraplus", "qlora")  # peft LoRA-family adapters on a frozen base
@@ -55,6 +58,11 @@ class PeftConfig:
     pissa_niter: int = 4  # pissa: fast-SVD iterations; 0: exact SVD
     quant_bits: int = 4  # qlora: 4 (NF4, double quantisation) or 8
     stages: list[str] = field(default_factory=lambda: list(TRAINING_STAGES))
+
+    RULES: ClassVar[dict[str, Rule]] = {
+        "r": COUNT, "alpha": POSITIVE, "dropout": between(0, 1, high_open=True), "freeze_layers": OFF_OR_COUNT,
+        "loraplus_ratio": POSITIVE, "pissa_niter": OFF_OR_COUNT, "quant_bits": one_of(4, 8),
+    }  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

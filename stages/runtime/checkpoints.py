@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from stages.runtime.errors import NonFiniteStop
+
 STATE = "state.pt"
 
 
@@ -67,4 +69,4 @@ def trainer_step(checkpoint: str | None) -> int:
 def check_finite(stage: str, loss: float, step: int, hint: str = "") -> None:
     """A NaN or infinite loss stops the stage (nothing is published), naming the key to change."""
     if not math.isfinite(loss):
-        raise FloatingPointError(f"{stage}: non-finite loss at step {step}; lower stage.{stage}.learning_rate{hint}")
+        raise NonFiniteStop(f"{stage}: non-finite loss at step {step}; lower stage.{stage}.learning_rate{hint}")

@@ -28,9 +28,11 @@ import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+
+from stages.runtime.rules import COUNT, Rule, between
 
 MODES = ("single", "ddp", "zero2", "zero3", "zero3_offload")
 ZERO_STAGE = {"zero2": 2, "zero3": 3, "zero3_offload": 3}
@@ -51,6 +53,10 @@ class DistributedConfig:
     backend: str = "auto"  # auto: nccl with CUDA, else gloo
     deepspeed: dict[str, Any] = field(default_factory=dict)  # the DeepSpeed config of the zero modes
     stages: list[str] = field(default_factory=lambda: list(LAUNCHABLE))  # which training stages launch
+
+    RULES: ClassVar[dict[str, Rule]] = {
+        "nproc_per_node": COUNT, "nnodes": COUNT, "master_port": between(1, 65535),
+    }  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -1,0 +1,159 @@
+"""Every numeric config key's valid range, declared beside its dataclass's fields.
+
+Each config dataclass carries `RULES: ClassVar[dict[str, Rule]]`, one entry per numeric field (a
+range, or `UNCONSTRAINED` where any value is meaningful: a seed, a signed penalty). `check_tree`
+walks a config (the typed object or Hydra's composed DictConfig: both answer `getattr`) against
+those tables and names the first key out of range by its full dotted path; `every_key` lists the
+numeric keys of the tree with their rules, for the key-walking test and the README's generated
+table (`make config-keys`). A `null` value passes: whether a key may be null is its type's business.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from stages.runtime.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Rule:
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # low itself is out of range
+    high_open: bool = False
+    unconstrained: bool = False  # any finite value is valid (an explicit mark, never a default)
+    choices: tuple[float, ...] = ()  # a set of valid values instead of a range
+
+    def describe(self) -> str:
+        if self.unconstrained:
+            return "any"
+        if self.choices:
+            return "one of " + ", ".join(map(_n, self.choices))
+        if self.low is not None and self.high is not None:
+            return f"{'(' if self.low_open else '['}{_n(self.low)}, {_n(self.high)}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {_n(self.low)}"
+        return f"{'<' if self.high_open else '<='} {_n(self.high)}"
+
+    def violation(self, value: Any) -> str | None:
+        """None when `value` is valid, else what is wrong with it."""
+        if value is None or isinstance(value, bool):
+            return None
+        if not math.isfinite(value):
+            return f"must be a finite number, got {value}"
+        if self.unconstrained:
+            return None
+        if self.choices:
+            return None if value in self.choices else f"must be {self.describe()}, got {value}"
+        below = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        above = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        if below or above:
+            inside = "in " if self.low is not None and self.high is not None else ""
+            return f"must be {inside}{self.describe()}, got {value}"
+        return None
+
+
+def _n(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def between(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Rule:
+    return Rule(low, high, low_open, high_open)
+
+
+def at_least(low: float) -> Rule:
+    return Rule(low)
+
+
+def one_of(*choices: float) -> Rule:
+    return Rule(choices=choices)
+
+
+def above(low: float) -> Rule:
+    return Rule(low, low_open=True)
+
+
+UNIT = between(0, 1)  # probabilities, shares, fractions, discount and GAE factors
+OPEN_UNIT = between(0, 1, low_open=True, high_open=True)  # a fraction that must leave something on both sides
+POSITIVE = above(0)  # learning rates, temperatures, clip ranges, timeouts, coefficients that divide
+NONNEGATIVE = at_least(0)  # weights and penalties where 0 turns a term off
+COUNT = at_least(1)  # counts and sizes
+OFF_OR_COUNT = at_least(0)  # counts where 0 turns the feature off (checkpoint_every, watch_every)
+UNCONSTRAINED = Rule(unconstrained=True)  # seeds and signed offsets
+
+
+def check_tree(schema: type, node: Any, prefix: str = "") -> None:
+    """Raise `ConfigError` at the first numeric key of `node` outside its declared rule."""
+    for key, value, rule in _values(schema, node, prefix):
+        problem = rule.violation(value) if rule is not None else None
+        if problem is not None:
+            raise ConfigError(f"{key}: {problem}")
+
+
+def every_key(schema: type, prefix: str = "") -> Iterator[tuple[str, type, str, Rule | None]]:
+    """(dotted key, dataclass, field name, rule or None) for every numeric field under `schema`,
+    nested dataclasses and lists of them included (a list's items as `key[]`)."""
+    hints = typing.get_type_hints(schema)
+    rules = getattr(schema, "RULES", {})
+    for f in dataclasses.fields(schema):
+        kind, key = hints[f.name], f"{prefix}{f.name}"
+        nested = _dataclass_of(kind)
+        if nested is not None:
+            yield from every_key(nested, f"{key}{'[]' if _is_list(kind) else ''}.")
+        elif _is_numeric(kind):
+            yield key, schema, f.name, rules.get(f.name)
+
+
+def _values(schema: type, node: Any, prefix: str) -> Iterator[tuple[str, Any, Rule | None]]:
+    if node is None:
+        return
+    hints = typing.get_type_hints(schema)
+    rules = getattr(schema, "RULES", {})
+    for f in dataclasses.fields(schema):
+        kind, key = hints[f.name], f"{prefix}{f.name}"
+        value = getattr(node, f.name, None)
+        nested = _dataclass_of(kind)
+        if nested is not None:
+            items = list(value or []) if _is_list(kind) else [value]
+            for i, item in enumerate(items):
+                yield from _values(nested, item, f"{key}[{i}]." if _is_list(kind) else f"{key}.")
+        elif _is_numeric(kind) and not _is_list(kind):
+            yield key, value, rules.get(f.name)
+
+
+def _args(kind: Any) -> tuple:
+    return typing.get_args(kind) if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union else ()
+
+
+def _is_list(kind: Any) -> bool:
+    inner = [a for a in _args(kind) if a is not type(None)] or [kind]
+    return any(typing.get_origin(a) is list for a in inner)
+
+
+def _dataclass_of(kind: Any) -> type | None:
+    for a in [a for a in _args(kind) if a is not type(None)] or [kind]:
+        a = typing.get_args(a)[0] if typing.get_origin(a) is list else a
+        if dataclasses.is_dataclass(a):
+            return a
+    return None
+
+
+def _is_numeric(kind: Any) -> bool:
+    inner = [a for a in _args(kind) if a is not type(None)] or [kind]
+    inner = [typing.get_args(a)[0] if typing.get_origin(a) is list else a for a in inner]
+    return any(a in (int, float) for a in inner)
+
+
+def markdown(schema: type) -> str:
+    """The README's table of every numeric key and its range (`make config-keys` writes it)."""
+    lines = ["| key | valid values | declared in |", "|---|---|---|"]
+    for key, cls, _, rule in every_key(schema):
+        where = f"`{cls.__module__}.{cls.__name__}`"
+        lines.append(f"| `{key}` | {rule.describe() if rule else 'NO RULE'} | {where} |")
+    return "\n".join(lines) + "\n"
