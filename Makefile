@@ -10,7 +10,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help venv browser gpu-check gpu-wheels bench-lengths align compare frontier serve workers champion faults test test-fast bench bench-rerun bench-peft methods bench-dist bench-real lint ui clean
+.PHONY: config-keys help venv browser gpu-check gpu-wheels bench-lengths align compare frontier serve workers champion faults test test-fast bench bench-rerun bench-peft methods bench-dist bench-real lint ui clean
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -48,6 +48,9 @@ compare: venv ## every branch and estimator (ppo, grpo, rloo, ..., dpo, kto, sim
 	$(CLI) compare $(ARGS)
 
 # Both tiers run on pytest-xdist, one worker per core (tests/conftest.py pins each to its core).
+config-keys: venv ## regenerate docs/config-keys.md (every numeric config key's valid range) from the rules
+	$(PY) -c 'from flows.config import keys_doc; print(keys_doc(), end="")' > docs/config-keys.md
+
 test: venv browser ## the whole suite: layering contracts, unit, stage, config, end-to-end flows, browser (~15 min on 2 cores)
 	.venv/bin/lint-imports
 	$(PY) -m pytest tests -n auto --dist worksteal --durations=20

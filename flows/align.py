@@ -9,6 +9,7 @@ itself is `flows/pipeline.py`; the sweep's MLflow parent run and frontier are `f
 
 from __future__ import annotations
 
+import os
 import sys
 
 import hydra
@@ -30,6 +31,11 @@ def main(dcfg: DictConfig) -> float | None:
 
 
 def run(argv: list[str]) -> None:
+    """`--debug`: an expected failure shows its stack (as HYDRA_FULL_ERROR=1 does), not one `error:` line."""
+    if "--debug" in argv:
+        argv = [a for a in argv if a != "--debug"]
+        os.environ["ALIGNFLOW_DEBUG"] = "1"
+        os.environ["HYDRA_FULL_ERROR"] = "1"
     if "-m" in argv or "--multirun" in argv:  # a sweep computes: its jobs share one server, booting now
         flows.prestart_prefect_server()
     sys.argv = ["alignflow align", *argv]

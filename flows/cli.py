@@ -25,7 +25,8 @@ import flows
 HYDRA_HELP = """
 Hydra overrides pass through unchanged: `key=value` (stage.ppo.beta=0.05), a config group option
 (peft=full, pipeline=dpo, data=files), `+experiment=tiny`, `-m` for a sweep. `--cfg job` prints the
-composed config without running; `--hydra-help` lists Hydra's own flags."""
+composed config without running; `--hydra-help` lists Hydra's own flags. An expected failure (a
+value out of range, a model folder, a data row, a judge) prints one `error:` line; `--debug` shows its stack."""
 
 
 def _align(argv: list[str]) -> None:

@@ -265,3 +265,24 @@ def to_config(cfg: DictConfig) -> Config:
     except ValidationError as e:  # a check in a __post_init__, wrapped by OmegaConf: its own message
         cause = e.__cause__ if isinstance(e.__cause__, ValueError) else e
         raise ConfigError(str(cause).split("\n")[0]) from e
+    except ConfigError:
+        raise
+    except ValueError as e:  # a dataclass's own cross-key check: one line, the keys named
+        raise ConfigError(str(e)) from e
+
+
+def keys_doc() -> str:
+    """docs/config-keys.md: every numeric key's valid values, generated from the rules (`make config-keys`)."""
+    from stages.runtime.rules import markdown
+
+    return (
+        "# Config keys and their valid values\n\n"
+        "Generated from the `RULES` table beside each config dataclass (`stages/runtime/rules.py`) by\n"
+        "`make config-keys`; `tests/test_bad_input.py` fails when this file is stale or a numeric key has no\n"
+        "rule. Every value is checked when Hydra composes the config, before any compute, and an\n"
+        "out-of-range one stops the run with `error: <key>: must be ..., got ...` (exit code 1). `null` is\n"
+        "valid where the key's type allows it. Rules across keys (a size that must divide another, a\n"
+        "pipeline with a labeler it cannot use, a method with a stage it cannot apply to) live in the\n"
+        "dataclasses' `__post_init__` and `Config.__post_init__` (`flows/config.py`), named the same way.\n\n"
+        + markdown(Config)
+    )

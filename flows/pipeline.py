@@ -15,6 +15,7 @@ a stage is never computed twice at the same time. A crashed process releases its
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -33,7 +34,6 @@ from flows.fingerprint import Fingerprints
 from flows.launch import launch
 from flows.launch.resources import (
     SWEEP_RUN_ENV,
-    ResourceError,
     cap_threads,
     concurrent_jobs,
     live_runs,
@@ -46,6 +46,7 @@ from flows.preflight import preflight
 from flows.results import html_report, registry, report
 from flows.runner import StageCall, execute, flatten, recall, remember, set_up_tracking, stage_task, tracked_run
 from flows.steps import QualityGate
+from stages.runtime.errors import ConfigError, ExpectedFailure
 from stages.runtime.manifest import MANIFEST, Manifest
 from stages.runtime.progress import STOP
 
@@ -276,9 +277,24 @@ def catch_interrupts() -> None:
 
 def job(dcfg) -> float | None:
     """One run of the command line or one job of a sweep: typed config, thread cap, preflight, the
-    flow, the printed table; returns `sweep.objective` for a sweeper."""
+    flow, the printed table; returns `sweep.objective` for a sweeper. An expected failure (a config
+    value, a model folder, a data row, a judge, a resource, a NaN, a killed rank: `ExpectedFailure`)
+    prints one `error:` line and exits 1; `--debug` or HYDRA_FULL_ERROR=1 shows its stack."""
+    try:
+        return _job(dcfg)
+    except ExpectedFailure as e:
+        if debugging():
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def debugging() -> bool:
+    return os.environ.get("ALIGNFLOW_DEBUG") == "1" or os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def _job(dcfg) -> float | None:
     from flows.config import to_config
-    from stages.labeling.ai_labeler import JudgeError
     from stages.labeling.labelers import LabelsMissing
 
     cfg = to_config(dcfg)
@@ -288,17 +304,23 @@ def job(dcfg) -> float | None:
     launch.accelerator_env(os.environ, cfg.compute.device)  # before DeepSpeed is first imported
     try:
         preflight(cfg)
-    except (JudgeError, ValueError, OSError) as e:  # a config, model or data problem: one clear message
-        raise SystemExit(f"error: {e}") from None
+    except (ValueError, OSError) as e:  # a data file that cannot be read: named like the rest
+        if isinstance(e, ExpectedFailure):
+            raise
+        raise ConfigError(str(e)) from e
     # Prefect records the run when a server is up; a temporary one starts only when a stage must run
     recorded = flows.prefect_server(must_run=lambda: not cached(cfg), local=cfg.schedule.api_url)
     try:
-        summary = align_flow()(cfg) if recorded else align(cfg)
+        if recorded:
+            flow = align_flow()
+            if not debugging():
+                quiet_expected_failures()
+            summary = flow(cfg)
+        else:
+            summary = align(cfg)
     except LabelsMissing as e:
         print(f"\nwaiting for labels: {e}")
         raise SystemExit(2) from None
-    except (JudgeError, ResourceError, FloatingPointError) as e:  # what to change, in one line
-        raise SystemExit(f"error: {e}") from None
     if STOP:  # interrupted, the interrupt swallowed, and yet the run ran out: still not a success
         raise SystemExit(130)
     print(report.table(summary["stages"]))
@@ -313,6 +335,29 @@ def job(dcfg) -> float | None:
     if summary["verdict"]["status"] == "stopped":  # a quality gate: the run did not do what was asked
         raise SystemExit(1)
     return sweep_result(summary, cfg.sweep.objective)
+
+
+class _ExpectedOffConsole(logging.Filter):
+    """Keeps Prefect's task and flow run tracebacks of an expected failure off the console (its API
+    handler still sends them to the server: the Prefect UI shows the stack); the command line prints
+    the one line. A bug's traceback still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(("prefect.task_runs", "prefect.flow_runs")) or record.levelno < logging.ERROR:
+            return True
+        if record.exc_info and record.exc_info[1] is not None:
+            return not isinstance(record.exc_info[1], ExpectedFailure)
+        # "Finished in state Failed(...)": the exception itself reaches the command line
+        return not record.getMessage().startswith("Finished in state Failed")
+
+
+def quiet_expected_failures() -> None:
+    """Install `_ExpectedOffConsole` on the console handlers Prefect configured (on the root logger)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not any(
+            isinstance(f, _ExpectedOffConsole) for f in handler.filters
+        ):
+            handler.addFilter(_ExpectedOffConsole())
 
 
 def sweep_result(summary: dict[str, Any], objective: str) -> float | None:

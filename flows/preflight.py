@@ -1,4 +1,5 @@
-"""What a run checks before any compute: the model folder, its tokenizer, every stage's token limits
+"""What a run checks before any compute: the model folders (weights headers, architecture, tokenizer),
+the judge server (one probe request), every stage's token limits
 against the model's context window, and (with a model to tokenize with) every row of the user's
 data against those limits. Each failure names the folder, file and line, or config key.
 
@@ -18,9 +19,10 @@ from stages.data.tokens import (
     resolve_sampling,
     row_sources,
 )
-from stages.labeling.ai_labeler import api_key
+from stages.labeling.ai_labeler import HttpJudge
 from stages.models import compute
-from stages.models.modeling import check_model_folder, load_tokenizer, model_context
+from stages.models.folders import inspect_model
+from stages.models.modeling import model_context
 from stages.preference.rankings import encode_rankings
 from stages.rl import rollout
 from stages.sft import encode_demonstrations
@@ -44,15 +46,18 @@ def preflight(cfg: Config) -> None:
     compute.check(cfg.compute)  # precision, attention, kernels this machine cannot run: before any model loads
     if "ppo" in PIPELINES[cfg.pipeline.name]:
         rollout.check(cfg.stage.ppo.generation)  # vLLM needs a GPU
-    if cfg.labeler.kind == "ai" and cfg.labeler.ai.backend == "http":
-        api_key(cfg.labeler.ai)
+    if cfg.labeler.kind == "ai" and cfg.labeler.ai.backend == "http":  # the key, then one request
+        HttpJudge(cfg.labeler.ai).probe(scores=cfg.pipeline.name == "rlaif_direct")
     tokenizer = None
     if cfg.model.name_or_path is not None:
-        check_model_folder(cfg.model.name_or_path)
-        tokenizer = load_tokenizer(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+        remote = cfg.model.trust_remote_code
+        tokenizer = inspect_model(cfg.model.name_or_path, key="model.name_or_path", trust_remote_code=remote)
         ensure_chat_template(tokenizer)  # as prepare will: the markers count in the prompt lengths
     if cfg.stage.reward_model.name_or_path is not None:
-        check_model_folder(cfg.stage.reward_model.name_or_path)
+        inspect_model(cfg.stage.reward_model.name_or_path, key="stage.reward_model.name_or_path", role="reward")
+    judge = cfg.labeler.ai
+    if cfg.labeler.kind == "ai" and judge.backend == "local" and judge.model is not None:
+        inspect_model(judge.model, key="labeler.ai.model", trust_remote_code=judge.trust_remote_code)
     ctx = context(cfg)
     stages = PIPELINES[cfg.pipeline.name]
     budgets = {

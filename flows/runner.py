@@ -17,6 +17,7 @@ import importlib
 import json
 import os
 import time
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -128,13 +129,24 @@ def tracked_run(**kwargs: Any) -> Iterator[Any]:
     run = mlflow.start_run(**kwargs)
     try:
         yield run
-    except Exception:
+    except Exception as e:
+        record_failure(e)
         mlflow.end_run("FAILED")
         raise
     except BaseException:
         mlflow.end_run("KILLED")
         raise
     mlflow.end_run("FINISHED")
+
+
+def record_failure(e: BaseException) -> None:
+    """The failed run keeps the message as a tag and the whole traceback as `error.txt`, whatever the
+    console showed (one `error:` line for an expected failure)."""
+    try:
+        mlflow.set_tag("alignflow.error", f"{type(e).__name__}: {e}"[:5000])
+        mlflow.log_text("".join(traceback.format_exception(e)), "error.txt")
+    except Exception:  # the tracking store itself failing must not hide the error being recorded
+        pass
 
 
 def _cache_key(context, parameters: dict[str, Any]) -> str:

@@ -41,6 +41,7 @@ from stages.runtime.rules import COUNT, NONNEGATIVE, OFF_OR_COUNT, POSITIVE, UNI
 
 ANSWERS = ("1", "2")
 SCORES = tuple(str(s) for s in range(1, 11))
+PROBE = ("What is two plus two?", "Four.", "Five.")  # preflight's one request to an HTTP judge
 
 
 @dataclass(frozen=True)
@@ -308,6 +309,27 @@ class HttpJudge:
                 f"labeler.ai: malformed response from {self.url}: no choices[0].logprobs.content[0].top_logprobs "
                 f"({type(e).__name__}: {e})"
             ) from None
+
+    def probe(self, *, scores: bool = False) -> None:
+        """One small request of the kind the run will send, before any compute (preflight): the answer
+        must carry logprobs, be one of the answer tokens, and (pairwise) rank both "1" and "2" among
+        its top logprobs, or the run would fail only after the stages before comparisons."""
+        prompt, first, second = PROBE
+        text = score_prompt(self.cfg, prompt, first) if scores else pair_prompt(self.cfg, prompt, first, second)
+        top, chosen = self._top_logprobs(text)
+        candidates = SCORES if scores else ANSWERS
+        where = f"labeler.ai: the probe request to {self.url} (model {self.cfg.model!r})"
+        if chosen not in candidates:
+            raise JudgeError(
+                f"{where} was answered {chosen!r}, not {candidates[0]}..{candidates[-1]}; check labeler.ai.model "
+                "and labeler.ai.preamble (the judge must answer with the number alone)"
+            )
+        missing = [c for c in candidates if c not in top] if not scores else []
+        if missing:
+            raise JudgeError(
+                f"{where}: the answer tokens {' and '.join(ANSWERS)} are not both among its top "
+                f"{self.TOP_LOGPROBS} logprobs (missing {', '.join(missing)}), so no preference can be read"
+            )
 
     def next_token_logprobs(self, texts: list[str], candidates: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         with ThreadPoolExecutor(self.cfg.concurrency) as pool:

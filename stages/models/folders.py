@@ -1,0 +1,105 @@
+"""What preflight checks of a model folder or hub id before any weights load, one line per problem.
+
+`inspect_model` reads the folder's config, each safetensors file's header (`safe_open`: the header
+only, no tensor is read), and its tokenizer; it refuses a path that neither exists nor reads as a
+hub id, corrupt or missing weights, an architecture the stage cannot use (an encoder such as BERT
+where a causal LM must generate), and a folder without tokenizer files. Every message starts with
+the config key and the folder.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from stages.models.modeling import ModelError, check_model_folder, load_tokenizer
+
+# a hub id: `name` or `owner/name`, letters, digits, `-`, `_` and `.` (no leading dot, no `..`)
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
+# what a tokenizer is saved as: fast (tokenizer.json), SentencePiece (*.model), BPE (vocab + merges), WordPiece
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "tiktoken.model")
+# the class-name endings of models each role can use (`config.architectures`, written by save_pretrained)
+ROLES = {
+    "causal_lm": ("ForCausalLM", "LMHeadModel"),
+    "reward": ("ForCausalLM", "LMHeadModel", "ForSequenceClassification"),
+}
+
+
+def inspect_model(path: str | Path, *, key: str, role: str = "causal_lm", trust_remote_code: bool = False):
+    """Check the model `path` names (the value of config key `key`) and return its tokenizer."""
+    text = str(path)
+    folder = Path(text).expanduser()
+    if not folder.exists():
+        if not HUB_ID.match(text) or ".." in text:
+            raise ModelError(f"{key}: {text}: no such folder (and not a hub id of the form owner/name)")
+        return _hub(text, key=key, role=role, trust_remote_code=trust_remote_code)
+    if not folder.is_dir():
+        raise ModelError(f"{key}: {folder}: is a file, not a model folder (give the folder that holds config.json)")
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"{key}: {folder}: no config.json (not a folder written by save_pretrained)")
+    check_model_folder(folder)  # safetensors only
+    for weights in sorted(folder.glob("*.safetensors")):
+        _check_header(weights, key)
+    _check_architecture(folder, key, role, trust_remote_code)
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES) and not any(folder.glob("*.model")):
+        raise ModelError(
+            f"{key}: {folder}: no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); save the tokenizer "
+            "beside the weights with `tokenizer.save_pretrained(folder)`"
+        )
+    return _tokenizer(folder, key, trust_remote_code)
+
+
+def _check_header(weights: Path, key: str) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            if not list(f.keys()):
+                raise ModelError(f"{key}: {weights}: the safetensors file holds no tensors")
+    except ModelError:
+        raise
+    except Exception as e:  # safetensors' own errors (HeaderTooLarge, InvalidHeaderDeserialization, ...)
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelError(f"{key}: {weights}: corrupt safetensors file ({first}); re-save or re-download it") from None
+
+
+def _check_architecture(where: str | Path, key: str, role: str, trust_remote_code: bool) -> None:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(where), trust_remote_code=trust_remote_code)
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelError(f"{key}: {where}: its config.json cannot be read ({first})") from None
+    if getattr(config, "is_encoder_decoder", False):
+        raise ModelError(
+            f"{key}: {where}: {config.model_type} is an encoder-decoder model; this stage needs a decoder-only "
+            "causal LM (a *ForCausalLM architecture)"
+        )
+    architectures = getattr(config, "architectures", None) or []
+    if architectures and not any(a.endswith(ROLES[role]) for a in architectures):
+        raise ModelError(
+            f"{key}: {where}: its architecture {', '.join(architectures)} is not a causal LM (an encoder cannot "
+            f"generate); this stage needs one of *{', *'.join(ROLES[role])}"
+        )
+    if not architectures:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            raise ModelError(f"{key}: {where}: model type {config.model_type!r} has no causal LM class in transformers")
+
+
+def _tokenizer(where: str | Path, key: str, trust_remote_code: bool):
+    try:
+        return load_tokenizer(where, trust_remote_code=trust_remote_code)
+    except ModelError as e:
+        raise ModelError(f"{key}: {e}") from None
+    except Exception as e:  # what transformers says of files it cannot read, on one line
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelError(f"{key}: {where}: its tokenizer does not load ({first})") from None
+
+
+def _hub(hub_id: str, *, key: str, role: str, trust_remote_code: bool):
+    """A hub id: its config and tokenizer must resolve (from the local cache when the hub is offline)."""
+    _check_architecture(hub_id, key, role, trust_remote_code)
+    return _tokenizer(hub_id, key, trust_remote_code)
