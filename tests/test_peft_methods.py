@@ -16,6 +16,7 @@ from stages.models.peft_setup import PeftConfig
 from stages.models.tuning import Tuning
 
 H, I, LAYERS, R = 32, 64, 2, 4  # build_tiny_model's Llama: hidden, intermediate, layers; the LoRA rank
+M = 8  # the Houlsby bottleneck's width
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Reward models rank responses; PPO follows them."]
 
 
@@ -49,6 +50,8 @@ def expected(method: str, optim: str, kind: str, vocab: int, h: int = H, i: int 
     return {
         "full": full,
         "freeze": _layer(h, i) + head,
+        # two bottlenecks per layer (after attention and after the MLP): down h x m + m, up m x h + h
+        "houlsby": LAYERS * 2 * (h * M + M + M * h + h) + head,
         "lora": lora,
         "loraplus": lora,
         "pissa": lora,
@@ -60,6 +63,7 @@ def expected(method: str, optim: str, kind: str, vocab: int, h: int = H, i: int 
 CASES = [
     ("full", "adamw"),
     ("freeze", "adamw"),
+    ("houlsby", "adamw"),
     ("lora", "adamw"),
     ("dora", "adamw"),
     ("pissa", "adamw"),
@@ -92,7 +96,7 @@ def test_each_method_trains_exactly_its_parameters(base, wide, method, optim, ki
     tok.pad_token = tok.eos_token
     batch = dict(tok(TEXTS, return_tensors="pt", padding=True))
     tuning = Tuning(
-        PeftConfig(method=method, r=R, alpha=2 * R, pissa_niter=2),
+        PeftConfig(method=method, r=R, alpha=2 * R, pissa_niter=2, adapter_size=M),
         OptimConfig(name=optim, galore_rank=4, galore_update_proj_gap=2, badam_switch_every=50),
         ComputeConfig(),
     )
@@ -175,3 +179,45 @@ def test_an_adapter_reward_model_keeps_its_head_trainable_and_its_artifacts_load
 def test_qlora_refuses_a_base_too_narrow_for_the_cpu_4bit_kernels(base):
     with pytest.raises(ValueError, match=r"qlora on CPU: .*multiples of 64; .* takes 32"):
         tuning_lib.load(base, Tuning(PeftConfig(method="qlora", r=R)), "causal_lm")
+
+
+@pytest.mark.parametrize("kind", ["causal_lm", "scalar"])
+def test_houlsby_folder_is_the_plain_base_plus_its_bottlenecks_and_loads_back(base, tmp_path, kind):
+    """Bottlenecks do not merge: the exported folder holds the unchanged base weights (a plain
+    `from_pretrained` folder, which alone gives the base) and houlsby.safetensors beside them, which
+    alignflow's loader puts back: the trained model's outputs, to the float."""
+    from transformers import AutoModelForCausalLM
+
+    from stages.models import houlsby
+    from stages.models.modeling import load_causal_lm, load_scalar_model
+
+    torch.manual_seed(0)
+    tuning = Tuning(PeftConfig(method="houlsby", adapter_size=M, adapter_placement="both"))
+    model = tuning_lib.load(base, tuning, kind, adjust=lambda m: setattr(m.config, "pad_token_id", 0))
+    ids = torch.tensor([[5, 17, 99, 3, 42, 7], [8, 1, 4, 4, 2, 9]])
+    with torch.no_grad():
+        at_insertion = model(input_ids=ids).logits
+    if kind == "causal_lm":  # up = 0: the identity (a scalar model's new head is random on every load)
+        with torch.no_grad():
+            torch.testing.assert_close(at_insertion, load_causal_lm(base)(input_ids=ids).logits)
+    opt = tuning_lib.optimizer(model, tuning, lr=1e-2)
+    model.train()
+    for _ in range(3):
+        opt.zero_grad()
+        _loss(model, kind, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}).backward()
+        opt.step()
+    model.eval()
+    tuning_lib.export(model, tuning, tmp_path / "out", base=base, adapter=tmp_path / "adapter", kind=kind)
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [houlsby.CONFIG, houlsby.WEIGHTS]
+    n_adapter = sum(p.numel() for n, p in model.named_parameters() if houlsby.is_adapter(n))
+    assert n_adapter == LAYERS * 2 * (H * M + M + M * H + H)
+    loaded = (load_causal_lm if kind == "causal_lm" else load_scalar_model)(tmp_path / "out").eval()
+    loaded.config.pad_token_id = 0
+    with torch.no_grad():
+        trained = model(input_ids=ids).logits
+        torch.testing.assert_close(loaded(input_ids=ids).logits, trained)
+    assert not torch.allclose(trained, at_insertion)
+    if kind == "causal_lm":  # without alignflow's loader: the base, since the base weights did not change
+        bare = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(bare(input_ids=ids).logits, at_insertion)

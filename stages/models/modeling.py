@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from stages.data.tokens import Packed, context_window, decode_response, prompt_ids, render, response_ids
+from stages.models import houlsby
 from stages.models.compute import model_device
 from stages.runtime.errors import ExpectedFailure
 from stages.runtime.rules import COUNT, OFF_OR_COUNT, POSITIVE, Rule, at_least
@@ -96,6 +97,7 @@ def load_causal_lm(path: str | Path, *, trust_remote_code: bool = False, device=
     model = AutoModelForCausalLM.from_pretrained(
         str(path), trust_remote_code=trust_remote_code, use_safetensors=True, dtype=torch.float32, **load
     )
+    model = houlsby.restore(model, Path(path))  # a Houlsby-adapted folder: its bottlenecks back in place
     return model if device is None else model.to(device)
 
 
@@ -343,6 +345,7 @@ def load_scalar_model(path: str | Path, *, trust_remote_code: bool = False, devi
     model = AutoModelForSequenceClassification.from_pretrained(
         str(path), num_labels=1, trust_remote_code=trust_remote_code, use_safetensors=True, dtype=torch.float32, **load
     )
+    model = houlsby.restore(model, Path(path))
     return model if device is None else model.to(device)
 
 

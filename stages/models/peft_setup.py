@@ -6,6 +6,10 @@ Methods (one config line switches them, as in LLaMA-Factory):
 - `full`: every weight trains.
 - `freeze`: only the last `freeze_layers` decoder layers and the modules named in `freeze_modules`
   train (freeze-tuning); a scalar head always trains.
+- `houlsby` (Houlsby et al. 2019): bottleneck adapters (`adapter_size`) after the attention and/or
+  feed-forward block of every layer (`adapter_placement`), `adapter_activation` between the
+  projections, trained alone or with the layer norms (`adapter_train_norms`); written beside the
+  unchanged base weights, since a bottleneck does not merge (`stages/models/houlsby.py`).
 - `lora` (Hu et al. 2021), with `rslora` (Kalajdzievski 2023: alpha / sqrt(r) scaling) as an option.
 - `dora` (Liu et al. 2024): LoRA on the direction, a trained magnitude per output feature.
 - `pissa` (Meng et al. 2024): adapters initialised from the principal singular vectors (fast SVD,
@@ -31,9 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from stages.models import houlsby
+from stages.models.houlsby import decoder_layers
 from stages.runtime.rules import COUNT, OFF_OR_COUNT, POSITIVE, Rule, between, one_of
 
-METHODS = ("full", "freeze", "lora", "dora", "pissa", "loraplus", "qlora")
+METHODS = ("full", "freeze", "houlsby", "lora", "dora", "pissa", "loraplus", "qlora")
 ADAPTERS = ("lora", "dora", "pissa", "loraplus", "qlora")  # peft LoRA-family adapters on a frozen base
 TRAINING_STAGES = ("sft", "reward_model", "ppo", "dpo")
 KINDS = ("causal_lm", "scalar")  # SFT, DPO, the PPO policy | the reward model, the PPO value model
@@ -57,11 +63,16 @@ class PeftConfig:
     loraplus_ratio: float = 16.0  # loraplus: lr(B) / lr(A) (the paper's default)
     pissa_niter: int = 4  # pissa: fast-SVD iterations; 0: exact SVD
     quant_bits: int = 4  # qlora: 4 (NF4, double quantisation) or 8
+    adapter_size: int = 16  # houlsby: the bottleneck's width
+    adapter_placement: str = "both"  # houlsby: after attention, mlp, or both (the paper)
+    adapter_activation: str = "gelu"  # houlsby: gelu | relu | tanh | silu
+    adapter_train_norms: bool = False  # houlsby: the layer norms train too (the paper does)
     stages: list[str] = field(default_factory=lambda: list(TRAINING_STAGES))
 
     RULES: ClassVar[dict[str, Rule]] = {
         "r": COUNT, "alpha": POSITIVE, "dropout": between(0, 1, high_open=True), "freeze_layers": OFF_OR_COUNT,
         "loraplus_ratio": POSITIVE, "pissa_niter": OFF_OR_COUNT, "quant_bits": one_of(4, 8),
+        "adapter_size": COUNT,
     }  # fmt: skip
 
     def __post_init__(self) -> None:
@@ -75,6 +86,12 @@ class PeftConfig:
             raise ValueError(f"peft.loraplus_ratio: must be positive, got {self.loraplus_ratio}")
         if self.quant_bits not in (4, 8):
             raise ValueError(f"peft.quant_bits: {self.quant_bits} is not 4 or 8")
+        if self.adapter_placement not in houlsby.PLACEMENTS:
+            raise ValueError(f"peft.adapter_placement: {self.adapter_placement!r} is not one of {houlsby.PLACEMENTS}")
+        if self.adapter_activation not in houlsby.ACTIVATIONS:
+            raise ValueError(
+                f"peft.adapter_activation: {self.adapter_activation!r} is not one of {', '.join(houlsby.ACTIVATIONS)}"
+            )
         unknown = [s for s in self.stages if s not in TRAINING_STAGES]
         if unknown:
             raise ValueError(f"peft.stages: {unknown[0]!r} is not one of {', '.join(TRAINING_STAGES)}")
@@ -130,17 +147,6 @@ def quantization_config(cfg: PeftConfig):
     )
 
 
-def decoder_layers(model):
-    """The decoder's list of layers (Llama-family `model.layers`), under a classification or LM head."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if layers is None:
-        raise ValueError(
-            f"peft.method=freeze: {type(model).__name__} has no `model.layers` to choose the last ones from"
-        )
-    return layers
-
-
 def prepare(model, cfg: PeftConfig, kind: str):
     """`model` made ready to train with `cfg.method`: a PeftModel for adapter methods, the model itself
     with only the method's weights requiring grad for `full` and `freeze`."""
@@ -148,6 +154,17 @@ def prepare(model, cfg: PeftConfig, kind: str):
         raise ValueError(f"kind: {kind!r} is not one of {', '.join(KINDS)}")
     if cfg.method == "full":
         return model.requires_grad_(True)
+    if cfg.method == "houlsby":
+        model.requires_grad_(False)
+        for adapter in houlsby.insert(model, cfg.adapter_size, cfg.adapter_placement, cfg.adapter_activation):
+            adapter.requires_grad_(True)
+        for name, module in model.named_modules():
+            norm = "norm" in type(module).__name__.lower() or "LayerNorm" in type(module).__name__
+            if cfg.adapter_train_norms and norm and not houlsby.is_adapter(name + "."):
+                module.requires_grad_(True)
+        if kind == "scalar":
+            getattr(model, SCALAR_HEAD).requires_grad_(True)
+        return model
     if cfg.method == "freeze":
         model.requires_grad_(False)
         layers = decoder_layers(model)
@@ -224,6 +241,11 @@ def export(
       cannot be copied.
     """
     folder = Path(folder)
+    if cfg.method == "houlsby":  # the base weights as a plain folder, the bottlenecks beside them
+        houlsby.save(model, folder)
+        if adapter is not None:
+            houlsby.save_adapter(model, Path(adapter))
+        return
     if not cfg.adapters:
         model.save_pretrained(folder, safe_serialization=True)
         return

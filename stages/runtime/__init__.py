@@ -2,6 +2,6 @@
 MLflow logging from a stage (`tracking`), text diagnostics and verdicts (`diagnostics`), the
 process-group engine (`distributed`), and the device guard that checks every stage's tensors are
 made on a named device (`device_guard`), every config key's valid range (`rules`) and the
-expected failures the command line prints in one line (`errors`). Imported by every stage, by the machinery above it and by
-`flows`; the bottom layer, it imports no other alignflow package.
+expected failures the command line prints in one line (`errors`). Imported by every stage, by the
+machinery above it and by `flows`; the bottom layer, it imports no other alignflow package.
 """
