@@ -97,7 +97,7 @@ bench-lengths: venv ## rows each stage cuts and drops on the shared datasets, by
 bench-peft: venv ## every fine-tuning method and optimizer on a ~110M Llama, SFT and RM steps: artifacts/bench/peft_methods.{json,md}
 	$(PY) -m bench.peft_methods $(ARGS)
 
-methods: venv ## the embedded-default RLHF pipeline under each method (dora, pissa, loraplus, freeze, galore, badam): artifacts/bench/methods.json
+methods: venv ## the embedded-default RLHF pipeline under each method (dora, pissa, loraplus, freeze, houlsby, qlora, galore, badam): artifacts/bench/methods.json
 	$(PY) -m bench.methods $(ARGS)
 
 faults: venv ## SIGKILL the small pipeline at 20 seeded points, rerun, check: artifacts/bench/faults.json

@@ -22,6 +22,7 @@ VARIANTS = [
     "peft=pissa",
     "peft=loraplus",
     "peft=freeze",
+    "peft=houlsby",
     "peft=qlora",
     "optim=galore",
     "optim=badam",

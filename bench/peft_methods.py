@@ -33,6 +33,7 @@ OUT = ROOT / "artifacts" / "bench"
 METHODS = [  # (label, peft.method, optim.name)
     ("full (AdamW)", "full", "adamw"),
     ("freeze (last 2 layers)", "freeze", "adamw"),
+    ("houlsby m64", "houlsby", "adamw"),
     ("lora r16", "lora", "adamw"),
     ("rslora r16", "rslora", "adamw"),
     ("dora r16", "dora", "adamw"),
@@ -158,6 +159,7 @@ def one(args) -> dict:
         quant_bits=8 if method == "qlora8" else 4,
         freeze_layers=2,
         pissa_niter=4,
+        adapter_size=64,
     )
     optim = OptimConfig(name=args.optim, galore_rank=128, galore_update_proj_gap=200, badam_switch_every=50)
     extra = set(filter(None, args.extra.split(",")))
