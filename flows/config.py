@@ -25,6 +25,7 @@ from stages.models.peft_setup import TRAINING_STAGES, PeftConfig
 from stages.models.tuning import Tuning, shared_base_refusal, shares_base
 from stages.ppo import PpoConfig
 from stages.prepare import DataConfig
+from stages.pretrain import PretrainConfig
 from stages.reward_model import RewardModelConfig
 from stages.runtime.distributed import DistributedConfig, refusal
 from stages.runtime.rules import COUNT, NONNEGATIVE, POSITIVE, UNIT, ConfigError, Rule, check_tree
@@ -52,6 +53,7 @@ ESTIMATOR_BRANCHES = {"grpo": ("grpo", "dr_grpo"), "rloo": ("rloo",)}
 
 @dataclass(frozen=True)
 class StageConfigs:
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)  # runs when data.pretrain is set
     sft: SftConfig = field(default_factory=SftConfig)
     comparisons: ComparisonsConfig = field(default_factory=ComparisonsConfig)
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)

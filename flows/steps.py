@@ -46,12 +46,29 @@ def prepare(run, cfg: Config) -> Manifest:
     return run("prepare", cfg.data, cfg.model, files=config_files(cfg), device=cfg.compute.device)
 
 
+def pretrain(run, cfg: Config, prep: Manifest) -> Manifest | None:
+    """Continued pretraining of the base on `data.pretrain`'s raw text (keyed by the file's content),
+    with SFT's method and optimizer; None when no text is given."""
+    if cfg.data.pretrain is None:
+        return None
+    return run(
+        "pretrain",
+        cfg.stage.pretrain,
+        cfg.tuning("sft"),
+        serves="sft",
+        base=prep.file("base"),
+        text=Path(cfg.data.pretrain.path).resolve(),
+    )
+
+
 def sft(run, cfg: Config, prep: Manifest) -> Manifest:
+    """SFT on the demonstrations, from the base (or the continued-pretraining stage's model first)."""
+    pre = pretrain(run, cfg, prep)
     return run(
         "sft",
         cfg.stage.sft,
         cfg.tuning("sft"),
-        base=prep.file("base"),
+        base=pre.file("policy") if pre is not None else prep.file("base"),
         demonstrations=prep.file("demonstrations"),
         **lengths(cfg),
         checkpointed=True,

@@ -58,6 +58,8 @@ class DataConfig:
     comparisons: DatasetConfig | None = None
     prompts: DatasetConfig | None = None  # PPO's prompts (kind: prompts); default: from the data above
     eval_prompts: DatasetConfig | None = None  # evaluation's prompts; default: the data's held-out split
+    # raw text (kind: text; plain text, JSONL or Parquet) for stage.pretrain before SFT; null: no pretrain stage
+    pretrain: DatasetConfig | None = None
     heldout_fraction: float = 0.1  # of the comparisons (else demonstrations), held out for evaluation
     eval_rm_fraction: float = 0.5  # of the rest of the comparisons: the evaluation reward model's split; 0: none
     truncation: bool = True  # cut long rows (prompt keeps its end); false: rows that do not fit are dropped
@@ -78,6 +80,8 @@ class DataConfig:
             raise ValueError(f"data.task: {self.task!r} is not one of {', '.join(sources.EMBEDDED_GOLD)}")
         if self.comparisons is not None and self.comparisons.kind not in ("preferences", "rankings"):
             raise ValueError(f"data.comparisons.kind: {self.comparisons.kind!r} is not 'preferences' or 'rankings'")
+        if self.pretrain is not None and self.pretrain.kind != "text":
+            raise ValueError(f"data.pretrain.kind: {self.pretrain.kind!r} must be 'text' (raw documents)")
         for key in ("prompts", "eval_prompts"):
             ds = getattr(self, key)
             if ds is not None and ds.kind != "prompts":

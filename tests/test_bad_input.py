@@ -107,7 +107,9 @@ def test_every_numeric_key_of_the_composed_config_has_a_rule(overrides):
     numeric = [
         key
         for key, value in _leaves(_composed(*overrides))
-        if isinstance(value, int | float) and not isinstance(value, bool) and not key.startswith("distributed.deepspeed")
+        if isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and not key.startswith("distributed.deepspeed")
     ]
     assert len(numeric) > 100
     missing = [key for key in numeric if declared.get(key) is None]

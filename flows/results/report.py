@@ -10,6 +10,7 @@ from typing import Any
 
 KEY_METRICS = {
     "prepare": ["prepare/params", "prepare/pretrain/loss_last"],
+    "pretrain": ["pretrain/tokens", "pretrain/loss_first", "pretrain/loss_last"],
     "sft": ["sft/train/loss_first", "sft/train/loss_last", "sft/data/truncated", "sft/data/dropped"],
     "comparisons": ["comparisons/comparisons/prompts"],
     "reward_model": ["rm/train/accuracy", "rm/eval/accuracy", "rm/data/truncated", "rm/data/dropped"],
