@@ -215,10 +215,8 @@ def _model_case(tmp_path: Path, case: str) -> Path:
     if case == "missing":
         return tmp_path / "no" / "such" / "model"
     if case == "bert":
-        from transformers import BertConfig, BertModel
-
         from conftest import SHARED
-        from transformers import GPT2TokenizerFast
+        from transformers import BertConfig, BertModel, GPT2TokenizerFast
 
         tok = GPT2TokenizerFast.from_pretrained(str(SHARED / "tokenizers" / "gpt2"))
         BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -260,9 +258,10 @@ def test_the_reward_model_and_judge_folders_are_checked_too(tmp_path):
         _run(f"model.name_or_path={good}", f"stage.reward_model.name_or_path={bad}", art=art),
         art, "stage.reward_model.name_or_path", "corrupt",
     )  # fmt: skip
+    from omegaconf import OmegaConf
+
     from flows.config import to_config
     from flows.preflight import preflight
-    from omegaconf import OmegaConf
     from stages.models.modeling import ModelError
 
     cfg = to_config(OmegaConf.from_dotlist(["labeler.kind=ai", f"labeler.ai.model={bad}"]))
