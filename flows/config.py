@@ -47,6 +47,8 @@ PIPELINES = {
     "best_of_n": ("prepare", "sft", "comparisons", "reward_model", "best_of_n", "evaluate"),
 }
 AI_LABELED = ("rlaif", "rlaif_direct")
+# stages any branch runs when configured: pretrain before sft when data.pretrain names raw text
+OPTIONAL_STAGES = ("pretrain",)
 # the estimators (`stage.ppo.advantage`) a critic-free branch name stands for
 ESTIMATOR_BRANCHES = {"grpo": ("grpo", "dr_grpo"), "rloo": ("rloo",)}
 
