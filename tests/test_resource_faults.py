@@ -108,5 +108,6 @@ def test_the_cli_stops_on_a_nan_loss_with_the_key_to_change(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
-    assert re.match(r"error: reward_model: non-finite loss at step \d+; lower stage.reward_model.learning_rate", last), last
+    expected = r"error: reward_model: non-finite loss at step \d+; lower stage.reward_model.learning_rate"
+    assert re.match(expected, last), last
     _nothing_published(tmp_path, "reward_model")
