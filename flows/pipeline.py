@@ -304,9 +304,9 @@ def _job(dcfg) -> float | None:
     launch.accelerator_env(os.environ, cfg.compute.device)  # before DeepSpeed is first imported
     try:
         preflight(cfg)
+    except ExpectedFailure:
+        raise
     except (ValueError, OSError) as e:  # a data file that cannot be read: named like the rest
-        if isinstance(e, ExpectedFailure):
-            raise
         raise ConfigError(str(e)) from e
     # Prefect records the run when a server is up; a temporary one starts only when a stage must run
     recorded = flows.prefect_server(must_run=lambda: not cached(cfg), local=cfg.schedule.api_url)

@@ -234,3 +234,28 @@ class Child:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def send_json(handler, code: int, payload: bytes) -> None:
+    """Answer an HTTP request of a test server with `payload` as JSON."""
+    handler.send_response(code)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(payload)))
+    handler.end_headers()
+    handler.wfile.write(payload)
+
+
+class LocalHttpServer:
+    """A threaded HTTP server on 127.0.0.1 for `handler` (an OpenAI-compatible stand-in): `url` ends
+    in /v1; `close` stops it."""
+
+    def __init__(self, handler) -> None:
+        from http.server import ThreadingHTTPServer
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -3,9 +3,8 @@ backend on real tokenizers, and the HTTP backend against a real server on 127.0.
 
 import json
 import math
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 import torch
@@ -25,7 +24,7 @@ from stages.labeling.ai_labeler import (
     two_way_preference,
 )
 from stages.labeling.labelers import CachedLabeler
-from tests.conftest import SHARED
+from tests.conftest import SHARED, LocalHttpServer, send_json
 
 # ---------------------------------------------------------------- maths, by hand
 
@@ -213,7 +212,7 @@ def _completion(p_first: float) -> dict:
     return {"choices": [{"logprobs": {"content": [{"token": top[0]["token"], "logprob": 0.0, "top_logprobs": top}]}}]}
 
 
-class Server:
+class Server(LocalHttpServer):
     """A scripted OpenAI-compatible responder on 127.0.0.1: each request takes the next scripted
     action, then answers by content (the response with more "good" wins, 0.8 to 0.2)."""
 
@@ -248,19 +247,9 @@ class Server:
                 self._send(200, json.dumps(_completion(p)).encode())
 
             def _send(self, code, payload):
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
+                send_json(self, code, payload)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler)
 
 
 @pytest.fixture

@@ -10,13 +10,12 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
-from conftest import build_tiny_model
+from conftest import LocalHttpServer, build_tiny_model, send_json
 
 from flows.config import Config
 from stages.runtime import rules
@@ -272,7 +271,7 @@ def test_the_reward_model_and_judge_folders_are_checked_too(tmp_path):
 # ---------------------------------------------------------------- a misbehaving judge server
 
 
-class Judge:
+class Judge(LocalHttpServer):
     """An OpenAI-compatible server on 127.0.0.1 that misbehaves one way: `no-logprobs` (a completion
     without them), `invalid` (answers "Maybe"), `hang` (answers after the client's timeout)."""
 
@@ -299,23 +298,12 @@ class Judge:
                     token = "Maybe" if mode == "invalid" else "1"
                     top = [{"token": token, "logprob": -0.1}, {"token": "Perhaps", "logprob": -2.4}]
                     body = {"choices": [{"logprobs": {"content": [{"token": token, "top_logprobs": top}]}}]}
-                payload = json.dumps(body).encode()
                 try:
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
+                    send_json(self, 200, json.dumps(body).encode())
                 except OSError:  # the client gave up (the timeout case)
                     pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler)
 
 
 JUDGE_CASES = {

@@ -59,8 +59,9 @@ def _check_header(weights: Path, key: str) -> None:
     except ModelError:
         raise
     except Exception as e:  # safetensors' own errors (HeaderTooLarge, InvalidHeaderDeserialization, ...)
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ModelError(f"{key}: {weights}: corrupt safetensors file ({first}); re-save or re-download it") from None
+        raise ModelError(
+            f"{key}: {weights}: corrupt safetensors file ({_first_line(e)}); re-save or re-download it"
+        ) from None
 
 
 def _check_architecture(where: str | Path, key: str, role: str, trust_remote_code: bool) -> None:
@@ -69,8 +70,7 @@ def _check_architecture(where: str | Path, key: str, role: str, trust_remote_cod
     try:
         config = AutoConfig.from_pretrained(str(where), trust_remote_code=trust_remote_code)
     except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ModelError(f"{key}: {where}: its config.json cannot be read ({first})") from None
+        raise ModelError(f"{key}: {where}: its config.json cannot be read ({_first_line(e)})") from None
     if getattr(config, "is_encoder_decoder", False):
         raise ModelError(
             f"{key}: {where}: {config.model_type} is an encoder-decoder model; this stage needs a decoder-only "
@@ -95,8 +95,12 @@ def _tokenizer(where: str | Path, key: str, trust_remote_code: bool):
     except ModelError as e:
         raise ModelError(f"{key}: {e}") from None
     except Exception as e:  # what transformers says of files it cannot read, on one line
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ModelError(f"{key}: {where}: its tokenizer does not load ({first})") from None
+        raise ModelError(f"{key}: {where}: its tokenizer does not load ({_first_line(e)})") from None
+
+
+def _first_line(e: Exception) -> str:
+    """A library's error on one line (its first), or its type's name when it says nothing."""
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def _hub(hub_id: str, *, key: str, role: str, trust_remote_code: bool):

@@ -127,27 +127,27 @@ def _values(schema: type, node: Any, prefix: str) -> Iterator[tuple[str, Any, Ru
             yield key, value, rules.get(f.name)
 
 
-def _args(kind: Any) -> tuple:
-    return typing.get_args(kind) if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union else ()
+def _members(kind: Any) -> list:
+    """The types a field's annotation allows, `None` left out."""
+    union = isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union
+    return [a for a in typing.get_args(kind) if a is not type(None)] if union else [kind]
+
+
+def _inner(kind: Any) -> list:
+    """`_members`, each list type as its item type."""
+    return [typing.get_args(a)[0] if typing.get_origin(a) is list else a for a in _members(kind)]
 
 
 def _is_list(kind: Any) -> bool:
-    inner = [a for a in _args(kind) if a is not type(None)] or [kind]
-    return any(typing.get_origin(a) is list for a in inner)
+    return any(typing.get_origin(a) is list for a in _members(kind))
 
 
 def _dataclass_of(kind: Any) -> type | None:
-    for a in [a for a in _args(kind) if a is not type(None)] or [kind]:
-        a = typing.get_args(a)[0] if typing.get_origin(a) is list else a
-        if dataclasses.is_dataclass(a):
-            return a
-    return None
+    return next((a for a in _inner(kind) if dataclasses.is_dataclass(a)), None)
 
 
 def _is_numeric(kind: Any) -> bool:
-    inner = [a for a in _args(kind) if a is not type(None)] or [kind]
-    inner = [typing.get_args(a)[0] if typing.get_origin(a) is list else a for a in inner]
-    return any(a in (int, float) for a in inner)
+    return any(a in (int, float) for a in _inner(kind))
 
 
 def markdown(schema: type) -> str:
