@@ -7,6 +7,7 @@
     alignflow notify PATH...             tell the deployment that a data file changed
     alignflow workers serve|sweep ...    a Prefect process pool with local workers; sweeps onto it
     alignflow champion [overrides]       the registry's champion and its lineage
+    alignflow export --out DIR           the champion (or --source) as a plain Hugging Face folder
     alignflow ui [--port N]              the MLflow UI on 127.0.0.1
 
 Hydra overrides (`stage.ppo.beta=0.05 peft=full`, `-m` for a sweep) pass through unchanged. Only
@@ -97,6 +98,11 @@ COMMANDS: dict[str, tuple[str, Callable[[list[str]], None], bool]] = {
         "print the registry's champion policy, its lineage, and why others were not promoted",
         _hydra("flows.ops.champion"),
         True,
+    ),
+    "export": (
+        "write the champion (or --source) as a plain Hugging Face folder with its model card",
+        _argv("flows.ops.export"),
+        False,
     ),
     "ui": ("serve the MLflow UI of the artifacts folder on 127.0.0.1", _ui, False),
 }

@@ -16,7 +16,7 @@ from conftest import ROOT, Child, free_port
 ALIGNFLOW = str(Path(sys.executable).with_name("alignflow"))
 TINY = ["+experiment=tiny"]
 STAGES = ["prepare", "sft", "comparisons", "reward_model", "ppo", "evaluate"]
-COMMANDS = ["align", "compare", "frontier", "serve", "notify", "workers", "champion", "ui"]
+COMMANDS = ["align", "compare", "frontier", "serve", "notify", "workers", "champion", "export", "ui"]
 
 
 def alignflow(*args: str, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -110,6 +110,38 @@ def test_champion_prints_the_promoted_policy_and_its_lineage(tiny):
     out = alignflow("champion", f"artifacts_dir={art}").stdout
     assert out.startswith("champion: alignflow-policy version 1")
     assert first["stages"]["ppo"]["digest"][:16] in out and first["mlflow_run_id"] in out
+
+
+@pytest.mark.slow
+def test_export_writes_the_champion_as_a_plain_folder_with_its_lineage_and_logs_it_to_mlflow(tiny, tmp_path):
+    import mlflow
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages.models.modeling import load_causal_lm
+
+    art, first = tiny
+    out = tmp_path / "exported"
+    done = alignflow("export", "--out", str(out), "--artifacts-dir", str(art))
+    exported, tok = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    policy = load_causal_lm(first["stages"]["evaluate"]["inputs"]["policy"])
+    text = tok.apply_chat_template([{"role": "user", "content": "Say something kind."}], tokenize=False,
+                                   add_generation_prompt=True)  # fmt: skip
+    ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        assert torch.equal(exported(ids).logits, policy(ids).logits)
+    card = (out / "README.md").read_text()
+    assert first["mlflow_run_id"] in card and first["stages"]["ppo"]["digest"] in card
+    for name, digest in first["stages"]["prepare"]["parents"].items():
+        if name.startswith("file:"):
+            assert digest in card
+    assert "promoted to champion" in card and "| kl_to_sft |" in card and "Evaluation verdict" in card
+    uri = done.stdout.split("logged to MLflow as ", 1)[1].split()[0]
+    mlflow.set_tracking_uri(f"sqlite:///{art}/mlflow.db")
+    assert "transformers" in mlflow.models.get_model_info(uri).flavors
+    again = subprocess.run([ALIGNFLOW, "export", "--out", str(out), "--artifacts-dir", str(art)],
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert again.returncode == 1 and "exists and is not empty" in again.stderr and "Traceback" not in again.stderr
 
 
 @pytest.mark.slow

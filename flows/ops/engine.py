@@ -1,0 +1,210 @@
+"""A small batched decoding engine on transformers, for `serve-model` and `chat` where vLLM is absent.
+
+Requests wait in an inbox; a worker thread takes up to `max_batch` of them (those that arrive within
+`window_s` of the first), left-pads them into one batch and decodes it token by token with the KV cache,
+each row with its own temperature, top-p, token budget, stop strings and random generator. Every new
+piece of text is handed to the request's `emit` as it is decoded (streaming), then a final event with
+the finish reason ("stop": EOS or a stop string; "length": the budget ran out) and the token counts.
+A batch decodes until its last row finishes; requests that arrive meanwhile form the next batch.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Token:
+    id: int
+    text: str  # the token alone, decoded
+    logprob: float
+    top: list[tuple[str, float]]  # the `top_logprobs` most likely tokens at this step
+
+
+@dataclass
+class Delta:
+    text: str  # new text since the last Delta (held back while it ends inside a UTF-8 character)
+    tokens: list[Token]
+
+
+@dataclass
+class Done:
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+    completion_tokens: int
+    text: str  # the whole completion, stop string cut off
+
+
+@dataclass
+class Request:
+    ids: list[int]  # the prompt, tokenised
+    max_tokens: int
+    emit: Callable[[Delta | Done], None]
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    top_logprobs: int = 0
+    seed: int | None = None
+
+
+class Engine:
+    def __init__(self, model, tokenizer, *, max_batch: int = 8, window_s: float = 0.02) -> None:
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_batch, self.window_s = max_batch, window_s
+        self.device = next(model.parameters()).device
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.eos = {tokenizer.eos_token_id} | set(_extra_eos(model))
+        self.inbox: queue.Queue[Request | None] = queue.Queue()
+        self.batches = 0  # how many forward batches ran (tests read it to see requests batched together)
+        self.largest_batch = 0
+        self._thread = threading.Thread(target=self._loop, name="alignflow-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, request: Request) -> None:
+        self.inbox.put(request)
+
+    def close(self) -> None:
+        self.inbox.put(None)
+        self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while True:
+            first = self.inbox.get()
+            if first is None:
+                return
+            batch, deadline = [first], time.monotonic() + self.window_s
+            while len(batch) < self.max_batch:
+                try:
+                    more = self.inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if more is None:
+                    self.inbox.put(None)
+                    break
+                batch.append(more)
+            try:
+                self.decode(batch)
+            except Exception as e:  # a bug or out of memory: every waiting client hears of it
+                for r in batch:
+                    r.emit(e)  # type: ignore[arg-type]
+
+    @torch.no_grad()
+    def decode(self, batch: list[Request]) -> None:
+        self.batches += 1
+        self.largest_batch = max(self.largest_batch, len(batch))
+        width = max(len(r.ids) for r in batch)
+        ids = torch.tensor([[self.pad] * (width - len(r.ids)) + r.ids for r in batch], device=self.device)
+        mask = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in batch], device=self.device)
+        gens = [_generator(r.seed) for r in batch]
+        rows = [_Row(r) for r in batch]
+        cache, step_ids = None, ids
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        for _ in range(max(r.max_tokens for r in batch)):
+            out = self.model(
+                input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+            )
+            cache = out.past_key_values
+            logp = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
+            chosen = []
+            for i, (row, gen) in enumerate(zip(rows, gens, strict=True)):
+                if row.done:
+                    chosen.append(self.pad)
+                    continue
+                token = _pick(logp[i], row.request, gen)
+                chosen.append(token)
+                self._advance(row, token, logp[i])
+            if all(row.done for row in rows):
+                break
+            step_ids = torch.tensor(chosen, device=self.device)[:, None]
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+            positions = positions[:, -1:] + 1
+        for row in rows:
+            if not row.done:
+                self._finish(row, "length")
+
+    def _advance(self, row: _Row, token: int, logp: torch.Tensor) -> None:
+        r = row.request
+        if token in self.eos:
+            row.generated += 1
+            self._finish(row, "stop")
+            return
+        row.ids.append(token)
+        row.generated += 1
+        info = Token(token, self.tokenizer.decode([token]), float(logp[token]), _top(self.tokenizer, logp, r.top_logprobs))
+        row.pending.append(info)
+        text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
+        cut = _stop_at(text, r.stop, len(row.sent))
+        if cut is not None:
+            row.text = text[:cut]
+            self._finish(row, "stop")
+            return
+        row.text = text
+        if text.endswith("\ufffd"):  # inside a multi-byte character: wait for its other bytes
+            return
+        held = max((len(s) - 1 for s in r.stop), default=0)  # a stop string may be starting
+        visible = len(text) - held if held else len(text)
+        if visible > len(row.sent) or row.pending and not held:
+            r.emit(Delta(text[len(row.sent) : visible], row.pending))
+            row.sent, row.pending = text[:visible], []
+        if row.generated >= r.max_tokens:
+            self._finish(row, "length")
+
+    def _finish(self, row: _Row, reason: str) -> None:
+        r = row.request
+        row.done = True
+        if len(row.text) > len(row.sent) or row.pending:
+            r.emit(Delta(row.text[len(row.sent) :], row.pending))
+        r.emit(Done(reason, len(r.ids), row.generated, row.text))
+
+
+class _Row:
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.ids: list[int] = []
+        self.generated = 0
+        self.text = ""
+        self.sent = ""
+        self.pending: list[Token] = []
+        self.done = False
+
+
+def _extra_eos(model) -> list[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
+def _generator(seed: int | None) -> torch.Generator:
+    gen = torch.Generator()
+    gen.manual_seed(seed if seed is not None else torch.seed())
+    return gen
+
+
+def _pick(logp: torch.Tensor, r: Request, gen: torch.Generator) -> int:
+    """Greedy at temperature 0; otherwise a draw from the temperature-scaled, top-p-truncated distribution."""
+    if r.temperature == 0:
+        return int(logp.argmax())
+    probs = torch.softmax(logp / r.temperature, dim=-1).cpu()
+    if r.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < r.top_p  # the smallest prefix whose mass reaches top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def _top(tokenizer, logp: torch.Tensor, k: int) -> list[tuple[str, float]]:
+    if k <= 0:
+        return []
+    values, ids = logp.topk(k)
+    return [(tokenizer.decode([int(i)]), float(v)) for v, i in zip(values, ids, strict=True)]
+
+
+def _stop_at(text: str, stops: list[str], sent: int) -> int | None:
+    """Where the first stop string begins in `text` (searching only text not yet sent whole), or None."""
+    found = [i for s in stops if s and (i := text.find(s, max(0, sent - len(s)))) >= 0]
+    return min(found) if found else None
