@@ -7,6 +7,8 @@
     alignflow notify PATH...             tell the deployment that a data file changed
     alignflow workers serve|sweep ...    a Prefect process pool with local workers; sweeps onto it
     alignflow champion [overrides]       the registry's champion and its lineage
+    alignflow serve-model [--source ...] the champion behind an OpenAI-compatible API on 127.0.0.1
+    alignflow chat [--source ...]        a terminal chat with the champion (or any policy)
     alignflow export --out DIR           the champion (or --source) as a plain Hugging Face folder
     alignflow ui [--port N]              the MLflow UI on 127.0.0.1
 
@@ -99,6 +101,12 @@ COMMANDS: dict[str, tuple[str, Callable[[list[str]], None], bool]] = {
         _hydra("flows.ops.champion"),
         True,
     ),
+    "serve-model": (
+        "serve the champion (or --source) behind an OpenAI-compatible API on 127.0.0.1",
+        _argv("flows.ops.serve_model"),
+        False,
+    ),
+    "chat": ("chat in the terminal with the champion (or --source), streaming", _argv("flows.ops.chat"), False),
     "export": (
         "write the champion (or --source) as a plain Hugging Face folder with its model card",
         _argv("flows.ops.export"),

@@ -16,7 +16,19 @@ from conftest import ROOT, Child, free_port
 ALIGNFLOW = str(Path(sys.executable).with_name("alignflow"))
 TINY = ["+experiment=tiny"]
 STAGES = ["prepare", "sft", "comparisons", "reward_model", "ppo", "evaluate"]
-COMMANDS = ["align", "compare", "frontier", "serve", "notify", "workers", "champion", "export", "ui"]
+COMMANDS = [
+    "align",
+    "compare",
+    "frontier",
+    "serve",
+    "notify",
+    "workers",
+    "champion",
+    "serve-model",
+    "chat",
+    "export",
+    "ui",
+]
 
 
 def alignflow(*args: str, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:

@@ -136,7 +136,9 @@ class Engine:
             return
         row.ids.append(token)
         row.generated += 1
-        info = Token(token, self.tokenizer.decode([token]), float(logp[token]), _top(self.tokenizer, logp, r.top_logprobs))
+        info = Token(
+            token, self.tokenizer.decode([token]), float(logp[token]), _top(self.tokenizer, logp, r.top_logprobs)
+        )
         row.pending.append(info)
         text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
         cut = _stop_at(text, r.stop, len(row.sent))

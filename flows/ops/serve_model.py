@@ -91,7 +91,8 @@ class ApiError(Exception):
 
 
 def build_app(engine: Engine, tokenizer, name: str, context: int, api_key: str | None, default_max_tokens: int = 256):
-    from fastapi import FastAPI, Request as HttpRequest
+    from fastapi import FastAPI
+    from fastapi import Request as HttpRequest
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -112,7 +113,7 @@ def build_app(engine: Engine, tokenizer, name: str, context: int, api_key: str |
 
     @app.middleware("http")
     async def _auth(request: HttpRequest, call_next):
-        if api_key is not None:
+        if api_key is not None and request.url.path != "/health":  # liveness stays open, as vLLM's does
             given = request.headers.get("authorization", "")
             token = given.removeprefix("Bearer ").strip() if given.startswith("Bearer ") else ""
             if not hmac.compare_digest(token.encode(), api_key.encode()):
@@ -175,11 +176,18 @@ def build_app(engine: Engine, tokenizer, name: str, context: int, api_key: str |
 
     def usage(dones: list[Done], prompt_tokens: int) -> dict[str, int]:
         completion = sum(d.completion_tokens for d in dones)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion,
+        }
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "alignflow"}]}
+        return {
+            "object": "list",
+            "data": [{"id": name, "object": "model", "created": created, "owned_by": "alignflow"}],
+        }
 
     @app.get("/health")
     async def health():
@@ -202,6 +210,7 @@ def build_app(engine: Engine, tokenizer, name: str, context: int, api_key: str |
         rid, model = f"chatcmpl-{uuid.uuid4().hex}", name
         head = {"id": rid, "created": int(time.time()), "model": model}
         if body.stream:
+
             async def stream():
                 for i, q in enumerate(queues):
                     first = {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
@@ -224,7 +233,12 @@ def build_app(engine: Engine, tokenizer, name: str, context: int, api_key: str |
                 "index": i, "message": {"role": "assistant", "content": done.text},
                 "logprobs": chat_logprobs(deltas) if body.logprobs else None, "finish_reason": done.finish_reason,
             })  # fmt: skip
-        return {**head, "object": "chat.completion", "choices": choices, "usage": usage([d for _, d in results], len(ids))}
+        return {
+            **head,
+            "object": "chat.completion",
+            "choices": choices,
+            "usage": usage([d for _, d in results], len(ids)),
+        }
 
     def completion_logprobs(deltas: list[Delta], start: int) -> dict[str, Any]:
         tokens = [t for d in deltas for t in d.tokens]
@@ -248,12 +262,17 @@ def build_app(engine: Engine, tokenizer, name: str, context: int, api_key: str |
         queues = run(prompts, body.n, limits, body, body.logprobs or 0)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
         if body.stream:
+
             async def stream():
                 for i, q in enumerate(queues):
                     async for ev in events(q):
                         if isinstance(ev, Delta):
-                            choice = {"index": i, "text": ev.text, "finish_reason": None,
-                                      "logprobs": completion_logprobs([ev], 0) if body.logprobs is not None else None}
+                            choice = {
+                                "index": i,
+                                "text": ev.text,
+                                "finish_reason": None,
+                                "logprobs": completion_logprobs([ev], 0) if body.logprobs is not None else None,
+                            }
                         else:
                             choice = {"index": i, "text": "", "finish_reason": ev.finish_reason, "logprobs": None}
                         yield sse({**head, "object": "text_completion", "choices": [choice]})
@@ -267,7 +286,12 @@ def build_app(engine: Engine, tokenizer, name: str, context: int, api_key: str |
             for i, (deltas, done) in enumerate(results)
         ]  # fmt: skip
         prompt_tokens = sum(len(p) for p in prompts)
-        return {**head, "object": "text_completion", "choices": choices, "usage": usage([d for _, d in results], prompt_tokens)}
+        return {
+            **head,
+            "object": "text_completion",
+            "choices": choices,
+            "usage": usage([d for _, d in results], prompt_tokens),
+        }
 
     return app
 

@@ -61,6 +61,9 @@ class AiLabelerConfig:
     backend: str = "local"  # local: a Hugging Face causal LM | http: an OpenAI-compatible server
     model: str | None = None  # local: path or hub id (null: the embedded judge the pipeline prepares); http: model name
     base_url: str = "http://127.0.0.1:8000/v1"
+    # http: chat (/chat/completions: the server wraps the text in its chat template, as instruction-tuned
+    # judges expect) | completions (/completions: the text as is, as the local backend feeds it)
+    endpoint: str = "chat"
     api_key_env: str | None = "OPENAI_API_KEY"  # the key is read from this variable, never logged; null: no key
     preamble: str = "Which response is better?"
     score_preamble: str = "Rate the response from 1 to 10."
@@ -83,6 +86,8 @@ class AiLabelerConfig:
     def __post_init__(self) -> None:
         if self.backend not in ("local", "http"):
             raise ValueError(f"labeler.ai.backend: {self.backend!r} is not 'local' or 'http'")
+        if self.endpoint not in ("chat", "completions"):
+            raise ValueError(f"labeler.ai.endpoint: {self.endpoint!r} is not 'chat' or 'completions'")
         if self.backend == "http" and not self.model:
             raise ValueError("labeler.ai.model: the http backend needs the served model's name")
         if not 0.0 <= self.max_invalid_fraction <= 1.0:
@@ -245,7 +250,8 @@ def api_key(cfg: AiLabelerConfig) -> str | None:
 
 
 class HttpJudge:
-    """An OpenAI-compatible `/chat/completions` endpoint, asked for the top log-probabilities of one token."""
+    """An OpenAI-compatible `/chat/completions` (or `/completions`) endpoint, asked for the top
+    log-probabilities of one token."""
 
     TOP_LOGPROBS = 20
 
@@ -255,7 +261,8 @@ class HttpJudge:
         self.cfg = cfg
         key = api_key(cfg)
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self.url = cfg.base_url.rstrip("/") + "/chat/completions"
+        self.chat = cfg.endpoint == "chat"
+        self.url = cfg.base_url.rstrip("/") + ("/chat/completions" if self.chat else "/completions")
         self.client = httpx.Client(headers=headers, timeout=cfg.timeout_s)
         self.identity = f"http:{cfg.base_url}:{cfg.model}"
 
@@ -287,27 +294,27 @@ class HttpJudge:
         raise JudgeError(f"labeler.ai: {self.url} {what} ({self.cfg.max_retries + 1} attempts)")
 
     def _top_logprobs(self, text: str) -> tuple[dict[str, float], str]:
-        body = self._post(
-            {
-                "model": self.cfg.model,
-                "messages": [{"role": "user", "content": text}],
-                "max_tokens": 1,
-                "temperature": 0.0,
-                "logprobs": True,
-                "top_logprobs": self.TOP_LOGPROBS,
-            }
-        )
+        if self.chat:
+            ask = {"messages": [{"role": "user", "content": text}], "logprobs": True, "top_logprobs": self.TOP_LOGPROBS}
+            shape = "choices[0].logprobs.content[0].top_logprobs"
+        else:
+            ask, shape = {"prompt": text, "logprobs": self.TOP_LOGPROBS}, "choices[0].logprobs.top_logprobs[0]"
+        body = self._post({"model": self.cfg.model, "max_tokens": 1, "temperature": 0.0, **ask})
         try:
-            first = body["choices"][0]["logprobs"]["content"][0]
-            top = {}
-            for entry in first["top_logprobs"]:
-                token = entry["token"].strip()
-                top[token] = max(top.get(token, -float("inf")), float(entry["logprob"]))
-            return top, str(first["token"]).strip()
-        except (KeyError, IndexError, TypeError, ValueError) as e:
+            if self.chat:
+                first = body["choices"][0]["logprobs"]["content"][0]
+                entries, chosen = [(e["token"], e["logprob"]) for e in first["top_logprobs"]], first["token"]
+            else:
+                logprobs = body["choices"][0]["logprobs"]
+                entries, chosen = list(logprobs["top_logprobs"][0].items()), logprobs["tokens"][0]
+            top: dict[str, float] = {}
+            for token, logprob in entries:
+                token = str(token).strip()
+                top[token] = max(top.get(token, -float("inf")), float(logprob))
+            return top, str(chosen).strip()
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
             raise JudgeError(
-                f"labeler.ai: malformed response from {self.url}: no choices[0].logprobs.content[0].top_logprobs "
-                f"({type(e).__name__}: {e})"
+                f"labeler.ai: malformed response from {self.url}: no {shape} ({type(e).__name__}: {e})"
             ) from None
 
     def probe(self, *, scores: bool = False) -> None:
@@ -340,16 +347,11 @@ class HttpJudge:
 
     def generate(self, texts: list[str], max_new_tokens: int) -> list[str]:
         def one(text: str) -> str:
-            body = self._post(
-                {
-                    "model": self.cfg.model,
-                    "messages": [{"role": "user", "content": text}],
-                    "max_tokens": max_new_tokens,
-                    "temperature": 0.0,
-                }
-            )
+            ask = {"messages": [{"role": "user", "content": text}]} if self.chat else {"prompt": text}
+            body = self._post({"model": self.cfg.model, "max_tokens": max_new_tokens, "temperature": 0.0, **ask})
             try:
-                return str(body["choices"][0]["message"]["content"]).split("\n", 1)[0]
+                choice = body["choices"][0]
+                return str(choice["message"]["content"] if self.chat else choice["text"]).split("\n", 1)[0]
             except (KeyError, IndexError, TypeError) as e:
                 raise JudgeError(f"labeler.ai: malformed response from {self.url}: {type(e).__name__}: {e}") from None
 

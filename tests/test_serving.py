@@ -1,0 +1,267 @@
+"""Talking to a policy: the batched decoder (checked against `generate`), `alignflow serve-model` queried
+with the `openai` client as users do, `alignflow chat` through a pseudo-terminal, and the served
+endpoint used as the AI labeler's judge."""
+
+import os
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import Child, build_tiny_model, free_port
+
+ALIGNFLOW = str(Path(sys.executable).with_name("alignflow"))
+KEY = "test-key-not-a-secret"
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    """A small Llama with GPT-2's real tokenizer, given the chat template as the pipeline's prepare does."""
+    from transformers import AutoTokenizer
+
+    from stages.data.tokens import ensure_chat_template
+    from stages.models.modeling import load_causal_lm
+
+    folder = build_tiny_model(tmp_path_factory.mktemp("served") / "policy", "llama")
+    tok = AutoTokenizer.from_pretrained(folder)
+    if ensure_chat_template(tok):
+        model = load_causal_lm(folder)
+        model.resize_token_embeddings(len(tok))
+        model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _events(engine, request_kwargs: dict):
+    import queue
+
+    from flows.ops.engine import Done, Request
+
+    got: queue.Queue = queue.Queue()
+    engine.submit(Request(emit=got.put, **request_kwargs))
+    events = []
+    while not events or not isinstance(events[-1], Done):
+        events.append(got.get(timeout=60))
+        assert not isinstance(events[-1], Exception), events[-1]
+    return events
+
+
+def test_the_batched_decoder_matches_generate_row_by_row_and_reports_true_logprobs(policy):
+    from flows.ops.engine import Engine
+    from stages.models.modeling import load_causal_lm, load_tokenizer
+
+    tok, model = load_tokenizer(policy), load_causal_lm(policy).eval()
+    prompts = ["Hello there, how are", "A", "The garden in spring is full of"]  # three lengths: left padding
+    ids = [tok(p)["input_ids"] for p in prompts]
+    engine = Engine(model, tok, max_batch=8, window_s=1.0)  # a wide window: the three decode as one batch
+    results = [None] * 3
+
+    def ask(i):
+        results[i] = _events(engine, {"ids": ids[i], "max_tokens": 6, "temperature": 0.0, "top_logprobs": 3})
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    engine.close()
+    assert engine.largest_batch == 3 and engine.batches == 1
+    with torch.no_grad():
+        for i, events in enumerate(results):
+            done = events[-1]
+            alone = model.generate(
+                torch.tensor([ids[i]]), max_new_tokens=6, do_sample=False, pad_token_id=tok.eos_token_id
+            )
+            new = alone[0, len(ids[i]) :].tolist()
+            assert [t.id for e in events[:-1] for t in e.tokens] == new
+            assert done.text == "".join(e.text for e in events[:-1]) == tok.decode(new)
+            assert (done.finish_reason, done.completion_tokens, done.prompt_tokens) == ("length", 6, len(ids[i]))
+            # the logprob of each chosen token, recomputed by one full forward pass of the whole sequence
+            full = torch.log_softmax(model(alone).logits[0].float(), -1)
+            want = [full[len(ids[i]) - 1 + k, t].item() for k, t in enumerate(new)]
+            got = [t.logprob for e in events[:-1] for t in e.tokens]
+            assert got == pytest.approx(want, abs=1e-4)
+            assert [t.top[0][1] for e in events[:-1] for t in e.tokens] == pytest.approx(want, abs=1e-4)  # greedy
+
+
+def test_a_stop_string_ends_the_answer_before_it_and_is_never_streamed(policy):
+    from flows.ops.engine import Engine
+    from stages.models.modeling import load_causal_lm, load_tokenizer
+
+    tok, model = load_tokenizer(policy), load_causal_lm(policy)
+    engine = Engine(model, tok)
+    ids = tok("Hello there")["input_ids"]
+    free = _events(engine, {"ids": ids, "max_tokens": 8, "temperature": 0.0})[-1].text
+    stop = free[len(free) // 2 : len(free) // 2 + 3]  # three characters from the middle of the free answer
+    events = _events(engine, {"ids": ids, "max_tokens": 8, "temperature": 0.0, "stop": [stop]})
+    engine.close()
+    cut = free[: free.find(stop)]
+    assert events[-1].finish_reason == "stop" and events[-1].text == cut
+    assert "".join(e.text for e in events[:-1]) == cut
+
+
+@pytest.fixture(scope="module")
+def server(policy):
+    port = free_port()
+    env = {**os.environ, "ALIGNFLOW_API_KEY": KEY, "OMP_NUM_THREADS": "1"}
+    command = [ALIGNFLOW, "serve-model", "--source", str(policy), "--port", str(port), "--threads", "1"]
+    command += ["--served-name", "tiny-policy"]
+    with Child(command, env=env) as child:
+        child.wait_for_url(f"http://127.0.0.1:{port}/health", timeout=180)
+        yield f"http://127.0.0.1:{port}/v1", child
+
+
+def test_the_served_policy_answers_the_openai_client_plain_and_streaming(server, policy):
+    import openai
+
+    url, child = server
+    client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["tiny-policy"]
+    messages = [{"role": "user", "content": "Say something about the garden."}]
+    plain = client.chat.completions.create(model="tiny-policy", messages=messages, max_tokens=7, temperature=0)
+    choice = plain.choices[0]
+    assert choice.finish_reason == "length" and plain.usage.completion_tokens == 7 and choice.message.content
+    chunks = list(client.chat.completions.create(
+        model="tiny-policy", messages=messages, max_tokens=7, temperature=0, stream=True))  # fmt: skip
+    pieces = [c.choices[0].delta.content or "" for c in chunks]
+    assert len([p for p in pieces if p]) >= 2 and "".join(pieces) == choice.message.content  # greedy: the same
+    assert chunks[-1].choices[0].finish_reason == "length"
+    # the chat template was applied: the same answer as `/completions` on the rendered prompt
+    from transformers import AutoTokenizer
+
+    rendered = AutoTokenizer.from_pretrained(policy).apply_chat_template(messages, tokenize=False,
+                                                                        add_generation_prompt=True)  # fmt: skip
+    raw = client.completions.create(model="tiny-policy", prompt=rendered, max_tokens=7, temperature=0)
+    assert raw.choices[0].text == choice.message.content
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny-policy", prompt=rendered, max_tokens=7, temperature=0, stream=True))  # fmt: skip
+    assert streamed == raw.choices[0].text
+    seeded = [client.chat.completions.create(model="tiny-policy", messages=messages, max_tokens=5, temperature=1.0,
+                                             seed=3).choices[0].message.content for _ in range(2)]  # fmt: skip
+    assert seeded[0] == seeded[1]
+
+
+def test_the_served_policy_batches_concurrent_requests(server):
+    import json
+    import urllib.request
+
+    import openai
+
+    url, _ = server
+    client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0)
+    answers = []
+
+    def ask(i):
+        answers.append(client.completions.create(model="tiny-policy", prompt=f"Prompt {i}", max_tokens=24).choices[0])
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(answers) == 6
+    health = json.load(urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=10))
+    assert health["largest_batch"] >= 2  # requests that arrive together decode together
+
+
+def test_bad_requests_are_answered_4xx_with_a_reason_and_a_wrong_key_is_refused(server):
+    import openai
+
+    url, _ = server
+    client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as empty:
+        client.chat.completions.create(model="tiny-policy", messages=[], max_tokens=3)
+    assert "messages" in str(empty.value)
+    with pytest.raises(openai.BadRequestError) as hot:
+        client.chat.completions.create(model="tiny-policy", messages=[{"role": "user", "content": "hi"}],
+                                       temperature=5)  # fmt: skip
+    assert "temperature" in str(hot.value)
+    with pytest.raises(openai.BadRequestError) as long:
+        client.completions.create(model="tiny-policy", prompt="hi", max_tokens=100_000)
+    assert "context" in str(long.value)
+    with pytest.raises(openai.NotFoundError) as other:
+        client.completions.create(model="gpt-4", prompt="hi", max_tokens=2)
+    assert "tiny-policy" in str(other.value)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
+    import urllib.error
+    import urllib.request
+
+    with pytest.raises(urllib.error.HTTPError) as bare:  # no key at all
+        urllib.request.urlopen(url + "/models", timeout=10)
+    assert bare.value.code == 401
+
+
+def test_serving_with_vllm_on_a_machine_without_it_is_refused_in_one_line(policy):
+    import subprocess
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the refusal is for machines without it")
+    done = subprocess.run([ALIGNFLOW, "serve-model", "--source", str(policy), "--engine", "vllm"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 1 and "--engine vllm: needs a CUDA GPU" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_chat_streams_answers_keeps_the_conversation_and_resets_in_a_terminal(policy):
+    import re
+
+    import pexpect
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = ["chat", "--source", str(policy), "--stats", "--temperature", "0", "--max-tokens", "4", "--threads", "1"]
+    term = pexpect.spawn(ALIGNFLOW, command, env=env, encoding="utf-8", timeout=180, dimensions=(40, 200))
+    stats = re.compile(r"\((\d+) prompt tokens, (\d+) generated")
+    term.expect("/reset starts a new conversation")
+
+    def turn(text: str) -> tuple[int, str]:
+        term.expect_exact("you> ")
+        term.sendline(text)
+        term.expect_exact("assistant> ")
+        term.expect(stats)
+        return int(term.match.group(1)), term.before
+
+    first, answer = turn("Tell me about the garden.")
+    second, _ = turn("And the river?")
+    assert second > first + 4  # the second prompt holds the first turn, its answer and the new question
+    term.expect_exact("you> ")
+    term.sendline("/reset")
+    term.expect_exact("(new conversation)")
+    again, answer_again = turn("Tell me about the garden.")
+    assert again == first and answer_again.strip() == answer.strip()  # greedy: the same first answer
+    term.expect_exact("you> ")
+    term.sendline("/exit")
+    term.expect(pexpect.EOF)
+    term.close()
+    assert term.exitstatus == 0
+
+
+def test_the_served_embedded_judge_labels_as_the_local_backend_does(tmp_path):
+    """Close the loop: `serve-model` serving the embedded judge is an OpenAI-compatible judge; the AI
+    labeler's http backend (the `completions` endpoint: the text as is) reads the same preferences."""
+    from stages import judge
+    from stages.labeling.ai_labeler import AiLabeler, AiLabelerConfig, HttpJudge, load_judge
+    from stages.labeling.labelers import LabelerConfig
+
+    local = AiLabelerConfig(preamble="A good response stays on the topic and has a positive tone.")
+    cfg = judge.JudgeConfig(n_pairs=2000, n_scores=600, n_eval_pairs=200, epochs=2)
+    judge.run(cfg, LabelerConfig(kind="ai", ai=local), target_len=6, out_dir=tmp_path / "judge")
+    items = [("describe the garden", ["lovely rose tree", "awful bus sad"]),
+             ("tell me about the river", ["sad cold water", "happy fish river", "the the the"])]  # fmt: skip
+    expected = AiLabeler(local, load_judge(local, tmp_path / "judge")).label_all(items)
+    port = free_port()
+    command = [ALIGNFLOW, "serve-model", "--source", str(tmp_path / "judge" / "model"), "--port", str(port),
+               "--threads", "1", "--served-name", "embedded-judge"]  # fmt: skip
+    with Child(command, env={**os.environ, "OMP_NUM_THREADS": "1"}) as child:
+        child.wait_for_url(f"http://127.0.0.1:{port}/health", timeout=180)
+        http = AiLabelerConfig(backend="http", endpoint="completions", model="embedded-judge", api_key_env=None,
+                               base_url=f"http://127.0.0.1:{port}/v1", preamble=local.preamble)  # fmt: skip
+        served = HttpJudge(http)
+        served.probe()  # the preflight probe the flow sends before any stage
+        got = AiLabeler(http, served).label_all(items)
+    assert [g["ranks"] for g in got] == [e["ranks"] for e in expected]
+    for g, e in zip(got, expected, strict=True):
+        assert (g["pairs"], g["consistent"]) == (e["pairs"], e["consistent"])
+        for row_got, row_expected in zip(g["prefs"], e["prefs"], strict=True):
+            assert row_got == pytest.approx(row_expected, abs=1e-3)  # P(i > j): the same within float error
