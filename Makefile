@@ -10,7 +10,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 .DEFAULT_GOAL := help
-.PHONY: config-keys help venv browser serve-model chat export gpu-check gpu-wheels bench-lengths align compare frontier serve workers champion faults test test-fast bench bench-rerun bench-peft methods bench-dist bench-real lint ui clean
+.PHONY: config-keys help venv browser serve-model chat export-model gpu-check gpu-wheels bench-lengths align compare frontier serve workers champion faults test test-fast bench bench-rerun bench-peft methods bench-dist bench-real lint ui clean
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -50,7 +50,7 @@ serve-model: venv ## the champion behind an OpenAI-compatible API on 127.0.0.1:8
 chat: venv ## a terminal chat with the champion, streaming (ARGS="--source PATH"); /reset, /exit
 	$(CLI) chat $(ARGS)
 
-export: venv ## the champion as a plain Hugging Face folder with its model card (ARGS="--out exported/")
+export-model: venv ## the champion as a plain Hugging Face folder with its model card (ARGS="--out exported/")
 	$(CLI) export $(if $(ARGS),$(ARGS),--out exported)
 
 compare: venv ## every branch and estimator (ppo, grpo, rloo, ..., dpo, kto, simpo, orpo, rlaif, best_of_n, rlvr) from one SFT: one table, artifacts/compare/compare.json
