@@ -7,6 +7,7 @@
     alignflow notify PATH...             tell the deployment that a data file changed
     alignflow workers serve|sweep ...    a Prefect process pool with local workers; sweeps onto it
     alignflow champion [overrides]       the registry's champion and its lineage
+    alignflow server [--dir .server]     PostgreSQL, a Prefect server and an MLflow server for a team
     alignflow serve-model [--source ...] the champion behind an OpenAI-compatible API on 127.0.0.1
     alignflow chat [--source ...]        a terminal chat with the champion (or any policy)
     alignflow export --out DIR           the champion (or --source) as a plain Hugging Face folder
@@ -100,6 +101,11 @@ COMMANDS: dict[str, tuple[str, Callable[[list[str]], None], bool]] = {
         "print the registry's champion policy, its lineage, and why others were not promoted",
         _hydra("flows.ops.champion"),
         True,
+    ),
+    "server": (
+        "start PostgreSQL, a Prefect server and an MLflow server on it (127.0.0.1); Ctrl-C stops all three",
+        _argv("flows.ops.server"),
+        False,
     ),
     "serve-model": (
         "serve the champion (or --source) behind an OpenAI-compatible API on 127.0.0.1",

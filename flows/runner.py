@@ -280,10 +280,18 @@ def set_up_tracking(cfg: Config) -> None:
     """Local default: SQLite store and artifact files both under the artifacts folder (MLflow would
     otherwise put artifacts in ./mlruns of the working directory). Under a file lock: runs that start
     together would otherwise race to create the database's tables and the experiment."""
-    if cfg.tracking.uri is not None:
+    if cfg.tracking.uri is not None:  # a tracking server: its database guards the state
+        from mlflow.exceptions import MlflowException
+
         mlflow.set_tracking_uri(cfg.tracking.uri)
-        mlflow.set_experiment(cfg.tracking.experiment)
-        return
+        for attempt in range(3):  # runs starting together race to create the experiment: the loser reads it
+            try:
+                mlflow.set_experiment(cfg.tracking.experiment)
+                return
+            except MlflowException:
+                if attempt == 2:
+                    raise
+                time.sleep(1.0)
     root = Path(cfg.artifacts_dir).resolve()
     (root / ".locks").mkdir(parents=True, exist_ok=True)
     with FileLock(root / ".locks" / "tracking.lock"):

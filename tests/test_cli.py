@@ -24,6 +24,7 @@ COMMANDS = [
     "notify",
     "workers",
     "champion",
+    "server",
     "serve-model",
     "chat",
     "export",

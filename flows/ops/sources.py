@@ -89,8 +89,32 @@ def _version(args: argparse.Namespace, name: str, *, alias: str | None, version:
     except MlflowException:
         what = f"alias {alias!r}" if alias is not None else f"version {version}"
         raise SourceError(f"--source {args.source}: {name} has no {what} in {uri}") from None
-    folder = Path(found.source)
-    if not folder.is_dir():
-        raise SourceError(f"--source {args.source}: version {found.version}'s folder {folder} no longer exists")
     suffix = f" ({alias})" if alias else ""
-    return Policy(folder, f"{name} version {found.version}{suffix}", dict(found.tags))
+    label = f"{name} version {found.version}{suffix}"
+    return Policy(_folder(args, found, uri), label, dict(found.tags))
+
+
+def _folder(args: argparse.Namespace, found, uri: str) -> Path:
+    """The version's policy folder: the local artifact where this machine has it, else a download of
+    the copy in the tracking server's artifact store (kept under <artifacts>/.downloads)."""
+    for where in (found.tags.get("alignflow.folder"), found.source):
+        if where and not where.startswith(("runs:/", "models:/", "mlflow-artifacts:")) and Path(where).is_dir():
+            return Path(where)
+    if not found.source.startswith(("runs:/", "models:/", "mlflow-artifacts:", "s3://", "gs://", "http")):
+        raise SourceError(f"--source {args.source}: version {found.version}'s folder {found.source} no longer exists")
+    import shutil
+    import tempfile
+
+    import mlflow
+
+    cache = Path(args.artifacts_dir).resolve() / ".downloads" / f"{found.name}-v{found.version}"
+    if not cache.is_dir():
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
+        try:
+            mlflow.set_tracking_uri(uri)
+            got = Path(mlflow.artifacts.download_artifacts(artifact_uri=found.source, dst_path=str(tmp)))
+            got.rename(cache)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return cache

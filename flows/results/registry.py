@@ -104,8 +104,17 @@ def gate(cfg: Config, summary: dict[str, Any]) -> dict[str, Any]:
         "alignflow.eval_json": str(Path(evaluate["artifact"], "eval.json")),
         "alignflow.lineage": json.dumps(lineage(cfg, summary), sort_keys=True),
     }
+    folder = Path(source).resolve()
+    tags["alignflow.folder"] = str(folder)
+    if mlflow.get_tracking_uri().startswith(("http://", "https://")):
+        # a tracking server: another machine cannot read this folder, so the version's source is a copy
+        # in the server's artifact store (and the server accepts no local path as a source)
+        client.log_artifacts(summary["mlflow_run_id"], str(folder), f"policy-{digest[:12]}")
+        registered = f"runs:/{summary['mlflow_run_id']}/policy-{digest[:12]}"
+    else:
+        registered = str(folder)
     version = client.create_model_version(
-        reg.model_name, source=str(Path(source).resolve()), run_id=summary["mlflow_run_id"], tags=tags
+        reg.model_name, source=registered, run_id=summary["mlflow_run_id"], tags=tags
     ).version
     client.set_registered_model_alias(reg.model_name, CHAMPION if promoted else CANDIDATE, version)
     record = _record(reg, version, promoted, why)
