@@ -156,8 +156,8 @@ def create_databases(db: Database) -> None:
     import psycopg
 
     try:
-        with psycopg.connect(host=db.host, port=db.port, user=db.user, dbname="postgres", passfile=str(db.password_file),
-                             autocommit=True, connect_timeout=10) as conn:  # fmt: skip
+        where = {"host": db.host, "port": db.port, "user": db.user, "passfile": str(db.password_file)}
+        with psycopg.connect(dbname="postgres", autocommit=True, connect_timeout=10, **where) as conn:
             have = {row[0] for row in conn.execute("SELECT datname FROM pg_database")}
             for name in DATABASES.values():
                 if name not in have:
@@ -242,9 +242,10 @@ def serve(args: argparse.Namespace) -> None:
                           str(args.prefect_port)], prefect_env, logs / "prefect.log")  # fmt: skip
         artifact_root = args.artifact_root or str(root / "mlflow-artifacts")
         mlflow_url = f"http://{args.host}:{args.mlflow_port}"
-        mlflow = _spawn([str(bin_dir / "mlflow"), "server", "--backend-store-uri", db.url("psycopg", DATABASES["mlflow"]),
-                         "--artifacts-destination", artifact_root, "--host", args.host, "--port",
-                         str(args.mlflow_port), "--workers", "1"], env, logs / "mlflow.log")  # fmt: skip
+        store = db.url("psycopg", DATABASES["mlflow"])
+        mlflow = _spawn([str(bin_dir / "mlflow"), "server", "--backend-store-uri", store, "--artifacts-destination",
+                         artifact_root, "--host", args.host, "--port", str(args.mlflow_port), "--workers", "1"],
+                        env, logs / "mlflow.log")  # fmt: skip
         wait_for(f"{prefect_url}/health", prefect, "the Prefect server", logs / "prefect.log")
         wait_for(f"{mlflow_url}/health", mlflow, "the MLflow server", logs / "mlflow.log")
         (root / "server.env").write_text(
