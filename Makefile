@@ -10,7 +10,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 .DEFAULT_GOAL := help
-.PHONY: config-keys help venv browser serve-model chat export-model gpu-check gpu-wheels bench-lengths align compare frontier serve workers champion faults test test-fast bench bench-rerun bench-peft methods bench-dist bench-real lint ui clean
+.PHONY: config-keys help venv postgres server browser serve-model chat export-model gpu-check gpu-wheels bench-lengths align compare frontier serve workers champion faults test test-fast bench bench-rerun bench-peft methods bench-dist bench-real lint ui clean
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -25,6 +25,12 @@ help: ## list targets
 	touch $@
 
 venv: .venv/.installed ## create .venv and install pinned dependencies
+
+postgres: ## Debian's PostgreSQL server binaries (initdb, pg_ctl), for `make server` and its test
+	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
+
+server: venv postgres ## PostgreSQL + Prefect + MLflow servers on 127.0.0.1 (state in .server/); Ctrl-C stops all three
+	$(CLI) server $(ARGS)
 
 browser: ## Debian's headless Chromium, for the report's browser test (Playwright drives it)
 	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
@@ -60,7 +66,7 @@ compare: venv ## every branch and estimator (ppo, grpo, rloo, ..., dpo, kto, sim
 config-keys: venv ## regenerate docs/config-keys.md (every numeric config key's valid range) from the rules
 	$(PY) -c 'from flows.config import keys_doc; print(keys_doc(), end="")' > docs/config-keys.md
 
-test: venv browser ## the whole suite: layering contracts, unit, stage, config, end-to-end flows, browser (~15 min on 2 cores)
+test: venv browser postgres ## the whole suite: layering contracts, unit, stage, config, end-to-end flows, browser (~15 min on 2 cores)
 	.venv/bin/lint-imports
 	$(PY) -m pytest tests -n auto --dist worksteal --durations=20
 
