@@ -73,8 +73,8 @@ def _exercise(root: Path) -> None:
             "export", f"PREFECT_API_URL={prefect_url}", "export", f"MLFLOW_TRACKING_URI={mlflow_url}"
         ]  # fmt: skip
         common = [ALIGNFLOW, "align", *TINY, f"artifacts_dir={art}"]
-        sweep = [ALIGNFLOW, "align", "-m", *TINY, f"artifacts_dir={art}", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "stage.ppo.beta=0.02,0.2",
-                 f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
+        sweep = [ALIGNFLOW, "align", "-m", *TINY, f"artifacts_dir={art}", "hydra/launcher=joblib",
+                 "hydra.launcher.n_jobs=2", "stage.ppo.beta=0.02,0.2", f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
         started = [subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                    for c in (common, common, sweep)]  # fmt: skip
         outputs = [p.communicate(timeout=1200)[0] for p in started]
