@@ -40,6 +40,7 @@ def _state(prefect_url: str, mlflow_url: str) -> dict:
     versions = client.search_model_versions("name='alignflow-policy'")
     champion = client.get_model_version_by_alias("alignflow-policy", "champion").version
     flow_runs = httpx.post(f"{prefect_url}/flow_runs/filter", json={"limit": 200}, timeout=30).json()
+    deployments = httpx.post(f"{prefect_url}/deployments/filter", json={"limit": 200}, timeout=30).json()
     return {
         "runs": {
             r.info.run_id: (r.data.tags.get("mlflow.parentRunId"), r.data.tags.get("alignflow.stage"), r.info.status)
@@ -48,7 +49,19 @@ def _state(prefect_url: str, mlflow_url: str) -> dict:
         "versions": sorted((v.version, v.tags["alignflow.digest"]) for v in versions),
         "champion": champion,
         "flow_runs": sorted((f["id"], f["state_type"]) for f in flow_runs),
+        "deployments": sorted((d["name"], d["flow_id"]) for d in deployments),
     }
+
+
+def _deploy(prefect_url: str) -> None:
+    """A deployment of the align flow on the server, as `make serve` makes one (through Prefect's API)."""
+    import httpx
+
+    flows_ = httpx.post(f"{prefect_url}/flows/filter", json={"flows": {"name": {"any_": ["align"]}}}, timeout=30)
+    flow_id = flows_.json()[0]["id"] if flows_.json() else httpx.post(
+        f"{prefect_url}/flows/", json={"name": "align"}, timeout=30).json()["id"]  # fmt: skip
+    made = httpx.post(f"{prefect_url}/deployments/", json={"name": "retrain", "flow_id": flow_id}, timeout=30)
+    assert made.status_code in (200, 201), made.text
 
 
 @pytest.mark.slow
@@ -89,7 +102,9 @@ def _exercise(root: Path) -> None:
                 by_digest.setdefault(s["stages"][stage]["digest"], []).append(s["stages"][stage]["status"])
             for digest, statuses in by_digest.items():
                 assert statuses.count("ran") == 1, (stage, digest, statuses)
+        _deploy(prefect_url)
         before = _state(prefect_url, mlflow_url)
+        assert [name for name, _ in before["deployments"]] == ["retrain"]
         flows_ = {s["mlflow_run_id"] for s in summaries}
         assert flows_ <= set(before["runs"]) and len(flows_) == 4  # every run recorded, once
         for run_id in flows_:
