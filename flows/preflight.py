@@ -20,7 +20,7 @@ from stages.data.tokens import (
     row_sources,
 )
 from stages.labeling.ai_labeler import HttpJudge
-from stages.models import compute
+from stages.models import compute, peft_setup
 from stages.models.folders import inspect_model
 from stages.models.modeling import model_context
 from stages.preference.rankings import encode_rankings
@@ -44,6 +44,7 @@ def context(cfg: Config) -> int:
 
 def preflight(cfg: Config) -> None:
     compute.check(cfg.compute)  # precision, attention, kernels this machine cannot run: before any model loads
+    peft_setup.check_quantization(cfg.peft)  # a quantised base this machine cannot build
     if "ppo" in PIPELINES[cfg.pipeline.name]:
         rollout.check(cfg.stage.ppo.generation)  # vLLM needs a GPU
     if cfg.labeler.kind == "ai" and cfg.labeler.ai.backend == "http":  # the key, then one request

@@ -56,6 +56,7 @@ def expected(method: str, optim: str, kind: str, vocab: int, h: int = H, i: int 
         "loraplus": lora,
         "pissa": lora,
         "qlora": lora,
+        "qlora_torchao": lora,
         "dora": lora + LAYERS * (4 * h + 2 * i + h),  # one magnitude per output feature of each adapted linear
     }[method]
 
@@ -69,10 +70,25 @@ CASES = [
     ("pissa", "adamw"),
     ("loraplus", "adamw"),
     ("qlora", "adamw"),  # on the 64-wide model (bitsandbytes' CPU kernels)
+    ("qlora_torchao", "adamw"),  # torchao's int8 weight-only base
     ("full", "galore"),
     ("full", "badam"),
     ("full", "adamw_8bit"),
 ]
+
+
+def _peft(method: str, **kwargs) -> PeftConfig:
+    """`qlora_torchao`: QLoRA on torchao's int8 weight-only base; the other names are peft.method's."""
+    if method == "qlora_torchao":
+        return PeftConfig(method="qlora", quant_method="torchao", quant_bits=8, **kwargs)
+    return PeftConfig(method=method, **kwargs)
+
+
+def _is_quantised(model, method: str) -> bool:
+    """Whether the base's decoder linears really hold quantised weights (bitsandbytes or torchao)."""
+    weights = [m.weight for n, m in model.named_modules() if n.endswith("mlp.up_proj.base_layer")]
+    names = {type(w).__name__ for w in weights}
+    return bool(weights) and (names <= {"Params4bit"} if method == "qlora" else all("Int8" in n for n in names))
 
 
 def _loss(model, kind: str, batch) -> torch.Tensor:
@@ -96,13 +112,15 @@ def test_each_method_trains_exactly_its_parameters(base, wide, method, optim, ki
     tok.pad_token = tok.eos_token
     batch = dict(tok(TEXTS, return_tensors="pt", padding=True))
     tuning = Tuning(
-        PeftConfig(method=method, r=R, alpha=2 * R, pissa_niter=2, adapter_size=M),
+        _peft(method, r=R, alpha=2 * R, pissa_niter=2, adapter_size=M),
         OptimConfig(name=optim, galore_rank=4, galore_update_proj_gap=2, badam_switch_every=50),
         ComputeConfig(),
     )
     folder, h, i = (wide, 64, 128) if method == "qlora" else (base, H, I)
     model = tuning_lib.load(folder, tuning, kind, adjust=lambda m: setattr(m.config, "pad_token_id", tok.pad_token_id))
     opt = tuning_lib.optimizer(model, tuning, lr=1e-2)
+    if method.startswith("qlora"):
+        assert _is_quantised(model, method)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}  # after BAdam picked its block
     count = sum(p.numel() for n, p in model.named_parameters() if n in trainable)
     assert count == expected(method, optim, kind, len(tok), h, i), sorted(trainable)[:6]
@@ -117,7 +135,7 @@ def test_each_method_trains_exactly_its_parameters(base, wide, method, optim, ki
     assert changed == trainable, (sorted(changed - trainable)[:4], sorted(trainable - changed)[:4])
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "pissa", "qlora"])
+@pytest.mark.parametrize("method", ["lora", "dora", "pissa", "qlora", "qlora_torchao"])
 def test_adapter_outputs_load_with_peft_and_merge_into_a_plain_folder(base, wide, tmp_path, method):
     """The adapter loads with `PeftModel.from_pretrained` on the full-precision base (a QLoRA adapter
     and PiSSA's converted one too) and gives the merged plain folder's logits."""
@@ -126,7 +144,7 @@ def test_adapter_outputs_load_with_peft_and_merge_into_a_plain_folder(base, wide
 
     torch.manual_seed(0)
     base = wide if method == "qlora" else base
-    tuning = Tuning(PeftConfig(method=method, r=R, alpha=2 * R, pissa_niter=2))
+    tuning = Tuning(_peft(method, r=R, alpha=2 * R, pissa_niter=2))
     model = tuning_lib.load(base, tuning, "causal_lm")
     opt = tuning_lib.optimizer(model, tuning, lr=1e-2)
     ids = torch.tensor([[5, 17, 99, 3, 42, 7]])
@@ -149,7 +167,7 @@ def test_adapter_outputs_load_with_peft_and_merge_into_a_plain_folder(base, wide
     model.eval()
     with torch.no_grad():  # the trained model itself, sampling-style (a 4-bit base: bitsandbytes' CPU kernel)
         trained = model(input_ids=ids).logits
-    tolerance = 0.1 if method == "qlora" else 1e-4  # 4-bit weights against the full-precision base
+    tolerance = {"qlora": 0.1, "qlora_torchao": 0.05}.get(method, 1e-4)  # quantised against full precision
     assert torch.allclose(trained, m, atol=tolerance), (trained - m).abs().max()
 
 
@@ -174,6 +192,30 @@ def test_an_adapter_reward_model_keeps_its_head_trainable_and_its_artifacts_load
         adapted = load_adapter(tmp_path / "adapter", base, "scalar")(input_ids=ids).logits  # on the original base
     assert torch.allclose(want, got, atol=1e-5)
     assert torch.allclose(want, adapted, atol=1e-4)
+
+
+def test_torchao_int4_and_a_gpu_quantised_folder_are_refused_without_cuda_before_any_model_loads(base, tmp_path):
+    import json
+    import shutil
+
+    from stages.models.folders import inspect_model
+    from stages.models.modeling import ModelError
+    from stages.models.peft_setup import check_quantization
+
+    with pytest.raises(ValueError, match=r"peft.quant_method=torchao with peft.quant_bits=4: .*need CUDA"):
+        check_quantization(PeftConfig(method="qlora", quant_method="torchao", quant_bits=4), cuda=False)
+    check_quantization(PeftConfig(method="qlora", quant_method="torchao", quant_bits=8), cuda=False)
+    with pytest.raises(ValueError, match=r"peft.quant_method: 'hqq' is not one of bitsandbytes, torchao"):
+        PeftConfig(method="qlora", quant_method="hqq")
+    gptq = shutil.copytree(base, tmp_path / "gptq")  # a folder as GPTQ tools write it: config.json says so
+    config = json.loads((gptq / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}
+    (gptq / "config.json").write_text(json.dumps(config))
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the GPTQ folder would load")
+    with pytest.raises(ModelError, match=r"model.name_or_path: .*gptq: a GPTQ-quantised model; .*CUDA GPU and the "
+                       r"gptqmodel package"):  # fmt: skip
+        inspect_model(gptq, key="model.name_or_path")
 
 
 def test_qlora_refuses_a_base_too_narrow_for_the_cpu_4bit_kernels(base):

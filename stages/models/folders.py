@@ -41,12 +41,41 @@ def inspect_model(path: str | Path, *, key: str, role: str = "causal_lm", trust_
     for weights in sorted(folder.glob("*.safetensors")):
         _check_header(weights, key)
     _check_architecture(folder, key, role, trust_remote_code)
+    check_prequantized(folder, key)
     if not any((folder / name).is_file() for name in TOKENIZER_FILES) and not any(folder.glob("*.model")):
         raise ModelError(
             f"{key}: {folder}: no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); save the tokenizer "
             "beside the weights with `tokenizer.save_pretrained(folder)`"
         )
     return _tokenizer(folder, key, trust_remote_code)
+
+
+# quantisation methods of already-quantised model folders whose kernels need CUDA, and their package
+GPU_QUANTIZED = {"gptq": "gptqmodel", "awq": "autoawq", "aqlm": "aqlm", "exl2": "exllamav2", "vptq": "vptq"}
+
+
+def check_prequantized(folder: Path, key: str, *, cuda: bool | None = None) -> None:
+    """A folder already quantised by a GPU-only method (its config.json's `quantization_config`) cannot
+    load here: refused before any model loads, the method and what it needs named. On a GPU it loads
+    with its own quantisation and trains LoRA on top (`peft=qlora` or `lora`)."""
+    import json
+
+    try:
+        quant = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return  # _check_architecture has named an unreadable config already
+    method = str(quant.get("quant_method", "")).lower()
+    if method not in GPU_QUANTIZED:
+        return
+    import torch
+
+    if torch.cuda.is_available() if cuda is None else cuda:
+        return
+    raise ModelError(
+        f"{key}: {folder}: a {method.upper()}-quantised model; its kernels need a CUDA GPU and the "
+        f"{GPU_QUANTIZED[method]} package, and this machine has no GPU; use the full-precision folder with "
+        "peft=qlora (bitsandbytes or torchao quantise it here)"
+    )
 
 
 def _check_header(weights: Path, key: str) -> None:

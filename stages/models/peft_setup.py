@@ -16,8 +16,12 @@ Methods (one config line switches them, as in LLaMA-Factory):
   `pissa_niter` iterations); the base keeps the residual.
 - `loraplus` (Hayou et al. 2024): LoRA with B's learning rate `loraplus_ratio` times A's
   (peft's `create_loraplus_optimizer`).
-- `qlora` (Dettmers et al. 2023): LoRA on a base quantised by bitsandbytes, 4-bit NF4 with double
-  quantisation (`quant_bits: 4`) or 8-bit (`quant_bits: 8`).
+- `qlora` (Dettmers et al. 2023): LoRA on a quantised base. `quant_method: bitsandbytes` (default):
+  4-bit NF4 with double quantisation (`quant_bits: 4`) or 8-bit (`quant_bits: 8`), CPU and GPU;
+  `quant_method: torchao`: int8 weight-only (`quant_bits: 8`, CPU and GPU) or int4 weight-only
+  (`quant_bits: 4`, CUDA only: refused on CPU before the model loads). A model folder that is already
+  quantised (GPTQ, AWQ, AQLM, ...: its config.json says so) loads with its own quantisation on a GPU
+  and is refused on CPU with the requirement named (`stages/models/folders.py`).
 
 A LoRA-family scalar model (reward or value) keeps its head trainable in full (peft's SEQ_CLS task
 saves `score`). `stages` names the training stages the method applies to; the others train in full
@@ -37,10 +41,12 @@ from typing import ClassVar
 
 from stages.models import houlsby
 from stages.models.houlsby import decoder_layers
+from stages.runtime.errors import ConfigError
 from stages.runtime.rules import COUNT, OFF_OR_COUNT, POSITIVE, Rule, between, one_of
 
 METHODS = ("full", "freeze", "houlsby", "lora", "dora", "pissa", "loraplus", "qlora")
 ADAPTERS = ("lora", "dora", "pissa", "loraplus", "qlora")  # peft LoRA-family adapters on a frozen base
+QUANT_METHODS = ("bitsandbytes", "torchao")  # qlora's quantised base
 TRAINING_STAGES = ("sft", "reward_model", "ppo", "dpo")
 KINDS = ("causal_lm", "scalar")  # SFT, DPO, the PPO policy | the reward model, the PPO value model
 SCALAR_HEAD = "score"  # transformers' *ForSequenceClassification head
@@ -63,6 +69,7 @@ class PeftConfig:
     loraplus_ratio: float = 16.0  # loraplus: lr(B) / lr(A) (the paper's default)
     pissa_niter: int = 4  # pissa: fast-SVD iterations; 0: exact SVD
     quant_bits: int = 4  # qlora: 4 (NF4, double quantisation) or 8
+    quant_method: str = "bitsandbytes"  # qlora: bitsandbytes | torchao
     adapter_size: int = 16  # houlsby: the bottleneck's width
     adapter_placement: str = "both"  # houlsby: after attention, mlp, or both (the paper)
     adapter_activation: str = "gelu"  # houlsby: gelu | relu | tanh | silu
@@ -86,6 +93,8 @@ class PeftConfig:
             raise ValueError(f"peft.loraplus_ratio: must be positive, got {self.loraplus_ratio}")
         if self.quant_bits not in (4, 8):
             raise ValueError(f"peft.quant_bits: {self.quant_bits} is not 4 or 8")
+        if self.quant_method not in QUANT_METHODS:
+            raise ValueError(f"peft.quant_method: {self.quant_method!r} is not one of {', '.join(QUANT_METHODS)}")
         if self.adapter_placement not in houlsby.PLACEMENTS:
             raise ValueError(f"peft.adapter_placement: {self.adapter_placement!r} is not one of {houlsby.PLACEMENTS}")
         if self.adapter_activation not in houlsby.ACTIVATIONS:
@@ -131,10 +140,18 @@ def lora_config(cfg: PeftConfig, task_type: str):
 
 
 def quantization_config(cfg: PeftConfig):
-    """bitsandbytes' config for a QLoRA base (4-bit NF4 with double quantisation, or 8-bit); else None."""
+    """The `from_pretrained` quantisation config of a QLoRA base, else None: bitsandbytes' (4-bit NF4
+    with double quantisation, or 8-bit) or torchao's (int8 or int4 weight-only)."""
     if cfg.method != "qlora":
         return None
     import torch
+
+    if cfg.quant_method == "torchao":
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
+        from transformers import TorchAoConfig
+
+        check_quantization(cfg)
+        return TorchAoConfig(Int8WeightOnlyConfig() if cfg.quant_bits == 8 else Int4WeightOnlyConfig())
     from transformers import BitsAndBytesConfig
 
     if cfg.quant_bits == 8:
@@ -145,6 +162,24 @@ def quantization_config(cfg: PeftConfig):
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.float32,
     )
+
+
+def check_quantization(cfg: PeftConfig, *, cuda: bool | None = None) -> None:
+    """What this machine cannot quantise, refused before any model loads (preflight), the requirement named."""
+    if cfg.method != "qlora" or cfg.quant_method != "torchao":
+        return
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("torchao") is None:
+        raise ConfigError("peft.quant_method=torchao needs the torchao package (pip install torchao==0.18.0)")
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if cfg.quant_bits == 4 and not cuda:
+        raise ConfigError(
+            "peft.quant_method=torchao with peft.quant_bits=4: torchao's int4 weight-only kernels need CUDA; "
+            "on CPU use peft.quant_bits=8 (int8 weight-only) or peft.quant_method=bitsandbytes"
+        )
 
 
 def prepare(model, cfg: PeftConfig, kind: str):
@@ -201,7 +236,7 @@ def check_4bit_widths(model, cfg: PeftConfig) -> None:
     blocks of 64 input features: a narrower layer fails there, mid-stage. Refuse it at load."""
     import torch
 
-    if cfg.quant_bits != 4 or torch.cuda.is_available():
+    if cfg.quant_bits != 4 or cfg.quant_method != "bitsandbytes" or torch.cuda.is_available():
         return
     import bitsandbytes as bnb
 
