@@ -41,6 +41,10 @@ for _name in ("httpx", "httpcore", "alembic", "mlflow", "prefect", "urllib3"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 # bitsandbytes, imported by peft: "Failed to load CPU gemm_4bit_forward from kernels-community" (an
 # optional faster kernel; its own CPU path runs) and its 8-bit matmul's fp16 cast notice
+# torchao, imported by transformers' quantizers: its CUDA-only kernels fail to load on CPU ("Failed to
+# load ..._C_cutlass_90a.abi3.so"), and torch notes its Enum registrations as deprecated; both harmless
+logging.getLogger("torchao").setLevel(logging.ERROR)
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast", category=UserWarning)
 

@@ -42,14 +42,22 @@ def test_cpu_options_pass():
     compute.check(ComputeConfig(attention="eager", s2_attention=False), cuda=False)
 
 
-def test_the_command_line_refuses_a_gpu_option_before_any_model_loads(tmp_path):
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["compute.attention=flash_attention_2"], "compute.attention=flash_attention_2 needs CUDA and the flash-attn"),
+        (["peft=qlora", "peft.quant_method=torchao", "peft.quant_bits=4"], "torchao's int4 weight-only kernels need"),
+    ],
+    ids=["flash-attention", "torchao-int4"],
+)
+def test_the_command_line_refuses_a_gpu_option_before_any_model_loads(tmp_path, overrides, message):
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run(
-        [sys.executable, "-m", "flows.align", f"artifacts_dir={tmp_path}", "compute.attention=flash_attention_2"],
+        [sys.executable, "-m", "flows.align", f"artifacts_dir={tmp_path}", *overrides],
         cwd=root,
         capture_output=True,
         text=True,
@@ -57,7 +65,8 @@ def test_the_command_line_refuses_a_gpu_option_before_any_model_loads(tmp_path):
         timeout=300,
     )
     assert proc.returncode != 0
-    assert "error: compute.attention=flash_attention_2 needs CUDA and the flash-attn package" in proc.stderr
+    assert "error: " in proc.stderr and message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
     assert not list(tmp_path.glob("prepare/*/manifest.json"))  # nothing computed
 
 
