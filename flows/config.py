@@ -188,6 +188,14 @@ class Config:
                 "stage.ppo.reward_function: pipeline=rlvr scores with a reward from code; name one "
                 "(package.module:name, see stages/rl/rewards.py)"
             )
+        unary = self.data.comparisons is not None and self.data.comparisons.kind == "unary"
+        ranked = "reward_model" in PIPELINES[self.pipeline.name] or self.stage.dpo.loss_type != "kto"
+        if unary and ranked and self.pipeline.stop_after not in ("prepare", "sft"):
+            raise ValueError(
+                "data.comparisons.kind=unary: thumbs-up/down labels rank nothing, so they train KTO only "
+                f"(pipeline=dpo stage.dpo.loss_type=kto); got pipeline={self.pipeline.name}, "
+                f"stage.dpo.loss_type={self.stage.dpo.loss_type}"
+            )
         labeled = "comparisons" in PIPELINES[self.pipeline.name] and self.pipeline.name not in AI_LABELED
         sampled = labeled and self.data.comparisons is None
         sampled = sampled and self.pipeline.stop_after not in ("prepare", "sft")

@@ -367,9 +367,12 @@ def run(
         metrics["dpo/kl_to_sft"] = mean_token_kl(trained, reference_model, [rollout])
     metrics["dpo/pairs"] = float(len(pairs))
     held_encoded = [budget.fit_row(p, rs) for p, rs in encode_rankings(tokenizer, held)]
-    metrics["dpo/eval/accuracy"] = implicit_reward_accuracy(
-        trained, reference_model, tokenizer.pad_token_id, preference_pairs(held_encoded, held)
-    )
+    held_pairs = preference_pairs(held_encoded, held)
+    metrics["dpo/eval/pairs"] = float(len(held_pairs))
+    if held_pairs:  # thumbs-only held-out rows (KTO labels, one response a prompt) hold no pair to rank
+        metrics["dpo/eval/accuracy"] = implicit_reward_accuracy(
+            trained, reference_model, tokenizer.pad_token_id, held_pairs
+        )
     log_metrics(metrics)
     shutil.rmtree(out_dir / "trainer", ignore_errors=True)
     limits = {"max_prompt_length": budget.max_prompt_length, "max_length": budget.max_length}

@@ -78,8 +78,11 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.task not in sources.EMBEDDED_GOLD:
             raise ValueError(f"data.task: {self.task!r} is not one of {', '.join(sources.EMBEDDED_GOLD)}")
-        if self.comparisons is not None and self.comparisons.kind not in ("preferences", "rankings"):
-            raise ValueError(f"data.comparisons.kind: {self.comparisons.kind!r} is not 'preferences' or 'rankings'")
+        if self.comparisons is not None and self.comparisons.kind not in ("preferences", "rankings", "unary"):
+            raise ValueError(
+                f"data.comparisons.kind: {self.comparisons.kind!r} is not 'preferences', 'rankings' or 'unary' "
+                "(thumbs-up/down labels, for KTO)"
+            )
         if self.pretrain is not None and self.pretrain.kind != "text":
             raise ValueError(f"data.pretrain.kind: {self.pretrain.kind!r} must be 'text' (raw documents)")
         for key in ("prompts", "eval_prompts"):

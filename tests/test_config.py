@@ -35,7 +35,16 @@ def test_every_pipeline_composes(pipeline):
 
 @pytest.mark.parametrize("data", [p.stem for p in (ROOT / "conf" / "data").glob("*.yaml")])
 def test_every_data_option_composes(data):
-    to_config(_compose([f"data={data}", "labeler=file"]))  # the file labeler fits every data source
+    kto = ["pipeline=dpo", "stage.dpo.loss_type=kto"] if data == "kto_demo" else []  # thumbs train KTO only
+    to_config(_compose([f"data={data}", "labeler=file", *kto]))  # the file labeler fits every data source
+
+
+def test_thumbs_up_down_labels_are_refused_where_a_ranking_is_needed():
+    with pytest.raises(ValueError, match=r"data.comparisons.kind=unary: thumbs-up/down labels rank nothing"):
+        to_config(_compose(["data=kto_demo"]))  # rlhf: the reward model needs rankings
+    with pytest.raises(ValueError, match=r"got pipeline=dpo, stage.dpo.loss_type=sigmoid"):
+        to_config(_compose(["data=kto_demo", "pipeline=dpo"]))
+    to_config(_compose(["data=kto_demo", "pipeline=dpo", "stage.dpo.loss_type=kto"]))
 
 
 def test_own_data_without_comparisons_cannot_use_the_simulated_labeler():

@@ -146,3 +146,49 @@ def test_dataset_preferences_with_conversations_train_the_same_way(tiny_prepare,
         out_dir=tmp_path / "out",
     )
     assert m.metrics["dpo/pairs"] == 8 and math.isfinite(m.metrics["dpo/kl_to_sft"])
+
+
+def test_kto_trains_on_unpaired_thumbs_read_by_the_data_worker(tiny_prepare, tmp_path):
+    """`data.comparisons.kind=unary` (LLaMA-Factory's KTO layout: messages and a boolean label): each
+    response on its own, thumbs up or down, no pair anywhere; KTO still learns which kind is wanted."""
+    import json
+
+    from stages.data import task
+    from stages.data.reader import DatasetConfig, as_ranking_rows, load
+    from stages.runtime.manifest import read_jsonl
+
+    prompts = list(dict.fromkeys(r["prompt"] for r in read_jsonl(tiny_prepare.file("comparison_prompts"))))[:40]
+    assert len(prompts) >= 20
+    labelled = []
+    for n, p in enumerate(prompts):  # one response per prompt: alternately a wanted and an unwanted one
+        word, label = ("lovely", True) if n % 2 == 0 else ("sad", False)
+        reply = f"{word} {task.topic_of(p)} {word}"
+        labelled.append({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": reply}],
+                         "label": label})  # fmt: skip
+    path = tmp_path / "kto.json"
+    path.write_text(json.dumps(labelled))
+    rows = as_ranking_rows(load(DatasetConfig(path=str(path), kind="unary", format="auto")).rows, "unary")
+    assert len(rows) == len(prompts) and all(len(r["responses"]) == 1 for r in rows)
+    assert [r["thumbs"] for r in rows[:2]] == [[True], [False]]
+    write_jsonl(tmp_path / "thumbs.jsonl", rows)
+    _, held = _comparisons(tiny_prepare, tmp_path)  # ranked held-out rows: is "lovely" now above "sad"?
+    policy = tiny_prepare.file("base")
+    cfg = DpoConfig(beta=0.1, loss_type="kto", epochs=3, learning_rate=5e-3, batch_size=16, kl_prompts=8,
+                    max_new_tokens=4)  # fmt: skip
+    m = dpo.run(cfg, Tuning(PeftConfig(method="full")), policy=policy, reference=policy,
+                comparisons=tmp_path / "thumbs.jsonl", heldout=held, out_dir=tmp_path / "out")  # fmt: skip
+    assert m.metrics["dpo/pairs"] == 0  # nothing paired: KTO alone can train on this
+    assert m.metrics["dpo/eval/accuracy"] > 0.5  # the implicit reward orders held-out rankings as wanted
+
+
+def test_the_real_kto_demo_reads_as_unpaired_thumbs():
+    from conftest import SHARED, need_shared
+
+    from stages.data.reader import DatasetConfig, as_ranking_rows, load
+
+    path = need_shared(SHARED / "data" / "llamafactory-demo" / "kto_en_demo.json")
+    loaded = load(DatasetConfig(path=str(path), kind="unary", format="auto"))
+    rows = as_ranking_rows(loaded.rows, "unary")
+    thumbs = [t for r in rows for t in r["thumbs"]]
+    assert loaded.bad == 0 and len(thumbs) == 300 and 0 < sum(thumbs) < 300  # both kinds of label
+    assert all(r["ranks"] == [0 if t else 1 for t in r["thumbs"]] for r in rows)

@@ -518,4 +518,17 @@ def as_ranking_rows(rows: list[dict[str, Any]], kind: str) -> list[dict[str, Any
         ]
     if kind == "rankings":
         return [{**r, "finished": [True] * len(r["responses"])} for r in rows]
-    raise ValueError(f"data.kind: {kind!r} gives no comparisons (use preferences or rankings)")
+    if kind == "unary":  # thumbs-up/down labels (KTO): one group per prompt, its responses unranked
+        groups: dict[str, dict[str, Any]] = {}
+        for r in rows:
+            key = json.dumps(r["prompt"], sort_keys=True)
+            group = groups.setdefault(key, {"prompt": r["prompt"], "responses": [], "thumbs": []})
+            group["responses"].append(r["completion"])
+            group["thumbs"].append(bool(r["label"]))
+            if "source" in r:
+                group.setdefault("source", r["source"])
+        return [
+            {**g, "finished": [True] * len(g["responses"]), "ranks": [0 if t else 1 for t in g["thumbs"]]}
+            for g in groups.values()
+        ]  # ranks: every desirable response above every undesirable one, ties within each
+    raise ValueError(f"data.kind: {kind!r} gives no comparisons (use preferences, rankings or unary)")

@@ -123,7 +123,7 @@ def vocabulary_hint(gold: str = "embedded") -> list[str]:
 
 def _loaded(ds: DatasetConfig, kind: str) -> tuple[list[dict[str, Any]], int]:
     got = load(ds)
-    if ds.kind != kind and not (kind == "comparisons" and ds.kind in ("preferences", "rankings")):
+    if ds.kind != kind and not (kind == "comparisons" and ds.kind in ("preferences", "rankings", "unary")):
         raise DataError([f"{ds.path}:0: kind: {ds.kind!r} cannot serve as {kind}"])
     return [{**r, "source": f"{ds.path}:{line}"} for r, line in zip(got.rows, got.lines)], got.bad
 
@@ -175,7 +175,7 @@ def files(cfg) -> Sourced:
         metrics["prepare/comparisons/bad_rows"] = float(bad)
         held, rest = _split(ranked, cfg.heldout_fraction, cfg.seed, str(cfg.comparisons.path))
         eval_rm: list[dict[str, Any]] = []
-        if cfg.eval_rm_fraction > 0:
+        if cfg.eval_rm_fraction > 0 and cfg.comparisons.kind != "unary":  # thumbs rank nothing to train on
             eval_rm, rest = _split(rest, cfg.eval_rm_fraction, cfg.seed + 1, str(cfg.comparisons.path))
         comparisons = {"dataset_comparisons": rest, "dataset_heldout_comparisons": held}
         if eval_rm:
