@@ -77,18 +77,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(policy: sources.Policy, args: argparse.Namespace) -> None:
-    import torch
-
-    from stages.data.tokens import ensure_chat_template
-    from stages.models.modeling import load_causal_lm, load_tokenizer, model_context
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    tokenizer = load_tokenizer(policy.folder, trust_remote_code=args.trust_remote_code)
-    model = load_causal_lm(policy.folder, trust_remote_code=args.trust_remote_code)
-    if ensure_chat_template(tokenizer):
-        model.resize_token_embeddings(len(tokenizer))
-    context = model_context(policy.folder)
+    model, tokenizer, context = sources.load(policy, threads=args.threads, trust_remote_code=args.trust_remote_code)
     engine = Engine(model, tokenizer, max_batch=1, window_s=0.0)
     start = [{"role": "system", "content": args.system}] if args.system else []
     history = list(start)

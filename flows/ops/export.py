@@ -32,8 +32,7 @@ from stages.runtime.errors import ExpectedFailure
 
 
 def export(policy: sources.Policy, out: Path, *, trust_remote_code: bool = False) -> Path:
-    from stages.data.tokens import ensure_chat_template
-    from stages.models.modeling import check_model_folder, load_causal_lm, load_tokenizer
+    from stages.models.modeling import check_model_folder
 
     folder = policy.folder
     if (folder / houlsby.CONFIG).is_file():
@@ -47,10 +46,7 @@ def export(policy: sources.Policy, out: Path, *, trust_remote_code: bool = False
     out = Path(out).resolve()
     if out.exists() and any(out.iterdir()):
         raise sources.SourceError(f"--out {out}: exists and is not empty; choose a new folder")
-    tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
-    model = load_causal_lm(folder, trust_remote_code=trust_remote_code)
-    if ensure_chat_template(tokenizer):  # a template-less base folder: markers added as tokens
-        model.resize_token_embeddings(len(tokenizer))
+    model, tokenizer, _ = sources.load(policy, trust_remote_code=trust_remote_code)  # with a chat template
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

@@ -354,21 +354,12 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def serve_transformers(policy: sources.Policy, args: argparse.Namespace, name: str) -> None:
-    import torch
     import uvicorn
 
-    from stages.data.tokens import ensure_chat_template
-    from stages.models.modeling import load_causal_lm, load_tokenizer, model_context
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    tokenizer = load_tokenizer(policy.folder, trust_remote_code=args.trust_remote_code)
-    model = load_causal_lm(policy.folder, trust_remote_code=args.trust_remote_code)
-    if ensure_chat_template(tokenizer):
-        model.resize_token_embeddings(len(tokenizer))
+    model, tokenizer, context = sources.load(policy, threads=args.threads, trust_remote_code=args.trust_remote_code)
     engine = Engine(model, tokenizer, max_batch=args.max_batch)
     key = os.environ.get(args.api_key_env) or None
-    app = build_app(engine, tokenizer, name, model_context(policy.folder), key, args.max_tokens)
+    app = build_app(engine, tokenizer, name, context, key, args.max_tokens)
     auth = f"bearer key from ${args.api_key_env}" if key else "no key"
     print(f"serving {policy.label} as {name!r} at http://{args.host}:{args.port}/v1 ({auth})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

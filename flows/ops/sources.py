@@ -73,6 +73,23 @@ def resolve(args: argparse.Namespace) -> Policy:
     return Policy(folder.resolve(), str(folder))
 
 
+def load(policy: Policy, *, threads: int = 0, trust_remote_code: bool = False):
+    """(model, tokenizer, context window) of a policy folder; a template-less tokenizer gets the
+    default chat template (its markers added to the vocabulary). `threads`: torch's, 0 for its default."""
+    import torch
+
+    from stages.data.tokens import ensure_chat_template
+    from stages.models.modeling import load_causal_lm, load_tokenizer, model_context
+
+    if threads:
+        torch.set_num_threads(threads)
+    tokenizer = load_tokenizer(policy.folder, trust_remote_code=trust_remote_code)
+    model = load_causal_lm(policy.folder, trust_remote_code=trust_remote_code)
+    if ensure_chat_template(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    return model, tokenizer, model_context(policy.folder, trust_remote_code=trust_remote_code)
+
+
 def _version(args: argparse.Namespace, name: str, *, alias: str | None, version: str | None) -> Policy:
     uri = tracking_uri(args)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
