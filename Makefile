@@ -105,7 +105,8 @@ gpu-wheels: ## download trl, datasets and their missing pure-Python deps (py3.12
 	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 		-d .gpu/whl trl==$$($(PY) -c "import trl; print(trl.__version__)") \
-		datasets==$$($(PY) -c "import datasets; print(datasets.__version__)") dill multiprocess
+		datasets==$$($(PY) -c "import datasets; print(datasets.__version__)") dill multiprocess \
+		torchao==$$($(PY) -c "import importlib.metadata as m; print(m.version('torchao'))")
 
 bench-rerun: venv ## the embedded default cold, then rerun with nothing changed (no server; a server up): artifacts/bench/cached_rerun.json
 	$(PY) -m bench.cached_rerun $(ARGS)

@@ -155,6 +155,13 @@ def branches(device: torch.device, work: Path) -> dict:
         direct = stage("ppo_rlaif_direct", ppo.run, tiny_ppo, full, ai, policy=policy, judge=Path(j.path), **ppo_in)
         stage("evaluate_rlaif_direct", evaluate.run, evaluate.EvaluateConfig(), ai, policy=direct.file("policy"),
               judge=Path(j.path), **{**ev, "gold": None})  # fmt: skip
+        watch.stage = "serve_engine"
+        serve_engine(device, policy)
+        ran.append("serve_engine")
+        if have("torchao"):
+            watch.stage = "qlora_torchao_int4"
+            torchao_int4(device, prep.file("base"), work / "qlora_torchao_int4", compute)
+            ran.append("qlora_torchao_int4")
     except Exception as e:  # the report names the stage that failed and why
         failed[watch.stage] = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}"
     finally:
@@ -167,6 +174,63 @@ def branches(device: torch.device, work: Path) -> dict:
         "models_seen": {k: sorted(v) for k, v in watch.seen.items()},
         "ok": not failed and not watch.off,
     }
+
+
+def serve_engine(device: torch.device, policy: Path) -> None:
+    """serve-model's and chat's batched decoder on the GPU: three prompts of different lengths in one
+    batch, each greedy answer equal to `generate`'s alone."""
+    import queue
+
+    from flows.ops.engine import Done, Engine, Request
+    from stages.models.modeling import load_causal_lm, load_tokenizer
+
+    tok, model = load_tokenizer(policy), load_causal_lm(policy, device=device).eval()
+    prompts = [tok(p)["input_ids"] for p in ("describe the garden", "tell me", "write about the school and the sea")]
+    engine = Engine(model, tok, window_s=1.0)
+    boxes = [queue.Queue() for _ in prompts]
+    for ids, box in zip(prompts, boxes, strict=True):
+        engine.submit(Request(ids, 8, box.put, temperature=0.0))
+    answers = []
+    for box in boxes:
+        while not isinstance(event := box.get(timeout=120), Done):
+            assert not isinstance(event, Exception), event
+        answers.append(event.text)
+    engine.close()
+    assert engine.largest_batch == len(prompts), engine.largest_batch
+    for ids, text in zip(prompts, answers, strict=True):
+        alone = model.generate(torch.tensor([ids], device=device), max_new_tokens=8, do_sample=False,
+                               pad_token_id=tok.pad_token_id)  # fmt: skip
+        want = tok.decode(alone[0, len(ids) :].tolist(), skip_special_tokens=True)
+        assert want.startswith(text) or text.startswith(want), (text, want)  # EOS may end one earlier
+
+
+def torchao_int4(device: torch.device, base: Path, out: Path, compute) -> None:
+    """QLoRA on torchao's int4 weight-only base (CUDA only; refused on CPU): a 128-wide copy of the
+    base's architecture (int4 packs groups of 128), three LoRA steps, merged on the full-precision base."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from stages.models import tuning as tuning_lib
+    from stages.models.modeling import load_tokenizer
+    from stages.models.peft_setup import PeftConfig
+    from stages.models.tuning import Tuning
+
+    tok = load_tokenizer(base)
+    wide = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256,
+                                        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2))  # fmt: skip
+    wide.save_pretrained(out / "base")
+    tok.save_pretrained(out / "base")
+    tuning = Tuning(
+        peft=PeftConfig(method="qlora", quant_method="torchao", quant_bits=4, r=4, alpha=8), compute=compute
+    )
+    model = tuning_lib.load(out / "base", tuning, "causal_lm")
+    opt = tuning_lib.optimizer(model, tuning, lr=1e-2)
+    ids = torch.tensor([[5, 17, 99, 3, 42, 7]], device=device)
+    for _ in range(3):
+        opt.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    tuning_lib.export(model, tuning, out / "merged", base=out / "base", adapter=out / "adapter")
+    assert (out / "merged" / "model.safetensors").is_file()
 
 
 # ---- 2. timings on a 0.5B model ---------------------------------------------------------------------------
@@ -338,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_device(device)
     work = Path(tempfile.mkdtemp(prefix="alignflow-gpu-check-"))
     try:
-        packages = ("trl", "datasets", "flash_attn", "liger_kernel", "bitsandbytes", "vllm", "deepspeed")
+        packages = ("trl", "datasets", "flash_attn", "liger_kernel", "bitsandbytes", "vllm", "deepspeed", "torchao")
         report: dict = {
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__,

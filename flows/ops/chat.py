@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(policy: sources.Policy, args: argparse.Namespace) -> None:
-    model, tokenizer, context = sources.load(policy, threads=args.threads, trust_remote_code=args.trust_remote_code)
+    remote = args.trust_remote_code
+    model, tokenizer, context = sources.load(policy, threads=args.threads, trust_remote_code=remote, device=args.device)
     engine = Engine(model, tokenizer, max_batch=1, window_s=0.0)
     start = [{"role": "system", "content": args.system}] if args.system else []
     history = list(start)

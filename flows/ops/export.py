@@ -31,7 +31,7 @@ from stages.models import houlsby
 from stages.runtime.errors import ExpectedFailure
 
 
-def export(policy: sources.Policy, out: Path, *, trust_remote_code: bool = False) -> Path:
+def export(policy: sources.Policy, out: Path, *, trust_remote_code: bool = False, device: str = "cpu") -> Path:
     from stages.models.modeling import check_model_folder
 
     folder = policy.folder
@@ -46,7 +46,7 @@ def export(policy: sources.Policy, out: Path, *, trust_remote_code: bool = False
     out = Path(out).resolve()
     if out.exists() and any(out.iterdir()):
         raise sources.SourceError(f"--out {out}: exists and is not empty; choose a new folder")
-    model, tokenizer, _ = sources.load(policy, trust_remote_code=trust_remote_code)  # with a chat template
+    model, tokenizer, _ = sources.load(policy, trust_remote_code=trust_remote_code, device=device)  # + chat template
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         policy = sources.resolve(args)
-        out = export(policy, Path(args.out), trust_remote_code=args.trust_remote_code)
+        out = export(policy, Path(args.out), trust_remote_code=args.trust_remote_code, device=args.device)
         print(f"exported {policy.label} to {out}")
         if not args.no_mlflow:
             uri = log_to_mlflow(out, policy, sources.tracking_uri(args), args.experiment)

@@ -356,7 +356,8 @@ def main(argv: list[str] | None = None) -> None:
 def serve_transformers(policy: sources.Policy, args: argparse.Namespace, name: str) -> None:
     import uvicorn
 
-    model, tokenizer, context = sources.load(policy, threads=args.threads, trust_remote_code=args.trust_remote_code)
+    remote = args.trust_remote_code
+    model, tokenizer, context = sources.load(policy, threads=args.threads, trust_remote_code=remote, device=args.device)
     engine = Engine(model, tokenizer, max_batch=args.max_batch)
     key = os.environ.get(args.api_key_env) or None
     app = build_app(engine, tokenizer, name, context, key, args.max_tokens)

@@ -48,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--artifacts-dir", default=str(flows.ROOT / "artifacts"))
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
     parser.add_argument("--model-name", default=MODEL_NAME, help="registered model that `champion` names")
+    parser.add_argument("--device", default="auto", help="auto (a GPU where there is one) | cpu | cuda | cuda:N")
 
 
 def tracking_uri(args: argparse.Namespace) -> str:
@@ -73,21 +74,25 @@ def resolve(args: argparse.Namespace) -> Policy:
     return Policy(folder.resolve(), str(folder))
 
 
-def load(policy: Policy, *, threads: int = 0, trust_remote_code: bool = False):
-    """(model, tokenizer, context window) of a policy folder; a template-less tokenizer gets the
-    default chat template (its markers added to the vocabulary). `threads`: torch's, 0 for its default."""
+def load(policy: Policy, *, threads: int = 0, trust_remote_code: bool = False, device: str = "cpu"):
+    """(model, tokenizer, context window) of a policy folder, the model on `device` ("auto": the GPU
+    where there is one); a template-less tokenizer gets the default chat template (its markers added
+    to the vocabulary). `threads`: torch's, 0 for its default."""
     import torch
 
     from stages.data.tokens import ensure_chat_template
+    from stages.models.compute import pick_device
     from stages.models.modeling import load_causal_lm, load_tokenizer, model_context
 
     if threads:
         torch.set_num_threads(threads)
     tokenizer = load_tokenizer(policy.folder, trust_remote_code=trust_remote_code)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SourceError(f"--device {device}: this machine has no CUDA device; use --device cpu or auto")
     model = load_causal_lm(policy.folder, trust_remote_code=trust_remote_code)
     if ensure_chat_template(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
-    return model, tokenizer, model_context(policy.folder, trust_remote_code=trust_remote_code)
+    return model.to(pick_device(device)), tokenizer, model_context(policy.folder, trust_remote_code=trust_remote_code)
 
 
 def _version(args: argparse.Namespace, name: str, *, alias: str | None, version: str | None) -> Policy:
