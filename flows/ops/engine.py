@@ -11,6 +11,7 @@ A batch decodes until its last row finishes; requests that arrive meanwhile form
 from __future__ import annotations
 
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -183,7 +184,7 @@ def _extra_eos(model) -> list[int]:
 
 def _generator(seed: int | None) -> torch.Generator:
     gen = torch.Generator()
-    gen.manual_seed(seed if seed is not None else torch.seed())
+    gen.manual_seed(seed if seed is not None else secrets.randbits(63))  # torch.seed() would reseed torch itself
     return gen
 
 
