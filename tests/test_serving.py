@@ -245,7 +245,7 @@ def test_the_served_embedded_judge_labels_as_the_local_backend_does(tmp_path):
     from stages.labeling.labelers import LabelerConfig
 
     local = AiLabelerConfig(preamble="A good response stays on the topic and has a positive tone.")
-    cfg = judge.JudgeConfig(n_pairs=2000, n_scores=600, n_eval_pairs=200, epochs=2)
+    cfg = judge.JudgeConfig(n_pairs=600, n_scores=200, n_eval_pairs=50, epochs=1)  # a valid judge, not a good one
     judge.run(cfg, LabelerConfig(kind="ai", ai=local), target_len=6, out_dir=tmp_path / "judge")
     items = [("describe the garden", ["lovely rose tree", "awful bus sad"]),
              ("tell me about the river", ["sad cold water", "happy fish river", "the the the"])]  # fmt: skip
