@@ -37,6 +37,7 @@ from typing import ClassVar
 
 import torch
 
+from stages.data.images import row_vision
 from stages.data.tokens import default_new_tokens, fit_rows, pack, resolve_budget, row_sources
 from stages.models.compute import autocast, grad_scaler, model_device
 from stages.models.modeling import (
@@ -45,12 +46,13 @@ from stages.models.modeling import (
     mean_token_kl,
     model_context,
     sample,
+    save_tokenizer,
     sequence_logprobs,
 )
 from stages.models.optim import schedule
 from stages.models.tuning import Tuning, device, export, load, optimizer, shares_base, trainer_setup
 from stages.preference import losses
-from stages.preference.rankings import encode_rankings, preference_pairs
+from stages.preference.rankings import encode_rankings, preference_pairs, ranking_pairs
 from stages.preference.scorers import implicit_reward_accuracy
 from stages.runtime import checkpoints
 from stages.runtime import distributed as dist
@@ -210,6 +212,10 @@ def group_loss(cfg: DpoConfig, logps: torch.Tensor, ref_logps, lengths: torch.Te
         z = losses.kto_reference_point(rewards)
         w = (cfg.kto_desirable_weight, cfg.kto_undesirable_weight)
         return losses.kto_loss(rewards[keep], desirable[keep], z, cfg.beta, *w)
+    if cfg.loss_type == "sigmoid":  # DPO on every (winner, loser) pair, as trl's sigmoid loss (image-text rows)
+        rewards = (cfg.beta * (logps - ref_logps)).split(sizes)
+        margins = [r[w] - r[l] for r, row in zip(rewards, batch) for w, l in ranking_pairs(row["ranks"])]
+        return -torch.nn.functional.logsigmoid(torch.stack(margins)).mean()
     if cfg.loss_type == "plackett_luce":
         rewards = (cfg.beta * (logps - ref_logps)).split(sizes)
         return torch.stack([plackett_luce_loss(r, row["ranks"]) for r, row in zip(rewards, batch)]).mean()
@@ -330,7 +336,13 @@ def run(
     where = device(tuning, partitioned=partitioned)
     needs_ref = not (free_ref or cfg.loss_type in REFERENCE_FREE)  # SimPO and ORPO train without one
     ref = load_causal_lm(reference, device=where).eval().requires_grad_(False) if needs_ref else None
-    if cfg.loss_type in OWN_LOSSES:
+    with_images = any(row_vision(p) is not None for p, _ in fitted.rows)
+    if with_images and cfg.loss_type not in (*OWN_LOSSES, "sigmoid"):
+        raise ValueError(
+            f"stage.dpo.loss_type: {cfg.loss_type!r} runs in trl's DPOTrainer, which gets no images here; image-text "
+            f"rows train in our loop: sigmoid (DPO), {', '.join(OWN_LOSSES)}"
+        )
+    if cfg.loss_type in OWN_LOSSES or with_images:  # sigmoid DPO with images: the same loss, in our loop
         trained, metrics = _train_own(cfg, tuning, model, ref, tokenizer, rows, fitted.rows, checkpoint_dir)
     else:
         args = (cfg, tuning, model, ref, tokenizer, pairs, out_dir, budget, checkpoint_dir, distributed)
@@ -343,7 +355,7 @@ def run(
     with dist.gathered(trained, distributed):  # ZeRO-3: the full weights, on every rank
         if dist.is_main():
             export(trained, tuning, out_dir / "policy", base=Path(policy), adapter=adapter, partitioned=partitioned)
-            tokenizer.save_pretrained(out_dir / "policy")
+            save_tokenizer(tokenizer, out_dir / "policy")
     if not dist.is_main():  # the measures below read rank 0's published folder
         return Manifest("dpo", str(out_dir), "", metrics=metrics)
     if distributed is not None:

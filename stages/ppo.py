@@ -53,6 +53,7 @@ from stages.models.modeling import (
     load_causal_lm,
     load_tokenizer,
     model_context,
+    save_tokenizer,
 )
 from stages.models.tuning import Tuning, device, optimizer
 from stages.preference.scorers import TrainedRewardModel
@@ -213,7 +214,7 @@ class PpoConfig:
 
 
 def _subset(r: Rollout, idx: torch.Tensor) -> Rollout:
-    return Rollout(r.query[idx], r.query_mask[idx], r.response[idx], r.response_mask[idx], r.finished[idx])
+    return r.select(idx)
 
 
 def _check_finite(name: str, x: torch.Tensor, update: int) -> None:
@@ -686,16 +687,16 @@ def _export(state: _State, tokenizer, out_dir: Path, published: dict | None) -> 
                 state.rollout_policy.load_state_dict(weights, strict=False)
             if dist.is_main():
                 export(state.rollout_policy, models.tuning, out_dir / name, base=models.base)
-                tokenizer.save_pretrained(out_dir / name)
+                save_tokenizer(tokenizer, out_dir / name)
         return
     if published is not None:
         if dist.is_main():
             state.models.export(out_dir / "policy_last")
-            tokenizer.save_pretrained(out_dir / "policy_last")
+            save_tokenizer(tokenizer, out_dir / "policy_last")
         state.models.load_policy_state(published)
     if dist.is_main():
         state.models.export(out_dir / "policy")
-        tokenizer.save_pretrained(out_dir / "policy")
+        save_tokenizer(tokenizer, out_dir / "policy")
 
 
 def _finish(cfg, state: _State, tokenizer, out_dir, batch_prompts, responses, resumed_from, checkpoint_dir) -> Manifest:

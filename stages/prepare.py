@@ -33,8 +33,16 @@ import torch
 from stages.data import sources
 from stages.data.reader import DatasetConfig
 from stages.data.tokens import DEFAULT_CHAT_TEMPLATE, ROLE_MARKERS, ensure_chat_template
+from stages.models import vision
 from stages.models.compute import pick_device
-from stages.models.modeling import ModelConfig, build_tiny_llama, lm_loss, load_causal_lm, load_tokenizer
+from stages.models.modeling import (
+    ModelConfig,
+    build_tiny_llama,
+    lm_loss,
+    load_causal_lm,
+    load_tokenizer,
+    save_tokenizer,
+)
 from stages.runtime.manifest import Manifest, folder_digest, write_jsonl
 from stages.runtime.progress import progress
 from stages.runtime.rules import COUNT, OPEN_UNIT, UNCONSTRAINED, UNIT, Rule, between
@@ -203,14 +211,19 @@ def base_model(cfg: DataConfig, model_cfg: ModelConfig, data: sources.Sourced, d
             model.resize_token_embeddings(len(tokenizer))
         return tokenizer, model, [], notes
     texts = [" ".join(m["content"] for m in r["messages"]) for r in data.demonstrations]
-    if data.gold in sources.EMBEDDED_GOLD.values():
+    if data.gold == "vision":  # the tiny LLaVA: text pretraining only; SFT learns to see
+        tokenizer = build_tokenizer([*data.pretrain, " ".join(sources.vocabulary_hint(data.gold))])
+        tokenizer.processor = vision.build_processor(tokenizer)
+        model = vision.build_tiny_llava(model_cfg, tokenizer, cfg.seed).to(pick_device(device))
+    elif data.gold in sources.EMBEDDED_GOLD.values():
         tokenizer = build_tokenizer([*texts, " ".join(sources.vocabulary_hint(data.gold))])
     else:
         texts += [" ".join(_texts(p)) for ps in data.prompt_sets.values() for p in ps]
         texts += [" ".join(_texts(r["prompt"]) + r["responses"]) for rows in data.comparisons.values() for r in rows]
         tokenizer = build_bpe_tokenizer(texts, model_cfg.bpe_vocab_size)
         notes["tokenizer"] = f"byte-level BPE trained on the data ({len(tokenizer)} tokens)"
-    model = build_tiny_llama(model_cfg, tokenizer, cfg.seed).to(pick_device(device))
+    if data.gold != "vision":
+        model = build_tiny_llama(model_cfg, tokenizer, cfg.seed).to(pick_device(device))
     docs = data.pretrain[: model_cfg.pretrain_documents]
     losses = pretrain(model, tokenizer, docs, model_cfg, cfg.seed, max_length=model_cfg.max_position_embeddings)
     return tokenizer, model, losses, notes
@@ -238,7 +251,7 @@ def run(cfg: DataConfig, model_cfg: ModelConfig, *, out_dir: Path, device: str =
     for name, where in data.prompt_source.items():
         log.info("prepare: %s from %s", name, where)
     base = out_dir / "base"
-    tokenizer.save_pretrained(base)
+    save_tokenizer(tokenizer, base)
     model.save_pretrained(base, safe_serialization=True)
     # round trip: the artifact must load through the same path a hub model takes
     reloaded = load_causal_lm(base)

@@ -20,7 +20,7 @@ import torch
 
 from stages.data.reader import DatasetConfig
 from stages.data.reader import load as load_rows
-from stages.models.modeling import load_tokenizer, model_context
+from stages.models.modeling import load_tokenizer, model_context, save_tokenizer
 from stages.models.tuning import Tuning, export, load, optimizer
 from stages.runtime.errors import NonFiniteStop
 from stages.runtime.manifest import Manifest, folder_digest
@@ -97,7 +97,7 @@ def run(cfg: PretrainConfig, tuning: Tuning, *, base: Path, text: Path, out_dir:
     model.eval()
     policy = out_dir / "policy"
     export(model, tuning, policy, base=base)
-    tokenizer.save_pretrained(policy)
+    save_tokenizer(tokenizer, policy)
     metrics = {
         "pretrain/documents": float(len(rows)),
         "pretrain/tokens": float(len(blocks) * block),

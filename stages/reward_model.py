@@ -39,7 +39,7 @@ from stages.data.tokens import (
     row_sources,
 )
 from stages.models.compute import autocast, grad_scaler, model_device
-from stages.models.modeling import POOLINGS, load_tokenizer, model_context, sequence_scores
+from stages.models.modeling import POOLINGS, load_tokenizer, model_context, save_tokenizer, sequence_scores
 from stages.models.optim import schedule
 from stages.models.peft_setup import PeftConfig
 from stages.models.tuning import Tuning, export, load, optimizer
@@ -289,7 +289,7 @@ def run(
                 kind="scalar",
                 partitioned=partitioned,
             )
-            tokenizer.save_pretrained(out_dir / "model")
+            save_tokenizer(tokenizer, out_dir / "model")
             (out_dir / "normalization.json").write_text(json.dumps(dataclasses.asdict(normalization)))
     return Manifest(
         stage="reward_model",

@@ -8,6 +8,9 @@ to trl pre-tokenized. With an adapter method (`peft/`) the adapter is saved as `
 into the base, so the SFT policy is a plain model folder (safetensors) plus the tokenizer and chat
 template that every later stage reuses.
 
+Image-text demonstrations (a VLM, `stages/data/images.py`): each row's image tensors go into the
+dataset as columns of their own and a collator around trl's stacks them beside the padded ids.
+
 Alone: `python -m flows.align pipeline.stop_after=sft`.
 """
 
@@ -17,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from stages.data.images import row_vision
 from stages.data.tokens import fit_rows, prompt_ids, resolve_budget, response_ids, row_sources
-from stages.models.modeling import load_tokenizer, model_context
+from stages.models.modeling import load_tokenizer, model_context, save_tokenizer
 from stages.models.tuning import Tuning, export, load, trainer_setup
 from stages.runtime import checkpoints
 from stages.runtime import distributed as dist
@@ -52,6 +56,23 @@ def encode_demonstrations(tokenizer, rows: list[dict]) -> list[tuple[list[int], 
         (prompt_ids(tokenizer, r["messages"][:-1]), [response_ids(tokenizer, r["messages"][-1]["content"])])
         for r in rows
     ]
+
+
+class _VisionCollator:
+    """trl's padding collator, plus each row's image tensors concatenated along dim 0."""
+
+    def __init__(self, pad_token_id: int, keys: list[str]) -> None:
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+        self.text, self.keys = DataCollatorForLanguageModeling(pad_token_id=pad_token_id), keys
+
+    def __call__(self, examples: list[dict]) -> dict:
+        import torch
+
+        batch = self.text([{k: v for k, v in e.items() if k not in self.keys} for e in examples])
+        for k in self.keys:
+            batch[k] = torch.cat([torch.as_tensor(e[k]) for e in examples], dim=0)
+        return batch
 
 
 def run(
@@ -90,12 +111,17 @@ def run(
 
     set_seed(cfg.seed)  # what trl does before it creates adapters: the same initial LoRA weights
     model = load(base, tuning, "causal_lm")
-    dataset = Dataset.from_dict(
-        {
-            "input_ids": [p + r[0] for p, r in fitted.rows],
-            "completion_mask": [[0] * len(p) + [1] * len(r[0]) for p, r in fitted.rows],
-        }
-    )
+    columns = {
+        "input_ids": [list(p) + r[0] for p, r in fitted.rows],
+        "completion_mask": [[0] * len(p) + [1] * len(r[0]) for p, r in fitted.rows],
+    }
+    vision = [row_vision(p) for p, _ in fitted.rows]
+    keys = sorted(vision[0]) if vision and vision[0] else []
+    if keys and not all(vision):
+        raise ValueError(f"{demonstrations}: SFT rows with and without images in one run; keep one kind per file")
+    for k in keys:
+        columns[k] = [v[k].tolist() for v in vision]
+    dataset = Dataset.from_dict(columns)
     tokens = sum(len(ids) for ids in dataset["input_ids"])
     saving = checkpoints.trainer_saving(checkpoint_dir, cfg.checkpoint_every)
     train_args, trainer_kwargs = trainer_setup(model, tuning, lr=cfg.learning_rate)
@@ -116,8 +142,11 @@ def run(
         train_dataset=dataset,
         processing_class=tokenizer,
         callbacks=[trainer_callback("sft/train")],
+        **({"data_collator": _VisionCollator(tokenizer.pad_token_id, keys)} if keys else {}),
         **trainer_kwargs,
     )
+    if keys:  # trl keeps only the text columns by default
+        trainer._signature_columns = ["input_ids", "labels", "seq_lengths", *keys]
     resume = checkpoints.last_trainer_checkpoint(checkpoint_dir)
     result = trainer.train(resume_from_checkpoint=resume)
     checkpoints.check_finite("sft", result.training_loss, trainer.state.global_step)
@@ -126,7 +155,7 @@ def run(
     with dist.gathered(trainer.model, distributed):  # ZeRO-3: the full weights, on every rank
         if dist.is_main():
             export(trainer.model, tuning, policy, base=base, adapter=adapter)
-            tokenizer.save_pretrained(policy)
+            save_tokenizer(tokenizer, policy)
     # fewer steps than logging_steps log no loss: the run's mean loss stands in for both ends
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h] or [result.training_loss]
     return Manifest(

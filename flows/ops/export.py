@@ -32,7 +32,7 @@ from stages.runtime.errors import ExpectedFailure
 
 
 def export(policy: sources.Policy, out: Path, *, trust_remote_code: bool = False, device: str = "cpu") -> Path:
-    from stages.models.modeling import check_model_folder
+    from stages.models.modeling import check_model_folder, save_tokenizer
 
     folder = policy.folder
     if (folder / houlsby.CONFIG).is_file():
@@ -51,7 +51,7 @@ def export(policy: sources.Policy, out: Path, *, trust_remote_code: bool = False
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
         (tmp / "README.md").write_text(model_card(policy))
         (tmp / "alignflow-lineage.json").write_text(json.dumps(_provenance(policy), indent=2, sort_keys=True))
         if out.exists():

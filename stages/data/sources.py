@@ -7,7 +7,9 @@ compute.
 
 - **embedded** (no data file configured): the synthetic task of `stages/data/task.py`, the only module
   that names it, with its hidden gold rule (`gold_scorer("embedded")`); or, `data.task=arithmetic`,
-  the verifiable task of `stages/data/arithmetic.py`, scored by exact match (`gold_scorer("arithmetic")`).
+  the verifiable task of `stages/data/arithmetic.py`, scored by exact match (`gold_scorer("arithmetic")`);
+  or, `data.task=vision`, the visual task of `stages/data/shapes.py` (images drawn here, the colour
+  of the shape read back from the pixels as the gold rule, `gold_scorer("vision")`).
 - **files** (`data.demonstrations`, `data.comparisons`, `data.prompts`, `data.eval_prompts`, any of
   them): rows through the data worker (`stages/data/reader.py`). Nothing comes from the synthetic
   generator and there is no gold rule. Without a prompt file the prompts come from the user's data:
@@ -25,14 +27,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from stages.data import arithmetic, task
+from stages.data import arithmetic, shapes, task
 from stages.data.reader import DataError, DatasetConfig, as_ranking_rows, load
 
 PROMPT_SETS = ("comparison_prompts", "heldout_comparison_prompts", "ppo_prompts", "eval_prompts")
 # the embedded tasks (`data.task`) by the name of their gold rule; an exact-match rule scores 0 or 1,
 # so its mean is an accuracy (evaluation reports it with a Wilson interval)
-EMBEDDED_GOLD = {"words": "embedded", "arithmetic": "arithmetic"}
-EXACT_MATCH = ("arithmetic",)
+EMBEDDED_GOLD = {"words": "embedded", "arithmetic": "arithmetic", "vision": "vision"}
+EXACT_MATCH = ("arithmetic", "vision")
 
 
 @dataclass
@@ -52,6 +54,8 @@ def gold_scorer(name: str | None, target_len: int = 6) -> Callable[[Any, str], f
         return None
     if name == "arithmetic":
         return lambda prompt, response: arithmetic.exact_match(prompt, response)
+    if name == "vision":
+        return lambda prompt, response: shapes.exact_match(prompt, response)
     if name != "embedded":
         raise ValueError(f"gold: {name!r} is not a known gold rule ({', '.join(EMBEDDED_GOLD.values())})")
     return lambda prompt, response: task.gold_score(prompt, response, target_len=target_len)
@@ -70,6 +74,8 @@ def embedded(cfg, pretrain_documents: int) -> Sourced:
     """The synthetic task, generated from `cfg.seed` (cfg: `stages.prepare.DataConfig`)."""
     if cfg.task == "arithmetic":
         return embedded_arithmetic(cfg, pretrain_documents)
+    if cfg.task == "vision":
+        return embedded_vision(cfg, pretrain_documents)
     demos = task.make_demonstrations(cfg.n_demonstrations, cfg.seed, target_len=cfg.target_len)
     rows = [
         {"messages": [{"role": "user", "content": d.prompt}, {"role": "assistant", "content": d.response}]}
@@ -116,9 +122,25 @@ def embedded_arithmetic(cfg, pretrain_documents: int) -> Sourced:
     )
 
 
+def embedded_vision(cfg, pretrain_documents: int) -> Sourced:
+    """The visual task: every prompt a fresh picture, each set from its own seed (`stages/data/shapes.py`)."""
+    demos = shapes.make_demonstrations(cfg.n_demonstrations, cfg.seed)
+    rows = [{"messages": [*d.prompt, {"role": "assistant", "content": d.response}]} for d in demos]
+    sets = {name: shapes.make_prompts(n, cfg.seed * 1000 + i + 1) for i, (name, n) in enumerate(_sizes(cfg).items())}
+    right = sum(shapes.final_colour(d.response) == d.colour for d in demos)
+    return Sourced(
+        demonstrations=rows,
+        prompt_sets=sets,
+        prompt_source=dict.fromkeys(sets, "embedded visual task (pictures drawn from the seed)"),
+        pretrain=shapes.pretraining_text(pretrain_documents, cfg.seed + 7919),
+        gold="vision",
+        metrics={"prepare/demonstrations/accuracy": right / max(1, len(demos))},
+    )
+
+
 def vocabulary_hint(gold: str = "embedded") -> list[str]:
     """Every word of an embedded task, so its word-level tokenizer has no unknown words."""
-    return arithmetic.vocabulary() if gold == "arithmetic" else task.vocabulary()
+    return {"arithmetic": arithmetic.vocabulary, "vision": shapes.vocabulary}.get(gold, task.vocabulary)()
 
 
 def _loaded(ds: DatasetConfig, kind: str) -> tuple[list[dict[str, Any]], int]:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from stages.data.images import IMAGE_TOKEN, ImageError, VisionIds, images_of, open_image, row_vision, text_only
 from stages.runtime.errors import ExpectedFailure
 from stages.runtime.manifest import read_jsonl
 
@@ -60,15 +61,40 @@ def adds_bos(tokenizer) -> bool:
 
 def render(tokenizer, prompt: str | list[dict]) -> str:
     """A prompt as the policy sees it: a user message or a conversation, with the generation prompt."""
-    messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    messages = text_only(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def prompt_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
+    """The prompt's token ids; a prompt with images gives `VisionIds` (`stages/data/images.py`)."""
+    images = images_of(prompt)
+    if images:
+        return _vision_prompt_ids(tokenizer, render(tokenizer, prompt), images)
     ids = tokenizer(render(tokenizer, prompt), add_special_tokens=False)["input_ids"]
     if adds_bos(tokenizer) and ids[:1] != [tokenizer.bos_token_id]:
         ids = [tokenizer.bos_token_id, *ids]
     return ids
+
+
+def _vision_prompt_ids(tokenizer, text: str, images: list[str]) -> VisionIds:
+    """The processor's ids (each image placeholder expanded to the model's image tokens) and tensors."""
+    processor = getattr(tokenizer, "processor", None)
+    if processor is None:
+        raise ImageError(
+            f"{tokenizer.name_or_path}: a prompt has images but the model has no image processor "
+            "(processor_config.json): a text-only model cannot read image-text rows"
+        )
+    if text.count(IMAGE_TOKEN) != len(images):
+        raise ImageError(f"a prompt has {len(images)} images but {text.count(IMAGE_TOKEN)} {IMAGE_TOKEN} placeholders")
+    text = text.replace(IMAGE_TOKEN, processor.image_token)
+    out = processor(text=[text], images=[open_image(i) for i in images], return_tensors="pt", add_special_tokens=False)
+    ids = out["input_ids"][0].tolist()
+    if adds_bos(tokenizer) and ids[:1] != [tokenizer.bos_token_id]:
+        ids = [tokenizer.bos_token_id, *ids]
+    vision = {
+        k: v for k, v in out.items() if k not in ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+    }
+    return VisionIds(ids, vision, processor.image_token_id)
 
 
 def response_ids(tokenizer, text: str, finished: bool = True) -> list[int]:
@@ -143,18 +169,21 @@ class Packed:
     ids: torch.Tensor
     attention_mask: torch.Tensor
     response_mask: torch.Tensor
+    vision: list[dict[str, torch.Tensor] | None] | None = None  # each row's image tensors (image-text rows)
 
     def to(self, device) -> Packed:
-        return Packed(self.ids.to(device), self.attention_mask.to(device), self.response_mask.to(device))
+        return Packed(self.ids.to(device), self.attention_mask.to(device), self.response_mask.to(device), self.vision)
 
 
 def pack(rows: list[tuple[list[int], list[int]]], pad_id: int, device: torch.device | str = "cpu") -> Packed:
     """Rows laid out on the host, then moved to `device` in one transfer per tensor."""
     width = max(1, max(len(p) + len(r) for p, r in rows))
-    ids = [p + r + [pad_id] * (width - len(p) - len(r)) for p, r in rows]
+    ids = [list(p) + list(r) + [pad_id] * (width - len(p) - len(r)) for p, r in rows]
     attn = [[1] * (len(p) + len(r)) + [0] * (width - len(p) - len(r)) for p, r in rows]
     resp = [[0] * len(p) + [1] * len(r) + [0] * (width - len(p) - len(r)) for p, r in rows]
-    return Packed(*(torch.tensor(x, dtype=torch.long, device=device) for x in (ids, attn, resp)))
+    vision = [row_vision(p) for p, _ in rows]
+    tensors = (torch.tensor(x, dtype=torch.long, device=device) for x in (ids, attn, resp))
+    return Packed(*tensors, vision=vision if any(vision) else None)
 
 
 def length_buckets(lengths: list[int], batch: int, generator: torch.Generator | None = None) -> list[list[int]]:

@@ -80,7 +80,8 @@ class SimulatedLabeler:
         self.identity = f"simulated:noise={cfg.noise}:seed={cfg.seed}:target_len={target_len}"
 
     def noisy_scores(self, prompt: str, responses: list[str]) -> list[float]:
-        content = "\x1f".join([str(self.cfg.seed), prompt, *responses]).encode()
+        text = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)  # a conversation
+        content = "\x1f".join([str(self.cfg.seed), text, *responses]).encode()
         rng = random.Random(hashlib.sha256(content).hexdigest())
         return [self.gold(prompt, r) + rng.gauss(0.0, self.cfg.noise) for r in responses]
 

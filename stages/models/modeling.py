@@ -13,8 +13,9 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from stages.data.images import batch_vision, row_vision
 from stages.data.tokens import Packed, context_window, decode_response, prompt_ids, render, response_ids
-from stages.models import houlsby
+from stages.models import houlsby, vision
 from stages.models.compute import model_device
 from stages.runtime.errors import ExpectedFailure
 from stages.runtime.rules import COUNT, OFF_OR_COUNT, POSITIVE, Rule, at_least
@@ -38,11 +39,13 @@ class ModelConfig:
     pretrain_epochs: int = 4
     pretrain_learning_rate: float = 3e-3
     bpe_vocab_size: int = 4096  # own data without a model: the byte-level BPE tokenizer trained on it
+    vision_hidden_size: int = 32  # data=embedded_vision: the tiny LLaVA's vision tower (stages/models/vision.py)
 
     RULES: ClassVar[dict[str, Rule]] = {
         "hidden_size": COUNT, "intermediate_size": COUNT, "num_hidden_layers": COUNT, "num_attention_heads": COUNT,
         "max_position_embeddings": at_least(8), "pretrain_documents": COUNT, "pretrain_epochs": OFF_OR_COUNT,
         "pretrain_learning_rate": POSITIVE, "bpe_vocab_size": at_least(64),
+        "vision_hidden_size": COUNT,
     }  # fmt: skip
 
 
@@ -71,6 +74,11 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if _has_processor(path):  # a VLM: prompts with images encode through its processor
+        from transformers import AutoProcessor
+
+        tok.processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        tok.processor.tokenizer = tok
     if tok.eos_token_id is None:
         raise ModelError(
             f"{path}: the tokenizer has no EOS token, so a response could never end; set `eos_token` in its "
@@ -81,20 +89,41 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
     return tok
 
 
+def _has_processor(path: str | Path) -> bool:
+    folder = Path(path)
+    if folder.is_dir():
+        return (folder / "processor_config.json").is_file() or (folder / "preprocessor_config.json").is_file()
+    try:  # a hub id: a VLM's config says so
+        return vision.folder_is_vlm(path)
+    except (OSError, ValueError):
+        return False
+
+
+def save_tokenizer(tokenizer, folder: str | Path) -> None:
+    """The tokenizer, and a VLM's processor with it, into a model folder."""
+    processor = getattr(tokenizer, "processor", None)
+    if processor is not None:
+        processor.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+
+
 def model_context(path: str | Path, *, trust_remote_code: bool = False) -> int:
     """The context window of the model in a folder or hub id, read from its config alone."""
     from transformers import AutoConfig
 
-    return context_window(AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code))
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    return context_window(config.get_text_config() if vision.is_vlm(config) else config)
 
 
 def load_causal_lm(path: str | Path, *, trust_remote_code: bool = False, device=None, **load):
     """`device`: where the weights go (a frozen model's: reference, sampler, judge); `load`: more
     `from_pretrained` arguments (attention implementation, quantisation: `stages/models/tuning.py`)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     check_model_folder(path)
-    model = AutoModelForCausalLM.from_pretrained(
+    is_vlm = vision.folder_is_vlm(path, trust_remote_code=trust_remote_code)
+    auto = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
+    model = auto.from_pretrained(
         str(path), trust_remote_code=trust_remote_code, use_safetensors=True, dtype=torch.float32, **load
     )
     model = houlsby.restore(model, Path(path))  # a Houlsby-adapted folder: its bottlenecks back in place
@@ -113,7 +142,8 @@ class Rollout:
 
     query: (batch, query_len) left-padded; response: (batch, response_len) right-padded with pad;
     response_mask: (batch, response_len) 1 on response tokens up to and including EOS;
-    finished: (batch,) whether the response ended with EOS.
+    finished: (batch,) whether the response ended with EOS;
+    vision: each row's image tensors (`stages/data/images.py`), None for text prompts.
     """
 
     query: torch.Tensor
@@ -121,13 +151,20 @@ class Rollout:
     response: torch.Tensor
     response_mask: torch.Tensor
     finished: torch.Tensor
+    vision: list[dict[str, torch.Tensor] | None] | None = None
 
     def to(self, device) -> Rollout:
         if self.query.device == torch.device(device):
             return self
-        return Rollout(
-            *(t.to(device) for t in (self.query, self.query_mask, self.response, self.response_mask, self.finished))
-        )
+        tensors = (self.query, self.query_mask, self.response, self.response_mask, self.finished)
+        return Rollout(*(t.to(device) for t in tensors), vision=self.vision)
+
+    def select(self, idx) -> Rollout:
+        """The rows `idx` (a list or a tensor of indices)."""
+        rows = idx.tolist() if isinstance(idx, torch.Tensor) else list(idx)
+        tensors = (self.query, self.query_mask, self.response, self.response_mask, self.finished)
+        vision = None if self.vision is None else [self.vision[i] for i in rows]
+        return Rollout(*(t[idx] for t in tensors), vision=vision)
 
     def sequences(self) -> tuple[torch.Tensor, torch.Tensor]:
         ids = torch.cat([self.query, self.response], dim=1)
@@ -136,23 +173,31 @@ class Rollout:
 
     def packed(self) -> Packed:
         ids, mask = self.sequences()
-        return Packed(ids, mask, torch.cat([torch.zeros_like(self.query_mask), self.response_mask], dim=1))
+        response = torch.cat([torch.zeros_like(self.query_mask), self.response_mask], dim=1)
+        return Packed(ids, mask, response, self.vision)
+
+
+def vision_kwargs(batch: Rollout | Packed, device) -> dict[str, torch.Tensor]:
+    """The image arguments of a batch's forward pass ({} for text rows)."""
+    return batch_vision(batch.vision, device) if batch.vision is not None else {}
 
 
 def encode_queries(
     tokenizer, prompts: list, max_prompt_length: int | None = None, device: torch.device | str = "cpu"
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, list | None]:
     """Left-padded prompt ids (`stages.data.tokens.prompt_ids`), each keeping its last `max_prompt_length`,
-    on `device`: two (batch, query_len) tensors."""
+    on `device`: two (batch, query_len) tensors, and each row's image tensors (None for text prompts)."""
     rows = [prompt_ids(tokenizer, p) for p in prompts]
     if max_prompt_length is not None:
         rows = [r[-max_prompt_length:] for r in rows]
     width = max(len(r) for r in rows)
-    query = [[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows]
+    query = [[tokenizer.pad_token_id] * (width - len(r)) + list(r) for r in rows]
     mask = [[0] * (width - len(r)) + [1] * len(r) for r in rows]
+    vision = [row_vision(r) for r in rows]
     return (
         torch.tensor(query, dtype=torch.long, device=device),
         torch.tensor(mask, dtype=torch.long, device=device),
+        vision if any(vision) else None,
     )
 
 
@@ -172,7 +217,8 @@ def sample(
     """Batched sampling with the KV cache (`generate`) on the model's device; the seam where a faster
     engine plugs in. `static_cache`: a preallocated cache of fixed shape, which transformers compiles
     the decode step for on a GPU (`torch.compile`); the same tokens as the dynamic cache."""
-    query, query_mask = encode_queries(tokenizer, prompts, max_prompt_length, device=model_device(model))
+    query, query_mask, images = encode_queries(tokenizer, prompts, max_prompt_length, device=model_device(model))
+    image_token = getattr(getattr(tokenizer, "processor", None), "image_token_id", None)
     if generator_seed is not None:
         torch.manual_seed(generator_seed)
     was_training = model.training
@@ -189,6 +235,9 @@ def sample(
         pad_token_id=tokenizer.pad_token_id,
         use_cache=True,  # on while sampling, though gradient checkpointing turns it off for training
         **({"cache_implementation": "static"} if static_cache else {}),
+        **batch_vision(images or [], query.device),
+        # a VLM never samples its image token: a response holding one would not match its images
+        **({"suppress_tokens": [image_token]} if image_token is not None else {}),
     )
     model.train(was_training)
     response = out[:, query.shape[1] :]
@@ -198,7 +247,7 @@ def sample(
     response_mask = (~after_eos).long()
     finished = is_eos.any(dim=1)
     response = response.masked_fill(response_mask == 0, tokenizer.pad_token_id)
-    return Rollout(query, query_mask, response, response_mask, finished)
+    return Rollout(query, query_mask, response, response_mask, finished, images)
 
 
 def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
@@ -223,7 +272,10 @@ def response_logprobs(model, rollout: Rollout, *, temperature: float = 1.0) -> t
     rollout = rollout.to(model_device(model))
     ids, mask = rollout.sequences()
     keep = rollout.response.shape[1] + 1  # the last query position predicts the first response token
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=keep).logits
+    extra = vision_kwargs(rollout, ids.device)
+    logits = model(
+        input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=keep, **extra
+    ).logits
     logits = logits[:, -keep:-1, :] / temperature
     logp_all = F.log_softmax(logits.float(), dim=-1)
     logp = logp_all.gather(-1, rollout.response.unsqueeze(-1)).squeeze(-1)
@@ -247,25 +299,29 @@ def encode_rollout(
     tokenizer, prompts: list, responses: list[str], finished: list[bool], device: torch.device | str = "cpu"
 ) -> Rollout:
     """Tokenize given responses into the same layout `sample` returns (EOS kept where finished), on `device`."""
-    query, query_mask = encode_queries(tokenizer, prompts, device=device)
+    query, query_mask, images = encode_queries(tokenizer, prompts, device=device)
     rows = [response_ids(tokenizer, r, f) for r, f in zip(responses, finished)]
-    return response_rollout(query, query_mask, rows, tokenizer.pad_token_id, finished)
+    return response_rollout(query, query_mask, rows, tokenizer.pad_token_id, finished, images)
 
 
-def response_rollout(query, query_mask, rows: list[list[int]], pad: int, finished: list[bool]) -> Rollout:
+def response_rollout(
+    query, query_mask, rows: list[list[int]], pad: int, finished: list[bool], vision: list | None = None
+) -> Rollout:
     """Response token rows right-padded into a `Rollout` beside `query`, on the query's device."""
     width = max(1, max(len(r) for r in rows))
     device = query.device
     response = torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
     mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
-    return Rollout(query, query_mask, response, mask, torch.tensor(finished, dtype=torch.bool, device=device))
+    done = torch.tensor(finished, dtype=torch.bool, device=device)
+    return Rollout(query, query_mask, response, mask, done, vision)
 
 
 def hidden_states(backbone, rollout: Rollout) -> torch.Tensor:
     """Last hidden states of a decoder stack over query + response: (batch, seq_len, hidden)."""
     rollout = rollout.to(model_device(backbone))
     ids, mask = rollout.sequences()
-    return backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
+    extra = vision_kwargs(rollout, ids.device)
+    return backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), **extra).last_hidden_state
 
 
 def scalar_parts(model):
@@ -303,7 +359,10 @@ def sequence_scores(model, batch: Rollout | Packed, pooling: str = "last") -> to
     backbone, head = scalar_parts(model)
     packed = packed.to(model_device(model))
     mask = packed.attention_mask
-    hidden = backbone(input_ids=packed.ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
+    extra = vision_kwargs(packed, mask.device)
+    hidden = backbone(
+        input_ids=packed.ids, attention_mask=mask, position_ids=position_ids(mask), **extra
+    ).last_hidden_state
     if pooling == "mean":
         per_token = head(hidden).squeeze(-1).float()
         resp = packed.response_mask.float()
@@ -316,7 +375,8 @@ def sequence_logprobs(model, packed: Packed) -> torch.Tensor:
     """Summed log-probability of each row's response tokens under `model`: (batch,)."""
     packed = packed.to(model_device(model))
     mask = packed.attention_mask
-    logits = model(input_ids=packed.ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, :-1]
+    extra = vision_kwargs(packed, mask.device)
+    logits = model(input_ids=packed.ids, attention_mask=mask, position_ids=position_ids(mask), **extra).logits[:, :-1]
     logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, packed.ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     return (logp * packed.response_mask[:, 1:]).sum(1)
 
@@ -342,6 +402,7 @@ def load_scalar_model(path: str | Path, *, trust_remote_code: bool = False, devi
     from transformers import AutoModelForSequenceClassification
 
     check_model_folder(path)
+    vision.register_scalar_class()  # LLaVA folders: `stages/models/vision.py`
     model = AutoModelForSequenceClassification.from_pretrained(
         str(path), num_labels=1, trust_remote_code=trust_remote_code, use_safetensors=True, dtype=torch.float32, **load
     )

@@ -94,7 +94,9 @@ class VllmRollout:
         from vllm import SamplingParams
 
         device = model_device(self.source)  # the trained policy's: what scores the rollout
-        query, query_mask = encode_queries(tokenizer, prompts, max_prompt_length, device=device)
+        query, query_mask, images = encode_queries(tokenizer, prompts, max_prompt_length, device=device)
+        if images is not None:
+            raise ValueError("stage.ppo.rollout_engine=vllm: prompts with images sample through transformers here")
         ids = [q[m.bool()].tolist() for q, m in zip(query, query_mask)]
         params = SamplingParams(
             temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, stop_token_ids=[tokenizer.eos_token_id]
@@ -130,4 +132,8 @@ def merge(parts: list[Rollout], order: list[int], pad: int) -> Rollout:
         len(order), dtype=torch.long, device=device
     )
     cat = [torch.cat(x)[inverse] for x in (pad_q, pad_qm, pad_r, pad_rm, [p.finished for p in parts])]
-    return Rollout(*cat)
+    vision = None
+    if any(p.vision is not None for p in parts):
+        rows = [v for p in parts for v in (p.vision or [None] * p.query.shape[0])]
+        vision = [rows[i] for i in inverse.tolist()]
+    return Rollout(*cat, vision=vision)
