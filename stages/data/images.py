@@ -8,7 +8,8 @@ file path or an inline `data:image/...;base64,` URI; the data worker inlines fil
 Token ids of such a prompt are a `VisionIds`: a list of ints (the processor's ids, each `<image>`
 expanded to the model's image tokens) that also carries the processor's image tensors
 (`pixel_values`, and `image_grid_thw` or `image_sizes` where the model family uses them). Slicing
-keeps them when no image token is cut, concatenation keeps them, and `stages/data/tokens.py`'s
+keeps them when every image token is kept (a slice without any gives plain ids, one that cuts
+through them raises), concatenation keeps them, and `stages/data/tokens.py`'s
 `pack` and `stages/models/modeling.py`'s rollouts collect them per row, so the stages that pack
 prompt and response ids (SFT, reward model, DPO, PPO, evaluation) pass images to the model without
 code of their own.
@@ -74,15 +75,15 @@ def open_image(ref: str):
     return _decode(ref)
 
 
-def inline(path: Path, *, where: str) -> str:
-    """An image file as a data URI, after decoding it fully; `where`: the row's file and line."""
+def inline(path: Path) -> str:
+    """An image file as a data URI, after decoding it fully; raises `ImageError` naming the file."""
     try:
         raw = path.read_bytes()
         image = _decode_bytes(raw)
     except FileNotFoundError:
-        raise ImageError(f"{where}: images: {path} does not exist") from None
+        raise ImageError(f"{path} does not exist") from None
     except (OSError, ValueError, SyntaxError) as err:  # PIL raises these on corrupt or unknown files
-        raise ImageError(f"{where}: images: {path} is not a readable image ({type(err).__name__}: {err})") from None
+        raise ImageError(f"{path} is not a readable image ({type(err).__name__}: {err})") from None
     return f"{DATA_URI}{(image.format or 'png').lower()};base64,{base64.b64encode(raw).decode()}"
 
 
@@ -96,12 +97,49 @@ def _decode_bytes(raw: bytes):
     return image
 
 
-def check_inline(ref: str, *, where: str) -> None:
-    """An inline image must decode; raises naming the row."""
+def check_inline(ref: str) -> None:
+    """An inline image must decode; raises `ImageError`."""
     try:
         _decode(ref)
     except (OSError, ValueError, SyntaxError, binascii.Error) as err:
-        raise ImageError(f"{where}: images: an inline image does not decode ({type(err).__name__}: {err})") from None
+        raise ImageError(f"an inline image does not decode ({type(err).__name__}: {err})") from None
+
+
+def attach(row: dict[str, Any], images: list, folder: Path) -> dict[str, Any]:
+    """A normalised row with its `images` (paths relative to the data file's `folder`, absolute
+    paths, or data URIs) inlined onto the user turns whose `<image>` placeholders they fill, in
+    order. Raises `ImageError` on a count mismatch or an unreadable image, naming the image."""
+    if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+        raise ImageError("expected a list of image paths")
+    refs = []
+    for ref in images:
+        if ref.startswith(DATA_URI):
+            check_inline(ref)
+            refs.append(ref)
+        else:
+            path = Path(ref) if Path(ref).is_absolute() else folder / ref
+            refs.append(inline(path))
+    key = "messages" if "messages" in row else "prompt"
+    turns = row[key]
+    if isinstance(turns, str):
+        turns = [{"role": "user", "content": turns}]
+    placeholders = sum(m["content"].count(IMAGE_TOKEN) for m in turns if m["role"] == "user")
+    if placeholders == 0 and len(refs) == 1:  # one image and no placeholder: before the first user turn's text
+        first = next(i for i, m in enumerate(turns) if m["role"] == "user")
+        turns = [
+            *turns[:first],
+            {**turns[first], "content": f"{IMAGE_TOKEN}{turns[first]['content']}"},
+            *turns[first + 1 :],
+        ]
+        placeholders = 1
+    if placeholders != len(refs):
+        raise ImageError(f"{len(refs)} images but {placeholders} {IMAGE_TOKEN} placeholders in the user turns")
+    out, left = [], list(refs)
+    for m in turns:
+        n = m["content"].count(IMAGE_TOKEN) if m["role"] == "user" else 0
+        out.append({**m, "images": left[:n]} if n else m)
+        left = left[n:]
+    return {**row, key: out}
 
 
 def to_png_uri(image) -> str:
@@ -127,7 +165,10 @@ class VisionIds(list):
         got = super().__getitem__(key)
         if not isinstance(key, slice):
             return got
-        if got.count(self.image_token_id) != self.count(self.image_token_id):
+        kept, total = got.count(self.image_token_id), self.count(self.image_token_id)
+        if kept == 0:
+            return got  # no image token left: plain ids
+        if kept != total:
             raise ImageError(
                 "a prompt with an image was cut inside its image tokens: raise the stage's max_prompt_length "
                 f"(the prompt is {len(self)} tokens, {self.count(self.image_token_id)} of them image tokens)"

@@ -11,6 +11,12 @@ Kinds and their internal schemas:
 - `prompts`: `{"prompt": str}`; `unary`: `{"prompt": [messages], "completion": str, "label": bool}`;
   `text`: `{"text": str}` (a pretraining mix).
 
+Image-text rows (LLaMA-Factory's layout): an `images` list of paths, relative to the data file's
+folder, absolute, or inline `data:image/...;base64,` URIs, with one `<image>` placeholder per image
+in the user turns (a single image without one goes before the first user turn). Every image is
+decoded while the file is read and inlined into the row (`stages/data/images.py`), so a missing or
+corrupt image is a bad row named by file, line and image path, before any compute.
+
 A bad row is reported as `file:line: field: problem`. `on_error="raise"` stops at the end of
 validation with every problem listed (before any training); `"skip"` drops bad rows and counts them,
 but still stops when more than `max_bad_fraction` of the rows are bad.
@@ -28,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from stages.data import images
 from stages.runtime.errors import ExpectedFailure
 from stages.runtime.rules import UNIT, Rule
 
@@ -485,6 +492,13 @@ def load(cfg: DatasetConfig) -> Loaded:
                     raise RowError("id", f"duplicated id {key!r} (first on line {seen_ids[key]})")
                 seen_ids[key] = line
             row = _normalise(rec, fmt, cfg.kind)
+            if isinstance(rec, dict) and rec.get("images"):  # image-text rows (LLaMA-Factory's `images` column)
+                if cfg.kind == "text":
+                    raise RowError("images", "raw text for pretraining takes no images")
+                try:
+                    row = images.attach(row, rec["images"], path.parent)
+                except images.ImageError as err:
+                    raise RowError("images", str(err)) from None
             if not cfg.keep_degenerate:
                 _refuse_degenerate(row)
             rows.append(row)

@@ -105,6 +105,15 @@ def _check_architecture(where: str | Path, key: str, role: str, trust_remote_cod
             f"{key}: {where}: {config.model_type} is an encoder-decoder model; this stage needs a decoder-only "
             "causal LM (a *ForCausalLM architecture)"
         )
+    if getattr(config, "vision_config", None) is not None:  # an image-text model (LLaVA-, Qwen2-VL-style)
+        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+        if config.model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+            raise ModelError(
+                f"{key}: {where}: model type {config.model_type!r} has a vision tower but no image-text-to-text "
+                "class in transformers (AutoModelForImageTextToText)"
+            )
+        return
     architectures = getattr(config, "architectures", None) or []
     if architectures and not any(a.endswith(ROLES[role]) for a in architectures):
         raise ModelError(
