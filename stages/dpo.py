@@ -215,6 +215,8 @@ def group_loss(cfg: DpoConfig, logps: torch.Tensor, ref_logps, lengths: torch.Te
     if cfg.loss_type == "sigmoid":  # DPO on every (winner, loser) pair, as trl's sigmoid loss (image-text rows)
         rewards = (cfg.beta * (logps - ref_logps)).split(sizes)
         margins = [r[w] - r[l] for r, row in zip(rewards, batch) for w, l in ranking_pairs(row["ranks"])]
+        if not margins:  # every ranking of the batch tied: nothing to learn, no step direction
+            return logps.sum() * 0.0
         return -torch.nn.functional.logsigmoid(torch.stack(margins)).mean()
     if cfg.loss_type == "plackett_luce":
         rewards = (cfg.beta * (logps - ref_logps)).split(sizes)

@@ -71,7 +71,7 @@ class _VisionCollator:
 
         batch = self.text([{k: v for k, v in e.items() if k not in self.keys} for e in examples])
         for k in self.keys:
-            batch[k] = torch.cat([torch.as_tensor(e[k]) for e in examples], dim=0)
+            batch[k] = torch.cat([torch.as_tensor(e[k], device="cpu") for e in examples], dim=0)  # the trainer moves it
         return batch
 
 

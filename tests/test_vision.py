@@ -4,6 +4,7 @@ task's gold rule; the visual variant through the flow."""
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,7 +88,10 @@ def test_the_image_reaches_every_forward_pass(vlm_folder):
     policy = load_causal_lm(vlm_folder).eval()
     scorer = load_scalar_model(vlm_folder).eval()
     assert type(scorer).__name__ == "LlavaForSequenceClassification"
-    same = ("model.language_model.layers.0.self_attn.q_proj.weight", "model.vision_tower.embeddings.patch_embedding.weight")
+    same = (
+        "model.language_model.layers.0.self_attn.q_proj.weight",
+        "model.vision_tower.embeddings.patch_embedding.weight",
+    )
     for name in same:  # the scalar model starts from the policy's own backbone
         assert torch.equal(scorer.state_dict()[name], policy.state_dict()[name])
     red, blue = ask(picture("red")), ask(picture("blue"))
@@ -177,3 +181,75 @@ def test_a_text_model_refuses_image_rows(tmp_path):
     ensure_chat_template(tok)
     with pytest.raises(images.ImageError, match="no image processor"):
         prompt_ids(tok, ask(picture("red")))
+
+
+def _image_data(tmp_path, n: int, seed: int = 0) -> tuple[str, str]:
+    """(demonstrations, comparisons): ShareGPT rows with pictures as files beside the data, LLaMA-Factory's
+    layout; the comparisons are ShareGPT pairs whose chosen reply names the right colour."""
+    rng = random.Random(seed)
+    (tmp_path / "pictures").mkdir()
+    demos, pairs = [], []
+    for i in range(n):
+        colour, shape = rng.choice(sorted(shapes.COLOURS)), rng.choice(shapes.SHAPES)
+        name = f"pictures/{i}.png"
+        shapes.draw(rng, colour, shape).save(tmp_path / name)
+        wrong = rng.choice([c for c in shapes.COLOURS if c != colour])
+        turn = [{"from": "human", "value": "<image>what colour is the shape"}]
+        demos.append({"conversations": [*turn, {"from": "gpt", "value": f"it is {colour}"}], "images": [name]})
+        pairs.append({
+            "conversations": turn, "images": [name],
+            "chosen": {"from": "gpt", "value": f"it is {colour}"},
+            "rejected": {"from": "gpt", "value": f"it is {wrong}"},
+        })  # fmt: skip
+    d, c = tmp_path / "demos.jsonl", tmp_path / "pairs.jsonl"
+    d.write_text("".join(json.dumps(r) + "\n" for r in demos))
+    c.write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    return str(d), str(c)
+
+
+@pytest.mark.slow
+def test_the_visual_task_through_the_flow_rlhf_then_dpo(tmp_path):
+    from tests.test_flow import TINY, align, statuses
+
+    rlhf = align(tmp_path, "data=embedded_vision", *TINY)
+    assert statuses(rlhf) == dict.fromkeys(["prepare", "sft", "comparisons", "reward_model", "ppo", "evaluate"], "ran")
+    accuracy = rlhf["eval"]["accuracy"]  # exact match of the colour read from the pixels, with Wilson intervals
+    assert set(accuracy) >= {"sft", "policy", "difference"}
+    assert rlhf["data"]["gold"] == "vision"
+    dpo = align(tmp_path, "data=embedded_vision", *TINY, "pipeline=dpo")
+    assert statuses(dpo) == {
+        **dict.fromkeys(["prepare", "sft", "comparisons"], "cached"),
+        "dpo": "ran",
+        "evaluate": "ran",
+    }
+    generations = Path(dpo["stages"]["evaluate"]["artifact"], "generations.jsonl").read_text().splitlines()
+    first = json.loads(generations[0])
+    assert images.images_of(first["prompt"])[0].startswith("data:image/png;base64,")  # the artifact holds the image
+
+
+@pytest.mark.slow
+def test_own_vlm_and_image_rows_through_the_dpo_branch(vlm_folder, tmp_path):
+    from tests.test_flow import align
+
+    demos, pairs = _image_data(tmp_path, 60)
+    data = ["data=files", f"data.demonstrations.path={demos}", f"data.comparisons.path={pairs}"]
+    small = ["stage.sft.epochs=1", "stage.sft.batch_size=8", "stage.dpo.batch_size=8", "stage.reward_model.epochs=1",
+             "stage.evaluate.max_new_tokens=6", "pipeline.min_rm_accuracy=0"]  # fmt: skip
+    summary = align(tmp_path / "artifacts", f"model.name_or_path={vlm_folder}", *data, *small, "pipeline=dpo")
+    assert {"prepare", "sft", "dpo", "eval_reward_model", "evaluate"} <= set(summary["stages"])
+    assert summary["stages"]["sft"]["metrics"]["sft/rows"] > 0
+    assert summary["eval"]["win"]["by"] == "evaluation reward model"
+    # a corrupt picture on line 7 of the comparisons: refused before any compute, file, line and image named
+    (tmp_path / "pictures" / "6.png").write_bytes(b"not a png")
+    import subprocess
+    import sys
+
+    from tests.test_flow import ROOT
+
+    cmd = [sys.executable, "-m", "flows.align", f"artifacts_dir={tmp_path / 'artifacts'}",
+           f"model.name_or_path={vlm_folder}", *data, *small, "pipeline=dpo"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert f"{pairs}:7: images: " in out and "pictures/6.png is not a readable image" in out, out[-3000:]
+    assert "Traceback" not in out

@@ -77,13 +77,19 @@ class SimulatedLabeler:
         self.cfg = cfg
         self.target_len = target_len
         self.gold = sources.gold_scorer(gold, target_len)
+        # an exact-match task: each answer is marked right or wrong (the noise flips a mark now and then)
+        # and equal marks tie, as a human checking answers would; noise alone would rank two wrong
+        # answers at random and fill the comparisons with pairs nothing can learn
+        self.verdicts = gold in sources.EXACT_MATCH
         self.identity = f"simulated:noise={cfg.noise}:seed={cfg.seed}:target_len={target_len}"
+        self.identity += ":verdicts" if self.verdicts else ""
 
     def noisy_scores(self, prompt: str, responses: list[str]) -> list[float]:
         text = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)  # a conversation
         content = "\x1f".join([str(self.cfg.seed), text, *responses]).encode()
         rng = random.Random(hashlib.sha256(content).hexdigest())
-        return [self.gold(prompt, r) + rng.gauss(0.0, self.cfg.noise) for r in responses]
+        noisy = [self.gold(prompt, r) + rng.gauss(0.0, self.cfg.noise) for r in responses]
+        return [float(x >= 0.5) for x in noisy] if self.verdicts else noisy
 
     def rank(self, prompt: str, responses: list[str]) -> list[int]:
         return ranks_from_scores(self.noisy_scores(prompt, responses))
