@@ -106,7 +106,8 @@ gpu-wheels: ## download trl, datasets and their missing pure-Python deps (py3.12
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 		-d .gpu/whl trl==$$($(PY) -c "import trl; print(trl.__version__)") \
 		datasets==$$($(PY) -c "import datasets; print(datasets.__version__)") dill multiprocess \
-		torchao==$$($(PY) -c "import importlib.metadata as m; print(m.version('torchao'))")
+		torchao==$$($(PY) -c "import importlib.metadata as m; print(m.version('torchao'))") \
+		optimum-quanto==$$($(PY) -c "import importlib.metadata as m; print(m.version('optimum-quanto'))")
 
 bench-rerun: venv ## the embedded default cold, then rerun with nothing changed (no server; a server up): artifacts/bench/cached_rerun.json
 	$(PY) -m bench.cached_rerun $(ARGS)

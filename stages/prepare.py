@@ -31,10 +31,11 @@ from typing import Any, ClassVar
 import torch
 
 from stages.data import sources
+from stages.data.images import IMAGE_TOKEN, VisionIds, open_image
 from stages.data.reader import DatasetConfig
-from stages.data.tokens import DEFAULT_CHAT_TEMPLATE, ROLE_MARKERS, ensure_chat_template
+from stages.data.tokens import DEFAULT_CHAT_TEMPLATE, ROLE_MARKERS, ensure_chat_template, pack, response_ids
 from stages.models import vision
-from stages.models.compute import pick_device
+from stages.models.compute import model_device, pick_device
 from stages.models.modeling import (
     ModelConfig,
     build_tiny_llama,
@@ -42,6 +43,7 @@ from stages.models.modeling import (
     load_causal_lm,
     load_tokenizer,
     save_tokenizer,
+    sequence_logprobs,
 )
 from stages.runtime.manifest import Manifest, folder_digest, write_jsonl
 from stages.runtime.progress import progress
@@ -162,10 +164,24 @@ def build_bpe_tokenizer(corpus: list[str], vocab_size: int):
     return fast
 
 
+def caption_loss(model, tokenizer, captions: list[dict]) -> torch.Tensor:
+    """Mean next-token loss on captions after their pictures (`<image> a red circle<eos>`), the
+    image tokens unscored: a VLM base's image-text pretraining."""
+    rows = []
+    processor = tokenizer.processor
+    for doc in captions:
+        out = processor(text=[IMAGE_TOKEN], images=[open_image(doc["image"])], return_tensors="pt")
+        ids = VisionIds(out["input_ids"][0].tolist(), {"pixel_values": out["pixel_values"]}, processor.image_token_id)
+        rows.append((ids, response_ids(tokenizer, doc["text"])))
+    packed = pack(rows, tokenizer.pad_token_id, model_device(model))
+    return -sequence_logprobs(model, packed).sum() / packed.response_mask[:, 1:].sum()
+
+
 def pretrain(
-    model, tokenizer, documents: list[str], cfg: ModelConfig, seed: int, max_length: int | None = None
+    model, tokenizer, documents: list, cfg: ModelConfig, seed: int, max_length: int | None = None
 ) -> list[float]:
-    """Plain next-token training on `documents` (full weights); returns the per-epoch mean loss."""
+    """Plain next-token training on `documents` (full weights): texts, or captioned pictures
+    (`caption_loss`); returns the per-epoch mean loss."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_learning_rate)
     model.train()
@@ -175,7 +191,11 @@ def pretrain(
         order = torch.randperm(len(documents), generator=gen, device="cpu").tolist()
         total, batches = 0.0, 0
         for start in range(0, len(order), 32):
-            loss = lm_loss(model, tokenizer, [documents[i] for i in order[start : start + 32]], max_length)
+            batch = [documents[i] for i in order[start : start + 32]]
+            if isinstance(batch[0], dict):
+                loss = caption_loss(model, tokenizer, batch)
+            else:
+                loss = lm_loss(model, tokenizer, batch, max_length)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -211,8 +231,8 @@ def base_model(cfg: DataConfig, model_cfg: ModelConfig, data: sources.Sourced, d
             model.resize_token_embeddings(len(tokenizer))
         return tokenizer, model, [], notes
     texts = [" ".join(m["content"] for m in r["messages"]) for r in data.demonstrations]
-    if data.gold == "vision":  # the tiny LLaVA: text pretraining only; SFT learns to see
-        tokenizer = build_tokenizer([*data.pretrain, " ".join(sources.vocabulary_hint(data.gold))])
+    if data.gold == "vision":  # the tiny LLaVA, pretrained on captioned pictures
+        tokenizer = build_tokenizer([*texts, *data.pretrain, " ".join(sources.vocabulary_hint(data.gold))])
         tokenizer.processor = vision.build_processor(tokenizer)
         model = vision.build_tiny_llava(model_cfg, tokenizer, cfg.seed).to(pick_device(device))
     elif data.gold in sources.EMBEDDED_GOLD.values():
@@ -224,7 +244,7 @@ def base_model(cfg: DataConfig, model_cfg: ModelConfig, data: sources.Sourced, d
         notes["tokenizer"] = f"byte-level BPE trained on the data ({len(tokenizer)} tokens)"
     if data.gold != "vision":
         model = build_tiny_llama(model_cfg, tokenizer, cfg.seed).to(pick_device(device))
-    docs = data.pretrain[: model_cfg.pretrain_documents]
+    docs = (data.captions or data.pretrain)[: model_cfg.pretrain_documents]
     losses = pretrain(model, tokenizer, docs, model_cfg, cfg.seed, max_length=model_cfg.max_position_embeddings)
     return tokenizer, model, losses, notes
 

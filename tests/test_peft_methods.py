@@ -57,6 +57,8 @@ def expected(method: str, optim: str, kind: str, vocab: int, h: int = H, i: int 
         "pissa": lora,
         "qlora": lora,
         "qlora_torchao": lora,
+        "qlora_quanto": lora,
+        "qlora_quanto4": lora,
         "dora": lora + LAYERS * (4 * h + 2 * i + h),  # one magnitude per output feature of each adapted linear
     }[method]
 
@@ -71,6 +73,8 @@ CASES = [
     ("loraplus", "adamw"),
     ("qlora", "adamw"),  # on the 64-wide model (bitsandbytes' CPU kernels)
     ("qlora_torchao", "adamw"),  # torchao's int8 weight-only base
+    ("qlora_quanto", "adamw"),  # optimum-quanto's int8 weights
+    ("qlora_quanto4", "adamw"),  # optimum-quanto's int4 weights
     ("full", "galore"),
     ("full", "badam"),
     ("full", "adamw_8bit"),
@@ -81,6 +85,8 @@ def _peft(method: str, **kwargs) -> PeftConfig:
     """`qlora_torchao`: QLoRA on torchao's int8 weight-only base; the other names are peft.method's."""
     if method == "qlora_torchao":
         return PeftConfig(method="qlora", quant_method="torchao", quant_bits=8, **kwargs)
+    if method.startswith("qlora_quanto"):
+        return PeftConfig(method="qlora", quant_method="quanto", quant_bits=4 if method.endswith("4") else 8, **kwargs)
     return PeftConfig(method=method, **kwargs)
 
 
@@ -88,6 +94,8 @@ def _is_quantised(model, method: str) -> bool:
     """Whether the base's decoder linears really hold quantised weights (bitsandbytes or torchao)."""
     weights = [m.weight for n, m in model.named_modules() if n.endswith("mlp.up_proj.base_layer")]
     names = {type(w).__name__ for w in weights}
+    if method.startswith("qlora_quanto"):  # quanto's QLinear packs its weight into a quantised tensor
+        return bool(weights) and all("QBytesTensor" in n or "QBitsTensor" in n or "Packed" in n for n in names)
     return bool(weights) and (names <= {"Params4bit"} if method == "qlora" else all("Int8" in n for n in names))
 
 
@@ -98,10 +106,15 @@ def _loss(model, kind: str, batch) -> torch.Tensor:
     return -torch.nn.functional.logsigmoid(scores[0] - scores[1])  # row 0 preferred: a pairwise RM loss
 
 
+def _quantised_tensor(t) -> bool:
+    name = type(t).__name__
+    return name.startswith("Int8") or "QBytesTensor" in name or "QBitsTensor" in name
+
+
 def _snapshot(model) -> dict[str, torch.Tensor]:
     """Every parameter's values; a torchao int8 weight as its dequantised values (it has no `equal`)."""
     return {
-        n: (p.detach().dequantize() if type(p.detach()).__name__.startswith("Int8") else p.detach()).clone()
+        n: (p.detach().dequantize() if _quantised_tensor(p.detach()) else p.detach()).clone()
         for n, p in model.named_parameters()
     }
 
@@ -139,7 +152,7 @@ def test_each_method_trains_exactly_its_parameters(base, wide, method, optim, ki
     assert changed == trainable, (sorted(changed - trainable)[:4], sorted(trainable - changed)[:4])
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "pissa", "qlora", "qlora_torchao"])
+@pytest.mark.parametrize("method", ["lora", "dora", "pissa", "qlora", "qlora_torchao", "qlora_quanto", "qlora_quanto4"])
 def test_adapter_outputs_load_with_peft_and_merge_into_a_plain_folder(base, wide, tmp_path, method):
     """The adapter loads with `PeftModel.from_pretrained` on the full-precision base (a QLoRA adapter
     and PiSSA's converted one too) and gives the merged plain folder's logits."""
@@ -171,7 +184,9 @@ def test_adapter_outputs_load_with_peft_and_merge_into_a_plain_folder(base, wide
     model.eval()
     with torch.no_grad():  # the trained model itself, sampling-style (a 4-bit base: bitsandbytes' CPU kernel)
         trained = model(input_ids=ids).logits
-    tolerance = {"qlora": 0.1, "qlora_torchao": 0.05}.get(method, 1e-4)  # quantised against full precision
+    tolerance = {"qlora": 0.1, "qlora_torchao": 0.05, "qlora_quanto": 0.05, "qlora_quanto4": 0.2}.get(
+        method, 1e-4
+    )  # quantised against full precision
     assert torch.allclose(trained, m, atol=tolerance), (trained - m).abs().max()
 
 

@@ -44,8 +44,8 @@ class Example:
 
 def vocabulary() -> list[str]:
     words = set(COLOURS) | set(SHAPES)
-    for template in (*TEMPLATES, ANSWER):
-        words |= set(template.replace("{}", "").split())
+    for template in (*TEMPLATES, ANSWER, *CAPTIONS):
+        words |= set(template.replace("{}", "").replace("{0}", "").replace("{1}", "").split())
     return sorted(words)
 
 
@@ -112,7 +112,16 @@ def make_prompts(n: int, seed: int) -> list[list[dict]]:
     return [prompt(rng)[0] for _ in range(n)]
 
 
-def pretraining_text(n: int, seed: int) -> list[str]:
-    """Plain text of the task's language, no image: the base learns the words before SFT learns to see."""
+CAPTIONS = ("a {} {}", "the {1} is {0}", "{0} {1}", "a picture of a {} {}")
+
+
+def captions(n: int, seed: int) -> list[dict]:
+    """Captioned pictures for the base's pretraining, as a VLM's base is pretrained on image-text
+    pairs (LLaVA's first stage): `{"image": data URI, "text": "a red circle"}`. The base learns to see
+    and to name colours; SFT then teaches the question-and-answer form, from noisy demonstrations."""
     rng = random.Random(seed)
-    return [f"{rng.choice(TEMPLATES)} {ANSWER.format(rng.choice(sorted(COLOURS)))}" for _ in range(n)]
+    out = []
+    for _ in range(n):
+        colour, shape = rng.choice(sorted(COLOURS)), rng.choice(SHAPES)
+        out.append({"image": to_png_uri(draw(rng, colour, shape)), "text": rng.choice(CAPTIONS).format(colour, shape)})
+    return out

@@ -45,6 +45,7 @@ class Sourced:
     pretrain: list[str]  # plain text: the tiny base's pretraining and PPO-ptx's mix
     comparisons: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # split -> ranking rows
     gold: str | None = None  # the gold rule that scores this data, if any
+    captions: list[dict[str, str]] = field(default_factory=list)  # {"image", "text"}: a VLM base's pretraining
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -128,11 +129,13 @@ def embedded_vision(cfg, pretrain_documents: int) -> Sourced:
     rows = [{"messages": [*d.prompt, {"role": "assistant", "content": d.response}]} for d in demos]
     sets = {name: shapes.make_prompts(n, cfg.seed * 1000 + i + 1) for i, (name, n) in enumerate(_sizes(cfg).items())}
     right = sum(shapes.final_colour(d.response) == d.colour for d in demos)
+    captions = shapes.captions(pretrain_documents, cfg.seed + 7919)
     return Sourced(
         demonstrations=rows,
         prompt_sets=sets,
         prompt_source=dict.fromkeys(sets, "embedded visual task (pictures drawn from the seed)"),
-        pretrain=shapes.pretraining_text(pretrain_documents, cfg.seed + 7919),
+        pretrain=[d["text"] for d in captions],  # PPO-ptx's text mix
+        captions=captions,
         gold="vision",
         metrics={"prepare/demonstrations/accuracy": right / max(1, len(demos))},
     )

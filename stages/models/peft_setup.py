@@ -19,7 +19,8 @@ Methods (one config line switches them, as in LLaMA-Factory):
 - `qlora` (Dettmers et al. 2023): LoRA on a quantised base. `quant_method: bitsandbytes` (default):
   4-bit NF4 with double quantisation (`quant_bits: 4`) or 8-bit (`quant_bits: 8`), CPU and GPU;
   `quant_method: torchao`: int8 weight-only (`quant_bits: 8`, CPU and GPU) or int4 weight-only
-  (`quant_bits: 4`, CUDA only: refused on CPU before the model loads). A model folder that is already
+  (`quant_bits: 4`, CUDA only: refused on CPU before the model loads); `quant_method: quanto`
+  (optimum-quanto): int8 or int4 weights (`quant_bits`), CPU and GPU. A model folder that is already
   quantised (GPTQ, AWQ, AQLM, ...: its config.json says so) loads with its own quantisation on a GPU
   and is refused on CPU with the requirement named (`stages/models/folders.py`).
 
@@ -46,7 +47,7 @@ from stages.runtime.rules import COUNT, OFF_OR_COUNT, POSITIVE, Rule, between, o
 
 METHODS = ("full", "freeze", "houlsby", "lora", "dora", "pissa", "loraplus", "qlora")
 ADAPTERS = ("lora", "dora", "pissa", "loraplus", "qlora")  # peft LoRA-family adapters on a frozen base
-QUANT_METHODS = ("bitsandbytes", "torchao")  # qlora's quantised base
+QUANT_METHODS = ("bitsandbytes", "torchao", "quanto")  # qlora's quantised base
 TRAINING_STAGES = ("sft", "reward_model", "ppo", "dpo")
 KINDS = ("causal_lm", "scalar")  # SFT, DPO, the PPO policy | the reward model, the PPO value model
 SCALAR_HEAD = "score"  # transformers' *ForSequenceClassification head
@@ -69,7 +70,7 @@ class PeftConfig:
     loraplus_ratio: float = 16.0  # loraplus: lr(B) / lr(A) (the paper's default)
     pissa_niter: int = 4  # pissa: fast-SVD iterations; 0: exact SVD
     quant_bits: int = 4  # qlora: 4 (NF4, double quantisation) or 8
-    quant_method: str = "bitsandbytes"  # qlora: bitsandbytes | torchao
+    quant_method: str = "bitsandbytes"  # qlora: bitsandbytes | torchao | quanto
     adapter_size: int = 16  # houlsby: the bottleneck's width
     adapter_placement: str = "both"  # houlsby: after attention, mlp, or both (the paper)
     adapter_activation: str = "gelu"  # houlsby: gelu | relu | tanh | silu
@@ -146,6 +147,11 @@ def quantization_config(cfg: PeftConfig):
         return None
     import torch
 
+    if cfg.quant_method == "quanto":
+        from transformers import QuantoConfig
+
+        check_quantization(cfg)
+        return QuantoConfig(weights=f"int{cfg.quant_bits}")
     if cfg.quant_method == "torchao":
         from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
         from transformers import TorchAoConfig
@@ -166,11 +172,18 @@ def quantization_config(cfg: PeftConfig):
 
 def check_quantization(cfg: PeftConfig, *, cuda: bool | None = None) -> None:
     """What this machine cannot quantise, refused before any model loads (preflight), the requirement named."""
-    if cfg.method != "qlora" or cfg.quant_method != "torchao":
+    if cfg.method != "qlora" or cfg.quant_method == "bitsandbytes":
         return
     import importlib.util
 
     import torch
+
+    if cfg.quant_method == "quanto":
+        if importlib.util.find_spec("optimum.quanto") is None:
+            raise ConfigError(
+                "peft.quant_method=quanto needs the optimum-quanto package (pip install optimum-quanto==0.2.7)"
+            )
+        return
 
     if importlib.util.find_spec("torchao") is None:
         raise ConfigError("peft.quant_method=torchao needs the torchao package (pip install torchao==0.18.0)")

@@ -78,8 +78,8 @@ def build_processor(tokenizer):
     tokenizer, which gets the `<image>` token."""
     from transformers import CLIPImageProcessor, LlavaProcessor
 
-    if IMAGE_TOKEN not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]}, replace_extra_special_tokens=False)
+    # special even where the vocabulary has it as a word: the expanded `<image><image>...` must split
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]}, replace_extra_special_tokens=False)
     images = CLIPImageProcessor(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_center_crop=True
     )
