@@ -85,7 +85,7 @@ def test_every_stage_sees_the_same_prompt_and_response_ids(tokenizer):
     ((sft_prompt, [sft_response]),) = encode_demonstrations(tokenizer, demo)
     ranking = [{"prompt": PROMPTS[0], "responses": RESPONSES[:2], "finished": [True, False], "ranks": [0, 1]}]
     ((rm_prompt, rm_responses),) = encode_rankings(tokenizer, ranking)
-    query, mask = encode_queries(tokenizer, [PROMPTS[0]])
+    query, mask, _ = encode_queries(tokenizer, [PROMPTS[0]])
     sampled_prompt = query[0][mask[0].bool()].tolist()
     assert sft_prompt == rm_prompt == sampled_prompt == prompt_ids(tokenizer, PROMPTS[0])
     assert sft_response == rm_responses[0] == response_ids(tokenizer, RESPONSES[0], True)
@@ -117,7 +117,7 @@ def test_a_model_template_is_used_the_same_way_everywhere():
     )
     demo = [{"messages": [PROMPTS[1][0], {"role": "assistant", "content": "Bye"}]}]
     ((sft_prompt, _),) = encode_demonstrations(tok, demo)
-    query, mask = encode_queries(tok, [[PROMPTS[1][0]]])
+    query, mask, _ = encode_queries(tok, [[PROMPTS[1][0]]])
     assert sft_prompt == query[0][mask[0].bool()].tolist() == prompt_ids(tok, [PROMPTS[1][0]])
     assert "<|user|>" not in tok.decode(sft_prompt)
 
