@@ -31,14 +31,22 @@ from typing import Any, ClassVar
 import torch
 
 from stages.data import sources
-from stages.data.images import IMAGE_TOKEN, VisionIds, open_image
+from stages.data.images import IMAGE_TOKEN
 from stages.data.reader import DatasetConfig
-from stages.data.tokens import DEFAULT_CHAT_TEMPLATE, ROLE_MARKERS, ensure_chat_template, pack, response_ids
+from stages.data.tokens import (
+    DEFAULT_CHAT_TEMPLATE,
+    ROLE_MARKERS,
+    ensure_chat_template,
+    image_text_ids,
+    pack,
+    response_ids,
+)
 from stages.models import vision
 from stages.models.compute import model_device, pick_device
 from stages.models.modeling import (
     ModelConfig,
     build_tiny_llama,
+    build_tiny_llava,
     lm_loss,
     load_causal_lm,
     load_tokenizer,
@@ -167,12 +175,9 @@ def build_bpe_tokenizer(corpus: list[str], vocab_size: int):
 def caption_loss(model, tokenizer, captions: list[dict]) -> torch.Tensor:
     """Mean next-token loss on captions after their pictures (`<image> a red circle<eos>`), the
     image tokens unscored: a VLM base's image-text pretraining."""
-    rows = []
-    processor = tokenizer.processor
-    for doc in captions:
-        out = processor(text=[IMAGE_TOKEN], images=[open_image(doc["image"])], return_tensors="pt")
-        ids = VisionIds(out["input_ids"][0].tolist(), {"pixel_values": out["pixel_values"]}, processor.image_token_id)
-        rows.append((ids, response_ids(tokenizer, doc["text"])))
+    rows = [
+        (image_text_ids(tokenizer, IMAGE_TOKEN, [d["image"]]), response_ids(tokenizer, d["text"])) for d in captions
+    ]
     packed = pack(rows, tokenizer.pad_token_id, model_device(model))
     return -sequence_logprobs(model, packed).sum() / packed.response_mask[:, 1:].sum()
 
@@ -234,7 +239,7 @@ def base_model(cfg: DataConfig, model_cfg: ModelConfig, data: sources.Sourced, d
     if data.gold == "vision":  # the tiny LLaVA, pretrained on captioned pictures
         tokenizer = build_tokenizer([*texts, *data.pretrain, " ".join(sources.vocabulary_hint(data.gold))])
         tokenizer.processor = vision.build_processor(tokenizer)
-        model = vision.build_tiny_llava(model_cfg, tokenizer, cfg.seed).to(pick_device(device))
+        model = build_tiny_llava(model_cfg, tokenizer, cfg.seed).to(pick_device(device))
     elif data.gold in sources.EMBEDDED_GOLD.values():
         tokenizer = build_tokenizer([*texts, " ".join(sources.vocabulary_hint(data.gold))])
     else:

@@ -16,6 +16,7 @@ from stages.data.tokens import ensure_chat_template, pack, prompt_ids, response_
 from stages.models import vision
 from stages.models.modeling import (
     ModelConfig,
+    build_tiny_llava,
     encode_rollout,
     load_causal_lm,
     load_scalar_model,
@@ -37,7 +38,7 @@ def vlm_folder(tmp_path_factory):
     tok.pad_token = tok.eos_token
     ensure_chat_template(tok)
     tok.processor = vision.build_processor(tok)
-    model = vision.build_tiny_llava(ModelConfig(hidden_size=32, intermediate_size=64), tok, seed=0)
+    model = build_tiny_llava(ModelConfig(hidden_size=32, intermediate_size=64), tok, seed=0)
     folder = tmp_path_factory.mktemp("vlm")
     model.save_pretrained(folder)
     save_tokenizer(tok, folder)

@@ -43,10 +43,6 @@ def images_of(prompt: Any) -> list[str]:
     return [im for m in prompt if isinstance(m, dict) for im in m.get("images") or []]
 
 
-def has_images(prompts: list) -> bool:
-    return any(images_of(p) for p in prompts)
-
-
 def text_only(prompt: Any) -> Any:
     """The prompt without its image lists (what a chat template renders)."""
     if not isinstance(prompt, list):
@@ -54,19 +50,27 @@ def text_only(prompt: Any) -> Any:
     return [{k: v for k, v in m.items() if k != "images"} for m in prompt]
 
 
-def _decode(ref: str):
+def _decode_bytes(raw: bytes):
+    """A PIL image with every pixel decoded now (a truncated file fails here, not mid-training),
+    its file format kept."""
     from PIL import Image
 
+    image = Image.open(io.BytesIO(raw))
+    fmt = image.format
+    image.load()
+    image.format = fmt
+    return image
+
+
+def _decode(ref: str):
     if ref.startswith(DATA_URI):
         head, _, payload = ref.partition(",")
         if not head.endswith(";base64"):
             raise ValueError("an inline image must be base64 (data:image/png;base64,...)")
         raw = base64.b64decode(payload, validate=True)
-        image = Image.open(io.BytesIO(raw))
     else:
-        image = Image.open(ref)
-    image.load()  # decode every pixel now: a truncated file fails here, not mid-training
-    return image.convert("RGB")
+        raw = Path(ref).read_bytes()
+    return _decode_bytes(raw).convert("RGB")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -85,16 +89,6 @@ def inline(path: Path) -> str:
     except (OSError, ValueError, SyntaxError) as err:  # PIL raises these on corrupt or unknown files
         raise ImageError(f"{path} is not a readable image ({type(err).__name__}: {err})") from None
     return f"{DATA_URI}{(image.format or 'png').lower()};base64,{base64.b64encode(raw).decode()}"
-
-
-def _decode_bytes(raw: bytes):
-    from PIL import Image
-
-    image = Image.open(io.BytesIO(raw))
-    fmt = image.format
-    image.load()
-    image.format = fmt
-    return image
 
 
 def check_inline(ref: str) -> None:

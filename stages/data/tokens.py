@@ -69,15 +69,20 @@ def prompt_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
     """The prompt's token ids; a prompt with images gives `VisionIds` (`stages/data/images.py`)."""
     images = images_of(prompt)
     if images:
-        return _vision_prompt_ids(tokenizer, render(tokenizer, prompt), images)
-    ids = tokenizer(render(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+        return image_text_ids(tokenizer, render(tokenizer, prompt), images)
+    return _with_bos(tokenizer, tokenizer(render(tokenizer, prompt), add_special_tokens=False)["input_ids"])
+
+
+def _with_bos(tokenizer, ids: list[int]) -> list[int]:
+    """BOS in front where the tokenizer itself adds one and the text did not already start with it."""
     if adds_bos(tokenizer) and ids[:1] != [tokenizer.bos_token_id]:
-        ids = [tokenizer.bos_token_id, *ids]
+        return [tokenizer.bos_token_id, *ids]
     return ids
 
 
-def _vision_prompt_ids(tokenizer, text: str, images: list[str]) -> VisionIds:
-    """The processor's ids (each image placeholder expanded to the model's image tokens) and tensors."""
+def image_text_ids(tokenizer, text: str, images: list[str]) -> VisionIds:
+    """Ids of `text` with one `<image>` per image, through the VLM's processor (each placeholder
+    expanded to the model's image tokens), carrying the processor's image tensors."""
     processor = getattr(tokenizer, "processor", None)
     if processor is None:
         raise ImageError(
@@ -88,9 +93,7 @@ def _vision_prompt_ids(tokenizer, text: str, images: list[str]) -> VisionIds:
         raise ImageError(f"a prompt has {len(images)} images but {text.count(IMAGE_TOKEN)} {IMAGE_TOKEN} placeholders")
     text = text.replace(IMAGE_TOKEN, processor.image_token)
     out = processor(text=[text], images=[open_image(i) for i in images], return_tensors="pt", add_special_tokens=False)
-    ids = out["input_ids"][0].tolist()
-    if adds_bos(tokenizer) and ids[:1] != [tokenizer.bos_token_id]:
-        ids = [tokenizer.bos_token_id, *ids]
+    ids = _with_bos(tokenizer, out["input_ids"][0].tolist())
     vision = {
         k: v for k, v in out.items() if k not in ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
     }

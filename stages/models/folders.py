@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from stages.models import vision
 from stages.models.modeling import ModelError, check_model_folder, load_tokenizer
 
 # a hub id: `name` or `owner/name`, letters, digits, `-`, `_` and `.` (no leading dot, no `..`)
@@ -105,7 +106,7 @@ def _check_architecture(where: str | Path, key: str, role: str, trust_remote_cod
             f"{key}: {where}: {config.model_type} is an encoder-decoder model; this stage needs a decoder-only "
             "causal LM (a *ForCausalLM architecture)"
         )
-    if getattr(config, "vision_config", None) is not None:  # an image-text model (LLaVA-, Qwen2-VL-style)
+    if vision.is_vlm(config):  # an image-text model (LLaVA-, Qwen2-VL-style)
         from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
         if config.model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:

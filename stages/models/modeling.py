@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from stages.data.images import batch_vision, row_vision
+from stages.data.images import IMAGE_TOKEN, batch_vision, row_vision
 from stages.data.tokens import Packed, context_window, decode_response, prompt_ids, render, response_ids
 from stages.models import houlsby, vision
 from stages.models.compute import model_device
@@ -410,11 +410,10 @@ def load_scalar_model(path: str | Path, *, trust_remote_code: bool = False, devi
     return model if device is None else model.to(device)
 
 
-def build_tiny_llama(cfg: ModelConfig, tokenizer, seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _tiny_llama_config(cfg: ModelConfig, tokenizer):
+    from transformers import LlamaConfig
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
@@ -427,4 +426,38 @@ def build_tiny_llama(cfg: ModelConfig, tokenizer, seed: int):
         bos_token_id=None,
         tie_word_embeddings=False,
     )
-    return LlamaForCausalLM(config)
+
+
+def build_tiny_llama(cfg: ModelConfig, tokenizer, seed: int):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(_tiny_llama_config(cfg, tokenizer))
+
+
+def build_tiny_llava(cfg: ModelConfig, tokenizer, seed: int):
+    """The embedded tiny Llama behind a one-layer CLIP vision tower and LLaVA's MLP projector, on
+    16x16 images (`stages/models/vision.py`); the tokenizer has the image token (`vision.build_processor`)."""
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    tower = CLIPVisionConfig(
+        hidden_size=cfg.vision_hidden_size,
+        intermediate_size=2 * cfg.vision_hidden_size,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=vision.IMAGE_SIZE,
+        patch_size=vision.PATCH_SIZE,
+        projection_dim=cfg.vision_hidden_size,
+    )
+    config = LlavaConfig(
+        vision_config=tower,
+        text_config=_tiny_llama_config(cfg, tokenizer),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        image_seq_length=(vision.IMAGE_SIZE // vision.PATCH_SIZE) ** 2,
+        tie_word_embeddings=False,
+    )
+    config.pad_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    return LlavaForConditionalGeneration(config)

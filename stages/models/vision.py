@@ -9,9 +9,9 @@ tiny LLaVA.
   language model; the same weight names as `LlavaForConditionalGeneration`, so it initialises from
   the SFT policy's folder) with a scalar `score` head read at the last real token, registered with
   `AutoModelForSequenceClassification` so the scalar loader takes it like any other.
-- The embedded tiny LLaVA (`data=embedded_vision`): a CLIP vision tower of one layer on 16x16 images
-  (2x2 patches of 8 pixels: 4 image tokens per image, CLS dropped as LLaVA does), a two-layer MLP
-  projector and the embedded tiny Llama as language model.
+- The embedded tiny LLaVA's processor and image geometry (`data=embedded_vision`): 16x16 images in 2x2
+  patches of 8 pixels, 4 image tokens per image (CLS dropped as LLaVA does); the model itself is
+  `stages.models.modeling.build_tiny_llava`, beside the tiny Llama it wraps.
 """
 
 from __future__ import annotations
@@ -92,43 +92,3 @@ def build_processor(tokenizer):
         image_token=IMAGE_TOKEN,
         chat_template=tokenizer.chat_template,
     )
-
-
-def build_tiny_llava(cfg, tokenizer, seed: int):
-    """A LLaVA of the embedded sizes (cfg: `stages.models.modeling.ModelConfig`)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    torch.manual_seed(seed)
-    vision = CLIPVisionConfig(
-        hidden_size=cfg.vision_hidden_size,
-        intermediate_size=2 * cfg.vision_hidden_size,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
-        projection_dim=cfg.vision_hidden_size,
-    )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_attention_heads,
-        max_position_embeddings=cfg.max_position_embeddings,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-        tie_word_embeddings=False,
-    )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-        image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2,
-        tie_word_embeddings=False,
-    )
-    config.pad_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    return LlavaForConditionalGeneration(config)
