@@ -66,13 +66,10 @@ compare: venv ## every branch and estimator (ppo, grpo, rloo, ..., dpo, kto, sim
 config-keys: venv ## regenerate docs/config-keys.md (every numeric config key's valid range) from the rules
 	$(PY) -c 'from flows.config import keys_doc; print(keys_doc(), end="")' > docs/config-keys.md
 
-# A test that fails is run once more, alone (a kill-timing or port race under load); the first failure
-# stays in the log above the rerun, and a test that fails twice fails the suite.
-test: venv browser postgres ## the whole suite: layering contracts, unit, stage, config, end-to-end flows, browser (~30 min on 2 cores)
+# A test that fails fails the suite: there is no rerun. A flaky test is a defect, fixed at its cause.
+test: venv browser postgres ## the whole suite: layering contracts, unit, stage, config, end-to-end flows, browser
 	.venv/bin/lint-imports
-	$(PY) -m pytest tests -n auto --dist worksteal --durations=20 || { \
-	  echo "== rerunning the tests that failed above, once, one at a time =="; \
-	  $(PY) -m pytest tests --last-failed --last-failed-no-failures none -p no:xdist -q; }
+	$(PY) -m pytest tests -n auto --dist worksteal --durations=20
 
 test-fast: venv ## unit, stage and config tests, no end-to-end flow (~2 min on 2 cores)
 	$(PY) -m pytest tests -m "not slow" -n auto --dist worksteal

@@ -9,7 +9,25 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pytest
+
+def pin_worker_to_its_core() -> None:
+    """`make test` runs the suite on pytest-xdist workers, one per core: each worker is pinned to its
+    own core, so its torch (and every flow or stage process it starts, which reads the affinity for its
+    thread count) uses one thread and never contends with the other worker. This runs before anything
+    imports torch; torch's thread pools are sized again below in case a plugin imported it first
+    (OMP_NUM_THREADS set after torch's import changes nothing)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    core = cores[int(os.environ["PYTEST_XDIST_WORKER"].removeprefix("gw")) % len(cores)]
+    os.sched_setaffinity(0, {core})
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = "1"
+
+
+pin_worker_to_its_core()
+
+import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -17,22 +35,27 @@ sys.path.insert(0, str(ROOT))
 import flows  # noqa: E402,F401  (project-local Prefect home, telemetry off)
 from flows.launch.launch import free_port  # noqa: E402,F401  (for the orchestration tests)
 
+
+def size_torch_threads_to_the_cores() -> None:
+    """torch's intra- and inter-op pools as large as this process's cores, never larger."""
+    import torch
+
+    cores = len(os.sched_getaffinity(0))
+    torch.set_num_threads(cores)
+    if torch.get_num_interop_threads() != cores:
+        try:
+            torch.set_num_interop_threads(cores)
+        except RuntimeError:  # already used: only possible if a plugin ran parallel work first
+            pass
+
+
+size_torch_threads_to_the_cores()
+
 SHARED = ROOT.parent / "shared"
 
 # Every stage a test runs through the flows (and every rank it launches) runs under the device guard
 # (stages/runtime/device_guard.py): a tensor made without `device=` or an op across devices fails it.
 os.environ["ALIGNFLOW_DEVICE_GUARD"] = "1"
-
-# `make test` runs the suite on pytest-xdist workers, one per core: each worker is pinned to its own
-# core, so its torch (and every flow or stage process it starts, which reads the affinity for its
-# thread count) uses one thread and never contends with the other worker.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    _cores = sorted(os.sched_getaffinity(0))
-    _core = _cores[int(os.environ["PYTEST_XDIST_WORKER"].removeprefix("gw")) % len(_cores)]
-    os.sched_setaffinity(0, {_core})
-    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[_var] = "1"
-
 
 def need_shared(path: Path) -> Path:
     """`path` under ../shared (real data, real tokenizers). Absent: the test skips on a developer's

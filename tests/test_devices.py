@@ -246,3 +246,15 @@ def test_the_gpu_check_says_in_one_line_that_this_machine_has_no_gpu():
     assert done.stdout.strip().splitlines() == [
         "gpu-check: no CUDA device on this machine; nothing checked (run it where a GPU is lent)"
     ]
+
+
+def test_torch_threads_match_the_cores_of_this_process():
+    """conftest sizes torch's pools to the cores this process may use; inside an xdist worker that is the
+    one core it is pinned to (two threads spinning on one core once cost the suite 20 minutes)."""
+    import torch
+
+    cores = len(os.sched_getaffinity(0))
+    assert torch.get_num_threads() == cores
+    assert torch.get_num_interop_threads() == cores
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        assert cores == 1
