@@ -13,7 +13,8 @@ import torch
 
 from bench.peft_methods import PeakSampler, batches, reset_peak
 from stages.runtime import distributed as dist
-from stages.runtime.distributed import DistributedConfig, Engine, state_bytes
+from stages.runtime.distributed import Engine, state_bytes
+from stages.settings.distributed import DistributedConfig
 
 ZERO = {
     "zero2": {"zero_optimization": {"stage": 2}},

@@ -85,12 +85,9 @@ class DeviceWatch:
 def branches(device: torch.device, work: Path) -> dict:
     """The four branches and the shared-base layout on the embedded task at tiny sizes, on `device`."""
     from stages import comparisons, dpo, evaluate, judge, ppo, prepare, reward_model, sft
-    from stages.labeling.labelers import LabelerConfig
-    from stages.models.compute import ComputeConfig
-    from stages.models.modeling import ModelConfig
-    from stages.models.peft_setup import PeftConfig
-    from stages.models.tuning import Tuning
     from stages.runtime import device_guard
+    from stages.settings.labeling import LabelerConfig
+    from stages.settings.models import ComputeConfig, ModelConfig, PeftConfig, Tuning
 
     compute = ComputeConfig(device=str(device))
     lora = Tuning(peft=PeftConfig(method="lora", stages=["sft", "dpo"]), compute=compute)
@@ -211,8 +208,7 @@ def torchao_int4(device: torch.device, base: Path, out: Path, compute) -> None:
 
     from stages.models import tuning as tuning_lib
     from stages.models.modeling import load_tokenizer
-    from stages.models.peft_setup import PeftConfig
-    from stages.models.tuning import Tuning
+    from stages.settings.models import PeftConfig, Tuning
 
     tok = load_tokenizer(base)
     wide = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256,
@@ -322,9 +318,7 @@ def timings(device: torch.device, work: Path, *, small: bool, seq: int) -> list[
 def variant(device, out: Path, name: str, comp: dict, method: str, base: Path, files, *, small: bool, seq: int):
     """SFT, the reward model, one PPO update (HF, and vLLM where installed) and DPO under one variant."""
     from stages import dpo, ppo, reward_model, sft
-    from stages.models.compute import ComputeConfig
-    from stages.models.peft_setup import PeftConfig
-    from stages.models.tuning import Tuning
+    from stages.settings.models import ComputeConfig, PeftConfig, Tuning
 
     tuning = Tuning(peft=PeftConfig(method=method), compute=ComputeConfig(device=str(device), **comp))
     budget = {"max_length": seq, "max_prompt_length": seq // 2}

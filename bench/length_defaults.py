@@ -50,7 +50,8 @@ def tokenizers():
 
 def rows_of(name: str) -> tuple[list[dict], list[dict]]:
     """(demonstrations, rankings) of a dataset through the data worker."""
-    from stages.data.reader import DatasetConfig, load
+    from stages.data.reader import load
+    from stages.settings.data import DatasetConfig
 
     spec = DATASETS[name]
     records = load(DatasetConfig(path=str(SHARED / spec["path"]), kind=spec["kind"], format=spec["format"])).rows

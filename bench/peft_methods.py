@@ -143,10 +143,9 @@ def one(args) -> dict:
     from transformers import AutoTokenizer
 
     from stages.models import tuning as tuning_lib
-    from stages.models.compute import ComputeConfig, autocast
-    from stages.models.optim import OptimConfig, state_bytes
-    from stages.models.peft_setup import PeftConfig
-    from stages.models.tuning import Tuning
+    from stages.models.compute import autocast
+    from stages.models.optim import state_bytes
+    from stages.settings.models import ComputeConfig, OptimConfig, PeftConfig, Tuning
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -41,9 +41,10 @@ print("RESULT " + json.dumps({"seconds": time.perf_counter() - t,
 
 def build(root: Path) -> int:
     from stages.data import task
-    from stages.models.modeling import ModelConfig, build_tiny_llama, load_scalar_model
+    from stages.models.modeling import build_tiny_llama, load_scalar_model
     from stages.prepare import build_tokenizer
     from stages.runtime.manifest import write_jsonl
+    from stages.settings.models import ModelConfig
 
     tok = build_tokenizer([" ".join(task.vocabulary())])
     cfg = ModelConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)

@@ -17,12 +17,10 @@ from pathlib import Path
 import flows  # noqa: F401  (telemetry off)
 from bench.common import write_results
 from stages import comparisons, prepare, reward_model, sft
-from stages.labeling.labelers import LabelerConfig
-from stages.models.modeling import ModelConfig
-from stages.models.peft_setup import PeftConfig
-from stages.models.tuning import Tuning
 from stages.preference import rankings
 from stages.runtime.manifest import read_jsonl, write_jsonl
+from stages.settings.labeling import LabelerConfig
+from stages.settings.models import ModelConfig, PeftConfig, Tuning
 
 OUT = Path("artifacts/bench/rm_batching.json")
 EPOCHS, LR, PROMPTS_PER_STEP = 3, 1e-3, 16

@@ -11,25 +11,33 @@ from typing import ClassVar
 
 from omegaconf import DictConfig, OmegaConf, ValidationError
 
-from stages.best_of_n import BestOfNConfig
-from stages.comparisons import ComparisonsConfig
-from stages.dpo import OWN_LOSSES, DpoConfig
-from stages.evaluate import EvaluateConfig
-from stages.judge import JudgeConfig
-from stages.labeling.labelers import LabelerConfig
-from stages.models.compute import ComputeConfig
-from stages.models.modeling import ModelConfig
-from stages.models.optim import OptimConfig
-from stages.models.optim import check as check_optim
-from stages.models.peft_setup import TRAINING_STAGES, PeftConfig
-from stages.models.tuning import Tuning, shared_base_refusal, shares_base
-from stages.ppo import PpoConfig
-from stages.prepare import DataConfig
-from stages.pretrain import PretrainConfig
-from stages.reward_model import RewardModelConfig
-from stages.runtime.distributed import DistributedConfig, refusal
 from stages.runtime.rules import COUNT, NONNEGATIVE, POSITIVE, UNIT, ConfigError, Rule, check_tree
-from stages.sft import SftConfig
+from stages.settings.data import DataConfig
+from stages.settings.distributed import DistributedConfig, refusal
+from stages.settings.labeling import LabelerConfig
+from stages.settings.models import (
+    TRAINING_STAGES,
+    ComputeConfig,
+    ModelConfig,
+    OptimConfig,
+    PeftConfig,
+    Tuning,
+    check_optim,
+    shared_base_refusal,
+    shares_base,
+)
+from stages.settings.recipe import (
+    OWN_LOSSES,
+    BestOfNConfig,
+    ComparisonsConfig,
+    DpoConfig,
+    EvaluateConfig,
+    JudgeConfig,
+    PpoConfig,
+    PretrainConfig,
+    RewardModelConfig,
+    SftConfig,
+)
 
 # The stages of each branch, in order (`flows/branches.py` wires them; `pipeline.stop_after` names one)
 PIPELINES = {

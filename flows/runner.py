@@ -33,9 +33,9 @@ from flows.launch import faults, launch
 from flows.launch.faults import LOCK_TAG
 from flows.launch.resources import peak_rss_mb, resource_error, run_lock
 from stages.runtime import checkpoints
-from stages.runtime.distributed import DistributedConfig
 from stages.runtime.manifest import MANIFEST, Manifest, publish, sha256_json, staging_folder
 from stages.runtime.progress import STOP
+from stages.settings.distributed import DistributedConfig
 
 
 def module_file(module: str) -> Path | None:

@@ -7,10 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from flows.config import Config
-from stages.models.peft_setup import PeftConfig
-from stages.models.tuning import Tuning
 from stages.rl import rewards
 from stages.runtime.manifest import Manifest
+from stages.settings.models import PeftConfig, Tuning
 
 
 class QualityGate(ValueError):

@@ -16,9 +16,7 @@ Alone: `python -m flows.align pipeline=best_of_n pipeline.stop_after=best_of_n`.
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 
@@ -29,34 +27,8 @@ from stages.models.modeling import decode_responses, load_causal_lm, load_tokeni
 from stages.preference.scorers import TrainedRewardModel
 from stages.runtime.manifest import Manifest, folder_digest, write_jsonl
 from stages.runtime.progress import progress
-from stages.runtime.rules import COUNT, POSITIVE, UNCONSTRAINED, Rule, at_least
 from stages.runtime.tracking import log_metrics
-
-
-@dataclass(frozen=True)
-class BestOfNConfig:
-    n: int = 8  # responses sampled per prompt; the reward model keeps one
-    prompts: int = 512  # prompts sampled each round (from PPO's prompt set, a different slice per round)
-    rounds: int = 1  # sample-select-fine-tune rounds, each from the previous round's policy
-    max_new_tokens: int | None = None  # null: a quarter of the model's context window
-    max_prompt_length: int | None = None  # tokens; longer prompts keep their end; null: the rest of the context
-    temperature: float = 1.0
-    batch_size: int = 256  # sequences per generate call
-    seed: int = 0
-
-    RULES: ClassVar[dict[str, Rule]] = {
-        "n": at_least(2), "prompts": COUNT, "rounds": COUNT, "max_new_tokens": COUNT, "max_prompt_length": COUNT,
-        "temperature": POSITIVE, "batch_size": COUNT, "seed": UNCONSTRAINED,
-    }  # fmt: skip
-
-    def __post_init__(self) -> None:
-        if self.n < 2:
-            raise ValueError(f"stage.best_of_n.n: a choice needs at least 2 responses, got {self.n}")
-        for key in ("prompts", "rounds", "batch_size"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"stage.best_of_n.{key}: must be >= 1, got {getattr(self, key)}")
-        if self.temperature <= 0:
-            raise ValueError(f"stage.best_of_n.temperature: must be > 0, got {self.temperature}")
+from stages.settings.recipe import BestOfNConfig
 
 
 def _as_messages(prompt) -> list[dict]:

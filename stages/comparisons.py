@@ -13,37 +13,17 @@ Alone: `python -m flows.align pipeline.stop_after=comparisons`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 from stages.data.tokens import SamplingBudget, fit_prompt_file, resolve_sampling
-from stages.labeling.labelers import LabelerConfig, make_labeler
+from stages.labeling.labelers import make_labeler
 from stages.models.compute import pick_device
 from stages.models.modeling import decode_responses, load_causal_lm, load_tokenizer, model_context, sample
 from stages.runtime.manifest import Manifest, folder_digest, read_jsonl, write_jsonl
 from stages.runtime.progress import progress
-from stages.runtime.rules import COUNT, POSITIVE, UNCONSTRAINED, Rule, at_least
 from stages.runtime.tracking import log_metrics
-
-
-@dataclass(frozen=True)
-class ComparisonsConfig:
-    k: int = 4  # responses ranked per prompt (InstructGPT: 4 to 9)
-    max_new_tokens: int | None = None  # null: a quarter of the model's context window
-    max_prompt_length: int | None = None  # tokens; longer prompts keep their end; null: the rest of the context
-    temperature: float = 1.0
-    batch_size: int = 256  # sequences per generate call
-    seed: int = 0
-
-    RULES: ClassVar[dict[str, Rule]] = {
-        "k": at_least(2), "max_new_tokens": COUNT, "max_prompt_length": COUNT, "temperature": POSITIVE,
-        "batch_size": COUNT, "seed": UNCONSTRAINED,
-    }  # fmt: skip
-
-    def __post_init__(self) -> None:
-        if self.k < 2:
-            raise ValueError(f"stage.comparisons.k: a ranking needs at least 2 responses, got {self.k}")
+from stages.settings.labeling import LabelerConfig
+from stages.settings.recipe import ComparisonsConfig
 
 
 def sample_k(

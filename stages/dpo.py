@@ -31,9 +31,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 
@@ -50,81 +48,18 @@ from stages.models.modeling import (
     sequence_logprobs,
 )
 from stages.models.optim import schedule
-from stages.models.tuning import Tuning, device, export, load, optimizer, shares_base, trainer_setup
+from stages.models.tuning import device, export, load, optimizer, trainer_setup
 from stages.preference import losses
 from stages.preference.rankings import encode_rankings, preference_pairs, ranking_pairs
 from stages.preference.scorers import implicit_reward_accuracy
 from stages.runtime import checkpoints
 from stages.runtime import distributed as dist
-from stages.runtime.distributed import DistributedConfig
 from stages.runtime.manifest import Manifest, folder_digest, read_jsonl
 from stages.runtime.progress import progress
-from stages.runtime.rules import COUNT, NONNEGATIVE, OFF_OR_COUNT, POSITIVE, UNCONSTRAINED, Rule, at_least, between
 from stages.runtime.tracking import TRAINER_ARGS, log_metrics, trainer_callback
-
-TRL_LOSSES = (
-    "sigmoid",
-    "hinge",
-    "ipo",
-    "exo_pair",
-    "nca_pair",
-    "robust",
-    "bco_pair",
-    "sppo_hard",
-    "aot",
-    "aot_unpaired",
-    "apo_zero",
-    "apo_down",
-    "discopop",
-    "sigmoid_norm",
-)
-OWN_LOSSES = ("plackett_luce", "simpo", "orpo", "kto")  # our loop, one batch element per prompt's group
-REFERENCE_FREE = ("simpo", "orpo")  # no reference model in training
-LOSSES = (*TRL_LOSSES, *OWN_LOSSES)
-
-
-@dataclass(frozen=True)
-class DpoConfig:
-    beta: float = 0.1  # Rafailov et al. 2023: 0.1 in their dialogue runs; higher keeps closer to SFT
-    loss_type: str = "sigmoid"  # the DPO loss; trl's variants; or ours: plackett_luce, simpo, orpo, kto
-    label_smoothing: float = 0.0  # robust DPO / cDPO: the assumed probability that a label is flipped
-    epochs: float = 1.0
-    learning_rate: float = 1e-3
-    batch_size: int = 64  # pairs per step (plackett_luce: prompts with all K responses)
-    max_prompt_length: int | None = None  # tokens; null: max_length less a quarter of it
-    max_length: int | None = None  # prompt + response tokens; null: the model's context window
-    kl_prompts: int = 200  # held-out prompts sampled to measure the KL to SFT
-    max_new_tokens: int | None = None  # for the KL samples; null: a quarter of the context
-    simpo_beta: float = 2.0  # SimPO (Meng et al. 2024): the length-normalised reward's scale
-    simpo_gamma: float = 1.0  # SimPO's target margin (their gamma/beta = 0.5)
-    orpo_lambda: float = 0.1  # ORPO (Hong et al. 2024): the odds-ratio term's weight beside the NLL
-    kto_desirable_weight: float = 1.0  # KTO (Ethayarajh et al. 2024): lambda_D and lambda_U
-    kto_undesirable_weight: float = 1.0
-    seed: int = 0
-    checkpoint_every: int = 50  # steps between checkpoints (a killed run resumes from the last); 0: never
-
-    RULES: ClassVar[dict[str, Rule]] = {
-        "beta": POSITIVE, "label_smoothing": between(0, 0.5, high_open=True), "epochs": POSITIVE,
-        "learning_rate": POSITIVE, "batch_size": COUNT, "max_prompt_length": COUNT, "max_length": at_least(2),
-        "kl_prompts": COUNT, "max_new_tokens": COUNT, "simpo_beta": POSITIVE, "simpo_gamma": NONNEGATIVE,
-        "orpo_lambda": NONNEGATIVE, "kto_desirable_weight": POSITIVE, "kto_undesirable_weight": POSITIVE,
-        "seed": UNCONSTRAINED, "checkpoint_every": OFF_OR_COUNT,
-    }  # fmt: skip
-
-    def __post_init__(self) -> None:
-        if self.loss_type not in LOSSES:
-            raise ValueError(f"stage.dpo.loss_type: {self.loss_type!r} is not one of {', '.join(LOSSES)}")
-        if self.beta <= 0:
-            raise ValueError(f"stage.dpo.beta: must be > 0, got {self.beta}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"stage.dpo.label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
-        for key in ("simpo_beta", "kto_desirable_weight", "kto_undesirable_weight"):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"stage.dpo.{key}: must be > 0, got {getattr(self, key)}")
-        if self.simpo_gamma < 0 or self.orpo_lambda < 0:
-            raise ValueError("stage.dpo.simpo_gamma and stage.dpo.orpo_lambda must be >= 0")
-        if self.batch_size < 1 or self.epochs <= 0:
-            raise ValueError("stage.dpo: batch_size must be >= 1 and epochs > 0")
+from stages.settings.distributed import DistributedConfig
+from stages.settings.models import Tuning, shares_base
+from stages.settings.recipe import OWN_LOSSES, REFERENCE_FREE, DpoConfig
 
 
 def plackett_luce_loss(rewards: torch.Tensor, ranks: list[int]) -> torch.Tensor:

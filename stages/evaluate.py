@@ -37,17 +37,16 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
 from stages.data import sources
 from stages.data.tokens import Budget, fit_prompt_file, resolve_budget, resolve_sampling
 from stages.labeling import judges
-from stages.labeling.labelers import LabelerConfig, SimulatedLabeler, make_labeler
+from stages.labeling.labelers import SimulatedLabeler, make_labeler
 from stages.models.compute import pick_device
 from stages.models.modeling import (
     decode_responses,
@@ -63,34 +62,9 @@ from stages.preference.validity import length_controlled, validity, wilson
 from stages.runtime import diagnostics
 from stages.runtime.manifest import Manifest, folder_digest, read_jsonl, write_jsonl
 from stages.runtime.progress import progress
-from stages.runtime.rules import COUNT, NONNEGATIVE, POSITIVE, UNCONSTRAINED, UNIT, Rule, between
-
-
-@dataclass(frozen=True)
-class EvaluateConfig:
-    max_new_tokens: int | None = None  # null: a quarter of the model's context window
-    max_prompt_length: int | None = None  # tokens; longer prompts keep their end; null: the rest of the context
-    temperature: float = 1.0
-    batch_size: int = 200
-    seed: int = 1234
-    win_labeler_noise: float = 0.3  # the simulated human labeler that judges wins (conf/labeler/simulated.yaml)
-    max_kl_per_token: float = 1.0  # above: the verdict is "flagged" (policy far from SFT: likely reward hacking)
-    max_repetition: float = 0.5  # above: "flagged" (see stages/runtime/diagnostics.py)
-    # the lower end of the win judge's 95% CI of held-out accuracy must reach this, or the win rate is
-    # not evidence ("inconclusive"). Chance is 0.5; the HH-RLHF run that printed "89.4%" had a judge at
-    # 0.511 (CI 0.45-0.58); the embedded task's judges reach 0.8-0.9.
-    min_judge_accuracy: float = 0.55
-    max_empty_share: float = 0.05  # degenerate outputs (flagged above): empty responses
-    max_prompt_copy_share: float = 0.05  # responses that repeat the prompt
-    max_top_response_share: float = 0.25  # one answer given to a quarter of the prompts
-    min_length_ratio: float = 0.5  # mean length against SFT's (a collapse below: flagged)
-
-    RULES: ClassVar[dict[str, Rule]] = {
-        "max_new_tokens": COUNT, "max_prompt_length": COUNT, "temperature": POSITIVE, "batch_size": COUNT,
-        "seed": UNCONSTRAINED, "win_labeler_noise": between(0, 0.5, high_open=True), "max_kl_per_token": POSITIVE,
-        "max_repetition": UNIT, "min_judge_accuracy": UNIT, "max_empty_share": UNIT, "max_prompt_copy_share": UNIT,
-        "max_top_response_share": UNIT, "min_length_ratio": NONNEGATIVE,
-    }  # fmt: skip
+from stages.settings.data import EXACT_MATCH
+from stages.settings.labeling import LabelerConfig
+from stages.settings.recipe import EvaluateConfig
 
 
 def accuracy_block(sft: list[float], policy: list[float]) -> dict[str, Any]:
@@ -254,12 +228,12 @@ def run(
         gold_sft = [gold_fn(p, y) for p, y in zip(texts, sft_texts)]
         gold_pol = [gold_fn(p, y) for p, y in zip(texts, pol_texts)]
         result["gold_sft"], result["gold_policy"] = mean_ci95(gold_sft), mean_ci95(gold_pol)
-        if gold in sources.EXACT_MATCH:
+        if gold in EXACT_MATCH:
             result["accuracy"] = accuracy_block(gold_sft, gold_pol)
         human = SimulatedLabeler(LabelerConfig(noise=cfg.win_labeler_noise), target_len, gold)  # one scale
         wins = [_win(human.rank(p, [a, b])) for p, a, b in triples]
         items = [(r["prompt"], r["responses"]) for r in held] or [(p, [a, b]) for p, a, b in triples]
-        if gold in sources.EXACT_MATCH:  # a verifier ties most pairs: measure its labeler where it prefers one
+        if gold in EXACT_MATCH:  # a verifier ties most pairs: measure its labeler where it prefers one
             items = [(p, [a, b]) for p, rs in items for a, b in combinations(rs, 2) if gold_fn(p, a) != gold_fn(p, b)]
         humans = judges.independent_human(cfg.win_labeler_noise, target_len, gold)
         win = ("simulated human labeler", wins, *judges.simulated_agreement(human, humans, items))

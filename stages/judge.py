@@ -29,47 +29,20 @@ from __future__ import annotations
 import json
 import math
 import random
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 
 from stages.data import task
 from stages.labeling.ai_labeler import AiLabeler, LocalJudge, pair_prompt, score_prompt
-from stages.labeling.labelers import LabelerConfig, SimulatedLabeler
-from stages.models.compute import ComputeConfig, autocast, checkpointing, grad_scaler, model_device, resolve_device
-from stages.models.modeling import ModelConfig, build_tiny_llama, position_ids
+from stages.labeling.labelers import SimulatedLabeler
+from stages.models.compute import autocast, checkpointing, grad_scaler, model_device, resolve_device
+from stages.models.modeling import build_tiny_llama, position_ids
 from stages.runtime.manifest import Manifest, folder_digest
-from stages.runtime.rules import COUNT, POSITIVE, UNCONSTRAINED, UNIT, Rule
 from stages.runtime.tracking import log_metrics
-
-
-@dataclass(frozen=True)
-class JudgeConfig:
-    n_pairs: int = 8000  # pairwise training prompts
-    n_scores: int = 4000  # 1-10 scoring training prompts (d-RLAIF)
-    n_eval_pairs: int = 400
-    salad_fraction: float = 0.3  # responses of random task words (degenerate outputs)
-    temperature: float = 0.15  # softness of the rubric's pairwise targets
-    hidden_size: int = 64
-    intermediate_size: int = 128
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    epochs: int = 3
-    learning_rate: float = 2e-3
-    batch_size: int = 64
-    seed: int = 0
-
-    RULES: ClassVar[dict[str, Rule]] = {
-        "n_pairs": COUNT, "n_scores": COUNT, "n_eval_pairs": COUNT, "salad_fraction": UNIT, "temperature": POSITIVE,
-        "hidden_size": COUNT, "intermediate_size": COUNT, "num_hidden_layers": COUNT, "num_attention_heads": COUNT,
-        "epochs": COUNT, "learning_rate": POSITIVE, "batch_size": COUNT, "seed": UNCONSTRAINED,
-    }  # fmt: skip
-
-    def __post_init__(self) -> None:
-        if self.temperature <= 0 or not 0 <= self.salad_fraction <= 1:
-            raise ValueError("stage.judge: temperature must be > 0 and salad_fraction in [0, 1]")
+from stages.settings.labeling import LabelerConfig
+from stages.settings.models import ComputeConfig, ModelConfig
+from stages.settings.recipe import JudgeConfig
 
 
 def rubric(prompt: str, response: str) -> float:

@@ -35,15 +35,13 @@ import contextlib
 import json
 import math
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 
 from stages.data import sources
 from stages.data.tokens import SamplingBudget, fit_prompt_file, resolve_sampling
-from stages.labeling.labelers import LabelerConfig, make_labeler
+from stages.labeling.labelers import make_labeler
 from stages.models import peft_setup
 from stages.models.compute import autocast, grad_scaler, model_device
 from stages.models.modeling import (
@@ -55,162 +53,24 @@ from stages.models.modeling import (
     model_context,
     save_tokenizer,
 )
-from stages.models.tuning import Tuning, device, optimizer
+from stages.models.tuning import device, optimizer
 from stages.preference.scorers import TrainedRewardModel
 from stages.rl import ppo_math as pm
 from stages.rl import rewards
 from stages.rl.ppo_models import FullCopies, SharedBase
-from stages.rl.rollout import GENERATIONS, HfRollout, VllmRollout, check
+from stages.rl.rollout import HfRollout, VllmRollout, check
 from stages.rl.watch import Watch
 from stages.runtime import checkpoints, diagnostics
 from stages.runtime import distributed as dist
-from stages.runtime.distributed import DistributedConfig, Engine
+from stages.runtime.distributed import Engine
 from stages.runtime.errors import NonFiniteStop
 from stages.runtime.manifest import Manifest, folder_digest, read_jsonl, write_jsonl
 from stages.runtime.progress import progress
-from stages.runtime.rules import (
-    COUNT,
-    NONNEGATIVE,
-    OFF_OR_COUNT,
-    OPEN_UNIT,
-    POSITIVE,
-    UNCONSTRAINED,
-    UNIT,
-    Rule,
-    between,
-)
 from stages.runtime.tracking import log_metrics
-
-
-@dataclass(frozen=True)
-class PpoConfig:
-    updates: int = 40
-    # full_copies: policy, reference, value and reward as four models (full fine-tuning);
-    # shared_base: LoRA policy and value adapters on one base, reference = adapters disabled
-    layout: str = "full_copies"
-    rollouts_per_update: int = 64
-    ppo_epochs: int = 4
-    minibatch_size: int = 16
-    learning_rate: float = 1e-4
-    beta: float = 0.02  # per-token KL coefficient to the SFT policy (InstructGPT)
-    kl_estimator: str = "k1"  # k1 = log pi - log pi_sft (InstructGPT); k3: non-negative, lower variance
-    kl_target: float | None = None  # set: adaptive beta toward this KL per response (Ziegler et al. 2019)
-    kl_horizon: int = 10000  # adaptive controller horizon, in rollouts (Ziegler et al. 2019)
-    kl_warn: float = 20.0  # warn once when the mean KL per response passes this
-    gamma: float = 1.0  # InstructGPT / Ziegler et al.: no discount within a response
-    lam: float = 0.95  # GAE lambda
-    clip: float = 0.2  # clipped surrogate epsilon (Schulman et al. 2017)
-    value_clip: float = 0.2
-    vf_coef: float = 0.1
-    max_grad_norm: float = 1.0
-    whiten_advantages: bool = True
-    ptx_coef: float = 0.0  # PPO-ptx; InstructGPT used 27.8 on its own loss scale; 0 turns it off
-    ptx_batch_size: int = 16
-    ema_decay: float | None = 0.992  # EMA of policy weights for export (InstructGPT); null: off
-    max_new_tokens: int | None = None  # null: a quarter of the model's context window
-    max_prompt_length: int | None = None  # tokens; longer prompts keep their end; null: the rest of the context
-    temperature: float = 1.0
-    top_p: float = 1.0
-    # subtracted from the score of a response that did not end with EOS within max_new_tokens: without
-    # it a policy can pad answers that the reward model likes long (see README, "Reward hacking")
-    missing_eos_penalty: float | None = None
-    max_repetition: float = 0.5  # the last update's repetition above this flags the stage (diagnostics.py)
-    checkpoint_every: int = 10  # updates between checkpoints; 0: never
-    generation: str = "hf"  # the rollout engine (stages/rl/rollout.py): hf | vllm (CUDA; weights synced per update)
-    generation_batch_size: int | None = None  # hf: prompts per generate call, sorted by length; null: all at once
-    static_cache: bool = False  # hf: a preallocated KV cache (transformers compiles the decode step on a GPU)
-    # reference and reward models in host memory but while they score each update's rollouts
-    # (DeepSpeed-Chat, OpenRLHF): less accelerator memory, a transfer per update
-    offload_frozen: bool = False
-    # degenerate rollouts: above a bound the stage is flagged; with stop_on_degenerate training stops there
-    stop_on_degenerate: bool = False
-    max_empty_share: float = 0.5
-    max_prompt_copy_share: float = 0.5
-    max_top_response_share: float = 0.5
-    min_length_ratio: float = 0.25  # mean length against the first update's
-    # over-optimisation (Gao et al. 2022): every N updates, score held-out prompts with the proxy and an
-    # independent judge (the gold rule, else the evaluation reward model) against KL; 0: off
-    watch_every: int = 0
-    watch_prompts: int = 64
-    select: str = "last"  # last | judge_peak: publish the policy at the judge's best watched point
-    # the advantage estimator (stages/rl/ppo_math.py): gae (InstructGPT, with a value model) or a
-    # critic-free one (grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline: no value model loaded)
-    advantage: str = "gae"
-    samples_per_prompt: int = 1  # n responses per prompt each update; the group estimators need n >= 2
-    kl_penalty: str = "reward"  # reward: -beta*KL per token in the reward (InstructGPT); loss: GRPO's k3 term
-    # a reward from code, `package.module:name` (stages/rl/rewards.py), alone (no reward model given) or
-    # summed with the reward model's normalised score: w_model * rm + w_function * function
-    reward_function: str | None = None
-    reward_function_weight: float = 1.0
-    reward_model_weight: float = 1.0
-    seed: int = 0
-
-    RULES: ClassVar[dict[str, Rule]] = {
-        "updates": COUNT, "rollouts_per_update": COUNT, "ppo_epochs": COUNT, "minibatch_size": COUNT,
-        "learning_rate": POSITIVE, "beta": NONNEGATIVE, "kl_target": POSITIVE, "kl_horizon": COUNT,
-        "kl_warn": POSITIVE, "gamma": UNIT, "lam": UNIT, "clip": POSITIVE, "value_clip": POSITIVE,
-        "vf_coef": NONNEGATIVE, "max_grad_norm": POSITIVE, "ptx_coef": NONNEGATIVE, "ptx_batch_size": COUNT,
-        "ema_decay": OPEN_UNIT, "max_new_tokens": COUNT, "max_prompt_length": COUNT, "temperature": POSITIVE,
-        "top_p": between(0, 1, low_open=True), "missing_eos_penalty": UNCONSTRAINED, "max_repetition": UNIT,
-        "checkpoint_every": OFF_OR_COUNT, "generation_batch_size": COUNT, "max_empty_share": UNIT,
-        "max_prompt_copy_share": UNIT, "max_top_response_share": UNIT, "min_length_ratio": NONNEGATIVE,
-        "watch_every": OFF_OR_COUNT, "watch_prompts": COUNT, "samples_per_prompt": COUNT,
-        "reward_function_weight": NONNEGATIVE, "reward_model_weight": NONNEGATIVE, "seed": UNCONSTRAINED,
-    }  # fmt: skip
-
-    @property
-    def critic_free(self) -> bool:
-        return self.advantage in pm.CRITIC_FREE
-
-    def __post_init__(self) -> None:
-        if self.advantage not in pm.ESTIMATORS:
-            raise ValueError(f"stage.ppo.advantage: {self.advantage!r} is not one of {', '.join(pm.ESTIMATORS)}")
-        if self.kl_penalty not in ("reward", "loss"):
-            raise ValueError(f"stage.ppo.kl_penalty: {self.kl_penalty!r} is not 'reward' or 'loss'")
-        if self.samples_per_prompt < 1 or self.rollouts_per_update % self.samples_per_prompt:
-            raise ValueError(
-                f"stage.ppo.samples_per_prompt ({self.samples_per_prompt}) must be >= 1 and divide "
-                f"stage.ppo.rollouts_per_update ({self.rollouts_per_update})"
-            )
-        if self.advantage in pm.GROUPED and self.samples_per_prompt < 2:
-            raise ValueError(
-                f"stage.ppo.advantage={self.advantage} compares responses to one prompt: "
-                f"set stage.ppo.samples_per_prompt >= 2, got {self.samples_per_prompt}"
-            )
-        for key in ("reward_function_weight", "reward_model_weight"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"stage.ppo.{key}: must be >= 0, got {getattr(self, key)}")
-        if self.reward_function is not None and ":" not in self.reward_function:
-            raise ValueError(
-                f"stage.ppo.reward_function: {self.reward_function!r} is not of the form package.module:name"
-            )
-        if self.kl_penalty == "loss" and self.advantage == "gae":
-            raise ValueError(
-                "stage.ppo.kl_penalty=loss is for the critic-free estimators; gae keeps the KL in the reward"
-            )
-        if self.rollouts_per_update % self.minibatch_size:
-            raise ValueError(
-                f"stage.ppo.rollouts_per_update ({self.rollouts_per_update}) must be a multiple of "
-                f"stage.ppo.minibatch_size ({self.minibatch_size})"
-            )
-        if self.beta < 0:
-            raise ValueError(f"stage.ppo.beta: must be >= 0, got {self.beta}")
-        if self.layout not in ("full_copies", "shared_base"):
-            raise ValueError(f"stage.ppo.layout: {self.layout!r} is not 'full_copies' or 'shared_base'")
-        if self.kl_estimator not in ("k1", "k3"):
-            raise ValueError(f"stage.ppo.kl_estimator: {self.kl_estimator!r} is not 'k1' or 'k3'")
-        if self.generation not in GENERATIONS:
-            raise ValueError(f"stage.ppo.generation: {self.generation!r} is not one of {', '.join(GENERATIONS)}")
-        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
-            raise ValueError(f"stage.ppo.ema_decay: must be in (0, 1) or null, got {self.ema_decay}")
-        if self.select not in ("last", "judge_peak"):
-            raise ValueError(f"stage.ppo.select: {self.select!r} is not 'last' or 'judge_peak'")
-        if self.select == "judge_peak" and self.watch_every < 1:
-            raise ValueError("stage.ppo.select=judge_peak needs stage.ppo.watch_every >= 1 (the judge's curve)")
-        if self.watch_every < 0 or self.watch_prompts < 1:
-            raise ValueError("stage.ppo.watch_every must be >= 0 and stage.ppo.watch_prompts >= 1")
-        if self.generation_batch_size is not None and self.generation_batch_size < 1:
-            raise ValueError(f"stage.ppo.generation_batch_size: must be >= 1 or null, got {self.generation_batch_size}")
+from stages.settings.distributed import DistributedConfig
+from stages.settings.labeling import LabelerConfig
+from stages.settings.models import Tuning
+from stages.settings.recipe import PpoConfig
 
 
 def _subset(r: Rollout, idx: torch.Tensor) -> Rollout:

@@ -24,15 +24,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
 from stages.data import sources
 from stages.data.images import IMAGE_TOKEN
-from stages.data.reader import DatasetConfig
 from stages.data.tokens import (
     DEFAULT_CHAT_TEMPLATE,
     ROLE_MARKERS,
@@ -44,7 +42,6 @@ from stages.data.tokens import (
 from stages.models import vision
 from stages.models.compute import model_device, pick_device
 from stages.models.modeling import (
-    ModelConfig,
     build_tiny_llama,
     build_tiny_llava,
     lm_loss,
@@ -55,74 +52,11 @@ from stages.models.modeling import (
 )
 from stages.runtime.manifest import Manifest, folder_digest, write_jsonl
 from stages.runtime.progress import progress
-from stages.runtime.rules import COUNT, OPEN_UNIT, UNCONSTRAINED, UNIT, Rule, between
+from stages.settings.data import EMBEDDED_GOLD, DataConfig
+from stages.settings.models import ModelConfig
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<eos>", *ROLE_MARKERS]
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    seed: int = 0
-    task: str = "words"  # the embedded task: words (the hidden gold rule) or arithmetic (exact match, verifiable)
-    target_len: int = 6  # the gold rule's preferred response length, in words
-    n_demonstrations: int = 3000
-    n_comparison_prompts: int = 600
-    n_heldout_comparison_prompts: int = 200
-    n_ppo_prompts: int = 2048
-    n_eval_prompts: int = 400
-    demonstrations: DatasetConfig | None = None  # a real dataset instead of the embedded task's
-    # ranked or pairwise comparisons for the reward model instead of sampling and labelling them
-    comparisons: DatasetConfig | None = None
-    prompts: DatasetConfig | None = None  # PPO's prompts (kind: prompts); default: from the data above
-    eval_prompts: DatasetConfig | None = None  # evaluation's prompts; default: the data's held-out split
-    # raw text (kind: text; plain text, JSONL or Parquet) for stage.pretrain before SFT; null: no pretrain stage
-    pretrain: DatasetConfig | None = None
-    heldout_fraction: float = 0.1  # of the comparisons (else demonstrations), held out for evaluation
-    eval_rm_fraction: float = 0.5  # of the rest of the comparisons: the evaluation reward model's split; 0: none
-    truncation: bool = True  # cut long rows (prompt keeps its end); false: rows that do not fit are dropped
-    # more rows dropped than this stops the run, naming the key to raise; fewer are reported loudly. From
-    # `make bench-lengths`: default limits drop at most 1.0% of a shared dataset's rows at a 256-token
-    # context (ShareGPT pairs, a 512-piece SentencePiece tokenizer), 4.7% at 128 tokens
-    max_dropped_fraction: float = 0.05
-
-    RULES: ClassVar[dict[str, Rule]] = {
-        "seed": UNCONSTRAINED, "target_len": COUNT, "n_demonstrations": COUNT, "n_comparison_prompts": COUNT,
-        "n_heldout_comparison_prompts": COUNT, "n_ppo_prompts": COUNT, "n_eval_prompts": COUNT,
-        "heldout_fraction": OPEN_UNIT, "eval_rm_fraction": between(0, 1, high_open=True),
-        "max_dropped_fraction": UNIT,
-    }  # fmt: skip
-
-    def __post_init__(self) -> None:
-        if self.task not in sources.EMBEDDED_GOLD:
-            raise ValueError(f"data.task: {self.task!r} is not one of {', '.join(sources.EMBEDDED_GOLD)}")
-        if self.comparisons is not None and self.comparisons.kind not in ("preferences", "rankings", "unary"):
-            raise ValueError(
-                f"data.comparisons.kind: {self.comparisons.kind!r} is not 'preferences', 'rankings' or 'unary' "
-                "(thumbs-up/down labels, for KTO)"
-            )
-        if self.pretrain is not None and self.pretrain.kind != "text":
-            raise ValueError(f"data.pretrain.kind: {self.pretrain.kind!r} must be 'text' (raw documents)")
-        for key in ("prompts", "eval_prompts"):
-            ds = getattr(self, key)
-            if ds is not None and ds.kind != "prompts":
-                raise ValueError(f"data.{key}.kind: {ds.kind!r} must be 'prompts'")
-        if not 0 < self.heldout_fraction < 1:
-            raise ValueError(f"data.heldout_fraction: must be in (0, 1), got {self.heldout_fraction}")
-        if not 0 <= self.eval_rm_fraction < 1:
-            raise ValueError(f"data.eval_rm_fraction: must be in [0, 1), got {self.eval_rm_fraction}")
-        if not 0 <= self.max_dropped_fraction <= 1:
-            raise ValueError(f"data.max_dropped_fraction: must be in [0, 1], got {self.max_dropped_fraction}")
-
-    @property
-    def is_embedded(self) -> bool:
-        """No data file is configured: the run is the embedded task's."""
-        return all(getattr(self, k) is None for k in ("demonstrations", "comparisons", "prompts", "eval_prompts"))
-
-    @property
-    def gold(self) -> str | None:
-        """The gold rule that scores the data: the embedded task's, none for your own data."""
-        return sources.EMBEDDED_GOLD[self.task] if self.is_embedded else None
 
 
 def build_tokenizer(corpus: list[str]):
@@ -240,7 +174,7 @@ def base_model(cfg: DataConfig, model_cfg: ModelConfig, data: sources.Sourced, d
         tokenizer = build_tokenizer([*texts, *data.pretrain, " ".join(sources.vocabulary_hint(data.gold))])
         tokenizer.processor = vision.build_processor(tokenizer)
         model = build_tiny_llava(model_cfg, tokenizer, cfg.seed).to(pick_device(device))
-    elif data.gold in sources.EMBEDDED_GOLD.values():
+    elif data.gold in EMBEDDED_GOLD.values():
         tokenizer = build_tokenizer([*texts, " ".join(sources.vocabulary_hint(data.gold))])
     else:
         texts += [" ".join(_texts(p)) for ps in data.prompt_sets.values() for p in ps]

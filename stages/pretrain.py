@@ -12,37 +12,20 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 
-from stages.data.reader import DatasetConfig
 from stages.data.reader import load as load_rows
 from stages.models.modeling import load_tokenizer, model_context, save_tokenizer
-from stages.models.tuning import Tuning, export, load, optimizer
+from stages.models.tuning import export, load, optimizer
 from stages.runtime.errors import NonFiniteStop
 from stages.runtime.manifest import Manifest, folder_digest
 from stages.runtime.progress import progress
-from stages.runtime.rules import COUNT, POSITIVE, UNCONSTRAINED, UNIT, Rule, at_least
 from stages.runtime.tracking import log_metrics
-
-
-@dataclass(frozen=True)
-class PretrainConfig:
-    epochs: float = 1.0
-    learning_rate: float = 1e-4
-    batch_size: int = 8  # blocks per step
-    max_length: int | None = None  # tokens per block; null: the model's context window
-    warmup_ratio: float = 0.05  # linear warmup over this share of the steps, then constant
-    max_documents: int | None = None  # null: every document of the file
-    seed: int = 0
-
-    RULES: ClassVar[dict[str, Rule]] = {
-        "epochs": POSITIVE, "learning_rate": POSITIVE, "batch_size": COUNT, "max_length": at_least(2),
-        "warmup_ratio": UNIT, "max_documents": COUNT, "seed": UNCONSTRAINED,
-    }  # fmt: skip
+from stages.settings.data import DatasetConfig
+from stages.settings.models import Tuning
+from stages.settings.recipe import PretrainConfig
 
 
 def pack(documents: list[list[int]], eos: int, block: int) -> list[list[int]]:

@@ -24,9 +24,7 @@ import dataclasses
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -39,52 +37,21 @@ from stages.data.tokens import (
     row_sources,
 )
 from stages.models.compute import autocast, grad_scaler, model_device
-from stages.models.modeling import POOLINGS, load_tokenizer, model_context, save_tokenizer, sequence_scores
+from stages.models.modeling import load_tokenizer, model_context, save_tokenizer, sequence_scores
 from stages.models.optim import schedule
-from stages.models.peft_setup import PeftConfig
-from stages.models.tuning import Tuning, export, load, optimizer
+from stages.models.tuning import export, load, optimizer
 from stages.preference.rankings import encode_rankings, ranking_pairs
 from stages.preference.scorers import Normalization, pairwise_accuracy, pairwise_counts, score_encoded
 from stages.preference.validity import wilson
 from stages.runtime import checkpoints
 from stages.runtime import distributed as dist
-from stages.runtime.distributed import DistributedConfig, Engine
+from stages.runtime.distributed import Engine
 from stages.runtime.manifest import Manifest, folder_digest, read_jsonl
 from stages.runtime.progress import progress
-from stages.runtime.rules import COUNT, NONNEGATIVE, OFF_OR_COUNT, POSITIVE, UNCONSTRAINED, Rule, at_least
 from stages.runtime.tracking import log_metrics
-
-
-@dataclass(frozen=True)
-class RewardModelConfig:
-    epochs: int = 1  # InstructGPT trains its RM for a single epoch (overfits beyond)
-    learning_rate: float = 9e-6  # InstructGPT's 6B RM
-    batch_prompts: int = 16  # prompts per step; each carries its K responses
-    weight_decay: float = 0.0
-    margin: float = 0.0  # optional margin in the pairwise loss (Llama 2); 0 is InstructGPT's loss
-    pooling: str = "last"  # where the score is read: last token (InstructGPT) | mean over the response
-    targets: str = "hard"  # hard: ranks (InstructGPT) | soft: the AI labeler's P(i > j) (RLAIF distillation)
-    max_prompt_length: int | None = None  # tokens; null: max_length less a quarter of it
-    max_length: int | None = None  # prompt + response tokens; null: the model's context window
-    # start from another model than the policy (InstructGPT: a 6B RM for a 175B policy); it must
-    # share the policy's token ids, since PPO hands it the policy's sampled ids
-    name_or_path: str | None = None
-    seed: int = 0
-    checkpoint_every: int = 50  # steps between checkpoints (a killed run resumes from the last); 0: never
-
-    RULES: ClassVar[dict[str, Rule]] = {
-        "epochs": COUNT, "learning_rate": POSITIVE, "batch_prompts": COUNT, "weight_decay": NONNEGATIVE,
-        "margin": NONNEGATIVE, "max_prompt_length": COUNT, "max_length": at_least(2), "seed": UNCONSTRAINED,
-        "checkpoint_every": OFF_OR_COUNT,
-    }  # fmt: skip
-
-    def __post_init__(self) -> None:
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"stage.reward_model.pooling: {self.pooling!r} is not one of {', '.join(POOLINGS)}")
-        if self.targets not in ("hard", "soft"):
-            raise ValueError(f"stage.reward_model.targets: {self.targets!r} is not 'hard' or 'soft'")
-        if self.epochs < 1 or self.batch_prompts < 1:
-            raise ValueError("stage.reward_model: epochs and batch_prompts must be >= 1")
+from stages.settings.distributed import DistributedConfig
+from stages.settings.models import PeftConfig, Tuning
+from stages.settings.recipe import RewardModelConfig
 
 
 def ranking_loss(scores, pairs: list[list[tuple[int, int]]], margin: float = 0.0) -> torch.Tensor:

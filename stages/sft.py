@@ -16,38 +16,19 @@ Alone: `python -m flows.align pipeline.stop_after=sft`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 from stages.data.images import row_vision
 from stages.data.tokens import fit_rows, prompt_ids, resolve_budget, response_ids, row_sources
 from stages.models.modeling import load_tokenizer, model_context, save_tokenizer
-from stages.models.tuning import Tuning, export, load, trainer_setup
+from stages.models.tuning import export, load, trainer_setup
 from stages.runtime import checkpoints
 from stages.runtime import distributed as dist
-from stages.runtime.distributed import DistributedConfig
 from stages.runtime.manifest import Manifest, folder_digest, read_jsonl
-from stages.runtime.rules import COUNT, OFF_OR_COUNT, POSITIVE, UNCONSTRAINED, UNIT, Rule, at_least
 from stages.runtime.tracking import TRAINER_ARGS, log_metrics, trainer_callback
-
-
-@dataclass(frozen=True)
-class SftConfig:
-    epochs: float = 8.0  # a tiny random-init model needs several passes to tie response to prompt
-    learning_rate: float = 3e-3
-    batch_size: int = 32
-    max_prompt_length: int | None = None  # tokens; null: max_length less a quarter of it
-    max_length: int | None = None  # prompt + response tokens; null: the model's context window
-    warmup_ratio: float = 0.03  # a float below 1 is a fraction of the steps (transformers 5)
-    sampling: str = "group_by_length"  # or "random": transformers' train_sampling_strategy
-    seed: int = 0
-    checkpoint_every: int = 50  # steps between trainer checkpoints (a killed run resumes); 0: never
-
-    RULES: ClassVar[dict[str, Rule]] = {
-        "epochs": POSITIVE, "learning_rate": POSITIVE, "batch_size": COUNT, "max_prompt_length": COUNT,
-        "max_length": at_least(2), "warmup_ratio": UNIT, "seed": UNCONSTRAINED, "checkpoint_every": OFF_OR_COUNT,
-    }  # fmt: skip
+from stages.settings.distributed import DistributedConfig
+from stages.settings.models import Tuning
+from stages.settings.recipe import SftConfig
 
 
 def encode_demonstrations(tokenizer, rows: list[dict]) -> list[tuple[list[int], list[list[int]]]]:

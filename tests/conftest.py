@@ -57,6 +57,7 @@ SHARED = ROOT.parent / "shared"
 # (stages/runtime/device_guard.py): a tensor made without `device=` or an op across devices fails it.
 os.environ["ALIGNFLOW_DEVICE_GUARD"] = "1"
 
+
 def need_shared(path: Path) -> Path:
     """`path` under ../shared (real data, real tokenizers). Absent: the test skips on a developer's
     checkout without it, and fails under CI (`CI=true`), which always has it."""
@@ -72,7 +73,7 @@ def need_shared(path: Path) -> Path:
 def tiny_prepare(tmp_path_factory):
     """A prepared embedded task with small sizes: data, tokenizer and a briefly pretrained tiny Llama."""
     from stages import prepare
-    from stages.models.modeling import ModelConfig
+    from stages.settings.models import ModelConfig
 
     out = tmp_path_factory.mktemp("prepare")
     data = prepare.DataConfig(
@@ -90,7 +91,7 @@ def tiny_prepare(tmp_path_factory):
 def tiny_comparisons(tiny_prepare, tmp_path_factory):
     """K = 3 sampled responses per prompt of the tiny prepared task, ranked by the simulated labeler."""
     from stages import comparisons
-    from stages.labeling.labelers import LabelerConfig
+    from stages.settings.labeling import LabelerConfig
 
     p = tiny_prepare
     return comparisons.run(

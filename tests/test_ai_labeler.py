@@ -11,7 +11,6 @@ import torch
 
 from stages.labeling.ai_labeler import (
     AiLabeler,
-    AiLabelerConfig,
     HttpJudge,
     JudgeError,
     LocalJudge,
@@ -24,6 +23,7 @@ from stages.labeling.ai_labeler import (
     two_way_preference,
 )
 from stages.labeling.labelers import CachedLabeler
+from stages.settings.labeling import AiLabelerConfig
 from tests.conftest import SHARED, LocalHttpServer, send_json
 
 # ---------------------------------------------------------------- maths, by hand

@@ -5,7 +5,7 @@ import dataclasses
 
 from flows.runner import StageCall, recall, remember
 from stages.runtime.manifest import MANIFEST, Manifest
-from stages.sft import SftConfig
+from stages.settings.recipe import SftConfig
 
 
 def call(tmp_path, seed: int) -> StageCall:

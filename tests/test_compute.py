@@ -6,9 +6,7 @@ import torch
 
 from flows.config import Config
 from stages.models import compute
-from stages.models.compute import ComputeConfig
-from stages.models.optim import OptimConfig
-from stages.models.peft_setup import PeftConfig
+from stages.settings.models import ComputeConfig, OptimConfig, PeftConfig
 
 GPU_ONLY = [
     (ComputeConfig(precision="fp16"), r"fp16 needs CUDA"),

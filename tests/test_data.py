@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import need_shared
 
-from stages.data.reader import DataError, DatasetConfig, load
+from stages.data.reader import DataError, load
+from stages.settings.data import DatasetConfig
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 REAL = [

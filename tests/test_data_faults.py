@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from stages.data.reader import DataError, DatasetConfig, load
+from stages.data.reader import DataError, load
+from stages.settings.data import DatasetConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIR = {"prompt": "describe the ocean", "chosen": "lovely fish", "rejected": "sad bus"}

@@ -8,11 +8,12 @@ import pytest
 
 from stages import comparisons, prepare, reward_model
 from stages.data import task
-from stages.data.reader import DataError, DatasetConfig
+from stages.data.reader import DataError
 from stages.labeling.judges import labeler_ceiling
-from stages.labeling.labelers import LabelerConfig
-from stages.models.modeling import ModelConfig
 from stages.runtime.manifest import read_jsonl
+from stages.settings.data import DatasetConfig
+from stages.settings.labeling import LabelerConfig
+from stages.settings.models import ModelConfig
 
 TINY = ModelConfig(hidden_size=32, intermediate_size=64, pretrain_documents=200, pretrain_epochs=1)
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from stages.models import compute
-from stages.models.compute import ComputeConfig, check, pick_device, resolve_device
+from stages.models.compute import check, pick_device, resolve_device
 from stages.runtime.device_guard import DeviceGuardError, guard, maybe_guard
+from stages.settings.models import ComputeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,7 +66,7 @@ def test_the_command_line_refuses_a_missing_device_before_any_compute(tmp_path, 
 # ---- DeepSpeed's accelerator ------------------------------------------------------------------------
 def test_ds_accelerator_is_set_for_cpu_runs_only_and_a_users_value_is_kept():
     from flows.launch.launch import device_of, rank_env
-    from stages.models.tuning import Tuning
+    from stages.settings.models import Tuning
 
     cpu = rank_env({"PATH": "/bin"}, 4, "cpu")
     assert cpu["DS_ACCELERATOR"] == "cpu" and cpu["OMP_NUM_THREADS"] == "4"
@@ -202,8 +203,8 @@ def test_a_static_cache_samples_what_the_dynamic_cache_samples(tmp_path):
 # ---- mixed precision and memory in our loops ----------------------------------------------------------
 def test_gradient_checkpointing_gives_the_same_gradients_and_samples_with_the_cache(tmp_path):
     from stages.models.modeling import lm_loss, load_tokenizer, sample
-    from stages.models.peft_setup import PeftConfig
-    from stages.models.tuning import Tuning, load
+    from stages.models.tuning import load
+    from stages.settings.models import PeftConfig, Tuning
 
     folder = _tiny_folder(tmp_path)
     tokenizer = load_tokenizer(folder)

@@ -15,7 +15,7 @@ import torch
 from flows.launch import launch
 from stages.rl import ppo_math as pm
 from stages.runtime import distributed as dist
-from stages.runtime.distributed import DistributedConfig, refusal
+from stages.settings.distributed import DistributedConfig, refusal
 
 ROOT = Path(__file__).resolve().parents[1]
 ZERO3 = {"zero_optimization": {"stage": 3}}

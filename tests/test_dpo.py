@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from stages import dpo
-from stages.dpo import DpoConfig, plackett_luce_loss
-from stages.models.peft_setup import PeftConfig
-from stages.models.tuning import Tuning
+from stages.dpo import plackett_luce_loss
 from stages.preference.rankings import preference_pairs
 from stages.runtime.manifest import write_jsonl
+from stages.settings.models import PeftConfig, Tuning
+from stages.settings.recipe import TRL_LOSSES, DpoConfig
 
 
 def test_k_way_ranking_expands_to_its_pairs_ties_dropped():
@@ -101,7 +101,7 @@ def test_dpo_stage_moves_the_policy_towards_the_chosen(tiny_prepare, tmp_path, m
     assert m.metrics["dpo/pairs"] == 40 * 3
     assert m.metrics["dpo/eval/accuracy"] > 0.5  # implicit reward orders held-out pairs as labelled
     assert math.isfinite(m.metrics["dpo/kl_to_sft"])
-    if loss in dpo.TRL_LOSSES:
+    if loss in TRL_LOSSES:
         assert {"dpo/train/rewards/chosen", "dpo/train/rewards/margins", "dpo/train/rewards/accuracies"} <= set(
             m.metrics
         )
@@ -154,8 +154,9 @@ def test_kto_trains_on_unpaired_thumbs_read_by_the_data_worker(tiny_prepare, tmp
     import json
 
     from stages.data import task
-    from stages.data.reader import DatasetConfig, as_ranking_rows, load
+    from stages.data.reader import as_ranking_rows, load
     from stages.runtime.manifest import read_jsonl
+    from stages.settings.data import DatasetConfig
 
     prompts = list(dict.fromkeys(r["prompt"] for r in read_jsonl(tiny_prepare.file("comparison_prompts"))))[:40]
     assert len(prompts) >= 20
@@ -184,7 +185,8 @@ def test_kto_trains_on_unpaired_thumbs_read_by_the_data_worker(tiny_prepare, tmp
 def test_the_real_kto_demo_reads_as_unpaired_thumbs():
     from conftest import SHARED, need_shared
 
-    from stages.data.reader import DatasetConfig, as_ranking_rows, load
+    from stages.data.reader import as_ranking_rows, load
+    from stages.settings.data import DatasetConfig
 
     path = need_shared(SHARED / "data" / "llamafactory-demo" / "kto_en_demo.json")
     loaded = load(DatasetConfig(path=str(path), kind="unary", format="auto"))

@@ -138,8 +138,7 @@ def test_a_judge_at_chance_makes_the_verdict_inconclusive_and_the_registry_does_
 
 def test_a_mostly_empty_policy_is_named_and_ppo_stops_early_when_asked(tiny_prepare, tmp_path):
     from stages import evaluate, ppo
-    from stages.models.peft_setup import PeftConfig
-    from stages.models.tuning import Tuning
+    from stages.settings.models import PeftConfig, Tuning
 
     base = tiny_prepare.file("base")
     silent = _silent_policy(base, _prompts(tiny_prepare), tmp_path / "silent")

@@ -3,8 +3,8 @@
 import pytest
 
 from stages import judge
-from stages.labeling.ai_labeler import AiLabeler, AiLabelerConfig, load_judge
-from stages.labeling.labelers import LabelerConfig
+from stages.labeling.ai_labeler import AiLabeler, load_judge
+from stages.settings.labeling import AiLabelerConfig, LabelerConfig
 
 
 def test_rubric_covers_topic_and_tone_but_not_length():

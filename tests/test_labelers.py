@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 
 from stages import comparisons, reward_model
-from stages.labeling.labelers import CachedLabeler, LabelerConfig, LabelsMissing, SimulatedLabeler
+from stages.labeling.labelers import CachedLabeler, LabelsMissing, SimulatedLabeler
 from stages.runtime.manifest import read_jsonl
+from stages.settings.labeling import LabelerConfig
 
 
 def _file_cfg(tmp_path: Path, rankings: Path | None = None) -> LabelerConfig:

@@ -10,10 +10,7 @@ import torch
 from conftest import build_tiny_model
 
 from stages.models import tuning as tuning_lib
-from stages.models.compute import ComputeConfig
-from stages.models.optim import OptimConfig
-from stages.models.peft_setup import PeftConfig
-from stages.models.tuning import Tuning
+from stages.settings.models import ComputeConfig, OptimConfig, PeftConfig, Tuning
 
 H, I, LAYERS, R = 32, 64, 2, 4  # build_tiny_model's Llama: hidden, intermediate, layers; the LoRA rank
 M = 8  # the Houlsby bottleneck's width

@@ -57,8 +57,7 @@ def test_killed_ppo_resumes_from_its_checkpoint(tiny_prepare, reward_model_dir, 
 def run_ppo(cfg, prepared, rm_dir: Path, out: Path, checkpoint_dir: Path | None = None):
     """The PPO stage on the tiny prepared task and the module's reward model."""
     from stages import ppo
-    from stages.models.peft_setup import PeftConfig
-    from stages.models.tuning import Tuning
+    from stages.settings.models import PeftConfig, Tuning
 
     return ppo.run(
         cfg,

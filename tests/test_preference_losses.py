@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from stages.dpo import DpoConfig, group_loss, plackett_luce_loss
+from stages.dpo import group_loss, plackett_luce_loss
 from stages.preference import losses
+from stages.settings.recipe import DpoConfig
 
 
 def _nls(x: float) -> float:  # -log sigmoid(x)

@@ -89,7 +89,8 @@ def test_no_environment_secret_reaches_mlflow(two_runs):
 
 def test_remote_code_stays_off_unless_asked(tmp_path):
     """A model folder whose config points at its own Python: loading it must not run that code."""
-    from stages.models.modeling import ModelConfig, load_causal_lm
+    from stages.models.modeling import load_causal_lm
+    from stages.settings.models import ModelConfig
 
     marker = tmp_path / "executed"
     folder = tmp_path / "remote"

@@ -13,10 +13,8 @@ from test_flow import TINY
 from flows.config import Config
 from flows.launch.resources import ResourceError
 from flows.runner import StageCall, execute
-from stages.models.peft_setup import PeftConfig
-from stages.models.tuning import Tuning
-from stages.ppo import PpoConfig
-from stages.sft import SftConfig
+from stages.settings.models import PeftConfig, Tuning
+from stages.settings.recipe import PpoConfig, SftConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

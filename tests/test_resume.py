@@ -114,8 +114,7 @@ def test_a_half_written_trainer_checkpoint_is_skipped(tmp_path):
 
 def test_a_nan_loss_stops_sft_naming_the_key(tiny_prepare, tmp_path):
     from stages import sft
-    from stages.models.peft_setup import PeftConfig
-    from stages.models.tuning import Tuning
+    from stages.settings.models import PeftConfig, Tuning
 
     with pytest.raises(FloatingPointError, match=r"sft: non-finite loss at step \d+; lower stage.sft.learning_rate"):
         sft.run(

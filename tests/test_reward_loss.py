@@ -104,8 +104,9 @@ def test_soft_preference_loss_by_hand():
 
 
 def test_soft_targets_need_ai_preferences(tmp_path, tiny_prepare):
-    from stages.reward_model import RewardModelConfig, run
+    from stages.reward_model import run
     from stages.runtime.manifest import write_jsonl
+    from stages.settings.recipe import RewardModelConfig
 
     rows = [{"prompt": "describe the ocean", "responses": ["fish", "bus"], "finished": [True, True], "ranks": [0, 1]}]
     write_jsonl(tmp_path / "c.jsonl", rows)

@@ -9,9 +9,8 @@ import torch
 from stages import ppo
 from stages.data import arithmetic
 from stages.evaluate import accuracy_block
-from stages.models.peft_setup import PeftConfig
-from stages.models.tuning import Tuning
 from stages.rl import rewards
+from stages.settings.models import PeftConfig, Tuning
 
 
 def test_the_arithmetic_gold_rule_is_exact_match_of_the_final_answer():
@@ -44,7 +43,7 @@ def test_held_out_combinations_are_never_trained_on():
 
 def test_the_embedded_arithmetic_data_keeps_evaluation_on_held_out_prompts():
     from stages.data import sources
-    from stages.prepare import DataConfig
+    from stages.settings.data import DataConfig
 
     cfg = DataConfig(task="arithmetic", n_demonstrations=300, n_ppo_prompts=200, n_eval_prompts=100)
     data = sources.assemble(cfg, 50)

@@ -241,8 +241,8 @@ def test_the_served_embedded_judge_labels_as_the_local_backend_does(tmp_path):
     """Close the loop: `serve-model` serving the embedded judge is an OpenAI-compatible judge; the AI
     labeler's http backend (the `completions` endpoint: the text as is) reads the same preferences."""
     from stages import judge
-    from stages.labeling.ai_labeler import AiLabeler, AiLabelerConfig, HttpJudge, load_judge
-    from stages.labeling.labelers import LabelerConfig
+    from stages.labeling.ai_labeler import AiLabeler, HttpJudge, load_judge
+    from stages.settings.labeling import AiLabelerConfig, LabelerConfig
 
     local = AiLabelerConfig(preamble="A good response stays on the topic and has a positive tone.")
     cfg = judge.JudgeConfig(n_pairs=600, n_scores=200, n_eval_pairs=50, epochs=1)  # a valid judge, not a good one

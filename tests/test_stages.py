@@ -10,11 +10,10 @@ from conftest import need_shared
 from safetensors.torch import load_file
 
 from stages import comparisons, evaluate, ppo, reward_model, sft
-from stages.labeling.labelers import LabelerConfig
 from stages.models.modeling import load_causal_lm, load_tokenizer
-from stages.models.peft_setup import PeftConfig
-from stages.models.tuning import Tuning
 from stages.runtime.manifest import folder_digest, read_jsonl
+from stages.settings.labeling import LabelerConfig
+from stages.settings.models import PeftConfig, Tuning
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -135,8 +134,8 @@ def test_evaluate_reports_every_figure(chain):
 
 def test_sft_on_real_demonstrations_through_the_data_worker(tmp_path):
     from stages import prepare
-    from stages.data.reader import DatasetConfig
-    from stages.models.modeling import ModelConfig
+    from stages.settings.data import DatasetConfig
+    from stages.settings.models import ModelConfig
 
     alpaca = Path(__file__).resolve().parents[2] / "shared/data/llamafactory-demo/alpaca_en_demo.json"
     need_shared(alpaca)

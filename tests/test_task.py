@@ -3,7 +3,8 @@
 import pytest
 
 from stages.data import task
-from stages.labeling.labelers import CachedLabeler, LabelerConfig, SimulatedLabeler
+from stages.labeling.labelers import CachedLabeler, SimulatedLabeler
+from stages.settings.labeling import LabelerConfig
 
 
 def test_gold_rule_by_hand():

@@ -11,11 +11,10 @@ import torch
 from conftest import SHARED, need_shared
 
 from stages.data import images, shapes
-from stages.data.reader import DataError, DatasetConfig, load
+from stages.data.reader import DataError, load
 from stages.data.tokens import ensure_chat_template, pack, prompt_ids, response_ids
 from stages.models import vision
 from stages.models.modeling import (
-    ModelConfig,
     build_tiny_llava,
     encode_rollout,
     load_causal_lm,
@@ -27,6 +26,8 @@ from stages.models.modeling import (
     sequence_logprobs,
     sequence_scores,
 )
+from stages.settings.data import DatasetConfig
+from stages.settings.models import ModelConfig
 
 
 @pytest.fixture(scope="module")

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import flows
-from stages.runtime.distributed import DistributedConfig
 from stages.runtime.errors import ExpectedFailure
 from stages.runtime.manifest import Manifest
+from stages.settings.distributed import DistributedConfig
 
 SPEC = "spec.pkl"
 RESULT = "manifest.json"
@@ -71,7 +71,7 @@ def accelerator_env(env, device: str):
 
 def device_of(configs: tuple) -> str:
     """`compute.device` of a training stage's configs (its `Tuning`); auto if it has none."""
-    from stages.models.tuning import Tuning
+    from stages.settings.models import Tuning
 
     return next((c.compute.device for c in configs if isinstance(c, Tuning)), "auto")
 

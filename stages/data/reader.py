@@ -32,26 +32,12 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from stages.data import images
 from stages.runtime.errors import ExpectedFailure
-from stages.runtime.rules import UNIT, Rule
+from stages.settings.data import DatasetConfig
 
-KINDS = ("demonstrations", "preferences", "rankings", "prompts", "unary", "text")
-FORMATS = (
-    "auto",
-    "alpaca",
-    "sharegpt",
-    "messages",
-    "prompt_completion",
-    "chosen_rejected",
-    "hh",
-    "sharegpt_pairs",
-    "ranked",
-    "prompt",
-    "text",
-)
 SHAREGPT_ROLES = {
     "human": "user",
     "user": "user",
@@ -61,35 +47,6 @@ SHAREGPT_ROLES = {
     "observation": "user",
     "function_call": "assistant",
 }
-
-
-@dataclass(frozen=True)
-class DatasetConfig:
-    """One dataset, as named in `conf/data/*.yaml`."""
-
-    path: str = ""
-    kind: str = "demonstrations"
-    format: str = "auto"
-    split: str = "train"  # for hub ids
-    columns: dict[str, str] = field(default_factory=dict)  # internal name -> column name in the file
-    on_error: str = "raise"
-    max_bad_fraction: float = 0.1
-    # rows that carry no training signal (chosen equal to rejected, a ranking whose responses all tie
-    # or with an empty response) are bad rows unless kept: the file labeler keeps them, since a
-    # sampled response may be empty and a ranker may tie them all
-    keep_degenerate: bool = False
-
-    RULES: ClassVar[dict[str, Rule]] = {
-        "max_bad_fraction": UNIT,
-    }  # fmt: skip
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"data.kind: {self.kind!r} is not one of {', '.join(KINDS)}")
-        if self.format not in FORMATS:
-            raise ValueError(f"data.format: {self.format!r} is not one of {', '.join(FORMATS)}")
-        if self.on_error not in ("raise", "skip"):
-            raise ValueError(f"data.on_error: {self.on_error!r} is not 'raise' or 'skip'")
 
 
 class RowError(ExpectedFailure, ValueError):

@@ -28,13 +28,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stages.data import arithmetic, shapes, task
-from stages.data.reader import DataError, DatasetConfig, as_ranking_rows, load
+from stages.data.reader import DataError, as_ranking_rows, load
+from stages.settings.data import EMBEDDED_GOLD, DatasetConfig
 
 PROMPT_SETS = ("comparison_prompts", "heldout_comparison_prompts", "ppo_prompts", "eval_prompts")
-# the embedded tasks (`data.task`) by the name of their gold rule; an exact-match rule scores 0 or 1,
-# so its mean is an accuracy (evaluation reports it with a Wilson interval)
-EMBEDDED_GOLD = {"words": "embedded", "arithmetic": "arithmetic", "vision": "vision"}
-EXACT_MATCH = ("arithmetic", "vision")
 
 
 @dataclass

@@ -19,8 +19,9 @@ Comparisons the AI labeler labelled carry its soft preferences (`prefs`): they a
 
 from __future__ import annotations
 
-from stages.labeling.labelers import LabelerConfig, SimulatedLabeler
+from stages.labeling.labelers import SimulatedLabeler
 from stages.preference.rankings import pair_agreement
+from stages.settings.labeling import LabelerConfig
 
 
 def human_labelled(rows: list[dict]) -> list[dict]:

@@ -25,39 +25,18 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Protocol
+from typing import Protocol
 
 import torch
 
 from stages.data import sources
-from stages.data.reader import DatasetConfig, load, read_records
-from stages.labeling.ai_labeler import AiLabeler, AiLabelerConfig, load_judge
+from stages.data.reader import load, read_records
+from stages.labeling.ai_labeler import AiLabeler, load_judge
 from stages.preference.rankings import ranks_from_scores
 from stages.runtime.manifest import read_jsonl, write_jsonl
-from stages.runtime.rules import NONNEGATIVE, UNCONSTRAINED, Rule
-
-
-@dataclass(frozen=True)
-class LabelerConfig:
-    kind: str = "simulated"  # simulated | file | ai
-    noise: float = 0.3  # simulated: std of the Gaussian added to gold scores (gold spans [-2, 2])
-    seed: int = 0
-    task_file: str = "artifacts/labeling/task.jsonl"  # file: where the task for rankers is exported
-    rankings_file: str | None = None  # file: the rankers' filled-in copy of the task, to import
-    cache_file: str | None = None  # content-keyed label cache (JSONL); null: no cache
-    ai: AiLabelerConfig = field(default_factory=AiLabelerConfig)  # ai: the judge, its prompt and backend
-
-    RULES: ClassVar[dict[str, Rule]] = {
-        "noise": NONNEGATIVE, "seed": UNCONSTRAINED,
-    }  # fmt: skip
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("simulated", "file", "ai"):
-            raise ValueError(f"labeler.kind: {self.kind!r} is not one of 'simulated', 'file', 'ai'")
-        if self.noise < 0:
-            raise ValueError(f"labeler.noise: must be >= 0, got {self.noise}")
+from stages.settings.data import EXACT_MATCH, DatasetConfig
+from stages.settings.labeling import LabelerConfig
 
 
 class Labeler(Protocol):
@@ -80,7 +59,7 @@ class SimulatedLabeler:
         # an exact-match task: each answer is marked right or wrong (the noise flips a mark now and then)
         # and equal marks tie, as a human checking answers would; noise alone would rank two wrong
         # answers at random and fill the comparisons with pairs nothing can learn
-        self.verdicts = gold in sources.EXACT_MATCH
+        self.verdicts = gold in EXACT_MATCH
         self.identity = f"simulated:noise={cfg.noise}:seed={cfg.seed}:target_len={target_len}"
         self.identity += ":verdicts" if self.verdicts else ""
 

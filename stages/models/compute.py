@@ -24,49 +24,12 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-import re
-from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
-from stages.runtime.rules import Rule, between
+from stages.settings.models import ComputeConfig
 
-PRECISIONS = ("fp32", "bf16", "fp16")
-ATTENTIONS = ("eager", "sdpa", "flash_attention_2")
-KERNELS = ("none", "liger", "unsloth")
 S2 = "s2_attention"  # the name it is registered under in transformers' AttentionInterface
-DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
-
-
-@dataclass(frozen=True)
-class ComputeConfig:
-    precision: str = "fp32"
-    attention: str = "sdpa"
-    s2_attention: bool = False
-    s2_group_ratio: float = 0.25  # LongLoRA's group: a quarter of the sequence
-    kernels: str = "none"
-    device: str = "auto"
-    gradient_checkpointing: bool = False
-
-    RULES: ClassVar[dict[str, Rule]] = {
-        "s2_group_ratio": between(0, 1, low_open=True),
-    }  # fmt: skip
-
-    def __post_init__(self) -> None:
-        if not DEVICE.fullmatch(self.device):
-            raise ValueError(f"compute.device: {self.device!r} is not auto, cpu, cuda or cuda:N")
-        for key, value, allowed in (
-            ("precision", self.precision, PRECISIONS),
-            ("attention", self.attention, ATTENTIONS),
-            ("kernels", self.kernels, KERNELS),
-        ):
-            if value not in allowed:
-                raise ValueError(f"compute.{key}: {value!r} is not one of {', '.join(allowed)}")
-        if not 0 < self.s2_group_ratio <= 1:
-            raise ValueError(f"compute.s2_group_ratio: must be in (0, 1], got {self.s2_group_ratio}")
-        if self.s2_attention and self.attention != "sdpa":
-            raise ValueError("compute.s2_attention: replaces sdpa while training; set compute.attention=sdpa")
 
 
 def _have(package: str) -> bool:

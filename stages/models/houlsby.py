@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from stages.settings.models import ADAPTER_ACTIVATIONS
+
 CONFIG = "houlsby.json"
 WEIGHTS = "houlsby.safetensors"
-PLACEMENTS = ("both", "attention", "mlp")
-ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU}
+ACTIVATIONS = dict(zip(ADAPTER_ACTIVATIONS, (nn.GELU, nn.ReLU, nn.Tanh, nn.SiLU), strict=True))  # the config's names
 ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
 MLP_NAMES = ("mlp", "feed_forward", "ffn")
 

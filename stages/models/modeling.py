@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -18,35 +17,7 @@ from stages.data.tokens import Packed, context_window, decode_response, prompt_i
 from stages.models import houlsby, vision
 from stages.models.compute import model_device
 from stages.runtime.errors import ExpectedFailure
-from stages.runtime.rules import COUNT, OFF_OR_COUNT, POSITIVE, Rule, at_least
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """`name_or_path` null builds the embedded tiny Llama from the sizes below."""
-
-    name_or_path: str | None = None
-    trust_remote_code: bool = False
-    hidden_size: int = 64
-    intermediate_size: int = 128
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    max_position_embeddings: int = 64
-    # The embedded base is pretrained briefly on unformatted task text (a stand-in for web text), so
-    # that SFT, like SFT of a real LLM, adapts a model that already knows the language; LoRA on a
-    # random-init base cannot learn the task.
-    pretrain_documents: int = 8000
-    pretrain_epochs: int = 4
-    pretrain_learning_rate: float = 3e-3
-    bpe_vocab_size: int = 4096  # own data without a model: the byte-level BPE tokenizer trained on it
-    vision_hidden_size: int = 32  # data=embedded_vision: the tiny LLaVA's vision tower (stages/models/vision.py)
-
-    RULES: ClassVar[dict[str, Rule]] = {
-        "hidden_size": COUNT, "intermediate_size": COUNT, "num_hidden_layers": COUNT, "num_attention_heads": COUNT,
-        "max_position_embeddings": at_least(8), "pretrain_documents": COUNT, "pretrain_epochs": OFF_OR_COUNT,
-        "pretrain_learning_rate": POSITIVE, "bpe_vocab_size": at_least(64),
-        "vision_hidden_size": COUNT,
-    }  # fmt: skip
+from stages.settings.models import POOLINGS, ModelConfig
 
 
 class ModelError(ExpectedFailure, ValueError):
@@ -342,9 +313,6 @@ def token_values(model, rollout: Rollout, *, backbone=None, head=None) -> torch.
     hidden = hidden_states(backbone, rollout)
     q = rollout.query.shape[1]
     return head(hidden[:, q - 1 : -1, :]).squeeze(-1).float()
-
-
-POOLINGS = ("last", "mean")
 
 
 def sequence_scores(model, batch: Rollout | Packed, pooling: str = "last") -> torch.Tensor:

@@ -19,56 +19,11 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
-from stages.runtime.rules import COUNT, POSITIVE, Rule
-
-NAMES = ("adamw", "adamw_8bit", "galore", "badam")
-SCHEDULES = ("cosine", "linear", "constant")
-SWITCH_MODES = ("ascending", "descending", "random", "fixed")
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    name: str = "adamw"
-    scheduler: str = "cosine"  # after warmup, where the stage has one
-    galore_rank: int = 16
-    galore_update_proj_gap: int = 200
-    galore_scale: float = 0.25
-    galore_proj_type: str = "std"
-    badam_switch_every: int = 50
-    badam_switch_mode: str = "ascending"
-
-    RULES: ClassVar[dict[str, Rule]] = {
-        "galore_rank": COUNT, "galore_update_proj_gap": COUNT, "galore_scale": POSITIVE, "badam_switch_every": COUNT,
-    }  # fmt: skip
-
-    def __post_init__(self) -> None:
-        if self.name not in NAMES:
-            raise ValueError(f"optim.name: {self.name!r} is not one of {', '.join(NAMES)}")
-        if self.scheduler not in SCHEDULES:
-            raise ValueError(f"optim.scheduler: {self.scheduler!r} is not one of {', '.join(SCHEDULES)}")
-        if self.badam_switch_mode not in SWITCH_MODES:
-            raise ValueError(
-                f"optim.badam_switch_mode: {self.badam_switch_mode!r} is not one of {', '.join(SWITCH_MODES)}"
-            )
-        if self.galore_rank <= 0 or self.galore_update_proj_gap <= 0 or self.badam_switch_every <= 0:
-            raise ValueError("optim: galore_rank, galore_update_proj_gap and badam_switch_every must be positive")
-
-
-def check(optim: OptimConfig, method: str) -> None:
-    """Combinations refused before any model loads."""
-    if optim.name == "badam" and method != "full":
-        raise ValueError(
-            f"optim.name=badam: block coordinate descent over full weights needs peft.method=full, not {method}"
-        )
-    if optim.name == "galore" and method not in ("full", "freeze"):
-        raise ValueError(
-            f"optim.name=galore: projects full weight gradients; needs peft.method=full or freeze, not {method}"
-        )
+from stages.settings.models import OptimConfig
+from stages.settings.models import check_optim as check
 
 
 def _adam_class(optim: OptimConfig):

@@ -36,85 +36,15 @@ import copy
 import shutil
 import tempfile
 import weakref
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
 
 from stages.models import houlsby
 from stages.models.houlsby import decoder_layers
 from stages.runtime.errors import ConfigError
-from stages.runtime.rules import COUNT, OFF_OR_COUNT, POSITIVE, Rule, between, one_of
+from stages.settings.models import PeftConfig
 
-METHODS = ("full", "freeze", "houlsby", "lora", "dora", "pissa", "loraplus", "qlora")
-ADAPTERS = ("lora", "dora", "pissa", "loraplus", "qlora")  # peft LoRA-family adapters on a frozen base
-QUANT_METHODS = ("bitsandbytes", "torchao", "quanto")  # qlora's quantised base
-TRAINING_STAGES = ("sft", "reward_model", "ppo", "dpo")
 KINDS = ("causal_lm", "scalar")  # SFT, DPO, the PPO policy | the reward model, the PPO value model
 SCALAR_HEAD = "score"  # transformers' *ForSequenceClassification head
-
-
-@dataclass(frozen=True)
-class PeftConfig:
-    """`modules_to_save` trains those modules in full next to the adapters (the embedded default's
-    random-init base needs its embeddings and head trainable in some experiments)."""
-
-    method: str = "lora"
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
-    modules_to_save: list[str] = field(default_factory=list)
-    rslora: bool = False
-    freeze_layers: int = 1  # freeze: how many of the last decoder layers train
-    freeze_modules: list[str] = field(default_factory=list)  # freeze: modules that also train, e.g. lm_head
-    loraplus_ratio: float = 16.0  # loraplus: lr(B) / lr(A) (the paper's default)
-    pissa_niter: int = 4  # pissa: fast-SVD iterations; 0: exact SVD
-    quant_bits: int = 4  # qlora: 4 (NF4, double quantisation) or 8
-    quant_method: str = "bitsandbytes"  # qlora: bitsandbytes | torchao | quanto
-    adapter_size: int = 16  # houlsby: the bottleneck's width
-    adapter_placement: str = "both"  # houlsby: after attention, mlp, or both (the paper)
-    adapter_activation: str = "gelu"  # houlsby: gelu | relu | tanh | silu
-    adapter_train_norms: bool = False  # houlsby: the layer norms train too (the paper does)
-    stages: list[str] = field(default_factory=lambda: list(TRAINING_STAGES))
-
-    RULES: ClassVar[dict[str, Rule]] = {
-        "r": COUNT, "alpha": POSITIVE, "dropout": between(0, 1, high_open=True), "freeze_layers": OFF_OR_COUNT,
-        "loraplus_ratio": POSITIVE, "pissa_niter": OFF_OR_COUNT, "quant_bits": one_of(4, 8),
-        "adapter_size": COUNT,
-    }  # fmt: skip
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"peft.method: {self.method!r} is not one of {', '.join(METHODS)}")
-        if self.method in ADAPTERS and self.r <= 0:
-            raise ValueError(f"peft.r: must be positive, got {self.r}")
-        if self.method == "freeze" and self.freeze_layers < 0:
-            raise ValueError(f"peft.freeze_layers: must be >= 0, got {self.freeze_layers}")
-        if self.method == "loraplus" and self.loraplus_ratio <= 0:
-            raise ValueError(f"peft.loraplus_ratio: must be positive, got {self.loraplus_ratio}")
-        if self.quant_bits not in (4, 8):
-            raise ValueError(f"peft.quant_bits: {self.quant_bits} is not 4 or 8")
-        if self.quant_method not in QUANT_METHODS:
-            raise ValueError(f"peft.quant_method: {self.quant_method!r} is not one of {', '.join(QUANT_METHODS)}")
-        if self.adapter_placement not in houlsby.PLACEMENTS:
-            raise ValueError(f"peft.adapter_placement: {self.adapter_placement!r} is not one of {houlsby.PLACEMENTS}")
-        if self.adapter_activation not in houlsby.ACTIVATIONS:
-            raise ValueError(
-                f"peft.adapter_activation: {self.adapter_activation!r} is not one of {', '.join(houlsby.ACTIVATIONS)}"
-            )
-        unknown = [s for s in self.stages if s not in TRAINING_STAGES]
-        if unknown:
-            raise ValueError(f"peft.stages: {unknown[0]!r} is not one of {', '.join(TRAINING_STAGES)}")
-
-    def for_stage(self, stage: str) -> PeftConfig:
-        """The method `stage` trains with: this one, or `full` where `stages` leaves it out."""
-        if stage in self.stages or self.method == "full":
-            return self
-        return PeftConfig(method="full")  # canonical: the stage's cache key is full fine-tuning's
-
-    @property
-    def adapters(self) -> bool:
-        return self.method in ADAPTERS
 
 
 def lora_config(cfg: PeftConfig, task_type: str):

@@ -7,35 +7,18 @@ implementation and kernels, and the method applied; `optimizer` builds what trai
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from stages.models import compute as compute_lib
 from stages.models import optim as optim_lib
 from stages.models import peft_setup
-from stages.models.compute import ComputeConfig
-from stages.models.optim import OptimConfig
-from stages.models.peft_setup import PeftConfig
-
-
-@dataclass(frozen=True)
-class Tuning:
-    peft: PeftConfig = field(default_factory=PeftConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    compute: ComputeConfig = field(default_factory=ComputeConfig)
-
-    def for_stage(self, stage: str) -> Tuning:
-        """What `stage` trains with: the method where `peft.stages` names it, else full fine-tuning;
-        the optimizer and compute as configured."""
-        peft = self.peft.for_stage(stage)
-        return dataclasses.replace(self, peft=peft)
+from stages.settings.models import Tuning, check_optim
 
 
 def check(tuning: Tuning) -> None:
     """Refuse, before any model loads, what this machine or this combination cannot run."""
     compute_lib.check(tuning.compute)
-    optim_lib.check(tuning.optim, tuning.peft.method)
+    check_optim(tuning.optim, tuning.peft.method)
 
 
 def device(tuning: Tuning, *, partitioned: bool = False):
@@ -105,16 +88,3 @@ def export(
     """The trained model as a plain folder, and for adapter methods its adapter (`peft_setup.export`).
     `partitioned` (ZeRO-3, inside a gather): the adapter is merged into a fresh load of `base`."""
     peft_setup.export(model, tuning.peft, folder, base=Path(base), adapter=adapter, kind=kind, fresh_base=partitioned)
-
-
-def shared_base_refusal(method: str) -> str:
-    return (
-        "stage.ppo.layout=shared_base: the reference is the base with the adapters off, so it needs an adapter "
-        f"method that leaves the base as it was (peft=lora, dora, loraplus, qlora), not {method}"
-    )
-
-
-def shares_base(tuning: Tuning) -> bool:
-    """Whether the model with its adapters disabled is the model it started from: a free reference.
-    Not for PiSSA, whose base keeps only the residual of the principal directions."""
-    return tuning.peft.adapters and tuning.peft.method != "pissa"

@@ -12,8 +12,9 @@ import torch
 
 from stages.data.tokens import Budget, pack
 from stages.models.compute import model_device
-from stages.models.modeling import POOLINGS, load_scalar_model, sequence_logprobs, sequence_scores
+from stages.models.modeling import load_scalar_model, sequence_logprobs, sequence_scores
 from stages.preference.rankings import encode_rankings, pair_agreement
+from stages.settings.models import POOLINGS
 
 
 @dataclass(frozen=True)

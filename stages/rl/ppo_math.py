@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from stages.settings.recipe import CRITIC_FREE, GROUPED
+
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, total=None) -> torch.Tensor:
     """Mean over the unmasked entries. `total(t)`: `t` summed over the ranks of a process group, so the
@@ -126,16 +128,6 @@ def ema_update(ema: dict[str, torch.Tensor], params: dict[str, torch.Tensor], de
 def ptx_mix(ppo_loss: torch.Tensor, lm_loss: torch.Tensor, coef: float) -> torch.Tensor:
     """PPO-ptx (InstructGPT eq. 2): the PPO loss plus `coef` times the pretraining LM loss."""
     return ppo_loss + coef * lm_loss
-
-
-# Advantage estimators (`stage.ppo.advantage`), as OpenRLHF names them. `gae` needs a value model; the
-# others are critic-free and score whole responses: `grpo` (Shao et al. 2024, group-normalised),
-# `dr_grpo` (Liu et al. 2025: no std normalisation, no length normalisation of the loss), `rloo`
-# (Ahmadian et al. 2024, leave-one-out baseline), `reinforce_pp` (Hu 2025, REINFORCE++: returns
-# whitened over the global batch) and `reinforce_pp_baseline` (the group mean subtracted first).
-CRITIC_FREE = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
-ESTIMATORS = ("gae", *CRITIC_FREE)
-GROUPED = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")  # need samples_per_prompt >= 2
 
 
 def group_relative(score: torch.Tensor, n: int, estimator: str) -> torch.Tensor:

@@ -34,7 +34,8 @@ from stages.models.modeling import (
     token_values,
 )
 from stages.models.peft_setup import load_adapter, lora_config
-from stages.models.tuning import Tuning, device, export, load, load_kwargs, shared_base_refusal, shares_base
+from stages.models.tuning import device, export, load, load_kwargs
+from stages.settings.models import Tuning, shared_base_refusal, shares_base
 
 
 class FullCopies:

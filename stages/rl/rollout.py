@@ -26,8 +26,7 @@ import torch
 from stages.data.tokens import prompt_ids
 from stages.models.compute import model_device
 from stages.models.modeling import Rollout, encode_queries, response_rollout, sample
-
-GENERATIONS = ("hf", "vllm")
+from stages.settings.recipe import GENERATIONS
 
 
 def check(generation: str, *, cuda: bool | None = None) -> None:
