@@ -26,8 +26,8 @@ import json, resource, sys, time
 from pathlib import Path
 import flows
 from stages import ppo
-from stages.models.peft_setup import PeftConfig
-from stages.models.tuning import Tuning
+from stages.settings.models import PeftConfig
+from stages.settings.models import Tuning
 root, layout = Path(sys.argv[1]), sys.argv[2]
 cfg = ppo.PpoConfig(updates=2, rollouts_per_update=8, minibatch_size=4, max_new_tokens=8, layout=layout)
 t = time.perf_counter()

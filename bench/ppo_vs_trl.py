@@ -26,8 +26,8 @@ import json, resource, sys, time
 from pathlib import Path
 import flows
 from stages import ppo
-from stages.models.peft_setup import PeftConfig
-from stages.models.tuning import Tuning
+from stages.settings.models import PeftConfig
+from stages.settings.models import Tuning
 s = json.loads(sys.argv[1])
 cfg = ppo.PpoConfig(updates=s["episodes"] // s["batch"], rollouts_per_update=s["batch"], minibatch_size=s["minibatch"],
                     ppo_epochs=s["ppo_epochs"], learning_rate=s["lr"], beta=s["beta"], ema_decay=None,

@@ -24,7 +24,7 @@ from stages.labeling.ai_labeler import (
 )
 from stages.labeling.labelers import CachedLabeler
 from stages.settings.labeling import AiLabelerConfig
-from tests.conftest import SHARED, LocalHttpServer, send_json
+from tests.conftest import SHARED, LocalHttpServer, need_shared, send_json
 
 # ---------------------------------------------------------------- maths, by hand
 
@@ -162,9 +162,7 @@ def _tiny_lm(tokenizer, folder):
 
 
 def _real_tokenizer(name, tmp_path):
-    folder = SHARED / "tokenizers" / name
-    if not folder.exists():
-        pytest.skip(f"real tokenizer not found at {folder}")
+    folder = need_shared(SHARED / "tokenizers" / name)
     if name == "gpt2":
         from transformers import GPT2TokenizerFast
 

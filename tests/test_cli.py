@@ -12,6 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import ROOT, Child, free_port
+from test_flow import reads_what_was_computed
 
 ALIGNFLOW = str(Path(sys.executable).with_name("alignflow"))
 TINY = ["+experiment=tiny"]
@@ -82,7 +83,7 @@ def test_align_runs_the_flow_and_its_cached_rerun_needs_no_prefect_server(tiny):
     rerun = summary_of(alignflow("align", *TINY, f"artifacts_dir={art}"))
     assert statuses(rerun) == dict.fromkeys(STAGES, "cached")
     assert rerun["prefect_api_url"] is None  # no server was up and none was started: nothing had to run
-    assert rerun["eval"] == first["eval"]
+    reads_what_was_computed(rerun, first)
     runs = child_runs(art, rerun["mlflow_run_id"])  # MLflow still records the run and every stage as cached
     assert sorted(r.data.tags["alignflow.stage"] for r in runs) == sorted(STAGES)
     assert {r.data.tags["alignflow.status"] for r in runs} == {"cached"}
@@ -117,12 +118,24 @@ def _post(url: str, path: str, body: dict) -> list:
         return json.loads(response.read())
 
 
+def registry_champion(art: Path):
+    """The champion's model version, read from the registry itself: which one it is depends on which of
+    this module's tests (each may register policies in the shared `tiny` folder) ran before."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{art}/mlflow.db")
+    return client.get_model_version_by_alias("alignflow-policy", "champion")
+
+
 @pytest.mark.slow
 def test_champion_prints_the_promoted_policy_and_its_lineage(tiny):
     art, first = tiny
+    champion = registry_champion(art)
     out = alignflow("champion", f"artifacts_dir={art}").stdout
-    assert out.startswith("champion: alignflow-policy version 1")
-    assert first["stages"]["ppo"]["digest"][:16] in out and first["mlflow_run_id"] in out
+    assert out.startswith(f"champion: alignflow-policy version {champion.version}\n")
+    assert champion.tags["alignflow.digest"][:16] in out and champion.run_id in out
+    if champion.version == "1":  # the fixture's own run was the first registered, and nothing beat it yet
+        assert champion.tags["alignflow.digest"] == first["stages"]["evaluate"]["parents"]["policy"]
 
 
 @pytest.mark.slow
@@ -134,17 +147,18 @@ def test_export_writes_the_champion_as_a_plain_folder_with_its_lineage_and_logs_
     from stages.models.modeling import load_causal_lm
 
     art, first = tiny
+    champion = registry_champion(art)
     out = tmp_path / "exported"
     done = alignflow("export", "--out", str(out), "--artifacts-dir", str(art))
     exported, tok = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
-    policy = load_causal_lm(first["stages"]["evaluate"]["inputs"]["policy"])
+    policy = load_causal_lm(champion.tags["alignflow.folder"])
     text = tok.apply_chat_template([{"role": "user", "content": "Say something kind."}], tokenize=False,
                                    add_generation_prompt=True)  # fmt: skip
     ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
     with torch.no_grad():
         assert torch.equal(exported(ids).logits, policy(ids).logits)
     card = (out / "README.md").read_text()
-    assert first["mlflow_run_id"] in card and first["stages"]["ppo"]["digest"] in card
+    assert champion.run_id in card and champion.tags["alignflow.digest"] in card
     for name, digest in first["stages"]["prepare"]["parents"].items():
         if name.startswith("file:"):
             assert digest in card
@@ -159,7 +173,9 @@ def test_export_writes_the_champion_as_a_plain_folder_with_its_lineage_and_logs_
 
 @pytest.mark.slow
 def test_make_compare_writes_its_table_on_tiny_settings(tiny):
-    art, _ = tiny
+    from stages.preference.validity import wilson
+
+    art, first = tiny
     make = subprocess.run(
         ["make", "-o", ".venv/.installed", "compare", f"ARGS=--dpo-betas 0.3 +experiment=tiny artifacts_dir={art}"],
         cwd=ROOT, capture_output=True, text=True, timeout=1200,
@@ -173,7 +189,10 @@ def test_make_compare_writes_its_table_on_tiny_settings(tiny):
     by = {r["branch"].split(" ")[0]: r for r in report["rows"]}
     assert by["rlhf"]["value_model"] == 1.0 and by["grpo"]["value_model"] == by["rloo"]["value_model"] == 0.0
     # the tiny fixture ran rlhf first: its PPO is cached here and timed from the manifest it recorded
-    assert by["rlhf"]["own_stage_cached"] and by["rlhf"]["own_stage_s"] > 0 and by["rlhf"]["own_stage_peak_rss_mb"] > 0
+    ppo = first["stages"]["ppo"]["metrics"]
+    assert by["rlhf"]["own_stage_cached"]
+    assert by["rlhf"]["own_stage_s"] == ppo["ppo/seconds"]
+    assert by["rlhf"]["own_stage_peak_rss_mb"] == ppo["ppo/peak_rss_mb"]
     assert not by["grpo"]["own_stage_cached"] and by["grpo"]["model_state_mb"] < by["rlhf"]["model_state_mb"]
     assert all(t["stage_time_ratio"] > 0 for t in report["targets"]["critic_free_vs_ppo"].values())
     assert set(report["targets"]["critic_free_vs_ppo"]) == {
@@ -183,7 +202,11 @@ def test_make_compare_writes_its_table_on_tiny_settings(tiny):
         "reinforce_pp",
         "reinforce_pp_baseline",
     }
-    assert 0 <= report["verifiable"]["accuracy"]["policy"]["accuracy"] <= 1
+    for side in ("sft", "policy"):  # exact match: a whole number of right answers, and its Wilson interval
+        block = report["verifiable"]["accuracy"][side]
+        right = block["accuracy"] * block["n"]
+        assert block["n"] > 0 and right == pytest.approx(round(right))
+        assert block["ci95"] == pytest.approx(list(wilson(round(right), block["n"])))
     assert set(report["shared_stages"].values()) == {"cached"}  # the tiny run's prepare, sft and comparisons
     assert list(report["dpo_betas"]) == ["0.3"] and report["dpo_best_beta"] == 0.3
     assert (art / "compare" / "compare.txt").read_text().strip() in make.stdout

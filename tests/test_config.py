@@ -113,8 +113,9 @@ def test_cli_stops_before_any_training_naming_the_key(tmp_path):
         text=True,
         timeout=120,
     )
-    assert proc.returncode != 0
-    assert "stage.ppo.bta" in proc.stderr + proc.stdout
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Key 'bta' not in 'PpoConfig'" in proc.stderr and "full_key: stage.ppo.bta" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
     assert not any(tmp_path.iterdir())  # nothing was computed
 
 

@@ -27,23 +27,35 @@ ALIGNFLOW = str(Path(sys.executable).with_name("alignflow"))
 def test_a_second_caller_of_the_same_stage_waits_for_the_first(tmp_path, capfd):
     from flows.pipeline import stage_lock
 
-    events = []
+    events, release = [], threading.Event()
 
     def first():
         with stage_lock(str(tmp_path), "sft", "k" * 64):
             events.append("first in")
-            time.sleep(0.5)
+            release.wait(timeout=60)  # held until the second caller is seen waiting: no timing window
             events.append("first out")
 
-    t = threading.Thread(target=first)
-    t.start()
+    def second():
+        with stage_lock(str(tmp_path), "sft", "k" * 64):
+            events.append("second in")
+
+    holder, waiter = threading.Thread(target=first), threading.Thread(target=second)
+    holder.start()
+    deadline = time.monotonic() + 60
     while not events:
+        assert time.monotonic() < deadline
         time.sleep(0.01)
-    with stage_lock(str(tmp_path), "sft", "k" * 64):
-        events.append("second in")
-    t.join()
+    waiter.start()
+    err = ""
+    while "sft: another run is computing it; waiting for its result" not in err:
+        assert time.monotonic() < deadline, err
+        err += capfd.readouterr().err
+        time.sleep(0.01)
+    assert events == ["first in"]  # the second caller is blocked on the lock
+    release.set()
+    holder.join(timeout=60)
+    waiter.join(timeout=60)
     assert events == ["first in", "first out", "second in"]
-    assert "sft: another run is computing it; waiting for its result" in capfd.readouterr().err
     with stage_lock(str(tmp_path), "sft", "j" * 64):  # another key does not wait
         pass
 

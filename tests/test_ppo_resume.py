@@ -11,8 +11,8 @@ import json, sys
 from pathlib import Path
 import flows  # telemetry off
 from stages import ppo
-from stages.models.peft_setup import PeftConfig
-from stages.models.tuning import Tuning
+from stages.settings.models import PeftConfig
+from stages.settings.models import Tuning
 p, rm, out, ck = (Path(a) for a in sys.argv[1:5])
 cfg = ppo.PpoConfig(updates=6, rollouts_per_update=16, minibatch_size=8, checkpoint_every=2)
 m = ppo.run(cfg, Tuning(PeftConfig("full")), policy=p / "base", reward_model=rm / "model",

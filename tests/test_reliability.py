@@ -43,7 +43,6 @@ def test_two_runs_at_once_both_finish_and_compute_each_stage_once(two_runs):
         ran = [s for s in summaries if s["stages"][stage]["status"] == "ran"]
         assert len(ran) == 1, f"{stage}: computed by {len(ran)} runs"
         assert summaries[0]["stages"][stage]["digest"] == summaries[1]["stages"][stage]["digest"]
-    assert summaries[0]["eval"] == summaries[1]["eval"]
     manifests = list(art.glob("*/*/manifest.json"))  # every published stage folder
     assert len(manifests) == len(summaries[0]["stages"])
     for m in manifests:

@@ -14,8 +14,8 @@ import json, sys
 from pathlib import Path
 import flows  # telemetry off
 from stages import sft
-from stages.models.peft_setup import PeftConfig
-from stages.models.tuning import Tuning
+from stages.settings.models import PeftConfig
+from stages.settings.models import Tuning
 p, out, ck = (Path(a) for a in sys.argv[1:4])
 cfg = sft.SftConfig(epochs=2, batch_size=16, checkpoint_every=8)
 m = sft.run(cfg, Tuning(PeftConfig()), base=p / "base", demonstrations=p / "demonstrations.jsonl", out_dir=out,
@@ -40,8 +40,8 @@ import json, sys
 from pathlib import Path
 import flows  # telemetry off
 from stages import dpo
-from stages.models.peft_setup import PeftConfig
-from stages.models.tuning import Tuning
+from stages.settings.models import PeftConfig
+from stages.settings.models import Tuning
 p, cmp, out, ck, loss = sys.argv[1:6]
 p, cmp = Path(p), Path(cmp)
 cfg = dpo.DpoConfig(epochs=2, batch_size=16, checkpoint_every=8, loss_type=loss, kl_prompts=8)
@@ -49,6 +49,17 @@ m = dpo.run(cfg, Tuning(PeftConfig()), policy=p / "base", reference=p / "base", 
             heldout=cmp / "heldout_comparisons.jsonl", out_dir=Path(out), checkpoint_dir=Path(ck))
 print("MANIFEST " + json.dumps(m.metrics))
 """
+
+
+def same_weights(resumed: Path, uninterrupted: Path) -> None:
+    """The run that was killed and resumed ends with the weights of a run never interrupted."""
+    import torch
+    from safetensors.torch import load_file
+
+    a, b = load_file(resumed / "model.safetensors"), load_file(uninterrupted / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +77,8 @@ def test_killed_sft_resumes_from_its_last_complete_checkpoint(tiny_prepare, tmp_
     metrics = finish([*args, str(tmp_path / "out2"), str(ck)])
     assert saved >= 8 and metrics["sft/resumed_from"] == saved  # the second attempt starts after it
     assert metrics["sft/steps"] > saved
-    assert (tmp_path / "out2" / "policy" / "model.safetensors").exists()
+    finish([*args, str(tmp_path / "out3"), str(tmp_path / "ck3")])
+    same_weights(tmp_path / "out2" / "policy", tmp_path / "out3" / "policy")
 
 
 @pytest.mark.slow
@@ -79,7 +91,8 @@ def test_killed_reward_model_resumes_from_its_last_checkpoint(tiny_prepare, comp
     metrics = finish([*args, str(tmp_path / "out2"), str(ck)])
     assert saved >= 10 and metrics["rm/resumed_from"] == saved
     assert metrics["rm/steps"] > saved  # all the epochs' steps, the first `saved` from the checkpoint
-    assert (tmp_path / "out2" / "model" / "model.safetensors").exists()
+    finish([*args, str(tmp_path / "out3"), str(tmp_path / "ck3")])
+    same_weights(tmp_path / "out2" / "model", tmp_path / "out3" / "model")
 
 
 @pytest.mark.slow
@@ -100,7 +113,8 @@ def test_killed_dpo_resumes_from_its_last_checkpoint(tiny_prepare, comparisons_d
     metrics = finish([*args, str(tmp_path / "out2"), str(ck), loss])
     assert saved >= 8 and metrics["dpo/resumed_from"] == saved
     assert metrics["dpo/steps"] > saved
-    assert (tmp_path / "out2" / "policy" / "model.safetensors").exists()
+    finish([*args, str(tmp_path / "out3"), str(tmp_path / "ck3"), loss])
+    same_weights(tmp_path / "out2" / "policy", tmp_path / "out3" / "policy")
 
 
 def test_a_half_written_trainer_checkpoint_is_skipped(tmp_path):

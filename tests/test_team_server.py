@@ -127,13 +127,17 @@ def _exercise(root: Path) -> None:
              "--no-mlflow"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         assert exported.returncode == 0, exported.stderr[-2000:]
-        assert (root / "exported" / "model.safetensors").is_file()
         assert (root / "elsewhere" / ".downloads" / f"alignflow-policy-v{after['champion']}").is_dir()
         from mlflow import MlflowClient
 
         client = MlflowClient(tracking_uri=mlflow_url)
+        champion = client.get_model_version_by_alias("alignflow-policy", "champion")
+        moved_policy = root / "moved" / Path(champion.tags["alignflow.folder"]).relative_to(art.resolve())
+        _same_logits(root / "exported", moved_policy)  # what was downloaded is the champion's policy
+        parents = {run_id: client.get_run(run_id).data.params for run_id in flows_}  # the runs' configs
+        assert {p["pipeline.name"] for p in parents.values()} == {"rlhf"}
+        assert {float(p["stage.ppo.beta"]) for p in parents.values()} >= {0.02, 0.2}  # the sweep's two jobs
         params = [v for run_id in after["runs"] for v in client.get_run(run_id).data.params.values()]
-        assert params  # the runs' configs are there, and none holds the password
     password = (root / "srv" / "pgpass").read_text().strip().rsplit(":", 1)[1]
     assert len(password) >= 16 and oct((root / "srv" / "pgpass").stat().st_mode & 0o777) == "0o600"
     for folder in (root / "srv" / "logs", root / "srv" / "mlflow-artifacts", root / "moved", sweep_dir):
@@ -143,3 +147,16 @@ def _exercise(root: Path) -> None:
     for s in summaries:
         assert password not in json.dumps(s)
     assert not any(password in v for v in params)
+
+
+def _same_logits(exported: Path, policy: Path) -> None:
+    """The exported folder computes what the registered policy computes."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from stages.models.modeling import load_causal_lm
+
+    ids = torch.tensor([[1, 5, 9, 13, 2]])
+    with torch.no_grad():
+        exported_logits = AutoModelForCausalLM.from_pretrained(exported)(ids).logits
+        assert torch.equal(exported_logits, load_causal_lm(policy)(ids).logits)

@@ -216,7 +216,15 @@ def test_the_visual_task_through_the_flow_rlhf_then_dpo(tmp_path):
     rlhf = align(tmp_path, "data=embedded_vision", *TINY)
     assert statuses(rlhf) == dict.fromkeys(["prepare", "sft", "comparisons", "reward_model", "ppo", "evaluate"], "ran")
     accuracy = rlhf["eval"]["accuracy"]  # exact match of the colour read from the pixels, with Wilson intervals
-    assert set(accuracy) >= {"sft", "policy", "difference"}
+    from stages.preference.validity import wilson
+
+    sft, policy = accuracy["sft"], accuracy["policy"]
+    assert sft["n"] == policy["n"] > 0  # the same held-out pictures for both
+    for block in (sft, policy):  # a whole number of right colours, and its Wilson interval
+        right = round(block["accuracy"] * block["n"])
+        assert block["accuracy"] * block["n"] == pytest.approx(right)
+        assert block["ci95"] == pytest.approx(list(wilson(right, block["n"])))
+    assert accuracy["difference"] == pytest.approx(policy["accuracy"] - sft["accuracy"])
     assert rlhf["data"]["gold"] == "vision"
     dpo = align(tmp_path, "data=embedded_vision", *TINY, "pipeline=dpo")
     assert statuses(dpo) == {
@@ -239,7 +247,7 @@ def test_own_vlm_and_image_rows_through_the_dpo_branch(vlm_folder, tmp_path):
              "stage.evaluate.max_new_tokens=6", "pipeline.min_rm_accuracy=0"]  # fmt: skip
     summary = align(tmp_path / "artifacts", f"model.name_or_path={vlm_folder}", *data, *small, "pipeline=dpo")
     assert {"prepare", "sft", "dpo", "eval_reward_model", "evaluate"} <= set(summary["stages"])
-    assert summary["stages"]["sft"]["metrics"]["sft/rows"] > 0
+    assert summary["stages"]["sft"]["metrics"]["sft/rows"] == 60  # every image demonstration reached SFT
     assert summary["eval"]["win"]["by"] == "evaluation reward model"
     # a corrupt picture on line 7 of the comparisons: refused before any compute, file, line and image named
     (tmp_path / "pictures" / "6.png").write_bytes(b"not a png")
