@@ -10,7 +10,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 .DEFAULT_GOAL := help
-.PHONY: config-keys help venv postgres server browser serve-model chat export-model gpu-check gpu-wheels bench-lengths align compare frontier serve workers champion faults test test-fast bench bench-rerun bench-peft methods bench-dist bench-real lint ui clean
+.PHONY: config-keys help venv postgres server browser serve-model chat export-model gpu-check gpu-wheels bench-lengths align compare frontier serve workers champion faults test test-fast test-durations bench bench-rerun bench-peft methods bench-dist bench-real lint ui clean
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -71,8 +71,11 @@ test: venv browser postgres ## the whole suite: layering contracts, unit, stage,
 	.venv/bin/lint-imports
 	$(PY) -m pytest tests -n auto --dist worksteal --durations=20
 
-test-fast: venv ## unit, stage and config tests, no end-to-end flow (~2 min on 2 cores)
+test-fast: venv ## unit, stage and config tests, no end-to-end flow
 	$(PY) -m pytest tests -m "not slow" -n auto --dist worksteal
+
+test-durations: venv browser postgres ## the whole suite, recording each test's seconds in tests/durations.json (make test starts the longest first)
+	ALIGNFLOW_RECORD_DURATIONS=$(CURDIR)/tests/durations.json $(PY) -m pytest tests -n auto --dist worksteal -q
 
 .bench-venvs/trl112/.installed:
 	python3 -m venv .bench-venvs/trl112

@@ -24,10 +24,30 @@ register()
 @hydra.main(version_base="1.3", config_path=str(flows.ROOT / "conf"), config_name="config")
 def main(dcfg: DictConfig) -> float | None:
     # Sweep launchers (joblib, submitit) pickle this function into other processes: it refers to
-    # nothing of this module, only to the importable flows.pipeline.
-    from flows.pipeline import job
+    # this module by its importable name only.
+    from flows.align import job
 
     return job(dcfg)
+
+
+def job(dcfg: DictConfig) -> float | None:
+    """The typed config first: a refused one stops here, before MLflow, Prefect or torch is imported.
+    An expected failure (a config value, a model folder, a data row, a judge, a resource, a NaN, a
+    killed rank: `ExpectedFailure`) prints one `error:` line and exits 1; `--debug` or
+    HYDRA_FULL_ERROR=1 shows its stack."""
+    from flows.config import to_config
+    from stages.runtime.errors import ExpectedFailure
+
+    try:
+        cfg = to_config(dcfg)
+        from flows.pipeline import run_job
+
+        return run_job(cfg)
+    except ExpectedFailure as e:
+        if flows.debugging():
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def run(argv: list[str]) -> None:

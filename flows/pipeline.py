@@ -36,17 +36,17 @@ from flows.launch.resources import (
     SWEEP_RUN_ENV,
     cap_threads,
     concurrent_jobs,
+    current_threads,
     live_runs,
     peak_rss_mb,
     register_run,
     reset_peak_rss,
     threads_per_job,
 )
-from flows.preflight import preflight
 from flows.results import html_report, registry, report
 from flows.runner import StageCall, execute, flatten, recall, remember, set_up_tracking, stage_task, tracked_run
 from flows.steps import QualityGate
-from stages.runtime.errors import ConfigError, ExpectedFailure
+from stages.runtime.errors import ConfigError, ExpectedFailure, LabelsMissing
 from stages.runtime.manifest import MANIFEST, Manifest
 from stages.runtime.progress import STOP
 
@@ -218,7 +218,7 @@ def align(cfg: Config) -> dict[str, Any]:
         if stopped is not None:
             summary["verdict"] = {"status": "stopped", "reasons": [stopped, *summary["verdict"]["reasons"]]}
         summary["lengths"] = report.lengths(run.stages)
-        summary["threads"] = torch_threads()
+        summary["threads"] = current_threads()
         if "prepare" in run.stages:
             sources_json = Path(run.stages["prepare"]["artifact"], "sources.json")
             summary["data"] = json.loads(sources_json.read_text()) if sources_json.exists() else None
@@ -253,10 +253,25 @@ def cached(cfg: Config) -> bool:
     return True
 
 
-def torch_threads() -> int:
-    import torch
+def probe_cache(cfg: Config) -> bool:
+    """`cached(cfg)`, or False when the probe cannot read an input: preflight then names it."""
+    try:
+        return cached(cfg)
+    except (ExpectedFailure, ValueError, OSError):
+        return False
 
-    return torch.get_num_threads()
+
+def check_before_compute(cfg: Config) -> None:
+    """Preflight (`flows/preflight.py`: data rows, model folders, tokenizers, the judge, the machine),
+    imported only by a run that computes: it loads torch and transformers."""
+    from flows.preflight import preflight
+
+    try:
+        preflight(cfg)
+    except ExpectedFailure:
+        raise
+    except (ValueError, OSError) as e:  # a data file that cannot be read: named like the rest
+        raise ConfigError(str(e)) from e
 
 
 def catch_interrupts() -> None:
@@ -275,45 +290,24 @@ def catch_interrupts() -> None:
     signal.signal(signal.SIGINT, interrupted)
 
 
-def job(dcfg) -> float | None:
-    """One run of the command line or one job of a sweep: typed config, thread cap, preflight, the
-    flow, the printed table; returns `sweep.objective` for a sweeper. An expected failure (a config
-    value, a model folder, a data row, a judge, a resource, a NaN, a killed rank: `ExpectedFailure`)
-    prints one `error:` line and exits 1; `--debug` or HYDRA_FULL_ERROR=1 shows its stack."""
-    try:
-        return _job(dcfg)
-    except ExpectedFailure as e:
-        if debugging():
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
-
-
-def debugging() -> bool:
-    return os.environ.get("ALIGNFLOW_DEBUG") == "1" or os.environ.get("HYDRA_FULL_ERROR") == "1"
-
-
-def _job(dcfg) -> float | None:
-    from flows.config import to_config
-    from stages.labeling.labelers import LabelsMissing
-
-    cfg = to_config(dcfg)
+def run_job(cfg: Config) -> float | None:
+    """One run of the command line or one job of a sweep, its config already typed and checked
+    (`flows.align.job`): thread cap, the cache probe, preflight, the flow, the printed table; returns
+    `sweep.objective` for a sweeper."""
     catch_interrupts()
     register_run()
     cap_threads(threads_per_job(cfg.threads, max(concurrent_jobs(), live_runs())))
-    launch.accelerator_env(os.environ, cfg.compute.device)  # before DeepSpeed is first imported
-    try:
-        preflight(cfg)
-    except ExpectedFailure:
-        raise
-    except (ValueError, OSError) as e:  # a data file that cannot be read: named like the rest
-        raise ConfigError(str(e)) from e
+    # a run whose every stage is cached reads its inputs' digests only: nothing loads, nothing to check
+    everything_cached = probe_cache(cfg)
+    if not everything_cached:
+        launch.accelerator_env(os.environ, cfg.compute.device)  # before DeepSpeed is first imported
+        check_before_compute(cfg)
     # Prefect records the run when a server is up; a temporary one starts only when a stage must run
-    recorded = flows.prefect_server(must_run=lambda: not cached(cfg), local=cfg.schedule.api_url)
+    recorded = flows.prefect_server(must_run=lambda: not everything_cached, local=cfg.schedule.api_url)
     try:
         if recorded:
             flow = align_flow()
-            if not debugging():
+            if not flows.debugging():
                 quiet_expected_failures()
             summary = flow(cfg)
         else:

@@ -31,7 +31,7 @@ import flows
 from flows.config import Config
 from flows.launch import faults, launch
 from flows.launch.faults import LOCK_TAG
-from flows.launch.resources import peak_rss_mb, resource_error, run_lock
+from flows.launch.resources import current_threads, peak_rss_mb, resource_error, run_lock
 from stages.runtime import checkpoints
 from stages.runtime.manifest import MANIFEST, Manifest, publish, sha256_json, staging_folder
 from stages.runtime.progress import STOP
@@ -153,12 +153,6 @@ def _cache_key(context, parameters: dict[str, Any]) -> str:
     return parameters["call"].key()
 
 
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
 def keys_file(call: StageCall) -> Path:
     return Path(call.artifacts_dir, call.stage, ".keys", call.key()[:32])
 
@@ -221,7 +215,7 @@ def execute(call: StageCall, parent_run_id: str | None) -> Manifest:
                         out_dir=tmp,
                         folder=group,
                         run_id=run.info.run_id,
-                        threads=torch_threads(),
+                        threads=current_threads(),
                     )
                 seconds = time.perf_counter() - t0
                 digest = manifest.digest  # the stage hashed its own folder

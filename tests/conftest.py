@@ -105,6 +105,26 @@ def tiny_comparisons(tiny_prepare, tmp_path_factory):
     )
 
 
+@pytest.fixture(scope="session")
+def shared_tiny_run(tmp_path_factory) -> tuple[Path, dict]:
+    """`alignflow align +experiment=tiny` once for the whole session, every xdist worker included (a file
+    lock under the session's shared temporary folder): (its artifacts folder, the first run's summary).
+    Tests that only read that run, or rerun it cached, share it instead of computing it again."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the workers' common folder
+    art, record = shared / "shared-tiny-run", shared / "shared-tiny-run.json"
+    with FileLock(str(shared / "shared-tiny-run.lock")):
+        if not record.exists():
+            alignflow = str(Path(sys.executable).with_name("alignflow"))
+            done = subprocess.run([alignflow, "align", "+experiment=tiny", f"artifacts_dir={art}"], cwd=ROOT,
+                                  capture_output=True, text=True, timeout=900)  # fmt: skip
+            assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+            record.write_text(done.stdout.rsplit("summary: ", 1)[1].strip())
+    return art, json.loads(Path(record.read_text()).read_text())
+
+
 def kill_after_checkpoint(args: list[str], ready) -> None:
     """Start a stage script, SIGKILL it once `ready()` (a complete checkpoint exists)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -127,17 +147,69 @@ def finish(args: list[str]) -> dict:
     return json.loads(done.stdout.split("MANIFEST ", 1)[1])
 
 
-def pytest_collection_modifyitems(config, items):
-    # The end-to-end (`slow`) tests first, in file order otherwise: the longest jobs first is what keeps
-    # both xdist workers busy to the end (a long test started last would leave one core idle).
-    items.sort(key=lambda item: "slow" not in item.keywords)
-    if os.environ.get("CUDA_VISIBLE_DEVICES") is None:
-        import torch
+# Each test's seconds in the last full run (setup and call), committed: `make test` starts the longest
+# first, which keeps both xdist workers busy to the end (a long test started last leaves one core idle).
+# `make test-durations` (or ALIGNFLOW_RECORD_DURATIONS=<file> on any run) writes it anew.
+DURATIONS = Path(__file__).with_name("durations.json")
+NEW_SLOW_TEST_S, NEW_FAST_TEST_S = 60.0, 1.0  # a test the file does not know yet
+_recorded: dict[str, float] = {}
 
-        if not torch.cuda.is_available():
-            for item in items:
-                if "gpu" in item.keywords:
-                    item.add_marker(pytest.mark.skip(reason="needs CUDA; none on this machine"))
+
+def pytest_collection_modifyitems(config, items):
+    known = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+
+    def expected(item) -> float:
+        default = NEW_SLOW_TEST_S if "slow" in item.keywords else NEW_FAST_TEST_S
+        return known.get(item.nodeid, default)
+
+    items[:] = longest_first_per_worker(sorted(items, key=expected, reverse=True))
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is None and not cuda_available():
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason="needs CUDA; none on this machine"))
+
+
+def longest_first_per_worker(ranked: list) -> list:
+    """xdist's worksteal hands each worker a contiguous share of the list and lets an idle one steal
+    the end of another's: dealing the ranked tests round-robin into those shares starts every worker
+    on its longest, and what is stolen last is short."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return [item for w in range(workers) for item in ranked[w::workers]]
+
+
+def pytest_configure(config):
+    """One Prefect server for the session's flows: started by the controller (or the only process)
+    before the workers, which inherit PREFECT_API_URL; flows wait for it on first use. Tests about
+    starting or finding a server remove PREFECT_API_URL and ALIGNFLOW_PRESTARTED_SERVER from their
+    children's environment. `make test-fast` runs no flow that records a run: it starts none."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or os.environ.get("PREFECT_API_URL"):
+        return
+    if "not slow" in (config.option.markexpr or ""):
+        return
+    flows.prestart_prefect_server()
+
+
+def without_session_server(env: dict | None = None) -> dict:
+    """`env` (default: this process's) without the session's Prefect server."""
+    drop = ("PREFECT_API_URL", "ALIGNFLOW_PRESTARTED_SERVER")
+    return {k: v for k, v in (env or os.environ).items() if k not in drop}
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def pytest_runtest_logreport(report):
+    if os.environ.get("ALIGNFLOW_RECORD_DURATIONS") and report.when in ("setup", "call"):
+        _recorded[report.nodeid] = _recorded.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session):
+    target = os.environ.get("ALIGNFLOW_RECORD_DURATIONS")
+    if target and _recorded and not os.environ.get("PYTEST_XDIST_WORKER"):  # the controller has every report
+        Path(target).write_text(json.dumps({k: round(v, 2) for k, v in sorted(_recorded.items())}, indent=0) + "\n")
 
 
 def build_tiny_model(

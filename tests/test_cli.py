@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ROOT, Child, free_port
+from conftest import ROOT, Child, free_port, without_session_server
 from test_flow import reads_what_was_computed
 
 ALIGNFLOW = str(Path(sys.executable).with_name("alignflow"))
@@ -61,10 +61,9 @@ def test_help_lists_every_subcommand_and_each_has_its_own():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """`alignflow align +experiment=tiny`: the tiny pipeline once, its artifacts shared by the tests below."""
-    art = tmp_path_factory.mktemp("cli")
-    return art, summary_of(alignflow("align", *TINY, f"artifacts_dir={art}"))
+def tiny(shared_tiny_run):
+    """`alignflow align +experiment=tiny`: the session's tiny run (conftest), read and rerun by the tests below."""
+    return shared_tiny_run
 
 
 def child_runs(art: Path, parent: str) -> list:
@@ -80,7 +79,7 @@ def test_align_runs_the_flow_and_its_cached_rerun_needs_no_prefect_server(tiny):
     art, first = tiny
     assert statuses(first) == dict.fromkeys(STAGES, "ran")
     assert first["prefect_api_url"].startswith("http://127.0.0.1:")  # a temporary server recorded it
-    rerun = summary_of(alignflow("align", *TINY, f"artifacts_dir={art}"))
+    rerun = summary_of(alignflow("align", *TINY, f"artifacts_dir={art}", env=without_session_server()))
     assert statuses(rerun) == dict.fromkeys(STAGES, "cached")
     assert rerun["prefect_api_url"] is None  # no server was up and none was started: nothing had to run
     reads_what_was_computed(rerun, first)
@@ -95,7 +94,7 @@ def test_a_cached_rerun_is_recorded_by_the_prefect_server_that_is_up(tiny, tmp_p
     """`make serve`'s server answering at `schedule.api_url`: a rerun reuses it (no PREFECT_API_URL)."""
     art, _ = tiny
     url = f"http://127.0.0.1:{free_port()}/api"
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env = without_session_server()
     prefect = str(Path(sys.executable).with_name("prefect"))
     command = [prefect, "server", "start", "--host", "127.0.0.1", "--port", url.split(":")[2].split("/")[0]]
     with Child(command, env={**env, "PREFECT_HOME": str(tmp_path), "PREFECT_UI_ENABLED": "false"}) as server:

@@ -120,15 +120,6 @@ def test_default_recipe_beats_sft(tmp_path):
     assert e["labeler_ceiling"] - e["rm_accuracy"] <= 0.05, (e["rm_accuracy"], e["labeler_ceiling"])
 
 
-JUDGE_TINY = [
-    "stage.judge.n_pairs=300",
-    "stage.judge.n_scores=200",
-    "stage.judge.n_eval_pairs=50",
-    "stage.judge.epochs=1",
-    "labeler.ai.max_invalid_fraction=1.0",  # a judge trained for seconds; the guard has its own tests
-]
-
-
 @pytest.mark.slow
 def test_every_branch_shares_cached_stages_and_keeps_device_discipline(tmp_path):
     """rlhf, dpo (and two rounds), rlaif, rlaif_direct and PPO's shared-base layout, each stage under the
@@ -146,13 +137,13 @@ def test_every_branch_shares_cached_stages_and_keeps_device_discipline(tmp_path)
         **dict.fromkeys(["prepare", "sft", "comparisons", "dpo"], "cached"),
         **dict.fromkeys(["comparisons_r2", "dpo_r2", "evaluate"], "ran"),
     }
-    rlaif = align(tmp_path, *TINY, *JUDGE_TINY, "pipeline=rlaif")
+    rlaif = align(tmp_path, *TINY, "pipeline=rlaif")
     assert statuses(rlaif) == {
         "prepare": "cached",
         "sft": "cached",
         **dict.fromkeys(["judge", "comparisons", "reward_model", "ppo", "evaluate"], "ran"),
     }
-    direct = align(tmp_path, *TINY, *JUDGE_TINY, "pipeline=rlaif_direct")
+    direct = align(tmp_path, *TINY, "pipeline=rlaif_direct")
     assert statuses(direct) == {**dict.fromkeys(["prepare", "sft", "judge"], "cached"), "ppo": "ran", "evaluate": "ran"}
     shared = align(tmp_path, *TINY, "stage.ppo.layout=shared_base")  # LoRA policy and value on one base
     assert statuses(shared) == {**dict.fromkeys(STAGES[:4], "cached"), "ppo": "ran", "evaluate": "ran"}

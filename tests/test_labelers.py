@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from stages import comparisons, reward_model
-from stages.labeling.labelers import CachedLabeler, LabelsMissing, SimulatedLabeler
+from stages.labeling.labelers import CachedLabeler, SimulatedLabeler
+from stages.runtime.errors import LabelsMissing
 from stages.runtime.manifest import read_jsonl
 from stages.settings.labeling import LabelerConfig
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import Child, free_port
+from conftest import Child, free_port, without_session_server
 from test_flow import TINY, statuses
 
 from flows.config import Config, RegistryConfig
@@ -376,7 +376,7 @@ def test_served_deployment_retrains_on_the_new_data_event(tmp_path):
     art = tmp_path / "artifacts"
     url = f"http://127.0.0.1:{free_port()}/api"
     # as the README runs it: no PREFECT_API_URL; serve starts its server at `schedule.api_url`
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env = without_session_server()
     env |= {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
     overrides = [
         f"artifacts_dir={art}",

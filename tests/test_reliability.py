@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import without_session_server
 from test_flow import NOISE, TINY, statuses
 
 from stages.runtime.manifest import Manifest, folder_digest
@@ -129,7 +130,7 @@ def _listening(pid: int) -> set[str]:
 
 def test_the_prestarted_prefect_server_binds_to_loopback_only():
     code = "import flows, time; flows.prestart_prefect_server()(); print('up', flush=True); time.sleep(60)"
-    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "ALIGNFLOW_PRESTARTED_SERVER")}
+    env = without_session_server()
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "up"
@@ -166,8 +167,7 @@ def test_a_signal_stops_the_run_marks_it_killed_and_keeps_the_checkpoint(tmp_pat
     KILLED, Prefect says crashed, the PPO checkpoint stays for the rerun, nothing half-written remains."""
     art, home = tmp_path / "artifacts", tmp_path / "prefect"
     long_ppo = [*TINY, "stage.ppo.updates=400", "stage.ppo.checkpoint_every=2"]
-    env = {**os.environ, "PREFECT_HOME": str(home)}
-    env.pop("PREFECT_API_URL", None)
+    env = {**without_session_server(), "PREFECT_HOME": str(home)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "flows.align", f"artifacts_dir={art}", *long_ppo],
         cwd=ROOT,

@@ -18,6 +18,7 @@ by the OS, so its file no longer counts.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -84,12 +85,22 @@ def threads_per_job(requested: int | None, jobs: int) -> int:
 
 
 def cap_threads(n: int) -> None:
-    """This process and the processes it starts (torchrun children, the labeler's helpers) use `n` threads."""
-    import torch
-
+    """This process and the processes it starts (torchrun children, the labeler's helpers) use `n` threads.
+    A torch imported later reads OMP_NUM_THREADS; one already imported is told (a run whose stages are
+    all cached never imports torch)."""
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(n)
-    torch.set_num_threads(n)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(n)
+
+
+def current_threads() -> int:
+    """The threads this process's torch uses, or will use once imported."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return torch.get_num_threads()
+    return int(os.environ.get("OMP_NUM_THREADS") or usable_cores())
 
 
 def register_run() -> None:

@@ -34,6 +34,7 @@ from stages.data import sources
 from stages.data.reader import load, read_records
 from stages.labeling.ai_labeler import AiLabeler, load_judge
 from stages.preference.rankings import ranks_from_scores
+from stages.runtime.errors import LabelsMissing
 from stages.runtime.manifest import read_jsonl, write_jsonl
 from stages.settings.data import EXACT_MATCH, DatasetConfig
 from stages.settings.labeling import LabelerConfig
@@ -43,10 +44,6 @@ class Labeler(Protocol):
     identity: str
 
     def label_all(self, items: list[tuple[str, list[str]]]) -> list[dict]: ...
-
-
-class LabelsMissing(RuntimeError):
-    """Raised by the file labeler until the rankers' file exists; the message says how to resume."""
 
 
 class SimulatedLabeler:

@@ -23,10 +23,12 @@ import importlib.util
 import math
 from collections.abc import Callable
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from stages.data import arithmetic
+
+if TYPE_CHECKING:
+    import torch
 
 KEY = "stage.ppo.reward_function"
 RewardFunction = Callable[[list[str], list[str]], list[float]]
@@ -89,4 +91,6 @@ class FunctionScore:
         bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
         if bad:
             raise ValueError(f"{KEY}: {self.spec} returned a non-finite score for response {bad[0]}: {values[bad[0]]}")
+        import torch  # here, not at the top: resolving a function's source for a cache key needs no torch
+
         return torch.tensor(values, dtype=torch.float32, device=device)

@@ -12,8 +12,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from stages.runtime.errors import NonFiniteStop
 
 STATE = "state.pt"
@@ -22,6 +20,8 @@ STATE = "state.pt"
 def save(folder: Path, state: dict[str, Any]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f"{STATE}.tmp"
+    import torch  # here: the flow clears spent checkpoints without loading torch
+
     torch.save(state, tmp)
     os.replace(tmp, folder / STATE)
 
@@ -30,6 +30,8 @@ def load(folder: Path | None) -> dict[str, Any] | None:
     """The last complete checkpoint, or None (tensors and plain values only: `weights_only`)."""
     if folder is None or not (Path(folder) / STATE).exists():
         return None
+    import torch
+
     return torch.load(Path(folder) / STATE, weights_only=True)
 
 

@@ -20,3 +20,8 @@ class ConfigError(ExpectedFailure, ValueError):
 
 class NonFiniteStop(ExpectedFailure, FloatingPointError):
     """Training stopped at a non-finite loss; the message names the learning rate to lower."""
+
+
+class LabelsMissing(RuntimeError):
+    """Raised by the file labeler until the rankers' file exists; the message says how to resume (the
+    run waits for people, it did not fail: exit code 2)."""
