@@ -184,7 +184,7 @@ def test_dataset_folder_loads_through_datasets(tmp_path, monkeypatch):
 
 def test_unreachable_hub_id_is_a_clear_error():
     code = (
-        "from stages.settings.data import DatasetConfig, DataError, load\n"
+        "from stages.settings.data import DatasetConfig; from stages.data.reader import DataError, load\n"
         "try:\n    load(DatasetConfig(path='nobody/no-such-dataset', kind='preferences'))\n"
         "except DataError as e:\n    print(e)\n"
     )

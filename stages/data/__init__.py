@@ -2,5 +2,6 @@
 embedded synthetic task with its gold rule (`task`), the embedded verifiable arithmetic task
 (`arithmetic`), the embedded visual task (`shapes`), images in prompts (`images`), and
 tokenisation with its length budgets (`tokens`).
-Imported by the stage modules and the machinery above it (models, preference, labeling); imports only `runtime`.
+Imported by the stage modules and the machinery above it (models, preference, labeling); imports only
+`settings` and `runtime`.
 """
