@@ -10,7 +10,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 .DEFAULT_GOAL := help
-.PHONY: config-keys help venv postgres server browser serve-model chat export-model gpu-check gpu-wheels bench-lengths align compare frontier serve workers champion faults test test-fast test-durations bench bench-rerun bench-peft methods bench-dist bench-real lint ui clean
+.PHONY: config-keys help venv postgres server browser serve-model chat export-model gpu-check gpu-wheels bench-lengths align compare frontier serve workers champion faults mutants test test-fast test-durations bench bench-rerun bench-peft methods bench-dist bench-real lint ui clean
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -120,6 +120,9 @@ bench-peft: venv ## every fine-tuning method and optimizer on a ~110M Llama, SFT
 
 methods: venv ## the embedded-default RLHF pipeline under each method (dora, pissa, loraplus, freeze, houlsby, qlora, galore, badam): artifacts/bench/methods.json
 	$(PY) -m bench.methods $(ARGS)
+
+mutants: venv ## break the cache key, the KL penalty and the data worker's error line in scratch copies; the tests must catch each: artifacts/bench/mutants.json
+	$(PY) -m bench.mutants
 
 faults: venv ## SIGKILL the small pipeline at 20 seeded points, rerun, check: artifacts/bench/faults.json
 	$(PY) -m bench.faults $(ARGS)

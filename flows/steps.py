@@ -278,16 +278,56 @@ def evaluate(
 
 
 def config_files(cfg: Config) -> dict[str, Path]:
-    """Local files and folders the config names (datasets, a model folder): their content keys prepare,
-    so new data in the same file reruns prepare and what reads its changed outputs."""
-    named = {
-        "data.demonstrations": cfg.data.demonstrations.path if cfg.data.demonstrations else None,
-        "data.comparisons": cfg.data.comparisons.path if cfg.data.comparisons else None,
-        "data.prompts": cfg.data.prompts.path if cfg.data.prompts else None,
-        "data.eval_prompts": cfg.data.eval_prompts.path if cfg.data.eval_prompts else None,
-        "model.name_or_path": cfg.model.name_or_path,
+    """Local files and folders the config names (datasets, the pictures their rows name, a model folder):
+    their content keys prepare, so new data in the same file, or a replaced picture, reruns prepare and
+    what reads its changed outputs."""
+    datasets = {
+        "data.demonstrations": cfg.data.demonstrations,
+        "data.comparisons": cfg.data.comparisons,
+        "data.prompts": cfg.data.prompts,
+        "data.eval_prompts": cfg.data.eval_prompts,
     }
-    return {k: Path(v) for k, v in named.items() if v is not None and Path(v).exists()}
+    named = {k: ds.path for k, ds in datasets.items() if ds is not None} | {
+        "model.name_or_path": cfg.model.name_or_path
+    }
+    files = {k: Path(v) for k, v in named.items() if v is not None and Path(v).exists()}
+    for key, ds in datasets.items():
+        if key in files and files[key].is_file():
+            column = (ds.columns or {}).get("images", "images")
+            files |= {f"{key}.images:{ref}": path for ref, path in named_pictures(files[key], column).items()}
+    return files
+
+
+def named_pictures(path: Path, column: str) -> dict[str, Path]:
+    """The picture files a JSON or JSONL dataset's rows name in `column` (paths beside the data file, as
+    LLaMA-Factory lays them out, or absolute), by the name the rows give. Rows that do not parse are
+    the data worker's to report (preflight); here they name nothing."""
+    import gzip
+    import json
+
+    if not path.name.endswith((".json", ".jsonl", ".json.gz", ".jsonl.gz")):
+        return {}
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError):
+        return {}
+    try:
+        records = json.loads(text)
+    except ValueError:
+        records = []
+        for line in text.splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    refs = [
+        ref for rec in (records if isinstance(records, list) else [records]) if isinstance(rec, dict)
+        for ref in (rec.get(column) if isinstance(rec.get(column), list) else [])
+        if isinstance(ref, str) and not ref.startswith("data:")
+    ]  # fmt: skip
+    found = {ref: Path(ref) if Path(ref).is_absolute() else path.parent / ref for ref in refs}
+    return {ref: p for ref, p in found.items() if p.is_file()}
 
 
 def _local(key: str, path: str | None) -> dict[str, Path]:

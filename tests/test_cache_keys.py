@@ -49,3 +49,31 @@ def test_a_deleted_folder_or_a_damaged_record_is_not_cached(tmp_path):
     assert [p.name for p in (tmp_path / "sft" / ".keys").iterdir()] == [c.key()[:32]]
     (tmp_path / "sft" / "abcd" / MANIFEST).unlink()  # the artifact deleted: recompute, never point at it
     assert recall(c) is None
+
+
+def test_a_key_follows_the_code_its_stage_imports_and_nothing_else(tmp_path, monkeypatch):
+    """The key holds the source of the stage's module and of every `stages` module it imports,
+    transitively: an edit three imports deep retrains the stage; an edit to a module it never imports
+    does not."""
+    import shutil
+
+    import flows
+    from flows import runner
+
+    shutil.copytree(flows.ROOT / "stages", tmp_path / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(flows, "ROOT", tmp_path)
+
+    def key() -> str:
+        runner.code_version.cache_clear()
+        runner.stage_imports.cache_clear()
+        return call(tmp_path / "art", 1).key()
+
+    before = key()
+    with open(tmp_path / "stages" / "rl" / "ppo_math.py", "a") as f:  # PPO's math: SFT never imports it
+        f.write("\n# an edit\n")
+    assert key() == before
+    with open(tmp_path / "stages" / "runtime" / "rules.py", "a") as f:  # sft -> settings.recipe -> runtime.rules
+        f.write("\n# an edit\n")
+    assert key() != before
+    runner.code_version.cache_clear()
+    runner.stage_imports.cache_clear()

@@ -117,24 +117,30 @@ def _post(url: str, path: str, body: dict) -> list:
         return json.loads(response.read())
 
 
-def registry_champion(art: Path):
-    """The champion's model version, read from the registry itself: which one it is depends on which of
-    this module's tests (each may register policies in the shared `tiny` folder) ran before."""
+def registered_version(art: Path, version: str | None = None, *, digest: str | None = None):
+    """A model version read from the registry itself: by number, or the one of the policy `digest`.
+    Which version is champion depends on which other runs (`make compare`'s, on another worker) have
+    registered policies in the session's shared folder meanwhile; a version never changes."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{art}/mlflow.db")
-    return client.get_model_version_by_alias("alignflow-policy", "champion")
+    if version is not None:
+        return client.get_model_version("alignflow-policy", version)
+    versions = client.search_model_versions("name='alignflow-policy'")
+    return next(v for v in versions if v.tags["alignflow.digest"] == digest)
 
 
 @pytest.mark.slow
 def test_champion_prints_the_promoted_policy_and_its_lineage(tiny):
     art, first = tiny
-    champion = registry_champion(art)
     out = alignflow("champion", f"artifacts_dir={art}").stdout
-    assert out.startswith(f"champion: alignflow-policy version {champion.version}\n")
-    assert champion.tags["alignflow.digest"][:16] in out and champion.run_id in out
-    if champion.version == "1":  # the fixture's own run was the first registered, and nothing beat it yet
-        assert champion.tags["alignflow.digest"] == first["stages"]["evaluate"]["parents"]["policy"]
+    head = out.splitlines()[0].split()
+    assert head[:3] == ["champion:", "alignflow-policy", "version"], out
+    printed = registered_version(art, head[3])  # the version it names, and that version's own lineage
+    assert printed.tags["alignflow.promoted"] == "true"
+    assert printed.run_id in out
+    for artifact in json.loads(printed.tags["alignflow.lineage"])["artifacts"]:
+        assert artifact["digest"][:16] in out and artifact["path"] in out
 
 
 @pytest.mark.slow
@@ -146,18 +152,21 @@ def test_export_writes_the_champion_as_a_plain_folder_with_its_lineage_and_logs_
     from stages.models.modeling import load_causal_lm
 
     art, first = tiny
-    champion = registry_champion(art)
+    # the shared run's own version (the first it registered, so promoted): fixed whatever runs meanwhile
+    own = registered_version(art, digest=first["stages"]["evaluate"]["parents"]["policy"])
     out = tmp_path / "exported"
-    done = alignflow("export", "--out", str(out), "--artifacts-dir", str(art))
+    done = alignflow(
+        "export", "--out", str(out), "--artifacts-dir", str(art), "--source", f"models:/alignflow-policy/{own.version}"
+    )
     exported, tok = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
-    policy = load_causal_lm(champion.tags["alignflow.folder"])
+    policy = load_causal_lm(first["stages"]["evaluate"]["inputs"]["policy"])
     text = tok.apply_chat_template([{"role": "user", "content": "Say something kind."}], tokenize=False,
                                    add_generation_prompt=True)  # fmt: skip
     ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
     with torch.no_grad():
         assert torch.equal(exported(ids).logits, policy(ids).logits)
     card = (out / "README.md").read_text()
-    assert champion.run_id in card and champion.tags["alignflow.digest"] in card
+    assert first["mlflow_run_id"] in card and first["stages"]["ppo"]["digest"] in card
     for name, digest in first["stages"]["prepare"]["parents"].items():
         if name.startswith("file:"):
             assert digest in card

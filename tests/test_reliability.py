@@ -188,8 +188,8 @@ def test_a_signal_stops_the_run_marks_it_killed_and_keeps_the_checkpoint(tmp_pat
     if sig == signal.SIGINT:  # Ctrl-C: the shell's code for it, and nothing raised but the interrupt itself
         assert proc.returncode in (130, -signal.SIGINT), (proc.returncode, err[-2000:])
         assert {line.split(":")[0] for line in raised(err)} <= {"KeyboardInterrupt"}, err[-3000:]
-    else:
-        assert proc.returncode != 0
+    else:  # SIGTERM: ended by the signal itself (the shell's 143), after Prefect marked its runs crashed
+        assert proc.returncode in (-signal.SIGTERM, 128 + signal.SIGTERM), (proc.returncode, err[-2000:])
         assert "Traceback" not in err, err[-3000:]
     assert list(art.glob("ppo/.checkpoints/*/state.pt"))  # kept for the rerun
     assert not [p for p in art.glob("ppo/*") if not p.name.startswith(".")]  # no PPO artifact published
