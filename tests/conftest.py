@@ -125,6 +125,27 @@ def shared_tiny_run(tmp_path_factory) -> tuple[Path, dict]:
     return art, json.loads(Path(record.read_text()).read_text())
 
 
+def refusal_in_process(*overrides: str) -> str:
+    """The one `error:` line `alignflow align <overrides>` prints for a run it refuses before any compute,
+    found in this process by the same steps (Hydra's composition, `to_config`, preflight: what
+    `flows.align.job` runs before a stage), without starting a process. How the console shows it (exit
+    code 1, one line, no traceback) is checked in a real process once per kind of failure."""
+    from hydra import compose, initialize_config_dir
+
+    from flows.config import register, to_config
+    from flows.pipeline import check_before_compute
+    from stages.runtime.errors import ExpectedFailure
+
+    register()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        dcfg = compose("config", overrides=list(overrides))
+    try:
+        check_before_compute(to_config(dcfg))
+    except ExpectedFailure as e:
+        return f"error: {e}".splitlines()[0]
+    pytest.fail(f"not refused: {' '.join(overrides)}")
+
+
 def kill_after_checkpoint(args: list[str], ready) -> None:
     """Start a stage script, SIGKILL it once `ready()` (a complete checkpoint exists)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
-from conftest import LocalHttpServer, build_tiny_model, send_json
+from conftest import LocalHttpServer, build_tiny_model, refusal_in_process, send_json
 
 from flows.config import Config
 from stages.runtime import rules
@@ -181,6 +181,15 @@ def _run(*args: str, art: Path, timeout: int = 300) -> subprocess.CompletedProce
     )  # fmt: skip
 
 
+def _refused_here(*args: str, art: Path, names: tuple[str, ...]) -> str:
+    """`_refused` for a run refused in this process (conftest.refusal_in_process): the same line."""
+    line = refusal_in_process("+experiment=tiny", f"artifacts_dir={art}", *args)
+    for name in names:
+        assert name in line, line
+    assert not art.exists() or not [p for p in art.iterdir() if p.is_dir()], "a refused run created a stage folder"
+    return line
+
+
 def _refused(done: subprocess.CompletedProcess, art: Path, *names: str) -> str:
     out = done.stdout + done.stderr
     assert done.returncode == 1, out[-3000:]
@@ -245,7 +254,10 @@ MODEL_CASES = {
 def test_an_unusable_model_folder_is_one_line_naming_it(case, tmp_path):
     folder = _model_case(tmp_path, case)
     art = tmp_path / "art"
-    line = _refused(_run(f"model.name_or_path={folder}", art=art), art, "model.name_or_path", str(folder))
+    if case == "corrupt":  # the command line itself, once: exit code 1, one line, no traceback
+        line = _refused(_run(f"model.name_or_path={folder}", art=art), art, "model.name_or_path", str(folder))
+    else:
+        line = _refused_here(f"model.name_or_path={folder}", art=art, names=("model.name_or_path", str(folder)))
     assert MODEL_CASES[case] in line
 
 
@@ -317,17 +329,20 @@ JUDGE_CASES = {
 def test_a_misbehaving_judge_server_is_refused_by_the_probe_before_any_stage(mode, tmp_path):
     judge = Judge(mode)
     art = tmp_path / "art"
+    overrides = (
+        "pipeline=rlaif", "labeler=ai", "labeler.ai.backend=http", "labeler.ai.model=judge-7b",
+        f"labeler.ai.base_url={judge.url}", "labeler.ai.api_key_env=null", "labeler.ai.timeout_s=0.5",
+        "labeler.ai.max_retries=0",
+    )  # fmt: skip
     try:
         t0 = time.perf_counter()
-        done = _run(
-            "pipeline=rlaif", "labeler=ai", "labeler.ai.backend=http", "labeler.ai.model=judge-7b",
-            f"labeler.ai.base_url={judge.url}", "labeler.ai.api_key_env=null", "labeler.ai.timeout_s=0.5",
-            "labeler.ai.max_retries=0", art=art,
-        )  # fmt: skip
+        if mode == "no-logprobs":  # the command line itself, once
+            line = _refused(_run(*overrides, art=art), art, "labeler.ai", judge.url)
+        else:
+            line = _refused_here(*overrides, art=art, names=("labeler.ai", judge.url))
         seconds = time.perf_counter() - t0
     finally:
         judge.close()
-    line = _refused(done, art, "labeler.ai", judge.url)
     assert JUDGE_CASES[mode] in line
     assert judge.requests == 1  # one probe request, and nothing computed before it (no prepare, no sft)
     assert seconds < 60

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import refusal_in_process
 
 from stages.models import compute
 from stages.models.compute import check, pick_device, resolve_device
@@ -53,6 +54,10 @@ def test_the_command_line_refuses_a_missing_device_before_any_compute(tmp_path, 
     if torch.cuda.device_count() > 3:
         pytest.skip("this machine has the devices")
     args = ["+experiment=tiny", f"artifacts_dir={tmp_path}", f"compute.device={device}"]
+    if device == "cuda:3":  # in this process: the same checks; the console is checked once, for cuda
+        assert refusal_in_process(*args).startswith(f"error: compute.device={device}: this machine has")
+        assert not (tmp_path / "prepare").exists()
+        return
     done = subprocess.run(
         [sys.executable, "-m", "flows.align", *args],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300,
