@@ -257,7 +257,7 @@ def probe_cache(cfg: Config) -> bool:
     """`cached(cfg)`, or False when the probe cannot read an input: preflight then names it."""
     try:
         return cached(cfg)
-    except (ExpectedFailure, ValueError, OSError):
+    except (ExpectedFailure, ValueError, OSError, EOFError):
         return False
 
 

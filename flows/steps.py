@@ -304,13 +304,14 @@ def named_pictures(path: Path, column: str) -> dict[str, Path]:
     the data worker's to report (preflight); here they name nothing."""
     import gzip
     import json
+    import zlib
 
     if not path.name.endswith((".json", ".jsonl", ".json.gz", ".jsonl.gz")):
         return {}
     try:
         with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
             text = f.read()
-    except (OSError, UnicodeDecodeError):
+    except (OSError, EOFError, ValueError, zlib.error):  # unreadable or truncated: preflight names it
         return {}
     try:
         records = json.loads(text)
