@@ -370,7 +370,8 @@ def load_scalar_model(path: str | Path, *, trust_remote_code: bool = False, devi
     from transformers import AutoModelForSequenceClassification
 
     check_model_folder(path)
-    vision.register_scalar_class()  # LLaVA folders: `stages/models/vision.py`
+    if vision.folder_is_vlm(path, trust_remote_code=trust_remote_code):  # LLaVA: `stages/models/vision.py`
+        vision.register_scalar_class()  # (imported only here: transformers' LLaVA module loads torchao)
     model = AutoModelForSequenceClassification.from_pretrained(
         str(path), num_labels=1, trust_remote_code=trust_remote_code, use_safetensors=True, dtype=torch.float32, **load
     )
