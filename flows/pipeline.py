@@ -243,22 +243,15 @@ def align_flow():
 
 def cached(cfg: Config) -> bool:
     """Whether the artifacts folder holds every stage this run needs, for the inputs and code of now:
-    the branch walked with a probing runner (cache keys and file digests only, nothing computed)."""
+    the branch walked with a probing runner (cache keys and file digests only, nothing computed).
+    False too when the probe cannot read an input: preflight, which runs next, names it."""
     try:
         BRANCHES[cfg.pipeline.name](Pipeline(cfg, None, probe=True), cfg)
     except (StopPipeline, QualityGate):  # everything before the gate is cached, and nothing after runs
         pass
-    except NotCached:
+    except (NotCached, ExpectedFailure, ValueError, OSError, EOFError):
         return False
     return True
-
-
-def probe_cache(cfg: Config) -> bool:
-    """`cached(cfg)`, or False when the probe cannot read an input: preflight then names it."""
-    try:
-        return cached(cfg)
-    except (ExpectedFailure, ValueError, OSError, EOFError):
-        return False
 
 
 def check_before_compute(cfg: Config) -> None:
@@ -298,7 +291,7 @@ def run_job(cfg: Config) -> float | None:
     register_run()
     cap_threads(threads_per_job(cfg.threads, max(concurrent_jobs(), live_runs())))
     # a run whose every stage is cached reads its inputs' digests only: nothing loads, nothing to check
-    everything_cached = probe_cache(cfg)
+    everything_cached = cached(cfg)
     if not everything_cached:
         launch.accelerator_env(os.environ, cfg.compute.device)  # before DeepSpeed is first imported
         check_before_compute(cfg)

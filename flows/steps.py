@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from flows.config import Config
+from flows.fingerprint import Fingerprints
 from stages.rl import rewards
 from stages.runtime.manifest import Manifest
 from stages.settings.models import PeftConfig, Tuning
@@ -42,7 +43,8 @@ def lengths(cfg: Config) -> dict:
 
 
 def prepare(run, cfg: Config) -> Manifest:
-    return run("prepare", cfg.data, cfg.model, files=config_files(cfg), device=cfg.compute.device)
+    files = config_files(cfg, run.fingerprints)
+    return run("prepare", cfg.data, cfg.model, files=files, device=cfg.compute.device)
 
 
 def pretrain(run, cfg: Config, prep: Manifest) -> Manifest | None:
@@ -277,7 +279,7 @@ def evaluate(
     )
 
 
-def config_files(cfg: Config) -> dict[str, Path]:
+def config_files(cfg: Config, fingerprints: Fingerprints) -> dict[str, Path]:
     """Local files and folders the config names (datasets, the pictures their rows name, a model folder):
     their content keys prepare, so new data in the same file, or a replaced picture, reruns prepare and
     what reads its changed outputs."""
@@ -294,41 +296,9 @@ def config_files(cfg: Config) -> dict[str, Path]:
     for key, ds in datasets.items():
         if key in files and files[key].is_file():
             column = (ds.columns or {}).get("images", "images")
-            files |= {f"{key}.images:{ref}": path for ref, path in named_pictures(files[key], column).items()}
+            pictures = fingerprints.named_pictures(files[key], column)
+            files |= {f"{key}.images:{ref}": path for ref, path in pictures.items()}
     return files
-
-
-def named_pictures(path: Path, column: str) -> dict[str, Path]:
-    """The picture files a JSON or JSONL dataset's rows name in `column` (paths beside the data file, as
-    LLaMA-Factory lays them out, or absolute), by the name the rows give. Rows that do not parse are
-    the data worker's to report (preflight); here they name nothing."""
-    import gzip
-    import json
-    import zlib
-
-    if not path.name.endswith((".json", ".jsonl", ".json.gz", ".jsonl.gz")):
-        return {}
-    try:
-        with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, EOFError, ValueError, zlib.error):  # unreadable or truncated: preflight names it
-        return {}
-    try:
-        records = json.loads(text)
-    except ValueError:
-        records = []
-        for line in text.splitlines():
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                continue
-    refs = [
-        ref for rec in (records if isinstance(records, list) else [records]) if isinstance(rec, dict)
-        for ref in (rec.get(column) if isinstance(rec.get(column), list) else [])
-        if isinstance(ref, str) and not ref.startswith("data:")
-    ]  # fmt: skip
-    found = {ref: Path(ref) if Path(ref).is_absolute() else path.parent / ref for ref in refs}
-    return {ref: p for ref, p in found.items() if p.is_file()}
 
 
 def _local(key: str, path: str | None) -> dict[str, Path]:
