@@ -10,7 +10,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 .DEFAULT_GOAL := help
-.PHONY: config-keys help venv postgres server browser serve-model chat export-model gpu-check gpu-wheels bench-lengths align compare frontier serve workers champion faults mutants test test-fast test-durations bench bench-rerun bench-peft methods bench-dist bench-real lint ui clean
+.PHONY: config-keys help venv postgres server browser serve-model chat export-model gpu-check gpu-wheels gpu-rehearsal bench-lengths align compare frontier serve workers champion faults mutants test test-fast test-durations bench bench-rerun bench-peft methods bench-dist bench-real lint ui clean
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -95,19 +95,37 @@ bench: venv .bench-venvs/trl112/.installed ## benchmarks, side by side in one ru
 	$(PY) -m bench.peft_methods
 	$(PY) -m bench.length_defaults
 
-gpu-check: venv ## on a CUDA machine: every branch on the GPU (checked by hooks), then 0.5B-model timings: artifacts/bench/gpu_check.json
-	$(PY) -m bench.gpu_check $(ARGS)
+gpu-check: ## on a CUDA machine, without .venv: every stage and algorithm on the GPU in bf16 (checked by hooks), then 0.5B-model timings: artifacts/bench/gpu_check.json
+	bash bench/gpu-check.sh $(ARGS)
 
-# For a GPU machine that has torch, transformers and peft but not trl/datasets: wheels to carry in .gpu/
-# (git-ignored), with GPT-2's tokenizer; there: pip install --no-deps --target /tmp/site .gpu/whl/*.whl
-gpu-wheels: ## download trl, datasets and their missing pure-Python deps (py3.12) into .gpu/whl, copy GPT-2's tokenizer
-	mkdir -p .gpu/whl && cp -r ../shared/tokenizers/gpt2 .gpu/gpt2
-	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-		-d .gpu/whl trl==$$($(PY) -c "import trl; print(trl.__version__)") \
-		datasets==$$($(PY) -c "import datasets; print(datasets.__version__)") dill multiprocess \
-		torchao==$$($(PY) -c "import importlib.metadata as m; print(m.version('torchao'))") \
-		optimum-quanto==$$($(PY) -c "import importlib.metadata as m; print(m.version('optimum-quanto'))")
+# What travels to the GPU machine (git-ignored .gpu/, at most 64 MiB with the repository): the packages
+# its image lacks (bench/gpu_image.py: CARRIED), installed for Python 3.12 and packed as one xz archive,
+# and GPT-2's tokenizer. There: `bash bench/gpu-check.sh` (what `make gpu-check` runs).
+GPU_WHEEL_FLAGS := --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+	--platform manylinux2014_x86_64 --platform manylinux1_x86_64
+gpu-wheels: .gpu/site.tar.xz ## pack the packages the GPU image lacks (py3.12) into .gpu/site.tar.xz; copy GPT-2's tokenizer
+.gpu/site.tar.xz: bench/gpu_image.py pyproject.toml | .venv/.installed
+	rm -rf .gpu/build && mkdir -p .gpu/build && rm -rf .gpu/gpt2 && cp -r ../shared/tokenizers/gpt2 .gpu/gpt2
+	$(PIP) install -q --target .gpu/build/site $(GPU_WHEEL_FLAGS) $$($(PY) -m bench.gpu_image carried)
+	cd .gpu/build/site && rm -rf bin __pycache__ */tests pyarrow/include pyarrow/src && find . -name __pycache__ -prune -exec rm -rf {} +
+	tar -cJf .gpu/build/site.tar.xz -C .gpu/build site && mv .gpu/build/site.tar.xz .gpu/site.tar.xz && rm -rf .gpu/build
+	$(PY) -m bench.gpu_image size
+
+# The GPU image rebuilt here (Python 3.12 from pyenv, the image's pins; torch 2.11's CUDA build runs on
+# the CPU): a few GB downloaded once into GPU_IMAGE_CACHE, never in CI.
+GPU_IMAGE_CACHE ?= $(HOME)/.cache/alignflow/gpu-image-wheels
+PY312 ?= $(shell pyenv root 2>/dev/null)/versions/$(shell pyenv versions --bare 2>/dev/null | grep '^3\.12' | tail -1)/bin/python
+.gpu/rehearsal/.installed: bench/gpu_image.py
+	rm -rf .gpu/rehearsal && $(PY312) -m venv .gpu/rehearsal
+	.gpu/rehearsal/bin/pip download -q -d $(GPU_IMAGE_CACHE) $$($(PY) -m bench.gpu_image image)
+	.gpu/rehearsal/bin/pip install -q --no-index --find-links $(GPU_IMAGE_CACHE) $$($(PY) -m bench.gpu_image image)
+	touch $@
+
+gpu-rehearsal: .gpu/rehearsal/.installed gpu-wheels ## the GPU machine's software on this CPU: the GPU check's exact command, --device cpu; log in artifacts/bench/gpu_rehearsal.log
+	mkdir -p artifacts/bench
+	set -o pipefail; GPU_PYTHON=.gpu/rehearsal/bin/python bash bench/gpu-check.sh --device cpu --small \
+		--out artifacts/bench/gpu_rehearsal.json $(ARGS) 2>&1 | tee artifacts/bench/gpu_rehearsal.log
 
 bench-rerun: venv ## the embedded default cold, then rerun with nothing changed (no server; a server up): artifacts/bench/cached_rerun.json
 	$(PY) -m bench.cached_rerun $(ARGS)

@@ -31,6 +31,7 @@ import flows
 from flows.config import Config
 from flows.launch import faults, launch
 from flows.launch.faults import LOCK_TAG
+from flows.launch.metrics import to_mlflow
 from flows.launch.resources import current_threads, peak_rss_mb, resource_error, run_lock
 from stages.runtime import checkpoints
 from stages.runtime.manifest import MANIFEST, Manifest, publish, sha256_json, staging_folder
@@ -184,7 +185,7 @@ def recall(call: StageCall) -> Manifest | None:
 
 
 def execute(call: StageCall, parent_run_id: str | None) -> Manifest:
-    from stages.runtime import device_guard
+    from stages.runtime import device_guard, tracking
 
     module = importlib.import_module(f"stages.{call.stage}")
     root = Path(call.artifacts_dir) / call.stage
@@ -203,7 +204,8 @@ def execute(call: StageCall, parent_run_id: str | None) -> Manifest:
                 faults.point(f"start:{call.stage}")
                 kwargs = {**{k: Path(v) for k, v in call.inputs.items()}, **call.scalars, **extra}
                 if call.launch is None:
-                    with device_guard.maybe_guard(call.stage):  # ALIGNFLOW_DEVICE_GUARD=1 (the tests)
+                    logging = tracking.metrics_sink(to_mlflow(run.info.run_id))
+                    with device_guard.maybe_guard(call.stage), logging:  # guard: ALIGNFLOW_DEVICE_GUARD=1 (the tests)
                         manifest = module.run(*call.configs, **kwargs, out_dir=tmp)
                 else:  # every rank runs it; rank 0 writes into `tmp`, and this task publishes as always
                     group = root / ".launch" / key[:16]

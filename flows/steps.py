@@ -90,6 +90,7 @@ def best_of_n(run, cfg: Config, policy: Manifest, prep: Manifest, rm: Manifest, 
         gold=gold(cfg),
         target_len=cfg.data.target_len,
         device=cfg.compute.device,
+        precision=cfg.compute.precision,
         **lengths(cfg),
     )
 
@@ -141,6 +142,7 @@ def comparisons(
         target_len=cfg.data.target_len,
         gold=gold(cfg),
         device=cfg.compute.device,
+        precision=cfg.compute.precision,
         **lengths(cfg),
         **from_file,
         **with_judge,
@@ -271,6 +273,7 @@ def evaluate(
         target_len=cfg.data.target_len,
         gold=gold(cfg),
         device=cfg.compute.device,
+        precision=cfg.compute.precision,
         data_sources=prep.file("sources"),
         **lengths(cfg),
         **scored,

@@ -22,7 +22,7 @@ import torch
 
 from stages.data import sources
 from stages.data.tokens import fit_prompt_file, resolve_sampling
-from stages.models.compute import pick_device
+from stages.models.compute import compute_dtype, pick_device
 from stages.models.modeling import decode_responses, load_causal_lm, load_tokenizer, model_context, sample
 from stages.preference.scorers import TrainedRewardModel
 from stages.runtime.manifest import Manifest, folder_digest, write_jsonl
@@ -54,8 +54,10 @@ def run(
     truncation: bool = True,
     max_dropped_fraction: float = 0.0,
     device: str = "auto",
+    precision: str = "fp32",
 ) -> Manifest:
-    """`round`: which round this is (it picks the slice of `prompts` and the sampling seed)."""
+    """`round`: which round this is (it picks the slice of `prompts` and the sampling seed); `device` and
+    `precision`: where the policy and reward model run, and in what dtype (`compute.*`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     where = pick_device(device)
@@ -68,8 +70,8 @@ def run(
         raise ValueError(f"{prompts}: no prompt to sample")
     start = ((round - 1) * cfg.prompts) % len(texts)
     chosen = [texts[(start + i) % len(texts)] for i in range(min(cfg.prompts, len(texts)))]
-    rm = TrainedRewardModel(reward_model, normalization, device=where)
-    model = load_causal_lm(policy, device=where)
+    rm = TrainedRewardModel(reward_model, normalization, device=where, precision=precision)
+    model = load_causal_lm(policy, device=where, dtype=compute_dtype(precision))
     flat = [p for p in chosen for _ in range(cfg.n)]
     responses: list[str] = []
     scores: list[float] = []
@@ -85,6 +87,7 @@ def run(
                 max_prompt_length=budget.max_prompt_length,
                 temperature=cfg.temperature,
                 generator_seed=cfg.seed + 100_003 * round + at,
+                precision=precision,
             )
             scores += rm.score(rollout).float().tolist()
         responses += decode_responses(tokenizer, rollout)

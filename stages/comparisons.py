@@ -17,7 +17,7 @@ from pathlib import Path
 
 from stages.data.tokens import SamplingBudget, fit_prompt_file, resolve_sampling
 from stages.labeling.labelers import make_labeler
-from stages.models.compute import pick_device
+from stages.models.compute import compute_dtype, pick_device
 from stages.models.modeling import decode_responses, load_causal_lm, load_tokenizer, model_context, sample
 from stages.runtime.manifest import Manifest, folder_digest, read_jsonl, write_jsonl
 from stages.runtime.progress import progress
@@ -27,7 +27,7 @@ from stages.settings.recipe import ComparisonsConfig
 
 
 def sample_k(
-    policy, tokenizer, prompts: list, cfg: ComparisonsConfig, budget: SamplingBudget
+    policy, tokenizer, prompts: list, cfg: ComparisonsConfig, budget: SamplingBudget, precision: str = "fp32"
 ) -> list[tuple[list[str], list[bool]]]:
     flat = [p for p in prompts for _ in range(cfg.k)]
     texts, finished = [], []
@@ -42,6 +42,7 @@ def sample_k(
             max_prompt_length=budget.max_prompt_length,
             temperature=cfg.temperature,
             generator_seed=cfg.seed + start,
+            precision=precision,
         )
         texts += decode_responses(tokenizer, rollout)
         finished += rollout.finished.tolist()
@@ -85,11 +86,12 @@ def run(
     truncation: bool = True,
     max_dropped_fraction: float = 0.0,
     device: str = "auto",
+    precision: str = "fp32",
 ) -> Manifest:
     """With `dataset` (and `dataset_heldout`), comparisons from a file (`data.comparisons`, already
     validated and split by prepare) pass through: nothing is sampled and no labeler is asked.
     `judge`: the `judge` stage's artifact, the AI labeler's model (`labeler=ai`); `device`: where the
-    policy samples and the judge runs (`compute.device`)."""
+    policy samples and the judge runs (`compute.device`), computing in `precision` (`compute.precision`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if dataset is not None:
@@ -98,7 +100,9 @@ def run(
         sets = {"comparisons": read_jsonl(dataset), "heldout_comparisons": read_jsonl(dataset_heldout)}
         return _publish(out_dir, sets, {"comparisons/labeler/asked": 0.0})
     where = pick_device(device)
-    labeler = make_labeler(labeler_cfg, target_len, judge, gold, where)  # a missing judge fails before sampling
+    labeler = make_labeler(
+        labeler_cfg, target_len, judge, gold, where, precision
+    )  # a missing judge fails before sampling
     tokenizer = load_tokenizer(policy)
     budget = resolve_sampling("comparisons", cfg.max_prompt_length, cfg.max_new_tokens, model_context(policy))
     metrics: dict[str, float] = {}
@@ -113,8 +117,11 @@ def run(
             max_dropped_fraction=max_dropped_fraction,
         )
         metrics |= fitted.metrics(f"comparisons/{name}")
-    model = load_causal_lm(policy, device=where)
-    sets = {name: list(zip(texts, sample_k(model, tokenizer, texts, cfg, budget))) for name, texts in kept.items()}
+    model = load_causal_lm(policy, device=where, dtype=compute_dtype(precision))
+    sets = {
+        name: list(zip(texts, sample_k(model, tokenizer, texts, cfg, budget, precision)))
+        for name, texts in kept.items()
+    }
     # one labeling request for both sets (one task file for human rankers)
     items = [(p, responses) for pairs in sets.values() for p, (responses, _) in pairs]
     labels = labeler.label_all(items)

@@ -37,7 +37,7 @@ import torch
 
 from stages.data.images import row_vision
 from stages.data.tokens import default_new_tokens, fit_rows, pack, resolve_budget, row_sources
-from stages.models.compute import autocast, grad_scaler, model_device
+from stages.models.compute import amp, autocast, compute_dtype, grad_scaler, model_device
 from stages.models.modeling import (
     load_causal_lm,
     load_tokenizer,
@@ -99,7 +99,7 @@ def _train_trl(
         loss_type=[cfg.loss_type],
         label_smoothing=cfg.label_smoothing,
         seed=cfg.seed,
-        **dist.trainer_args(group, cfg.batch_size, "stage.dpo.batch_size"),
+        **dist.trainer_args(group, cfg.batch_size, "stage.dpo.batch_size", tuning.compute.device),
         **{**TRAINER_ARGS, **saving, **train_args},
     )
     trainer = _pretokenized_dpo_trainer()(
@@ -272,7 +272,10 @@ def run(
     free_ref = shares_base(tuning) and same_start
     where = device(tuning, partitioned=partitioned)
     needs_ref = not (free_ref or cfg.loss_type in REFERENCE_FREE)  # SimPO and ORPO train without one
-    ref = load_causal_lm(reference, device=where).eval().requires_grad_(False) if needs_ref else None
+    frozen_dtype = compute_dtype(tuning.compute.precision)  # frozen: the compute dtype; trained: fp32 master weights
+    ref = (
+        load_causal_lm(reference, device=where, dtype=frozen_dtype).eval().requires_grad_(False) if needs_ref else None
+    )
     with_images = any(row_vision(p) is not None for p, _ in fitted.rows)
     if with_images and cfg.loss_type not in (*OWN_LOSSES, "sigmoid"):
         raise ValueError(
@@ -299,8 +302,24 @@ def run(
         dist.leave_trainer_zero3()
         ref = None  # the trainer prepared it for the group (partitioned under ZeRO-3): read it again
     where = device(tuning)  # the measures run whole, on the stage's device
-    trained = load_causal_lm(out_dir / "policy", device=where).eval()  # what was published is what is measured
-    reference_model = ref.to(where) if ref is not None else load_causal_lm(reference, device=where).eval()
+    measured = {"device": where, "dtype": frozen_dtype}
+    trained = load_causal_lm(out_dir / "policy", **measured).eval()  # what was published is what is measured
+    reference_model = ref.to(where) if ref is not None else load_causal_lm(reference, **measured).eval()
+    metrics |= _measures(cfg, tuning, trained, reference_model, tokenizer, held, budget, context)
+    metrics["dpo/pairs"] = float(len(pairs))
+    log_metrics(metrics)
+    shutil.rmtree(out_dir / "trainer", ignore_errors=True)
+    limits = {"max_prompt_length": budget.max_prompt_length, "max_length": budget.max_length}
+    (out_dir / "budget.json").write_text(json.dumps(limits))  # evaluate scores held-out rows within them
+    files = {"policy": "policy", "budget": "budget.json", **({"adapter": "adapter"} if adapter else {})}
+    return Manifest("dpo", str(out_dir), folder_digest(out_dir), metrics=metrics, files=files)
+
+
+def _measures(cfg: DpoConfig, tuning: Tuning, trained, reference_model, tokenizer, held, budget, context) -> dict:
+    """The published policy's KL to the reference on sampled held-out prompts and its implicit-reward
+    accuracy on held-out pairs, every forward in the stage's compute dtype."""
+    metrics: dict[str, float] = {}
+    precision = tuning.compute.precision
     unique = {json.dumps(r["prompt"]): r["prompt"] for r in held}  # a prompt may be a conversation
     prompts = list(unique.values())[: cfg.kl_prompts]
     if prompts:
@@ -312,19 +331,16 @@ def run(
             max_new_tokens=new_tokens,
             generator_seed=cfg.seed,
             max_prompt_length=context - new_tokens,
+            precision=precision,
         )
-        metrics["dpo/kl_to_sft"] = mean_token_kl(trained, reference_model, [rollout])
-    metrics["dpo/pairs"] = float(len(pairs))
+        with amp(model_device(trained), precision):
+            metrics["dpo/kl_to_sft"] = mean_token_kl(trained, reference_model, [rollout])
     held_encoded = [budget.fit_row(p, rs) for p, rs in encode_rankings(tokenizer, held)]
     held_pairs = preference_pairs(held_encoded, held)
     metrics["dpo/eval/pairs"] = float(len(held_pairs))
     if held_pairs:  # thumbs-only held-out rows (KTO labels, one response a prompt) hold no pair to rank
-        metrics["dpo/eval/accuracy"] = implicit_reward_accuracy(
-            trained, reference_model, tokenizer.pad_token_id, held_pairs
-        )
-    log_metrics(metrics)
-    shutil.rmtree(out_dir / "trainer", ignore_errors=True)
-    limits = {"max_prompt_length": budget.max_prompt_length, "max_length": budget.max_length}
-    (out_dir / "budget.json").write_text(json.dumps(limits))  # evaluate scores held-out rows within them
-    files = {"policy": "policy", "budget": "budget.json", **({"adapter": "adapter"} if adapter else {})}
-    return Manifest("dpo", str(out_dir), folder_digest(out_dir), metrics=metrics, files=files)
+        with amp(model_device(trained), precision):
+            metrics["dpo/eval/accuracy"] = implicit_reward_accuracy(
+                trained, reference_model, tokenizer.pad_token_id, held_pairs
+            )
+    return metrics

@@ -47,7 +47,7 @@ from stages.data import sources
 from stages.data.tokens import Budget, fit_prompt_file, resolve_budget, resolve_sampling
 from stages.labeling import judges
 from stages.labeling.labelers import SimulatedLabeler, make_labeler
-from stages.models.compute import pick_device
+from stages.models.compute import compute_dtype, pick_device
 from stages.models.modeling import (
     decode_responses,
     load_causal_lm,
@@ -92,7 +92,7 @@ def mean_ci95(xs: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(xs), "ci95": ci}
 
 
-def _generate(model, tokenizer, prompts, cfg, budget):
+def _generate(model, tokenizer, prompts, cfg, budget, precision: str):
     texts, rollouts = [], []
     bar = progress(len(prompts), "evaluate: sampling", unit="response")
     for start in range(0, len(prompts), cfg.batch_size):
@@ -104,6 +104,7 @@ def _generate(model, tokenizer, prompts, cfg, budget):
             max_prompt_length=budget.max_prompt_length,
             temperature=cfg.temperature,
             generator_seed=cfg.seed + start,
+            precision=precision,
         )
         texts += decode_responses(tokenizer, r)
         rollouts.append(r)
@@ -191,11 +192,12 @@ def run(
     truncation: bool = True,
     max_dropped_fraction: float = 0.0,
     device: str = "auto",
+    precision: str = "fp32",
 ) -> Manifest:
     """`gold`: the data's gold rule (null for real data); `judge` with `labeler` (the AI labeler) or
     `eval_reward_model` judges wins where there is no gold rule; `data_sources`: prepare's sources.json;
     `policy_budget`: the token limits the policy trained with (DPO's), which its held-out scoring keeps;
-    `device`: where every model samples and scores (`compute.device`)."""
+    `device`: where every model samples and scores (`compute.device`), computing in `precision`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(sft_policy)
@@ -205,9 +207,10 @@ def run(
     )
     gold_fn = sources.gold_scorer(gold, target_len)
     where = pick_device(device)
-    sft, pol = load_causal_lm(sft_policy, device=where), load_causal_lm(policy, device=where)
-    sft_texts, sft_rollouts = _generate(sft, tokenizer, texts, cfg, budget)
-    pol_texts, rollouts = _generate(pol, tokenizer, texts, cfg, budget)
+    frozen = {"device": where, "dtype": compute_dtype(precision)}
+    sft, pol = load_causal_lm(sft_policy, **frozen), load_causal_lm(policy, **frozen)
+    sft_texts, sft_rollouts = _generate(sft, tokenizer, texts, cfg, budget, precision)
+    pol_texts, rollouts = _generate(pol, tokenizer, texts, cfg, budget, precision)
     held = read_jsonl(heldout_comparisons) if heldout_comparisons is not None else []
     result: dict[str, Any] = {
         "gold_sft": None,
@@ -240,13 +243,13 @@ def run(
         for row, ga, gb in zip(rows, gold_sft, gold_pol):
             row |= {"gold_sft": ga, "gold_policy": gb}
     elif judge is not None and labeler is not None:
-        ai = make_labeler(labeler, target_len, judge, gold, where)
+        ai = make_labeler(labeler, target_len, judge, gold, where, precision)
         ranks = [label["ranks"] for label in ai.label_all([(p, [a, b]) for p, a, b in triples])]
         truth = [r["ranks"] for r in human_held]
         judged = [label["ranks"] for label in ai.label_all([(r["prompt"], r["responses"]) for r in human_held])]
         win = ("AI labeler", [_win(r) for r in ranks], *judges.ranks_agreement(judged, truth))
     if eval_reward_model is not None and eval_normalization is not None:
-        scorer = TrainedRewardModel(eval_reward_model, eval_normalization, device=where)
+        scorer = TrainedRewardModel(eval_reward_model, eval_normalization, device=where, precision=precision)
         s_sft, s_pol = _scores(scorer, sft_rollouts), _scores(scorer, rollouts)
         result["eval_rm"] = {"sft": mean_ci95(s_sft), "policy": mean_ci95(s_pol)}
         for row, a, b in zip(rows, s_sft, s_pol):
@@ -259,7 +262,7 @@ def run(
         valid = validity(by, hits, pairs, bound=cfg.min_judge_accuracy, key="evaluate.min_judge_accuracy")
         result["win"] = _win_block(by, wins, (_lengths(rollouts), _lengths(sft_rollouts)), valid)
     if reward_model is not None and normalization is not None:
-        proxy = TrainedRewardModel(reward_model, normalization, device=where)
+        proxy = TrainedRewardModel(reward_model, normalization, device=where, precision=precision)
         p_sft, p_pol = _scores(proxy, sft_rollouts), _scores(proxy, rollouts)
         result["proxy_rm"] = {
             "note": "the reward model the policy was optimised against: a proxy, not an independent judge",

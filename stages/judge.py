@@ -175,7 +175,9 @@ def run(
     (out_dir / "judge.json").write_text(json.dumps({"backend": "local", "model": None, "embedded": True}))
     # held-out agreement, asked through the AI labeler's own code path
     held = _pairs(cfg.n_eval_pairs, random.Random(cfg.seed + 1), cfg, target_len)
-    labeler_ai = AiLabeler(ai, LocalJudge(out_dir / "model", batch_size=ai.batch_size, device=device))
+    labeler_ai = AiLabeler(
+        ai, LocalJudge(out_dir / "model", batch_size=ai.batch_size, device=device, precision=compute.precision)
+    )
     p, consistent = labeler_ai.preferences(held)
     human = SimulatedLabeler(LabelerConfig(), target_len)
     noisy = [human.noisy_scores(q, [a, b]) for q, a, b in held]

@@ -119,7 +119,13 @@ class _State:
             )
         scaler = grad_scaler(tuning.compute)
         self.engine = Engine(
-            _Trained(self.models), self.opt, distributed, micro_batch=micro, clip=cfg.max_grad_norm, scaler=scaler
+            _Trained(self.models),
+            self.opt,
+            distributed,
+            micro_batch=micro,
+            clip=cfg.max_grad_norm,
+            scaler=scaler,
+            precision=tuning.compute.precision,
         )
         self.opt = self.engine.opt
         self.offload = cfg.offload_frozen
@@ -129,7 +135,8 @@ class _State:
         if cfg.generation == "vllm":
             self.rollout = VllmRollout(policy, trained, seed=cfg.seed + dist.rank())
         else:
-            hf = {"batch_size": cfg.generation_batch_size, "static_cache": cfg.static_cache}
+            hf = {"batch_size": cfg.generation_batch_size, "static_cache": cfg.static_cache,
+                  "precision": tuning.compute.precision}  # fmt: skip
             self.rollout = HfRollout(self.rollout_policy, trained, **hf) if self.zero3 else HfRollout(trained, **hf)
         if self.offload:
             self.frozen_to("cpu")
@@ -227,8 +234,8 @@ class _Trained(torch.nn.Module):
 class RewardModelScore:
     """InstructGPT: the normalised reward-model score of each rollout, (batch,), on the rollout's device."""
 
-    def __init__(self, reward_model: Path, normalization: Path, device) -> None:
-        self.rm = TrainedRewardModel(reward_model, normalization, device=device)
+    def __init__(self, reward_model: Path, normalization: Path, device, precision: str) -> None:
+        self.rm = TrainedRewardModel(reward_model, normalization, device=device, precision=precision)
         self.frozen = [self.rm.model]
 
     def __call__(self, tokenizer, prompts: list[str], rollout: Rollout) -> torch.Tensor:
@@ -238,8 +245,8 @@ class RewardModelScore:
 class JudgeScore:
     """d-RLAIF: the AI labeler's expected 1-10 score of each decoded response, in [-1, 1], (batch,)."""
 
-    def __init__(self, labeler: LabelerConfig, judge: Path, device) -> None:
-        self.labeler = make_labeler(labeler, 0, judge, device=device)
+    def __init__(self, labeler: LabelerConfig, judge: Path, device, precision: str) -> None:
+        self.labeler = make_labeler(labeler, 0, judge, device=device, precision=precision)
         self.frozen = self.labeler.frozen
 
     def __call__(self, tokenizer, prompts: list[str], rollout: Rollout) -> torch.Tensor:
@@ -266,7 +273,7 @@ class Scores:
         return score
 
 
-def _scorer(cfg: PpoConfig, labeler, reward_model, normalization, judge, where) -> Scores:
+def _scorer(cfg: PpoConfig, labeler, reward_model, normalization, judge, where, precision: str) -> Scores:
     if reward_model is not None and judge is not None:
         raise ValueError("ppo: score rollouts with either a reward model or an AI labeler and its judge, not both")
     if judge is not None and labeler is None:
@@ -276,9 +283,9 @@ def _scorer(cfg: PpoConfig, labeler, reward_model, normalization, judge, where) 
         raise ValueError("ppo: nothing scores the rollouts: give a reward model, a judge or stage.ppo.reward_function")
     model = None
     if reward_model is not None:
-        model = RewardModelScore(reward_model, normalization, where)
+        model = RewardModelScore(reward_model, normalization, where, precision)
     elif judge is not None:
-        model = JudgeScore(labeler, judge, where)
+        model = JudgeScore(labeler, judge, where, precision)
     return Scores(model, function, cfg)
 
 
@@ -326,7 +333,7 @@ def run(
     out_dir = Path(out_dir)
     check(cfg.generation)
     where = device(tuning)
-    scorer = _scorer(cfg, labeler, reward_model, normalization, judge, where)
+    scorer = _scorer(cfg, labeler, reward_model, normalization, judge, where, tuning.compute.precision)
     tokenizer = load_tokenizer(policy)
     budget = resolve_sampling("ppo", cfg.max_prompt_length, cfg.max_new_tokens, model_context(policy))
     texts, fitted = fit_prompt_file(
@@ -336,7 +343,8 @@ def run(
     state = _State(cfg, tuning, policy, reward_model or policy, distributed)
     if cfg.watch_every:
         judged = (judge_reward_model, judge_normalization)
-        state.watch = _watch(cfg, tokenizer, scorer, gold_fn, watch_prompts, *judged, budget, where)
+        state.watch = _watch(cfg, tokenizer, scorer, gold_fn, watch_prompts, *judged, budget, where,
+                             tuning.compute.precision)  # fmt: skip
     resumed_from = state.update if checkpoint_dir and state.load(Path(checkpoint_dir)) else 0
     if state.watch is not None and not state.watch.points:  # the SFT policy's point: where KL is 0
         log_metrics(_named_point(state.watch.look(state.models, tokenizer, 0)), step=0)
@@ -393,9 +401,25 @@ def _model_state_mb(state: _State, scorer) -> float:
     return sum(seen.values()) / 2**20
 
 
-def _one_update(cfg, state: _State, tokenizer, scorer, batch_prompts, ptx_docs, update, budget: SamplingBudget):
+class _Scored:
+    """One update's rollouts and what the frozen pass measured on them (steps 1-2)."""
+
+    def __init__(self, rollout: Rollout, score, old_logp, ref_logp, old_values, first_order) -> None:
+        self.rollout, self.score, self.first_order = rollout, score, first_order
+        self.old_logp, self.ref_logp, self.old_values = old_logp, ref_logp, old_values
+        self.mask = rollout.response_mask.float()
+
+
+def _minibatches(order: torch.Tensor, cfg: PpoConfig, local: int) -> list[torch.Tensor]:
+    return list(order.split(local * cfg.minibatch_size // cfg.rollouts_per_update))
+
+
+def _collect(cfg, state: _State, tokenizer, scorer, batch_prompts, budget: SamplingBudget, update: int) -> _Scored:
+    """1. Rollouts (KV-cached, batched generate: the seam where a faster engine plugs in); 2. one pass
+    each of policy, reference, value and reward over them, under the update's autocast. The old
+    log-probs are computed in the first epoch's minibatches, so that epoch's first minibatch sees
+    exactly what was scored: its ratio is 1 (approx-KL and clipfrac 0) in any precision."""
     models = state.models
-    # 1. rollouts (KV-cached, batched generate: the seam where a faster engine plugs in)
     rollout = state.rollout.sample(
         tokenizer,
         batch_prompts,
@@ -405,77 +429,106 @@ def _one_update(cfg, state: _State, tokenizer, scorer, batch_prompts, ptx_docs, 
         top_p=cfg.top_p,
     )
     rollout = rollout.to(model_device(models.policy))  # once: every model below reads it there
-    mask = rollout.response_mask.float()
-    # 2. one pass each of policy, reference, value and reward over the rollout tokens
-    with torch.no_grad(), state.frozen_on_device(scorer):
-        old_logp, _ = models.policy_logprobs(rollout)
-        ref_logp = models.ref_logprobs(rollout)
-        old_values = models.values(rollout) * mask
-        score = scorer(tokenizer, batch_prompts, rollout)
+    first_order = torch.randperm(len(batch_prompts), device="cpu").to(rollout.query.device)  # the host's RNG
+    with torch.no_grad(), state.frozen_on_device(scorer), autocast(state.compute):
+        old_logp = torch.zeros(rollout.response.shape, device=rollout.query.device)
+        for idx in _minibatches(first_order, cfg, len(batch_prompts)):
+            old_logp[idx] = models.policy_logprobs(_subset(rollout, idx))[0].float()
+        ref_logp = models.ref_logprobs(rollout).float()
+        old_values = models.values(rollout).float() * rollout.response_mask
+        score = scorer(tokenizer, batch_prompts, rollout).float()
         if cfg.missing_eos_penalty is not None:
             score = score - cfg.missing_eos_penalty * (~rollout.finished).float()
     _check_finite("reward", score, update)
-    # 3. per-token KL penalty, advantages: GAE with the value model, or a critic-free estimator
-    kl = pm.kl_estimate(old_logp, ref_logp, cfg.kl_estimator) * mask
+    return _Scored(rollout, score, old_logp, ref_logp, old_values, first_order)
+
+
+def _advantages(cfg, state: _State, scored: _Scored, budget: SamplingBudget):
+    """3. Per-token KL penalty and advantages: GAE with the value model, or a critic-free estimator.
+    Returns (kl, advantages, returns)."""
+    mask = scored.mask
+    kl = pm.kl_estimate(scored.old_logp, scored.ref_logp, cfg.kl_estimator) * mask
     total = dist.all_reduce_sum if dist.active() else None
-    in_reward = state.beta if cfg.kl_penalty == "reward" else 0.0
-    horizon = budget.max_new_tokens if cfg.advantage == "dr_grpo" else None  # Dr. GRPO: no length normalisation
     if cfg.critic_free:
+        in_reward = state.beta if cfg.kl_penalty == "reward" else 0.0
         kw = {"estimator": cfg.advantage, "n": cfg.samples_per_prompt, "beta": in_reward, "gamma": cfg.gamma}
-        advantages = pm.critic_free_advantages(score, kl, mask, **kw, total=total)
-        returns = advantages
-    else:
-        rewards = pm.kl_penalized_rewards(score, kl, mask, state.beta)
-        advantages, returns = pm.gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:  # by the global batch's statistics: the same on every rank
-            advantages = pm.masked_whiten(advantages, mask, total=total)
-    # 4. PPO epochs over shuffled minibatches (of this rank's rollouts)
-    stats: dict[str, list[float]] = {
-        "pg": [],
-        "vf": [],
-        "clipfrac": [],
-        "approxkl": [],
-        "entropy": [],
-        "ptx": [],
-        "kl_loss": [],
-    }
-    local = len(batch_prompts)
-    for _ in range(cfg.ppo_epochs):
-        order = torch.randperm(local, device="cpu").to(mask.device)  # the host's RNG: the same on any device
-        for idx in order.split(local * cfg.minibatch_size // cfg.rollouts_per_update):
-            mb, m = _subset(rollout, idx), mask[idx]
-            with autocast(state.compute):  # mixed precision (`compute.precision`); the losses in fp32
-                logp, entropy, values = state.engine(mb)
-            logp, entropy, values = logp.float(), entropy.float(), values.float()
-            pg, clipfrac, approxkl = pm.policy_loss(logp, old_logp[idx], advantages[idx], m, cfg.clip, horizon)
-            if cfg.critic_free:  # no value model: no value loss
-                vf = torch.zeros((), device=pg.device)
-                loss = pg
-            else:
-                vf, _ = pm.value_loss(values, old_values[idx], returns[idx], m, cfg.value_clip)
-                loss = pg + cfg.vf_coef * vf
-            if cfg.kl_penalty == "loss":  # GRPO: k3 KL to the reference as a loss term
-                kl_term = pm.kl_loss(logp, ref_logp[idx], m, horizon)
-                loss = loss + state.beta * kl_term
-                stats["kl_loss"].append(kl_term.item())
-            if ptx_docs:
-                lm = _lm_loss(models.policy, tokenizer, ptx_docs, cfg.ptx_batch_size, budget)
-                loss = pm.ptx_mix(loss, lm, cfg.ptx_coef)
-                stats["ptx"].append(lm.item())
-            _check_finite("loss", loss, update)
+        advantages = pm.critic_free_advantages(scored.score, kl, mask, **kw, total=total)
+        return kl, advantages, advantages
+    rewards = pm.kl_penalized_rewards(scored.score, kl, mask, state.beta)
+    advantages, returns = pm.gae(rewards, scored.old_values, mask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:  # by the global batch's statistics: the same on every rank
+        advantages = pm.masked_whiten(advantages, mask, total=total)
+    return kl, advantages, returns
+
+
+STATS = ("pg", "vf", "clipfrac", "approxkl", "entropy", "kl_loss", "ptx")
+
+
+def _optimise(cfg, state: _State, scored: _Scored, advantages, returns, tokenizer, ptx_docs, budget, update):
+    """4. PPO epochs over shuffled minibatches of this rank's rollouts. One host sync per minibatch: its
+    statistics come back in one `tolist`, which also checks the loss before the step. Returns the
+    statistics' lists and the first minibatch's (ratio 1 by construction: see `_collect`)."""
+    local = scored.rollout.response.shape[0]
+    horizon = budget.max_new_tokens if cfg.advantage == "dr_grpo" else None  # Dr. GRPO: no length normalisation
+    stats: dict[str, list[float]] = {k: [] for k in STATS}
+    for epoch in range(cfg.ppo_epochs):
+        order = scored.first_order if epoch == 0 else torch.randperm(local, device="cpu").to(scored.mask.device)
+        for idx in _minibatches(order, cfg, local):
+            loss, values = _minibatch_step(cfg, state, scored, advantages, returns, idx, tokenizer, ptx_docs, budget,
+                                           horizon)  # fmt: skip
+            if not math.isfinite(values[0]):
+                raise NonFiniteStop(f"ppo: non-finite loss at update {update}; lower stage.ppo.learning_rate")
+            for k, v in zip(STATS, values[1:], strict=True):
+                stats[k].append(v)
             state.engine.backward(loss)
             state.engine.step()  # clips to max_grad_norm, steps, zeroes the gradients
             if state.ema is not None:
                 state.ema_step(cfg.ema_decay)
-            for k, v in (
-                ("pg", pg),
-                ("vf", vf),
-                ("clipfrac", clipfrac),
-                ("approxkl", approxkl),
-                ("entropy", pm.masked_mean(entropy, m)),
-            ):
-                stats[k].append(v.item())
+    used = {k: v for k, v in stats.items() if k in ("pg", "vf", "clipfrac", "approxkl", "entropy")}
+    used |= {k: stats[k] for k in ("kl_loss", "ptx") if _uses(cfg, k, ptx_docs)}
+    first = {"first_minibatch_clipfrac": stats["clipfrac"][0], "first_minibatch_approxkl": stats["approxkl"][0]}
+    return used, first
+
+
+def _uses(cfg, stat: str, ptx_docs) -> bool:
+    return cfg.kl_penalty == "loss" if stat == "kl_loss" else bool(ptx_docs)
+
+
+def _minibatch_step(
+    cfg, state: _State, scored: _Scored, advantages, returns, idx, tokenizer, ptx_docs, budget, horizon
+):
+    """One minibatch's loss and its statistics as floats (the loss first): one host sync."""
+    mb, m = _subset(scored.rollout, idx), scored.mask[idx]
+    zero = torch.zeros((), device=m.device)
+    with autocast(state.compute):  # mixed precision (`compute.precision`); the losses in fp32
+        logp, entropy, values = state.engine(mb)
+        lm = _lm_loss(state.models.policy, tokenizer, ptx_docs, cfg.ptx_batch_size, budget) if ptx_docs else zero
+    logp, entropy, values = logp.float(), entropy.float(), values.float()
+    pg, clipfrac, approxkl = pm.policy_loss(logp, scored.old_logp[idx], advantages[idx], m, cfg.clip, horizon)
+    vf, loss = zero, pg
+    if not cfg.critic_free:  # no value model: no value loss
+        vf, _ = pm.value_loss(values, scored.old_values[idx], returns[idx], m, cfg.value_clip)
+        loss = pg + cfg.vf_coef * vf
+    kl_term = zero
+    if cfg.kl_penalty == "loss":  # GRPO: k3 KL to the reference as a loss term
+        kl_term = pm.kl_loss(logp, scored.ref_logp[idx], m, horizon)
+        loss = loss + state.beta * kl_term
+    if ptx_docs:
+        loss = pm.ptx_mix(loss, lm.float(), cfg.ptx_coef)
+    parts = (loss, pg, vf, clipfrac, approxkl, pm.masked_mean(entropy, m), kl_term, lm)
+    return loss, torch.stack([t.detach().float() for t in parts]).tolist()
+
+
+def _one_update(cfg, state: _State, tokenizer, scorer, batch_prompts, ptx_docs, update, budget: SamplingBudget):
+    scored = _collect(cfg, state, tokenizer, scorer, batch_prompts, budget, update)
+    kl, advantages, returns = _advantages(cfg, state, scored, budget)
+    stats, first = _optimise(cfg, state, scored, advantages, returns, tokenizer, ptx_docs, budget, update)
     state.sync_rollout()
+    return _update_row(cfg, state, scored, kl, returns, stats, first, update), scored.rollout
+
+
+def _update_row(cfg, state: _State, scored: _Scored, kl, returns, stats, first, update: int) -> dict[str, float]:
+    rollout, mask, score, old_values = scored.rollout, scored.mask, scored.score, scored.old_values
     # 5. KL controller and diagnostics, over the global batch (every rank's rollouts)
     kl_seq = dist.mean(kl.sum(1))
     tokens = dist.all_reduce_sum(rollout.query_mask.sum() + mask.sum()).item()
@@ -494,6 +547,7 @@ def _one_update(cfg, state: _State, tokenizer, scorer, batch_prompts, ptx_docs, 
         "ppo/finished": dist.mean(rollout.finished.float()),
         "ppo/learning_rate": state.opt.param_groups[0]["lr"],
         **{f"ppo/{name}": _over_ranks(sum(v) / len(v)) for name, v in _named(stats).items() if v},
+        **{f"ppo/policy/{name}": _over_ranks(v) for name, v in first.items()},
     }
     if state.kl_ctl is not None:
         state.beta = state.kl_ctl.update(kl_seq, cfg.rollouts_per_update)
@@ -504,7 +558,7 @@ def _one_update(cfg, state: _State, tokenizer, scorer, batch_prompts, ptx_docs, 
             stacklevel=2,
         )
         state.warned_kl = True
-    return row, rollout
+    return row
 
 
 def _over_ranks(value: float) -> float:
@@ -620,7 +674,7 @@ def _named_point(point: dict[str, float]) -> dict[str, float]:
 
 
 def _watch(
-    cfg: PpoConfig, tokenizer, scorer, gold_fn, prompts: Path | None, judge_rm, judge_norm, budget, where
+    cfg: PpoConfig, tokenizer, scorer, gold_fn, prompts: Path | None, judge_rm, judge_norm, budget, where, precision
 ) -> Watch:
     """The over-optimisation watch: the proxy (the scorer PPO optimises) and an independent judge."""
     if prompts is None:
@@ -629,7 +683,7 @@ def _watch(
     if gold_fn is not None:
         judge = lambda ps, ts, rollout: [gold_fn(p, t) for p, t in zip(ps, ts)]  # noqa: E731
     elif judge_rm is not None:
-        rm = TrainedRewardModel(judge_rm, judge_norm, device=where)  # the stage's device, as the proxy's
+        rm = TrainedRewardModel(judge_rm, judge_norm, device=where, precision=precision)  # as the proxy's
         judge = lambda ps, ts, rollout: rm.score(rollout)  # noqa: E731
     else:
         raise ValueError(
@@ -638,7 +692,8 @@ def _watch(
         )
     proxy = lambda ps, rollout: scorer(tokenizer, ps, rollout)  # noqa: E731
     every, seed = cfg.watch_every, cfg.seed + 7919  # its own sampling seed: the same prompts, comparable points
-    return Watch(texts, proxy, judge, every=every, seed=seed, budget=budget, temperature=cfg.temperature)
+    return Watch(texts, proxy, judge, every=every, seed=seed, budget=budget, temperature=cfg.temperature,
+                 precision=precision)  # fmt: skip
 
 
 def _explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:

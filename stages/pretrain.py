@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from stages.data.reader import load as load_rows
+from stages.models.compute import autocast, grad_scaler
 from stages.models.modeling import load_tokenizer, model_context, save_tokenizer
 from stages.models.tuning import export, load, optimizer
 from stages.runtime.errors import NonFiniteStop
@@ -54,6 +55,7 @@ def run(cfg: PretrainConfig, tuning: Tuning, *, base: Path, text: Path, out_dir:
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (warmup + 1)))
     order = random.Random(cfg.seed)
     device = next(model.parameters()).device
+    scaler = grad_scaler(tuning.compute)
     losses: list[float] = []
     model.train()
     bar = progress(steps, "pretrain: training", unit="step")
@@ -65,15 +67,20 @@ def run(cfg: PretrainConfig, tuning: Tuning, *, base: Path, text: Path, out_dir:
             queue += refill
         batch = torch.tensor(queue[: cfg.batch_size], device=device)
         del queue[: cfg.batch_size]
-        loss = model(input_ids=batch, labels=batch).loss
-        if not torch.isfinite(loss):
-            raise NonFiniteStop(f"pretrain: non-finite loss at step {len(losses)}; lower stage.pretrain.learning_rate")
+        with autocast(tuning.compute):  # mixed precision (`compute.precision`); fp32 master weights
+            loss = model(input_ids=batch, labels=batch).loss.float()
+        losses.append(loss.item())  # the step's one host sync: the loss is checked before it is applied
+        if not math.isfinite(losses[-1]):
+            raise NonFiniteStop(
+                f"pretrain: non-finite loss at step {len(losses) - 1}; lower stage.pretrain.learning_rate"
+            )
         opt.zero_grad()
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)  # clip the true gradients (fp16's scaler; a pass-through otherwise)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         schedule.step()
-        losses.append(loss.item())
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
     bar.close()

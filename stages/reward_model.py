@@ -162,6 +162,7 @@ def run(
         distributed,
         micro_batch=max(1, cfg.batch_prompts // dist.world_size()),
         scaler=grad_scaler(tuning.compute),
+        precision=tuning.compute.precision,
     )
     device = model_device(engine.base)  # DeepSpeed has placed the partitions by now
     gen = torch.Generator().manual_seed(cfg.seed)

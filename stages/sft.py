@@ -114,7 +114,7 @@ def run(
         completion_only_loss=True,
         train_sampling_strategy=cfg.sampling,  # rows of similar length batched together: less padding
         seed=cfg.seed,
-        **dist.trainer_args(distributed, cfg.batch_size, "stage.sft.batch_size"),
+        **dist.trainer_args(distributed, cfg.batch_size, "stage.sft.batch_size", tuning.compute.device),
         **{**TRAINER_ARGS, "output_dir": str(out_dir / "trainer"), **saving, **train_args},
     )
     trainer = SFTTrainer(

@@ -44,7 +44,7 @@ def test_cpu_options_pass():
     ("overrides", "message"),
     [
         (["compute.attention=flash_attention_2"], "compute.attention=flash_attention_2 needs CUDA and the flash-attn"),
-        (["peft=qlora", "peft.quant_method=torchao", "peft.quant_bits=4"], "torchao's int4 weight-only kernels need"),
+        (["peft=qlora", "peft.quant_method=torchao", "peft.quant_bits=4"], "LoRA on torchao accepts int8 weights only"),
     ],
     ids=["flash-attention", "torchao-int4"],
 )

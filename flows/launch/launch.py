@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import flows
+from flows.launch.metrics import RUN_ID_ENV
 from stages.runtime.errors import ExpectedFailure
 from stages.runtime.manifest import Manifest
 from stages.settings.distributed import DistributedConfig
@@ -106,7 +107,7 @@ def run_group(
     )
     env = rank_env(dict(os.environ), threads // cfg.nproc_per_node, device_of(configs))
     if run_id is not None:
-        env["ALIGNFLOW_MLFLOW_RUN_ID"] = run_id  # rank 0 logs its metrics to the stage's run
+        env[RUN_ID_ENV] = run_id  # rank 0 logs its metrics to the stage's run
         import mlflow
 
         env["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()

@@ -9,6 +9,7 @@ is written to `error-rank<N>.json` (the task raises it with its message) before 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -22,7 +23,9 @@ from pathlib import Path
 def main(spec_path: str) -> None:
     import torch
 
-    from stages.runtime import device_guard, distributed
+    from flows.launch import launch
+    from flows.launch.metrics import rank_sink
+    from stages.runtime import device_guard, distributed, tracking
 
     folder = Path(spec_path).parent
     spec = pickle.loads(Path(spec_path).read_bytes())  # written by this flow's own task: trusted
@@ -34,9 +37,11 @@ def main(spec_path: str) -> None:
     cfg = spec["distributed"]
     out_dir = Path(spec["out_dir"]) if rank == 0 else Path(tempfile.mkdtemp(prefix=f"alignflow-rank{rank}-"))
     try:
-        distributed.init(cfg)
+        distributed.init(cfg, launch.device_of(spec["configs"]))
         module = importlib.import_module(f"stages.{spec['stage']}")
-        with device_guard.maybe_guard(f"{spec['stage']} (rank {rank})"):
+        sink = rank_sink()
+        logging = tracking.metrics_sink(sink) if sink is not None else contextlib.nullcontext()
+        with device_guard.maybe_guard(f"{spec['stage']} (rank {rank})"), logging:
             manifest = module.run(*spec["configs"], **spec["kwargs"], out_dir=out_dir, distributed=cfg)
         distributed.barrier()  # every rank finished: rank 0's artifact is complete
         if rank == 0:

@@ -32,7 +32,7 @@ from typing import Protocol
 
 import torch
 
-from stages.models.compute import model_device
+from stages.models.compute import amp, compute_dtype, model_device
 from stages.models.modeling import load_causal_lm, load_tokenizer, position_ids
 from stages.preference.rankings import ranks_from_scores
 from stages.runtime.errors import ExpectedFailure
@@ -124,10 +124,18 @@ class LocalJudge:
     """A Hugging Face causal LM, loaded from safetensors; the text is fed as is (no chat template)."""
 
     def __init__(
-        self, model: str | Path, *, batch_size: int = 64, trust_remote_code: bool = False, device=None
+        self,
+        model: str | Path,
+        *,
+        batch_size: int = 64,
+        trust_remote_code: bool = False,
+        device=None,
+        precision: str = "fp32",
     ) -> None:
         self.tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
-        self.model = load_causal_lm(model, trust_remote_code=trust_remote_code, device=device).eval()
+        dtype = compute_dtype(precision)  # frozen: loaded in the compute dtype, run under its autocast
+        self.model = load_causal_lm(model, trust_remote_code=trust_remote_code, device=device, dtype=dtype).eval()
+        self.precision = precision
         self.batch_size = batch_size
         self.identity = f"local:{Path(model).name if Path(model).exists() else model}"
 
@@ -155,11 +163,12 @@ class LocalJudge:
             enc = tok(
                 texts[start : start + self.batch_size], return_tensors="pt", padding=True, add_special_tokens=True
             ).to(device)
-            logits = self.model(
-                input_ids=enc["input_ids"],
-                attention_mask=enc["attention_mask"],
-                position_ids=position_ids(enc["attention_mask"]),
-            ).logits[:, -1, :]
+            with amp(device, self.precision):
+                logits = self.model(
+                    input_ids=enc["input_ids"],
+                    attention_mask=enc["attention_mask"],
+                    position_ids=position_ids(enc["attention_mask"]),
+                ).logits[:, -1, :]
             logp = torch.log_softmax(logits.float(), dim=-1)
             out_lp.append(logp[:, cand].cpu())  # answers are read on the host
             out_valid.append(torch.isin(logp.argmax(-1), cand).cpu())
@@ -173,9 +182,10 @@ class LocalJudge:
         for start in range(0, len(texts), self.batch_size):
             enc = tok(texts[start : start + self.batch_size], return_tensors="pt", padding=True)
             enc = enc.to(model_device(self.model))
-            gen = self.model.generate(
-                **enc, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id
-            )
+            with amp(enc["input_ids"].device, self.precision):
+                gen = self.model.generate(
+                    **enc, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id
+                )
             outs += tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         return [o.split("\n", 1)[0] for o in outs]
 
@@ -303,16 +313,17 @@ class HttpJudge:
             return list(pool.map(one, texts))
 
 
-def load_judge(cfg: AiLabelerConfig, judge_dir: Path | None, device=None) -> Judge:
+def load_judge(cfg: AiLabelerConfig, judge_dir: Path | None, device=None, precision: str = "fp32") -> Judge:
     """The configured backend; a local judge without `labeler.ai.model` is the pipeline's embedded
-    judge in `judge_dir/model` (written by the `judge` stage), on `device`."""
+    judge in `judge_dir/model` (written by the `judge` stage), on `device`, computing in `precision`."""
     if cfg.backend == "http":
         return HttpJudge(cfg)
+    local = {"batch_size": cfg.batch_size, "device": device, "precision": precision}
     if cfg.model is not None:
-        return LocalJudge(cfg.model, batch_size=cfg.batch_size, trust_remote_code=cfg.trust_remote_code, device=device)
+        return LocalJudge(cfg.model, trust_remote_code=cfg.trust_remote_code, **local)
     if judge_dir is None or not (Path(judge_dir) / "model").exists():
         raise JudgeError("labeler.ai.model is null, so the embedded judge is used, but no judge artifact was given")
-    return LocalJudge(Path(judge_dir) / "model", batch_size=cfg.batch_size, device=device)
+    return LocalJudge(Path(judge_dir) / "model", **local)
 
 
 # ---------------------------------------------------------------- the labeler

@@ -183,11 +183,16 @@ class CachedLabeler:
 
 
 def make_labeler(
-    cfg: LabelerConfig, target_len: int, judge_dir: Path | None = None, gold: str | None = "embedded", device=None
+    cfg: LabelerConfig,
+    target_len: int,
+    judge_dir: Path | None = None,
+    gold: str | None = "embedded",
+    device=None,
+    precision: str = "fp32",
 ) -> CachedLabeler:
     """`judge_dir`: the `judge` stage's artifact, whose model the AI labeler uses unless
-    `labeler.ai.model` names another (loaded on `device`). `gold`: the data's gold rule, which the
-    simulated labeler needs."""
+    `labeler.ai.model` names another (loaded on `device`, computing in `precision`). `gold`: the data's
+    gold rule, which the simulated labeler needs."""
     inner: Labeler
     if cfg.kind == "simulated":
         if gold is None:
@@ -199,5 +204,5 @@ def make_labeler(
     elif cfg.kind == "file":
         inner = FileLabeler(cfg)
     else:
-        inner = AiLabeler(cfg.ai, load_judge(cfg.ai, judge_dir, device))
+        inner = AiLabeler(cfg.ai, load_judge(cfg.ai, judge_dir, device, precision))
     return CachedLabeler(inner, cfg.cache_file)

@@ -56,6 +56,16 @@ def check(compute: ComputeConfig, *, cuda: bool | None = None) -> None:
         )
 
 
+def check_ranks(device: str, nproc_per_node: int, *, gpus: int | None = None) -> None:
+    """One rank per GPU: a group on CUDA cannot have more ranks on a node than the node has GPUs."""
+    gpus = torch.cuda.device_count() if gpus is None else gpus
+    if pick_device(device, gpus=gpus).type == "cuda" and nproc_per_node > gpus:
+        raise ValueError(
+            f"distributed.nproc_per_node={nproc_per_node}: this machine has {gpus} CUDA device(s) and each rank "
+            f"takes one; set distributed.nproc_per_node<={gpus}, or compute.device=cpu for ranks on the CPU"
+        )
+
+
 def check_device(device: str, *, gpus: int | None = None) -> None:
     """Refuse a device this machine does not have, naming the key."""
     gpus = torch.cuda.device_count() if gpus is None else gpus
@@ -79,9 +89,17 @@ def pick_device(name: str, *, gpus: int | None = None) -> torch.device:
     gpus = torch.cuda.device_count() if gpus is None else gpus
     if name == "cpu" or (name == "auto" and gpus == 0):
         return torch.device("cpu")
+    allow_tf32()
     if name in ("cuda", "auto"):
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device(name)
+
+
+def allow_tf32() -> None:
+    """On a GPU, what is left in fp32 (the fp32 islands, `compute.precision=fp32` runs) multiplies in TF32
+    (Ampere and later: 10-bit mantissa products, fp32 accumulation), as PyTorch's own guidance advises."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
 
 
 def model_device(model) -> torch.device:
@@ -122,13 +140,28 @@ def trainer_flags(compute: ComputeConfig) -> dict:
     }
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype every forward on the device computes in (`compute.precision`); frozen models (reference,
+    reward model, judge, samplers) are loaded in it, trained ones keep fp32 master weights."""
+    return DTYPES[precision]
+
+
 def autocast(compute: ComputeConfig):
     """Mixed precision for the loops of our own (reward model, PPO, listwise DPO, the judge): autocast on
     the stage's device, fp32 master weights (fp16 needs `grad_scaler` too)."""
-    if compute.precision == "fp32":
+    return amp(resolve_device(compute), compute.precision)
+
+
+def amp(device, precision: str):
+    """Autocast to `precision` on `device` (a no-op for fp32): every forward of a stage runs under it,
+    sampling and scoring as well as training, so old and new log-probs are computed alike. The fp32
+    islands are named where they are: losses, log-softmax statistics and the value and reward heads."""
+    if precision == "fp32":
         return contextlib.nullcontext()
-    device = resolve_device(compute).type
-    return torch.autocast(device, dtype=torch.bfloat16 if compute.precision == "bf16" else torch.float16)
+    return torch.autocast(torch.device(device).type, dtype=compute_dtype(precision))
 
 
 def grad_scaler(compute: ComputeConfig) -> torch.amp.GradScaler:

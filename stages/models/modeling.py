@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from stages.data.images import IMAGE_TOKEN, batch_vision, row_vision
 from stages.data.tokens import Packed, context_window, decode_response, prompt_ids, render, response_ids
 from stages.models import houlsby, vision
-from stages.models.compute import model_device
+from stages.models.compute import amp, model_device
 from stages.runtime.errors import ExpectedFailure
 from stages.settings.models import POOLINGS, ModelConfig
 
@@ -86,19 +86,22 @@ def model_context(path: str | Path, *, trust_remote_code: bool = False) -> int:
     return context_window(config.get_text_config() if vision.is_vlm(config) else config)
 
 
-def load_causal_lm(path: str | Path, *, trust_remote_code: bool = False, device=None, **load):
-    """`device`: where the weights go (a frozen model's: reference, sampler, judge); `load`: more
-    `from_pretrained` arguments (attention implementation, quantisation: `stages/models/tuning.py`)."""
+def load_causal_lm(
+    path: str | Path, *, trust_remote_code: bool = False, device=None, dtype: torch.dtype = torch.float32, **load
+):
+    """`device`: where the weights go (a frozen model's: reference, sampler, judge); `dtype`: fp32 for a
+    model that trains (master weights), the compute dtype for a frozen one (`compute.compute_dtype`);
+    `load`: more `from_pretrained` arguments (attention implementation, quantisation: `stages/models/tuning.py`)."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     check_model_folder(path)
     is_vlm = vision.folder_is_vlm(path, trust_remote_code=trust_remote_code)
     auto = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
     model = auto.from_pretrained(
-        str(path), trust_remote_code=trust_remote_code, use_safetensors=True, dtype=torch.float32, **load
+        str(path), trust_remote_code=trust_remote_code, use_safetensors=True, dtype=dtype, **load
     )
     model = houlsby.restore(model, Path(path))  # a Houlsby-adapted folder: its bottlenecks back in place
-    return model if device is None else model.to(device)
+    return _placed(model, device, dtype)
 
 
 def render_prompts(tokenizer, prompts: list[str] | list[list[dict]]) -> list[str]:
@@ -184,32 +187,35 @@ def sample(
     generator_seed: int | None = None,
     max_prompt_length: int | None = None,
     static_cache: bool = False,
+    precision: str = "fp32",
 ) -> Rollout:
     """Batched sampling with the KV cache (`generate`) on the model's device; the seam where a faster
     engine plugs in. `static_cache`: a preallocated cache of fixed shape, which transformers compiles
-    the decode step for on a GPU (`torch.compile`); the same tokens as the dynamic cache."""
+    the decode step for on a GPU (`torch.compile`); the same tokens as the dynamic cache. `precision`:
+    the stage's compute dtype (`compute.precision`), autocast over the whole generation."""
     query, query_mask, images = encode_queries(tokenizer, prompts, max_prompt_length, device=model_device(model))
     image_token = getattr(getattr(tokenizer, "processor", None), "image_token_id", None)
     if generator_seed is not None:
         torch.manual_seed(generator_seed)
     was_training = model.training
     model.eval()
-    out = model.generate(
-        input_ids=query,
-        attention_mask=query_mask,
-        do_sample=True,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=0,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        use_cache=True,  # on while sampling, though gradient checkpointing turns it off for training
-        **({"cache_implementation": "static"} if static_cache else {}),
-        **batch_vision(images or [], query.device),
-        # a VLM never samples its image token: a response holding one would not match its images
-        **({"suppress_tokens": [image_token]} if image_token is not None else {}),
-    )
+    with amp(query.device, precision):
+        out = model.generate(
+            input_ids=query,
+            attention_mask=query_mask,
+            do_sample=True,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=0,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            use_cache=True,  # on while sampling, though gradient checkpointing turns it off for training
+            **({"cache_implementation": "static"} if static_cache else {}),
+            **batch_vision(images or [], query.device),
+            # a VLM never samples its image token: a response holding one would not match its images
+            **({"suppress_tokens": [image_token]} if image_token is not None else {}),
+        )
     model.train(was_training)
     response = out[:, query.shape[1] :]
     is_eos = response == tokenizer.eos_token_id
@@ -365,17 +371,27 @@ def lm_loss(model, tokenizer, texts: list[str], max_length: int | None = None) -
     return model(**enc, labels=labels).loss
 
 
-def load_scalar_model(path: str | Path, *, trust_remote_code: bool = False, device=None, **load):
-    """A sequence-classification model with one output (reward or value head), on `device` if given."""
+def load_scalar_model(
+    path: str | Path, *, trust_remote_code: bool = False, device=None, dtype: torch.dtype = torch.float32, **load
+):
+    """A sequence-classification model with one output (reward or value head), on `device` if given, its
+    weights in `dtype` (as `load_causal_lm`)."""
     from transformers import AutoModelForSequenceClassification
 
     check_model_folder(path)
     if vision.folder_is_vlm(path, trust_remote_code=trust_remote_code):  # LLaVA: `stages/models/vision.py`
         vision.register_scalar_class()  # (imported only here: transformers' LLaVA module loads torchao)
     model = AutoModelForSequenceClassification.from_pretrained(
-        str(path), num_labels=1, trust_remote_code=trust_remote_code, use_safetensors=True, dtype=torch.float32, **load
+        str(path), num_labels=1, trust_remote_code=trust_remote_code, use_safetensors=True, dtype=dtype, **load
     )
     model = houlsby.restore(model, Path(path))
+    return _placed(model, device, dtype)
+
+
+def _placed(model, device, dtype: torch.dtype):
+    """On `device`, every floating weight in `dtype` (a restored Houlsby bottleneck comes in fp32)."""
+    if dtype != torch.float32 and not getattr(model, "is_quantized", False):
+        model = model.to(dtype)
     return model if device is None else model.to(device)
 
 

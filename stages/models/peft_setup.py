@@ -18,8 +18,8 @@ Methods (one config line switches them, as in LLaMA-Factory):
   (peft's `create_loraplus_optimizer`).
 - `qlora` (Dettmers et al. 2023): LoRA on a quantised base. `quant_method: bitsandbytes` (default):
   4-bit NF4 with double quantisation (`quant_bits: 4`) or 8-bit (`quant_bits: 8`), CPU and GPU;
-  `quant_method: torchao`: int8 weight-only (`quant_bits: 8`, CPU and GPU) or int4 weight-only
-  (`quant_bits: 4`, CUDA only: refused on CPU before the model loads); `quant_method: quanto`
+  `quant_method: torchao`: int8 weight-only (`quant_bits: 8`, CPU and GPU; int4 is refused before the
+  model loads: peft's LoRA on torchao takes int8 weights only); `quant_method: quanto`
   (optimum-quanto): int8 or int4 weights (`quant_bits`), CPU and GPU. A model folder that is already
   quantised (GPTQ, AWQ, AQLM, ...: its config.json says so) loads with its own quantisation on a GPU
   and is refused on CPU with the requirement named (`stages/models/folders.py`).
@@ -100,13 +100,11 @@ def quantization_config(cfg: PeftConfig):
     )
 
 
-def check_quantization(cfg: PeftConfig, *, cuda: bool | None = None) -> None:
+def check_quantization(cfg: PeftConfig) -> None:
     """What this machine cannot quantise, refused before any model loads (preflight), the requirement named."""
     if cfg.method != "qlora" or cfg.quant_method == "bitsandbytes":
         return
     import importlib.util
-
-    import torch
 
     if cfg.quant_method == "quanto":
         if importlib.util.find_spec("optimum.quanto") is None:
@@ -117,11 +115,11 @@ def check_quantization(cfg: PeftConfig, *, cuda: bool | None = None) -> None:
 
     if importlib.util.find_spec("torchao") is None:
         raise ConfigError("peft.quant_method=torchao needs the torchao package (pip install torchao==0.18.0)")
-    cuda = torch.cuda.is_available() if cuda is None else cuda
-    if cfg.quant_bits == 4 and not cuda:
+    if cfg.quant_bits == 4:  # on any device: peft's own check refuses it after the base has loaded
         raise ConfigError(
-            "peft.quant_method=torchao with peft.quant_bits=4: torchao's int4 weight-only kernels need CUDA; "
-            "on CPU use peft.quant_bits=8 (int8 weight-only) or peft.quant_method=bitsandbytes"
+            "peft.quant_method=torchao with peft.quant_bits=4: peft's LoRA on torchao accepts int8 weights only "
+            "(torchao's int4 layout also needs the mslk package and bf16 activations); use peft.quant_bits=8, "
+            "or a 4-bit base from peft.quant_method=bitsandbytes (NF4) or quanto (int4)"
         )
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from stages.data.tokens import Budget, pack
-from stages.models.compute import model_device
+from stages.models.compute import amp, compute_dtype, model_device
 from stages.models.modeling import load_scalar_model, sequence_logprobs, sequence_scores
 from stages.preference.rankings import encode_rankings, pair_agreement
 from stages.settings.models import POOLINGS
@@ -92,14 +92,17 @@ class TrainedRewardModel:
     """A trained reward model read the way it was trained: its pooling and token limits, less the bias
     that centres the SFT samples' scores (`normalization.json`). PPO and evaluate both score with it."""
 
-    def __init__(self, model_dir: Path, normalization: Path, device=None) -> None:
-        self.model = load_scalar_model(model_dir, device=device).eval().requires_grad_(False)
+    def __init__(self, model_dir: Path, normalization: Path, device=None, precision: str = "fp32") -> None:
+        dtype = compute_dtype(precision)
+        self.model = load_scalar_model(model_dir, device=device, dtype=dtype).eval().requires_grad_(False)
         self.norm = load_normalization(normalization)
+        self.precision = precision
 
     @torch.no_grad()
     def score(self, batch) -> torch.Tensor:
-        """(batch,) normalised scores of sampled rollouts or packed rows."""
-        return sequence_scores(self.model, batch, self.norm.pooling) - self.norm.bias
+        """(batch,) normalised scores of sampled rollouts or packed rows, in fp32 (the head's island)."""
+        with amp(model_device(self.model), self.precision):
+            return sequence_scores(self.model, batch, self.norm.pooling).float() - self.norm.bias
 
     def accuracy(self, tokenizer, rows: list[dict]) -> float:
         """Pairwise accuracy on ranking rows, cut to the limits it was trained with."""

@@ -117,11 +117,13 @@ class AdaptiveKLController:
 
 @torch.no_grad()
 def ema_update(ema: dict[str, torch.Tensor], params: dict[str, torch.Tensor], decay: float) -> None:
-    """In place: ema <- decay * ema + (1 - decay) * params, for every floating-point tensor."""
+    """In place: ema <- decay * ema + (1 - decay) * params, for every floating-point tensor, in one fused
+    `torch._foreach_lerp_` (a few kernels for the whole model, not two per parameter)."""
+    floats = [name for name, value in params.items() if value.is_floating_point()]
+    if floats:
+        torch._foreach_lerp_([ema[n] for n in floats], [params[n].detach() for n in floats], 1.0 - decay)
     for name, value in params.items():
-        if value.is_floating_point():
-            ema[name].mul_(decay).add_(value.detach(), alpha=1.0 - decay)
-        else:
+        if not value.is_floating_point():
             ema[name].copy_(value)
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from stages.models.compute import checkpointing
+from stages.models.compute import checkpointing, compute_dtype
 from stages.models.modeling import (
     Rollout,
     load_causal_lm,
@@ -51,7 +51,8 @@ class FullCopies:
         tuning = tuning or Tuning()
         self.tuning, self.base = tuning, Path(policy)
         self.policy = load(policy, tuning, "causal_lm", partitioned=partitioned)
-        self.ref = load_causal_lm(policy, device=device(tuning)).eval().requires_grad_(False)
+        frozen_dtype = compute_dtype(tuning.compute.precision)  # the reference computes in the update's dtype
+        self.ref = load_causal_lm(policy, device=device(tuning), dtype=frozen_dtype).eval().requires_grad_(False)
         self.frozen = [self.ref]
         # no critic_init: a critic-free estimator, no value model at all
         self.critic = None if critic_init is None else load(critic_init, tuning, "scalar", partitioned=partitioned)

@@ -45,12 +45,20 @@ class HfRollout:
     """`generate` on `model`; with `copy_from` (ZeRO-3) on a whole copy `model` synced from it.
     `batch_size`: prompts per `generate` call, sorted by length (None: all in one call)."""
 
-    def __init__(self, model, copy_from=None, *, batch_size: int | None = None, static_cache: bool = False) -> None:
+    def __init__(
+        self,
+        model,
+        copy_from=None,
+        *,
+        batch_size: int | None = None,
+        static_cache: bool = False,
+        precision: str = "fp32",
+    ) -> None:
         self.model, self.source = model, copy_from
-        self.batch_size, self.static_cache = batch_size, static_cache
+        self.batch_size, self.static_cache, self.precision = batch_size, static_cache, precision
 
     def sample(self, tokenizer, prompts: list, **kw) -> Rollout:
-        kw = {**kw, "static_cache": self.static_cache}
+        kw = {**kw, "static_cache": self.static_cache, "precision": self.precision}
         if self.batch_size is None or self.batch_size >= len(prompts):
             return sample(self.model, tokenizer, prompts, **kw)
         order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids(tokenizer, prompts[i])))
@@ -73,17 +81,17 @@ class VllmRollout:
     """A colocated vLLM engine over the policy folder, its weights pushed from `source` after updates."""
 
     def __init__(self, policy: Path, source, *, seed: int, gpu_memory_utilization: float = 0.3) -> None:
-        import os
-
         from vllm import LLM
 
         self.source = source
-        group = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        _launcher_env()
         self.llm = LLM(
             model=str(policy),
             gpu_memory_utilization=gpu_memory_utilization,
             seed=seed,
-            distributed_executor_backend="external_launcher" if group else None,  # one engine per rank
+            # in this process, one engine per rank (as trl 1.16's colocate mode): vLLM's V1 engine keeps
+            # `llm_engine.model_executor` (what `sync` writes into) only with the executor in-process
+            distributed_executor_backend="external_launcher",
             enable_prefix_caching=True,
         )
 
@@ -109,6 +117,19 @@ class VllmRollout:
         with gathered():
             model.load_weights([(name, p.data) for name, p in self.source.named_parameters()])
         self.llm.reset_prefix_cache()  # cached keys and values were computed by the old weights
+
+
+def _launcher_env() -> None:
+    """The rendezvous `external_launcher` reads, for a process no launcher started (one rank)."""
+    import os
+    import socket
+
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(name, value)
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
 
 
 def _rollout(query, query_mask, rows: list[list[int]], eos: int, pad: int) -> Rollout:

@@ -18,15 +18,28 @@ from pathlib import Path
 
 import torch
 
+from stages.models.compute import amp
 from stages.models.modeling import decode_responses, sample
 
 
 class Watch:
     """`proxy(prompts, rollout)` and `judge(prompts, texts, rollout)` give (batch,) scores."""
 
-    def __init__(self, prompts: list, proxy, judge, *, every: int, seed: int, budget, temperature: float) -> None:
+    def __init__(
+        self,
+        prompts: list,
+        proxy,
+        judge,
+        *,
+        every: int,
+        seed: int,
+        budget,
+        temperature: float,
+        precision: str = "fp32",
+    ) -> None:
         self.prompts, self.proxy, self.judge = prompts, proxy, judge
         self.every, self.seed, self.budget, self.temperature = every, seed, budget, temperature
+        self.precision = precision  # the stage's compute dtype: the watch's forwards run as the update's
         self.points: list[dict[str, float]] = []
         self.best: dict | None = None  # {"update", "judge", "state"}: the policy at the judge's peak
 
@@ -45,13 +58,14 @@ class Watch:
             max_prompt_length=self.budget.max_prompt_length,
             temperature=self.temperature,
             generator_seed=self.seed,
+            precision=self.precision,
         )
         torch.set_rng_state(rng)
         texts = decode_responses(tokenizer, rollout)
         mask = rollout.response_mask.float()
-        kl = ((models.policy_logprobs(rollout)[0] - models.ref_logprobs(rollout)) * mask).sum() / mask.sum().clamp(
-            min=1.0
-        )
+        with amp(rollout.query.device, self.precision):
+            logp, ref = models.policy_logprobs(rollout)[0].float(), models.ref_logprobs(rollout).float()
+        kl = ((logp - ref) * mask).sum() / mask.sum().clamp(min=1.0)
         point = {
             "update": float(updates_done),
             "proxy": self.proxy(self.prompts, rollout).float().mean().item(),

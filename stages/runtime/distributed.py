@@ -62,20 +62,22 @@ def comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def init(cfg: DistributedConfig) -> None:
-    """Join the process group the launcher set up (its env: RANK, WORLD_SIZE, MASTER_ADDR/PORT)."""
+def init(cfg: DistributedConfig, device: str = "auto") -> None:
+    """Join the process group the launcher set up (its env: RANK, WORLD_SIZE, MASTER_ADDR/PORT);
+    `device`: the stage's `compute.device` (NCCL only for ranks on CUDA devices)."""
     import torch.distributed as dist
 
     if dist.is_initialized():
         return
-    if cfg.resolved_backend() == "nccl":  # each rank its own GPU, before any CUDA tensor is made
+    backend = cfg.resolved_backend(device)
+    if backend == "nccl":  # each rank its own GPU, before any CUDA tensor is made
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if cfg.zero:
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend=cfg.resolved_backend())
+        deepspeed.init_distributed(dist_backend=backend)
     else:
-        dist.init_process_group(backend=cfg.resolved_backend())
+        dist.init_process_group(backend=backend)
 
 
 def active() -> bool:
@@ -139,18 +141,29 @@ def per_rank(batch: int, what: str) -> int:
 
 
 # ---- trainer stages (transformers' integration) -------------------------------------------------
-def trainer_args(cfg: DistributedConfig | None, batch_size: int, what: str) -> dict[str, Any]:
+def trainer_args(cfg: DistributedConfig | None, batch_size: int, what: str, device: str = "auto") -> dict[str, Any]:
     """TrainingArguments fields of a launched trainer stage: the per-rank batch of the same global batch,
-    the CPU backend, and for the zero modes the DeepSpeed dict (its "auto" fields filled by transformers)."""
+    the backend, and for the zero modes the DeepSpeed dict (its "auto" fields filled by transformers:
+    `bf16` from the trainer's flag, which is `compute.precision`'s); `device`: `compute.device`."""
     if cfg is None or cfg.mode == "single":
         return {"per_device_train_batch_size": batch_size}
     args: dict[str, Any] = {
         "per_device_train_batch_size": per_rank(batch_size, what),
-        "ddp_backend": cfg.resolved_backend(),
+        "ddp_backend": cfg.resolved_backend(device),
     }
-    if cfg.zero:
-        args["deepspeed"] = copy.deepcopy(cfg.deepspeed)
+    if cfg.zero:  # the trainer runs DeepSpeed's bf16 mode itself: no torch_autocast section beside it
+        args["deepspeed"] = {k: v for k, v in copy.deepcopy(cfg.deepspeed).items() if k != "torch_autocast"}
     return args
+
+
+def engine_precision(ds: dict[str, Any], precision: str) -> dict[str, Any]:
+    """DeepSpeed's precision sections for our own loops (`Engine`), which keep fp32 master weights and
+    compute under autocast: `torch_autocast` on in the compute dtype (without it DeepSpeed 0.19 turns an
+    outer `torch.autocast` off inside its forward), its `bf16`/`fp16` modes off."""
+    lower = {"bf16": "bfloat16", "fp16": "float16"}.get(precision)
+    ds = {**ds, "bf16": {"enabled": False}, "fp16": {"enabled": False}}
+    ds["torch_autocast"] = {"enabled": lower is not None, **({"dtype": lower} if lower else {})}
+    return ds
 
 
 def leave_trainer_zero3() -> None:
@@ -173,7 +186,15 @@ class Engine:
     """
 
     def __init__(
-        self, module, opt, cfg: DistributedConfig | None, *, micro_batch: int, clip: float = 0.0, scaler=None
+        self,
+        module,
+        opt,
+        cfg: DistributedConfig | None,
+        *,
+        micro_batch: int,
+        clip: float = 0.0,
+        scaler=None,
+        precision: str = "fp32",
     ) -> None:
         self.cfg = cfg if cfg is not None and cfg.mode != "single" else None
         self.opt, self.clip, self.base, self.scaler = opt, clip, module, scaler
@@ -188,7 +209,7 @@ class Engine:
         import deepspeed
 
         ds = {
-            **copy.deepcopy(self.cfg.deepspeed),
+            **engine_precision(copy.deepcopy(self.cfg.deepspeed), precision),
             "train_micro_batch_size_per_gpu": micro_batch,
             "gradient_accumulation_steps": 1,
             "gradient_clipping": clip,

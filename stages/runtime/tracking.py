@@ -1,22 +1,36 @@
-"""Metric logging from inside stages without tying them to an orchestrator.
+"""Metric logging from inside stages without tying them to an orchestrator or a tracking store.
 
-Stages call `log_metrics`; when the flow has opened an MLflow run, metrics go there, otherwise
-(REPL, unit tests) they are dropped.
+Stages call `log_metrics`; the flow that runs a stage installs where metrics go (`metrics_sink`: its
+MLflow run) for the stage's duration. Without a sink (a REPL, unit tests, the GPU check on a machine
+without MLflow) metrics are dropped. Stages never import MLflow, Prefect or Hydra (an import-linter
+contract): the GPU image has none of them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 
 from stages.runtime.checkpoints import check_finite
 from stages.runtime.progress import progress
 
+Sink = Callable[[dict[str, float], "int | None"], None]
+_sinks: list[Sink] = []
+
+
+@contextlib.contextmanager
+def metrics_sink(sink: Sink) -> Iterator[None]:
+    """While inside, `log_metrics` hands every metric to `sink(metrics, step)`."""
+    _sinks.append(sink)
+    try:
+        yield
+    finally:
+        _sinks.remove(sink)
+
 
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
-    import mlflow
-
-    if mlflow.active_run() is not None:
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+    if _sinks:
+        _sinks[-1]({k: float(v) for k, v in metrics.items()}, step)
 
 
 def trainer_callback(prefix: str):

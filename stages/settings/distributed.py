@@ -87,12 +87,14 @@ class DistributedConfig:
         """Whether `stage` runs as a process group under this config."""
         return self.mode != "single" and stage in self.stages
 
-    def resolved_backend(self) -> str:
+    def resolved_backend(self, device: str = "auto") -> str:
+        """`backend`, or for auto: NCCL where the ranks run on CUDA devices (`compute.device` auto or
+        cuda on a machine with GPUs), gloo on the CPU (even on a GPU machine with `compute.device=cpu`)."""
         if self.backend != "auto":
             return self.backend
         import torch
 
-        return "nccl" if torch.cuda.is_available() else "gloo"
+        return "nccl" if device != "cpu" and torch.cuda.is_available() else "gloo"
 
 
 def refusal(cfg: DistributedConfig, stage: str, *, method: str, layout: str | None = None) -> str | None:
