@@ -102,7 +102,7 @@ class Engine:
         width = max(len(r.ids) for r in batch)
         ids = torch.tensor([[self.pad] * (width - len(r.ids)) + r.ids for r in batch], device=self.device)
         mask = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in batch], device=self.device)
-        gens = [_generator(r.seed) for r in batch]
+        gens = [_generator(r.seed, self.device) for r in batch]
         rows = [_Row(r) for r in batch]
         cache, step_ids = None, ids
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -112,24 +112,36 @@ class Engine:
             )
             cache = out.past_key_values
             logp = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
-            chosen = []
-            for i, (row, gen) in enumerate(zip(rows, gens, strict=True)):
-                if row.done:
-                    chosen.append(self.pad)
-                    continue
-                token = _pick(logp[i], row.request, gen)
-                chosen.append(token)
-                self._advance(row, token, logp[i])
+            chosen = torch.stack(
+                [_pick(logp[i], r.request, g) for i, (r, g) in enumerate(zip(rows, gens, strict=True))]
+            )
+            for row, (token, token_logp, top) in zip(rows, self._to_host(logp, chosen, rows), strict=True):
+                if not row.done:
+                    self._advance(row, token, token_logp, top)
             if all(row.done for row in rows):
                 break
-            step_ids = torch.tensor(chosen, device=self.device)[:, None]
+            step_ids = torch.where(torch.tensor([r.done for r in rows], device=self.device), self.pad, chosen)[:, None]
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
             positions = positions[:, -1:] + 1
         for row in rows:
             if not row.done:
                 self._finish(row, "length")
 
-    def _advance(self, row: _Row, token: int, logp: torch.Tensor) -> None:
+    def _to_host(self, logp: torch.Tensor, chosen: torch.Tensor, rows: list[_Row]):
+        """Each row's (token, its log-prob, its top alternatives), sampled on the device and brought to the
+        host in one copy of a few numbers per row (never the vocabulary's logits)."""
+        k = max((r.request.top_logprobs for r in rows if not r.done), default=0)
+        parts = [chosen[:, None].double(), logp.gather(1, chosen[:, None]).double()]
+        if k > 0:
+            values, ids = logp.topk(k, dim=-1)
+            parts += [values.double(), ids.double()]
+        host = torch.cat(parts, dim=1).tolist()  # one host sync per decoding step
+        for row, line in zip(rows, host, strict=True):
+            n = row.request.top_logprobs
+            top = [(self.tokenizer.decode([int(i)]), v) for v, i in zip(line[2 : 2 + n], line[2 + k : 2 + k + n])]
+            yield int(line[0]), line[1], top
+
+    def _advance(self, row: _Row, token: int, token_logp: float, top: list[tuple[str, float]]) -> None:
         r = row.request
         if token in self.eos:
             row.generated += 1
@@ -137,9 +149,7 @@ class Engine:
             return
         row.ids.append(token)
         row.generated += 1
-        info = Token(
-            token, self.tokenizer.decode([token]), float(logp[token]), _top(self.tokenizer, logp, r.top_logprobs)
-        )
+        info = Token(token, self.tokenizer.decode([token]), token_logp, top)
         row.pending.append(info)
         text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
         cut = _stop_at(text, r.stop, len(row.sent))
@@ -182,29 +192,23 @@ def _extra_eos(model) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos or [])
 
 
-def _generator(seed: int | None) -> torch.Generator:
-    gen = torch.Generator()
+def _generator(seed: int | None, device) -> torch.Generator:
+    gen = torch.Generator(device=device)  # draws on the device: the logits never leave it
     gen.manual_seed(seed if seed is not None else secrets.randbits(63))  # torch.seed() would reseed torch itself
     return gen
 
 
-def _pick(logp: torch.Tensor, r: Request, gen: torch.Generator) -> int:
-    """Greedy at temperature 0; otherwise a draw from the temperature-scaled, top-p-truncated distribution."""
+def _pick(logp: torch.Tensor, r: Request, gen: torch.Generator) -> torch.Tensor:
+    """The next token, a 0-d tensor on logp's device: greedy at temperature 0; otherwise a draw from the
+    temperature-scaled, top-p-truncated distribution (masked, not indexed: no host sync)."""
     if r.temperature == 0:
-        return int(logp.argmax())
-    probs = torch.softmax(logp / r.temperature, dim=-1).cpu()
+        return logp.argmax()
+    probs = torch.softmax(logp / r.temperature, dim=-1)
     if r.top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         keep = sorted_p.cumsum(-1) - sorted_p < r.top_p  # the smallest prefix whose mass reaches top_p
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-    return int(torch.multinomial(probs, 1, generator=gen))
-
-
-def _top(tokenizer, logp: torch.Tensor, k: int) -> list[tuple[str, float]]:
-    if k <= 0:
-        return []
-    values, ids = logp.topk(k)
-    return [(tokenizer.decode([int(i)]), float(v)) for v, i in zip(values, ids, strict=True)]
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_p * keep)
+    return torch.multinomial(probs, 1, generator=gen)[0]
 
 
 def _stop_at(text: str, stops: list[str], sent: int) -> int | None:
