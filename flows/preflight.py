@@ -46,7 +46,7 @@ def preflight(cfg: Config) -> None:
     compute.check(cfg.compute)  # precision, attention, kernels this machine cannot run: before any model loads
     if cfg.distributed.mode != "single":
         compute.check_ranks(cfg.compute.device, cfg.distributed.nproc_per_node)
-    peft_setup.check_quantization(cfg.peft)  # a quantised base this machine cannot build
+    peft_setup.check_quantization(cfg.peft, cfg.compute.precision)  # a quantised base this machine cannot build
     if "ppo" in PIPELINES[cfg.pipeline.name]:
         rollout.check(cfg.stage.ppo.generation)  # vLLM needs a GPU
     if cfg.labeler.kind == "ai" and cfg.labeler.ai.backend == "http":  # the key, then one request

@@ -44,7 +44,7 @@ def lengths(cfg: Config) -> dict:
 
 def prepare(run, cfg: Config) -> Manifest:
     files = config_files(cfg, run.fingerprints)
-    return run("prepare", cfg.data, cfg.model, files=files, device=cfg.compute.device)
+    return run("prepare", cfg.data, cfg.model, files=files, device=cfg.compute.device, precision=cfg.compute.precision)
 
 
 def pretrain(run, cfg: Config, prep: Manifest) -> Manifest | None:

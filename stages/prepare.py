@@ -40,7 +40,7 @@ from stages.data.tokens import (
     response_ids,
 )
 from stages.models import vision
-from stages.models.compute import model_device, pick_device
+from stages.models.compute import amp, model_device, pick_device
 from stages.models.modeling import (
     build_tiny_llama,
     build_tiny_llava,
@@ -117,10 +117,16 @@ def caption_loss(model, tokenizer, captions: list[dict]) -> torch.Tensor:
 
 
 def pretrain(
-    model, tokenizer, documents: list, cfg: ModelConfig, seed: int, max_length: int | None = None
+    model,
+    tokenizer,
+    documents: list,
+    cfg: ModelConfig,
+    seed: int,
+    max_length: int | None = None,
+    precision: str = "fp32",
 ) -> list[float]:
-    """Plain next-token training on `documents` (full weights): texts, or captioned pictures
-    (`caption_loss`); returns the per-epoch mean loss."""
+    """Plain next-token training on `documents` (full weights, under `precision`'s autocast): texts, or
+    captioned pictures (`caption_loss`); returns the per-epoch mean loss."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_learning_rate)
     model.train()
@@ -131,10 +137,11 @@ def pretrain(
         total, batches = 0.0, 0
         for start in range(0, len(order), 32):
             batch = [documents[i] for i in order[start : start + 32]]
-            if isinstance(batch[0], dict):
-                loss = caption_loss(model, tokenizer, batch)
-            else:
-                loss = lm_loss(model, tokenizer, batch, max_length)
+            with amp(model_device(model), precision):
+                if isinstance(batch[0], dict):
+                    loss = caption_loss(model, tokenizer, batch)
+                else:
+                    loss = lm_loss(model, tokenizer, batch, max_length)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -149,9 +156,11 @@ def _texts(prompt: Any) -> list[str]:
     return [prompt] if isinstance(prompt, str) else [m["content"] for m in prompt]
 
 
-def base_model(cfg: DataConfig, model_cfg: ModelConfig, data: sources.Sourced, device: str = "auto"):
+def base_model(
+    cfg: DataConfig, model_cfg: ModelConfig, data: sources.Sourced, device: str = "auto", precision: str = "fp32"
+):
     """(tokenizer, model, pretraining losses, notes) as described in the module docstring; the
-    embedded base pretrains on `device` (`compute.device`)."""
+    embedded base pretrains on `device` in `precision` (`compute.*`)."""
     notes: dict[str, Any] = {}
     if model_cfg.name_or_path is not None:
         tokenizer = load_tokenizer(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
@@ -184,11 +193,14 @@ def base_model(cfg: DataConfig, model_cfg: ModelConfig, data: sources.Sourced, d
     if data.gold != "vision":
         model = build_tiny_llama(model_cfg, tokenizer, cfg.seed).to(pick_device(device))
     docs = (data.captions or data.pretrain)[: model_cfg.pretrain_documents]
-    losses = pretrain(model, tokenizer, docs, model_cfg, cfg.seed, max_length=model_cfg.max_position_embeddings)
+    limit = model_cfg.max_position_embeddings
+    losses = pretrain(model, tokenizer, docs, model_cfg, cfg.seed, max_length=limit, precision=precision)
     return tokenizer, model, losses, notes
 
 
-def run(cfg: DataConfig, model_cfg: ModelConfig, *, out_dir: Path, device: str = "auto") -> Manifest:
+def run(
+    cfg: DataConfig, model_cfg: ModelConfig, *, out_dir: Path, device: str = "auto", precision: str = "fp32"
+) -> Manifest:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = sources.assemble(cfg, model_cfg.pretrain_documents)  # every file validated before any compute
@@ -203,7 +215,7 @@ def run(cfg: DataConfig, model_cfg: ModelConfig, *, out_dir: Path, device: str =
     for name, prompts in data.prompt_sets.items():
         write_jsonl(out_dir / f"{name}.jsonl", [{"prompt": p} for p in prompts])
         metrics[f"prepare/{name}/rows"] = float(len(prompts))
-    tokenizer, model, pretrain_losses, notes = base_model(cfg, model_cfg, data, device)
+    tokenizer, model, pretrain_losses, notes = base_model(cfg, model_cfg, data, device, precision)
     write_jsonl(out_dir / "pretrain.jsonl", [{"text": d} for d in data.pretrain])  # PPO-ptx's mix
     described = {"prompt_source": data.prompt_source, "gold": data.gold, **notes}
     (out_dir / "sources.json").write_text(json.dumps(described, indent=2, sort_keys=True))

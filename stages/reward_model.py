@@ -214,22 +214,23 @@ def run(
                 position = {"step": step, "tokens": tokens, "epoch": epoch, "in_epoch": b + 1, "loss": last_loss}
                 client = {"sched": sched.state_dict(), "at": position, "epoch_rng": epoch_rng}
                 _save_checkpoint(checkpoint_dir, engine, model, opt, step, client)
-        log_metrics(
-            {"rm/eval/accuracy": pairwise_accuracy(model, tokenizer, held, cfg.pooling, budget=budget)}, step=step
-        )
+        with autocast(tuning.compute):  # every forward in the compute dtype, evaluation as training
+            held_accuracy = pairwise_accuracy(model, tokenizer, held, cfg.pooling, budget=budget)
+        log_metrics({"rm/eval/accuracy": held_accuracy}, step=step)
     bar.close()
     train_seconds = time.perf_counter() - t0
     model.eval()
-    with torch.no_grad():  # 3. normalise: the SFT samples' mean reward becomes zero
+    with torch.no_grad(), autocast(tuning.compute):  # 3. normalise: the SFT samples' mean reward becomes zero
         bias = torch.cat(
             [s for i in range(0, len(encoded), 64) for s in score_encoded(model, encoded[i : i + 64], pad, cfg.pooling)]
         ).mean()
-    held_counts = pairwise_counts(model, tokenizer, held, cfg.pooling, budget=budget)
+        held_counts = pairwise_counts(model, tokenizer, held, cfg.pooling, budget=budget)
+        train_accuracy = pairwise_accuracy(model, tokenizer, rows, cfg.pooling, budget=budget)
     hits, pairs = held_counts.get("all", (0.0, 0))
     metrics = {
         "rm/train/loss_last": last_loss,
         "rm/train/loss_tail": sum(tail) / len(tail) if tail else last_loss,  # the last 10% of steps' mean: less noisy
-        "rm/train/accuracy": pairwise_accuracy(model, tokenizer, rows, cfg.pooling, budget=budget),
+        "rm/train/accuracy": train_accuracy,
         **{f"rm/eval/accuracy{'' if k == 'all' else '_' + k}": h / n for k, (h, n) in held_counts.items()},
         # the held-out accuracy's 95% CI: what the flow's gate before PPO reads (pipeline.min_rm_accuracy)
         "rm/eval/pairs": float(pairs),

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from stages.models.compute import amp
+
 
 @dataclass
 class Token:
@@ -55,9 +57,12 @@ class Request:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, *, max_batch: int = 8, window_s: float = 0.02) -> None:
+    def __init__(
+        self, model, tokenizer, *, max_batch: int = 8, window_s: float = 0.02, precision: str = "fp32"
+    ) -> None:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.window_s = max_batch, window_s
+        self.precision = precision  # every forward under its autocast (autocast is per thread: set here)
         self.device = next(model.parameters()).device
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos = {tokenizer.eos_token_id} | set(_extra_eos(model))
@@ -107,9 +112,14 @@ class Engine:
         cache, step_ids = None, ids
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         for _ in range(max(r.max_tokens for r in batch)):
-            out = self.model(
-                input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
-            )
+            with amp(self.device, self.precision):
+                out = self.model(
+                    input_ids=step_ids,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    past_key_values=cache,
+                    use_cache=True,
+                )
             cache = out.past_key_values
             logp = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
             chosen = torch.stack(

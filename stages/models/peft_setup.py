@@ -100,8 +100,9 @@ def quantization_config(cfg: PeftConfig):
     )
 
 
-def check_quantization(cfg: PeftConfig) -> None:
-    """What this machine cannot quantise, refused before any model loads (preflight), the requirement named."""
+def check_quantization(cfg: PeftConfig, precision: str = "fp32") -> None:
+    """What this machine cannot quantise, refused before any model loads (preflight), the requirement named;
+    `precision`: `compute.precision`."""
     if cfg.method != "qlora" or cfg.quant_method == "bitsandbytes":
         return
     import importlib.util
@@ -110,6 +111,12 @@ def check_quantization(cfg: PeftConfig) -> None:
         if importlib.util.find_spec("optimum.quanto") is None:
             raise ConfigError(
                 "peft.quant_method=quanto needs the optimum-quanto package (pip install optimum-quanto==0.2.7)"
+            )
+        if precision != "fp32":  # its kernels take fp32 activations; peft cannot cast a bf16 quanto base
+            raise ConfigError(
+                f"peft.quant_method=quanto with compute.precision={precision}: quanto's int weights run with fp32 "
+                "activations only (its matmul refuses autocast's); use compute.precision=fp32, or "
+                "peft.quant_method=torchao (int8) or bitsandbytes"
             )
         return
 

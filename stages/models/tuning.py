@@ -36,6 +36,8 @@ def load_kwargs(tuning: Tuning, device=None) -> dict:
     quantization = peft_setup.quantization_config(tuning.peft)
     if quantization is not None:
         kwargs["quantization_config"] = quantization
+        if tuning.peft.quant_method != "quanto":  # a frozen base: its other weights in the compute dtype
+            kwargs["dtype"] = compute_lib.compute_dtype(tuning.compute.precision)
         if device is not None and device.type == "cuda":
             kwargs["device_map"] = {"": device.index or 0}
     return kwargs
