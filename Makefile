@@ -107,9 +107,9 @@ GPU_WHEEL_FLAGS := --no-deps --only-binary=:all: --python-version 3.12 --impleme
 gpu-wheels: .gpu/site.tar.xz ## pack the packages the GPU image lacks (py3.12) into .gpu/site.tar.xz; copy GPT-2's tokenizer
 .gpu/site.tar.xz: bench/gpu_image.py pyproject.toml | .venv/.installed
 	rm -rf .gpu/build && mkdir -p .gpu/build && rm -rf .gpu/gpt2 && cp -r ../shared/tokenizers/gpt2 .gpu/gpt2
-	$(PIP) install -q --target .gpu/build/site $(GPU_WHEEL_FLAGS) $$($(PY) -m bench.gpu_image carried)
-	cd .gpu/build/site && rm -rf bin __pycache__ */tests pyarrow/include pyarrow/src && find . -name __pycache__ -prune -exec rm -rf {} +
-	tar -cJf .gpu/build/site.tar.xz -C .gpu/build site && mv .gpu/build/site.tar.xz .gpu/site.tar.xz && rm -rf .gpu/build
+	$(PIP) install -q --target .gpu/build/site-packages $(GPU_WHEEL_FLAGS) $$($(PY) -m bench.gpu_image carried)
+	cd .gpu/build/site-packages && rm -rf bin __pycache__ */tests pyarrow/include pyarrow/src && find . -name __pycache__ -prune -exec rm -rf {} +
+	tar -cJf .gpu/build/site.tar.xz -C .gpu/build site-packages && mv .gpu/build/site.tar.xz .gpu/site.tar.xz && rm -rf .gpu/build
 	$(PY) -m bench.gpu_image size
 
 # The GPU image rebuilt here (Python 3.12 from pyenv, the image's pins; torch 2.11's CUDA build runs on

@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
 # The GPU check's one command: `make gpu-check`, or on the lent GPU machine `bash bench/gpu-check.sh`.
 # Needs no .venv: the image's `python3` (GPU_PYTHON overrides it) and the packages `make gpu-wheels`
-# packed into .gpu/site.tar.xz, unpacked once into .gpu/site and put first on the path.
+# packed into .gpu/site.tar.xz, unpacked once into .gpu/site-packages and put first on the path. (The
+# folder must be named site-packages: dill pickles a module by value unless its path says so, and
+# datasets then fails to fingerprint any table.)
 # `make gpu-rehearsal` runs this same script in a copy of the image's environment, with `--device cpu`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${GPU_PYTHON:-python3}"
+SITE=.gpu/site-packages
 if [ ! -f .gpu/site.tar.xz ]; then
     echo "error: .gpu/site.tar.xz is missing: run \`make gpu-wheels\` on the machine that has .venv, then carry .gpu/" >&2
     exit 2
 fi
-if [ ! -f .gpu/site/.unpacked ] || [ .gpu/site.tar.xz -nt .gpu/site/.unpacked ]; then
-    rm -rf .gpu/site
+if [ ! -f "$SITE/.unpacked" ] || [ .gpu/site.tar.xz -nt "$SITE/.unpacked" ]; then
+    rm -rf "$SITE"
     "$PYTHON" -m tarfile -e .gpu/site.tar.xz .gpu/
-    touch .gpu/site/.unpacked
+    touch "$SITE/.unpacked"
 fi
-export PYTHONPATH="$PWD/.gpu/site${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD/$SITE${PYTHONPATH:+:$PYTHONPATH}"
 exec "$PYTHON" -m bench.gpu_check "$@"

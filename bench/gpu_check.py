@@ -255,8 +255,9 @@ def branches(device: torch.device, work: Path, *, precision: str = "bf16", quick
     if not have("trl"):
         cases.skip("dpo (trl's losses)", "trl not installed (make gpu-wheels carries it)")
     for loss in (*trl_losses, *OWN_LOSSES):
-        d = cases.run(f"dpo_{loss}", dpo.run, dpo.DpoConfig(loss_type=loss, kl_prompts=16), lora.for_stage("dpo"),
-                      policy=policy, reference=policy, **held)  # fmt: skip
+        smoothing = 1e-3 if loss == "exo_pair" else 0.0  # EXO's epsilon (it refuses 0)
+        dcfg = dpo.DpoConfig(loss_type=loss, kl_prompts=16, label_smoothing=smoothing)
+        d = cases.run(f"dpo_{loss}", dpo.run, dcfg, lora.for_stage("dpo"), policy=policy, reference=policy, **held)
         if d is not None and loss == "sigmoid":
             cases.run("evaluate_dpo", evaluate.run, evaluate.EvaluateConfig(), policy=d.file("policy"),
                       heldout_comparisons=cmp.file("heldout_comparisons"), **ev)  # fmt: skip

@@ -464,56 +464,79 @@ def _advantages(cfg, state: _State, scored: _Scored, budget: SamplingBudget):
 STATS = ("pg", "vf", "clipfrac", "approxkl", "entropy", "kl_loss", "ptx")
 
 
-def _optimise(cfg, state: _State, scored: _Scored, advantages, returns, tokenizer, ptx_docs, budget, update):
-    """4. PPO epochs over shuffled minibatches of this rank's rollouts. One host sync per minibatch: its
-    statistics come back in one `tolist`, which also checks the loss before the step. Returns the
-    statistics' lists and the first minibatch's (ratio 1 by construction: see `_collect`)."""
+class _Ptx:
+    """PPO-ptx's pretraining texts; each minibatch's batch is drawn on the host before its step."""
+
+    def __init__(self, tokenizer, docs: list[str], batch_size: int, budget: SamplingBudget) -> None:
+        self.tokenizer, self.docs, self.batch_size = tokenizer, docs, batch_size
+        self.max_length = budget.max_prompt_length + budget.max_new_tokens
+
+    def draw(self) -> list[str]:
+        return [self.docs[i] for i in torch.randint(len(self.docs), (self.batch_size,), device="cpu").tolist()]
+
+    def loss(self, model, texts: list[str]) -> torch.Tensor:
+        """Next-token loss on `texts`, cut to the sampling budget."""
+        return lm_loss(model, self.tokenizer, texts, max_length=self.max_length)
+
+
+class _Targets:
+    """What every minibatch of one update reads: the scored rollouts, advantages, returns and the
+    loss normaliser (Dr. GRPO's constant `horizon`, else None)."""
+
+    def __init__(self, scored: _Scored, advantages, returns, horizon: int | None) -> None:
+        self.scored, self.advantages, self.returns, self.horizon = scored, advantages, returns, horizon
+
+
+def _optimise(cfg, state: _State, targets: _Targets, ptx: _Ptx | None, update: int):
+    """4. PPO epochs over shuffled minibatches of this rank's rollouts. Returns the statistics' lists
+    and the first minibatch's (ratio 1 by construction: see `_collect`)."""
+    scored = targets.scored
     local = scored.rollout.response.shape[0]
-    horizon = budget.max_new_tokens if cfg.advantage == "dr_grpo" else None  # Dr. GRPO: no length normalisation
     stats: dict[str, list[float]] = {k: [] for k in STATS}
     for epoch in range(cfg.ppo_epochs):
         order = scored.first_order if epoch == 0 else torch.randperm(local, device="cpu").to(scored.mask.device)
         for idx in _minibatches(order, cfg, local):
-            loss, values = _minibatch_step(cfg, state, scored, advantages, returns, idx, tokenizer, ptx_docs, budget,
-                                           horizon)  # fmt: skip
-            if not math.isfinite(values[0]):
-                raise NonFiniteStop(f"ppo: non-finite loss at update {update}; lower stage.ppo.learning_rate")
-            for k, v in zip(STATS, values[1:], strict=True):
+            texts = ptx.draw() if ptx is not None else None
+            for k, v in zip(STATS, _train_minibatch(cfg, state, targets, idx, ptx, texts, update), strict=True):
                 stats[k].append(v)
-            state.engine.backward(loss)
-            state.engine.step()  # clips to max_grad_norm, steps, zeroes the gradients
-            if state.ema is not None:
-                state.ema_step(cfg.ema_decay)
     used = {k: v for k, v in stats.items() if k in ("pg", "vf", "clipfrac", "approxkl", "entropy")}
-    used |= {k: stats[k] for k in ("kl_loss", "ptx") if _uses(cfg, k, ptx_docs)}
+    used |= {k: stats[k] for k in ("kl_loss", "ptx") if (cfg.kl_penalty == "loss" if k == "kl_loss" else ptx)}
     first = {"first_minibatch_clipfrac": stats["clipfrac"][0], "first_minibatch_approxkl": stats["approxkl"][0]}
     return used, first
 
 
-def _uses(cfg, stat: str, ptx_docs) -> bool:
-    return cfg.kl_penalty == "loss" if stat == "kl_loss" else bool(ptx_docs)
+def _train_minibatch(cfg, state: _State, targets: _Targets, idx, ptx: _Ptx | None, texts, update: int) -> list[float]:
+    """One optimiser step on one minibatch, with one host sync: the statistics come back in one
+    `tolist`, which also checks the loss before it is applied. Returns the statistics (`STATS`)."""
+    loss, values = _minibatch_loss(cfg, state, targets, idx, ptx, texts)
+    if not math.isfinite(values[0]):
+        raise NonFiniteStop(f"ppo: non-finite loss at update {update}; lower stage.ppo.learning_rate")
+    state.engine.backward(loss)
+    state.engine.step()  # clips to max_grad_norm, steps, zeroes the gradients
+    if state.ema is not None:
+        state.ema_step(cfg.ema_decay)
+    return values[1:]
 
 
-def _minibatch_step(
-    cfg, state: _State, scored: _Scored, advantages, returns, idx, tokenizer, ptx_docs, budget, horizon
-):
-    """One minibatch's loss and its statistics as floats (the loss first): one host sync."""
+def _minibatch_loss(cfg, state: _State, targets: _Targets, idx, ptx: _Ptx | None, texts):
+    """One minibatch's loss and its statistics as floats (the loss first): the one host sync."""
+    scored, horizon = targets.scored, targets.horizon
     mb, m = _subset(scored.rollout, idx), scored.mask[idx]
     zero = torch.zeros((), device=m.device)
     with autocast(state.compute):  # mixed precision (`compute.precision`); the losses in fp32
         logp, entropy, values = state.engine(mb)
-        lm = _lm_loss(state.models.policy, tokenizer, ptx_docs, cfg.ptx_batch_size, budget) if ptx_docs else zero
+        lm = ptx.loss(state.models.policy, texts) if ptx is not None else zero
     logp, entropy, values = logp.float(), entropy.float(), values.float()
-    pg, clipfrac, approxkl = pm.policy_loss(logp, scored.old_logp[idx], advantages[idx], m, cfg.clip, horizon)
+    pg, clipfrac, approxkl = pm.policy_loss(logp, scored.old_logp[idx], targets.advantages[idx], m, cfg.clip, horizon)
     vf, loss = zero, pg
     if not cfg.critic_free:  # no value model: no value loss
-        vf, _ = pm.value_loss(values, scored.old_values[idx], returns[idx], m, cfg.value_clip)
+        vf, _ = pm.value_loss(values, scored.old_values[idx], targets.returns[idx], m, cfg.value_clip)
         loss = pg + cfg.vf_coef * vf
     kl_term = zero
     if cfg.kl_penalty == "loss":  # GRPO: k3 KL to the reference as a loss term
         kl_term = pm.kl_loss(logp, scored.ref_logp[idx], m, horizon)
         loss = loss + state.beta * kl_term
-    if ptx_docs:
+    if ptx is not None:
         loss = pm.ptx_mix(loss, lm.float(), cfg.ptx_coef)
     parts = (loss, pg, vf, clipfrac, approxkl, pm.masked_mean(entropy, m), kl_term, lm)
     return loss, torch.stack([t.detach().float() for t in parts]).tolist()
@@ -522,7 +545,9 @@ def _minibatch_step(
 def _one_update(cfg, state: _State, tokenizer, scorer, batch_prompts, ptx_docs, update, budget: SamplingBudget):
     scored = _collect(cfg, state, tokenizer, scorer, batch_prompts, budget, update)
     kl, advantages, returns = _advantages(cfg, state, scored, budget)
-    stats, first = _optimise(cfg, state, scored, advantages, returns, tokenizer, ptx_docs, budget, update)
+    horizon = budget.max_new_tokens if cfg.advantage == "dr_grpo" else None  # Dr. GRPO: no length normalisation
+    ptx = _Ptx(tokenizer, ptx_docs, cfg.ptx_batch_size, budget) if ptx_docs else None
+    stats, first = _optimise(cfg, state, _Targets(scored, advantages, returns, horizon), ptx, update)
     state.sync_rollout()
     return _update_row(cfg, state, scored, kl, returns, stats, first, update), scored.rollout
 
@@ -577,14 +602,6 @@ def _named(stats: dict[str, list[float]]) -> dict[str, list[float]]:
         "kl_loss": "loss/kl",
     }
     return {names[k]: v for k, v in stats.items()}
-
-
-def _lm_loss(model, tokenizer, docs: list[str], batch_size: int, budget: SamplingBudget) -> torch.Tensor:
-    """Next-token loss on a random batch of pretraining text (PPO-ptx), cut to the sampling budget."""
-    idx = torch.randint(len(docs), (batch_size,), device="cpu").tolist()
-    return lm_loss(
-        model, tokenizer, [docs[i] for i in idx], max_length=budget.max_prompt_length + budget.max_new_tokens
-    )
 
 
 def _export(state: _State, tokenizer, out_dir: Path, published: dict | None) -> None:

@@ -267,3 +267,48 @@ def test_the_served_embedded_judge_labels_as_the_local_backend_does(tmp_path):
         assert (g["pairs"], g["consistent"]) == (e["pairs"], e["consistent"])
         for row_got, row_expected in zip(g["prefs"], e["prefs"], strict=True):
             assert row_got == pytest.approx(row_expected, abs=1e-3)  # P(i > j): the same within float error
+
+
+def test_the_decoder_samples_on_the_device_and_copies_a_few_numbers_to_the_host_per_step(policy, monkeypatch):
+    """Each decoding step brings back one small copy (each row's token, its log-prob, its top
+    alternatives), never the vocabulary's logits; seeded sampling stays reproducible."""
+    import sys
+
+    from torch.overrides import TorchFunctionMode
+
+    from flows.ops.engine import Engine
+    from stages.models.modeling import load_causal_lm, load_tokenizer
+
+    class Copies(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = getattr(func, "__name__", "")
+            if name in {"item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__"}:
+                if sys._getframe(1).f_code.co_filename.endswith("flows/ops/engine.py"):
+                    numel = out.numel() if isinstance(out, torch.Tensor) else len(args[0].reshape(-1))
+                    self.calls.append((name, numel))
+            return out
+
+    copies = Copies()
+    original = Engine.decode
+    monkeypatch.setattr(Engine, "decode", lambda self, batch: _under(copies, original, self, batch))
+    tok, model = load_tokenizer(policy), load_causal_lm(policy).eval()
+    engine = Engine(model, tok, max_batch=1, window_s=0.0)
+    runs = []
+    for _ in range(2):
+        runs.append(_events(engine, {"ids": tok("Hello there")["input_ids"], "max_tokens": 5, "seed": 7,
+                                     "temperature": 0.9, "top_p": 0.8, "top_logprobs": 2}))  # fmt: skip
+    engine.close()
+    assert [t.id for e in runs[0][:-1] for t in e.tokens] == [t.id for e in runs[1][:-1] for t in e.tokens]
+    steps = sum(runs[0][-1].completion_tokens for _ in runs)
+    assert 0 < len(copies.calls) <= steps + 2, copies.calls  # one per step (a step that ends a row may be the last)
+    assert all(name == "tolist" and numel <= 2 + 2 * 2 for name, numel in copies.calls), copies.calls
+
+
+def _under(mode, fn, *args):
+    with mode:
+        return fn(*args)

@@ -135,9 +135,10 @@ class Rollout:
 
     def select(self, idx) -> Rollout:
         """The rows `idx` (a list or a tensor of indices)."""
-        rows = idx.tolist() if isinstance(idx, torch.Tensor) else list(idx)
         tensors = (self.query, self.query_mask, self.response, self.response_mask, self.finished)
-        vision = None if self.vision is None else [self.vision[i] for i in rows]
+        vision = None  # the rows' indices are read on the host only for images (a sync on a GPU)
+        if self.vision is not None:
+            vision = [self.vision[i] for i in (idx.tolist() if isinstance(idx, torch.Tensor) else list(idx))]
         return Rollout(*(t[idx] for t in tensors), vision=vision)
 
     def sequences(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -101,6 +101,10 @@ class DpoConfig:
             raise ValueError(f"stage.dpo.beta: must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"stage.dpo.label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
+        if self.loss_type == "exo_pair" and self.label_smoothing == 0.0:  # trl refuses it after the models load
+            raise ValueError(
+                "stage.dpo.label_smoothing: loss_type=exo_pair needs it > 0 (EXO's epsilon; the paper uses 1e-3)"
+            )
         for key in ("simpo_beta", "kto_desirable_weight", "kto_undesirable_weight"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"stage.dpo.{key}: must be > 0, got {getattr(self, key)}")
