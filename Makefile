@@ -95,8 +95,9 @@ bench: venv .bench-venvs/trl112/.installed ## benchmarks, side by side in one ru
 	$(PY) -m bench.peft_methods
 	$(PY) -m bench.length_defaults
 
+GPU_PYTHON ?= python3
 gpu-check: ## on a CUDA machine, without .venv: every stage and algorithm on the GPU in bf16 (checked by hooks), then 0.5B-model timings: artifacts/bench/gpu_check.json
-	bash bench/gpu-check.sh $(ARGS)
+	GPU_PYTHON=$(GPU_PYTHON) bash bench/gpu-check.sh $(ARGS)
 
 # What travels to the GPU machine (git-ignored .gpu/, at most 64 MiB with the repository): the packages
 # its image lacks (bench/gpu_image.py: CARRIED), installed for Python 3.12 and packed as one xz archive,

@@ -9,14 +9,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${GPU_PYTHON:-python3}"
 SITE=.gpu/site-packages
-if [ ! -f .gpu/site.tar.xz ]; then
-    echo "error: .gpu/site.tar.xz is missing: run \`make gpu-wheels\` on the machine that has .venv, then carry .gpu/" >&2
-    exit 2
+# the carried packages are built for the image's Python 3.12; another interpreter (GPU_PYTHON=.venv/bin/python
+# on a machine that has everything) runs with what it has
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))'; then
+    echo "gpu-check: $PYTHON is not Python 3.12: the carried packages are not used" >&2
+elif [ ! -f .gpu/site.tar.xz ]; then
+    echo "gpu-check: no .gpu/site.tar.xz (make gpu-wheels): running with what $PYTHON has" >&2
+else
+    if [ ! -f "$SITE/.unpacked" ] || [ .gpu/site.tar.xz -nt "$SITE/.unpacked" ]; then
+        rm -rf "$SITE"
+        "$PYTHON" -m tarfile -e .gpu/site.tar.xz .gpu/
+        touch "$SITE/.unpacked"
+    fi
+    export PYTHONPATH="$PWD/$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
-if [ ! -f "$SITE/.unpacked" ] || [ .gpu/site.tar.xz -nt "$SITE/.unpacked" ]; then
-    rm -rf "$SITE"
-    "$PYTHON" -m tarfile -e .gpu/site.tar.xz .gpu/
-    touch "$SITE/.unpacked"
-fi
-export PYTHONPATH="$PWD/$SITE${PYTHONPATH:+:$PYTHONPATH}"
 exec "$PYTHON" -m bench.gpu_check "$@"

@@ -253,8 +253,9 @@ def test_fp16s_scaler_is_a_pass_through_in_other_precisions():
 def test_the_gpu_check_says_in_one_line_that_this_machine_has_no_gpu():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: `make gpu-check` runs the whole check here")
+    python = f"GPU_PYTHON={sys.executable}"  # the image's python3 stands in: this one has torch
     done = subprocess.run(
-        ["make", "-s", "gpu-check"], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
+        ["make", "-s", "gpu-check", python], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines() == [

@@ -130,7 +130,7 @@ def test_reward_function_and_reward_model_sum_with_their_weights():
     with pytest.raises(ValueError, match="reward_model_weight: must be >= 0"):
         ppo.PpoConfig(reward_model_weight=-1)
     with pytest.raises(ValueError, match="nothing scores the rollouts"):
-        ppo._scorer(ppo.PpoConfig(), None, None, None, None, "cpu")
+        ppo._scorer(ppo.PpoConfig(), None, None, None, None, "cpu", "fp32")
 
 
 def test_ppo_trains_on_a_reward_function_defined_in_this_file(chain_prepare, tmp_path):

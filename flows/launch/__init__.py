@@ -1,4 +1,5 @@
 """Starting and guarding processes: torchrun process groups (`launch`) and each rank's entry (`rank`),
-thread caps and resource errors (`resources`), and the fault-injection points (`faults`).
+thread caps and resource errors (`resources`), the fault-injection points (`faults`), and where a
+stage's metrics go (`metrics`: its MLflow run).
 Imported by the runner and the flow; imports `stages` machinery only.
 """

@@ -1,5 +1,5 @@
 """What every stage runs inside: typed manifests and atomic folders (`manifest`), checkpoints, progress,
-MLflow logging from a stage (`tracking`), text diagnostics and verdicts (`diagnostics`), the
+metric logging from a stage through the sink its flow sets (`tracking`; never MLflow itself), text diagnostics and verdicts (`diagnostics`), the
 process-group engine (`distributed`), and the device guard that checks every stage's tensors are
 made on a named device (`device_guard`), every config key's valid range (`rules`) and the
 expected failures the command line prints in one line (`errors`). Imported by every stage, by the
