@@ -312,3 +312,151 @@ def test_the_decoder_samples_on_the_device_and_copies_a_few_numbers_to_the_host_
 def _under(mode, fn, *args):
     with mode:
         return fn(*args)
+
+
+@pytest.fixture(scope="module")
+def app_client(policy):
+    """The server's app in process (Starlette's TestClient), with small limits, on its own engine."""
+    from fastapi.testclient import TestClient
+
+    from flows.ops.engine import Engine
+    from flows.ops.serve_model import Limits, build_app
+    from stages.models.modeling import load_causal_lm, load_tokenizer
+
+    tok, model = load_tokenizer(policy), load_causal_lm(policy).eval()
+    engine = Engine(model, tok, max_batch=4, window_s=0.05)
+    limits = Limits(body_bytes=4096, choices=6, waiting=8)
+    with TestClient(build_app(engine, tok, "tiny", 512, None, 8, limits), raise_server_exceptions=False) as client:
+        yield client, engine
+    engine.close()
+
+
+def _error(response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    return error
+
+
+def test_every_non_2xx_answer_is_in_the_openai_error_shape(app_client):
+    client, _ = app_client
+    bad_json = client.post("/v1/completions", content=b'{"prompt": "hi", "max_tokens": ', headers=JSON)
+    assert _error(bad_json, 400)["param"] is None  # not a byte offset
+    deep = client.post("/v1/completions", content=b"[" * 2000 + b"]" * 2000, headers=JSON)  # under the body limit
+    _error(deep, 400)
+    utf8 = client.post("/v1/completions", content=b'{"prompt": "\xff\xfe"}', headers=JSON)
+    _error(utf8, 400)
+    assert _error(client.get("/v1/nowhere"), 404)["code"] == "not_found"
+    assert _error(client.get("/v1/completions"), 405)["code"] == "method_not_allowed"
+    big = client.post("/v1/completions", content=b'{"prompt": "' + b"a" * 10_000 + b'"}', headers=JSON)
+    assert _error(big, 413)["code"] == "body_too_large"
+    many = client.post("/v1/completions", json={"prompt": ["a", "b", "c"], "n": 3, "max_tokens": 2})
+    assert _error(many, 400)["param"] == "n"
+    long = client.post("/v1/completions", json={"prompt": "hi " * 600, "max_tokens": 2})
+    assert _error(long, 400)["param"] == "prompt"  # the completions context error names its own field
+
+
+def test_a_full_queue_answers_429_with_retry_after_and_the_queue_drains(app_client):
+    client, _ = app_client
+    import concurrent.futures
+
+    body = {"prompt": "tell me", "max_tokens": 40, "n": 6, "temperature": 0.7}
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: client.post("/v1/completions", json=body), range(4)))
+    codes = sorted(a.status_code for a in answers)
+    assert 200 in codes and 429 in codes, codes  # 6 sequences each against a queue of 8
+    busy = next(a for a in answers if a.status_code == 429)
+    assert busy.headers["retry-after"] == "1" and _error(busy, 429)["code"] == "server_busy"
+    assert client.post("/v1/completions", json={**body, "n": 1}).status_code == 200  # the queue drained
+
+
+def test_sampling_values_at_the_edges_of_their_range_decode(app_client):
+    client, _ = app_client
+    for extra in ({"temperature": 1e-30}, {"seed": 2**80}, {"seed": -(2**70)}, {"top_p": 1e-300}):
+        answer = client.post("/v1/completions", json={"prompt": "the garden", "max_tokens": 3, **extra})
+        assert answer.status_code == 200, (extra, answer.text)
+
+
+def test_a_poisoned_request_fails_alone_and_the_batch_beside_it_is_answered(policy, monkeypatch):
+    """One request that breaks the batched decoder (here: a forward pass that fails whenever its batch
+    holds a marked prompt) gets its error; the requests batched with it are decoded again and answered."""
+    import queue
+
+    from flows.ops.engine import Done, Engine, Request
+    from stages.models.modeling import load_causal_lm, load_tokenizer
+
+    tok, model = load_tokenizer(policy), load_causal_lm(policy).eval()
+    poison = tok("poison")["input_ids"][0]
+    forward = model.forward
+
+    def fragile(*args, input_ids=None, **kwargs):
+        if input_ids is not None and (input_ids == poison).any():
+            raise RuntimeError("this batch holds the poisoned prompt")
+        return forward(*args, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(model, "forward", fragile)
+    engine = Engine(model, tok, max_batch=3, window_s=120.0)  # the three decode as one batch
+    boxes = [queue.Queue() for _ in range(3)]
+    prompts = ["the garden", "poison here", "tell me"]
+    for text, box in zip(prompts, boxes, strict=True):
+        engine.submit(Request(tok(text)["input_ids"], 4, box.put, temperature=0.0))
+    last = []
+    for box in boxes:
+        while not isinstance(event := box.get(timeout=60), (Done, Exception)):
+            pass
+        last.append(event)
+    engine.close()
+    assert isinstance(last[1], RuntimeError) and "poisoned" in str(last[1])
+    assert isinstance(last[0], Done) and isinstance(last[2], Done)
+    assert engine.largest_batch == 3 and engine.batches >= 3  # the batch, then each alone
+
+
+def test_a_large_body_being_tokenised_does_not_block_health(policy):
+    """Tokenising runs off the event loop: /health answers while a long prompt is being tokenised."""
+    import asyncio
+    import time
+
+    import httpx
+
+    from flows.ops.engine import Engine
+    from flows.ops.serve_model import Limits, build_app
+    from stages.models.modeling import load_causal_lm, load_tokenizer
+
+    tok, model = load_tokenizer(policy), load_causal_lm(policy).eval()
+    slow = _SlowTokenizer(tok, seconds=1.5)
+    engine = Engine(model, tok, max_batch=2, window_s=0.0)
+    app = build_app(engine, slow, "tiny", 512, None, 2, Limits())
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            work = asyncio.create_task(client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1}))
+            await asyncio.sleep(0.2)
+            t0 = time.perf_counter()
+            health = await client.get("/health")
+            waited = time.perf_counter() - t0
+            await work
+            return health.status_code, waited
+
+    status, waited = asyncio.run(scenario())
+    engine.close()
+    assert status == 200 and waited < 1.0, waited  # it did not wait for the 1.5 s tokenisation
+
+
+class _SlowTokenizer:
+    """A tokenizer that takes `seconds` per call (as a megabyte prompt would), otherwise the real one."""
+
+    def __init__(self, tok, seconds: float) -> None:
+        self.tok, self.seconds = tok, seconds
+
+    def __call__(self, *args, **kwargs):
+        import time
+
+        time.sleep(self.seconds)
+        return self.tok(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+JSON = {"content-type": "application/json"}

@@ -54,6 +54,8 @@ class Request:
     stop: list[str] = field(default_factory=list)
     top_logprobs: int = 0
     seed: int | None = None
+    emitted: bool = False  # set by the engine once a Delta went out (a failed batch retries the others alone)
+    finished: bool = False  # set by the engine once its Done went out
 
 
 class Engine:
@@ -94,10 +96,20 @@ class Engine:
                     self.inbox.put(None)
                     break
                 batch.append(more)
-            try:
-                self.decode(batch)
-            except Exception as e:  # a bug or out of memory: every waiting client hears of it
-                for r in batch:
+            self._decode_isolated(batch)
+
+    def _decode_isolated(self, batch: list[Request]) -> None:
+        """Decode `batch`; if it fails, a request that has streamed nothing yet is decoded again alone,
+        so one request that breaks the forward pass fails only itself, not the requests beside it."""
+        try:
+            self.decode(batch)
+        except Exception as e:  # a bug, a bad input, out of memory
+            for r in batch:
+                if r.finished:
+                    continue
+                if len(batch) > 1 and not r.emitted:
+                    self._decode_isolated([r])
+                else:
                     r.emit(e)  # type: ignore[arg-type]
 
     @torch.no_grad()
@@ -173,6 +185,7 @@ class Engine:
         held = max((len(s) - 1 for s in r.stop), default=0)  # a stop string may be starting
         visible = len(text) - held if held else len(text)
         if visible > len(row.sent) or row.pending and not held:
+            r.emitted = True
             r.emit(Delta(text[len(row.sent) : visible], row.pending))
             row.sent, row.pending = text[:visible], []
         if row.generated >= r.max_tokens:
@@ -182,7 +195,9 @@ class Engine:
         r = row.request
         row.done = True
         if len(row.text) > len(row.sent) or row.pending:
+            r.emitted = True
             r.emit(Delta(row.text[len(row.sent) :], row.pending))
+        r.finished = True
         r.emit(Done(reason, len(r.ids), row.generated, row.text))
 
 
@@ -203,21 +218,30 @@ def _extra_eos(model) -> list[int]:
 
 
 def _generator(seed: int | None, device) -> torch.Generator:
-    gen = torch.Generator(device=device)  # draws on the device: the logits never leave it
-    gen.manual_seed(seed if seed is not None else secrets.randbits(63))  # torch.seed() would reseed torch itself
+    """A request's own stream of draws, on the device (the logits never leave it). Any integer seed is
+    reduced into torch's range (2**64 values), so a huge or negative one still means one stream."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed % 2**64 if seed is not None else secrets.randbits(63))  # torch.seed() reseeds torch
     return gen
 
 
+GREEDY_BELOW = 1e-5  # a temperature this small is greedy decoding (as vLLM does): its softmax would overflow
+
+
 def _pick(logp: torch.Tensor, r: Request, gen: torch.Generator) -> torch.Tensor:
-    """The next token, a 0-d tensor on logp's device: greedy at temperature 0; otherwise a draw from the
-    temperature-scaled, top-p-truncated distribution (masked, not indexed: no host sync)."""
-    if r.temperature == 0:
-        return logp.argmax()
-    probs = torch.softmax(logp / r.temperature, dim=-1)
+    """The next token, a 0-d tensor on logp's device: greedy at temperature ~0; otherwise a draw from the
+    temperature-scaled, top-p-truncated distribution (masked, not indexed: no host sync). A distribution
+    that is not one (NaN logits) falls back to the most likely token rather than failing the batch."""
+    greedy = logp.nan_to_num(nan=-torch.inf).argmax()
+    if r.temperature < GREEDY_BELOW:
+        return greedy
+    probs = torch.softmax(logp / r.temperature, dim=-1).nan_to_num(nan=0.0)
     if r.top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         keep = sorted_p.cumsum(-1) - sorted_p < r.top_p  # the smallest prefix whose mass reaches top_p
         probs = torch.zeros_like(probs).scatter(0, order, sorted_p * keep)
+    valid = torch.isfinite(probs).all() & (probs.sum() > 0)
+    probs = torch.where(valid, probs, torch.nn.functional.one_hot(greedy, probs.shape[-1]).to(probs.dtype))
     return torch.multinomial(probs, 1, generator=gen)[0]
 
 

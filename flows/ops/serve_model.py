@@ -11,7 +11,13 @@ API on 127.0.0.1.
   `max_tokens`, `temperature` (0: greedy), `top_p`, `n`, `stop`, `seed` and logprobs (chat:
   `logprobs`/`top_logprobs`; completions: `logprobs: k`) are honoured. A request the server cannot
   answer (a malformed body, an unknown model, a prompt that does not fit the context) gets a 4xx with
-  an OpenAI-shaped `{"error": {"message", "type", "param", "code"}}` naming the field.
+  an OpenAI-shaped `{"error": {"message", "type", "param", "code"}}` naming the field; so does every
+  other non-2xx answer (an unreadable body, an unknown route or method, 413, 429, 500).
+- Limits (`--max-body-bytes`, `--max-choices`, `--max-waiting`): a body over 1 MiB is refused 413, more
+  than 64 sequences (prompts x n) in one request 400, and more than 256 sequences queued or decoding
+  429 with `Retry-After`. Prompts are tokenised off the event loop. A sampling parameter anywhere in
+  its accepted range decodes (a temperature under 1e-5 is greedy, any seed is reduced into torch's
+  range), and a request that breaks the batched decoder fails alone: the others are decoded again.
 - Auth: when the variable named by `--api-key-env` (default ALIGNFLOW_API_KEY) is set, every request
   needs `Authorization: Bearer <key>` (compared in constant time); the key is never printed.
 - Bound to 127.0.0.1; `--host 0.0.0.0` serves other machines (set a key first).
@@ -31,6 +37,7 @@ import os
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import flows  # noqa: F401  (environment: telemetry off)
@@ -80,36 +87,80 @@ class CompletionRequest(Sampling):
     echo: bool = False
 
 
+TYPES = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+
+
 class ApiError(Exception):
+    """Every non-2xx answer, in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`."""
+
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
 
     def body(self) -> dict[str, Any]:
-        kind = "authentication_error" if self.status == 401 else "invalid_request_error"
+        kind = "server_error" if self.status >= 500 else TYPES.get(self.status, "invalid_request_error")
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
-def build_app(engine: Engine, tokenizer, name: str, context: int, api_key: str | None, default_max_tokens: int = 256):
+@dataclass(frozen=True)
+class Limits:
+    """What one client can make the server do (`serve-model --max-*`)."""
+
+    body_bytes: int = 1 << 20  # a request body (413 above it)
+    choices: int = 64  # prompts x n in one request (400 above it)
+    waiting: int = 256  # sequences queued or decoding (429 with Retry-After above it)
+
+
+def build_app(
+    engine: Engine,
+    tokenizer,
+    name: str,
+    context: int,
+    api_key: str | None,
+    default_max_tokens: int = 256,
+    limits: Limits = Limits(),
+):
     from fastapi import FastAPI
     from fastapi import Request as HttpRequest
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
 
     from stages.data.tokens import prompt_ids
 
     app = FastAPI(title="alignflow serve-model", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(BodyLimit, limit=limits.body_bytes)
     created = int(time.time())
+    in_flight = {"sequences": 0}
+
+    def shaped(e: ApiError, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
     @app.exception_handler(ApiError)
     async def _api_error(_, e: ApiError):
-        return JSONResponse(e.body(), status_code=e.status)
+        return shaped(e, {"Retry-After": "1"} if e.status == 429 else None)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {}
+        if first.get("type") == "json_invalid":  # its loc is a byte offset, not a field
+            return shaped(
+                ApiError(400, f"body: not valid JSON ({first.get('msg', 'parse error')})", None, "json_invalid")
+            )
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
-        return JSONResponse(ApiError(400, f"{where}: {first.get('msg', 'invalid request')}", where).body(), 400)
+        return shaped(ApiError(400, f"{where}: {first.get('msg', 'invalid request')}", where))
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: HttpRequest, e: HTTPException):
+        messages = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
+        message = messages.get(e.status_code, str(e.detail))
+        return shaped(
+            ApiError(e.status_code, message, None, {404: "not_found", 405: "method_not_allowed"}.get(e.status_code))
+        )
+
+    @app.exception_handler(Exception)
+    async def _crash(_, e: Exception):  # a bug or a failed decode: the client still gets the shape
+        return shaped(ApiError(500, f"the server failed this request: {type(e).__name__}: {e}", None, "server_error"))
 
     @app.middleware("http")
     async def _auth(request: HttpRequest, call_next):
@@ -125,11 +176,11 @@ def build_app(engine: Engine, tokenizer, name: str, context: int, api_key: str |
             raise ApiError(404, f"model: {model!r} is not served here; this server serves {name!r}", "model",
                            "model_not_found")  # fmt: skip
 
-    def budget(n_prompt: int, asked: int | None) -> int:
+    def budget(n_prompt: int, asked: int | None, field: str) -> int:
         room = context - n_prompt
         if room < 1:
-            raise ApiError(400, f"the prompt has {n_prompt} tokens, which leaves none of the model's context of "
-                           f"{context}", "messages", "context_length_exceeded")  # fmt: skip
+            raise ApiError(400, f"{field}: the prompt has {n_prompt} tokens, which leaves none of the model's "
+                           f"context of {context}", field, "context_length_exceeded")  # fmt: skip
         if asked is not None and asked > room:
             raise ApiError(400, f"max_tokens: {asked} with a prompt of {n_prompt} tokens exceeds the model's "
                            f"context of {context}", "max_tokens", "context_length_exceeded")  # fmt: skip
@@ -138,20 +189,46 @@ def build_app(engine: Engine, tokenizer, name: str, context: int, api_key: str |
     def stops(stop: str | list[str] | None) -> list[str]:
         return [stop] if isinstance(stop, str) else list(stop or [])
 
+    def admit(sequences: int) -> None:
+        """Refuse more sequences in one request than `limits.choices`, or more than the queue holds (429)."""
+        if sequences > limits.choices:
+            raise ApiError(400, f"n: {sequences} sequences (prompts x n) in one request; at most {limits.choices}",
+                           "n", "too_many_choices")  # fmt: skip
+        if in_flight["sequences"] + sequences > limits.waiting:
+            raise ApiError(429, f"the server is decoding {in_flight['sequences']} sequences (at most "
+                           f"{limits.waiting}); retry shortly", None, "server_busy")  # fmt: skip
+
     def run(prompts: list[list[int]], n: int, max_tokens: list[int], body: Sampling, top: int):
         """Submit n requests per prompt; an asyncio queue per choice receives its events."""
+        admit(len(prompts) * n)
         loop = asyncio.get_running_loop()
+
+        def deliver(ev, q: asyncio.Queue) -> None:
+            if isinstance(ev, (Done, Exception)):
+                in_flight["sequences"] -= 1
+            q.put_nowait(ev)
+
         queues = []
         for ids, budget_ in zip(prompts, max_tokens, strict=True):
             for j in range(n):
                 q: asyncio.Queue = asyncio.Queue()
                 seed = None if body.seed is None else body.seed + j
+                in_flight["sequences"] += 1
                 engine.submit(Request(
-                    ids, budget_, lambda ev, q=q: loop.call_soon_threadsafe(q.put_nowait, ev),
+                    ids, budget_, lambda ev, q=q: loop.call_soon_threadsafe(deliver, ev, q),
                     temperature=body.temperature, top_p=body.top_p, stop=stops(body.stop), top_logprobs=top, seed=seed,
                 ))  # fmt: skip
                 queues.append(q)
         return queues
+
+    async def stream_errors(chunks):
+        """A stream whose decode fails mid-way ends with an error event in the shape, then [DONE]."""
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except Exception as e:
+            yield sse(ApiError(500, f"the server failed this request: {type(e).__name__}: {e}").body())
+            yield sse("[DONE]")
 
     async def events(q: asyncio.Queue):
         while True:
@@ -203,8 +280,9 @@ def build_app(engine: Engine, tokenizer, name: str, context: int, api_key: str |
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest):
         check_model(body.model)
-        ids = prompt_ids(tokenizer, [m.model_dump() for m in body.messages])
-        limit = budget(len(ids), body.max_completion_tokens or body.max_tokens)
+        messages = [m.model_dump() for m in body.messages]
+        ids = await asyncio.to_thread(prompt_ids, tokenizer, messages)  # a long prompt never blocks the loop
+        limit = budget(len(ids), body.max_completion_tokens or body.max_tokens, "messages")
         top = (body.top_logprobs or 0) if body.logprobs else 0
         queues = run([ids], body.n, [limit], body, top)
         rid, model = f"chatcmpl-{uuid.uuid4().hex}", name
@@ -225,7 +303,7 @@ def build_app(engine: Engine, tokenizer, name: str, context: int, api_key: str |
                         yield sse({**head, "object": "chat.completion.chunk", "choices": [choice]})
                 yield sse("[DONE]")
 
-            return StreamingResponse(stream(), media_type="text/event-stream")
+            return StreamingResponse(stream_errors(stream()), media_type="text/event-stream")
         results = [await collect(q) for q in queues]
         choices = []
         for i, (deltas, done) in enumerate(results):
@@ -257,9 +335,10 @@ def build_app(engine: Engine, tokenizer, name: str, context: int, api_key: str |
         texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not texts:
             raise ApiError(400, "prompt: must not be an empty list", "prompt")
-        prompts = [tokenizer(t)["input_ids"] for t in texts]
-        limits = [budget(len(p), body.max_tokens) for p in prompts]
-        queues = run(prompts, body.n, limits, body, body.logprobs or 0)
+        admit(len(texts) * body.n)  # before any tokenising
+        prompts = await asyncio.to_thread(lambda: [tokenizer(t)["input_ids"] for t in texts])
+        budgets = [budget(len(p), body.max_tokens, "prompt") for p in prompts]
+        queues = run(prompts, body.n, budgets, body, body.logprobs or 0)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
         if body.stream:
 
@@ -278,7 +357,7 @@ def build_app(engine: Engine, tokenizer, name: str, context: int, api_key: str |
                         yield sse({**head, "object": "text_completion", "choices": [choice]})
                 yield sse("[DONE]")
 
-            return StreamingResponse(stream(), media_type="text/event-stream")
+            return StreamingResponse(stream_errors(stream()), media_type="text/event-stream")
         results = [await collect(q) for q in queues]
         choices = [
             {"index": i, "text": done.text, "finish_reason": done.finish_reason,
@@ -294,6 +373,45 @@ def build_app(engine: Engine, tokenizer, name: str, context: int, api_key: str |
         }
 
     return app
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes is answered 413 in the error shape, by its
+    Content-Length before any byte is read, or as it streams in without one."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await self.refuse(send)
+        seen = {"bytes": 0, "refused": False}
+
+        async def counted():
+            message = await receive()
+            seen["bytes"] += len(message.get("body", b""))
+            if seen["bytes"] > self.limit:
+                seen["refused"] = True
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await self.refuse(send)
+
+    async def refuse(self, send) -> None:
+        body = json.dumps(ApiError(413, f"the request body exceeds {self.limit} bytes", None, "body_too_large").body())
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body.encode()})
+
+
+class _TooLarge(Exception):
+    pass
 
 
 def choose_engine(asked: str) -> str:
@@ -333,13 +451,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--api-key-env", default="ALIGNFLOW_API_KEY", help="variable holding the bearer key")
     parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
     parser.add_argument("--max-tokens", type=int, default=256, help="a request's budget when it names none")
+    parser.add_argument("--max-body-bytes", type=int, default=Limits.body_bytes, help="a request body's size (413)")
+    parser.add_argument("--max-choices", type=int, default=Limits.choices, help="prompts x n in one request (400)")
+    parser.add_argument("--max-waiting", type=int, default=Limits.waiting, help="sequences queued or decoding (429)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--trust-remote-code", action="store_true")
     parser.add_argument("--debug", action="store_true", help="show an expected failure's stack")
     args = parser.parse_args(argv)
     try:
-        if args.max_batch < 1 or args.max_tokens < 1 or not 0 < args.port < 65536:
-            raise ServeError("--max-batch and --max-tokens must be >= 1, --port in 1..65535")
+        counts = (args.max_batch, args.max_tokens, args.max_body_bytes, args.max_choices, args.max_waiting)
+        if min(counts) < 1 or not 0 < args.port < 65536:
+            raise ServeError("--max-batch, --max-tokens and the --max-* limits must be >= 1, --port in 1..65535")
         policy = sources.resolve(args)
         name = args.served_name or args.model_name
         engine_kind = choose_engine(args.engine)
@@ -360,7 +482,8 @@ def serve_transformers(policy: sources.Policy, args: argparse.Namespace, name: s
     model, tokenizer, context = sources.load(policy, threads=args.threads, trust_remote_code=remote, device=args.device)
     engine = Engine(model, tokenizer, max_batch=args.max_batch)
     key = os.environ.get(args.api_key_env) or None
-    app = build_app(engine, tokenizer, name, context, key, args.max_tokens)
+    limits = Limits(body_bytes=args.max_body_bytes, choices=args.max_choices, waiting=args.max_waiting)
+    app = build_app(engine, tokenizer, name, context, key, args.max_tokens, limits)
     auth = f"bearer key from ${args.api_key_env}" if key else "no key"
     print(f"serving {policy.label} as {name!r} at http://{args.host}:{args.port}/v1 ({auth})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
