@@ -18,7 +18,7 @@ elif [ ! -f .gpu/site.tar.xz ]; then
 else
     if [ ! -f "$SITE/.unpacked" ] || [ .gpu/site.tar.xz -nt "$SITE/.unpacked" ]; then
         rm -rf "$SITE"
-        "$PYTHON" -m tarfile -e .gpu/site.tar.xz .gpu/
+        "$PYTHON" -m tarfile --filter data -e .gpu/site.tar.xz .gpu/
         touch "$SITE/.unpacked"
     fi
     export PYTHONPATH="$PWD/$SITE${PYTHONPATH:+:$PYTHONPATH}"

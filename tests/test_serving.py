@@ -3,6 +3,7 @@ with the `openai` client as users do, `alignflow chat` through a pseudo-terminal
 endpoint used as the AI labeler's judge."""
 
 import os
+import re
 import sys
 import threading
 from pathlib import Path
@@ -460,3 +461,95 @@ class _SlowTokenizer:
 
 
 JSON = {"content-type": "application/json"}
+
+
+def _broken_folder(policy: Path, where: Path, breakage: str) -> Path:
+    """A copy of the policy folder broken one way."""
+    import shutil
+
+    folder = where / breakage
+    shutil.copytree(policy, folder)
+    weights = folder / "model.safetensors"
+    if breakage == "corrupt-weights":
+        weights.write_bytes(os.urandom(4096))
+    elif breakage == "truncated-weights":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif breakage == "no-weights":
+        weights.unlink()
+    elif breakage == "no-tokenizer":
+        for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json"):
+            (folder / name).unlink(missing_ok=True)
+    return folder
+
+
+def _one_error_line(done, *names: str) -> str:
+    assert done.returncode == 1, (done.returncode, done.stdout[-2000:], done.stderr[-2000:])
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert all(name in errors[0] for name in names), errors[0]
+    return errors[0]
+
+
+@pytest.mark.parametrize("breakage", ["corrupt-weights", "truncated-weights", "no-weights", "no-tokenizer"])
+@pytest.mark.parametrize("command", ["serve-model", "chat", "export"])
+def test_an_unusable_model_folder_is_one_error_line_naming_it(policy, tmp_path, command, breakage):
+    import subprocess
+
+    folder = _broken_folder(policy, tmp_path, breakage)
+    extra = {"serve-model": ["--port", str(free_port())], "chat": [], "export": ["--out", str(tmp_path / "out")]}
+    done = subprocess.run([ALIGNFLOW, command, "--source", str(folder), *extra[command]], capture_output=True,
+                          text=True, timeout=300, stdin=subprocess.DEVNULL, env=_one_thread())  # fmt: skip
+    _one_error_line(done, str(folder.name))
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_an_out_folder_that_cannot_be_one_is_refused_in_one_line_before_the_model_loads(policy, tmp_path):
+    import subprocess
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    cases = {
+        "is a file": a_file,
+        "lies under": a_file / "inside",
+        "cannot write": Path("/proc/alignflow-export"),  # not writable whoever runs it, root included
+    }
+    for words, out in cases.items():
+        done = subprocess.run([ALIGNFLOW, "export", "--source", str(policy), "--out", str(out)],
+                              capture_output=True, text=True, timeout=300, env=_one_thread())  # fmt: skip
+        line = _one_error_line(done, "--out", words)
+        assert str(out) in line
+    assert a_file.read_text() == "x"
+
+
+def test_serve_model_on_a_busy_port_says_so_in_one_line(policy):
+    import socket
+    import subprocess
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        done = subprocess.run([ALIGNFLOW, "serve-model", "--source", str(policy), "--port", str(port)],
+                              capture_output=True, text=True, timeout=300, env=_one_thread())  # fmt: skip
+    _one_error_line(done, f"--port {port}")
+
+
+def test_chat_refuses_one_turn_longer_than_the_context_and_keeps_the_session(policy):
+    import subprocess
+
+    long_turn = "garden " * 400  # ~400 tokens against a context of 256
+    script = f"Tell me about the river.\n{long_turn}\nAnd the garden?\n/exit\n"
+    done = subprocess.run([ALIGNFLOW, "chat", "--source", str(policy), "--stats", "--temperature", "0",
+                           "--max-tokens", "3", "--threads", "1"], input=script, capture_output=True, text=True,
+                          timeout=300, env=_one_thread())  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "context is 256" in errors[0] and "Traceback" not in done.stderr, done.stderr
+    assert done.stdout.count("assistant> ") == 2  # the turns before and after it were answered
+    prompts = [int(n) for n in re.findall(r"\((\d+) prompt tokens", done.stdout)]
+    assert prompts[1] > prompts[0]  # the second answer still holds the first turn: the session was kept
+
+
+def _one_thread() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}

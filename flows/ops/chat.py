@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(policy: sources.Policy, args: argparse.Namespace) -> None:
+    from stages.data.tokens import prompt_ids
+
     remote = args.trust_remote_code
     model, tokenizer, context = sources.load(policy, threads=args.threads, trust_remote_code=remote, device=args.device)
     engine = Engine(model, tokenizer, max_batch=1, window_s=0.0)
@@ -101,7 +103,13 @@ def run(policy: sources.Policy, args: argparse.Namespace) -> None:
             if line.startswith("/"):
                 print(f"unknown command {line.split()[0]}; {HELP}", flush=True)
                 continue
-            history.append({"role": "user", "content": line})
+            turn = {"role": "user", "content": line}
+            alone = len(prompt_ids(tokenizer, [*start, turn]))
+            if alone >= context:  # this turn alone fills the context: refused, the session goes on
+                print(f"error: that message is {alone} tokens with the template; the model's context is "
+                      f"{context}: shorten it (the conversation is kept)", file=sys.stderr, flush=True)  # fmt: skip
+                continue
+            history.append(turn)
             ids = fit(tokenizer, history, context)
             sys.stdout.write("assistant> ")
             began = time.monotonic()

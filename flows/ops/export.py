@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -44,11 +45,13 @@ def export(policy: sources.Policy, out: Path, *, trust_remote_code: bool = False
         raise sources.SourceError(f"{folder}: an adapter alone; export its stage's merged policy folder instead")
     check_model_folder(folder)
     out = Path(out).resolve()
-    if out.exists() and any(out.iterdir()):
-        raise sources.SourceError(f"--out {out}: exists and is not empty; choose a new folder")
+    check_out(out)
     model, tokenizer, _ = sources.load(policy, trust_remote_code=trust_remote_code, device=device)  # + chat template
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as e:
+        raise sources.SourceError(f"--out {out}: cannot write there: {e.strerror or e}") from None
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         save_tokenizer(tokenizer, tmp)
@@ -61,6 +64,20 @@ def export(policy: sources.Policy, out: Path, *, trust_remote_code: bool = False
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def check_out(out: Path) -> None:
+    """Refuse, before the model loads, an `--out` that cannot become a new folder: a file, a folder
+    that is not empty, a path under a file, or a place this user cannot write."""
+    if out.is_file():
+        raise sources.SourceError(f"--out {out}: is a file; give a new folder")
+    if out.is_dir() and any(out.iterdir()):
+        raise sources.SourceError(f"--out {out}: exists and is not empty; choose a new folder")
+    parent = next(p for p in out.parents if p.exists())
+    if not parent.is_dir():
+        raise sources.SourceError(f"--out {out}: lies under {parent}, which is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise sources.SourceError(f"--out {out}: {parent} is not writable by this user")
 
 
 def _evaluation(policy: sources.Policy) -> dict[str, Any]:

@@ -475,9 +475,24 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(1) from None
 
 
+def check_port(host: str, port: int) -> None:
+    """A port another process holds (or this user may not bind) is refused in one line, before the model loads."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a closing port is free
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise ServeError(
+                f"--port {port}: cannot listen on {host}:{port} ({e.strerror or e}); choose another --port"
+            ) from None
+
+
 def serve_transformers(policy: sources.Policy, args: argparse.Namespace, name: str) -> None:
     import uvicorn
 
+    check_port(args.host, args.port)
     remote = args.trust_remote_code
     model, tokenizer, context = sources.load(policy, threads=args.threads, trust_remote_code=remote, device=args.device)
     engine = Engine(model, tokenizer, max_batch=args.max_batch)

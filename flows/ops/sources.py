@@ -82,14 +82,20 @@ def load(policy: Policy, *, threads: int = 0, trust_remote_code: bool = False, d
 
     from stages.data.tokens import ensure_chat_template
     from stages.models.compute import pick_device
-    from stages.models.modeling import load_causal_lm, load_tokenizer, model_context
+    from stages.models.folders import inspect_model
+    from stages.models.modeling import load_causal_lm, model_context
 
     if threads:
         torch.set_num_threads(threads)
-    tokenizer = load_tokenizer(policy.folder, trust_remote_code=trust_remote_code)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SourceError(f"--device {device}: this machine has no CUDA device; use --device cpu or auto")
-    model = load_causal_lm(policy.folder, trust_remote_code=trust_remote_code)
+    # preflight's own checks: config, safetensors weights and their headers, architecture, tokenizer
+    tokenizer = inspect_model(policy.folder, key="--source", trust_remote_code=trust_remote_code)
+    try:
+        model = load_causal_lm(policy.folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, RuntimeError) as e:  # weights whose body is cut short or corrupt
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SourceError(f"--source {policy.folder}: its weights do not load: {first}") from None
     if ensure_chat_template(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     return model.to(pick_device(device)), tokenizer, model_context(policy.folder, trust_remote_code=trust_remote_code)
