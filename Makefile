@@ -10,7 +10,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 .DEFAULT_GOAL := help
-.PHONY: config-keys help venv postgres server browser serve-model chat export-model gpu-check gpu-wheels gpu-rehearsal bench-lengths align compare frontier serve workers champion faults mutants test test-fast test-durations bench bench-rerun bench-peft methods bench-dist bench-real lint ui clean
+.PHONY: config-keys help venv postgres server browser serve-model chat export-model gpu-check gpu-wheels gpu-rehearsal bench-lengths align compare frontier serve workers champion faults mutants test test-fast test-durations bench bench-rerun bench-serve bench-peft methods bench-dist bench-real lint ui clean
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -133,6 +133,9 @@ bench-rerun: venv ## the embedded default cold, then rerun with nothing changed 
 
 bench-lengths: venv ## rows each stage cuts and drops on the shared datasets, by tokenizer and context: artifacts/bench/length_defaults.{json,md}
 	$(PY) -m bench.length_defaults
+
+bench-serve: venv ## serve-model under 1, 4, 16 and 64 concurrent clients against one generate per request in turn: artifacts/bench/serve_load.json
+	$(PY) -m bench.serve_load $(ARGS)
 
 bench-peft: venv ## every fine-tuning method and optimizer on a ~110M Llama, SFT and RM steps: artifacts/bench/peft_methods.{json,md}
 	$(PY) -m bench.peft_methods $(ARGS)

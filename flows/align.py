@@ -36,18 +36,40 @@ def job(dcfg: DictConfig) -> float | None:
     killed rank: `ExpectedFailure`) prints one `error:` line and exits 1; `--debug` or
     HYDRA_FULL_ERROR=1 shows its stack."""
     from flows.config import to_config
+    from flows.launch.backends import BackendDown
     from stages.runtime.errors import ExpectedFailure
 
     try:
         cfg = to_config(dcfg)
-        from flows.pipeline import run_job
+        with watched_backends(cfg) as watch:
+            try:
+                from flows.pipeline import run_job
 
-        return run_job(cfg)
+                return run_job(cfg)
+            except BaseException as e:  # a dead server: one line naming it, whatever the clients raised
+                down = watch.failure or (
+                    watch.down() if watch.services and not isinstance(e, ExpectedFailure) else None
+                )
+                if down is None or isinstance(e, SystemExit) and not watch.failure:
+                    raise
+                raise BackendDown(down) from e
     except ExpectedFailure as e:
         if flows.debugging():
             raise
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def watched_backends(cfg):
+    """With a tracking server (`tracking.uri` over http): bounded client retries and `BackendWatch` on
+    the MLflow server and the Prefect server of PREFECT_API_URL; otherwise a watch of nothing."""
+    from flows.launch.backends import BackendWatch, bounded_clients, probes
+
+    uri = cfg.tracking.uri or ""
+    if not uri.startswith(("http://", "https://")):
+        return BackendWatch({}, cfg.tracking.give_up_s)
+    bounded_clients()
+    return BackendWatch(probes(os.environ.get("PREFECT_API_URL"), uri, cfg.tracking.experiment), cfg.tracking.give_up_s)
 
 
 def run(argv: list[str]) -> None:

@@ -106,6 +106,9 @@ class PipelineConfig:
 class TrackingConfig:
     uri: str | None = None  # null: SQLite under the artifacts folder; or e.g. http://127.0.0.1:5000
     experiment: str = "alignflow"
+    give_up_s: float = 60.0  # a tracking server (or the Prefect server) silent this long ends the run
+
+    RULES: ClassVar[dict[str, Rule]] = {"give_up_s": POSITIVE}
 
 
 @dataclass(frozen=True)

@@ -160,3 +160,58 @@ def _same_logits(exported: Path, policy: Path) -> None:
     with torch.no_grad():
         exported_logits = AutoModelForCausalLM.from_pretrained(exported)(ids).logits
         assert torch.equal(exported_logits, load_causal_lm(policy)(ids).logits)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_a_database_killed_mid_run_ends_it_in_one_line_in_bounded_time_and_the_rerun_resumes():
+    root = Path(tempfile.mkdtemp(prefix="alignflow-pgkill-", dir="/tmp"))
+    os.chmod(root, 0o755)
+    try:
+        _kill_database_mid_run(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _kill_database_mid_run(root: Path) -> None:
+    import signal
+    import time
+
+    art = root / "artifacts"
+    ports = {"pg": free_port(), "prefect": free_port(), "mlflow": free_port()}
+    prefect_url, mlflow_url = f"http://127.0.0.1:{ports['prefect']}/api", f"http://127.0.0.1:{ports['mlflow']}"
+    env = {**os.environ, "PREFECT_API_URL": prefect_url, "MLFLOW_TRACKING_URI": mlflow_url, "OMP_NUM_THREADS": "1"}
+    command = [ALIGNFLOW, "align", *TINY, f"artifacts_dir={art}", "tracking.give_up_s=20"]
+    with _server(root, ports) as server:
+        other = [ALIGNFLOW, "server", "--dir", str(root / "other"), "--prefect-port", str(free_port())]
+        given = f"postgresql://alignflow:wrong@127.0.0.1:{ports['pg']}"
+        wrong = Child([*other, "--mlflow-port", str(free_port())], env={**env, "ALIGNFLOW_DATABASE_URL": given})
+        wrong.proc.wait(timeout=120)
+        wrong.stop()
+        refused = [line for line in wrong.seen if line.startswith("error:")]
+        assert len(refused) == 1 and "password authentication failed" in refused[0], wrong.seen
+        with Child(command, env=env) as run:
+            run.wait_for(lambda: any(art.glob("prepare/*/manifest.json")), 600, "prepare published")
+            time.sleep(3)  # into SFT
+            postmaster = int((root / "srv" / "pgdata" / "postmaster.pid").read_text().split()[0])
+            os.kill(postmaster, signal.SIGKILL)
+            killed = time.monotonic()
+            server.proc.wait(timeout=60)  # the server noticed, said which service, and stopped
+            said = [line for line in server.seen if line.startswith("error:")]
+            assert len(said) == 1 and "PostgreSQL" in said[0], server.seen[-20:]
+            run.proc.wait(timeout=20 + 30 + 90)
+            elapsed = time.monotonic() - killed
+        assert run.proc.returncode == 1, run.last_lines()
+        errors = [line for line in run.seen if line.startswith("error:")]
+        assert len(errors) == 1 and "server at http://127.0.0.1:" in errors[0], run.last_lines()
+        assert not any("Traceback" in line for line in run.seen), run.last_lines()
+        assert elapsed < 20 + 30 + 60, elapsed  # give_up_s, then the grace for stopping, then slack
+    with _server(root, ports):
+        rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+        assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+        summary = json.loads(Path(rerun.stdout.rsplit("summary: ", 1)[1].split()[0]).read_text())
+        assert summary["stages"]["prepare"]["status"] == "cached"  # what finished before the kill
+        state = _state(prefect_url, mlflow_url)
+        finished = [run_id for run_id, (parent, stage, status) in state["runs"].items()
+                    if parent is None and stage is None and status == "FINISHED"]  # fmt: skip
+        assert finished == [summary["mlflow_run_id"]]  # the killed run is not recorded as a success

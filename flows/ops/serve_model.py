@@ -61,6 +61,11 @@ class Message(BaseModel):
     content: str
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False  # as OpenAI: a last chunk with the usage and no choices
+
+
 class Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
@@ -68,6 +73,7 @@ class Sampling(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
 
@@ -290,6 +296,7 @@ def build_app(
         if body.stream:
 
             async def stream():
+                dones = []
                 for i, q in enumerate(queues):
                     first = {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                     yield sse({**head, "object": "chat.completion.chunk", "choices": [first]})
@@ -300,7 +307,12 @@ def build_app(
                                 choice["logprobs"] = chat_logprobs([ev])
                         else:
                             choice = {"index": i, "delta": {}, "finish_reason": ev.finish_reason}
+                            dones.append(ev)
                         yield sse({**head, "object": "chat.completion.chunk", "choices": [choice]})
+                if body.stream_options is not None and body.stream_options.include_usage:
+                    yield sse(
+                        {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(dones, len(ids))}
+                    )
                 yield sse("[DONE]")
 
             return StreamingResponse(stream_errors(stream()), media_type="text/event-stream")
@@ -343,6 +355,7 @@ def build_app(
         if body.stream:
 
             async def stream():
+                dones = []
                 for i, q in enumerate(queues):
                     async for ev in events(q):
                         if isinstance(ev, Delta):
@@ -354,7 +367,11 @@ def build_app(
                             }
                         else:
                             choice = {"index": i, "text": "", "finish_reason": ev.finish_reason, "logprobs": None}
+                            dones.append(ev)
                         yield sse({**head, "object": "text_completion", "choices": [choice]})
+                if body.stream_options is not None and body.stream_options.include_usage:
+                    total = sum(len(p) for p in prompts)
+                    yield sse({**head, "object": "text_completion", "choices": [], "usage": usage(dones, total)})
                 yield sse("[DONE]")
 
             return StreamingResponse(stream_errors(stream()), media_type="text/event-stream")

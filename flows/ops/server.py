@@ -163,7 +163,26 @@ def create_databases(db: Database) -> None:
                 if name not in have:
                     conn.execute(f'CREATE DATABASE "{name}"')
     except psycopg.OperationalError as e:
-        raise ServerError(f"cannot connect to {db.shown()}: {str(e).strip().splitlines()[-1]}") from None
+        raise ServerError(f"cannot connect to {db.shown()}: {refusal(e)}") from None
+
+
+def refusal(e: Exception) -> str:
+    """The database's own reason (`FATAL: password authentication failed for user ...`), not only
+    libpq's last line (`Multiple connection attempts failed...`)."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    fatal = [line[line.index("FATAL:") :] for line in lines if "FATAL:" in line]
+    return "; ".join(dict.fromkeys(fatal)) if fatal else (lines[-1] if lines else type(e).__name__)
+
+
+def database_down(db: Database) -> str | None:
+    """None while PostgreSQL accepts connections on its port; else why not."""
+    import socket
+
+    try:
+        with socket.create_connection((db.host, db.port), timeout=3):
+            return None
+    except OSError as e:
+        return e.strerror or str(e)
 
 
 def wait_for(url: str, proc: subprocess.Popen, what: str, log: Path, timeout: float = 180) -> None:
@@ -259,7 +278,12 @@ def serve(args: argparse.Namespace) -> None:
         while not stopping:
             for proc, what in ((prefect, "the Prefect server"), (mlflow, "the MLflow server")):
                 if proc.poll() is not None:
-                    raise ServerError(f"{what} exited with code {proc.returncode}; see {logs}")
+                    raise ServerError(f"{what} exited with code {proc.returncode}; see {logs}; stopping the others")
+            if (why := database_down(db)) is not None:  # Prefect and MLflow answer 500s without it
+                raise ServerError(
+                    f"PostgreSQL at {db.shown()} stopped answering ({why}); Prefect and MLflow cannot work without "
+                    f"it, so all three stop (see {logs}); start `alignflow server` again"
+                )
             time.sleep(0.5)
         print("stopping", flush=True)
     finally:
