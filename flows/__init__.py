@@ -37,8 +37,11 @@ import warnings  # noqa: E402
 # which a user cannot act on
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|trl|peft|accelerate|torch)(\.|$)")
 
-for _name in ("httpx", "httpcore", "alembic", "mlflow", "prefect", "urllib3"):
+for _name in ("httpx", "httpcore", "alembic", "mlflow", "prefect"):
     logging.getLogger(_name).setLevel(logging.WARNING)
+# urllib3's "Retrying (...) after connection broken": a tracking server that stopped answering is named
+# by the run's one error line (flows/launch/backends.py)
+logging.getLogger("urllib3").setLevel(logging.ERROR)
 # bitsandbytes, imported by peft: "Failed to load CPU gemm_4bit_forward from kernels-community" (an
 # optional faster kernel; its own CPU path runs) and its 8-bit matmul's fp16 cast notice
 # torchao, imported by transformers' quantizers: its CUDA-only kernels fail to load on CPU ("Failed to

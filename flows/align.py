@@ -56,7 +56,8 @@ def job(dcfg: DictConfig) -> float | None:
     except ExpectedFailure as e:
         if flows.debugging():
             raise
-        print(f"error: {e}", file=sys.stderr)
+        lead = "\n" if isinstance(e, BackendDown) else ""  # the dead clients' last complaint may end mid-line
+        print(f"{lead}error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
 
 

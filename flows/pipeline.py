@@ -31,7 +31,7 @@ import flows
 from flows.branches import BRANCHES
 from flows.config import PIPELINES, Config
 from flows.fingerprint import Fingerprints
-from flows.launch import launch
+from flows.launch import backends, launch
 from flows.launch.resources import (
     SWEEP_RUN_ENV,
     cap_threads,
@@ -325,15 +325,15 @@ def run_job(cfg: Config) -> float | None:
 
 
 class _ExpectedOffConsole(logging.Filter):
-    """Keeps Prefect's task and flow run tracebacks of an expected failure off the console (its API
-    handler still sends them to the server: the Prefect UI shows the stack); the command line prints
-    the one line. A bug's traceback still shows."""
+    """Keeps Prefect's task and flow run tracebacks of an expected failure, or of a tracking server that
+    cannot be reached, off the console (its API handler still sends them to the server: the Prefect UI
+    shows the stack); the command line prints the one line. A bug's traceback still shows."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not record.name.startswith(("prefect.task_runs", "prefect.flow_runs")) or record.levelno < logging.ERROR:
             return True
         if record.exc_info and record.exc_info[1] is not None:
-            return not isinstance(record.exc_info[1], ExpectedFailure)
+            return not (isinstance(record.exc_info[1], ExpectedFailure) or backends.unreachable(record.exc_info[1]))
         # "Finished in state Failed(...)": the exception itself reaches the command line
         return not record.getMessage().startswith("Finished in state Failed")
 

@@ -51,6 +51,24 @@ def probes(prefect_api: str | None, mlflow_uri: str, experiment: str) -> dict[st
     return found
 
 
+UNREACHABLE = {"ConnectionError", "ConnectError", "ConnectTimeout", "ReadTimeout", "RemoteProtocolError",
+               "MaxRetryError", "NewConnectionError", "PrefectHTTPStatusError"}  # fmt: skip
+
+
+def unreachable(e: BaseException | None) -> bool:
+    """Whether `e` (or what caused it) is a client that could not reach its server: requests', httpx's,
+    urllib3's connection errors, MLflow's failed API request, Prefect's 5xx."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, ConnectionError) or type(e).__name__ in UNREACHABLE:
+            return True
+        if type(e).__name__ == "MlflowException" and str(e).startswith("API request to"):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def answer(url: str, timeout: float = 5.0) -> str | None:
     """None if `url` answered below 500; else why not."""
     try:
