@@ -47,10 +47,7 @@ def job(dcfg: DictConfig) -> float | None:
 
                 return run_job(cfg)
             except BaseException as e:  # a dead server: one line naming it, whatever the clients raised
-                down = watch.failure or (
-                    watch.down() if watch.services and not isinstance(e, ExpectedFailure) else None
-                )
-                if down is None or isinstance(e, SystemExit) and not watch.failure:
+                if (down := watch.explains(e)) is None:
                     raise
                 raise BackendDown(down) from e
     except ExpectedFailure as e:

@@ -78,3 +78,15 @@ def test_the_databases_own_refusal_is_kept():
         'authentication failed for user "alignflow"\nMultiple connection attempts failed. All failures were:'
     )
     assert refusal(Exception(message)) == 'FATAL:  password authentication failed for user "alignflow"'
+
+
+def test_an_error_is_put_down_to_a_server_only_when_one_is_down(flaky):
+    from stages.runtime.errors import ConfigError
+
+    _Flaky.status = 200
+    watch = backends.BackendWatch(backends.probes(None, f"http://127.0.0.1:{flaky.server_port}", "x"), 60)
+    assert watch.explains(RuntimeError("a bug")) is None  # the servers answer: the bug's traceback shows
+    _Flaky.status = 500
+    assert "the MLflow server at http://127.0.0.1:" in watch.explains(RuntimeError("the client gave up"))
+    assert watch.explains(ConfigError("stage.ppo.beta")) is None and watch.explains(SystemExit(1)) is None
+    assert backends.BackendWatch({}, 60).explains(RuntimeError("local run")) is None

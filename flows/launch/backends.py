@@ -97,6 +97,15 @@ class BackendWatch:
     def __exit__(self, *exc) -> None:
         self._stop.set()
 
+    def explains(self, e: BaseException) -> str | None:
+        """The dead server that explains `e`, if one does: the watch's own verdict, or for an error that
+        is neither expected nor an exit, a probe now."""
+        if self.failure is not None:
+            return self.failure
+        if not self.services or isinstance(e, (ExpectedFailure, SystemExit)):
+            return None
+        return self.down()
+
     def down(self) -> str | None:
         """Which service does not answer now, and why (None: both answer)."""
         for name, url in self.services.items():

@@ -54,6 +54,7 @@ class Request:
     stop: list[str] = field(default_factory=list)
     top_logprobs: int = 0
     seed: int | None = None
+    token_texts: bool = True  # each Token's own text (for logprobs); a client that asked none is spared the decode
     emitted: bool = False  # set by the engine once a Delta went out (a failed batch retries the others alone)
     finished: bool = False  # set by the engine once its Done went out
 
@@ -171,7 +172,7 @@ class Engine:
             return
         row.ids.append(token)
         row.generated += 1
-        info = Token(token, self.tokenizer.decode([token]), token_logp, top)
+        info = Token(token, self.tokenizer.decode([token]) if r.token_texts else "", token_logp, top)
         row.pending.append(info)
         text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
         cut = _stop_at(text, r.stop, len(row.sent))

@@ -204,7 +204,7 @@ def build_app(
             raise ApiError(429, f"the server is decoding {in_flight['sequences']} sequences (at most "
                            f"{limits.waiting}); retry shortly", None, "server_busy")  # fmt: skip
 
-    def run(prompts: list[list[int]], n: int, max_tokens: list[int], body: Sampling, top: int):
+    def run(prompts: list[list[int]], n: int, max_tokens: list[int], body: Sampling, top: int, texts: bool):
         """Submit n requests per prompt; an asyncio queue per choice receives its events."""
         admit(len(prompts) * n)
         loop = asyncio.get_running_loop()
@@ -223,6 +223,7 @@ def build_app(
                 engine.submit(Request(
                     ids, budget_, lambda ev, q=q: loop.call_soon_threadsafe(deliver, ev, q),
                     temperature=body.temperature, top_p=body.top_p, stop=stops(body.stop), top_logprobs=top, seed=seed,
+                    token_texts=texts,
                 ))  # fmt: skip
                 queues.append(q)
         return queues
@@ -290,7 +291,7 @@ def build_app(
         ids = await asyncio.to_thread(prompt_ids, tokenizer, messages)  # a long prompt never blocks the loop
         limit = budget(len(ids), body.max_completion_tokens or body.max_tokens, "messages")
         top = (body.top_logprobs or 0) if body.logprobs else 0
-        queues = run([ids], body.n, [limit], body, top)
+        queues = run([ids], body.n, [limit], body, top, body.logprobs)
         rid, model = f"chatcmpl-{uuid.uuid4().hex}", name
         head = {"id": rid, "created": int(time.time()), "model": model}
         if body.stream:
@@ -350,7 +351,7 @@ def build_app(
         admit(len(texts) * body.n)  # before any tokenising
         prompts = await asyncio.to_thread(lambda: [tokenizer(t)["input_ids"] for t in texts])
         budgets = [budget(len(p), body.max_tokens, "prompt") for p in prompts]
-        queues = run(prompts, body.n, budgets, body, body.logprobs or 0)
+        queues = run(prompts, body.n, budgets, body, body.logprobs or 0, body.logprobs is not None)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
         if body.stream:
 
