@@ -132,12 +132,11 @@ class Engine:
                     position_ids=positions,
                     past_key_values=cache,
                     use_cache=True,
+                    logits_to_keep=1,  # the next token's logits only: the prompt's are never read
                 )
             cache = out.past_key_values
             logp = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
-            chosen = torch.stack(
-                [_pick(logp[i], r.request, g) for i, (r, g) in enumerate(zip(rows, gens, strict=True))]
-            )
+            chosen = _choose(logp, rows, gens)
             for row, (token, token_logp, top) in zip(rows, self._to_host(logp, chosen, rows), strict=True):
                 if not row.done:
                     self._advance(row, token, token_logp, top)
@@ -229,13 +228,23 @@ def _generator(seed: int | None, device) -> torch.Generator:
 GREEDY_BELOW = 1e-5  # a temperature this small is greedy decoding (as vLLM does): its softmax would overflow
 
 
-def _pick(logp: torch.Tensor, r: Request, gen: torch.Generator) -> torch.Tensor:
-    """The next token, a 0-d tensor on logp's device: greedy at temperature ~0; otherwise a draw from the
-    temperature-scaled, top-p-truncated distribution (masked, not indexed: no host sync). A distribution
-    that is not one (NaN logits) falls back to the most likely token rather than failing the batch."""
-    greedy = logp.nan_to_num(nan=-torch.inf).argmax()
-    if r.temperature < GREEDY_BELOW:
+def _choose(logp: torch.Tensor, rows: list[_Row], gens: list[torch.Generator]) -> torch.Tensor:
+    """Each row's next token, (batch,) on logp's device: one argmax for the whole batch (greedy rows, and
+    every row's fallback), then a draw for each row still sampling."""
+    greedy = logp.nan_to_num(nan=-torch.inf).argmax(-1)
+    sampling = [i for i, row in enumerate(rows) if not row.done and row.request.temperature >= GREEDY_BELOW]
+    if not sampling:
         return greedy
+    chosen = greedy.clone()
+    for i in sampling:
+        chosen[i] = _pick(logp[i], rows[i].request, gens[i], greedy[i])
+    return chosen
+
+
+def _pick(logp: torch.Tensor, r: Request, gen: torch.Generator, greedy: torch.Tensor) -> torch.Tensor:
+    """A draw from the temperature-scaled, top-p-truncated distribution, a 0-d tensor on logp's device
+    (masked, not indexed: no host sync). A distribution that is not one (NaN logits) falls back to
+    `greedy`, the most likely token, rather than failing the batch."""
     probs = torch.softmax(logp / r.temperature, dim=-1).nan_to_num(nan=0.0)
     if r.top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
