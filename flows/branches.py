@@ -68,6 +68,14 @@ def rloo(run, cfg: Config) -> Manifest:
     return rlhf(run, cfg)  # the estimator is the ppo stage's config (conf/pipeline/rloo.yaml)
 
 
+def dapo(run, cfg: Config) -> Manifest:
+    return rlhf(run, cfg)  # DAPO's keys are the ppo stage's config (conf/pipeline/dapo.yaml)
+
+
+def gspo(run, cfg: Config) -> Manifest:
+    return rlhf(run, cfg)  # GSPO's keys are the ppo stage's config (conf/pipeline/gspo.yaml)
+
+
 def rlvr(run, cfg: Config) -> Manifest:
     prep = steps.prepare(run, cfg)
     sft = steps.sft(run, cfg, prep)
@@ -95,6 +103,8 @@ BRANCHES = {
     "rlaif_direct": rlaif_direct,
     "grpo": grpo,
     "rloo": rloo,
+    "dapo": dapo,
+    "gspo": gspo,
     "rlvr": rlvr,
     "best_of_n": best_of_n,
 }

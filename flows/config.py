@@ -49,6 +49,9 @@ PIPELINES = {
     # the same cached prepare, sft, comparisons and reward_model
     "grpo": ("prepare", "sft", "comparisons", "reward_model", "ppo", "evaluate"),
     "rloo": ("prepare", "sft", "comparisons", "reward_model", "ppo", "evaluate"),
+    # GRPO with DAPO's or GSPO's changes (conf/pipeline/dapo.yaml, gspo.yaml): the same DAG and caches
+    "dapo": ("prepare", "sft", "comparisons", "reward_model", "ppo", "evaluate"),
+    "gspo": ("prepare", "sft", "comparisons", "reward_model", "ppo", "evaluate"),
     # verifiable rewards: the ppo stage scored by `stage.ppo.reward_function` alone, no reward model
     "rlvr": ("prepare", "sft", "ppo", "evaluate"),
     # rejection-sampling fine-tuning: best_of_n samples and keeps the RM's best, SFT trains on them (per round)
@@ -58,7 +61,7 @@ AI_LABELED = ("rlaif", "rlaif_direct")
 # stages any branch runs when configured: pretrain before sft when data.pretrain names raw text
 OPTIONAL_STAGES = ("pretrain",)
 # the estimators (`stage.ppo.advantage`) a critic-free branch name stands for
-ESTIMATOR_BRANCHES = {"grpo": ("grpo", "dr_grpo"), "rloo": ("rloo",)}
+ESTIMATOR_BRANCHES = {"grpo": ("grpo", "dr_grpo"), "rloo": ("rloo",), "dapo": ("grpo",), "gspo": ("grpo",)}
 
 
 @dataclass(frozen=True)

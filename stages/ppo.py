@@ -336,6 +336,10 @@ def run(
     scorer = _scorer(cfg, labeler, reward_model, normalization, judge, where, tuning.compute.precision)
     tokenizer = load_tokenizer(policy)
     budget = resolve_sampling("ppo", cfg.max_prompt_length, cfg.max_new_tokens, model_context(policy))
+    if cfg.overlong_buffer >= budget.max_new_tokens:  # max_new_tokens null: resolved from the context only now
+        raise ValueError(
+            f"stage.ppo.overlong_buffer ({cfg.overlong_buffer}) must be below the {budget.max_new_tokens} new tokens"
+        )
     texts, fitted = fit_prompt_file(
         tokenizer, prompts, budget, stage="ppo", truncation=truncation, max_dropped_fraction=max_dropped_fraction
     )
@@ -439,6 +443,11 @@ def _collect(cfg, state: _State, tokenizer, scorer, batch_prompts, budget: Sampl
         score = scorer(tokenizer, batch_prompts, rollout).float()
         if cfg.missing_eos_penalty is not None:
             score = score - cfg.missing_eos_penalty * (~rollout.finished).float()
+        if cfg.overlong_buffer:  # DAPO: a response near the length limit loses reward softly
+            lengths = rollout.response_mask.sum(1)
+            score = score + pm.overlong_penalty(
+                lengths, budget.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty
+            )
     _check_finite("reward", score, update)
     return _Scored(rollout, score, old_logp, ref_logp, old_values, first_order)
 
@@ -527,7 +536,10 @@ def _minibatch_loss(cfg, state: _State, targets: _Targets, idx, ptx: _Ptx | None
         logp, entropy, values = state.engine(mb)
         lm = ptx.loss(state.models.policy, texts) if ptx is not None else zero
     logp, entropy, values = logp.float(), entropy.float(), values.float()
-    pg, clipfrac, approxkl = pm.policy_loss(logp, scored.old_logp[idx], targets.advantages[idx], m, cfg.clip, horizon)
+    pg, clipfrac, approxkl = pm.policy_loss(
+        logp, scored.old_logp[idx], targets.advantages[idx], m, cfg.clip, horizon,
+        clip_high=cfg.clip_high, aggregation=cfg.loss_aggregation, level=cfg.ratio_level,
+    )  # fmt: skip
     vf, loss = zero, pg
     if not cfg.critic_free:  # no value model: no value loss
         vf, _ = pm.value_loss(values, scored.old_values[idx], targets.returns[idx], m, cfg.value_clip)

@@ -122,7 +122,7 @@ def test_default_recipe_beats_sft(tmp_path):
 
 @pytest.mark.slow
 def test_every_branch_shares_cached_stages_and_keeps_device_discipline(tmp_path):
-    """rlhf, dpo (and two rounds), rlaif, rlaif_direct and PPO's shared-base layout, each stage under the
+    """rlhf, dpo (and two rounds), rlaif, rlaif_direct, PPO's shared-base layout, DAPO and GSPO, each stage under the
     device guard (`ALIGNFLOW_DEVICE_GUARD=1`, set for the whole suite by conftest): a tensor made
     without `device=` in our code, or an op across devices, would fail its stage and this test."""
     rlhf = align(tmp_path, *TINY)
@@ -147,6 +147,11 @@ def test_every_branch_shares_cached_stages_and_keeps_device_discipline(tmp_path)
     assert statuses(direct) == {**dict.fromkeys(["prepare", "sft", "judge"], "cached"), "ppo": "ran", "evaluate": "ran"}
     shared = align(tmp_path, *TINY, "stage.ppo.layout=shared_base")  # LoRA policy and value on one base
     assert statuses(shared) == {**dict.fromkeys(STAGES[:4], "cached"), "ppo": "ran", "evaluate": "ran"}
+    for preset in ("dapo", "gspo"):  # GRPO with DAPO's or GSPO's keys: rlhf's cached stages, its own ppo
+        variant = align(tmp_path, *TINY, f"pipeline={preset}")
+        assert statuses(variant) == {**dict.fromkeys(STAGES[:4], "cached"), "ppo": "ran", "evaluate": "ran"}
+        ppo = variant["stages"]["ppo"]["metrics"]
+        assert ppo["ppo/value_model"] == 0.0 and ppo["ppo/samples_per_prompt"] == 4.0
     for summary in (dpo, rounds, rlaif, direct):
         assert set(summary) == set(rlhf) and set(summary["eval"]) == set(rlhf["eval"])
     for summary in (rlhf, dpo, rounds, rlaif, direct, shared):  # beside the raw rate, every branch

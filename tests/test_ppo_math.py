@@ -163,3 +163,62 @@ def test_dr_grpo_aggregation_has_no_length_bias():
     # k3 of equal log-probs is 0; of log r = -1: e^-1 - 1 + 1 = 0.3679
     logp, ref = torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, -1.0]])
     assert pm.kl_loss(logp, ref, torch.ones(1, 2)).item() == pytest.approx(math.exp(-1) / 2, rel=1e-5)
+
+
+def test_clip_higher_lets_an_unlikely_token_grow_past_the_symmetric_bound():
+    """DAPO's decoupled clip, by hand: ratio 1.25 with advantage 2 is clipped at 1.2 symmetrically
+    (loss -2.4, clipped) but not under clip_high=0.28 (loss -2.5, unclipped)."""
+    old, new, mask, adv = torch.zeros(1, 1), torch.log(torch.tensor([[1.25]])), torch.ones(1, 1), torch.tensor([[2.0]])
+    sym, sym_frac, _ = pm.policy_loss(new, old, adv, mask, clip=0.2)
+    dapo, dapo_frac, _ = pm.policy_loss(new, old, adv, mask, clip=0.2, clip_high=0.28)
+    assert sym.item() == pytest.approx(-2.4) and sym_frac.item() == 1.0
+    assert dapo.item() == pytest.approx(-2.5) and dapo_frac.item() == 0.0
+    low, _, _ = pm.policy_loss(torch.log(torch.tensor([[0.7]])), old, -adv, mask, clip=0.2, clip_high=0.28)
+    assert low.item() == pytest.approx(2 * 0.8)  # the lower bound is still 1 - clip
+
+
+def test_loss_aggregation_modes_by_hand():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    assert pm.aggregate(x, mask, mode="token-mean").item() == pytest.approx(10 / 4)
+    assert pm.aggregate(x, mask, mode="seq-mean-token-mean").item() == pytest.approx((2 + 4) / 2)
+    assert pm.aggregate(x, mask, mode="seq-mean-token-sum").item() == pytest.approx((6 + 4) / 2)
+    assert pm.aggregate(x, mask, horizon=5).item() == pytest.approx(10 / (2 * 5))  # Dr. GRPO
+
+
+def test_gspo_sequence_ratio_by_hand():
+    """One length-normalised ratio per response: log-ratios [0.1, 0.3] and [-0.2] (its second token is
+    padding) give exp(0.2) = 1.2214 (clipped at 1.2 with advantage 1) and exp(-0.2) = 0.8187 (inside
+    [0.8, 1.2] with advantage -1): loss mean(-1.2, 0.8187), one response of two clipped."""
+    old = torch.zeros(2, 2)
+    new = torch.tensor([[0.1, 0.3], [-0.2, 5.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    adv = torch.tensor([[1.0, 1.0], [-1.0, -1.0]])
+    loss, clipfrac, approxkl = pm.policy_loss(new, old, adv, mask, clip=0.2, level="sequence")
+    assert loss.item() == pytest.approx((-1.2 + math.exp(-0.2)) / 2, abs=1e-6)
+    assert clipfrac.item() == 0.5
+    assert approxkl.item() == pytest.approx(0.5 * (0.01 + 0.09 + 0.04) / 3)
+
+
+def test_overlong_penalty_by_hand():
+    """DAPO's soft punishment with 10 new tokens and a buffer of 4: nothing up to 6 tokens, then
+    linear to -penalty at 10."""
+    got = pm.overlong_penalty(torch.tensor([5, 6, 8, 10]), max_new_tokens=10, buffer=4, penalty=1.0)
+    assert got.tolist() == pytest.approx([0.0, 0.0, -0.5, -1.0])
+    assert pm.overlong_penalty(torch.tensor([9]), 10, 4, 0.5).item() == pytest.approx(-0.375)
+
+
+def test_dapo_and_gspo_keys_are_checked_across_fields():
+    from stages.settings.recipe import PpoConfig
+
+    with pytest.raises(ValueError, match=r"loss_aggregation: 'sum' is not one of token-mean"):
+        PpoConfig(loss_aggregation="sum")
+    with pytest.raises(ValueError, match=r"advantage=dr_grpo aggregates its own way"):
+        PpoConfig(
+            advantage="dr_grpo", samples_per_prompt=4, rollouts_per_update=64, loss_aggregation="seq-mean-token-sum"
+        )
+    with pytest.raises(ValueError, match=r"ratio_level=sequence \(GSPO\) .* not gae"):
+        PpoConfig(ratio_level="sequence")
+    with pytest.raises(ValueError, match=r"overlong_buffer \(16\) must be below stage.ppo.max_new_tokens \(16\)"):
+        PpoConfig(overlong_buffer=16, max_new_tokens=16)
+    PpoConfig(advantage="grpo", samples_per_prompt=4, rollouts_per_update=64, ratio_level="sequence", clip_high=0.28)

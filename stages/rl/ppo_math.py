@@ -66,16 +66,41 @@ def policy_loss(
     mask: torch.Tensor,
     clip: float,
     horizon: int | None = None,
+    *,
+    clip_high: float | None = None,
+    aggregation: str = "token-mean",
+    level: str = "token",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Clipped surrogate `-min(r A, clip(r, 1-e, 1+e) A)`, aggregated by `aggregate` (`horizon`: Dr.
-    GRPO's constant normaliser); returns (loss, clipfrac, approxkl)."""
-    ratio = torch.exp(logprobs - old_logprobs)
+    """Clipped surrogate `-min(r A, clip(r, 1-clip, 1+clip_high) A)`; returns (loss, clipfrac, approxkl).
+
+    - `clip_high` (DAPO, Yu et al. 2025: "clip-higher"): a wider upper bound than the lower `clip`, so
+      unlikely tokens can gain probability; None: symmetric.
+    - `level="token"`: one ratio per token, the loss aggregated by `aggregate` (`aggregation`, or
+      Dr. GRPO's `horizon`). `level="sequence"` (GSPO, Zheng et al. 2025): one ratio per response,
+      exp of the mean token log-ratio, clipped per response against the response's mean advantage;
+      the loss is the mean over responses and clipfrac the share of responses clipped.
+    """
+    high = clip if clip_high is None else clip_high
+    log_ratio = logprobs - old_logprobs
+    approxkl = 0.5 * masked_mean(log_ratio**2, mask)
+    if level == "sequence":
+        per_response = mask.sum(1).clamp(min=1)
+        ratio = torch.exp((log_ratio * mask).sum(1) / per_response)
+        advantage = (advantages * mask).sum(1) / per_response
+        unclipped, clipped = -advantage * ratio, -advantage * torch.clamp(ratio, 1.0 - clip, 1.0 + high)
+        return torch.max(unclipped, clipped).mean(), (clipped > unclipped).float().mean(), approxkl
+    ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = aggregate(torch.max(unclipped, clipped), mask, horizon)
-    clipfrac = masked_mean((clipped > unclipped).float(), mask)
-    approxkl = 0.5 * masked_mean((logprobs - old_logprobs) ** 2, mask)
-    return loss, clipfrac, approxkl
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + high)
+    loss = aggregate(torch.max(unclipped, clipped), mask, horizon, aggregation)
+    return loss, masked_mean((clipped > unclipped).float(), mask), approxkl
+
+
+def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int, penalty: float) -> torch.Tensor:
+    """DAPO's soft overlong punishment, (batch,) <= 0: nothing up to `max_new_tokens - buffer` tokens,
+    then falling linearly to `-penalty` at the limit (a response cut there scores -penalty)."""
+    start = max_new_tokens - buffer
+    return torch.clamp((start - lengths.float()) / buffer, min=-1.0, max=0.0) * penalty
 
 
 def value_loss(
@@ -189,13 +214,20 @@ def critic_free_advantages(
     return advantages * mask
 
 
-def aggregate(x: torch.Tensor, mask: torch.Tensor, horizon: int | None = None) -> torch.Tensor:
-    """A per-token loss to a scalar: the mean over response tokens, or with `horizon` (Dr. GRPO) the sum
-    over each response's tokens divided by a constant `horizon`, averaged over responses (a long
-    response's tokens then weigh as much as a short one's: no length bias)."""
-    if horizon is None:
+def aggregate(x: torch.Tensor, mask: torch.Tensor, horizon: int | None = None, mode: str = "token-mean"):
+    """A per-token loss to a scalar, as verl names the modes: `token-mean` (every response token
+    weighs the same), `seq-mean-token-mean` (each response's mean, then the mean over responses: a
+    short response's tokens weigh more), `seq-mean-token-sum` (each response's sum, averaged over
+    responses). With `horizon` (Dr. GRPO) the sum over each response's tokens divided by a constant
+    `horizon`, averaged over responses: no length bias either way."""
+    if horizon is not None:
+        return (x * mask).sum() / (mask.shape[0] * horizon)
+    if mode == "token-mean":
         return masked_mean(x, mask)
-    return (x * mask).sum() / (mask.shape[0] * horizon)
+    sums = (x * mask).sum(1)
+    if mode == "seq-mean-token-sum":
+        return sums.mean()
+    return (sums / mask.sum(1).clamp(min=1)).mean()
 
 
 def kl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, horizon: int | None = None):

@@ -39,6 +39,15 @@ GROUPED = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")  # need samples_p
 GENERATIONS = ("hf", "vllm")
 
 
+# How a per-token loss becomes one number (`stage.ppo.loss_aggregation`), as verl names the modes
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+
+
+# Where the importance ratio lives (`stage.ppo.ratio_level`): per token (PPO, GRPO, DAPO) or per
+# response (GSPO: the length-normalised sequence ratio)
+RATIO_LEVELS = ("token", "sequence")
+
+
 TRL_LOSSES = (
     "sigmoid",
     "hinge",
@@ -255,6 +264,12 @@ class PpoConfig:
     advantage: str = "gae"
     samples_per_prompt: int = 1  # n responses per prompt each update; the group estimators need n >= 2
     kl_penalty: str = "reward"  # reward: -beta*KL per token in the reward (InstructGPT); loss: GRPO's k3 term
+    # DAPO (Yu et al. 2025) and GSPO (Zheng et al. 2025), keys of the same loop (stages/rl/ppo_math.py):
+    clip_high: float | None = None  # the upper clip, 1 + clip_high (DAPO's clip-higher: 0.28); null: `clip`
+    loss_aggregation: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum
+    ratio_level: str = "token"  # token | sequence (GSPO: one length-normalised ratio per response)
+    overlong_buffer: int = 0  # DAPO's soft overlong punishment over the last tokens before max_new_tokens
+    overlong_penalty: float = 1.0  # the punishment at the limit (falls linearly across the buffer)
     # a reward from code, `package.module:name` (stages/rl/rewards.py), alone (no reward model given) or
     # summed with the reward model's normalised score: w_model * rm + w_function * function
     reward_function: str | None = None
@@ -273,6 +288,7 @@ class PpoConfig:
         "max_prompt_copy_share": UNIT, "max_top_response_share": UNIT, "min_length_ratio": NONNEGATIVE,
         "watch_every": OFF_OR_COUNT, "watch_prompts": COUNT, "samples_per_prompt": COUNT,
         "reward_function_weight": NONNEGATIVE, "reward_model_weight": NONNEGATIVE, "seed": UNCONSTRAINED,
+        "clip_high": POSITIVE, "overlong_buffer": NONNEGATIVE, "overlong_penalty": NONNEGATIVE,
     }  # fmt: skip
 
     @property
@@ -318,6 +334,31 @@ class PpoConfig:
             raise ValueError(f"stage.ppo.kl_estimator: {self.kl_estimator!r} is not 'k1' or 'k3'")
         if self.generation not in GENERATIONS:
             raise ValueError(f"stage.ppo.generation: {self.generation!r} is not one of {', '.join(GENERATIONS)}")
+        self._check_dapo_gspo()
+
+    def _check_dapo_gspo(self) -> None:
+        """The DAPO and GSPO keys, across fields."""
+        for key, value, allowed in (
+            ("loss_aggregation", self.loss_aggregation, AGGREGATIONS),
+            ("ratio_level", self.ratio_level, RATIO_LEVELS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"stage.ppo.{key}: {value!r} is not one of {', '.join(allowed)}")
+        if self.advantage == "dr_grpo" and self.loss_aggregation != "token-mean":
+            raise ValueError(
+                "stage.ppo.loss_aggregation: advantage=dr_grpo aggregates its own way (each response's sum over "
+                "the constant max_new_tokens); leave loss_aggregation=token-mean"
+            )
+        if self.ratio_level == "sequence" and not self.critic_free:
+            raise ValueError(
+                "stage.ppo.ratio_level=sequence (GSPO) weighs whole responses by their advantage: use a "
+                "critic-free estimator (grpo, rloo, ...), not gae"
+            )
+        if self.max_new_tokens is not None and self.overlong_buffer >= self.max_new_tokens:
+            raise ValueError(
+                f"stage.ppo.overlong_buffer ({self.overlong_buffer}) must be below stage.ppo.max_new_tokens "
+                f"({self.max_new_tokens})"
+            )
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"stage.ppo.ema_decay: must be in (0, 1) or null, got {self.ema_decay}")
         if self.select not in ("last", "judge_peak"):
