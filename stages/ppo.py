@@ -32,6 +32,7 @@ Alone: `python -m flows.align pipeline.stop_after=ppo`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import warnings
@@ -55,8 +56,8 @@ from stages.models.modeling import (
 )
 from stages.models.tuning import device, optimizer
 from stages.preference.scorers import TrainedRewardModel
+from stages.rl import dynamic_sampling, rewards
 from stages.rl import ppo_math as pm
-from stages.rl import rewards
 from stages.rl.ppo_models import FullCopies, SharedBase
 from stages.rl.rollout import HfRollout, VllmRollout, check
 from stages.rl.watch import Watch
@@ -362,7 +363,9 @@ def run(
         start = (update * per_update) % len(texts)  # data position follows the update index
         batch_prompts = [texts[(start + i // n) % len(texts)] for i in range(cfg.rollouts_per_update)]
         mine = batch_prompts[dist.share(len(batch_prompts))]  # this rank's rollouts
-        row, rollout = _one_update(cfg, state, tokenizer, scorer, mine, ptx_docs, update, budget)
+        refills = _prompt_stream(texts, start + per_update + dist.rank() * cfg.max_refills * per_update)
+        row, rollout, mine = _one_update(cfg, state, tokenizer, scorer, mine, ptx_docs, update, budget, refills)
+        batch_prompts = dist.gather(mine)  # the prompts answered (dynamic sampling may have replaced some)
         responses = dist.gather(decode_responses(tokenizer, rollout))  # the global batch's, on every rank
         row["ppo/distinct_2"] = diagnostics.distinct_n(responses, 2)
         row["ppo/repetition"] = diagnostics.repetition(responses)
@@ -408,48 +411,63 @@ def _model_state_mb(state: _State, scorer) -> float:
 class _Scored:
     """One update's rollouts and what the frozen pass measured on them (steps 1-2)."""
 
-    def __init__(self, rollout: Rollout, score, old_logp, ref_logp, old_values, first_order) -> None:
+    def __init__(self, rollout: Rollout, score, old_logp, ref_logp, old_values, first_order, prompts, dynamic) -> None:
         self.rollout, self.score, self.first_order = rollout, score, first_order
         self.old_logp, self.ref_logp, self.old_values = old_logp, ref_logp, old_values
         self.mask = rollout.response_mask.float()
+        self.prompts, self.dynamic = prompts, dynamic  # the prompts answered; dynamic sampling's figures
 
 
 def _minibatches(order: torch.Tensor, cfg: PpoConfig, local: int) -> list[torch.Tensor]:
     return list(order.split(local * cfg.minibatch_size // cfg.rollouts_per_update))
 
 
-def _collect(cfg, state: _State, tokenizer, scorer, batch_prompts, budget: SamplingBudget, update: int) -> _Scored:
-    """1. Rollouts (KV-cached, batched generate: the seam where a faster engine plugs in); 2. one pass
-    each of policy, reference, value and reward over them, under the update's autocast. The old
+def _collect(cfg, state: _State, tokenizer, scorer, prompts, budget: SamplingBudget, update: int, next_prompts):
+    """1. Rollouts (KV-cached, batched generate: the seam where a faster engine plugs in), scored, with
+    DAPO's dynamic sampling where asked (`stages/rl/dynamic_sampling.py`, prompts from `next_prompts`);
+    2. one pass each of policy, reference and value over them, under the update's autocast. The old
     log-probs are computed in the first epoch's minibatches, so that epoch's first minibatch sees
     exactly what was scored: its ratio is 1 (approx-KL and clipfrac 0) in any precision."""
     models = state.models
+    sample_scored = functools.partial(_sample_scored, cfg, state, tokenizer, scorer, budget)
+    if cfg.dynamic_sampling:
+        pad = tokenizer.pad_token_id
+        rollout, score, prompts, dynamic = dynamic_sampling.fill(
+            sample_scored, next_prompts, prompts, cfg.samples_per_prompt, cfg.max_refills, pad
+        )
+    else:
+        (rollout, score), dynamic = sample_scored(prompts), {}
+    _check_finite("reward", score, update)
+    with torch.no_grad(), state.frozen_on_device(scorer), autocast(state.compute):
+        first_order = torch.randperm(len(prompts), device="cpu").to(rollout.query.device)  # the host's RNG
+        old_logp = torch.zeros(rollout.response.shape, device=rollout.query.device)
+        for idx in _minibatches(first_order, cfg, len(prompts)):
+            old_logp[idx] = models.policy_logprobs(_subset(rollout, idx))[0].float()
+        ref_logp = models.ref_logprobs(rollout).float()
+        old_values = models.values(rollout).float() * rollout.response_mask
+    return _Scored(rollout, score, old_logp, ref_logp, old_values, first_order, prompts, dynamic)
+
+
+def _sample_scored(cfg, state: _State, tokenizer, scorer, budget: SamplingBudget, prompts: list):
+    """(rollout, score): responses to `prompts` on the policy's device, and each one's reward (the
+    scorer's, less the missing-EOS penalty and DAPO's overlong penalty where set)."""
     rollout = state.rollout.sample(
         tokenizer,
-        batch_prompts,
+        prompts,
         max_new_tokens=budget.max_new_tokens,
         max_prompt_length=budget.max_prompt_length,
         temperature=cfg.temperature,
         top_p=cfg.top_p,
     )
-    rollout = rollout.to(model_device(models.policy))  # once: every model below reads it there
-    first_order = torch.randperm(len(batch_prompts), device="cpu").to(rollout.query.device)  # the host's RNG
+    rollout = rollout.to(model_device(state.models.policy))  # once: every model below reads it there
     with torch.no_grad(), state.frozen_on_device(scorer), autocast(state.compute):
-        old_logp = torch.zeros(rollout.response.shape, device=rollout.query.device)
-        for idx in _minibatches(first_order, cfg, len(batch_prompts)):
-            old_logp[idx] = models.policy_logprobs(_subset(rollout, idx))[0].float()
-        ref_logp = models.ref_logprobs(rollout).float()
-        old_values = models.values(rollout).float() * rollout.response_mask
-        score = scorer(tokenizer, batch_prompts, rollout).float()
-        if cfg.missing_eos_penalty is not None:
-            score = score - cfg.missing_eos_penalty * (~rollout.finished).float()
-        if cfg.overlong_buffer:  # DAPO: a response near the length limit loses reward softly
-            lengths = rollout.response_mask.sum(1)
-            score = score + pm.overlong_penalty(
-                lengths, budget.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty
-            )
-    _check_finite("reward", score, update)
-    return _Scored(rollout, score, old_logp, ref_logp, old_values, first_order)
+        score = scorer(tokenizer, prompts, rollout).float()
+    if cfg.missing_eos_penalty is not None:
+        score = score - cfg.missing_eos_penalty * (~rollout.finished).float()
+    if cfg.overlong_buffer:  # DAPO: a response near the length limit loses reward softly
+        lengths = rollout.response_mask.sum(1)
+        score = score + pm.overlong_penalty(lengths, budget.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
+    return rollout, score
 
 
 def _advantages(cfg, state: _State, scored: _Scored, budget: SamplingBudget):
@@ -554,14 +572,18 @@ def _minibatch_loss(cfg, state: _State, targets: _Targets, idx, ptx: _Ptx | None
     return loss, torch.stack([t.detach().float() for t in parts]).tolist()
 
 
-def _one_update(cfg, state: _State, tokenizer, scorer, batch_prompts, ptx_docs, update, budget: SamplingBudget):
-    scored = _collect(cfg, state, tokenizer, scorer, batch_prompts, budget, update)
+def _one_update(cfg, state: _State, tokenizer, scorer, batch_prompts, ptx_docs, update, budget, next_prompts):
+    """One update; returns its row of metrics, its rollouts and their prompts (dynamic sampling may
+    have replaced some)."""
+    scored = _collect(cfg, state, tokenizer, scorer, batch_prompts, budget, update, next_prompts)
     kl, advantages, returns = _advantages(cfg, state, scored, budget)
     horizon = budget.max_new_tokens if cfg.advantage == "dr_grpo" else None  # Dr. GRPO: no length normalisation
     ptx = _Ptx(tokenizer, ptx_docs, cfg.ptx_batch_size, budget) if ptx_docs else None
     stats, first = _optimise(cfg, state, _Targets(scored, advantages, returns, horizon), ptx, update)
     state.sync_rollout()
-    return _update_row(cfg, state, scored, kl, returns, stats, first, update), scored.rollout
+    row = _update_row(cfg, state, scored, kl, returns, stats, first, update)
+    row |= {f"ppo/dynamic/{k}": _over_ranks(v) for k, v in scored.dynamic.items()}
+    return row, scored.rollout, scored.prompts
 
 
 def _update_row(cfg, state: _State, scored: _Scored, kl, returns, stats, first, update: int) -> dict[str, float]:
@@ -596,6 +618,18 @@ def _update_row(cfg, state: _State, scored: _Scored, kl, returns, stats, first, 
         )
         state.warned_kl = True
     return row
+
+
+def _prompt_stream(texts: list, at: int):
+    """`next_prompts(k)`: the next k prompts of the data stream from position `at`, for dynamic sampling."""
+    position = [at]
+
+    def next_prompts(k: int) -> list:
+        chosen = [texts[(position[0] + i) % len(texts)] for i in range(k)]
+        position[0] += k
+        return chosen
+
+    return next_prompts
 
 
 def _over_ranks(value: float) -> float:

@@ -222,3 +222,41 @@ def test_dapo_and_gspo_keys_are_checked_across_fields():
     with pytest.raises(ValueError, match=r"overlong_buffer \(16\) must be below stage.ppo.max_new_tokens \(16\)"):
         PpoConfig(overlong_buffer=16, max_new_tokens=16)
     PpoConfig(advantage="grpo", samples_per_prompt=4, rollouts_per_update=64, ratio_level="sequence", clip_high=0.28)
+
+
+def _fake_rollouts(scores_by_call: list[list[float]]):
+    """A `sample_scored` that answers each call with the next scores, each response's query id its
+    prompt's number (so the test can see which groups were kept)."""
+    from stages.models.modeling import Rollout
+
+    calls = iter(scores_by_call)
+
+    def sample_scored(prompts):
+        ids = torch.tensor([[int(p.split()[-1])] for p in prompts])
+        ones = torch.ones_like(ids)
+        rollout = Rollout(ids, ones, ids.clone(), ones, torch.ones(len(prompts), dtype=torch.bool))
+        return rollout, torch.tensor(next(calls))
+
+    return sample_scored
+
+
+def _stream():
+    counter = iter(range(100, 200))
+    return lambda k: [f"prompt {next(counter)}" for _ in range(k)]
+
+
+def test_dynamic_sampling_replaces_groups_that_scored_alike_within_its_bound():
+    """Groups of n=2. First sample: prompt 1's pair ties (1, 1), prompt 2's differs (0, 1). Refill 1:
+    prompt 100 ties again (2, 2); refill 2: prompt 101 differs (0, 3). The batch keeps its size."""
+    from stages.rl.dynamic_sampling import fill, informative
+
+    assert informative(torch.tensor([1.0, 1.0, 0.0, 1.0]), 2) == [False, True]
+    prompts = ["prompt 1", "prompt 1", "prompt 2", "prompt 2"]
+    calls = [[1.0, 1.0, 0.0, 1.0], [2.0, 2.0], [0.0, 3.0]]
+    rollout, score, kept, stats = fill(_fake_rollouts(calls), _stream(), prompts, 2, max_refills=3, pad=0)
+    assert kept == ["prompt 2", "prompt 2", "prompt 101", "prompt 101"]
+    assert rollout.query[:, 0].tolist() == [2, 2, 101, 101] and score.tolist() == [0.0, 1.0, 0.0, 3.0]
+    assert stats == {"uninformative_share": 0.5, "refills": 2.0, "uninformative_share_final": 0.0}
+    bounded = fill(_fake_rollouts(calls), _stream(), prompts, 2, max_refills=1, pad=0)
+    assert bounded[2] == ["prompt 2", "prompt 2", "prompt 100", "prompt 100"]  # the bound: one refill
+    assert bounded[3]["uninformative_share_final"] == 0.5

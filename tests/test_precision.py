@@ -225,3 +225,25 @@ def test_vllm_runs_in_process_with_the_rendezvous_a_launcher_would_give(monkeypa
 
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"]) == ("3", "1", "127.0.0.1")
     assert 0 < int(os.environ["MASTER_PORT"]) < 65536
+
+
+def test_dynamic_sampling_refills_tied_groups_up_to_its_bound_in_the_stage(tiny_prepare, tmp_path):
+    """An exact-match reward the tiny policy never earns: every group ties at 0, so each update spends
+    its whole bound of refills and says so; training still runs on a full batch."""
+    import json
+
+    from stages.data import arithmetic
+
+    train, _ = arithmetic.split(0)
+    prompts = tmp_path / "arithmetic.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in arithmetic.make_prompts(64, 0, train)))
+    rows: list[dict] = []
+    cfg = ppo.PpoConfig(updates=2, rollouts_per_update=16, minibatch_size=8, advantage="grpo", samples_per_prompt=4,
+                        kl_penalty="loss", dynamic_sampling=True, max_refills=2,
+                        reward_function="stages.rl.rewards:arithmetic_exact_match")  # fmt: skip
+    with tracking.metrics_sink(lambda m, step: rows.append(m) if "ppo/objective/kl" in m else None):
+        m = ppo.run(cfg, Tuning(PeftConfig("full"), compute=ComputeConfig(device="cpu")),
+                    policy=tiny_prepare.file("base"), prompts=prompts, out_dir=tmp_path / "out")  # fmt: skip
+    assert [r["ppo/dynamic/refills"] for r in rows] == [2.0, 2.0]
+    assert all(r["ppo/dynamic/uninformative_share"] == 1.0 for r in rows)
+    assert m.metrics["ppo/updates"] == 2.0

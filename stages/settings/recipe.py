@@ -270,6 +270,8 @@ class PpoConfig:
     ratio_level: str = "token"  # token | sequence (GSPO: one length-normalised ratio per response)
     overlong_buffer: int = 0  # DAPO's soft overlong punishment over the last tokens before max_new_tokens
     overlong_penalty: float = 1.0  # the punishment at the limit (falls linearly across the buffer)
+    dynamic_sampling: bool = False  # DAPO: replace groups whose responses all scored the same
+    max_refills: int = 3  # rounds of replacement sampling per update, at most
     # a reward from code, `package.module:name` (stages/rl/rewards.py), alone (no reward model given) or
     # summed with the reward model's normalised score: w_model * rm + w_function * function
     reward_function: str | None = None
@@ -289,6 +291,7 @@ class PpoConfig:
         "watch_every": OFF_OR_COUNT, "watch_prompts": COUNT, "samples_per_prompt": COUNT,
         "reward_function_weight": NONNEGATIVE, "reward_model_weight": NONNEGATIVE, "seed": UNCONSTRAINED,
         "clip_high": POSITIVE, "overlong_buffer": NONNEGATIVE, "overlong_penalty": NONNEGATIVE,
+        "max_refills": NONNEGATIVE,
     }  # fmt: skip
 
     @property
@@ -348,6 +351,11 @@ class PpoConfig:
             raise ValueError(
                 "stage.ppo.loss_aggregation: advantage=dr_grpo aggregates its own way (each response's sum over "
                 "the constant max_new_tokens); leave loss_aggregation=token-mean"
+            )
+        if self.dynamic_sampling and self.samples_per_prompt < 2:
+            raise ValueError(
+                "stage.ppo.dynamic_sampling drops groups whose responses all scored the same: set "
+                f"stage.ppo.samples_per_prompt >= 2, got {self.samples_per_prompt}"
             )
         if self.ratio_level == "sequence" and not self.critic_free:
             raise ValueError(
