@@ -1,10 +1,11 @@
 """`make compare`: every branch and estimator from the same SFT artifact, one table.
 
 PPO (rlhf, GAE with a value model) and the critic-free estimators in the same loop (grpo, rloo,
-dr_grpo, reinforce_pp, reinforce_pp_baseline: no value model); DPO (best of a small beta set) and
-the other preference losses at that beta (KTO on each ranking split into thumbs) or their papers'
-defaults (SimPO, ORPO: reference-free); RLAIF and d-RLAIF; best-of-n. Then the verifiable task
-(`pipeline=rlvr` on `data=embedded_arithmetic`): held-out exact-match accuracy of SFT and GRPO.
+dr_grpo, reinforce_pp, reinforce_pp_baseline: no value model; GRPO with DAPO's or GSPO's keys); DPO
+(best of a small beta set) and the other preference losses at that beta (KTO on each ranking split
+into thumbs) or their papers' defaults (SimPO, ORPO: reference-free); RLAIF and d-RLAIF; best-of-n.
+Then the verifiable task (`pipeline=rlvr` on `data=embedded_arithmetic`): held-out exact-match accuracy of SFT and GRPO, and
+of GRPO with DAPO's and with GSPO's keys.
 
 The best DPO beta is chosen by the gold score on the evaluation prompts (a small sweep, reported as
 such, not a held-out selection).
@@ -44,6 +45,12 @@ ESTIMATORS = {
     "dr_grpo": ["stage.ppo.advantage=dr_grpo", "stage.ppo.samples_per_prompt=4", "stage.ppo.kl_penalty=loss"],
     "reinforce_pp": ["stage.ppo.advantage=reinforce_pp", "stage.ppo.samples_per_prompt=1"],
     "reinforce_pp_baseline": ["stage.ppo.advantage=reinforce_pp_baseline", "stage.ppo.samples_per_prompt=4"],
+}
+# DAPO's and GSPO's changes to GRPO on the verifiable task (pipeline=rlvr runs GRPO): their keys, as in
+# conf/pipeline/dapo.yaml and gspo.yaml (no overlong shaping there: the task's answers are short)
+ON_RLVR = {
+    "dapo": ["stage.ppo.clip_high=0.28", "stage.ppo.beta=0.0", "stage.ppo.dynamic_sampling=true"],
+    "gspo": ["stage.ppo.ratio_level=sequence", "stage.ppo.clip=0.0003", "stage.ppo.clip_high=0.0004"],
 }
 PREFERENCE_LOSSES = ("kto", "simpo", "orpo")  # kto at DPO's best beta; simpo and orpo reference-free
 # the stages (by name in the flow) a row computes itself (the rest are the shared, cached ones)
@@ -173,6 +180,8 @@ def main(argv: list[str]) -> dict:
     results["rlaif_direct"] = run_branch(["pipeline=rlaif_direct", *extra])
     results["grpo"] = run_branch(["pipeline=grpo", *extra])
     results["rloo"] = run_branch(["pipeline=rloo", *extra])
+    results["dapo"] = run_branch(["pipeline=dapo", *extra])
+    results["gspo"] = run_branch(["pipeline=gspo", *extra])
     for name, overrides in ESTIMATORS.items():
         results[name] = run_branch(["pipeline=rlhf", *overrides, *extra])
     results["best_of_n"] = run_branch(["pipeline=best_of_n", *extra])
@@ -181,6 +190,7 @@ def main(argv: list[str]) -> dict:
     by = {r["branch"].split(" ")[0]: r for r in rows}
     ppo, dpo_row = by["rlhf"], by["dpo"]
     verifiable = verifiable_task(run_branch(["pipeline=rlvr", *extra]))
+    variants = {name: verifiable_task(run_branch(["pipeline=rlvr", *keys, *extra])) for name, keys in ON_RLVR.items()}
 
     def within(a: dict, b: dict) -> dict:
         ci = math.sqrt(a["gold_ci95"] ** 2 + b["gold_ci95"] ** 2)
@@ -193,7 +203,7 @@ def main(argv: list[str]) -> dict:
             "stage_peak_rss_ratio": ratio(by[name]["own_stage_peak_rss_mb"], ppo["own_stage_peak_rss_mb"]),
             "model_state_ratio": ratio(by[name]["model_state_mb"], ppo["model_state_mb"]),
         }
-        for name in ("grpo", "rloo", *ESTIMATORS)
+        for name in ("grpo", "rloo", "dapo", "gspo", *ESTIMATORS)
     }
     for t in critic_free.values():
         time_ok = t["stage_time_ratio"] is not None and t["stage_time_ratio"] <= 0.7
@@ -209,6 +219,7 @@ def main(argv: list[str]) -> dict:
         "dpo_best_beta": best,
         "dpo_loss_type": DPO_LOSS,
         "verifiable": verifiable,
+        "verifiable_variants": variants,
         "targets": {
             "dpo_gain_minus_ppo_gain": dpo_row["gain"] - ppo["gain"],
             "dpo_gain_within_ci_of_ppo": abs(dpo_row["gain"] - ppo["gain"]) <= gap_ci,
@@ -233,7 +244,8 @@ def main(argv: list[str]) -> dict:
     out = Path(artifacts, "compare", "compare.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
-    text = table(rows, sft) + "\n\n" + verifiable_line(verifiable)
+    text = "\n".join([table(rows, sft), "", verifiable_line(verifiable),
+                      *(verifiable_line(v, name.upper()) for name, v in variants.items())])  # fmt: skip
     (out.parent / "compare.txt").write_text(text + "\n")
     _log_to_mlflow(artifacts, out)
     print(text)
@@ -277,7 +289,7 @@ def verifiable_task(result: dict) -> dict:
     }
 
 
-def verifiable_line(v: dict) -> str:
+def verifiable_line(v: dict, method: str = "GRPO") -> str:
     a, t = v["accuracy"], v["target"]
     (sl, sh), (pl, ph) = a["sft"]["ci95"], a["policy"]["ci95"]
     dl, dh = a["difference_ci95"]
@@ -285,7 +297,7 @@ def verifiable_line(v: dict) -> str:
     return (
         f"verifiable task (pipeline=rlvr, data=embedded_arithmetic, {a['sft']['n']} held-out prompts): exact match "
         f"SFT {a['sft']['accuracy']:.3f} [{sl:.3f}, {sh:.3f}], "
-        f"GRPO {a['policy']['accuracy']:.3f} [{pl:.3f}, {ph:.3f}]; "
+        f"{method} {a['policy']['accuracy']:.3f} [{pl:.3f}, {ph:.3f}]; "
         f"{ratio}, {t['points']:+.1f} points (95% CI of the difference "
         f"[{100 * dl:+.1f}, {100 * dh:+.1f}]): "
         f"target (>= 2x and >= +20 points) {'met' if t['met'] else 'missed'}"
