@@ -4,8 +4,8 @@ PPO (rlhf, GAE with a value model) and the critic-free estimators in the same lo
 dr_grpo, reinforce_pp, reinforce_pp_baseline: no value model; GRPO with DAPO's or GSPO's keys); DPO
 (best of a small beta set) and the other preference losses at that beta (KTO on each ranking split
 into thumbs) or their papers' defaults (SimPO, ORPO: reference-free); RLAIF and d-RLAIF; best-of-n.
-Then the verifiable task (`pipeline=rlvr` on `data=embedded_arithmetic`): held-out exact-match accuracy of SFT and GRPO, and
-of GRPO with DAPO's and with GSPO's keys.
+Then the verifiable task (`pipeline=rlvr` on `data=embedded_arithmetic`): held-out exact-match
+accuracy of SFT and GRPO, and of GRPO with DAPO's and with GSPO's keys.
 
 The best DPO beta is chosen by the gold score on the evaluation prompts (a small sweep, reported as
 such, not a held-out selection).
