@@ -191,7 +191,7 @@ def test_make_compare_writes_its_table_on_tiny_settings(tiny):
     assert make.returncode == 0, make.stdout[-3000:] + make.stderr[-3000:]
     report = json.loads((art / "compare" / "compare.json").read_text())
     assert [r["branch"].split(" ")[0] for r in report["rows"]] == [
-        "rlhf", "dpo", "kto", "simpo", "orpo", "rlaif", "rlaif_direct", "grpo", "rloo",
+        "rlhf", "dpo", "kto", "simpo", "orpo", "rlaif", "rlaif_direct", "grpo", "rloo", "dapo", "gspo",
         "dr_grpo", "reinforce_pp", "reinforce_pp_baseline", "best_of_n",
     ]  # fmt: skip
     by = {r["branch"].split(" ")[0]: r for r in report["rows"]}
@@ -206,10 +206,13 @@ def test_make_compare_writes_its_table_on_tiny_settings(tiny):
     assert set(report["targets"]["critic_free_vs_ppo"]) == {
         "grpo",
         "rloo",
+        "dapo",
+        "gspo",
         "dr_grpo",
         "reinforce_pp",
         "reinforce_pp_baseline",
     }
+    assert set(report["verifiable_variants"]) == {"dapo", "gspo"}  # DAPO's and GSPO's keys on the verifiable task
     for side in ("sft", "policy"):  # exact match: a whole number of right answers, and its Wilson interval
         block = report["verifiable"]["accuracy"][side]
         right = block["accuracy"] * block["n"]
