@@ -246,6 +246,14 @@ def branches(device: torch.device, work: Path, *, precision: str = "bf16", quick
         group = {"samples_per_prompt": 4 if estimator in GROUPED else 1, "kl_penalty": "loss"}
         cases.run(f"ppo_{estimator}", ppo.run, ppo.PpoConfig(**tiny, advantage=estimator, **group), full,
                   policy=policy, **scored, **ppo_in)  # fmt: skip
+    variants = {  # DAPO's and GSPO's keys of the same loop (conf/pipeline/dapo.yaml, gspo.yaml)
+        "dapo": {"clip_high": 0.28, "beta": 0.0, "dynamic_sampling": True, "max_refills": 1, "overlong_buffer": 2},
+        "gspo": {"ratio_level": "sequence", "clip": 3e-4, "clip_high": 4e-4},
+    }
+    for name, keys in variants.items():
+        grpo = {"advantage": "grpo", "samples_per_prompt": 4, "kl_penalty": "loss"}
+        cases.run(f"ppo_{name}", ppo.run, ppo.PpoConfig(**tiny, **grpo, **keys), full, policy=policy, **scored,
+                  **ppo_in)  # fmt: skip
     rlvr = ppo.PpoConfig(**tiny, advantage="grpo", samples_per_prompt=4, kl_penalty="loss",
                          reward_function="stages.rl.rewards:arithmetic_exact_match")  # fmt: skip
     cases.run("rlvr", ppo.run, rlvr, full, policy=policy, prompts=arithmetic_prompts(work / "arithmetic.jsonl"))

@@ -42,6 +42,7 @@ def test_the_gpu_checks_cpu_path_runs_with_only_what_the_gpu_image_has(image_che
     assert branches["ok"] and not branches["failed"], branches["failed"]
     ran = set(branches["ran"])
     want = {"prepare", "sft", "comparisons", "reward_model", "ppo", "evaluate", "ppo_shared_base", "rlvr"}
+    want |= {"ppo_dapo", "ppo_gspo"}
     want |= {f"ppo_{e}" for e in CRITIC_FREE} | {f"dpo_{loss}" for loss in OWN_LOSSES} | {"dpo_sigmoid"}
     want |= {"best_of_n", "judge", "comparisons_ai", "reward_model_ai", "ppo_rlaif", "ppo_rlaif_direct"}
     want |= {"serve_engine", "qlora_torchao_int8"}
