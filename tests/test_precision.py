@@ -212,19 +212,16 @@ def test_a_cuda_device_turns_tf32_on_for_what_stays_in_fp32():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
-def test_vllm_runs_in_process_with_the_rendezvous_a_launcher_would_give(monkeypatch):
+def test_vllm_runs_in_process_with_the_rendezvous_a_launcher_would_give():
     """vLLM's V1 engine keeps `llm_engine.model_executor` (what the weight sync writes into) only with
-    `external_launcher`, which reads a launcher's env: one rank gets it here, a launched rank keeps its own."""
+    `external_launcher`, which reads a launcher's env: one rank gets it here, a launched rank keeps its own.
+    (On a copy: a rendezvous left in this process's environment would make later runs join a group.)"""
     from stages.rl.rollout import _launcher_env
 
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("RANK", "3")
-    _launcher_env()
-    import os
-
-    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"]) == ("3", "1", "127.0.0.1")
-    assert 0 < int(os.environ["MASTER_PORT"]) < 65536
+    env = {"RANK": "3"}
+    _launcher_env(env)
+    assert (env["RANK"], env["WORLD_SIZE"], env["MASTER_ADDR"], env["LOCAL_RANK"]) == ("3", "1", "127.0.0.1", "0")
+    assert 0 < int(env["MASTER_PORT"]) < 65536
 
 
 def test_dynamic_sampling_refills_tied_groups_up_to_its_bound_in_the_stage(tiny_prepare, tmp_path):

@@ -119,17 +119,19 @@ class VllmRollout:
         self.llm.reset_prefix_cache()  # cached keys and values were computed by the old weights
 
 
-def _launcher_env() -> None:
-    """The rendezvous `external_launcher` reads, for a process no launcher started (one rank)."""
+def _launcher_env(env=None) -> None:
+    """The rendezvous `external_launcher` reads, for a process no launcher started (one rank); `env`:
+    where to write it (this process's environment unless given)."""
     import os
     import socket
 
+    env = os.environ if env is None else env
     for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(name, value)
-    if "MASTER_PORT" not in os.environ:
+        env.setdefault(name, value)
+    if "MASTER_PORT" not in env:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+            env["MASTER_PORT"] = str(s.getsockname()[1])
 
 
 def _rollout(query, query_mask, rows: list[list[int]], eos: int, pad: int) -> Rollout:
