@@ -90,8 +90,8 @@ class HostSyncs(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_a_ppo_minibatch_makes_at_most_one_host_sync(tiny_prepare, rm_dir, tmp_path, monkeypatch, case):
+def count_syncs_per_minibatch(monkeypatch) -> list[list[str]]:
+    """Each PPO minibatch's host syncs (`HostSyncs`), one list per `_train_minibatch` call, filled as PPO runs."""
     per_minibatch: list[list[str]] = []
     original = ppo._train_minibatch
 
@@ -102,6 +102,12 @@ def test_a_ppo_minibatch_makes_at_most_one_host_sync(tiny_prepare, rm_dir, tmp_p
         return values
 
     monkeypatch.setattr(ppo, "_train_minibatch", counted)
+    return per_minibatch
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_ppo_minibatch_makes_at_most_one_host_sync(tiny_prepare, rm_dir, tmp_path, monkeypatch, case):
+    per_minibatch = count_syncs_per_minibatch(monkeypatch)
     keys, peft = CASES[case]
     run_ppo(tiny_prepare, rm_dir, tmp_path, keys, peft)
     assert len(per_minibatch) == 2 * 2 * 4  # updates x epochs x minibatches
@@ -110,16 +116,7 @@ def test_a_ppo_minibatch_makes_at_most_one_host_sync(tiny_prepare, rm_dir, tmp_p
 
 def test_the_host_sync_guard_sees_a_stray_item(tiny_prepare, rm_dir, tmp_path, monkeypatch):
     """The guard can fail: a statistic read with `.item()` from code under stages/ is a second sync."""
-    per_minibatch: list[list[str]] = []
-    original = ppo._train_minibatch
-
-    def counted(*args, **kwargs):
-        with HostSyncs() as syncs:
-            values = original(*args, **kwargs)
-        per_minibatch.append(syncs.calls)
-        return values
-
-    monkeypatch.setattr(ppo, "_train_minibatch", counted)
+    per_minibatch = count_syncs_per_minibatch(monkeypatch)
     monkeypatch.setattr(ppo.pm, "masked_mean", _stray_item_masked_mean(pm.masked_mean))
     run_ppo(tiny_prepare, rm_dir, tmp_path, {"updates": 1}, PeftConfig("full"))
     assert min(len(calls) for calls in per_minibatch) >= 2
