@@ -41,6 +41,8 @@ def job(dcfg: DictConfig) -> float | None:
 
     try:
         cfg = to_config(dcfg)
+        if (note := cfg.preset_note()) is not None:
+            print(note, file=sys.stderr)
         with watched_backends(cfg) as watch:
             try:
                 from flows.pipeline import run_job

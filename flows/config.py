@@ -170,6 +170,7 @@ class Config:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     artifacts_dir: str = "artifacts"
+    preset: str | None = None  # the tuning preset in effect (conf/preset/): embedded for the embedded task
     threads: int | None = None  # torch threads; null: the usable cores divided by the jobs running at once
 
     RULES: ClassVar[dict[str, Rule]] = {"threads": COUNT}
@@ -180,6 +181,16 @@ class Config:
         if stage == "ppo" and self.stage.ppo.layout == "shared_base":
             return tuning  # an adapter layout: its adapters are the method's, whatever peft.stages says
         return tuning.for_stage(stage)
+
+    def preset_note(self) -> str | None:
+        """A line for a user whose own model would train with the embedded default's learning rates."""
+        if self.preset != "embedded" or self.model.name_or_path is None:
+            return None
+        return (
+            f"note: model.name_or_path={self.model.name_or_path} trains with the embedded task's preset "
+            "(conf/preset/embedded.yaml: learning rates for a 94k-parameter model); `~preset` gives the "
+            "published defaults, or set stage.<stage>.learning_rate"
+        )
 
     def __post_init__(self) -> None:
         check_tree(Config, self)  # every numeric key in its declared range (`stages/runtime/rules.py`)

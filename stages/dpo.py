@@ -59,7 +59,7 @@ from stages.runtime.progress import progress
 from stages.runtime.tracking import TRAINER_ARGS, log_metrics, trainer_callback
 from stages.settings.distributed import DistributedConfig
 from stages.settings.models import Tuning, shares_base
-from stages.settings.recipe import OWN_LOSSES, REFERENCE_FREE, DpoConfig
+from stages.settings.recipe import OWN_LOSSES, REFERENCE_FREE, DpoConfig, chosen_learning_rate
 
 
 def plackett_luce_loss(rewards: torch.Tensor, ranks: list[int]) -> torch.Tensor:
@@ -90,10 +90,11 @@ def _train_trl(
 
     dataset = Dataset.from_list(pairs)
     saving = {"output_dir": str(out_dir / "trainer"), **checkpoints.trainer_saving(ck, cfg.checkpoint_every)}
-    train_args, trainer_kwargs = trainer_setup(model, tuning, lr=cfg.learning_rate)
+    lr = chosen_learning_rate("dpo", cfg.learning_rate, tuning.peft.method)
+    train_args, trainer_kwargs = trainer_setup(model, tuning, lr=lr)
     args = DPOConfig(
         num_train_epochs=cfg.epochs,
-        learning_rate=cfg.learning_rate,
+        learning_rate=lr,
         max_length=budget.max_length,
         beta=cfg.beta,
         loss_type=[cfg.loss_type],
@@ -169,7 +170,8 @@ def _train_own(cfg: DpoConfig, tuning: Tuning, model, ref, tokenizer, rows: list
     """Our loop (Plackett-Luce, SimPO, ORPO, KTO): one batch element per prompt with all its K
     responses; `ck`: checkpoints."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = optimizer(model, tuning, lr=cfg.learning_rate, weight_decay=0.01)  # torch AdamW default
+    lr = chosen_learning_rate("dpo", cfg.learning_rate, tuning.peft.method)
+    opt = optimizer(model, tuning, lr=lr, weight_decay=0.01)  # torch AdamW default
     per_step = max(1, cfg.batch_size // max(len(r["responses"]) for r in rows))
     pad = tokenizer.pad_token_id
     steps = max(1, math.ceil(cfg.epochs * math.ceil(len(rows) / per_step)))

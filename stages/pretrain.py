@@ -26,7 +26,7 @@ from stages.runtime.progress import progress
 from stages.runtime.tracking import log_metrics
 from stages.settings.data import DatasetConfig
 from stages.settings.models import Tuning
-from stages.settings.recipe import PretrainConfig
+from stages.settings.recipe import PretrainConfig, chosen_learning_rate
 
 
 def pack(documents: list[list[int]], eos: int, block: int) -> list[list[int]]:
@@ -49,7 +49,9 @@ def run(cfg: PretrainConfig, tuning: Tuning, *, base: Path, text: Path, out_dir:
         )
     torch.manual_seed(cfg.seed)
     model = load(base, tuning, "causal_lm")
-    opt = optimizer(model, tuning, lr=cfg.learning_rate, weight_decay=0.0)
+    opt = optimizer(
+        model, tuning, lr=chosen_learning_rate("pretrain", cfg.learning_rate, tuning.peft.method), weight_decay=0.0
+    )
     steps = max(1, math.ceil(cfg.epochs * len(blocks) / cfg.batch_size))
     warmup = int(cfg.warmup_ratio * steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (warmup + 1)))

@@ -51,7 +51,7 @@ from stages.runtime.progress import progress
 from stages.runtime.tracking import log_metrics
 from stages.settings.distributed import DistributedConfig
 from stages.settings.models import PeftConfig, Tuning
-from stages.settings.recipe import RewardModelConfig
+from stages.settings.recipe import RewardModelConfig, chosen_learning_rate
 
 
 def ranking_loss(scores, pairs: list[list[tuple[int, int]]], margin: float = 0.0) -> torch.Tensor:
@@ -153,7 +153,8 @@ def run(
     partitioned = dist.partitioned(distributed)
     model, source = _initial_model(cfg, policy, tokenizer, tuning, partitioned)
     pad = tokenizer.pad_token_id
-    opt = optimizer(model, tuning, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    lr = chosen_learning_rate("reward_model", cfg.learning_rate, tuning.peft.method)
+    opt = optimizer(model, tuning, lr=lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(rows) / cfg.batch_prompts)
     sched = schedule(opt, tuning.optim, cfg.epochs * steps_per_epoch)
     engine = Engine(
@@ -173,7 +174,7 @@ def run(
         at = resumed["at"]
     resumed_from, step, tokens, last_loss = at["step"], at["step"], at["tokens"], at["loss"]
     model.train()
-    nan_hint = f" (now {cfg.learning_rate}), or look for degenerate rows in {comparisons}"
+    nan_hint = f" (now {lr}), or look for degenerate rows in {comparisons}"
     bar = progress(cfg.epochs * steps_per_epoch, "reward_model: training")
     bar.update(step)
     t0 = time.perf_counter()

@@ -28,7 +28,7 @@ from stages.runtime.manifest import Manifest, folder_digest, read_jsonl
 from stages.runtime.tracking import TRAINER_ARGS, log_metrics, trainer_callback
 from stages.settings.distributed import DistributedConfig
 from stages.settings.models import Tuning
-from stages.settings.recipe import SftConfig
+from stages.settings.recipe import SftConfig, chosen_learning_rate
 
 
 def encode_demonstrations(tokenizer, rows: list[dict]) -> list[tuple[list[int], list[list[int]]]]:
@@ -105,10 +105,11 @@ def run(
     dataset = Dataset.from_dict(columns)
     tokens = sum(len(ids) for ids in dataset["input_ids"])
     saving = checkpoints.trainer_saving(checkpoint_dir, cfg.checkpoint_every)
-    train_args, trainer_kwargs = trainer_setup(model, tuning, lr=cfg.learning_rate)
+    lr = chosen_learning_rate("sft", cfg.learning_rate, tuning.peft.method)
+    train_args, trainer_kwargs = trainer_setup(model, tuning, lr=lr)
     args = SFTConfig(
         num_train_epochs=cfg.epochs,
-        learning_rate=cfg.learning_rate,
+        learning_rate=lr,
         max_length=budget.max_length,
         warmup_steps=cfg.warmup_ratio,
         completion_only_loss=True,

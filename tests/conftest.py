@@ -58,6 +58,15 @@ SHARED = ROOT.parent / "shared"
 os.environ["ALIGNFLOW_DEVICE_GUARD"] = "1"
 
 
+def embedded_tuning(stage: str) -> dict:
+    """`stage`'s keys in the embedded default's preset (conf/preset/embedded.yaml): what a stage test on the
+    tiny embedded model trains with, where the schema's defaults are a real model's."""
+    import yaml
+
+    preset = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "preset" / "embedded.yaml").read_text())
+    return dict(preset["stage"].get(stage, {}))
+
+
 def need_shared(path: Path) -> Path:
     """`path` under ../shared (real data, real tokenizers). Absent: the test skips on a developer's
     checkout without it, and fails under CI (`CI=true`), which always has it."""

@@ -92,9 +92,10 @@ def test_unknown_key_in_a_yaml_file_is_named(tmp_path):
     import shutil
 
     shutil.copytree(CONF, bad)
-    (bad / "stage" / "sft.yaml").write_text((bad / "stage" / "sft.yaml").read_text() + "epoks: 3\n")
+    preset = bad / "preset" / "embedded.yaml"
+    preset.write_text(preset.read_text().replace("  sft:\n", "  sft:\n    epoks: 3\n"))
     with initialize_config_dir(config_dir=str(bad), version_base="1.3"):
-        with pytest.raises(Exception, match="epoks"):
+        with pytest.raises(Exception, match="stage.sft.epoks"):
             compose("config")
 
 
@@ -182,3 +183,101 @@ def test_missing_api_key_stops_before_any_compute(tmp_path):
     assert proc.returncode != 0
     assert "ALIGNFLOW_TEST_KEY is not set" in proc.stderr + proc.stdout
     assert not (tmp_path / "prepare").exists() and not (tmp_path / "sft").exists()
+
+
+def _schema_default(path: str):
+    """The schema's default at a dotted path, or `_ABSENT` (a key the schema does not type, e.g. `hydra`)."""
+    from omegaconf import OmegaConf
+
+    from flows.config import schema
+
+    node = OmegaConf.to_container(schema())
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _ABSENT
+        node = node[part]
+    return node
+
+
+_ABSENT = object()
+
+
+def _leaves(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            yield from _leaves(value, path)
+        elif key != "defaults":
+            yield path, value
+
+
+def _package(path: Path, text: str) -> str:
+    """Where a conf file's keys land: its `# @package` line, else its group's folder."""
+    for line in text.splitlines()[:3]:
+        if line.startswith("# @package"):
+            package = line.split()[2]
+            return "" if package == "_global_" else package
+    return ".".join(path.relative_to(ROOT / "conf").parent.parts)
+
+
+def test_no_yaml_file_repeats_a_schema_default():
+    """The stage dataclasses are the schema and hold every default: a conf file states a key only to
+    change it. The one exception is a key the embedded preset changed, set back by a file composed
+    after it (an experiment)."""
+    import yaml
+
+    preset = dict(_leaves(yaml.safe_load((ROOT / "conf" / "preset" / "embedded.yaml").read_text())))
+    repeats = []
+    for path in sorted((ROOT / "conf").rglob("*.yaml")):
+        text = path.read_text()
+        package = _package(path, text)
+        for key, value in _leaves(yaml.safe_load(text) or {}):
+            full = f"{package}.{key}" if package else key
+            default = _schema_default(full)
+            if default is not _ABSENT and default == value and full not in preset:
+                repeats.append(f"{path.relative_to(ROOT)}: {full}: {value!r}")
+    assert repeats == [], "repeats the schema's default:\n" + "\n".join(repeats)
+
+
+def test_a_repeated_default_is_caught(tmp_path, monkeypatch):
+    """The check above can fail: a stage key restated at its default is found."""
+    import yaml
+
+    text = "# @package _global_\nstage:\n  ppo:\n    beta: 0.02\n    clip: 0.3\n"
+    found = [
+        key
+        for key, value in _leaves(yaml.safe_load(text))
+        if _schema_default(key) is not _ABSENT and _schema_default(key) == value
+    ]
+    assert found == ["stage.ppo.beta"]
+
+
+def test_a_users_own_model_gets_the_published_defaults_not_the_embedded_tuning():
+    """`model.name_or_path=... data=files`: no preset, so each stage trains with the published
+    recipes' values (stages/settings/recipe.py), its learning rate chosen by its method."""
+    from stages.settings.recipe import chosen_learning_rate
+
+    own = to_config(_compose(["model.name_or_path=/models/my-llama", "data=files"]))
+    assert own.preset is None and own.preset_note() is None
+    rm, sft = own.stage.reward_model, own.stage.sft
+    assert (rm.epochs, rm.pooling, sft.epochs) == (1, "last", 3.0)  # InstructGPT's RM; trl's SFT epochs
+    rates = {
+        stage: chosen_learning_rate(stage, getattr(own.stage, stage).learning_rate, own.tuning(stage).peft.method)
+        for stage in ("sft", "reward_model", "ppo", "dpo")
+    }
+    # peft=lora's stages are sft and dpo (adapters: about ten times the full rate); the RM and PPO train in full
+    assert rates == {"sft": 1e-4, "reward_model": 9e-6, "ppo": 1e-6, "dpo": 5e-6}
+    full = to_config(_compose(["model.name_or_path=/models/my-llama", "data=files", "peft=full"]))
+    assert chosen_learning_rate("sft", full.stage.sft.learning_rate, full.tuning("sft").peft.method) == 1e-5
+    assert chosen_learning_rate("sft", 2e-5, "lora") == 2e-5  # a configured rate is kept
+
+
+def test_the_embedded_task_keeps_its_own_tuning_and_says_so_to_a_real_model():
+    embedded = to_config(_compose())
+    rm = embedded.stage.reward_model
+    assert embedded.preset == "embedded" and embedded.preset_note() is None
+    assert (rm.epochs, rm.learning_rate, rm.pooling, embedded.stage.sft.learning_rate) == (10, 3e-3, "mean", 3e-3)
+    assert to_config(_compose(["data=embedded_arithmetic"])).stage.ppo.learning_rate == 1e-4
+    own = to_config(_compose(["model.name_or_path=/models/my-llama"]))  # a real model on the embedded task
+    assert "conf/preset/embedded.yaml" in own.preset_note()
+    assert to_config(_compose(["model.name_or_path=/models/my-llama", "~preset"])).stage.sft.learning_rate is None

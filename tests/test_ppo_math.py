@@ -94,12 +94,17 @@ def test_k3_estimator_is_nonnegative_and_matches_by_hand():
 
 
 def test_adaptive_kl_controller_by_hand():
-    ctl = pm.AdaptiveKLController(beta=0.1, target=6.0, horizon=10000)
+    ctl = pm.KLController(beta=0.1, target=6.0, horizon=10000)
     # KL 9 -> error clip(9/6 - 1 = 0.5) = 0.2; beta *= 1 + 0.2 * 64 / 10000
     assert ctl.update(9.0, n_steps=64) == pytest.approx(0.1 * (1 + 0.2 * 64 / 10000))
     # KL 5.4 -> error -0.1
     before = ctl.beta
     assert ctl.update(5.4, n_steps=100) == pytest.approx(before * (1 - 0.1 * 100 / 10000))
+
+
+def test_a_kl_controller_without_a_target_keeps_beta_fixed():
+    ctl = pm.KLController(beta=0.02)
+    assert ctl.update(50.0, n_steps=64) == 0.02 and ctl.beta == 0.02
 
 
 def test_ema_update_by_hand():

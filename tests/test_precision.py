@@ -7,6 +7,7 @@ from torch.overrides import TorchFunctionMode
 
 from stages import ppo
 from stages.rl import ppo_math as pm
+from stages.rl import ppo_update
 from stages.runtime import tracking
 from stages.runtime.distributed import engine_precision, trainer_args
 from stages.settings.distributed import DistributedConfig
@@ -91,9 +92,9 @@ class HostSyncs(TorchFunctionMode):
 
 
 def count_syncs_per_minibatch(monkeypatch) -> list[list[str]]:
-    """Each PPO minibatch's host syncs (`HostSyncs`), one list per `_train_minibatch` call, filled as PPO runs."""
+    """Each PPO minibatch's host syncs (`HostSyncs`), one list per `train_minibatch` call, filled as PPO runs."""
     per_minibatch: list[list[str]] = []
-    original = ppo._train_minibatch
+    original = ppo_update.train_minibatch
 
     def counted(*args, **kwargs):
         with HostSyncs() as syncs:
@@ -101,7 +102,7 @@ def count_syncs_per_minibatch(monkeypatch) -> list[list[str]]:
         per_minibatch.append(syncs.calls)
         return values
 
-    monkeypatch.setattr(ppo, "_train_minibatch", counted)
+    monkeypatch.setattr(ppo_update, "train_minibatch", counted)
     return per_minibatch
 
 
@@ -117,7 +118,7 @@ def test_a_ppo_minibatch_makes_at_most_one_host_sync(tiny_prepare, rm_dir, tmp_p
 def test_the_host_sync_guard_sees_a_stray_item(tiny_prepare, rm_dir, tmp_path, monkeypatch):
     """The guard can fail: a statistic read with `.item()` from code under stages/ is a second sync."""
     per_minibatch = count_syncs_per_minibatch(monkeypatch)
-    monkeypatch.setattr(ppo.pm, "masked_mean", _stray_item_masked_mean(pm.masked_mean))
+    monkeypatch.setattr(pm, "masked_mean", _stray_item_masked_mean(pm.masked_mean))
     run_ppo(tiny_prepare, rm_dir, tmp_path, {"updates": 1}, PeftConfig("full"))
     assert min(len(calls) for calls in per_minibatch) >= 2
 

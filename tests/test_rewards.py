@@ -9,7 +9,7 @@ import torch
 from stages import ppo
 from stages.data import arithmetic
 from stages.evaluate import accuracy_block
-from stages.rl import rewards
+from stages.rl import rewards, scoring
 from stages.settings.models import PeftConfig, Tuning
 
 
@@ -121,7 +121,7 @@ def test_reward_function_and_reward_model_sum_with_their_weights():
     cfg = ppo.PpoConfig(
         reward_function=f"{__name__}:longer_is_better", reward_model_weight=0.5, reward_function_weight=2
     )
-    scores = ppo.Scores(FakeModel(), rewards.FunctionScore(cfg.reward_function), cfg)
+    scores = scoring.Scores(FakeModel(), rewards.FunctionScore(cfg.reward_function), cfg)
     got = scores.function.scores(["p", "p"], ["a b c", "a b c d e f g"], "cpu")
     assert got.tolist() == [0.5, 1.0]
     # by hand: 0.5 * [1, -1] + 2 * [0.5, 1.0]

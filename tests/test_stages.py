@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import need_shared
+from conftest import embedded_tuning, need_shared
 from safetensors.torch import load_file
 
 from stages import comparisons, evaluate, ppo, reward_model, sft
@@ -29,7 +29,7 @@ def chain(tiny_prepare, tmp_path_factory):
     p = tiny_prepare
     out = {"prompts": str(p.file("ppo_prompts"))}
     out["sft"] = sft.run(
-        sft.SftConfig(epochs=2, batch_size=32),
+        sft.SftConfig(epochs=2, batch_size=32, **embedded_tuning("sft")),
         Tuning(PeftConfig(r=8, alpha=16)),
         base=p.file("base"),
         demonstrations=p.file("demonstrations"),
@@ -52,7 +52,7 @@ def chain(tiny_prepare, tmp_path_factory):
         out_dir=tmp_path_factory.mktemp("rm"),
     )
     out["ppo"] = ppo.run(
-        ppo.PpoConfig(updates=3, rollouts_per_update=32, minibatch_size=16),
+        ppo.PpoConfig(updates=3, rollouts_per_update=32, minibatch_size=16, **embedded_tuning("ppo")),
         Tuning(PeftConfig("full")),
         policy=out["sft"].file("policy"),
         reward_model=out["rm"].file("model"),
@@ -160,7 +160,7 @@ def test_sft_on_real_demonstrations_through_the_data_worker(tmp_path):
     described = json.loads(prep.file("sources").read_text())
     assert described["gold"] is None and "held-out split" in described["prompt_source"]["eval_prompts"]
     m = sft.run(
-        sft.SftConfig(epochs=1, max_length=48),
+        sft.SftConfig(epochs=1, max_length=48, **embedded_tuning("sft")),
         Tuning(PeftConfig(method="full")),
         base=prep.file("base"),
         demonstrations=prep.file("demonstrations"),

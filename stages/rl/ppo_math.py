@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from stages.settings.recipe import CRITIC_FREE, GROUPED
+from stages.settings.recipe import CRITIC_FREE, ESTIMATOR_RECORDS
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, total=None) -> torch.Tensor:
@@ -128,13 +128,16 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = 
     raise ValueError(f"stage.ppo.kl_estimator: {kind!r} is not 'k1' or 'k3'")
 
 
-class AdaptiveKLController:
-    """Ziegler et al. 2019: beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n_steps / horizon)."""
+class KLController:
+    """The KL coefficient `beta`, its one home: fixed (`target` None, InstructGPT) or Ziegler et al. 2019's
+    adaptive controller, beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n_steps / horizon)."""
 
-    def __init__(self, beta: float, target: float, horizon: int) -> None:
+    def __init__(self, beta: float, target: float | None = None, horizon: int = 10000) -> None:
         self.beta, self.target, self.horizon = beta, target, horizon
 
     def update(self, kl: float, n_steps: int) -> float:
+        if self.target is None:
+            return self.beta
         error = min(max(kl / self.target - 1.0, -0.2), 0.2)
         self.beta *= 1.0 + error * n_steps / self.horizon
         return self.beta
@@ -163,8 +166,9 @@ def group_relative(score: torch.Tensor, n: int, estimator: str) -> torch.Tensor:
     The batch holds the groups one after another (`n` consecutive responses share a prompt).
     grpo: (r - mean) / (std + 1e-6), std unbiased as torch's; dr_grpo and reinforce_pp_baseline:
     r - mean; rloo: r - mean of the other n - 1 responses."""
-    if estimator not in GROUPED:
-        raise ValueError(f"stage.ppo.advantage: {estimator!r} is not a group estimator ({', '.join(GROUPED)})")
+    if not ESTIMATOR_RECORDS[estimator].grouped:
+        grouped = ", ".join(name for name, e in ESTIMATOR_RECORDS.items() if e.grouped)
+        raise ValueError(f"stage.ppo.advantage: {estimator!r} is not a group estimator ({grouped})")
     if n < 2 or score.shape[0] % n:
         raise ValueError(f"stage.ppo.samples_per_prompt: a group needs n >= 2 dividing the batch, got n={n}")
     g = score.view(-1, n)
@@ -207,9 +211,10 @@ def critic_free_advantages(
     4. REINFORCE++: whitened over the global batch (`total` sums over ranks)."""
     if estimator not in CRITIC_FREE:
         raise ValueError(f"stage.ppo.advantage: {estimator!r} is not critic-free ({', '.join(CRITIC_FREE)})")
-    seq = group_relative(score, n, estimator) if estimator in GROUPED else score
+    record = ESTIMATOR_RECORDS[estimator]
+    seq = group_relative(score, n, estimator) if record.grouped else score
     advantages = discounted_returns(kl_penalized_rewards(seq, kl, mask, beta), mask, gamma)
-    if estimator.startswith("reinforce_pp"):
+    if record.batch_whitened:
         advantages = masked_whiten(advantages, mask, total=total)
     return advantages * mask
 

@@ -38,6 +38,8 @@ class AiLabelerConfig:
     base_url: str = "http://127.0.0.1:8000/v1"
     # http: chat (/chat/completions: the server wraps the text in its chat template, as instruction-tuned
     # judges expect) | completions (/completions: the text as is, as the local backend feeds it)
+    # http: chat (/chat/completions, the server's chat template: instruction-tuned judges) or completions
+    # (/completions, the text as is: a base model, or `alignflow serve-model` serving the embedded judge)
     endpoint: str = "chat"
     api_key_env: str | None = "OPENAI_API_KEY"  # the key is read from this variable, never logged; null: no key
     preamble: str = "Which response is better?"

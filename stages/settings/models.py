@@ -35,6 +35,8 @@ class ModelConfig:
     # The embedded base is pretrained briefly on unformatted task text (a stand-in for web text), so
     # that SFT, like SFT of a real LLM, adapts a model that already knows the language; LoRA on a
     # random-init base cannot learn the task.
+    # 8,000 documents (about 25 s) rather than 3,000 (11 s): the better-read base lifts the RM from
+    # 0.847 to 0.858 held-out accuracy (ceiling 0.887-0.889) and PPO from 1.38 to 1.43 gold.
     pretrain_documents: int = 8000
     pretrain_epochs: int = 4
     pretrain_learning_rate: float = 3e-3

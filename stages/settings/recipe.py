@@ -22,18 +22,37 @@ from stages.runtime.rules import (
 )
 from stages.settings.models import POOLINGS
 
-# Advantage estimators (`stage.ppo.advantage`), as OpenRLHF names them. `gae` needs a value model; the
-# others are critic-free and score whole responses: `grpo` (Shao et al. 2024, group-normalised),
-# `dr_grpo` (Liu et al. 2025: no std normalisation, no length normalisation of the loss), `rloo`
-# (Ahmadian et al. 2024, leave-one-out baseline), `reinforce_pp` (Hu 2025, REINFORCE++: returns
-# whitened over the global batch) and `reinforce_pp_baseline` (the group mean subtracted first).
-CRITIC_FREE = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+
+@dataclass(frozen=True)
+class Estimator:
+    """One advantage estimator (`stage.ppo.advantage`, as OpenRLHF names them): what it needs and where its
+    terms go. Its math: `gae` and `critic_free_advantages` in stages/rl/ppo_math.py."""
+
+    critic: bool  # needs a value model (GAE); the others score whole responses and load none
+    grouped: bool  # compares the responses to one prompt: needs samples_per_prompt >= 2
+    kl_in_loss: bool  # may take the KL as GRPO's k3 loss term (kl_penalty=loss); GAE keeps it in the reward
+    length_normalised: bool  # each response's loss over its length; Dr. GRPO: over the constant max_new_tokens
+    batch_whitened: bool  # returns whitened over the global batch (REINFORCE++)
+    source: str
 
 
-ESTIMATORS = ("gae", *CRITIC_FREE)
+ESTIMATOR_RECORDS = {
+    "gae": Estimator(True, False, False, True, False, "Schulman et al. 2016; InstructGPT's value model"),
+    "grpo": Estimator(False, True, True, True, False, "Shao et al. 2024: reward normalised within the group"),
+    "dr_grpo": Estimator(False, True, True, False, False, "Liu et al. 2025: no std, no length normalisation"),
+    "rloo": Estimator(False, True, True, True, False, "Ahmadian et al. 2024: leave-one-out baseline"),
+    "reinforce_pp": Estimator(False, False, True, True, True, "Hu 2025, REINFORCE++"),
+    "reinforce_pp_baseline": Estimator(False, True, True, True, True, "Hu 2025: the group mean subtracted first"),
+}
 
 
-GROUPED = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")  # need samples_per_prompt >= 2
+ESTIMATORS = tuple(ESTIMATOR_RECORDS)
+
+
+CRITIC_FREE = tuple(name for name, e in ESTIMATOR_RECORDS.items() if not e.critic)
+
+
+GROUPED = tuple(name for name, e in ESTIMATOR_RECORDS.items() if e.grouped)  # need samples_per_prompt >= 2
 
 
 GENERATIONS = ("hf", "vllm")
@@ -75,13 +94,35 @@ REFERENCE_FREE = ("simpo", "orpo")  # no reference model in training
 LOSSES = (*TRL_LOSSES, *OWN_LOSSES)
 
 
+# The published learning rates for a real model, by stage and by what trains: full weights (peft=full,
+# freeze) or new ones beside a frozen base (LoRA and its relatives, Houlsby adapters), which start at
+# zero and take about ten times the rate. A stage's `learning_rate: null` takes one of these by the
+# method `peft.stages` gives it; the embedded default sets its own (conf/preset/embedded.yaml).
+PUBLISHED_LEARNING_RATES = {  # stage: (full weights, new weights)
+    "pretrain": (1e-5, 1e-4),  # LLaMA-Factory examples: train_full/*_pretrain 1e-5, train_lora/*_pretrain 1e-4
+    "sft": (1e-5, 1e-4),  # LLaMA-Factory examples: train_full/llama3_full_sft 1e-5, train_lora/llama3_lora_sft 1e-4
+    "reward_model": (9e-6, 1e-4),  # InstructGPT's 6B RM 9e-6; LLaMA-Factory train_lora/llama3_lora_reward 1e-4
+    "dpo": (1e-6, 5e-6),  # trl DPOConfig 1e-6; LLaMA-Factory train_lora/llama3_lora_dpo 5e-6
+    "ppo": (1e-6, 1e-5),  # OpenRLHF's actor_learning_rate 1e-6; LLaMA-Factory train_lora/llama3_lora_ppo 1e-5
+}
+
+
+def chosen_learning_rate(stage: str, configured: float | None, method: str) -> float:
+    """`stage.<stage>.learning_rate` where set, else the published rate for `method` (`peft.method` as the
+    stage trains with it)."""
+    if configured is not None:
+        return configured
+    full, new_weights = PUBLISHED_LEARNING_RATES[stage]
+    return full if method in ("full", "freeze") else new_weights
+
+
 @dataclass(frozen=True)
 class DpoConfig:
     beta: float = 0.1  # Rafailov et al. 2023: 0.1 in their dialogue runs; higher keeps closer to SFT
     loss_type: str = "sigmoid"  # the DPO loss; trl's variants; or ours: plackett_luce, simpo, orpo, kto
     label_smoothing: float = 0.0  # robust DPO / cDPO: the assumed probability that a label is flipped
     epochs: float = 1.0
-    learning_rate: float = 1e-3
+    learning_rate: float | None = None  # null: PUBLISHED_LEARNING_RATES["dpo"] for the stage's method
     batch_size: int = 64  # pairs per step (plackett_luce: prompts with all K responses)
     max_prompt_length: int | None = None  # tokens; null: max_length less a quarter of it
     max_length: int | None = None  # prompt + response tokens; null: the model's context window
@@ -126,7 +167,7 @@ class DpoConfig:
 @dataclass(frozen=True)
 class PretrainConfig:
     epochs: float = 1.0
-    learning_rate: float = 1e-4
+    learning_rate: float | None = None  # null: PUBLISHED_LEARNING_RATES["pretrain"] for the stage's method
     batch_size: int = 8  # blocks per step
     max_length: int | None = None  # tokens per block; null: the model's context window
     warmup_ratio: float = 0.05  # linear warmup over this share of the steps, then constant
@@ -141,8 +182,8 @@ class PretrainConfig:
 
 @dataclass(frozen=True)
 class SftConfig:
-    epochs: float = 8.0  # a tiny random-init model needs several passes to tie response to prompt
-    learning_rate: float = 3e-3
+    epochs: float = 3.0  # trl SFTConfig, LLaMA-Factory's examples
+    learning_rate: float | None = None  # null: PUBLISHED_LEARNING_RATES["sft"] for the stage's method
     batch_size: int = 32
     max_prompt_length: int | None = None  # tokens; null: max_length less a quarter of it
     max_length: int | None = None  # prompt + response tokens; null: the model's context window
@@ -179,7 +220,7 @@ class ComparisonsConfig:
 @dataclass(frozen=True)
 class RewardModelConfig:
     epochs: int = 1  # InstructGPT trains its RM for a single epoch (overfits beyond)
-    learning_rate: float = 9e-6  # InstructGPT's 6B RM
+    learning_rate: float | None = None  # null: PUBLISHED_LEARNING_RATES["reward_model"] (InstructGPT: 9e-6)
     batch_prompts: int = 16  # prompts per step; each carries its K responses
     weight_decay: float = 0.0
     margin: float = 0.0  # optional margin in the pairwise loss (Llama 2); 0 is InstructGPT's loss
@@ -217,7 +258,7 @@ class PpoConfig:
     rollouts_per_update: int = 64
     ppo_epochs: int = 4
     minibatch_size: int = 16
-    learning_rate: float = 1e-4
+    learning_rate: float | None = None  # null: PUBLISHED_LEARNING_RATES["ppo"] for the stage's method
     beta: float = 0.02  # per-token KL coefficient to the SFT policy (InstructGPT)
     kl_estimator: str = "k1"  # k1 = log pi - log pi_sft (InstructGPT); k3: non-negative, lower variance
     kl_target: float | None = None  # set: adaptive beta toward this KL per response (Ziegler et al. 2019)
@@ -295,8 +336,12 @@ class PpoConfig:
     }  # fmt: skip
 
     @property
+    def estimator(self) -> Estimator:
+        return ESTIMATOR_RECORDS[self.advantage]
+
+    @property
     def critic_free(self) -> bool:
-        return self.advantage in CRITIC_FREE
+        return not self.estimator.critic
 
     def __post_init__(self) -> None:
         if self.advantage not in ESTIMATORS:
@@ -320,7 +365,7 @@ class PpoConfig:
             raise ValueError(
                 f"stage.ppo.reward_function: {self.reward_function!r} is not of the form package.module:name"
             )
-        if self.kl_penalty == "loss" and self.advantage == "gae":
+        if self.kl_penalty == "loss" and not self.estimator.kl_in_loss:
             raise ValueError(
                 "stage.ppo.kl_penalty=loss is for the critic-free estimators; gae keeps the KL in the reward"
             )
@@ -347,7 +392,7 @@ class PpoConfig:
         ):
             if value not in allowed:
                 raise ValueError(f"stage.ppo.{key}: {value!r} is not one of {', '.join(allowed)}")
-        if self.advantage == "dr_grpo" and self.loss_aggregation != "token-mean":
+        if not self.estimator.length_normalised and self.loss_aggregation != "token-mean":
             raise ValueError(
                 "stage.ppo.loss_aggregation: advantage=dr_grpo aggregates its own way (each response's sum over "
                 "the constant max_new_tokens); leave loss_aggregation=token-mean"

@@ -1,0 +1,197 @@
+"""PPO's resumable state (`PpoState`): the models, the optimizer through the training `Engine`, the KL
+coefficient (`KLController`, beta's one home), the EMA, the RNG and the position; saved every
+`checkpoint_every` updates and loaded by a resumed run. Built for `stages/ppo.py`."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from stages.models import peft_setup
+from stages.models.compute import grad_scaler
+from stages.models.modeling import Rollout, load_causal_lm
+from stages.models.tuning import device, optimizer
+from stages.rl import ppo_math as pm
+from stages.rl.ppo_models import FullCopies, SharedBase
+from stages.rl.rollout import HfRollout, VllmRollout
+from stages.rl.watch import Watch
+from stages.runtime import checkpoints
+from stages.runtime import distributed as dist
+from stages.runtime.distributed import Engine
+from stages.settings.distributed import DistributedConfig
+from stages.settings.models import Tuning
+from stages.settings.recipe import PpoConfig, chosen_learning_rate
+
+
+class PpoState:
+    """Everything a resumed run needs: models, optimizer, KL controller, EMA, RNG, position."""
+
+    def __init__(
+        self, cfg: PpoConfig, tuning: Tuning, policy: Path, critic_init: Path, distributed: DistributedConfig | None
+    ) -> None:
+        torch.manual_seed(cfg.seed)
+        # ZeRO-3 partitions the policy: rollouts come from a whole copy, synced after each update
+        self.zero3 = dist.partitioned(distributed)
+        self.device = device(tuning)
+        critic_init = None if cfg.critic_free else critic_init  # no value model to load
+        self.models = (
+            FullCopies(policy, critic_init, cfg.temperature, tuning, partitioned=self.zero3)
+            if cfg.layout == "full_copies"
+            else SharedBase(policy, critic_init, cfg.temperature, tuning)
+        )
+        self.compute = tuning.compute
+        self.opt = optimizer(
+            self.models.module,
+            tuning,
+            lr=chosen_learning_rate("ppo", cfg.learning_rate, tuning.peft.method),
+            eps=1e-5,
+            weight_decay=0.01,
+        )  # torch AdamW default
+        self.kl = pm.KLController(cfg.beta, cfg.kl_target, cfg.kl_horizon)  # beta's one home
+        self.ema = {k: v.detach().clone() for k, v in self.models.policy_state().items()} if cfg.ema_decay else None
+        self.update = 0
+        self.history: list[dict[str, float]] = []
+        self.warned_kl = False
+        self.watch: Watch | None = None
+        self.stopped: str | None = None  # why training stopped before `updates` (degenerate rollouts)
+        self.rollout_policy = whole_copy(policy, tuning, self.device) if self.zero3 else None
+        micro = dist.per_rank(cfg.minibatch_size, "stage.ppo.minibatch_size")
+        if dist.per_rank(cfg.rollouts_per_update, "stage.ppo.rollouts_per_update") % cfg.samples_per_prompt:
+            raise ValueError(
+                "stage.ppo.samples_per_prompt must divide each process's share of stage.ppo.rollouts_per_update "
+                "(a prompt's group of responses stays on one rank)"
+            )
+        scaler = grad_scaler(tuning.compute)
+        self.engine = Engine(
+            Trained(self.models),
+            self.opt,
+            distributed,
+            micro_batch=micro,
+            clip=cfg.max_grad_norm,
+            scaler=scaler,
+            precision=tuning.compute.precision,
+        )
+        self.opt = self.engine.opt
+        self.offload = cfg.offload_frozen
+        if dist.world_size() > 1:  # each rank samples its own rollouts
+            torch.manual_seed(cfg.seed + dist.rank())
+        trained = self.models.policy
+        if cfg.generation == "vllm":
+            self.rollout = VllmRollout(policy, trained, seed=cfg.seed + dist.rank())
+        else:
+            hf = {"batch_size": cfg.generation_batch_size, "static_cache": cfg.static_cache,
+                  "precision": tuning.compute.precision}  # fmt: skip
+            self.rollout = HfRollout(self.rollout_policy, trained, **hf) if self.zero3 else HfRollout(trained, **hf)
+        if self.offload:
+            self.frozen_to("cpu")
+
+    def frozen_to(self, where) -> None:
+        for module in self.models.frozen:
+            module.to(where)
+
+    @contextlib.contextmanager
+    def frozen_on_device(self, scorer):
+        """With `offload_frozen`: the reference and reward models on the device while inside, in host
+        memory otherwise."""
+        if not self.offload:
+            yield
+            return
+        modules = self.models.frozen + scorer.frozen
+        for m in modules:
+            m.to(self.device)
+        try:
+            yield
+        finally:
+            for m in modules:
+                m.to("cpu")
+
+    def sync_rollout(self) -> None:
+        """After an update: the rollout engine takes the policy's weights (gathered under ZeRO-3)."""
+        self.rollout.sync(lambda: self.engine.gathered([self.models.policy]))
+
+    def ema_step(self, decay: float) -> None:
+        with self.engine.gathered([self.models.policy]):  # a no-op but under ZeRO-3
+            pm.ema_update(self.ema, self.models.policy_state(), decay)
+
+    def save(self, folder: Path) -> None:
+        if self.engine.cfg is not None:  # a process group: DeepSpeed's checkpoint under ZeRO, else rank 0's file
+            client = {
+                "beta": self.kl.beta,
+                "ema": self.ema,
+                "update": self.update,
+                "history": self.history,
+                "rngs": dist.gather([torch.get_rng_state()]),  # each rank's own sampling stream
+                "warned_kl": self.warned_kl,
+            }
+            self.engine.save(folder, self.update, client)
+            return
+        blob = {
+            "models": self.models.state_dict(),
+            "opt": self.opt.state_dict(),
+            "beta": self.kl.beta,
+            "ema": self.ema,
+            "update": self.update,
+            "history": self.history,
+            "rng": torch.get_rng_state(),
+            "warned_kl": self.warned_kl,
+            "watch": {"points": self.watch.points, "best": self.watch.best} if self.watch else None,
+        }
+        checkpoints.save(folder, blob)  # temp-then-rename: a half-written checkpoint is never picked up
+
+    def load(self, folder: Path) -> bool:
+        if self.engine.cfg is not None:
+            blob = self.engine.load(folder)
+            if blob is None:
+                return False
+            blob["rng"] = blob["rngs"][dist.rank()]
+            self.sync_rollout()
+        else:
+            blob = checkpoints.load(folder)
+            if blob is None:
+                return False
+            self.models.load_state_dict(blob["models"])
+            self.opt.load_state_dict(blob["opt"])
+        self.kl.beta, self.ema, self.update = blob["beta"], blob["ema"], blob["update"]
+        self.history, self.warned_kl = blob["history"], blob["warned_kl"]
+        if self.watch is not None and blob.get("watch"):
+            self.watch.points, self.watch.best = blob["watch"]["points"], blob["watch"]["best"]
+        torch.set_rng_state(blob["rng"])
+        return True
+
+
+class Trained(torch.nn.Module):
+    """What the engine trains: policy and value in one module whose forward gives a minibatch's
+    log-probs, entropies and values (DDP and DeepSpeed see every trained parameter in one forward)."""
+
+    def __init__(self, models) -> None:
+        super().__init__()
+        self.trained = models.module
+        self.models = [models]  # in a list: not a second registration of the same parameters
+
+    def forward(self, mb: Rollout):
+        logp, entropy = self.models[0].policy_logprobs(mb)
+        return logp, entropy, self.models[0].values(mb)
+
+
+def whole_copy(policy: Path, tuning: Tuning, where):
+    """Under ZeRO-3: a whole copy of the trained policy's structure (the method's adapters too), for
+    sampling and export; its weights come from the gathered policy (`HfRollout.sync`)."""
+    copy = peft_setup.prepare(load_causal_lm(policy, device=where), tuning.peft, "causal_lm")
+    return copy.eval().requires_grad_(False)
+
+
+def model_state_mb(state: PpoState, scorer) -> float:
+    """The models' weights (trained, reference, scorer, each tensor once) and the optimizer's state, in MB:
+    what a critic-free estimator saves shows here whatever the process's baseline RSS."""
+    seen: dict[int, int] = {}
+    modules = [state.models.module, *state.models.frozen, *scorer.frozen]
+    for module in modules:
+        for t in [*module.parameters(), *module.buffers()]:
+            seen[t.data_ptr()] = t.numel() * t.element_size()
+    for per_param in state.opt.state.values():
+        for v in per_param.values():
+            if torch.is_tensor(v):
+                seen[v.data_ptr()] = v.numel() * v.element_size()
+    return sum(seen.values()) / 2**20
