@@ -27,7 +27,6 @@ from stages.settings.models import (
     shares_base,
 )
 from stages.settings.recipe import (
-    OWN_LOSSES,
     BestOfNConfig,
     ComparisonsConfig,
     DpoConfig,
@@ -243,11 +242,6 @@ class Config:
 
     def _check_distributed(self) -> None:
         """What a process group cannot run (`distributed/`), named before any compute."""
-        if self.distributed.launches("dpo") and self.stage.dpo.loss_type in OWN_LOSSES:
-            raise ValueError(
-                f"distributed: stage.dpo.loss_type={self.stage.dpo.loss_type} (our own loop) runs in one process; "
-                "use a pairwise loss (trl's DPOTrainer runs under DDP and ZeRO) or distributed.stages without dpo"
-            )
         world = self.distributed.world_size
         for key, batch in (
             ("stage.sft.batch_size", self.stage.sft.batch_size if self.distributed.launches("sft") else 0),
@@ -309,17 +303,21 @@ def to_config(cfg: DictConfig) -> Config:
 
 
 def keys_doc() -> str:
-    """docs/config-keys.md: every numeric key's valid values, generated from the rules (`make config-keys`)."""
+    """docs/config-keys.md: every key with its default, valid values and comment, generated from the schema
+    (`make config-keys`)."""
     from stages.runtime.rules import markdown
 
     return (
-        "# Config keys and their valid values\n\n"
-        "Generated from the `RULES` table beside each config dataclass (`stages/runtime/rules.py`) by\n"
-        "`make config-keys`; `tests/test_bad_input.py` fails when this file is stale or a numeric key has no\n"
-        "rule. Every value is checked when Hydra composes the config, before any compute, and an\n"
-        "out-of-range one stops the run with `error: <key>: must be ..., got ...` (exit code 1). `null` is\n"
-        "valid where the key's type allows it. Rules across keys (a size that must divide another, a\n"
-        "pipeline with a labeler it cannot use, a method with a stage it cannot apply to) live in the\n"
-        "dataclasses' `__post_init__` and `Config.__post_init__` (`flows/config.py`), named the same way.\n\n"
-        + markdown(Config)
+        "# Configuration reference\n\n"
+        "Generated from the schema by `make config-keys`: the config dataclasses (`flows/config.py` and\n"
+        "`stages/settings/`) are the one home of every key, its default and its comment, and the `RULES` table\n"
+        "beside each gives a numeric key's valid values (`stages/runtime/rules.py`).\n"
+        "`tests/test_bad_input.py` fails when this page is stale or a numeric key has no rule. Every value is\n"
+        "checked when Hydra composes the config, before any compute; an out-of-range one stops the run with\n"
+        "`error: <key>: must be ..., got ...` (exit code 1). `null` is valid where the key's type allows it.\n"
+        "Rules across keys (a size that must divide another, a pipeline with a labeler it cannot use) live in\n"
+        "the dataclasses' `__post_init__` and `Config.__post_init__`, named the same way.\n\n"
+        "The defaults are a real model's; the embedded task's own tuning is `conf/preset/embedded.yaml`\n"
+        "([Your own model and data](own-model.md)). A learning rate of `null` is chosen by the stage's\n"
+        "method from `PUBLISHED_LEARNING_RATES`.\n\n" + markdown(Config)
     )

@@ -49,25 +49,18 @@ from stages.models.modeling import (
 )
 from stages.models.optim import schedule
 from stages.models.tuning import device, export, load, optimizer, trainer_setup
-from stages.preference import losses
-from stages.preference.rankings import encode_rankings, preference_pairs, ranking_pairs
+from stages.preference.losses import group_loss
+from stages.preference.rankings import encode_rankings, preference_pairs
 from stages.preference.scorers import implicit_reward_accuracy
 from stages.runtime import checkpoints
 from stages.runtime import distributed as dist
+from stages.runtime.distributed import Engine
 from stages.runtime.manifest import Manifest, folder_digest, read_jsonl
-from stages.runtime.progress import progress
 from stages.runtime.tracking import TRAINER_ARGS, log_metrics, trainer_callback
+from stages.runtime.training import TrainingLoop
 from stages.settings.distributed import DistributedConfig
 from stages.settings.models import Tuning, shares_base
 from stages.settings.recipe import OWN_LOSSES, REFERENCE_FREE, DpoConfig, chosen_learning_rate
-
-
-def plackett_luce_loss(rewards: torch.Tensor, ranks: list[int]) -> torch.Tensor:
-    """Listwise DPO loss of one ranking: rewards (K,) implicit rewards, ranks (K,) with 0 = best."""
-    order = sorted(range(len(ranks)), key=lambda i: (ranks[i], i))
-    r = rewards[torch.tensor(order, device=rewards.device)]
-    tail = torch.logcumsumexp(r.flip(0), dim=0).flip(0)  # log sum_{j >= k} exp r_j
-    return -(r - tail)[:-1].sum()
 
 
 def _pretokenized_dpo_trainer():
@@ -137,96 +130,61 @@ def _reference_logps(model, ref, packed) -> torch.Tensor:
             return sequence_logprobs(model, packed)
 
 
-def group_loss(cfg: DpoConfig, logps: torch.Tensor, ref_logps, lengths: torch.Tensor, batch: list[dict]):
-    """The loss of a batch of prompts' groups under our losses (`stages/preference/losses.py`)."""
-    sizes = [len(r["responses"]) for r in batch]
-    if cfg.loss_type == "kto":  # unpaired: every labelled response on its own, z from the whole batch
-        rewards = logps - ref_logps
-        thumbs = [t for r in batch for t in (r.get("thumbs") or losses.thumbs_from_ranks(r["ranks"]))]
-        keep = torch.tensor([t is not None for t in thumbs], device=logps.device)
-        desirable = torch.tensor([bool(t) for t in thumbs], device=logps.device)
-        z = losses.kto_reference_point(rewards)
-        w = (cfg.kto_desirable_weight, cfg.kto_undesirable_weight)
-        return losses.kto_loss(rewards[keep], desirable[keep], z, cfg.beta, *w)
-    if cfg.loss_type == "sigmoid":  # DPO on every (winner, loser) pair, as trl's sigmoid loss (image-text rows)
-        rewards = (cfg.beta * (logps - ref_logps)).split(sizes)
-        margins = [r[w] - r[l] for r, row in zip(rewards, batch) for w, l in ranking_pairs(row["ranks"])]
-        if not margins:  # every ranking of the batch tied: nothing to learn, no step direction
-            return logps.sum() * 0.0
-        return -torch.nn.functional.logsigmoid(torch.stack(margins)).mean()
-    if cfg.loss_type == "plackett_luce":
-        rewards = (cfg.beta * (logps - ref_logps)).split(sizes)
-        return torch.stack([plackett_luce_loss(r, row["ranks"]) for r, row in zip(rewards, batch)]).mean()
-    per = []
-    for lp, n, row in zip(logps.split(sizes), lengths.split(sizes), batch):
-        if cfg.loss_type == "simpo":
-            per.append(losses.simpo_loss(lp, n, row["ranks"], cfg.simpo_beta, cfg.simpo_gamma))
-        else:
-            per.append(losses.orpo_loss(lp, n, row["ranks"], cfg.orpo_lambda))
-    return torch.stack(per).mean()
-
-
-def _train_own(cfg: DpoConfig, tuning: Tuning, model, ref, tokenizer, rows: list[dict], encoded: list, ck):
-    """Our loop (Plackett-Luce, SimPO, ORPO, KTO): one batch element per prompt with all its K
-    responses; `ck`: checkpoints."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def _train_own(cfg: DpoConfig, tuning: Tuning, model, ref, tokenizer, rows: list[dict], encoded: list, ck, distributed):
+    """Our loop (Plackett-Luce, SimPO, ORPO, KTO; sigmoid DPO on image-text rows): one batch element per
+    prompt with all its K responses, each step's prompts split across the ranks of `distributed` (DDP or
+    ZeRO through the `Engine`); `ck`: checkpoints."""
     lr = chosen_learning_rate("dpo", cfg.learning_rate, tuning.peft.method)
     opt = optimizer(model, tuning, lr=lr, weight_decay=0.01)  # torch AdamW default
     per_step = max(1, cfg.batch_size // max(len(r["responses"]) for r in rows))
-    pad = tokenizer.pad_token_id
     steps = max(1, math.ceil(cfg.epochs * math.ceil(len(rows) / per_step)))
     sched = schedule(opt, tuning.optim, steps)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    device, scaler = model_device(model), grad_scaler(tuning.compute)
-    at = {"step": 0, "in_pass": 0, "loss": 0.0}  # where training is: a step, and the batch of the pass
-    resumed = checkpoints.load(ck)
-    if resumed is not None:  # a killed attempt's last checkpoint: the same pass, from its next batch
-        model.load_state_dict(resumed["model"])
-        opt.load_state_dict(resumed["opt"])
-        sched.load_state_dict(resumed["sched"])
-        gen.set_state(resumed["pass_rng"])
-        at = resumed["at"]
+    micro = max(1, per_step // dist.world_size())
+    engine = Engine(_SequenceLogps(model), opt, distributed, micro_batch=micro, clip=1.0,
+                    scaler=grad_scaler(tuning.compute), precision=tuning.compute.precision)  # fmt: skip
+    loop = TrainingLoop("dpo", engine, steps=steps, seed=cfg.seed, sched=sched, checkpoint_dir=ck,
+                        checkpoint_every=cfg.checkpoint_every)  # fmt: skip
+    loop.resume()  # a killed attempt's last checkpoint: the same pass, from its next batch
     model.train()
-    step, last_loss, resumed_from = at["step"], at["loss"], at["step"]
-    bar = progress(steps, "dpo: training")
-    bar.update(step)
-    while step < steps:
-        pass_rng = gen.get_state()
-        batches = torch.randperm(len(rows), generator=gen, device="cpu").split(per_step)
-        skip, at["in_pass"] = at["in_pass"], 0
-        for b, idx in enumerate(batches[skip:], skip):
-            if step == steps:
-                break
-            batch = [rows[i] for i in idx]
-            flat = [(p, r) for i in idx for p, responses in [encoded[i]] for r in responses]
+    pad, device = tokenizer.pad_token_id, model_device(engine.base)
+    for batches in loop.passes(lambda gen: torch.randperm(len(rows), generator=gen, device="cpu").split(per_step)):
+        for idx in batches:
+            share = idx[dist.share(len(idx))]
+            mine = share if len(share) else idx[:1]  # a rank without a share still steps (weight 0)
+            batch = [rows[i] for i in mine]
+            flat = [(p, r) for i in mine for p, responses in [encoded[i]] for r in responses]
             packed = pack(flat, pad, device)  # once per step, on the policy's device
             lengths = torch.tensor([len(r) for _, r in flat], device=device, dtype=torch.float32)
             with autocast(tuning.compute):  # mixed precision (`compute.precision`); the loss in fp32
                 ref_logps = None
                 if cfg.loss_type not in REFERENCE_FREE:
-                    ref_logps = _reference_logps(model, ref, packed).to(device).float()
-                logps = sequence_logprobs(model, packed).float()
+                    ref_logps = _reference_logps(engine.base.model, ref, packed).to(device).float()
+                logps = engine(packed).float()
             loss = group_loss(cfg, logps, ref_logps, lengths, batch)
-            last_loss = loss.item()
-            checkpoints.check_finite("dpo", last_loss, step)
-            opt.zero_grad()
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)  # clip the true gradients (fp16's scaler; a pass-through otherwise)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            step += 1
-            bar.update(1)
-            if step % 10 == 0:
-                log_metrics({"dpo/train/loss": last_loss}, step=step)
-                bar.set_postfix(loss=f"{last_loss:.3f}", refresh=False)
-            if ck is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                state = {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}
-                position = {"step": step, "in_pass": b + 1, "loss": last_loss}
-                checkpoints.save(ck, {**state, "at": position, "pass_rng": pass_rng})
-    bar.close()
-    return model, {"dpo/train/loss": last_loss, "dpo/steps": float(step), "dpo/resumed_from": float(resumed_from)}
+            # DDP averages the ranks' gradients: each rank's mean weighs by its share of the prompts
+            weight = len(share) * dist.world_size() / len(idx)
+            loop.step(loss, reported=_global_mean(loss, len(share)), weight=weight)
+    metrics = {"dpo/train/loss": loop.at["loss"], "dpo/steps": float(loop.step_index)}
+    return model, metrics | {"dpo/resumed_from": float(loop.resumed_from)}
+
+
+def _global_mean(loss: torch.Tensor, n: int) -> float | None:
+    """The global batch's mean loss over the ranks' `n` prompts each; None in one process (the loss itself)."""
+    if not dist.active():
+        return None
+    shared = dist.all_reduce_sum(torch.tensor([loss.item() * n, float(n)], device="cpu"))
+    return (shared[0] / shared[1]).item()
+
+
+class _SequenceLogps(torch.nn.Module):
+    """The policy as the module the engine trains: packed rows -> each row's response log-probability."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, packed) -> torch.Tensor:
+        return sequence_logprobs(self.model, packed)
 
 
 def run(
@@ -245,8 +203,8 @@ def run(
 ) -> Manifest:
     """`policy`: the model to start from (the SFT policy, or the previous round's); `reference`: the SFT
     policy; `checkpoint_dir`: where a killed attempt left its checkpoint. `distributed`: this process is
-    one rank of a group; trl trains under DDP or DeepSpeed ZeRO (the global batch stays `batch_size`),
-    and rank 0 alone measures the published policy."""
+    one rank of a group; trl's trainer and our own loop (`_train_own`, through the `Engine`) train under
+    DDP or DeepSpeed ZeRO (the global batch stays `batch_size`), and rank 0 alone measures the policy."""
     out_dir = Path(out_dir)
     torch.manual_seed(cfg.seed)
     rows, held = read_jsonl(comparisons), read_jsonl(heldout)
@@ -285,7 +243,9 @@ def run(
             f"rows train in our loop: sigmoid (DPO), {', '.join(OWN_LOSSES)}"
         )
     if cfg.loss_type in OWN_LOSSES or with_images:  # sigmoid DPO with images: the same loss, in our loop
-        trained, metrics = _train_own(cfg, tuning, model, ref, tokenizer, rows, fitted.rows, checkpoint_dir)
+        trained, metrics = _train_own(
+            cfg, tuning, model, ref, tokenizer, rows, fitted.rows, checkpoint_dir, distributed
+        )
     else:
         args = (cfg, tuning, model, ref, tokenizer, pairs, out_dir, budget, checkpoint_dir, distributed)
         trained, metrics = _train_trl(*args)

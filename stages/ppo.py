@@ -93,13 +93,13 @@ def run(
         tokenizer, prompts, budget, stage="ppo", truncation=truncation, max_dropped_fraction=max_dropped_fraction
     )
     gold_fn = sources.gold_scorer(gold, target_len)
-    state = PpoState(cfg, tuning, policy, reward_model or policy, distributed)
+    state = PpoState(cfg, tuning, policy, reward_model or policy, distributed, checkpoint_dir)
     if cfg.watch_every:
         judged = (judge_reward_model, judge_normalization)
         state.watch = _watch(cfg, tokenizer, scorer, gold_fn, watch_prompts, *judged, budget, where, precision)
-    resumed_from = state.update if checkpoint_dir and state.load(Path(checkpoint_dir)) else 0
+    resumed_from = state.update if state.load() else 0
     ptx_docs = [r["text"] for r in read_jsonl(pretrain)] if pretrain and cfg.ptx_coef > 0 else []
-    last = _train(cfg, state, tokenizer, scorer, texts, ptx_docs, budget, gold_fn, checkpoint_dir)
+    last = _train(cfg, state, tokenizer, scorer, texts, ptx_docs, budget, gold_fn)
     manifest = _finish(cfg, state, tokenizer, Path(out_dir), *last, resumed_from, checkpoint_dir)
     manifest.metrics.update(fitted.metrics("ppo/data"))
     manifest.metrics["ppo/model_state_mb"] = model_state_mb(state, scorer)
@@ -124,7 +124,7 @@ def _budget(cfg: PpoConfig, policy: Path) -> SamplingBudget:
     return budget
 
 
-def _train(cfg, state: PpoState, tokenizer, scorer, texts, ptx_docs, budget, gold_fn, checkpoint_dir):
+def _train(cfg, state: PpoState, tokenizer, scorer, texts, ptx_docs, budget, gold_fn):
     """The updates from where `state` stands to `cfg.updates` (or a degenerate stop). Returns the last
     update's prompts and responses (the global batch's)."""
     if state.watch is not None and not state.watch.points:  # the SFT policy's point: where KL is 0
@@ -139,13 +139,13 @@ def _train(cfg, state: PpoState, tokenizer, scorer, texts, ptx_docs, budget, gol
         degenerate = _record(cfg, state, row, batch_prompts, responses, gold_fn)
         bar.set_postfix(reward=f"{row['ppo/objective/scores']:.3f}", kl=f"{row['ppo/objective/kl']:.3f}", refresh=False)
         bar.update(1)
-        state.update += 1
+        state.loop.advance(row["ppo/objective/scores"])
         if cfg.stop_on_degenerate and degenerate:  # no use training on: say why, publish what there is
             state.stopped = f"stopped early after update {state.update} of {cfg.updates}: {degenerate[0]}"
         if state.watch is not None and state.watch.due(state.update, last=state.update == cfg.updates or state.stopped):
             log_metrics(_named_point(state.watch.look(state.models, tokenizer, state.update)), step=state.update)
-        if checkpoint_dir and cfg.checkpoint_every and state.update % cfg.checkpoint_every == 0:
-            state.save(Path(checkpoint_dir))
+        if state.loop.due():
+            state.save()
         if state.stopped:
             break
     bar.close()

@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from stages.data.tokens import (
     fit_rows,
@@ -40,48 +39,18 @@ from stages.models.compute import autocast, grad_scaler, model_device
 from stages.models.modeling import load_tokenizer, model_context, save_tokenizer, sequence_scores
 from stages.models.optim import schedule
 from stages.models.tuning import export, load, optimizer
+from stages.preference.losses import ranking_loss, soft_preference_loss
 from stages.preference.rankings import encode_rankings, ranking_pairs
 from stages.preference.scorers import Normalization, pairwise_accuracy, pairwise_counts, score_encoded
 from stages.preference.validity import wilson
-from stages.runtime import checkpoints
 from stages.runtime import distributed as dist
 from stages.runtime.distributed import Engine
 from stages.runtime.manifest import Manifest, folder_digest, read_jsonl
-from stages.runtime.progress import progress
 from stages.runtime.tracking import log_metrics
+from stages.runtime.training import TrainingLoop
 from stages.settings.distributed import DistributedConfig
 from stages.settings.models import PeftConfig, Tuning
 from stages.settings.recipe import RewardModelConfig, chosen_learning_rate
-
-
-def ranking_loss(scores, pairs: list[list[tuple[int, int]]], margin: float = 0.0) -> torch.Tensor:
-    """Mean over prompts of the per-prompt mean pairwise loss `-log sigmoid(r_w - r_l - margin)`.
-
-    scores: per prompt a (K_b,) tensor of rewards (or one (num_prompts, K) tensor); pairs[b]: the
-    (winner, loser) indices of prompt b. A prompt whose responses all tie has no pair and does not count.
-    """
-    losses = []
-    for b, prompt_pairs in enumerate(pairs):
-        if not prompt_pairs:
-            continue
-        device = scores[b].device
-        w = torch.tensor([p[0] for p in prompt_pairs], dtype=torch.long, device=device)
-        l = torch.tensor([p[1] for p in prompt_pairs], dtype=torch.long, device=device)
-        losses.append(-F.logsigmoid(scores[b][w] - scores[b][l] - margin).mean())
-    return torch.stack(losses).mean() if losses else sum(s.sum() for s in scores) * 0.0
-
-
-def soft_preference_loss(scores, prefs: list[list[list[float]]]) -> torch.Tensor:
-    """Mean over prompts of the per-prompt mean over pairs i < j of the cross-entropy between the soft
-    target p_ij and sigmoid(r_i - r_j). scores[b]: (K_b,) rewards; prefs[b]: (K_b, K_b) P(i > j)."""
-    losses = []
-    for s, p in zip(scores, prefs):
-        k = len(p)
-        i, j = torch.triu_indices(k, k, offset=1, device=s.device)
-        target = torch.tensor(p, dtype=s.dtype, device=s.device)[i, j]
-        d = s[i] - s[j]
-        losses.append(-(target * F.logsigmoid(d) + (1 - target) * F.logsigmoid(-d)).mean())
-    return torch.stack(losses).mean()
 
 
 def _initial_model(cfg: RewardModelConfig, policy: Path, tokenizer, tuning: Tuning, partitioned: bool):
@@ -165,60 +134,14 @@ def run(
         scaler=grad_scaler(tuning.compute),
         precision=tuning.compute.precision,
     )
-    device = model_device(engine.base)  # DeepSpeed has placed the partitions by now
-    gen = torch.Generator().manual_seed(cfg.seed)
-    at = {"step": 0, "tokens": 0, "epoch": 0, "in_epoch": 0, "loss": math.nan}  # where training is
-    resumed = _load_checkpoint(checkpoint_dir, engine, model, opt)
-    if resumed is not None:  # a killed attempt's last checkpoint: carry on from its step
-        sched.load_state_dict(resumed["sched"])
-        at = resumed["at"]
-    resumed_from, step, tokens, last_loss = at["step"], at["step"], at["tokens"], at["loss"]
+    loop = TrainingLoop("reward_model", engine, steps=cfg.epochs * steps_per_epoch, seed=cfg.seed, sched=sched,
+                        checkpoint_dir=checkpoint_dir, checkpoint_every=cfg.checkpoint_every,
+                        hint=f" (now {lr}), or look for degenerate rows in {comparisons}")  # fmt: skip
+    loop.extra = {"tokens": 0}
+    loop.resume()  # a killed attempt's last checkpoint: carry on from its step
     model.train()
-    nan_hint = f" (now {lr}), or look for degenerate rows in {comparisons}"
-    bar = progress(cfg.epochs * steps_per_epoch, "reward_model: training")
-    bar.update(step)
     t0 = time.perf_counter()
-    tail: collections.deque = collections.deque(maxlen=max(1, cfg.epochs * steps_per_epoch // 10))
-    for epoch in range(at["epoch"], cfg.epochs):
-        bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", refresh=False)
-        if resumed is not None and epoch == at["epoch"]:
-            gen.set_state(resumed["epoch_rng"])  # the interrupted epoch's batches, in the same order
-        epoch_rng = gen.get_state()
-        batches = list(length_buckets(lengths, cfg.batch_prompts, gen))  # rows of similar length pad little
-        done_in_epoch = at["in_epoch"] if epoch == at["epoch"] else 0
-        for b, idx in enumerate(batches[done_in_epoch:], done_in_epoch):
-            mine = idx[dist.share(len(idx))] or idx[:1]  # a rank without a share still steps (weight 0)
-            weight = 1.0 if idx[dist.share(len(idx))] else 0.0
-            batch = [rows[i] for i in mine]
-            with autocast(tuning.compute):
-                flat = [(p, r) for i in mine for p, rs in [encoded[i]] for r in rs]
-                scores = list(engine(pack(flat, pad, device)).float().split([len(encoded[i][1]) for i in mine]))
-            tokens += sum(lengths[i] for i in idx)
-            if cfg.targets == "soft":
-                loss = soft_preference_loss(scores, [r["prefs"] for r in batch])
-            else:
-                loss = ranking_loss(scores, [ranking_pairs(r["ranks"]) for r in batch], cfg.margin)
-            checkpoints.check_finite("reward_model", loss.item(), step, nan_hint)
-            engine.backward(loss * weight)
-            engine.step()
-            sched.step()
-            step = step + 1
-            local = [loss.item() * weight * len(mine), weight * len(mine)]
-            shared = dist.all_reduce_sum(torch.tensor(local, device="cpu"))
-            last_loss = (shared[0] / shared[1]).item()  # the global batch's mean loss
-            tail.append(last_loss)
-            bar.update(1)
-            if step % 10 == 0:
-                log_metrics({"rm/train/loss": last_loss, "rm/train/lr": sched.get_last_lr()[0]}, step=step)
-                bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{last_loss:.3f}", refresh=False)
-            if checkpoint_dir is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                position = {"step": step, "tokens": tokens, "epoch": epoch, "in_epoch": b + 1, "loss": last_loss}
-                client = {"sched": sched.state_dict(), "at": position, "epoch_rng": epoch_rng}
-                _save_checkpoint(checkpoint_dir, engine, model, opt, step, client)
-        with autocast(tuning.compute):  # every forward in the compute dtype, evaluation as training
-            held_accuracy = pairwise_accuracy(model, tokenizer, held, cfg.pooling, budget=budget)
-        log_metrics({"rm/eval/accuracy": held_accuracy}, step=step)
-    bar.close()
+    tail = _train(cfg, loop, engine, tokenizer, rows, encoded, lengths, held, budget, tuning)
     train_seconds = time.perf_counter() - t0
     model.eval()
     with torch.no_grad(), autocast(tuning.compute):  # 3. normalise: the SFT samples' mean reward becomes zero
@@ -229,8 +152,10 @@ def run(
         train_accuracy = pairwise_accuracy(model, tokenizer, rows, cfg.pooling, budget=budget)
     hits, pairs = held_counts.get("all", (0.0, 0))
     metrics = {
-        "rm/train/loss_last": last_loss,
-        "rm/train/loss_tail": sum(tail) / len(tail) if tail else last_loss,  # the last 10% of steps' mean: less noisy
+        "rm/train/loss_last": loop.at["loss"],
+        "rm/train/loss_tail": sum(tail) / len(tail)
+        if tail
+        else loop.at["loss"],  # the last 10% of steps' mean: less noisy
         "rm/train/accuracy": train_accuracy,
         **{f"rm/eval/accuracy{'' if k == 'all' else '_' + k}": h / n for k, (h, n) in held_counts.items()},
         # the held-out accuracy's 95% CI: what the flow's gate before PPO reads (pipeline.min_rm_accuracy)
@@ -238,10 +163,10 @@ def run(
         "rm/eval/ci95_low": wilson(hits, pairs)[0],
         "rm/eval/ci95_high": wilson(hits, pairs)[1],
         "rm/bias": bias.item(),
-        "rm/tokens": float(tokens),
-        "rm/steps": float(step),
+        "rm/tokens": float(loop.extra["tokens"]),
+        "rm/steps": float(loop.step_index),
         "rm/train/seconds": train_seconds,  # the training loop alone (per-step time: over rm/steps - rm/resumed_from)
-        "rm/resumed_from": float(resumed_from),
+        "rm/resumed_from": float(loop.resumed_from),
         **fitted.metrics("rm/data"),
     }
     adapter = out_dir / "adapter" if tuning.peft.adapters else None
@@ -281,18 +206,30 @@ class _Scores(torch.nn.Module):
         return sequence_scores(self.model, packed, self.pooling)
 
 
-def _save_checkpoint(folder: Path, engine: Engine, model, opt, step: int, client: dict) -> None:
-    if engine.cfg is None:  # one process: one file, as before process groups
-        checkpoints.save(folder, {"model": model.state_dict(), "opt": opt.state_dict(), **client})
-    else:
-        engine.save(folder, step, client)
-
-
-def _load_checkpoint(folder: Path | None, engine: Engine, model, opt) -> dict | None:
-    if engine.cfg is not None:
-        return engine.load(folder)
-    resumed = checkpoints.load(folder)
-    if resumed is not None:
-        model.load_state_dict(resumed["model"])
-        opt.load_state_dict(resumed["opt"])
-    return resumed
+def _train(cfg: RewardModelConfig, loop: TrainingLoop, engine: Engine, tokenizer, rows, encoded, lengths, held, budget,
+           tuning: Tuning) -> collections.deque:  # fmt: skip
+    """The epochs: each step's prompts split across the ranks, each prompt with all its K responses in one
+    batch element (InstructGPT); the held-out accuracy after each epoch. Returns the last tenth of the
+    steps' losses."""
+    pad, device = tokenizer.pad_token_id, model_device(engine.base)  # DeepSpeed has placed the partitions
+    tail: collections.deque = collections.deque(maxlen=max(1, loop.steps // 10))
+    for batches in loop.passes(lambda gen: list(length_buckets(lengths, cfg.batch_prompts, gen))):
+        for idx in batches:  # rows of similar length pad little
+            mine = idx[dist.share(len(idx))] or idx[:1]  # a rank without a share still steps (weight 0)
+            weight = 1.0 if idx[dist.share(len(idx))] else 0.0
+            batch = [rows[i] for i in mine]
+            with autocast(tuning.compute):
+                flat = [(p, r) for i in mine for p, rs in [encoded[i]] for r in rs]
+                scores = list(engine(pack(flat, pad, device)).float().split([len(encoded[i][1]) for i in mine]))
+            loop.extra["tokens"] += sum(lengths[i] for i in idx)
+            if cfg.targets == "soft":
+                loss = soft_preference_loss(scores, [r["prefs"] for r in batch])
+            else:
+                loss = ranking_loss(scores, [ranking_pairs(r["ranks"]) for r in batch], cfg.margin)
+            local = [loss.item() * weight * len(mine), weight * len(mine)]
+            shared = dist.all_reduce_sum(torch.tensor(local, device="cpu"))
+            tail.append(loop.step(loss, reported=(shared[0] / shared[1]).item(), weight=weight))  # the global mean
+        with autocast(tuning.compute):  # every forward in the compute dtype, evaluation as training
+            held_accuracy = pairwise_accuracy(engine.base.model, tokenizer, held, cfg.pooling, budget=budget)
+        log_metrics({"rm/eval/accuracy": held_accuracy}, step=loop.step_index)
+    return tail

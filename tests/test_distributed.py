@@ -257,3 +257,59 @@ def test_vllm_rollouts_follow_the_policy_after_a_weight_sync(tmp_path):
     after = engine.sample(tokenizer, ["hello there"], **kw)
     hf = HfRollout(policy).sample(tokenizer, ["hello there"], **kw)
     assert after.response[0, :3].tolist() == hf.response[0, :3].tolist() != before.response[0, :3].tolist()
+
+
+def _own_loss_rank(rank: int, world: int, port: int, loss: str, mode: str, prepared: str, compared: str, out: str):
+    """One rank of a real 2-process gloo group training DPO's own loop (`stage.dpo.loss_type=loss`)."""
+    import torch.distributed as tdist
+
+    import flows  # noqa: F401  (telemetry off)
+    from stages.settings.distributed import DistributedConfig
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", rank=rank, world_size=world)
+    group = DistributedConfig(mode=mode, nproc_per_node=world, deepspeed=ZERO3 if mode == "zero3" else {})
+    _own_loss_dpo(loss, Path(prepared), Path(compared), Path(out), group)
+    tdist.destroy_process_group()
+
+
+def _own_loss_dpo(loss: str, prepared: Path, compared: Path, out: Path, group=None):
+    from stages import dpo
+    from stages.settings.models import PeftConfig, Tuning
+
+    cfg = dpo.DpoConfig(epochs=1, batch_size=16, loss_type=loss, kl_prompts=4, learning_rate=1e-3)
+    return dpo.run(cfg, Tuning(PeftConfig("full")), policy=prepared / "base", reference=prepared / "base",
+                   comparisons=compared / "comparisons.jsonl", heldout=compared / "heldout_comparisons.jsonl",
+                   out_dir=out, distributed=group)  # fmt: skip
+
+
+@pytest.mark.parametrize(("loss", "mode"), [("plackett_luce", "ddp"), ("simpo", "ddp"), ("orpo", "ddp"),
+                                            ("kto", "ddp"), ("simpo", "zero3")])  # fmt: skip
+def test_every_own_preference_loss_trains_on_two_processes_as_one_process_does(
+    tiny_prepare, tiny_comparisons, tmp_path, loss, mode
+):
+    """DPO's own loop (Plackett-Luce, SimPO, ORPO, KTO) through the `Engine`: two ranks, each with half of
+    every step's prompts, publish the policy one process trains on the same global batches."""
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    args = (
+        2,
+        launch.free_port(),
+        loss,
+        mode,
+        str(tiny_prepare.path),
+        str(tiny_comparisons.path),
+        str(tmp_path / "two"),
+    )
+    mp.spawn(_own_loss_rank, args=args, nprocs=2)
+    _own_loss_dpo(loss, Path(tiny_prepare.path), Path(tiny_comparisons.path), tmp_path / "one")
+    two, one = (load_file(tmp_path / run / "policy" / "model.safetensors") for run in ("two", "one"))
+    base = load_file(Path(tiny_prepare.path) / "base" / "model.safetensors")
+    assert two.keys() == one.keys()
+    moved = max((one[k] - base[k]).abs().max().item() for k in one)
+    assert moved > 1e-3  # training moved the weights: the comparison below is not of two untouched copies
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-3, atol=1e-4, msg=name)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from stages import dpo
-from stages.dpo import plackett_luce_loss
+from stages.preference.losses import plackett_luce_loss
 from stages.preference.rankings import preference_pairs
 from stages.runtime.manifest import write_jsonl
 from stages.settings.models import PeftConfig, Tuning

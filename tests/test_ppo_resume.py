@@ -44,7 +44,7 @@ def test_killed_ppo_resumes_from_its_checkpoint(tiny_prepare, reward_model_dir, 
     assert not (tmp_path / "out1" / "policy").exists()
     import torch
 
-    saved = torch.load(ck / "state.pt", weights_only=True)["update"]
+    saved = torch.load(ck / "state.pt", weights_only=True)["at"]["step"]  # the updates done
     assert 2 <= saved < 6
     # 2. run again: it continues from the checkpoint and finishes
     metrics = finish(args + [str(tmp_path / "out2"), str(ck)])

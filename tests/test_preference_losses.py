@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from stages.dpo import group_loss, plackett_luce_loss
 from stages.preference import losses
+from stages.preference.losses import group_loss, plackett_luce_loss
+from stages.preference.rankings import ranking_pairs
 from stages.settings.recipe import DpoConfig
 
 
@@ -15,8 +16,8 @@ def _nls(x: float) -> float:  # -log sigmoid(x)
 
 
 def test_pairs_are_every_better_worse_couple_ties_dropped():
-    assert losses.better_pairs([1, 0, 2]) == [(0, 2), (1, 0), (1, 2)]
-    assert losses.better_pairs([0, 0, 1]) == [(0, 2), (1, 2)]
+    assert ranking_pairs([1, 0, 2]) == [(0, 2), (1, 0), (1, 2)]
+    assert ranking_pairs([0, 0, 1]) == [(0, 2), (1, 2)]
     with pytest.raises(ValueError, match="every response tied"):
         losses.simpo_loss(torch.tensor([-1.0, -1.0]), torch.tensor([1.0, 1.0]), [0, 0], 2.0, 1.0)
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
+from stages.preference.losses import ranking_loss
 from stages.preference.rankings import ranking_pairs
-from stages.reward_model import ranking_loss
 
 
 def test_ranking_pairs_enumerate_all_c_k_2():
@@ -90,7 +90,7 @@ def test_normalization_file_is_validated(tmp_path):
 
 
 def test_soft_preference_loss_by_hand():
-    from stages.reward_model import soft_preference_loss
+    from stages.preference.losses import soft_preference_loss
 
     scores = [torch.tensor([1.0, 0.0])]
     p = 0.75

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from stages.models.modeling import load_scalar_model, load_tokenizer, render_prompts
+from stages.preference.losses import ranking_loss
 from stages.preference.rankings import ranking_pairs
 from stages.preference.scorers import score_rows
-from stages.reward_model import ranking_loss
 
 
 def test_k2_loss_matches_trl_reward_trainer(tiny_prepare, tmp_path):

@@ -197,10 +197,6 @@ def check_4bit_widths(model, cfg: PeftConfig) -> None:
             )
 
 
-def trainable_names(model) -> list[str]:
-    return [n for n, p in model.named_parameters() if p.requires_grad]
-
-
 def export(
     model,
     cfg: PeftConfig,

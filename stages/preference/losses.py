@@ -1,10 +1,13 @@
-"""Preference losses our own DPO-stage loop computes (`stages/dpo.py`), beside trl's pairwise DPO losses.
+"""Every preference loss our own loops compute, behind one pairwise helper (`pairwise_logistic`): the
+reward model's (InstructGPT's ranking loss, RLAIF's soft-target distillation) and DPO's own loop's
+(`GROUP_LOSSES`, keyed by `stage.dpo.loss_type`: sigmoid DPO on image-text rows, Plackett-Luce, SimPO,
+ORPO, KTO); trl's DPOTrainer computes its pairwise losses itself.
 
-All work on one prompt's group of K responses, with `ranks` (0 = best, ties equal) and per-response
+The group losses work on one prompt's group of K responses, with `ranks` (0 = best, ties equal) and per-response
 summed log-probabilities `logps` (K,) and response lengths in tokens `lengths` (K,); a pair (w, l) is
 every two responses with rank_w < rank_l.
 
-- **Plackett-Luce** (DPO's appendix A.3): see `stages/dpo.py`.
+- **Plackett-Luce** (DPO's appendix A.3): -sum_k log(exp r_k / sum_{j >= k} exp r_j) over the ranking.
 - **SimPO** (Meng et al. 2024), reference-free: the reward is the length-normalised log-likelihood
   r = beta * logp / |y|, and the loss over pairs is -log sigmoid(r_w - r_l - gamma), gamma a target
   margin.
@@ -24,28 +27,78 @@ every two responses with rank_w < rank_l.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
+from stages.preference.rankings import ranking_pairs
+from stages.runtime import distributed as dist
+from stages.settings.recipe import DpoConfig
 
-def better_pairs(ranks: list[int]) -> list[tuple[int, int]]:
-    """(w, l) index pairs with rank_w < rank_l (0 = best), in a fixed order."""
-    return [(i, j) for i in range(len(ranks)) for j in range(len(ranks)) if ranks[i] < ranks[j]]
+
+def pairwise_logistic(d: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+    """The one pairwise term: the mean over pairs of -log sigmoid(d), d a winner's margin over its loser
+    (Bradley-Terry); with a soft `target` P(i > j), the cross-entropy against sigmoid(d)."""
+    if target is None:
+        return -F.logsigmoid(d).mean()
+    return -(target * F.logsigmoid(d) + (1 - target) * F.logsigmoid(-d)).mean()
+
+
+# ---- the reward model's ----------------------------------------------------------------------------
+def ranking_loss(scores, pairs: list[list[tuple[int, int]]], margin: float = 0.0) -> torch.Tensor:
+    """Mean over prompts of the per-prompt mean pairwise loss `-log sigmoid(r_w - r_l - margin)`.
+
+    scores: per prompt a (K_b,) tensor of rewards (or one (num_prompts, K) tensor); pairs[b]: the
+    (winner, loser) indices of prompt b. A prompt whose responses all tie has no pair and does not count.
+    """
+    per = []
+    for b, prompt_pairs in enumerate(pairs):
+        if not prompt_pairs:
+            continue
+        w, l = _indices(prompt_pairs, scores[b].device)
+        per.append(pairwise_logistic(scores[b][w] - scores[b][l] - margin))
+    return torch.stack(per).mean() if per else sum(s.sum() for s in scores) * 0.0
+
+
+def soft_preference_loss(scores, prefs: list[list[list[float]]]) -> torch.Tensor:
+    """Mean over prompts of the per-prompt mean over pairs i < j of the cross-entropy between the soft
+    target p_ij and sigmoid(r_i - r_j). scores[b]: (K_b,) rewards; prefs[b]: (K_b, K_b) P(i > j)."""
+    per = []
+    for s, p in zip(scores, prefs):
+        k = len(p)
+        i, j = torch.triu_indices(k, k, offset=1, device=s.device)
+        per.append(pairwise_logistic(s[i] - s[j], torch.tensor(p, dtype=s.dtype, device=s.device)[i, j]))
+    return torch.stack(per).mean()
+
+
+def _indices(pairs: list[tuple[int, int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    w = torch.tensor([p[0] for p in pairs], dtype=torch.long, device=device)
+    l = torch.tensor([p[1] for p in pairs], dtype=torch.long, device=device)
+    return w, l
 
 
 def _pairs(ranks: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
-    pairs = better_pairs(ranks)
+    pairs = ranking_pairs(ranks)
     if not pairs:
         raise ValueError("a ranking with every response tied has no pair to learn from")
-    w, l = zip(*pairs)
-    return torch.tensor(w, device=device), torch.tensor(l, device=device)
+    return _indices(pairs, device)
+
+
+# ---- one group's losses --------------------------------------------------------------------------
+def plackett_luce_loss(rewards: torch.Tensor, ranks: list[int]) -> torch.Tensor:
+    """Listwise DPO loss of one ranking: rewards (K,) implicit rewards, ranks (K,) with 0 = best."""
+    order = sorted(range(len(ranks)), key=lambda i: (ranks[i], i))
+    r = rewards[torch.tensor(order, device=rewards.device)]
+    tail = torch.logcumsumexp(r.flip(0), dim=0).flip(0)  # log sum_{j >= k} exp r_j
+    return -(r - tail)[:-1].sum()
 
 
 def simpo_loss(logps: torch.Tensor, lengths: torch.Tensor, ranks: list[int], beta: float, gamma: float):
     """SimPO over one group's pairs (mean)."""
     w, l = _pairs(ranks, logps.device)
     r = beta * logps / lengths.clamp(min=1)
-    return -F.logsigmoid(r[w] - r[l] - gamma).mean()
+    return pairwise_logistic(r[w] - r[l] - gamma)
 
 
 def orpo_loss(logps: torch.Tensor, lengths: torch.Tensor, ranks: list[int], lam: float):
@@ -54,12 +107,16 @@ def orpo_loss(logps: torch.Tensor, lengths: torch.Tensor, ranks: list[int], lam:
     a = logps / lengths.clamp(min=1)  # mean token log-likelihood, < 0
     log_odds = a - torch.log1p(-torch.exp(a).clamp(max=1 - 1e-6))
     best = min(range(len(ranks)), key=lambda i: (ranks[i], i))
-    return -a[best] + lam * -F.logsigmoid(log_odds[w] - log_odds[l]).mean()
+    return -a[best] + lam * pairwise_logistic(log_odds[w] - log_odds[l])
 
 
 def kto_reference_point(rewards: torch.Tensor) -> torch.Tensor:
-    """z: the batch's mean implicit reward, clamped at 0 and detached (see the module docstring)."""
-    return rewards.detach().mean().clamp(min=0)
+    """z: the batch's mean implicit reward, clamped at 0 and detached (see the module docstring); in a
+    process group the global batch's mean, so every rank uses the same z."""
+    if not dist.active():
+        return rewards.detach().mean().clamp(min=0)
+    shared = dist.all_reduce_sum(torch.stack([rewards.detach().sum(), torch.tensor(float(rewards.numel()))]))
+    return (shared[0] / shared[1].clamp(min=1)).clamp(min=0)
 
 
 def kto_loss(
@@ -83,3 +140,58 @@ def thumbs_from_ranks(ranks: list[int]) -> list[bool | None]:
         elif place >= len(ranks) - half:
             out[i] = False
     return out
+
+
+# ---- DPO's own loop: a batch of prompts' groups, by `stage.dpo.loss_type` --------------------------
+def _sigmoid(cfg: DpoConfig, logps, ref_logps, lengths, batch: list[dict]) -> torch.Tensor:
+    """DPO on every (winner, loser) pair, as trl's sigmoid loss (image-text rows train here)."""
+    rewards = (cfg.beta * (logps - ref_logps)).split(_sizes(batch))
+    margins = [r[w] - r[l] for r, row in zip(rewards, batch) for w, l in ranking_pairs(row["ranks"])]
+    if not margins:  # every ranking of the batch tied: nothing to learn, no step direction
+        return logps.sum() * 0.0
+    return pairwise_logistic(torch.stack(margins))
+
+
+def _plackett_luce(cfg: DpoConfig, logps, ref_logps, lengths, batch: list[dict]) -> torch.Tensor:
+    rewards = (cfg.beta * (logps - ref_logps)).split(_sizes(batch))
+    return torch.stack([plackett_luce_loss(r, row["ranks"]) for r, row in zip(rewards, batch)]).mean()
+
+
+def _simpo(cfg: DpoConfig, logps, ref_logps, lengths, batch: list[dict]) -> torch.Tensor:
+    groups = zip(logps.split(_sizes(batch)), lengths.split(_sizes(batch)), batch)
+    return torch.stack(
+        [simpo_loss(lp, n, row["ranks"], cfg.simpo_beta, cfg.simpo_gamma) for lp, n, row in groups]
+    ).mean()
+
+
+def _orpo(cfg: DpoConfig, logps, ref_logps, lengths, batch: list[dict]) -> torch.Tensor:
+    groups = zip(logps.split(_sizes(batch)), lengths.split(_sizes(batch)), batch)
+    return torch.stack([orpo_loss(lp, n, row["ranks"], cfg.orpo_lambda) for lp, n, row in groups]).mean()
+
+
+def _kto(cfg: DpoConfig, logps, ref_logps, lengths, batch: list[dict]) -> torch.Tensor:
+    """Unpaired: every labelled response on its own, z from the whole (global) batch."""
+    rewards = logps - ref_logps
+    thumbs = [t for r in batch for t in (r.get("thumbs") or thumbs_from_ranks(r["ranks"]))]
+    keep = torch.tensor([t is not None for t in thumbs], device=logps.device)
+    desirable = torch.tensor([bool(t) for t in thumbs], device=logps.device)
+    z = kto_reference_point(rewards)
+    return kto_loss(rewards[keep], desirable[keep], z, cfg.beta, cfg.kto_desirable_weight, cfg.kto_undesirable_weight)
+
+
+def _sizes(batch: list[dict]) -> list[int]:
+    return [len(r["responses"]) for r in batch]
+
+
+GroupLoss = Callable[[DpoConfig, torch.Tensor, torch.Tensor | None, torch.Tensor, list[dict]], torch.Tensor]
+
+
+GROUP_LOSSES: dict[str, GroupLoss] = {
+    "sigmoid": _sigmoid, "plackett_luce": _plackett_luce, "simpo": _simpo, "orpo": _orpo, "kto": _kto,
+}  # fmt: skip
+
+
+def group_loss(cfg: DpoConfig, logps: torch.Tensor, ref_logps, lengths: torch.Tensor, batch: list[dict]):
+    """The loss of a batch of prompts' groups: each row's summed response log-probs `logps` (and the
+    reference's), its response `lengths`, by `cfg.loss_type`."""
+    return GROUP_LOSSES[cfg.loss_type](cfg, logps, ref_logps, lengths, batch)

@@ -132,10 +132,6 @@ def load_normalization(path: Path) -> Normalization:
     )
 
 
-def sequence_logps(model, rows: list[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:
-    return sequence_logprobs(model, pack(rows, pad_id, model_device(model)))
-
-
 @torch.no_grad()
 def implicit_reward_accuracy(model, ref, pad_id: int, pairs: list[dict], batch: int = 128) -> float:
     """How often the implicit reward ranks the held-out chosen response above the rejected one."""

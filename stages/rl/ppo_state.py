@@ -17,9 +17,9 @@ from stages.rl import ppo_math as pm
 from stages.rl.ppo_models import FullCopies, SharedBase
 from stages.rl.rollout import HfRollout, VllmRollout
 from stages.rl.watch import Watch
-from stages.runtime import checkpoints
 from stages.runtime import distributed as dist
 from stages.runtime.distributed import Engine
+from stages.runtime.training import TrainingLoop
 from stages.settings.distributed import DistributedConfig
 from stages.settings.models import Tuning
 from stages.settings.recipe import PpoConfig, chosen_learning_rate
@@ -29,7 +29,13 @@ class PpoState:
     """Everything a resumed run needs: models, optimizer, KL controller, EMA, RNG, position."""
 
     def __init__(
-        self, cfg: PpoConfig, tuning: Tuning, policy: Path, critic_init: Path, distributed: DistributedConfig | None
+        self,
+        cfg: PpoConfig,
+        tuning: Tuning,
+        policy: Path,
+        critic_init: Path,
+        distributed: DistributedConfig | None,
+        checkpoint_dir: Path | None = None,
     ) -> None:
         torch.manual_seed(cfg.seed)
         # ZeRO-3 partitions the policy: rollouts come from a whole copy, synced after each update
@@ -51,7 +57,6 @@ class PpoState:
         )  # torch AdamW default
         self.kl = pm.KLController(cfg.beta, cfg.kl_target, cfg.kl_horizon)  # beta's one home
         self.ema = {k: v.detach().clone() for k, v in self.models.policy_state().items()} if cfg.ema_decay else None
-        self.update = 0
         self.history: list[dict[str, float]] = []
         self.warned_kl = False
         self.watch: Watch | None = None
@@ -74,6 +79,8 @@ class PpoState:
             precision=tuning.compute.precision,
         )
         self.opt = self.engine.opt
+        self.loop = TrainingLoop("ppo", self.engine, steps=cfg.updates, seed=cfg.seed, checkpoint_dir=checkpoint_dir,
+                                 checkpoint_every=cfg.checkpoint_every, unit="update")  # fmt: skip
         self.offload = cfg.offload_frozen
         if dist.world_size() > 1:  # each rank samples its own rollouts
             torch.manual_seed(cfg.seed + dist.rank())
@@ -115,49 +122,29 @@ class PpoState:
         with self.engine.gathered([self.models.policy]):  # a no-op but under ZeRO-3
             pm.ema_update(self.ema, self.models.policy_state(), decay)
 
-    def save(self, folder: Path) -> None:
-        if self.engine.cfg is not None:  # a process group: DeepSpeed's checkpoint under ZeRO, else rank 0's file
-            client = {
-                "beta": self.kl.beta,
-                "ema": self.ema,
-                "update": self.update,
-                "history": self.history,
-                "rngs": dist.gather([torch.get_rng_state()]),  # each rank's own sampling stream
-                "warned_kl": self.warned_kl,
-            }
-            self.engine.save(folder, self.update, client)
-            return
-        blob = {
-            "models": self.models.state_dict(),
-            "opt": self.opt.state_dict(),
-            "beta": self.kl.beta,
-            "ema": self.ema,
-            "update": self.update,
-            "history": self.history,
-            "rng": torch.get_rng_state(),
-            "warned_kl": self.warned_kl,
-            "watch": {"points": self.watch.points, "best": self.watch.best} if self.watch else None,
-        }
-        checkpoints.save(folder, blob)  # temp-then-rename: a half-written checkpoint is never picked up
+    @property
+    def update(self) -> int:
+        """The updates done: the training loop's position."""
+        return self.loop.step_index
 
-    def load(self, folder: Path) -> bool:
+    def save(self) -> None:
+        """Collective: a checkpoint (`TrainingLoop.save`) with PPO's own state beside the position."""
+        watch = {"points": self.watch.points, "best": self.watch.best} if self.watch else None
+        self.loop.extra = {"beta": self.kl.beta, "ema": self.ema, "history": self.history,
+                           "warned_kl": self.warned_kl, "watch": watch}  # fmt: skip
+        self.loop.save()
+
+    def load(self) -> bool:
+        """The last complete checkpoint restored; False where there is none."""
+        extra = self.loop.resume()
+        if extra is None:
+            return False
         if self.engine.cfg is not None:
-            blob = self.engine.load(folder)
-            if blob is None:
-                return False
-            blob["rng"] = blob["rngs"][dist.rank()]
             self.sync_rollout()
-        else:
-            blob = checkpoints.load(folder)
-            if blob is None:
-                return False
-            self.models.load_state_dict(blob["models"])
-            self.opt.load_state_dict(blob["opt"])
-        self.kl.beta, self.ema, self.update = blob["beta"], blob["ema"], blob["update"]
-        self.history, self.warned_kl = blob["history"], blob["warned_kl"]
-        if self.watch is not None and blob.get("watch"):
-            self.watch.points, self.watch.best = blob["watch"]["points"], blob["watch"]["best"]
-        torch.set_rng_state(blob["rng"])
+        self.kl.beta, self.ema = extra["beta"], extra["ema"]
+        self.history, self.warned_kl = extra["history"], extra["warned_kl"]
+        if self.watch is not None and extra.get("watch"):
+            self.watch.points, self.watch.best = extra["watch"]["points"], extra["watch"]["best"]
         return True
 
 

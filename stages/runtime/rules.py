@@ -151,9 +151,63 @@ def _is_numeric(kind: Any) -> bool:
 
 
 def markdown(schema: type) -> str:
-    """The README's table of every numeric key and its range (`make config-keys` writes it)."""
-    lines = ["| key | valid values | declared in |", "|---|---|---|"]
-    for key, cls, _, rule in every_key(schema):
-        where = f"`{cls.__module__}.{cls.__name__}`"
-        lines.append(f"| `{key}` | {rule.describe() if rule else 'NO RULE'} | {where} |")
-    return "\n".join(lines) + "\n"
+    """The configuration reference (`make config-keys` writes it): every key of `schema`, one table per
+    config dataclass, with its default, its valid values (numeric keys: the rule) and the comment beside
+    its field in the source."""
+    sections = []
+    for prefix, cls in _sections(schema, ""):
+        comments = field_comments(cls)
+        rules = getattr(cls, "RULES", {})
+        hints = typing.get_type_hints(cls)
+        rows = [f"## `{prefix.rstrip('.') or 'top level'}`", "", f"`{cls.__module__}.{cls.__name__}`", "",
+                "| key | default | valid values | what it is |", "|---|---|---|---|"]  # fmt: skip
+        for f in dataclasses.fields(cls):
+            if _dataclass_of(hints[f.name]) is not None:
+                continue  # its own section
+            valid = (rules[f.name].describe() if f.name in rules else "NO RULE") if _is_numeric(hints[f.name]) else ""
+            rows.append(f"| `{prefix}{f.name}` | `{_default(f)}` | {valid} | {_cell(comments.get(f.name, ''))} |")
+        sections.append("\n".join(rows))
+    return "\n\n".join(sections) + "\n"
+
+
+def _sections(schema: type, prefix: str) -> Iterator[tuple[str, type]]:
+    """(dotted prefix, dataclass) for `schema` and every dataclass nested in it, depth first."""
+    hints = typing.get_type_hints(schema)
+    yield prefix, schema
+    for f in dataclasses.fields(schema):
+        nested = _dataclass_of(hints[f.name])
+        if nested is not None:
+            yield from _sections(nested, f"{prefix}{f.name}{'[]' if _is_list(hints[f.name]) else ''}.")
+
+
+def _default(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        return "(required)"
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else repr(value)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """Each field's comment in `cls`'s source: the comment lines just above it and the one after it."""
+    import inspect
+
+    comments: dict[str, str] = {}
+    above: list[str] = []
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            above.append(stripped.lstrip("# "))
+            continue
+        name = stripped.split(":", 1)[0]
+        if ":" in stripped and name.isidentifier() and not stripped.startswith(("def ", "return", "@")):
+            after = stripped.split("  # ", 1)[1] if "  # " in stripped else ""
+            comments[name] = " ".join([*above, after]).strip()
+        above = []
+    return comments

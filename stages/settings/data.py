@@ -77,7 +77,7 @@ class DataConfig:
     task: str = "words"  # the embedded task: words (the hidden gold rule) or arithmetic (exact match, verifiable)
     target_len: int = 6  # the gold rule's preferred response length, in words
     n_demonstrations: int = 3000
-    n_comparison_prompts: int = 600
+    n_comparison_prompts: int = 600  # the embedded task sets 3,000: its RM needs about that many to near the ceiling
     n_heldout_comparison_prompts: int = 200
     n_ppo_prompts: int = 2048
     n_eval_prompts: int = 400

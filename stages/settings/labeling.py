@@ -44,6 +44,7 @@ class AiLabelerConfig:
     api_key_env: str | None = "OPENAI_API_KEY"  # the key is read from this variable, never logged; null: no key
     preamble: str = "Which response is better?"
     score_preamble: str = "Rate the response from 1 to 10."
+    # e.g. [{prompt: ..., response_1: ..., response_2: ..., preferred: 1}]
     few_shot: list[FewShot] = field(default_factory=list)
     chain_of_thought: bool = False  # generate a rationale before the answer
     rationale_tokens: int = 32

@@ -68,12 +68,13 @@ DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 @dataclass(frozen=True)
 class ComputeConfig:
-    precision: str = "fp32"
-    attention: str = "sdpa"
-    s2_attention: bool = False
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (CUDA)
+    attention: str = "sdpa"  # eager | sdpa | flash_attention_2 (CUDA + flash-attn)
+    s2_attention: bool = False  # LongLoRA's shifted sparse attention while training (Llama family)
     s2_group_ratio: float = 0.25  # LongLoRA's group: a quarter of the sequence
-    kernels: str = "none"
-    device: str = "auto"
+    kernels: str = "none"  # none | liger | unsloth (CUDA)
+    device: str = "auto"  # auto (the GPU where there is one; under torchrun each rank its own) | cpu | cuda | cuda:N
+    # recompute activations in backward: less memory, more compute (README: bench-peft)
     gradient_checkpointing: bool = False
 
     RULES: ClassVar[dict[str, Rule]] = {
@@ -114,7 +115,7 @@ class OptimConfig:
     galore_scale: float = 0.25
     galore_proj_type: str = "std"
     badam_switch_every: int = 50
-    badam_switch_mode: str = "ascending"
+    badam_switch_mode: str = "ascending"  # ascending | descending | random | fixed
 
     RULES: ClassVar[dict[str, Rule]] = {
         "galore_rank": COUNT, "galore_update_proj_gap": COUNT, "galore_scale": POSITIVE, "badam_switch_every": COUNT,
@@ -171,7 +172,7 @@ class PeftConfig:
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     modules_to_save: list[str] = field(default_factory=list)
-    rslora: bool = False
+    rslora: bool = False  # rsLoRA: scale by alpha / sqrt(r) (Kalajdzievski 2023)
     freeze_layers: int = 1  # freeze: how many of the last decoder layers train
     freeze_modules: list[str] = field(default_factory=list)  # freeze: modules that also train, e.g. lm_head
     loraplus_ratio: float = 16.0  # loraplus: lr(B) / lr(A) (the paper's default)

@@ -316,7 +316,7 @@ class PpoConfig:
     # a reward from code, `package.module:name` (stages/rl/rewards.py), alone (no reward model given) or
     # summed with the reward model's normalised score: w_model * rm + w_function * function
     reward_function: str | None = None
-    reward_function_weight: float = 1.0
+    reward_function_weight: float = 1.0  # score = reward_model_weight * RM + reward_function_weight * function
     reward_model_weight: float = 1.0
     seed: int = 0
 
@@ -428,7 +428,7 @@ class PpoConfig:
 class EvaluateConfig:
     max_new_tokens: int | None = None  # null: a quarter of the model's context window
     max_prompt_length: int | None = None  # tokens; longer prompts keep their end; null: the rest of the context
-    temperature: float = 1.0
+    temperature: float = 1.0  # sample: greedy SFT output can already sit near the gold maximum
     batch_size: int = 200
     seed: int = 1234
     win_labeler_noise: float = 0.3  # the simulated human labeler that judges wins (conf/labeler/simulated.yaml)
