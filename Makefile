@@ -10,7 +10,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 .DEFAULT_GOAL := help
-.PHONY: config-keys help venv postgres server browser serve-model chat export-model gpu-check gpu-wheels gpu-rehearsal bench-lengths align compare frontier serve workers champion faults mutants test test-fast test-durations bench bench-rerun bench-serve bench-peft methods bench-dist bench-real lint ui clean
+.PHONY: config-keys help venv postgres server browser serve-model chat export-model gpu-check gpu-wheels gpu-rehearsal bench-lengths align compare frontier serve workers champion faults mutants test test-fast test-durations bench bench-rerun bench-serve bench-peft methods bench-dist bench-real lint ui clean docs
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -66,8 +66,11 @@ compare: venv ## every branch and estimator (ppo, grpo, rloo, ..., dpo, kto, sim
 config-keys: venv ## regenerate docs/config-keys.md (every numeric config key's valid range) from the rules
 	$(PY) -c 'from flows.config import keys_doc; print(keys_doc(), end="")' > docs/config-keys.md
 
+docs: venv ## the documentation site (mkdocs Material) into artifacts/site/, --strict: a broken link fails
+	NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict
+
 # A test that fails fails the suite: there is no rerun. A flaky test is a defect, fixed at its cause.
-test: venv browser postgres ## the whole suite: layering contracts, unit, stage, config, end-to-end flows, browser
+test: venv browser postgres docs ## the whole suite: layering contracts, the docs build, unit, stage, config, end-to-end flows, browser
 	.venv/bin/lint-imports
 	$(PY) -m pytest tests -n auto --dist worksteal --durations=20
 
@@ -147,7 +150,7 @@ mutants: venv ## break the cache key, the KL penalty and the data worker's error
 	$(PY) -m bench.mutants
 
 faults: venv ## SIGKILL the small pipeline at 20 seeded points, rerun, check: artifacts/bench/faults.json
-	$(PY) -m bench.faults $(ARGS)
+	$(PY) -m bench.fault_harness $(ARGS)
 
 bench-dist: venv ## SFT, RM and PPO on 2 CPU processes (ddp, zero2, zero3) vs 1; ZeRO memory on a ~110M Llama: artifacts/bench/dist.json
 	$(PY) -m bench.dist $(ARGS)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import flows
 from bench.common import write_results
+from flows.launch import prefect_server
 
 ALIGNFLOW = str(Path(sys.executable).with_name("alignflow"))
 TIME = shutil.which("time") or "/usr/bin/time"
@@ -87,7 +88,7 @@ def with_server(art: Path, reruns: int) -> list[dict]:
         preexec_fn=flows.die_with_parent,
     )
     try:
-        flows.wait_for_url(url, server)
+        prefect_server.wait_for_url(url, server)
         results = [rerun(art, "server_up", env, (f"schedule.api_url={url}",)) for _ in range(reruns)]
         body = json.dumps({"task_runs": {"state": {"name": {"any_": ["Cached"]}}}}).encode()
         request = urllib.request.Request(

@@ -1,5 +1,5 @@
 """One rank of `bench.dist`'s memory figure (started by torchrun): the ~110M Llama trained for a few
-steps under `--mode` (ddp | zero2 | zero3) through `stages.runtime.distributed.Engine`; rank 0 prints
+steps under `--mode` (ddp | zero2 | zero3) through `stages.runtime.process_group.Engine`; rank 0 prints
 `RESULT {json}` with every rank's parameter and optimizer bytes, step time and peak anonymous RSS."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from bench.peft_methods import PeakSampler, batches, reset_peak
-from stages.runtime import distributed as dist
-from stages.runtime.distributed import Engine, state_bytes
+from stages.runtime import process_group as dist
+from stages.runtime.process_group import Engine, state_bytes
 from stages.settings.distributed import DistributedConfig
 
 ZERO = {

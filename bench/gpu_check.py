@@ -314,12 +314,12 @@ def serve_engine(device: torch.device, policy: Path, precision: str, out_dir: Pa
     batch, each greedy answer equal to `generate`'s alone (both under the compute dtype's autocast)."""
     import queue
 
-    from flows.ops.engine import Done, Engine, Request
+    from flows.serving.decoder import Decoder, Done, Request
     from stages.models.modeling import load_causal_lm, load_tokenizer
 
     tok, model = load_tokenizer(policy), load_causal_lm(policy, device=device).eval()
     prompts = [tok(p)["input_ids"] for p in ("describe the garden", "tell me", "write about the school and the sea")]
-    engine = Engine(model, tok, window_s=1.0, precision=precision)
+    engine = Decoder(model, tok, window_s=1.0, precision=precision)
     boxes = [queue.Queue() for _ in prompts]
     for ids, box in zip(prompts, boxes, strict=True):
         engine.submit(Request(ids, 8, box.put, temperature=0.0))
@@ -406,7 +406,7 @@ def zero3_lora(cases: Cases, device: torch.device, policy: Path, held: dict, com
     import os
 
     from stages import reward_model
-    from stages.runtime import distributed as dist
+    from stages.runtime import process_group as dist
     from stages.settings.distributed import DistributedConfig
     from stages.settings.models import PeftConfig, Tuning
 

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 import flows  # (environment: project-local Prefect home, telemetry off)
 from flows.config import register
+from flows.launch import prefect_server
 
 register()
 
@@ -79,7 +80,7 @@ def run(argv: list[str]) -> None:
         os.environ["ALIGNFLOW_DEBUG"] = "1"
         os.environ["HYDRA_FULL_ERROR"] = "1"
     if "-m" in argv or "--multirun" in argv:  # a sweep computes: its jobs share one server, booting now
-        flows.prestart_prefect_server()
+        prefect_server.prestart()
     sys.argv = ["alignflow align", *argv]
     main()
     flows.exit_now(0)

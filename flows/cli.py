@@ -109,13 +109,13 @@ COMMANDS: dict[str, tuple[str, Callable[[list[str]], None], bool]] = {
     ),
     "serve-model": (
         "serve the champion (or --source) behind an OpenAI-compatible API on 127.0.0.1",
-        _argv("flows.ops.serve_model"),
+        _argv("flows.serving.openai_server"),
         False,
     ),
-    "chat": ("chat in the terminal with the champion (or --source), streaming", _argv("flows.ops.chat"), False),
+    "chat": ("chat in the terminal with the champion (or --source), streaming", _argv("flows.serving.chat"), False),
     "export": (
         "write the champion (or --source) as a plain Hugging Face folder with its model card",
-        _argv("flows.ops.export"),
+        _argv("flows.serving.export"),
         False,
     ),
     "ui": ("serve the MLflow UI of the artifacts folder on 127.0.0.1", _ui, False),

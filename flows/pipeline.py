@@ -31,7 +31,7 @@ import flows
 from flows.branches import BRANCHES
 from flows.config import PIPELINES, Config
 from flows.fingerprint import Fingerprints
-from flows.launch import backends, launch
+from flows.launch import backends, launch, prefect_server
 from flows.launch.resources import (
     SWEEP_RUN_ENV,
     cap_threads,
@@ -296,7 +296,7 @@ def run_job(cfg: Config) -> float | None:
         launch.accelerator_env(os.environ, cfg.compute.device)  # before DeepSpeed is first imported
         check_before_compute(cfg)
     # Prefect records the run when a server is up; a temporary one starts only when a stage must run
-    recorded = flows.prefect_server(must_run=lambda: not everything_cached, local=cfg.schedule.api_url)
+    recorded = prefect_server.choose(must_run=lambda: not everything_cached, local=cfg.schedule.api_url)
     try:
         if recorded:
             flow = align_flow()

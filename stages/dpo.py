@@ -53,9 +53,9 @@ from stages.preference.losses import group_loss
 from stages.preference.rankings import encode_rankings, preference_pairs
 from stages.preference.scorers import implicit_reward_accuracy
 from stages.runtime import checkpoints
-from stages.runtime import distributed as dist
-from stages.runtime.distributed import Engine
+from stages.runtime import process_group as dist
 from stages.runtime.manifest import Manifest, folder_digest, read_jsonl
+from stages.runtime.process_group import Engine
 from stages.runtime.tracking import TRAINER_ARGS, log_metrics, trainer_callback
 from stages.runtime.training import TrainingLoop
 from stages.settings.distributed import DistributedConfig

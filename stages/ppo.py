@@ -44,7 +44,7 @@ from stages.rl.rollout import check
 from stages.rl.scoring import Scores, make_scorer
 from stages.rl.watch import Watch
 from stages.runtime import checkpoints, diagnostics
-from stages.runtime import distributed as dist
+from stages.runtime import process_group as dist
 from stages.runtime.manifest import Manifest, folder_digest, read_jsonl, write_jsonl
 from stages.runtime.progress import progress
 from stages.runtime.tracking import log_metrics

@@ -43,9 +43,9 @@ from stages.preference.losses import ranking_loss, soft_preference_loss
 from stages.preference.rankings import encode_rankings, ranking_pairs
 from stages.preference.scorers import Normalization, pairwise_accuracy, pairwise_counts, score_encoded
 from stages.preference.validity import wilson
-from stages.runtime import distributed as dist
-from stages.runtime.distributed import Engine
+from stages.runtime import process_group as dist
 from stages.runtime.manifest import Manifest, folder_digest, read_jsonl
+from stages.runtime.process_group import Engine
 from stages.runtime.tracking import log_metrics
 from stages.runtime.training import TrainingLoop
 from stages.settings.distributed import DistributedConfig

@@ -23,7 +23,7 @@ from stages.data.tokens import fit_rows, prompt_ids, resolve_budget, response_id
 from stages.models.modeling import load_tokenizer, model_context, save_tokenizer
 from stages.models.tuning import export, load, trainer_setup
 from stages.runtime import checkpoints
-from stages.runtime import distributed as dist
+from stages.runtime import process_group as dist
 from stages.runtime.manifest import Manifest, folder_digest, read_jsonl
 from stages.runtime.tracking import TRAINER_ARGS, log_metrics, trainer_callback
 from stages.settings.distributed import DistributedConfig
@@ -69,7 +69,7 @@ def run(
     distributed: DistributedConfig | None = None,
 ) -> Manifest:
     """`checkpoint_dir`: trl's checkpoints go there, and a killed attempt's last complete one is resumed.
-    `distributed`: this process is one rank of a group (`stages/runtime/distributed.py`); the global batch
+    `distributed`: this process is one rank of a group (`stages/runtime/process_group.py`); the global batch
     stays `batch_size`, and trl runs under DDP or DeepSpeed ZeRO (its checkpoints in DeepSpeed's format)."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer

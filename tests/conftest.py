@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import flows  # noqa: E402,F401  (project-local Prefect home, telemetry off)
+from flows.launch import prefect_server  # noqa: E402
 from flows.launch.launch import free_port  # noqa: E402,F401  (for the orchestration tests)
 
 
@@ -216,7 +217,7 @@ def pytest_configure(config):
         return
     if "not slow" in (config.option.markexpr or ""):
         return
-    flows.prestart_prefect_server()
+    prefect_server.prestart()
 
 
 def without_session_server(env: dict | None = None) -> dict:

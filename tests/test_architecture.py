@@ -1,6 +1,7 @@
 """The layout shows the architecture, and the import-linter contracts in pyproject.toml keep it so."""
 
 import ast
+import collections
 import re
 import shutil
 import subprocess
@@ -80,3 +81,16 @@ def broken_contracts(report: str) -> str:
     """The names of the contracts the linter's summary calls BROKEN, joined (names wrap across lines)."""
     summary = " ".join(report.split("Analyzed", 1)[1].split("Contracts:", 1)[0].split())
     return " | ".join(name for name, verdict in re.findall(r"(.*?) (KEPT|BROKEN)", summary) if verdict == "BROKEN")
+
+
+def test_no_two_modules_or_classes_share_a_name():
+    """One name, one thing: a module name or a class name is used once across stages/, flows/ and bench/
+    (the serving decoder is `Decoder`, the training engine `Engine`; policies are not data sources)."""
+    modules = collections.Counter()
+    classes = collections.Counter()
+    for path in [p for top in ("stages", "flows", "bench") for p in (ROOT / top).rglob("*.py")]:
+        if path.name != "__init__.py":
+            modules[path.stem] += 1
+        classes.update(n.name for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ClassDef))
+    assert [m for m, n in modules.items() if n > 1] == []
+    assert [c for c, n in classes.items() if n > 1] == []

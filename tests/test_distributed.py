@@ -14,7 +14,7 @@ import torch
 
 from flows.launch import launch
 from stages.rl import ppo_math as pm
-from stages.runtime import distributed as dist
+from stages.runtime import process_group as dist
 from stages.settings.distributed import DistributedConfig, refusal
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from bench.faults import HOOKS, harness, plan
+from bench.fault_harness import HOOKS, harness, plan
 from stages.runtime.manifest import clear_abandoned, publish, staging_folder
 
 

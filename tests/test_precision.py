@@ -9,7 +9,7 @@ from stages import ppo
 from stages.rl import ppo_math as pm
 from stages.rl import ppo_update
 from stages.runtime import tracking
-from stages.runtime.distributed import engine_precision, trainer_args
+from stages.runtime.process_group import engine_precision, trainer_args
 from stages.settings.distributed import DistributedConfig
 from stages.settings.models import ComputeConfig, PeftConfig, Tuning
 

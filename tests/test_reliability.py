@@ -129,7 +129,10 @@ def _listening(pid: int) -> set[str]:
 
 
 def test_the_prestarted_prefect_server_binds_to_loopback_only():
-    code = "import flows, time; flows.prestart_prefect_server()(); print('up', flush=True); time.sleep(60)"
+    code = (
+        "import time; from flows.launch import prefect_server; "
+        "prefect_server.prestart()(); print('up', flush=True); time.sleep(60)"
+    )
     env = without_session_server()
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
     try:

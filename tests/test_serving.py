@@ -37,7 +37,7 @@ def policy(tmp_path_factory):
 def _events(engine, request_kwargs: dict):
     import queue
 
-    from flows.ops.engine import Done, Request
+    from flows.serving.decoder import Done, Request
 
     got: queue.Queue = queue.Queue()
     engine.submit(Request(emit=got.put, **request_kwargs))
@@ -49,7 +49,7 @@ def _events(engine, request_kwargs: dict):
 
 
 def test_the_batched_decoder_matches_generate_row_by_row_and_reports_true_logprobs(policy):
-    from flows.ops.engine import Engine
+    from flows.serving.decoder import Decoder
     from stages.models.modeling import load_causal_lm, load_tokenizer
 
     tok, model = load_tokenizer(policy), load_causal_lm(policy).eval()
@@ -57,7 +57,7 @@ def test_the_batched_decoder_matches_generate_row_by_row_and_reports_true_logpro
     ids = [tok(p)["input_ids"] for p in prompts]
     # a batch starts when it is full or its window closes: with room for exactly three and a window no
     # loaded machine reaches, the three decode as one batch because all three arrived, not by timing
-    engine = Engine(model, tok, max_batch=3, window_s=120.0)
+    engine = Decoder(model, tok, max_batch=3, window_s=120.0)
     results = [None] * 3
 
     def ask(i):
@@ -89,11 +89,11 @@ def test_the_batched_decoder_matches_generate_row_by_row_and_reports_true_logpro
 
 
 def test_a_stop_string_ends_the_answer_before_it_and_is_never_streamed(policy):
-    from flows.ops.engine import Engine
+    from flows.serving.decoder import Decoder
     from stages.models.modeling import load_causal_lm, load_tokenizer
 
     tok, model = load_tokenizer(policy), load_causal_lm(policy)
-    engine = Engine(model, tok)
+    engine = Decoder(model, tok)
     ids = tok("Hello there")["input_ids"]
     free = _events(engine, {"ids": ids, "max_tokens": 8, "temperature": 0.0})[-1].text
     stop = free[len(free) // 2 : len(free) // 2 + 3]  # three characters from the middle of the free answer
@@ -277,7 +277,7 @@ def test_the_decoder_samples_on_the_device_and_copies_a_few_numbers_to_the_host_
 
     from torch.overrides import TorchFunctionMode
 
-    from flows.ops.engine import Engine
+    from flows.serving.decoder import Decoder
     from stages.models.modeling import load_causal_lm, load_tokenizer
 
     class Copies(TorchFunctionMode):
@@ -289,16 +289,16 @@ def test_the_decoder_samples_on_the_device_and_copies_a_few_numbers_to_the_host_
             out = func(*args, **(kwargs or {}))
             name = getattr(func, "__name__", "")
             if name in {"item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__"}:
-                if sys._getframe(1).f_code.co_filename.endswith("flows/ops/engine.py"):
+                if sys._getframe(1).f_code.co_filename.endswith("flows/serving/decoder.py"):
                     numel = out.numel() if isinstance(out, torch.Tensor) else len(args[0].reshape(-1))
                     self.calls.append((name, numel))
             return out
 
     copies = Copies()
-    original = Engine.decode
-    monkeypatch.setattr(Engine, "decode", lambda self, batch: _under(copies, original, self, batch))
+    original = Decoder.decode
+    monkeypatch.setattr(Decoder, "decode", lambda self, batch: _under(copies, original, self, batch))
     tok, model = load_tokenizer(policy), load_causal_lm(policy).eval()
-    engine = Engine(model, tok, max_batch=1, window_s=0.0)
+    engine = Decoder(model, tok, max_batch=1, window_s=0.0)
     runs = []
     for _ in range(2):
         runs.append(_events(engine, {"ids": tok("Hello there")["input_ids"], "max_tokens": 5, "seed": 7,
@@ -320,12 +320,12 @@ def app_client(policy):
     """The server's app in process (Starlette's TestClient), with small limits, on its own engine."""
     from fastapi.testclient import TestClient
 
-    from flows.ops.engine import Engine
-    from flows.ops.serve_model import Limits, build_app
+    from flows.serving.decoder import Decoder
+    from flows.serving.openai_server import Limits, build_app
     from stages.models.modeling import load_causal_lm, load_tokenizer
 
     tok, model = load_tokenizer(policy), load_causal_lm(policy).eval()
-    engine = Engine(model, tok, max_batch=4, window_s=0.05)
+    engine = Decoder(model, tok, max_batch=4, window_s=0.05)
     limits = Limits(body_bytes=4096, choices=6, waiting=8)
     with TestClient(build_app(engine, tok, "tiny", 512, None, 8, limits), raise_server_exceptions=False) as client:
         yield client, engine
@@ -383,7 +383,7 @@ def test_a_poisoned_request_fails_alone_and_the_batch_beside_it_is_answered(poli
     holds a marked prompt) gets its error; the requests batched with it are decoded again and answered."""
     import queue
 
-    from flows.ops.engine import Done, Engine, Request
+    from flows.serving.decoder import Decoder, Done, Request
     from stages.models.modeling import load_causal_lm, load_tokenizer
 
     tok, model = load_tokenizer(policy), load_causal_lm(policy).eval()
@@ -396,7 +396,7 @@ def test_a_poisoned_request_fails_alone_and_the_batch_beside_it_is_answered(poli
         return forward(*args, input_ids=input_ids, **kwargs)
 
     monkeypatch.setattr(model, "forward", fragile)
-    engine = Engine(model, tok, max_batch=3, window_s=120.0)  # the three decode as one batch
+    engine = Decoder(model, tok, max_batch=3, window_s=120.0)  # the three decode as one batch
     boxes = [queue.Queue() for _ in range(3)]
     prompts = ["the garden", "poison here", "tell me"]
     for text, box in zip(prompts, boxes, strict=True):
@@ -419,13 +419,13 @@ def test_a_large_body_being_tokenised_does_not_block_health(policy):
 
     import httpx
 
-    from flows.ops.engine import Engine
-    from flows.ops.serve_model import Limits, build_app
+    from flows.serving.decoder import Decoder
+    from flows.serving.openai_server import Limits, build_app
     from stages.models.modeling import load_causal_lm, load_tokenizer
 
     tok, model = load_tokenizer(policy), load_causal_lm(policy).eval()
     slow = _SlowTokenizer(tok, seconds=1.5)
-    engine = Engine(model, tok, max_batch=2, window_s=0.0)
+    engine = Decoder(model, tok, max_batch=2, window_s=0.0)
     app = build_app(engine, slow, "tiny", 512, None, 2, Limits())
 
     async def scenario():

@@ -15,8 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-import flows
 from flows.config import ScheduleConfig
+from flows.launch import prefect_server
 from flows.ops.serve import DATA_RESOURCE
 
 
@@ -54,7 +54,7 @@ def main(argv: list[str]) -> None:
     if missing:
         raise SystemExit(f"error: not a file: {', '.join(missing)}")
     try:
-        flows.ping(args.api_url)
+        prefect_server.ping(args.api_url)
     except OSError:
         raise SystemExit(f"error: no Prefect server answers at {args.api_url}; is `make serve` running?") from None
     asyncio.run(emit(paths, args.event, args.api_url))

@@ -23,6 +23,7 @@ from typing import Any
 from prefect import flow
 
 import flows
+from flows.launch import prefect_server
 
 DATA_RESOURCE = "alignflow.data"  # events' resource ids: alignflow.data.<absolute path>
 
@@ -67,8 +68,8 @@ def ensure_server(api_url: str):
 
     url = os.environ.setdefault("PREFECT_API_URL", api_url)
     try:
-        flows.ping(url)
-        flows.refresh_prefect_settings()
+        prefect_server.ping(url)
+        prefect_server.refresh_settings()
         return None
     except OSError:
         pass
@@ -81,10 +82,10 @@ def ensure_server(api_url: str):
         env={**os.environ, "PREFECT_UI_ENABLED": "false"},
         preexec_fn=flows.die_with_parent,
     )
-    flows.wait_for_url(url, proc)
+    prefect_server.wait_for_url(url, proc)
     # This module imported Prefect before the URL was chosen: without this, `serve` registered the
     # deployment on a temporary server of its own, where the trigger's runs were cancelled (no slot).
-    flows.refresh_prefect_settings()
+    prefect_server.refresh_settings()
     print(f"started a Prefect server at {url}", flush=True)
     return proc
 

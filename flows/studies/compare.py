@@ -33,6 +33,7 @@ from pathlib import Path
 import psutil
 
 import flows
+from flows.launch import prefect_server
 
 # DPO with the paper's listwise Plackett-Luce loss (2.5x faster than trl's pairs here, and the best
 # in `bench.dpo_variants`), at tighter leashes than the paper's 0.1, which drifted to 3.4 nats/token of KL
@@ -161,7 +162,7 @@ def main(argv: list[str]) -> dict:
     args, extra = parser.parse_known_args(argv)
     betas = [float(b) for b in args.dpo_betas.split(",")]
     artifacts = next((a.split("=", 1)[1] for a in extra if a.startswith("artifacts_dir=")), "artifacts")
-    flows.prestart_prefect_server()()  # one server records every branch's process (each would boot its own)
+    prefect_server.prestart()()  # one server records every branch's process (each would boot its own)
     t0 = time.perf_counter()
     # prepare, sft, comparisons and the reward model first: every row's process then starts from the same
     # cached upstream, so each own stage pays the same start-up (imports) and is timed alike

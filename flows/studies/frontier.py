@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import flows
+from flows.launch import prefect_server
 from flows.studies.sweep import collect, plot_frontier
 
 BRANCHES = {"rlhf": "stage.ppo.beta", "dpo": "stage.dpo.beta"}
@@ -88,7 +89,7 @@ def main(argv: list[str]) -> Path:
     args, overrides = parser.parse_known_args(argv)
     artifacts = next((o.split("=", 1)[1] for o in overrides if o.startswith("artifacts_dir=")), "artifacts")
     folder = Path(artifacts, "frontier", time.strftime("%Y%m%d-%H%M%S")).resolve()
-    flows.prestart_prefect_server()()  # one server for both sweeps (each would boot its own)
+    prefect_server.prestart()()  # one server for both sweeps (each would boot its own)
     for branch, betas in (("rlhf", args.ppo_betas), ("dpo", args.dpo_betas)):
         sweep(branch, betas, args.jobs, folder / branch, overrides)
     from flows.config import Config

@@ -30,7 +30,7 @@ _NUMBER = re.compile(r"-?\d+")
 
 
 @dataclass(frozen=True)
-class Example:
+class ArithmeticExample:
     prompt: str
     response: str
     correct: bool
@@ -83,14 +83,14 @@ def response(rng: random.Random, prompt: str, correct: bool) -> str:
     return ANSWER.format(rng.choice(wrong))
 
 
-def make_demonstrations(n: int, seed: int, pool: list[str]) -> list[Example]:
+def make_demonstrations(n: int, seed: int, pool: list[str]) -> list[ArithmeticExample]:
     """`n` demonstrations on prompts from `pool`, a share `DEMO_ACCURACY` of them right."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         prompt = rng.choice(pool)
         correct = rng.random() < DEMO_ACCURACY
-        out.append(Example(prompt, response(rng, prompt, correct), correct))
+        out.append(ArithmeticExample(prompt, response(rng, prompt, correct), correct))
     return out
 
 

@@ -36,7 +36,7 @@ SIZE = 16
 
 
 @dataclass(frozen=True)
-class Example:
+class ShapesExample:
     prompt: list[dict]
     colour: str
     response: str
@@ -97,13 +97,13 @@ def exact_match(prompt: list[dict], response: str) -> float:
     return float(final_colour(response) == colour_in(open_image(images[0])))
 
 
-def make_demonstrations(n: int, seed: int) -> list[Example]:
+def make_demonstrations(n: int, seed: int) -> list[ShapesExample]:
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         p, colour = prompt(rng)
         said = colour if rng.random() < DEMO_ACCURACY else rng.choice([c for c in COLOURS if c != colour])
-        out.append(Example(p, colour, ANSWER.format(said)))
+        out.append(ShapesExample(p, colour, ANSWER.format(said)))
     return out
 
 

@@ -47,7 +47,7 @@ def vocabulary() -> list[str]:
 
 
 @dataclass(frozen=True)
-class Example:
+class WordsExample:
     prompt: str
     topic: str
     response: str
@@ -106,12 +106,12 @@ def make_response(rng: random.Random, topic: str, quality: float, target_len: in
     return " ".join(words)
 
 
-def make_demonstrations(n: int, seed: int, *, target_len: int = 6) -> list[Example]:
+def make_demonstrations(n: int, seed: int, *, target_len: int = 6) -> list[WordsExample]:
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         prompt, topic = make_prompt(rng)
-        out.append(Example(prompt, topic, make_response(rng, topic, rng.random(), target_len)))
+        out.append(WordsExample(prompt, topic, make_response(rng, topic, rng.random(), target_len)))
     return out
 
 

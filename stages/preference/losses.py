@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from stages.preference.rankings import ranking_pairs
-from stages.runtime import distributed as dist
+from stages.runtime import process_group as dist
 from stages.settings.recipe import DpoConfig
 
 

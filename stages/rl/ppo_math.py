@@ -14,7 +14,7 @@ from stages.settings.recipe import CRITIC_FREE, ESTIMATOR_RECORDS
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, total=None) -> torch.Tensor:
     """Mean over the unmasked entries. `total(t)`: `t` summed over the ranks of a process group, so the
-    mean is the whole global batch's (`stages.runtime.distributed.all_reduce_sum`)."""
+    mean is the whole global batch's (`stages.runtime.process_group.all_reduce_sum`)."""
     if total is None:
         return (x * mask).sum() / mask.sum().clamp(min=1)
     sums = total(torch.stack([(x * mask).sum(), mask.sum().to(x.dtype)]))

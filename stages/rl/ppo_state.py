@@ -17,8 +17,8 @@ from stages.rl import ppo_math as pm
 from stages.rl.ppo_models import FullCopies, SharedBase
 from stages.rl.rollout import HfRollout, VllmRollout
 from stages.rl.watch import Watch
-from stages.runtime import distributed as dist
-from stages.runtime.distributed import Engine
+from stages.runtime import process_group as dist
+from stages.runtime.process_group import Engine
 from stages.runtime.training import TrainingLoop
 from stages.settings.distributed import DistributedConfig
 from stages.settings.models import Tuning

@@ -17,7 +17,7 @@ from stages.models.modeling import Rollout, lm_loss
 from stages.rl import dynamic_sampling
 from stages.rl import ppo_math as pm
 from stages.rl.ppo_state import PpoState
-from stages.runtime import distributed as dist
+from stages.runtime import process_group as dist
 from stages.runtime.errors import NonFiniteStop
 from stages.settings.recipe import PpoConfig
 

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from stages.runtime import checkpoints
-from stages.runtime import distributed as dist
-from stages.runtime.distributed import Engine
+from stages.runtime import process_group as dist
+from stages.runtime.process_group import Engine
 from stages.runtime.progress import progress
 from stages.runtime.tracking import log_metrics
 

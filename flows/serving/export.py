@@ -27,31 +27,31 @@ from pathlib import Path
 from typing import Any
 
 import flows  # noqa: F401  (environment: telemetry off)
-from flows.ops import sources
+from flows.serving import policies
 from stages.models import houlsby
 from stages.runtime.errors import ExpectedFailure
 
 
-def export(policy: sources.Policy, out: Path, *, trust_remote_code: bool = False, device: str = "cpu") -> Path:
+def export(policy: policies.Policy, out: Path, *, trust_remote_code: bool = False, device: str = "cpu") -> Path:
     from stages.models.modeling import check_model_folder, save_tokenizer
 
     folder = policy.folder
     if (folder / houlsby.CONFIG).is_file():
-        raise sources.SourceError(
+        raise policies.SourceError(
             f"{folder}: a Houlsby-adapted policy; its bottleneck modules load only through alignflow's loader, "
             "so it has no plain from_pretrained form (train with peft=lora or peft=full to export)"
         )
     if (folder / "adapter_config.json").is_file() and not any(folder.glob("model*.safetensors")):
-        raise sources.SourceError(f"{folder}: an adapter alone; export its stage's merged policy folder instead")
+        raise policies.SourceError(f"{folder}: an adapter alone; export its stage's merged policy folder instead")
     check_model_folder(folder)
     out = Path(out).resolve()
     check_out(out)
-    model, tokenizer, _ = sources.load(policy, trust_remote_code=trust_remote_code, device=device)  # + chat template
+    model, tokenizer, _ = policies.load(policy, trust_remote_code=trust_remote_code, device=device)  # + chat template
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     except OSError as e:
-        raise sources.SourceError(f"--out {out}: cannot write there: {e.strerror or e}") from None
+        raise policies.SourceError(f"--out {out}: cannot write there: {e.strerror or e}") from None
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         save_tokenizer(tokenizer, tmp)
@@ -70,24 +70,24 @@ def check_out(out: Path) -> None:
     """Refuse, before the model loads, an `--out` that cannot become a new folder: a file, a folder
     that is not empty, a path under a file, or a place this user cannot write."""
     if out.is_file():
-        raise sources.SourceError(f"--out {out}: is a file; give a new folder")
+        raise policies.SourceError(f"--out {out}: is a file; give a new folder")
     if out.is_dir() and any(out.iterdir()):
-        raise sources.SourceError(f"--out {out}: exists and is not empty; choose a new folder")
+        raise policies.SourceError(f"--out {out}: exists and is not empty; choose a new folder")
     parent = next(p for p in out.parents if p.exists())
     if not parent.is_dir():
-        raise sources.SourceError(f"--out {out}: lies under {parent}, which is a file")
+        raise policies.SourceError(f"--out {out}: lies under {parent}, which is a file")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise sources.SourceError(f"--out {out}: {parent} is not writable by this user")
+        raise policies.SourceError(f"--out {out}: {parent} is not writable by this user")
 
 
-def _evaluation(policy: sources.Policy) -> dict[str, Any]:
+def _evaluation(policy: policies.Policy) -> dict[str, Any]:
     eval_json = Path(policy.tags.get("alignflow.eval_json", ""))
     if not eval_json.is_file():  # exported from a folder, not a registered version
         return {}
     return json.loads(eval_json.read_text())
 
 
-def _provenance(policy: sources.Policy) -> dict[str, Any]:
+def _provenance(policy: policies.Policy) -> dict[str, Any]:
     return {
         "source": str(policy.folder),
         "label": policy.label,
@@ -109,7 +109,7 @@ def _figures(result: dict[str, Any]) -> list[str]:
     return rows
 
 
-def model_card(policy: sources.Policy) -> str:
+def model_card(policy: policies.Policy) -> str:
     lineage, tags = policy.lineage, policy.tags
     lines = [
         "---",
@@ -158,7 +158,7 @@ def model_card(policy: sources.Policy) -> str:
     return "\n".join(lines) + "\n"
 
 
-def log_to_mlflow(folder: Path, policy: sources.Policy, uri: str, experiment: str) -> str:
+def log_to_mlflow(folder: Path, policy: policies.Policy, uri: str, experiment: str) -> str:
     """Log `folder` as an MLflow `transformers` model (a text-generation pipeline) in a run of its own;
     returns its model URI. The requirements are given, not inferred: MLflow's inference imports
     packages (torchvision) that a text model does not need."""
@@ -184,7 +184,7 @@ def log_to_mlflow(folder: Path, policy: sources.Policy, uri: str, experiment: st
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="alignflow export", description=__doc__.split("\n\n")[0])
-    sources.add_arguments(parser)
+    policies.add_arguments(parser)
     parser.add_argument("--out", required=True, help="the folder to write (new or empty)")
     parser.add_argument("--experiment", default="alignflow", help="MLflow experiment of the export run")
     parser.add_argument("--no-mlflow", action="store_true", help="write the folder only")
@@ -192,11 +192,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--debug", action="store_true", help="show an expected failure's stack")
     args = parser.parse_args(argv)
     try:
-        policy = sources.resolve(args)
+        policy = policies.resolve(args)
         out = export(policy, Path(args.out), trust_remote_code=args.trust_remote_code, device=args.device)
         print(f"exported {policy.label} to {out}")
         if not args.no_mlflow:
-            uri = log_to_mlflow(out, policy, sources.tracking_uri(args), args.experiment)
+            uri = log_to_mlflow(out, policy, policies.tracking_uri(args), args.experiment)
             print(f"logged to MLflow as {uri} (`mlflow models serve -m {uri}`)")
     except ExpectedFailure as e:
         if args.debug:

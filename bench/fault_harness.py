@@ -12,7 +12,7 @@ the kill when
 - no `.tmp-*` folder is left and every manifest's digest matches its folder;
 - the MLflow database is readable, no run is RUNNING, and the killed run is KILLED or FAILED.
 
-    python -m bench.faults [--kills 20] [--seed 0]
+    python -m bench.fault_harness [--kills 20] [--seed 0]
 """
 
 from __future__ import annotations

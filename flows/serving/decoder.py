@@ -59,7 +59,7 @@ class Request:
     finished: bool = False  # set by the engine once its Done went out
 
 
-class Engine:
+class Decoder:
     def __init__(
         self, model, tokenizer, *, max_batch: int = 8, window_s: float = 0.02, precision: str = "fp32"
     ) -> None:

@@ -5,7 +5,7 @@ API on 127.0.0.1.
 
 - `--engine vllm`: vLLM's own OpenAI server (needs a CUDA GPU and the `vllm` package); `auto` picks it
   where both are present, else `transformers`: the FastAPI + uvicorn server here, on the batched
-  decoder of `flows/ops/engine.py`.
+  decoder of `flows/serving/decoder.py`.
 - Endpoints: `GET /v1/models`, `POST /v1/chat/completions` (the model's chat template), `POST
   /v1/completions` (raw text); `stream: true` answers as server-sent events ending in `data: [DONE]`.
   `max_tokens`, `temperature` (0: greedy), `top_p`, `n`, `stop`, `seed` and logprobs (chat:
@@ -41,8 +41,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import flows  # noqa: F401  (environment: telemetry off)
-from flows.ops import sources
-from flows.ops.engine import Delta, Done, Engine, Request
+from flows.serving import policies
+from flows.serving.decoder import Decoder, Delta, Done, Request
 from stages.runtime.errors import ExpectedFailure
 
 try:  # the request schemas need pydantic (a FastAPI dependency); the engine choice does not
@@ -118,7 +118,7 @@ class Limits:
 
 
 def build_app(
-    engine: Engine,
+    engine: Decoder,
     tokenizer,
     name: str,
     context: int,
@@ -449,7 +449,7 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def serve_vllm(policy: sources.Policy, args: argparse.Namespace, name: str) -> None:  # pragma: no cover (GPU)
+def serve_vllm(policy: policies.Policy, args: argparse.Namespace, name: str) -> None:  # pragma: no cover (GPU)
     env = dict(os.environ)
     if os.environ.get(args.api_key_env):
         env["VLLM_API_KEY"] = os.environ[args.api_key_env]  # by the environment, never on the command line
@@ -461,7 +461,7 @@ def serve_vllm(policy: sources.Policy, args: argparse.Namespace, name: str) -> N
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="alignflow serve-model", description=__doc__.split("\n\n")[0])
-    sources.add_arguments(parser)
+    policies.add_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--engine", choices=["auto", "vllm", "transformers"], default="auto")
@@ -480,7 +480,7 @@ def main(argv: list[str] | None = None) -> None:
         counts = (args.max_batch, args.max_tokens, args.max_body_bytes, args.max_choices, args.max_waiting)
         if min(counts) < 1 or not 0 < args.port < 65536:
             raise ServeError("--max-batch, --max-tokens and the --max-* limits must be >= 1, --port in 1..65535")
-        policy = sources.resolve(args)
+        policy = policies.resolve(args)
         name = args.served_name or args.model_name
         engine_kind = choose_engine(args.engine)
         if engine_kind == "vllm":
@@ -507,13 +507,15 @@ def check_port(host: str, port: int) -> None:
             ) from None
 
 
-def serve_transformers(policy: sources.Policy, args: argparse.Namespace, name: str) -> None:
+def serve_transformers(policy: policies.Policy, args: argparse.Namespace, name: str) -> None:
     import uvicorn
 
     check_port(args.host, args.port)
     remote = args.trust_remote_code
-    model, tokenizer, context = sources.load(policy, threads=args.threads, trust_remote_code=remote, device=args.device)
-    engine = Engine(model, tokenizer, max_batch=args.max_batch)
+    model, tokenizer, context = policies.load(
+        policy, threads=args.threads, trust_remote_code=remote, device=args.device
+    )
+    engine = Decoder(model, tokenizer, max_batch=args.max_batch)
     key = os.environ.get(args.api_key_env) or None
     limits = Limits(body_bytes=args.max_body_bytes, choices=args.max_choices, waiting=args.max_waiting)
     app = build_app(engine, tokenizer, name, context, key, args.max_tokens, limits)

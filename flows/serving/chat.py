@@ -16,8 +16,8 @@ import sys
 import time
 
 import flows  # noqa: F401  (environment: telemetry off)
-from flows.ops import sources
-from flows.ops.engine import Delta, Done, Engine, Request
+from flows.serving import policies
+from flows.serving.decoder import Decoder, Delta, Done, Request
 from stages.runtime.errors import ExpectedFailure
 
 HELP = "/reset starts a new conversation, /exit leaves"
@@ -36,7 +36,7 @@ def fit(tokenizer, history: list[dict], context: int, min_room: int = 16) -> lis
         del history[turns[0] : turns[1] + 1 if len(turns) > 1 else turns[0] + 1]
 
 
-def answer(engine: Engine, ids: list[int], args: argparse.Namespace, room: int, out) -> Done:
+def answer(engine: Decoder, ids: list[int], args: argparse.Namespace, room: int, out) -> Done:
     events: queue.Queue = queue.Queue()
     engine.submit(Request(ids, max(1, min(args.max_tokens, room)), events.put, temperature=args.temperature,
                           top_p=args.top_p, seed=args.seed))  # fmt: skip
@@ -53,7 +53,7 @@ def answer(engine: Engine, ids: list[int], args: argparse.Namespace, room: int, 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="alignflow chat", description=__doc__.split("\n\n")[0])
-    sources.add_arguments(parser)
+    policies.add_arguments(parser)
     parser.add_argument("--system", default=None, help="a system message at the head of every conversation")
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_tokens < 1:
-            raise sources.SourceError("--temperature must be >= 0, --top-p in (0, 1], --max-tokens >= 1")
-        policy = sources.resolve(args)
+            raise policies.SourceError("--temperature must be >= 0, --top-p in (0, 1], --max-tokens >= 1")
+        policy = policies.resolve(args)
         run(policy, args)
     except ExpectedFailure as e:
         if args.debug:
@@ -76,12 +76,14 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(1) from None
 
 
-def run(policy: sources.Policy, args: argparse.Namespace) -> None:
+def run(policy: policies.Policy, args: argparse.Namespace) -> None:
     from stages.data.tokens import prompt_ids
 
     remote = args.trust_remote_code
-    model, tokenizer, context = sources.load(policy, threads=args.threads, trust_remote_code=remote, device=args.device)
-    engine = Engine(model, tokenizer, max_batch=1, window_s=0.0)
+    model, tokenizer, context = policies.load(
+        policy, threads=args.threads, trust_remote_code=remote, device=args.device
+    )
+    engine = Decoder(model, tokenizer, max_batch=1, window_s=0.0)
     start = [{"role": "system", "content": args.system}] if args.system else []
     history = list(start)
     print(f"chatting with {policy.label}; {HELP}", flush=True)
