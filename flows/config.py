@@ -11,7 +11,7 @@ from typing import ClassVar
 
 from omegaconf import DictConfig, OmegaConf, ValidationError
 
-from stages.runtime.rules import COUNT, NONNEGATIVE, POSITIVE, UNIT, ConfigError, Rule, check_tree
+from stages.runtime.rules import COUNT, NONNEGATIVE, POSITIVE, UNIT, ConfigError, Rule, check_fields, check_tree
 from stages.settings.data import DataConfig
 from stages.settings.distributed import DistributedConfig, refusal
 from stages.settings.labeling import LabelerConfig
@@ -90,10 +90,8 @@ class PipelineConfig:
     RULES: ClassVar[dict[str, Rule]] = {"rounds": COUNT, "min_rm_accuracy": UNIT, "min_labeler_accuracy": UNIT}
 
     def __post_init__(self) -> None:
-        for key in ("min_rm_accuracy", "min_labeler_accuracy"):
-            if not 0.0 <= getattr(self, key) <= 1.0:
-                raise ValueError(f"pipeline.{key}: must be in [0, 1], got {getattr(self, key)}")
-        if self.rounds < 1 or (self.rounds > 1 and self.name != "dpo"):
+        check_fields(self, "pipeline.")
+        if self.rounds > 1 and self.name != "dpo":
             raise ValueError(f"pipeline.rounds: must be 1, or more with pipeline=dpo; got {self.rounds}")
         if self.name not in PIPELINES:
             raise ValueError(f"pipeline.name: {self.name!r} is not one of {sorted(PIPELINES)}")
@@ -131,8 +129,7 @@ class RegistryConfig:
     def __post_init__(self) -> None:
         if not self.metric.strip():
             raise ValueError("registry.metric: name a key of eval.json, e.g. win_rate or gold_policy.mean")
-        if self.margin < 0 or self.max_kl_per_token <= 0:
-            raise ValueError("registry.margin must be >= 0 and registry.max_kl_per_token > 0")
+        check_fields(self, "registry.")
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,13 @@ OFF_OR_COUNT = at_least(0)  # counts where 0 turns the feature off (checkpoint_e
 UNCONSTRAINED = Rule(unconstrained=True)  # seeds and signed offsets
 
 
+def check_fields(config: Any, prefix: str) -> None:
+    """`check_tree` for one config dataclass on its own (a stage's config built in a test or a REPL): its
+    numeric keys in their declared ranges, named under `prefix` (`stage.ppo.`). The one home of a range
+    stays the `RULES` table; a `__post_init__` calls this, then checks what spans fields."""
+    check_tree(type(config), config, prefix)
+
+
 def check_tree(schema: type, node: Any, prefix: str = "") -> None:
     """Raise `ConfigError` at the first numeric key of `node` outside its declared rule."""
     for key, value, rule in _values(schema, node, prefix):

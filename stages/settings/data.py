@@ -14,6 +14,7 @@ from stages.runtime.rules import (
     UNIT,
     Rule,
     between,
+    check_fields,
 )
 
 KINDS = ("demonstrations", "preferences", "rankings", "prompts", "unary", "text")
@@ -104,6 +105,7 @@ class DataConfig:
     }  # fmt: skip
 
     def __post_init__(self) -> None:
+        check_fields(self, "data.")
         if self.task not in EMBEDDED_GOLD:
             raise ValueError(f"data.task: {self.task!r} is not one of {', '.join(EMBEDDED_GOLD)}")
         if self.comparisons is not None and self.comparisons.kind not in ("preferences", "rankings", "unary"):
@@ -117,12 +119,6 @@ class DataConfig:
             ds = getattr(self, key)
             if ds is not None and ds.kind != "prompts":
                 raise ValueError(f"data.{key}.kind: {ds.kind!r} must be 'prompts'")
-        if not 0 < self.heldout_fraction < 1:
-            raise ValueError(f"data.heldout_fraction: must be in (0, 1), got {self.heldout_fraction}")
-        if not 0 <= self.eval_rm_fraction < 1:
-            raise ValueError(f"data.eval_rm_fraction: must be in [0, 1), got {self.eval_rm_fraction}")
-        if not 0 <= self.max_dropped_fraction <= 1:
-            raise ValueError(f"data.max_dropped_fraction: must be in [0, 1], got {self.max_dropped_fraction}")
 
     @property
     def is_embedded(self) -> bool:

@@ -11,6 +11,7 @@ from stages.runtime.rules import (
     COUNT,
     Rule,
     between,
+    check_fields,
 )
 
 MODES = ("single", "ddp", "zero2", "zero3", "zero3_offload")
@@ -46,8 +47,7 @@ class DistributedConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"distributed.mode: {self.mode!r} is not one of {', '.join(MODES)}")
-        if self.nproc_per_node < 1 or self.nnodes < 1:
-            raise ValueError("distributed.nproc_per_node and distributed.nnodes must be >= 1")
+        check_fields(self, "distributed.")
         if self.mode == "single" and self.world_size > 1:
             raise ValueError(
                 f"distributed.mode=single runs one process; {self.world_size} asked: use distributed=ddp or zero2/zero3"

@@ -15,6 +15,7 @@ from stages.runtime.rules import (
     UNCONSTRAINED,
     UNIT,
     Rule,
+    check_fields,
     one_of,
 )
 
@@ -68,10 +69,7 @@ class AiLabelerConfig:
             raise ValueError(f"labeler.ai.endpoint: {self.endpoint!r} is not 'chat' or 'completions'")
         if self.backend == "http" and not self.model:
             raise ValueError("labeler.ai.model: the http backend needs the served model's name")
-        if not 0.0 <= self.max_invalid_fraction <= 1.0:
-            raise ValueError(f"labeler.ai.max_invalid_fraction: must be in [0, 1], got {self.max_invalid_fraction}")
-        if self.concurrency < 1 or self.batch_size < 1 or self.max_retries < 0:
-            raise ValueError("labeler.ai: concurrency and batch_size must be >= 1, max_retries >= 0")
+        check_fields(self, "labeler.ai.")
         for i, shot in enumerate(self.few_shot):
             if shot.preferred not in (1, 2):
                 raise ValueError(f"labeler.ai.few_shot[{i}].preferred: must be 1 or 2, got {shot.preferred}")
@@ -94,5 +92,4 @@ class LabelerConfig:
     def __post_init__(self) -> None:
         if self.kind not in ("simulated", "file", "ai"):
             raise ValueError(f"labeler.kind: {self.kind!r} is not one of 'simulated', 'file', 'ai'")
-        if self.noise < 0:
-            raise ValueError(f"labeler.noise: must be >= 0, got {self.noise}")
+        check_fields(self, "labeler.")

@@ -17,6 +17,7 @@ from stages.runtime.rules import (
     Rule,
     at_least,
     between,
+    check_fields,
     one_of,
 )
 
@@ -82,6 +83,7 @@ class ComputeConfig:
     }  # fmt: skip
 
     def __post_init__(self) -> None:
+        check_fields(self, "compute.")
         if not DEVICE.fullmatch(self.device):
             raise ValueError(f"compute.device: {self.device!r} is not auto, cpu, cuda or cuda:N")
         for key, value, allowed in (
@@ -91,8 +93,6 @@ class ComputeConfig:
         ):
             if value not in allowed:
                 raise ValueError(f"compute.{key}: {value!r} is not one of {', '.join(allowed)}")
-        if not 0 < self.s2_group_ratio <= 1:
-            raise ValueError(f"compute.s2_group_ratio: must be in (0, 1], got {self.s2_group_ratio}")
         if self.s2_attention and self.attention != "sdpa":
             raise ValueError("compute.s2_attention: replaces sdpa while training; set compute.attention=sdpa")
 
@@ -130,8 +130,7 @@ class OptimConfig:
             raise ValueError(
                 f"optim.badam_switch_mode: {self.badam_switch_mode!r} is not one of {', '.join(SWITCH_MODES)}"
             )
-        if self.galore_rank <= 0 or self.galore_update_proj_gap <= 0 or self.badam_switch_every <= 0:
-            raise ValueError("optim: galore_rank, galore_update_proj_gap and badam_switch_every must be positive")
+        check_fields(self, "optim.")
 
 
 def check_optim(optim: OptimConfig, method: str) -> None:
@@ -194,14 +193,7 @@ class PeftConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"peft.method: {self.method!r} is not one of {', '.join(METHODS)}")
-        if self.method in ADAPTERS and self.r <= 0:
-            raise ValueError(f"peft.r: must be positive, got {self.r}")
-        if self.method == "freeze" and self.freeze_layers < 0:
-            raise ValueError(f"peft.freeze_layers: must be >= 0, got {self.freeze_layers}")
-        if self.method == "loraplus" and self.loraplus_ratio <= 0:
-            raise ValueError(f"peft.loraplus_ratio: must be positive, got {self.loraplus_ratio}")
-        if self.quant_bits not in (4, 8):
-            raise ValueError(f"peft.quant_bits: {self.quant_bits} is not 4 or 8")
+        check_fields(self, "peft.")
         if self.quant_method not in QUANT_METHODS:
             raise ValueError(f"peft.quant_method: {self.quant_method!r} is not one of {', '.join(QUANT_METHODS)}")
         if self.adapter_placement not in ADAPTER_PLACEMENTS:

@@ -19,6 +19,7 @@ from stages.runtime.rules import (
     Rule,
     at_least,
     between,
+    check_fields,
 )
 from stages.settings.models import POOLINGS
 
@@ -145,23 +146,13 @@ class DpoConfig:
     }  # fmt: skip
 
     def __post_init__(self) -> None:
+        check_fields(self, "stage.dpo.")
         if self.loss_type not in LOSSES:
             raise ValueError(f"stage.dpo.loss_type: {self.loss_type!r} is not one of {', '.join(LOSSES)}")
-        if self.beta <= 0:
-            raise ValueError(f"stage.dpo.beta: must be > 0, got {self.beta}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"stage.dpo.label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
         if self.loss_type == "exo_pair" and self.label_smoothing == 0.0:  # trl refuses it after the models load
             raise ValueError(
                 "stage.dpo.label_smoothing: loss_type=exo_pair needs it > 0 (EXO's epsilon; the paper uses 1e-3)"
             )
-        for key in ("simpo_beta", "kto_desirable_weight", "kto_undesirable_weight"):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"stage.dpo.{key}: must be > 0, got {getattr(self, key)}")
-        if self.simpo_gamma < 0 or self.orpo_lambda < 0:
-            raise ValueError("stage.dpo.simpo_gamma and stage.dpo.orpo_lambda must be >= 0")
-        if self.batch_size < 1 or self.epochs <= 0:
-            raise ValueError("stage.dpo: batch_size must be >= 1 and epochs > 0")
 
 
 @dataclass(frozen=True)
@@ -213,8 +204,7 @@ class ComparisonsConfig:
     }  # fmt: skip
 
     def __post_init__(self) -> None:
-        if self.k < 2:
-            raise ValueError(f"stage.comparisons.k: a ranking needs at least 2 responses, got {self.k}")
+        check_fields(self, "stage.comparisons.")  # k >= 2: a ranking needs at least 2 responses
 
 
 @dataclass(frozen=True)
@@ -241,12 +231,11 @@ class RewardModelConfig:
     }  # fmt: skip
 
     def __post_init__(self) -> None:
+        check_fields(self, "stage.reward_model.")
         if self.pooling not in POOLINGS:
             raise ValueError(f"stage.reward_model.pooling: {self.pooling!r} is not one of {', '.join(POOLINGS)}")
         if self.targets not in ("hard", "soft"):
             raise ValueError(f"stage.reward_model.targets: {self.targets!r} is not 'hard' or 'soft'")
-        if self.epochs < 1 or self.batch_prompts < 1:
-            raise ValueError("stage.reward_model: epochs and batch_prompts must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -344,13 +333,14 @@ class PpoConfig:
         return not self.estimator.critic
 
     def __post_init__(self) -> None:
+        check_fields(self, "stage.ppo.")
         if self.advantage not in ESTIMATORS:
             raise ValueError(f"stage.ppo.advantage: {self.advantage!r} is not one of {', '.join(ESTIMATORS)}")
         if self.kl_penalty not in ("reward", "loss"):
             raise ValueError(f"stage.ppo.kl_penalty: {self.kl_penalty!r} is not 'reward' or 'loss'")
-        if self.samples_per_prompt < 1 or self.rollouts_per_update % self.samples_per_prompt:
+        if self.rollouts_per_update % self.samples_per_prompt:
             raise ValueError(
-                f"stage.ppo.samples_per_prompt ({self.samples_per_prompt}) must be >= 1 and divide "
+                f"stage.ppo.samples_per_prompt ({self.samples_per_prompt}) must divide "
                 f"stage.ppo.rollouts_per_update ({self.rollouts_per_update})"
             )
         if self.advantage in GROUPED and self.samples_per_prompt < 2:
@@ -358,9 +348,6 @@ class PpoConfig:
                 f"stage.ppo.advantage={self.advantage} compares responses to one prompt: "
                 f"set stage.ppo.samples_per_prompt >= 2, got {self.samples_per_prompt}"
             )
-        for key in ("reward_function_weight", "reward_model_weight"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"stage.ppo.{key}: must be >= 0, got {getattr(self, key)}")
         if self.reward_function is not None and ":" not in self.reward_function:
             raise ValueError(
                 f"stage.ppo.reward_function: {self.reward_function!r} is not of the form package.module:name"
@@ -374,8 +361,6 @@ class PpoConfig:
                 f"stage.ppo.rollouts_per_update ({self.rollouts_per_update}) must be a multiple of "
                 f"stage.ppo.minibatch_size ({self.minibatch_size})"
             )
-        if self.beta < 0:
-            raise ValueError(f"stage.ppo.beta: must be >= 0, got {self.beta}")
         if self.layout not in ("full_copies", "shared_base"):
             raise ValueError(f"stage.ppo.layout: {self.layout!r} is not 'full_copies' or 'shared_base'")
         if self.kl_estimator not in ("k1", "k3"):
@@ -412,16 +397,10 @@ class PpoConfig:
                 f"stage.ppo.overlong_buffer ({self.overlong_buffer}) must be below stage.ppo.max_new_tokens "
                 f"({self.max_new_tokens})"
             )
-        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
-            raise ValueError(f"stage.ppo.ema_decay: must be in (0, 1) or null, got {self.ema_decay}")
         if self.select not in ("last", "judge_peak"):
             raise ValueError(f"stage.ppo.select: {self.select!r} is not 'last' or 'judge_peak'")
         if self.select == "judge_peak" and self.watch_every < 1:
             raise ValueError("stage.ppo.select=judge_peak needs stage.ppo.watch_every >= 1 (the judge's curve)")
-        if self.watch_every < 0 or self.watch_prompts < 1:
-            raise ValueError("stage.ppo.watch_every must be >= 0 and stage.ppo.watch_prompts >= 1")
-        if self.generation_batch_size is not None and self.generation_batch_size < 1:
-            raise ValueError(f"stage.ppo.generation_batch_size: must be >= 1 or null, got {self.generation_batch_size}")
 
 
 @dataclass(frozen=True)
@@ -474,8 +453,7 @@ class JudgeConfig:
     }  # fmt: skip
 
     def __post_init__(self) -> None:
-        if self.temperature <= 0 or not 0 <= self.salad_fraction <= 1:
-            raise ValueError("stage.judge: temperature must be > 0 and salad_fraction in [0, 1]")
+        check_fields(self, "stage.judge.")
 
 
 @dataclass(frozen=True)
@@ -495,10 +473,4 @@ class BestOfNConfig:
     }  # fmt: skip
 
     def __post_init__(self) -> None:
-        if self.n < 2:
-            raise ValueError(f"stage.best_of_n.n: a choice needs at least 2 responses, got {self.n}")
-        for key in ("prompts", "rounds", "batch_size"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"stage.best_of_n.{key}: must be >= 1, got {getattr(self, key)}")
-        if self.temperature <= 0:
-            raise ValueError(f"stage.best_of_n.temperature: must be > 0, got {self.temperature}")
+        check_fields(self, "stage.best_of_n.")  # n >= 2: a choice needs at least 2 responses
