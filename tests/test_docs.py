@@ -14,7 +14,15 @@ PATH = re.compile(r"`((?:stages|flows|bench|conf|tests|docs)/[\w./-]+?)(?::\w+)?
 
 def _build(root: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
-    cmd = [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(root / "site")]  # not --quiet: it hides the warnings --strict counts
+    cmd = [
+        sys.executable,
+        "-m",
+        "mkdocs",
+        "build",
+        "--strict",
+        "--site-dir",
+        str(root / "site"),
+    ]  # not --quiet: it hides the warnings --strict counts
     return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
 
 

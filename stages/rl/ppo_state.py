@@ -48,13 +48,6 @@ class PpoState:
             else SharedBase(policy, critic_init, cfg.temperature, tuning)
         )
         self.compute = tuning.compute
-        self.opt = optimizer(
-            self.models.module,
-            tuning,
-            lr=chosen_learning_rate("ppo", cfg.learning_rate, tuning.peft.method),
-            eps=1e-5,
-            weight_decay=0.01,
-        )  # torch AdamW default
         self.kl = pm.KLController(cfg.beta, cfg.kl_target, cfg.kl_horizon)  # beta's one home
         self.ema = {k: v.detach().clone() for k, v in self.models.policy_state().items()} if cfg.ema_decay else None
         self.history: list[dict[str, float]] = []
@@ -62,35 +55,14 @@ class PpoState:
         self.watch: Watch | None = None
         self.stopped: str | None = None  # why training stopped before `updates` (degenerate rollouts)
         self.rollout_policy = whole_copy(policy, tuning, self.device) if self.zero3 else None
-        micro = dist.per_rank(cfg.minibatch_size, "stage.ppo.minibatch_size")
-        if dist.per_rank(cfg.rollouts_per_update, "stage.ppo.rollouts_per_update") % cfg.samples_per_prompt:
-            raise ValueError(
-                "stage.ppo.samples_per_prompt must divide each process's share of stage.ppo.rollouts_per_update "
-                "(a prompt's group of responses stays on one rank)"
-            )
-        scaler = grad_scaler(tuning.compute)
-        self.engine = Engine(
-            Trained(self.models),
-            self.opt,
-            distributed,
-            micro_batch=micro,
-            clip=cfg.max_grad_norm,
-            scaler=scaler,
-            precision=tuning.compute.precision,
-        )
+        self.engine = _engine(cfg, tuning, self.models, distributed)
         self.opt = self.engine.opt
         self.loop = TrainingLoop("ppo", self.engine, steps=cfg.updates, seed=cfg.seed, checkpoint_dir=checkpoint_dir,
                                  checkpoint_every=cfg.checkpoint_every, unit="update")  # fmt: skip
         self.offload = cfg.offload_frozen
         if dist.world_size() > 1:  # each rank samples its own rollouts
             torch.manual_seed(cfg.seed + dist.rank())
-        trained = self.models.policy
-        if cfg.generation == "vllm":
-            self.rollout = VllmRollout(policy, trained, seed=cfg.seed + dist.rank())
-        else:
-            hf = {"batch_size": cfg.generation_batch_size, "static_cache": cfg.static_cache,
-                  "precision": tuning.compute.precision}  # fmt: skip
-            self.rollout = HfRollout(self.rollout_policy, trained, **hf) if self.zero3 else HfRollout(trained, **hf)
+        self.rollout = _rollout_engine(cfg, policy, self.models.policy, self.rollout_policy, tuning)
         if self.offload:
             self.frozen_to("cpu")
 
@@ -146,6 +118,30 @@ class PpoState:
         if self.watch is not None and extra.get("watch"):
             self.watch.points, self.watch.best = extra["watch"]["points"], extra["watch"]["best"]
         return True
+
+
+def _engine(cfg: PpoConfig, tuning: Tuning, models, distributed: DistributedConfig | None) -> Engine:
+    """The trained policy and value behind one optimizer (AdamW, eps 1e-5) in one process, DDP or ZeRO."""
+    opt = optimizer(models.module, tuning, lr=chosen_learning_rate("ppo", cfg.learning_rate, tuning.peft.method),
+                    eps=1e-5, weight_decay=0.01)  # fmt: skip
+    micro = dist.per_rank(cfg.minibatch_size, "stage.ppo.minibatch_size")
+    if dist.per_rank(cfg.rollouts_per_update, "stage.ppo.rollouts_per_update") % cfg.samples_per_prompt:
+        raise ValueError(
+            "stage.ppo.samples_per_prompt must divide each process's share of stage.ppo.rollouts_per_update "
+            "(a prompt's group of responses stays on one rank)"
+        )
+    return Engine(Trained(models), opt, distributed, micro_batch=micro, clip=cfg.max_grad_norm,
+                  scaler=grad_scaler(tuning.compute), precision=tuning.compute.precision)  # fmt: skip
+
+
+def _rollout_engine(cfg: PpoConfig, policy: Path, trained, whole, tuning: Tuning):
+    """Where rollouts come from: vLLM (weights synced per update), or transformers' generate on the trained
+    policy (under ZeRO-3 on `whole`, a whole copy synced from the gathered policy)."""
+    if cfg.generation == "vllm":
+        return VllmRollout(policy, trained, seed=cfg.seed + dist.rank())
+    hf = {"batch_size": cfg.generation_batch_size, "static_cache": cfg.static_cache,
+          "precision": tuning.compute.precision}  # fmt: skip
+    return HfRollout(whole, trained, **hf) if whole is not None else HfRollout(trained, **hf)
 
 
 class Trained(torch.nn.Module):
