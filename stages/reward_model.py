@@ -121,7 +121,6 @@ def run(
     log_metrics(fitted.metrics("rm/data"))
     partitioned = dist.partitioned(distributed)
     model, source = _initial_model(cfg, policy, tokenizer, tuning, partitioned)
-    pad = tokenizer.pad_token_id
     lr = chosen_learning_rate("reward_model", cfg.learning_rate, tuning.peft.method)
     opt = optimizer(model, tuning, lr=lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(rows) / cfg.batch_prompts)
@@ -143,35 +142,17 @@ def run(
     t0 = time.perf_counter()
     tail = _train(cfg, loop, engine, tokenizer, rows, encoded, lengths, held, budget, tuning)
     train_seconds = time.perf_counter() - t0
-    model.eval()
-    with torch.no_grad(), autocast(tuning.compute):  # 3. normalise: the SFT samples' mean reward becomes zero
-        bias = torch.cat(
-            [s for i in range(0, len(encoded), 64) for s in score_encoded(model, encoded[i : i + 64], pad, cfg.pooling)]
-        ).mean()
-        held_counts = pairwise_counts(model, tokenizer, held, cfg.pooling, budget=budget)
-        train_accuracy = pairwise_accuracy(model, tokenizer, rows, cfg.pooling, budget=budget)
-    hits, pairs = held_counts.get("all", (0.0, 0))
-    metrics = {
-        "rm/train/loss_last": loop.at["loss"],
-        "rm/train/loss_tail": sum(tail) / len(tail)
-        if tail
-        else loop.at["loss"],  # the last 10% of steps' mean: less noisy
-        "rm/train/accuracy": train_accuracy,
-        **{f"rm/eval/accuracy{'' if k == 'all' else '_' + k}": h / n for k, (h, n) in held_counts.items()},
-        # the held-out accuracy's 95% CI: what the flow's gate before PPO reads (pipeline.min_rm_accuracy)
-        "rm/eval/pairs": float(pairs),
-        "rm/eval/ci95_low": wilson(hits, pairs)[0],
-        "rm/eval/ci95_high": wilson(hits, pairs)[1],
-        "rm/bias": bias.item(),
-        "rm/tokens": float(loop.extra["tokens"]),
-        "rm/steps": float(loop.step_index),
+    metrics = _measures(cfg, loop, model, tokenizer, rows, encoded, held, budget, tuning) | {
+        "rm/train/loss_tail": sum(tail) / len(tail) if tail else loop.at["loss"],  # the last 10% of steps: less noisy
         "rm/train/seconds": train_seconds,  # the training loop alone (per-step time: over rm/steps - rm/resumed_from)
-        "rm/resumed_from": float(loop.resumed_from),
         **fitted.metrics("rm/data"),
     }
     adapter = out_dir / "adapter" if tuning.peft.adapters else None
     normalization = Normalization(
-        bias=bias.item(), pooling=cfg.pooling, max_prompt_length=budget.max_prompt_length, max_length=budget.max_length
+        bias=metrics["rm/bias"],
+        pooling=cfg.pooling,
+        max_prompt_length=budget.max_prompt_length,
+        max_length=budget.max_length,
     )
     with dist.gathered(model, distributed):  # ZeRO-3: the full weights, on every rank
         if dist.is_main():
@@ -193,6 +174,32 @@ def run(
         metrics=metrics,
         files={"model": "model", "normalization": "normalization.json", **({"adapter": "adapter"} if adapter else {})},
     )
+
+
+def _measures(cfg: RewardModelConfig, loop: TrainingLoop, model, tokenizer, rows, encoded, held, budget, tuning):
+    """The trained model's figures: its bias (3. normalise: the SFT samples' mean reward becomes zero),
+    train and held-out pairwise accuracy with the latter's 95% CI (the gate before PPO reads it)."""
+    model.eval()
+    pad = tokenizer.pad_token_id
+    with torch.no_grad(), autocast(tuning.compute):
+        bias = torch.cat(
+            [s for i in range(0, len(encoded), 64) for s in score_encoded(model, encoded[i : i + 64], pad, cfg.pooling)]
+        ).mean()
+        held_counts = pairwise_counts(model, tokenizer, held, cfg.pooling, budget=budget)
+        train_accuracy = pairwise_accuracy(model, tokenizer, rows, cfg.pooling, budget=budget)
+    hits, pairs = held_counts.get("all", (0.0, 0))
+    return {
+        "rm/train/loss_last": loop.at["loss"],
+        "rm/train/accuracy": train_accuracy,
+        **{f"rm/eval/accuracy{'' if k == 'all' else '_' + k}": h / n for k, (h, n) in held_counts.items()},
+        "rm/eval/pairs": float(pairs),
+        "rm/eval/ci95_low": wilson(hits, pairs)[0],
+        "rm/eval/ci95_high": wilson(hits, pairs)[1],
+        "rm/bias": bias.item(),
+        "rm/tokens": float(loop.extra["tokens"]),
+        "rm/steps": float(loop.step_index),
+        "rm/resumed_from": float(loop.resumed_from),
+    }
 
 
 class _Scores(torch.nn.Module):
