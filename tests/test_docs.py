@@ -38,7 +38,7 @@ def test_the_site_builds_strict(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "site" / "config-keys" / "index.html").exists()
     home = (tmp_path / "site" / "index.html").read_text()
-    assert "A tour of one run" in home and "gold policy 1.304" in home  # the README's tour, included
+    assert "A tour of one run" in home and "gold policy" in home  # the README's tour, included
 
 
 def test_a_broken_link_fails_the_build(tmp_path):

@@ -100,7 +100,7 @@ def test_kl_bound_warns_once(tiny_prepare, reward_model_dir, tmp_path):
     from stages import ppo
 
     cfg = ppo.PpoConfig(
-        updates=2, rollouts_per_update=8, minibatch_size=8, kl_warn=-1.0, learning_rate=1e-2, ema_decay=None
+        updates=2, rollouts_per_update=8, minibatch_size=8, kl_warn=1e-9, learning_rate=1e-2, ema_decay=None
     )
     with pytest.warns(UserWarning, match="stage.ppo.kl_warn") as record:
         run_ppo(cfg, tiny_prepare, reward_model_dir, tmp_path / "out")

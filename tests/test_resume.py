@@ -146,7 +146,7 @@ def test_a_nan_loss_stops_the_reward_model_naming_the_key(tiny_prepare, comparis
 
     with pytest.raises(FloatingPointError, match="lower stage.reward_model.learning_rate"):
         reward_model.run(
-            reward_model.RewardModelConfig(learning_rate=float("inf")),
+            reward_model.RewardModelConfig(learning_rate=1e30),  # finite (an inf is refused as a config), it diverges
             policy=tiny_prepare.file("base"),
             comparisons=Path(comparisons_dir, "comparisons.jsonl"),
             heldout=Path(comparisons_dir, "heldout_comparisons.jsonl"),

@@ -25,11 +25,11 @@ def main(spec_path: str) -> None:
 
     from flows.launch import launch
     from flows.launch.metrics import rank_sink
-    from stages.runtime import device_guard, distributed, tracking
+    from stages.runtime import device_guard, process_group, tracking
 
     folder = Path(spec_path).parent
     spec = pickle.loads(Path(spec_path).read_bytes())  # written by this flow's own task: trusted
-    rank = distributed.rank()
+    rank = process_group.rank()
     if rank != 0:
         os.environ["ALIGNFLOW_PROGRESS"] = "0"  # one bar: rank 0's
     (folder / f"rank{rank}.pid").write_text(str(os.getpid()))
@@ -37,13 +37,13 @@ def main(spec_path: str) -> None:
     cfg = spec["distributed"]
     out_dir = Path(spec["out_dir"]) if rank == 0 else Path(tempfile.mkdtemp(prefix=f"alignflow-rank{rank}-"))
     try:
-        distributed.init(cfg, launch.device_of(spec["configs"]))
+        process_group.init(cfg, launch.device_of(spec["configs"]))
         module = importlib.import_module(f"stages.{spec['stage']}")
         sink = rank_sink()
         logging = tracking.metrics_sink(sink) if sink is not None else contextlib.nullcontext()
         with device_guard.maybe_guard(f"{spec['stage']} (rank {rank})"), logging:
             manifest = module.run(*spec["configs"], **spec["kwargs"], out_dir=out_dir, distributed=cfg)
-        distributed.barrier()  # every rank finished: rank 0's artifact is complete
+        process_group.barrier()  # every rank finished: rank 0's artifact is complete
         if rank == 0:
             (folder / "manifest.json.tmp").write_text(manifest.to_json())
             os.replace(folder / "manifest.json.tmp", folder / "manifest.json")
