@@ -268,7 +268,7 @@ class PpoConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     # subtracted from the score of a response that did not end with EOS within max_new_tokens: without
-    # it a policy can pad answers that the reward model likes long (see README, "Reward hacking")
+    # it a policy can pad answers that the reward model likes long (docs/own-model.md: reward hacking)
     missing_eos_penalty: float | None = None
     max_repetition: float = 0.5  # the last update's repetition above this flags the stage (diagnostics.py)
     checkpoint_every: int = 10  # updates between checkpoints; 0: never
