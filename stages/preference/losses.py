@@ -115,7 +115,7 @@ def kto_reference_point(rewards: torch.Tensor) -> torch.Tensor:
     process group the global batch's mean, so every rank uses the same z."""
     if not dist.active():
         return rewards.detach().mean().clamp(min=0)
-    shared = dist.all_reduce_sum(torch.stack([rewards.detach().sum(), torch.tensor(float(rewards.numel()))]))
+    shared = dist.all_reduce_sum(torch.stack([rewards.detach().sum(), rewards.new_tensor(float(rewards.numel()))]))
     return (shared[0] / shared[1].clamp(min=1)).clamp(min=0)
 
 
