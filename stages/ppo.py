@@ -38,6 +38,7 @@ from stages.labeling.labelers import make_labeler
 from stages.models.modeling import decode_responses, load_tokenizer, model_context, save_tokenizer
 from stages.models.tuning import device
 from stages.preference.scorers import TrainedRewardModel
+from stages.rl.async_rollouts import RolloutWorker
 from stages.rl.ppo_state import PpoState, model_state_mb
 from stages.rl.ppo_update import one_update
 from stages.rl.rollout import check
@@ -85,6 +86,8 @@ def run(
     and scores its share of each update and trains on its share of each minibatch; whitening, the KL,
     the controller and the diagnostics use the global batch, so two processes compute what one does."""
     check(cfg.generation)
+    if cfg.async_rollouts and dist.world_size() > 1:
+        raise ValueError("stage.ppo.async_rollouts: one rollout worker per run; it does not run in a process group")
     where, precision = device(tuning), tuning.compute.precision
     scorer = _scorer(cfg, labeler, reward_model, normalization, judge, where, precision)
     tokenizer = load_tokenizer(policy)
@@ -129,11 +132,25 @@ def _train(cfg, state: PpoState, tokenizer, scorer, texts, ptx_docs, budget, gol
     update's prompts and responses (the global batch's)."""
     if state.watch is not None and not state.watch.points:  # the SFT policy's point: where KL is 0
         log_metrics(_named_point(state.watch.look(state.models, tokenizer, 0)), step=0)
+    worker = rollout_worker(cfg, state, texts, budget)  # None: synchronous, each update samples its own
+    try:
+        return _updates(cfg, state, tokenizer, scorer, texts, ptx_docs, budget, gold_fn, worker)
+    finally:
+        if worker is not None:
+            worker.close()
+
+
+def _updates(cfg, state: PpoState, tokenizer, scorer, texts, ptx_docs, budget, gold_fn, worker):
     bar = progress(cfg.updates, "ppo: updates", unit="update")
     bar.update(state.update)
     while state.update < cfg.updates:
         mine, refills = _update_prompts(cfg, texts, state.update)
-        row, rollout, mine = one_update(cfg, state, tokenizer, scorer, mine, ptx_docs, state.update, budget, refills)
+        behaviour = worker.take(state.update) if worker is not None else None
+        row, rollout, mine = one_update(
+            cfg, state, tokenizer, scorer, mine, ptx_docs, state.update, budget, refills, behaviour
+        )
+        if worker is not None:
+            worker.publish(state.update + 1)
         batch_prompts = dist.gather(mine)  # the prompts answered (dynamic sampling may have replaced some)
         responses = dist.gather(decode_responses(tokenizer, rollout))  # the global batch's, on every rank
         degenerate = _record(cfg, state, row, batch_prompts, responses, gold_fn)
@@ -145,11 +162,28 @@ def _train(cfg, state: PpoState, tokenizer, scorer, texts, ptx_docs, budget, gol
         if state.watch is not None and state.watch.due(state.update, last=state.update == cfg.updates or state.stopped):
             log_metrics(_named_point(state.watch.look(state.models, tokenizer, state.update)), step=state.update)
         if state.loop.due():
+            state.async_pending = worker.pending(state.update) if worker is not None else {}
             state.save()
         if state.stopped:
             break
     bar.close()
     return batch_prompts, responses
+
+
+def rollout_worker(
+    cfg: PpoConfig, state: PpoState, texts: list, budget: SamplingBudget, *, lag: int | None = None
+) -> RolloutWorker | None:
+    """With `async_rollouts`: the worker process that samples ahead (`stages/rl/async_rollouts.py`), its
+    weights at most `lag` updates old (default `async_rollouts`; 0 given here: the worker on the
+    synchronous loop's schedule, what the tests compare with the loop itself)."""
+    if lag is None:
+        if not cfg.async_rollouts:
+            return None
+        lag = cfg.async_rollouts
+    prompts_for = lambda update: _update_prompts(cfg, texts, update)[0]  # noqa: E731
+    models = state.models
+    return RolloutWorker(cfg, models.tuning, models.base, models.policy, budget, prompts_for, lag=lag,
+                         start=state.update, pending=state.async_pending)  # fmt: skip
 
 
 def _update_prompts(cfg: PpoConfig, texts: list, update: int):
@@ -250,6 +284,7 @@ def _finish(
         "ppo/samples_per_prompt": float(cfg.samples_per_prompt),
         **{f"ppo/{k}_last": last[f"ppo/{k}"] for k in ("empty_share", "prompt_copy_share", "top_response_share")},
     }
+    metrics |= _async_metrics(state.history)
     files = {"policy": "policy", "samples": "samples.jsonl", "verdict": "verdict.json"}
     if watch is not None:
         watch.write(out_dir / "watch.json", published_update)
@@ -263,6 +298,21 @@ def _finish(
         checkpoints.spent(checkpoint_dir)  # the finished stage is cached as an artifact
     files |= {"policy_last": "policy_last"} if state.ema or peak else {}
     return Manifest(stage="ppo", path=str(out_dir), digest=folder_digest(out_dir), metrics=metrics, files=files)
+
+
+def _async_metrics(history: list[dict[str, float]]) -> dict[str, float]:
+    """Asynchronous rollouts over the run: the most and mean staleness, the trainer's total wait for
+    batches and the mean share of tokens whose importance weight was truncated. None when synchronous."""
+    rows = [h for h in history if "ppo/async/staleness" in h]
+    if not rows:
+        return {}
+    staleness = [h["ppo/async/staleness"] for h in rows]
+    return {
+        "ppo/async/staleness_max": max(staleness),
+        "ppo/async/staleness_mean": sum(staleness) / len(rows),
+        "ppo/async/wait_s_total": sum(h["ppo/async/wait_s"] for h in rows),
+        "ppo/async/is_truncated_mean": sum(h["ppo/async/is_truncated"] for h in rows) / len(rows),
+    }
 
 
 def _degenerate_reasons(cfg: PpoConfig, row: dict[str, float], history: list[dict[str, float]]) -> list[str]:

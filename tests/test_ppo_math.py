@@ -205,6 +205,57 @@ def test_gspo_sequence_ratio_by_hand():
     assert approxkl.item() == pytest.approx(0.5 * (0.01 + 0.09 + 0.04) / 3)
 
 
+def test_truncated_importance_weight_by_hand():
+    """Asynchronous rollouts: each token's loss weighed by min(pi_old / pi_behaviour, cap). With the new
+    policy at pi_old (ratio 1, no clipping) and advantage 1, token losses -1 become -w: log-ratios to
+    the behaviour policy 0.5, -1.0 and 2.0 give exp(0.5) = 1.6487, exp(-1) = 0.3679 and exp(2) = 7.39,
+    truncated at cap 2."""
+    old = torch.tensor([[-1.0, -2.0, -0.5]])
+    behaviour = torch.tensor([[-1.5, -1.0, -2.5]])
+    mask, adv = torch.ones(1, 3), torch.ones(1, 3)
+    loss, clipfrac, _ = pm.policy_loss(old.clone(), old, adv, mask, clip=0.2, behaviour_logprobs=behaviour, tis_cap=2.0)
+    assert loss.item() == pytest.approx(-(math.exp(0.5) + math.exp(-1.0) + 2.0) / 3, abs=1e-6)
+    assert clipfrac.item() == 0.0
+    assert pm.truncated_is_weight(torch.tensor([0.5, -1.0, 2.0]), 2.0).tolist() == pytest.approx(
+        [math.exp(0.5), math.exp(-1.0), 2.0]
+    )
+    plain, _, _ = pm.policy_loss(old.clone(), old, adv, mask, clip=0.2)
+    assert plain.item() == pytest.approx(-1.0)  # without a behaviour policy every weight is 1
+
+
+def test_truncated_importance_weight_gives_no_gradient_of_its_own():
+    """The weight multiplies the clipped surrogate's gradient; it is not differentiated itself."""
+    new = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    old, behaviour = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -2.0]])
+    loss, _, _ = pm.policy_loss(new, old, torch.ones(1, 2), torch.ones(1, 2), clip=0.2, behaviour_logprobs=behaviour)
+    loss.backward()  # d/dnew of -w * exp(new - old) at new = old: -w / 2 per token (token mean)
+    assert new.grad[0].tolist() == pytest.approx([-math.exp(0.5) / 2, -0.5])
+
+
+def test_truncated_importance_weight_at_the_sequence_level_by_hand():
+    """GSPO's form: one weight per response from its mean token log-ratio to the behaviour policy:
+    [0.4, 0.2] gives exp(0.3); [3.0] (its second token padding) exp(3) truncated at 2."""
+    old = torch.zeros(2, 2)
+    behaviour = torch.tensor([[-0.4, -0.2], [-3.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    adv = torch.tensor([[1.0, 1.0], [-1.0, -1.0]])
+    loss, _, _ = pm.policy_loss(old.clone(), old, adv, mask, clip=0.2, level="sequence", behaviour_logprobs=behaviour)
+    assert loss.item() == pytest.approx((-math.exp(0.3) + 2.0) / 2, abs=1e-6)
+
+
+def test_async_rollouts_refuse_what_the_worker_cannot_do():
+    from stages.settings.recipe import PpoConfig
+
+    with pytest.raises(ValueError, match=r"async_rollouts=1 does not run with stage.ppo.dynamic_sampling"):
+        PpoConfig(async_rollouts=1, dynamic_sampling=True, advantage="grpo", samples_per_prompt=4)
+    with pytest.raises(ValueError, match=r"async_rollouts=2 does not run with stage.ppo.layout=shared_base"):
+        PpoConfig(async_rollouts=2, layout="shared_base")
+    with pytest.raises(ValueError, match=r"stage.ppo.tis_cap"):
+        PpoConfig(tis_cap=0.5)
+    with pytest.raises(ValueError, match=r"stage.ppo.async_rollouts"):
+        PpoConfig(async_rollouts=-1)
+
+
 def test_overlong_penalty_by_hand():
     """DAPO's soft punishment with 10 new tokens and a buffer of 4: nothing up to 6 tokens, then
     linear to -penalty at 10."""

@@ -70,6 +70,8 @@ def policy_loss(
     clip_high: float | None = None,
     aggregation: str = "token-mean",
     level: str = "token",
+    behaviour_logprobs: torch.Tensor | None = None,
+    tis_cap: float = 2.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Clipped surrogate `-min(r A, clip(r, 1-clip, 1+clip_high) A)`; returns (loss, clipfrac, approxkl).
 
@@ -79,21 +81,37 @@ def policy_loss(
       Dr. GRPO's `horizon`). `level="sequence"` (GSPO, Zheng et al. 2025): one ratio per response,
       exp of the mean token log-ratio, clipped per response against the response's mean advantage;
       the loss is the mean over responses and clipfrac the share of responses clipped.
+    - `behaviour_logprobs` (asynchronous rollouts sampled by older weights): each token's loss weighed by
+      the truncated importance weight `min(pi_old / pi_behaviour, tis_cap)` (`truncated_is_weight`);
+      at the sequence level one weight per response, from the mean token log-ratio (GSPO's form).
     """
     high = clip if clip_high is None else clip_high
     log_ratio = logprobs - old_logprobs
     approxkl = 0.5 * masked_mean(log_ratio**2, mask)
+    behind = None if behaviour_logprobs is None else old_logprobs - behaviour_logprobs
     if level == "sequence":
         per_response = mask.sum(1).clamp(min=1)
         ratio = torch.exp((log_ratio * mask).sum(1) / per_response)
         advantage = (advantages * mask).sum(1) / per_response
         unclipped, clipped = -advantage * ratio, -advantage * torch.clamp(ratio, 1.0 - clip, 1.0 + high)
-        return torch.max(unclipped, clipped).mean(), (clipped > unclipped).float().mean(), approxkl
+        per = torch.max(unclipped, clipped)
+        if behind is not None:
+            per = per * truncated_is_weight((behind * mask).sum(1) / per_response, tis_cap)
+        return per.mean(), (clipped > unclipped).float().mean(), approxkl
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + high)
-    loss = aggregate(torch.max(unclipped, clipped), mask, horizon, aggregation)
+    per_token = torch.max(unclipped, clipped)
+    if behind is not None:
+        per_token = per_token * truncated_is_weight(behind, tis_cap)
+    loss = aggregate(per_token, mask, horizon, aggregation)
     return loss, masked_mean((clipped > unclipped).float(), mask), approxkl
+
+
+def truncated_is_weight(log_ratio: torch.Tensor, cap: float) -> torch.Tensor:
+    """`min(exp(log_ratio), cap)`, no gradient: the importance weight of the policy that starts the update
+    over the behaviour policy that sampled (truncated importance sampling, Yao et al. 2025)."""
+    return torch.exp(log_ratio.detach()).clamp(max=cap)
 
 
 def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int, penalty: float) -> torch.Tensor:

@@ -14,6 +14,7 @@ from stages.models.compute import grad_scaler
 from stages.models.modeling import Rollout, load_causal_lm
 from stages.models.tuning import device, optimizer
 from stages.rl import ppo_math as pm
+from stages.rl.async_rollouts import Behaviour
 from stages.rl.ppo_models import FullCopies, SharedBase
 from stages.rl.rollout import HfRollout, VllmRollout
 from stages.rl.watch import Watch
@@ -54,6 +55,7 @@ class PpoState:
         self.warned_kl = False
         self.watch: Watch | None = None
         self.stopped: str | None = None  # why training stopped before `updates` (degenerate rollouts)
+        self.async_pending: dict[int, Behaviour] = {}  # batches sampled ahead by older weights, checkpointed
         self.rollout_policy = whole_copy(policy, tuning, self.device) if self.zero3 else None
         self.engine = _engine(cfg, tuning, self.models, distributed)
         self.opt = self.engine.opt
@@ -103,7 +105,8 @@ class PpoState:
         """Collective: a checkpoint (`TrainingLoop.save`) with PPO's own state beside the position."""
         watch = {"points": self.watch.points, "best": self.watch.best} if self.watch else None
         self.loop.extra = {"beta": self.kl.beta, "ema": self.ema, "history": self.history,
-                           "warned_kl": self.warned_kl, "watch": watch}  # fmt: skip
+                           "warned_kl": self.warned_kl, "watch": watch,
+                           "async_pending": [b.to_blob() for b in self.async_pending.values()]}  # fmt: skip
         self.loop.save()
 
     def load(self) -> bool:
@@ -115,6 +118,7 @@ class PpoState:
             self.sync_rollout()
         self.kl.beta, self.ema = extra["beta"], extra["ema"]
         self.history, self.warned_kl = extra["history"], extra["warned_kl"]
+        self.async_pending = {b["update"]: Behaviour.from_blob(b) for b in extra.get("async_pending", [])}
         if self.watch is not None and extra.get("watch"):
             self.watch.points, self.watch.best = extra["watch"]["points"], extra["watch"]["best"]
         return True

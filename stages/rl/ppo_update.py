@@ -5,8 +5,9 @@ update over the global batch. The arithmetic is `stages/rl/ppo_math.py`."""
 
 from __future__ import annotations
 
-import functools
+import itertools
 import math
+import time
 import warnings
 
 import torch
@@ -16,6 +17,7 @@ from stages.models.compute import autocast, model_device
 from stages.models.modeling import Rollout, lm_loss
 from stages.rl import dynamic_sampling
 from stages.rl import ppo_math as pm
+from stages.rl.async_rollouts import Behaviour, generation_rng, rollout_seed
 from stages.rl.ppo_state import PpoState
 from stages.runtime import process_group as dist
 from stages.runtime.errors import NonFiniteStop
@@ -35,21 +37,28 @@ class Scored:
         self.old_logp, self.ref_logp, self.old_values = old_logp, ref_logp, old_values
         self.mask = rollout.response_mask.float()
         self.prompts, self.dynamic = prompts, dynamic  # the prompts answered; dynamic sampling's figures
+        self.behaviour_logp = None  # asynchronous rollouts sampled by older weights: their log-probs
 
 
 def minibatches(order: torch.Tensor, cfg: PpoConfig, local: int) -> list[torch.Tensor]:
     return list(order.split(local * cfg.minibatch_size // cfg.rollouts_per_update))
 
 
-def collect(cfg, state: PpoState, tokenizer, scorer, prompts, budget: SamplingBudget, update: int, next_prompts):
+def collect(cfg, state: PpoState, tokenizer, scorer, prompts, budget: SamplingBudget, update: int, next_prompts,
+            behaviour: Behaviour | None = None):  # fmt: skip
     """1. Rollouts (KV-cached, batched generate: the seam where a faster engine plugs in), scored, with
     DAPO's dynamic sampling where asked (`stages/rl/dynamic_sampling.py`, prompts from `next_prompts`);
+    or `behaviour`'s, sampled ahead by the rollout worker (`stages/rl/async_rollouts.py`);
     2. one pass each of policy, reference and value over them, under the update's autocast. The old
     log-probs are computed in the first epoch's minibatches, so that epoch's first minibatch sees
     exactly what was scored: its ratio is 1 (approx-KL and clipfrac 0) in any precision."""
     models = state.models
-    sample = functools.partial(sample_scored, cfg, state, tokenizer, scorer, budget)
-    if cfg.dynamic_sampling:
+    draws = itertools.count(rollout_seed(cfg.seed, dist.rank(), update))  # a refill draws from the next seed
+    sample = lambda batch: sample_scored(cfg, state, tokenizer, scorer, budget, next(draws), batch)  # noqa: E731
+    if behaviour is not None:
+        rollout = behaviour.rollout.to(model_device(models.policy))
+        (rollout, score), dynamic = (rollout, score_rollout(cfg, state, tokenizer, scorer, budget, prompts, rollout)), {}
+    elif cfg.dynamic_sampling:
         pad = tokenizer.pad_token_id
         rollout, score, prompts, dynamic = dynamic_sampling.fill(
             sample, next_prompts, prompts, cfg.samples_per_prompt, cfg.max_refills, pad
@@ -64,21 +73,31 @@ def collect(cfg, state: PpoState, tokenizer, scorer, prompts, budget: SamplingBu
             old_logp[idx] = models.policy_logprobs(rollout.select(idx))[0].float()
         ref_logp = models.ref_logprobs(rollout).float()
         old_values = models.values(rollout).float() * rollout.response_mask
-    return Scored(rollout, score, old_logp, ref_logp, old_values, first_order, prompts, dynamic)
+    scored = Scored(rollout, score, old_logp, ref_logp, old_values, first_order, prompts, dynamic)
+    if behaviour is not None and behaviour.staleness() > 0:  # staleness 0: the behaviour policy is pi_old
+        scored.behaviour_logp = behaviour.logp.to(rollout.query.device)
+    return scored
 
 
-def sample_scored(cfg, state: PpoState, tokenizer, scorer, budget: SamplingBudget, prompts: list):
-    """(rollout, score): responses to `prompts` on the policy's device, and each one's reward (the
-    scorer's, less the missing-EOS penalty and DAPO's overlong penalty where set)."""
-    rollout = state.rollout.sample(
-        tokenizer,
-        prompts,
-        max_new_tokens=budget.max_new_tokens,
-        max_prompt_length=budget.max_prompt_length,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-    )
+def sample_scored(cfg, state: PpoState, tokenizer, scorer, budget: SamplingBudget, seed: int, prompts: list):
+    """(rollout, score): responses to `prompts` on the policy's device, drawn from `seed` (the update's own:
+    `async_rollouts.rollout_seed`, so the trainer's RNG stream never depends on sampling), and their rewards."""
+    with generation_rng(seed):
+        rollout = state.rollout.sample(
+            tokenizer,
+            prompts,
+            max_new_tokens=budget.max_new_tokens,
+            max_prompt_length=budget.max_prompt_length,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+        )
     rollout = rollout.to(model_device(state.models.policy))  # once: every model below reads it there
+    return rollout, score_rollout(cfg, state, tokenizer, scorer, budget, prompts, rollout)
+
+
+def score_rollout(cfg, state: PpoState, tokenizer, scorer, budget: SamplingBudget, prompts: list, rollout: Rollout):
+    """Each response's reward: the scorer's, less the missing-EOS penalty and DAPO's overlong penalty
+    where set."""
     with torch.no_grad(), state.frozen_on_device(scorer), autocast(state.compute):
         score = scorer(tokenizer, prompts, rollout).float()
     if cfg.missing_eos_penalty is not None:
@@ -86,7 +105,7 @@ def sample_scored(cfg, state: PpoState, tokenizer, scorer, budget: SamplingBudge
     if cfg.overlong_buffer:  # DAPO: a response near the length limit loses reward softly
         lengths = rollout.response_mask.sum(1)
         score = score + pm.overlong_penalty(lengths, budget.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
-    return rollout, score
+    return score
 
 
 def estimate_advantages(cfg, state: PpoState, scored: Scored, budget: SamplingBudget):
@@ -176,6 +195,7 @@ def minibatch_loss(cfg, state: PpoState, targets: Targets, idx, ptx: Ptx | None,
     pg, clipfrac, approxkl = pm.policy_loss(
         logp, scored.old_logp[idx], targets.advantages[idx], m, cfg.clip, horizon,
         clip_high=cfg.clip_high, aggregation=cfg.loss_aggregation, level=cfg.ratio_level,
+        behaviour_logprobs=None if scored.behaviour_logp is None else scored.behaviour_logp[idx], tis_cap=cfg.tis_cap,
     )  # fmt: skip
     vf, loss = zero, pg
     if not cfg.critic_free:  # no value model: no value loss
@@ -191,10 +211,11 @@ def minibatch_loss(cfg, state: PpoState, targets: Targets, idx, ptx: Ptx | None,
     return loss, torch.stack([t.detach().float() for t in parts]).tolist()
 
 
-def one_update(cfg, state: PpoState, tokenizer, scorer, batch_prompts, ptx_docs, update, budget, next_prompts):
-    """One update; returns its row of metrics, its rollouts and their prompts (dynamic sampling may
-    have replaced some)."""
-    scored = collect(cfg, state, tokenizer, scorer, batch_prompts, budget, update, next_prompts)
+def one_update(cfg, state: PpoState, tokenizer, scorer, batch_prompts, ptx_docs, update, budget, next_prompts,
+               behaviour: Behaviour | None = None):  # fmt: skip
+    """One update (on `behaviour`'s rollouts where the rollout worker sampled them); returns its row of
+    metrics, its rollouts and their prompts (dynamic sampling may have replaced some)."""
+    scored = collect(cfg, state, tokenizer, scorer, batch_prompts, budget, update, next_prompts, behaviour)
     kl, advantages, returns = estimate_advantages(cfg, state, scored, budget)
     horizon = None if cfg.estimator.length_normalised else budget.max_new_tokens  # Dr. GRPO: a constant
     ptx = Ptx(tokenizer, ptx_docs, cfg.ptx_batch_size, budget) if ptx_docs else None
@@ -202,7 +223,22 @@ def one_update(cfg, state: PpoState, tokenizer, scorer, batch_prompts, ptx_docs,
     state.sync_rollout()
     row = update_row(cfg, state, scored, kl, returns, stats, first, update)
     row |= {f"ppo/dynamic/{k}": over_ranks(v) for k, v in scored.dynamic.items()}
+    if behaviour is not None:
+        row |= async_row(cfg, scored, behaviour)
     return row, scored.rollout, scored.prompts
+
+
+def async_row(cfg, scored: Scored, behaviour: Behaviour) -> dict[str, float]:
+    """The policy lag of asynchronous rollouts: staleness (updates), the weights' age when training
+    began (seconds), the trainer's wait for the batch, and the truncated importance weights."""
+    row = {"ppo/async/staleness": float(behaviour.staleness()),
+           "ppo/async/weights_age_s": time.time() - behaviour.published_at,
+           "ppo/async/wait_s": behaviour.waited_s, "ppo/async/is_weight": 1.0, "ppo/async/is_truncated": 0.0}  # fmt: skip
+    if scored.behaviour_logp is not None:
+        raw = torch.exp(scored.old_logp - scored.behaviour_logp)
+        mean, truncated = pm.masked_mean(raw.clamp(max=cfg.tis_cap), scored.mask), pm.masked_mean((raw > cfg.tis_cap).float(), scored.mask)
+        row["ppo/async/is_weight"], row["ppo/async/is_truncated"] = mean.item(), truncated.item()
+    return row
 
 
 def update_row(cfg, state: PpoState, scored: Scored, kl, returns, stats, first, update: int) -> dict[str, float]:

@@ -302,6 +302,10 @@ class PpoConfig:
     overlong_penalty: float = 1.0  # the punishment at the limit (falls linearly across the buffer)
     dynamic_sampling: bool = False  # DAPO: replace groups whose responses all scored the same
     max_refills: int = 3  # rounds of replacement sampling per update, at most
+    # asynchronous rollouts (stages/rl/async_rollouts.py): a worker process samples the next batches with
+    # weights at most this many updates old while the trainer trains; 0: synchronous, each update waits
+    async_rollouts: int = 0
+    tis_cap: float = 2.0  # the truncated importance weight's cap, min(pi_old / pi_behaviour, cap)
     # a reward from code, `package.module:name` (stages/rl/rewards.py), alone (no reward model given) or
     # summed with the reward model's normalised score: w_model * rm + w_function * function
     reward_function: str | None = None
@@ -321,7 +325,7 @@ class PpoConfig:
         "watch_every": OFF_OR_COUNT, "watch_prompts": COUNT, "samples_per_prompt": COUNT,
         "reward_function_weight": NONNEGATIVE, "reward_model_weight": NONNEGATIVE, "seed": UNCONSTRAINED,
         "clip_high": POSITIVE, "overlong_buffer": NONNEGATIVE, "overlong_penalty": NONNEGATIVE,
-        "max_refills": NONNEGATIVE,
+        "max_refills": NONNEGATIVE, "async_rollouts": OFF_OR_COUNT, "tis_cap": at_least(1),
     }  # fmt: skip
 
     @property
@@ -368,6 +372,19 @@ class PpoConfig:
         if self.generation not in GENERATIONS:
             raise ValueError(f"stage.ppo.generation: {self.generation!r} is not one of {', '.join(GENERATIONS)}")
         self._check_dapo_gspo()
+        self._check_async()
+
+    def _check_async(self) -> None:
+        """What the rollout worker cannot do: it samples a whole batch ahead with one model copy."""
+        if not self.async_rollouts:
+            return
+        for refused, why in (
+            (self.dynamic_sampling, "dynamic_sampling (its refills depend on the batch's scores)"),
+            (self.generation != "hf", f"generation={self.generation} (the worker samples with transformers)"),
+            (self.layout != "full_copies", f"layout={self.layout} (the worker copies one policy model)"),
+        ):
+            if refused:
+                raise ValueError(f"stage.ppo.async_rollouts={self.async_rollouts} does not run with stage.ppo.{why}")
 
     def _check_dapo_gspo(self) -> None:
         """The DAPO and GSPO keys, across fields."""
