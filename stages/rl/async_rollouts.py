@@ -91,7 +91,8 @@ class RolloutWorker:
     """The trainer's side: starts the worker process, asks it for batches ahead of time, hands the
     trained weights over after each update and takes the batches in update order.
 
-    `lag`: the most updates a batch's weights may be behind (k); `prompts_for(u)`: update u's prompts; `start`: the updates done (the weights' version now);
+    `lag`: the most updates a batch's weights may be behind (k); `prompts_for(u)`: update u's prompts;
+    `start`: the updates done (the weights' version now);
     `pending`: batches a checkpoint kept (`Behaviour`s by update)."""
 
     def __init__(self, cfg, tuning, policy_dir, trained_policy, budget, prompts_for, *, lag: int, start: int,
@@ -235,8 +236,8 @@ class _WorkerPolicy:
         self.tokenizer = load_tokenizer(job.policy_dir)
         self.model = load(job.policy_dir, job.tuning, "causal_lm").eval()
         sampling = dict(job.sampling)
-        self.engine = HfRollout(self.model, batch_size=sampling.pop("batch_size"),
-                                static_cache=sampling.pop("static_cache"), precision=job.tuning.compute.precision)  # fmt: skip
+        engine = {"batch_size": sampling.pop("batch_size"), "static_cache": sampling.pop("static_cache")}
+        self.engine = HfRollout(self.model, **engine, precision=job.tuning.compute.precision)
         self.sampling = sampling
         self.params = dict(self.model.named_parameters())
 

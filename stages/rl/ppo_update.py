@@ -57,7 +57,7 @@ def collect(cfg, state: PpoState, tokenizer, scorer, prompts, budget: SamplingBu
     sample = lambda batch: sample_scored(cfg, state, tokenizer, scorer, budget, next(draws), batch)  # noqa: E731
     if behaviour is not None:
         rollout = behaviour.rollout.to(model_device(models.policy))
-        (rollout, score), dynamic = (rollout, score_rollout(cfg, state, tokenizer, scorer, budget, prompts, rollout)), {}
+        score, dynamic = score_rollout(cfg, state, tokenizer, scorer, budget, prompts, rollout), {}
     elif cfg.dynamic_sampling:
         pad = tokenizer.pad_token_id
         rollout, score, prompts, dynamic = dynamic_sampling.fill(
@@ -231,13 +231,17 @@ def one_update(cfg, state: PpoState, tokenizer, scorer, batch_prompts, ptx_docs,
 def async_row(cfg, scored: Scored, behaviour: Behaviour) -> dict[str, float]:
     """The policy lag of asynchronous rollouts: staleness (updates), the weights' age when training
     began (seconds), the trainer's wait for the batch, and the truncated importance weights."""
-    row = {"ppo/async/staleness": float(behaviour.staleness()),
-           "ppo/async/weights_age_s": time.time() - behaviour.published_at,
-           "ppo/async/wait_s": behaviour.waited_s, "ppo/async/is_weight": 1.0, "ppo/async/is_truncated": 0.0}  # fmt: skip
+    row = {
+        "ppo/async/staleness": float(behaviour.staleness()),
+        "ppo/async/weights_age_s": time.time() - behaviour.published_at,
+        "ppo/async/wait_s": behaviour.waited_s,
+        "ppo/async/is_weight": 1.0,
+        "ppo/async/is_truncated": 0.0,
+    }
     if scored.behaviour_logp is not None:
-        raw = torch.exp(scored.old_logp - scored.behaviour_logp)
-        mean, truncated = pm.masked_mean(raw.clamp(max=cfg.tis_cap), scored.mask), pm.masked_mean((raw > cfg.tis_cap).float(), scored.mask)
-        row["ppo/async/is_weight"], row["ppo/async/is_truncated"] = mean.item(), truncated.item()
+        raw, m = torch.exp(scored.old_logp - scored.behaviour_logp), scored.mask
+        row["ppo/async/is_weight"] = pm.masked_mean(raw.clamp(max=cfg.tis_cap), m).item()
+        row["ppo/async/is_truncated"] = pm.masked_mean((raw > cfg.tis_cap).float(), m).item()
     return row
 
 
