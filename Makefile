@@ -10,7 +10,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 .DEFAULT_GOAL := help
-.PHONY: config-keys help venv postgres server browser serve-model chat export-model gpu-check gpu-wheels gpu-rehearsal bench-lengths align compare frontier serve workers champion faults mutants test test-fast test-durations bench bench-rerun bench-serve bench-peft methods bench-dist bench-real lint ui clean docs
+.PHONY: config-keys help venv postgres server browser serve-model chat export-model gpu-check gpu-wheels gpu-rehearsal bench-lengths bench-async align compare frontier serve workers champion faults mutants test test-fast test-durations bench bench-rerun bench-serve bench-peft methods bench-dist bench-real lint ui clean docs
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -133,6 +133,9 @@ gpu-rehearsal: .gpu/rehearsal/.installed gpu-wheels ## the GPU machine's softwar
 
 bench-rerun: venv ## the embedded default cold, then rerun with nothing changed (no server; a server up): artifacts/bench/cached_rerun.json
 	$(PY) -m bench.cached_rerun $(ARGS)
+
+bench-async: venv ## PPO with asynchronous rollouts (k = 1, 2) against the synchronous loop: updates/s, gold gain: artifacts/bench/async_rollouts.json
+	$(PY) -m bench.async_rollouts $(ARGS)
 
 bench-lengths: venv ## rows each stage cuts and drops on the shared datasets, by tokenizer and context: artifacts/bench/length_defaults.{json,md}
 	$(PY) -m bench.length_defaults

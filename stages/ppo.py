@@ -29,7 +29,9 @@ Alone: `python -m flows.align pipeline.stop_after=ppo`.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
 from pathlib import Path
 
 from stages.data import sources
@@ -89,23 +91,27 @@ def run(
     if cfg.async_rollouts and dist.world_size() > 1:
         raise ValueError("stage.ppo.async_rollouts: one rollout worker per run; it does not run in a process group")
     where, precision = device(tuning), tuning.compute.precision
-    scorer = _scorer(cfg, labeler, reward_model, normalization, judge, where, precision)
     tokenizer = load_tokenizer(policy)
     budget = _budget(cfg, policy)
     texts, fitted = fit_prompt_file(
         tokenizer, prompts, budget, stage="ppo", truncation=truncation, max_dropped_fraction=max_dropped_fraction
     )
-    gold_fn = sources.gold_scorer(gold, target_len)
-    state = PpoState(cfg, tuning, policy, reward_model or policy, distributed, checkpoint_dir)
-    if cfg.watch_every:
-        judged = (judge_reward_model, judge_normalization)
-        state.watch = _watch(cfg, tokenizer, scorer, gold_fn, watch_prompts, *judged, budget, where, precision)
-    resumed_from = state.update if state.load() else 0
-    ptx_docs = [r["text"] for r in read_jsonl(pretrain)] if pretrain and cfg.ptx_coef > 0 else []
-    last = _train(cfg, state, tokenizer, scorer, texts, ptx_docs, budget, gold_fn)
+    with rollout_worker(cfg, tuning, policy, texts, budget) as worker:  # None: synchronous
+        scorer = _scorer(cfg, labeler, reward_model, normalization, judge, where, precision)
+        gold_fn = sources.gold_scorer(gold, target_len)
+        state = PpoState(cfg, tuning, policy, reward_model or policy, distributed, checkpoint_dir)
+        if cfg.watch_every:
+            judged = (judge_reward_model, judge_normalization)
+            state.watch = _watch(cfg, tokenizer, scorer, gold_fn, watch_prompts, *judged, budget, where, precision)
+        resumed_from = state.update if state.load() else 0
+        ptx_docs = [r["text"] for r in read_jsonl(pretrain)] if pretrain and cfg.ptx_coef > 0 else []
+        began, first = time.perf_counter(), state.update
+        last = _train(cfg, state, tokenizer, scorer, texts, ptx_docs, budget, gold_fn, worker)
+        seconds = time.perf_counter() - began  # the updates this process ran, any wait for the worker in it
     manifest = _finish(cfg, state, tokenizer, Path(out_dir), *last, resumed_from, checkpoint_dir)
     manifest.metrics.update(fitted.metrics("ppo/data"))
     manifest.metrics["ppo/model_state_mb"] = model_state_mb(state, scorer)
+    manifest.metrics["ppo/updates_per_s"] = (state.update - first) / seconds
     return manifest
 
 
@@ -127,20 +133,14 @@ def _budget(cfg: PpoConfig, policy: Path) -> SamplingBudget:
     return budget
 
 
-def _train(cfg, state: PpoState, tokenizer, scorer, texts, ptx_docs, budget, gold_fn):
-    """The updates from where `state` stands to `cfg.updates` (or a degenerate stop). Returns the last
-    update's prompts and responses (the global batch's)."""
+def _train(cfg, state: PpoState, tokenizer, scorer, texts, ptx_docs, budget, gold_fn, worker: RolloutWorker | None):
+    """The updates from where `state` stands to `cfg.updates` (or a degenerate stop), on the rollout
+    `worker`'s batches where there is one. Returns the last update's prompts and responses (the global
+    batch's)."""
     if state.watch is not None and not state.watch.points:  # the SFT policy's point: where KL is 0
         log_metrics(_named_point(state.watch.look(state.models, tokenizer, 0)), step=0)
-    worker = rollout_worker(cfg, state, texts, budget)  # None: synchronous, each update samples its own
-    try:
-        return _updates(cfg, state, tokenizer, scorer, texts, ptx_docs, budget, gold_fn, worker)
-    finally:
-        if worker is not None:
-            worker.close()
-
-
-def _updates(cfg, state: PpoState, tokenizer, scorer, texts, ptx_docs, budget, gold_fn, worker):
+    if worker is not None:
+        worker.attach(state.models.policy, start=state.update, pending=state.async_pending)
     bar = progress(cfg.updates, "ppo: updates", unit="update")
     bar.update(state.update)
     while state.update < cfg.updates:
@@ -170,20 +170,23 @@ def _updates(cfg, state: PpoState, tokenizer, scorer, texts, ptx_docs, budget, g
     return batch_prompts, responses
 
 
-def rollout_worker(
-    cfg: PpoConfig, state: PpoState, texts: list, budget: SamplingBudget, *, lag: int | None = None
-) -> RolloutWorker | None:
+@contextlib.contextmanager
+def rollout_worker(cfg: PpoConfig, tuning: Tuning, policy: Path, texts: list, budget: SamplingBudget,
+                   *, lag: int | None = None):  # fmt: skip
     """With `async_rollouts`: the worker process that samples ahead (`stages/rl/async_rollouts.py`), its
     weights at most `lag` updates old (default `async_rollouts`; 0 given here: the worker on the
-    synchronous loop's schedule, what the tests compare with the loop itself)."""
-    if lag is None:
-        if not cfg.async_rollouts:
-            return None
-        lag = cfg.async_rollouts
+    synchronous loop's schedule, what the tests compare with the loop itself); else None. Started before
+    the trainer loads its models, so the two load at once; stopped on the way out."""
+    if lag is None and not cfg.async_rollouts:
+        yield None
+        return
     prompts_for = lambda update: _update_prompts(cfg, texts, update)[0]  # noqa: E731
-    models = state.models
-    return RolloutWorker(cfg, models.tuning, models.base, models.policy, budget, prompts_for, lag=lag,
-                         start=state.update, pending=state.async_pending)  # fmt: skip
+    lag = cfg.async_rollouts if lag is None else lag
+    worker = RolloutWorker(cfg, tuning, policy, budget, prompts_for, lag=lag)
+    try:
+        yield worker
+    finally:
+        worker.close()
 
 
 def _update_prompts(cfg: PpoConfig, texts: list, update: int):
@@ -302,7 +305,8 @@ def _finish(
 
 def _async_metrics(history: list[dict[str, float]]) -> dict[str, float]:
     """Asynchronous rollouts over the run: the most and mean staleness, the trainer's total wait for
-    batches and the mean share of tokens whose importance weight was truncated. None when synchronous."""
+    batches (and the first update's), the mean share of tokens whose importance weight was truncated.
+    Nothing when synchronous."""
     rows = [h for h in history if "ppo/async/staleness" in h]
     if not rows:
         return {}
@@ -311,6 +315,7 @@ def _async_metrics(history: list[dict[str, float]]) -> dict[str, float]:
         "ppo/async/staleness_max": max(staleness),
         "ppo/async/staleness_mean": sum(staleness) / len(rows),
         "ppo/async/wait_s_total": sum(h["ppo/async/wait_s"] for h in rows),
+        "ppo/async/first_wait_s": rows[0]["ppo/async/wait_s"],  # the worker's start-up the loading did not hide
         "ppo/async/is_truncated_mean": sum(h["ppo/async/is_truncated"] for h in rows) / len(rows),
     }
 

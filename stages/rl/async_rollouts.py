@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import sys
 import time
 from dataclasses import dataclass
 
@@ -88,36 +89,41 @@ class Behaviour:
 
 
 class RolloutWorker:
-    """The trainer's side: starts the worker process, asks it for batches ahead of time, hands the
-    trained weights over after each update and takes the batches in update order.
+    """The trainer's side: starts the worker process (`attach` gives it the trained policy), asks it for
+    batches ahead of time, hands the trained weights over after each update and takes the batches in
+    update order. `lag`: the most updates a batch's weights may be behind (k); `prompts_for(u)`: update
+    u's prompts."""
 
-    `lag`: the most updates a batch's weights may be behind (k); `prompts_for(u)`: update u's prompts;
-    `start`: the updates done (the weights' version now);
-    `pending`: batches a checkpoint kept (`Behaviour`s by update)."""
-
-    def __init__(self, cfg, tuning, policy_dir, trained_policy, budget, prompts_for, *, lag: int, start: int,
-                 pending: dict[int, Behaviour] | None = None, rank: int = 0) -> None:  # fmt: skip
+    def __init__(self, cfg, tuning, policy_dir, budget, prompts_for, *, lag: int, rank: int = 0) -> None:
         ctx = torch.multiprocessing.get_context("spawn")
         self.k, self.updates, self.prompts_for = lag, cfg.updates, prompts_for
-        self.trained = trained_policy
-        self.names = [n for n, p in trained_policy.named_parameters() if p.requires_grad]
-        params = dict(trained_policy.named_parameters())
-        self.shared = {n: params[n].detach().to("cpu", copy=True).share_memory_() for n in self.names}
-        self.version = ctx.Value("q", start)
+        self.version = ctx.Value("q", 0)
         self.published_at = ctx.Value("d", time.time())
         self.copied_for = ctx.Value("q", -1)  # the last update whose weights the worker has copied in
         self.requests, self.results = ctx.Queue(), ctx.Queue()
-        self.ready: dict[int, Behaviour] = dict(pending or {})
-        self.submitted = max(self.ready, default=start - 1)
+        self.ready: dict[int, Behaviour] = {}
         # with lag 0 the two never run at once and each takes every thread; else the worker takes one
         self.threads = torch.get_num_threads()
         worker_threads = self.threads if lag == 0 else 1
         job = WorkerJob(str(policy_dir), tuning, _sampling(cfg, budget), cfg.seed, rank, os.getpid(), worker_threads)
-        shared = (self.shared, self.version, self.published_at, self.copied_for)
+        shared = (self.version, self.published_at, self.copied_for)
         self.process = ctx.Process(target=worker_main, args=(job, shared, self.requests, self.results), daemon=True)
         if lag:
             torch.set_num_threads(max(1, self.threads - 1))
-        self.process.start()
+        with _main_module_hidden():
+            self.process.start()  # it loads its copy of the policy while the trainer loads its models
+
+    def attach(self, trained_policy, *, start: int, pending: dict[int, Behaviour] | None = None) -> None:
+        """The trained policy (its weights, `start` updates done, go to shared memory and to the worker)
+        and the first batches asked for; `pending`: batches a checkpoint kept."""
+        self.trained = trained_policy
+        self.names = [n for n, p in trained_policy.named_parameters() if p.requires_grad]
+        params = dict(trained_policy.named_parameters())
+        self.shared = {n: params[n].detach().to("cpu", copy=True).share_memory_() for n in self.names}
+        self.version.value, self.published_at.value = start, time.time()
+        self.requests.put(self.shared)  # shared memory: the worker sees every later `publish` in place
+        self.ready = dict(pending or {})
+        self.submitted = max(self.ready, default=start - 1)
         self._submit_through(start + self.k)
 
     def _submit_through(self, last: int) -> None:
@@ -175,13 +181,29 @@ class RolloutWorker:
         return {u: b for u, b in self.ready.items() if b.version < done}
 
     def close(self) -> None:
+        """Stops the worker (it holds nothing to keep) and gives the trainer its thread back."""
         with contextlib.suppress(Exception):
             self.requests.put(None)
-        self.process.join(timeout=10)
+        self.process.join(timeout=0.5)
         if self.process.is_alive():
             self.process.terminate()
             self.process.join(timeout=5)
         torch.set_num_threads(self.threads)
+
+
+@contextlib.contextmanager
+def _main_module_hidden():
+    """Inside: the `__main__` module without its name and file, so a spawned child does not import it
+    again (a flow's main module imports Prefect, Hydra and MLflow: seconds the worker has no use for).
+    The worker's target is a function of this module, which the child imports by name."""
+    main = sys.modules["__main__"]
+    saved = {k: main.__dict__[k] for k in ("__spec__", "__file__") if k in main.__dict__}
+    main.__spec__ = None
+    main.__dict__.pop("__file__", None)
+    try:
+        yield
+    finally:
+        main.__dict__.update(saved)
 
 
 @dataclass
@@ -211,8 +233,9 @@ def worker_main(job: WorkerJob, shared, requests, results) -> None:
     torch.set_num_threads(job.threads)
     try:
         sampler = _WorkerPolicy(job)
-        while (request := _next_request(requests, job.parent)) is not None:
-            results.put(("batch", *sampler.answer(request, shared)))
+        weights = _next_request(requests, job.parent)
+        while weights is not None and (request := _next_request(requests, job.parent)) is not None:
+            results.put(("batch", *sampler.answer(request, weights, shared)))
     except Exception:  # noqa: BLE001 - the trainer raises it with the worker's traceback
         results.put(("error", traceback.format_exc()))
 
@@ -241,13 +264,13 @@ class _WorkerPolicy:
         self.sampling = sampling
         self.params = dict(self.model.named_parameters())
 
-    def answer(self, request, shared) -> tuple[dict, float]:
+    def answer(self, request, weights: dict, shared) -> tuple[dict, float]:
         """(the batch as a blob, when its weights were published) for `(update, prompts, version)`."""
         from stages.models.compute import autocast
         from stages.models.modeling import response_logprobs
 
         update, prompts, version = request
-        weights, current, published_at, copied_for = shared
+        current, published_at, copied_for = shared
         while current.value < version:
             if os.getppid() != self.job.parent:
                 raise SystemExit(0)  # the trainer is gone
