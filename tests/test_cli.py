@@ -191,7 +191,7 @@ def test_make_compare_writes_its_table_on_tiny_settings(tiny):
     assert make.returncode == 0, make.stdout[-3000:] + make.stderr[-3000:]
     report = json.loads((art / "compare" / "compare.json").read_text())
     assert [r["branch"].split(" ")[0] for r in report["rows"]] == [
-        "rlhf", "dpo", "kto", "simpo", "orpo", "rlaif", "rlaif_direct", "grpo", "rloo", "dapo", "gspo",
+        "rlhf", "ppo_async_k1", "dpo", "kto", "simpo", "orpo", "rlaif", "rlaif_direct", "grpo", "rloo", "dapo", "gspo",
         "dr_grpo", "reinforce_pp", "reinforce_pp_baseline", "best_of_n",
     ]  # fmt: skip
     by = {r["branch"].split(" ")[0]: r for r in report["rows"]}
@@ -212,6 +212,9 @@ def test_make_compare_writes_its_table_on_tiny_settings(tiny):
         "reinforce_pp",
         "reinforce_pp_baseline",
     }
+    lagged = report["targets"]["async_k1_vs_ppo"]  # the PPO row with asynchronous rollouts, against PPO's
+    assert lagged["staleness_max"] == 1.0 and lagged["updates_per_s_ratio"] > 0
+    assert by["ppo_async_k1"]["stages"]["sft"] == "cached" and not by["ppo_async_k1"]["own_stage_cached"]
     assert set(report["verifiable_variants"]) == {"dapo", "gspo"}  # DAPO's and GSPO's keys on the verifiable task
     for side in ("sft", "policy"):  # exact match: a whole number of right answers, and its Wilson interval
         block = report["verifiable"]["accuracy"][side]

@@ -1,7 +1,8 @@
 """`make compare`: every branch and estimator from the same SFT artifact, one table.
 
-PPO (rlhf, GAE with a value model) and the critic-free estimators in the same loop (grpo, rloo,
-dr_grpo, reinforce_pp, reinforce_pp_baseline: no value model; GRPO with DAPO's or GSPO's keys); DPO
+PPO (rlhf, GAE with a value model; and with asynchronous rollouts, k = 1) and the critic-free
+estimators in the same loop (grpo, rloo, dr_grpo, reinforce_pp, reinforce_pp_baseline: no value model;
+GRPO with DAPO's or GSPO's keys); DPO
 (best of a small beta set) and the other preference losses at that beta (KTO on each ranking split
 into thumbs) or their papers' defaults (SimPO, ORPO: reference-free); RLAIF and d-RLAIF; best-of-n.
 Then the verifiable task (`pipeline=rlvr` on `data=embedded_arithmetic`): held-out exact-match
@@ -130,6 +131,7 @@ def row(name: str, result: dict) -> dict:
         # the PPO stage's weights and optimizer state (what dropping the value model saves, apart
         # from the process's runtime baseline that dominates RSS at the embedded model's size)
         "model_state_mb": ppo_metrics.get("ppo/model_state_mb"),
+        "updates_per_s": ppo_metrics.get("ppo/updates_per_s"),
         "stages": {k: v["status"] for k, v in result["summary"]["stages"].items()},
         "judge": e["judge"],
     }
@@ -168,6 +170,8 @@ def main(argv: list[str]) -> dict:
     # cached upstream, so each own stage pays the same start-up (imports) and is timed alike
     shared = run_branch(["pipeline=rlhf", "pipeline.stop_after=reward_model", *extra])
     results = {"rlhf": run_branch(["pipeline=rlhf", *extra])}
+    # PPO with asynchronous rollouts (k = 1): the rollout worker samples the next batch during each update
+    results["ppo_async_k1"] = run_branch(["pipeline=rlhf", "stage.ppo.async_rollouts=1", *extra])
     dpo = {
         beta: run_branch(["pipeline=dpo", f"stage.dpo.loss_type={DPO_LOSS}", f"stage.dpo.beta={beta}", *extra])
         for beta in betas
@@ -210,6 +214,13 @@ def main(argv: list[str]) -> dict:
         time_ok = t["stage_time_ratio"] is not None and t["stage_time_ratio"] <= 0.7
         rss_ok = t["stage_peak_rss_ratio"] is not None and t["stage_peak_rss_ratio"] <= 0.8
         t["met"] = t["at_least"] and time_ok and rss_ok
+    lagged = by["ppo_async_k1"]
+    async_vs_ppo = {
+        **within(lagged, ppo),
+        "updates_per_s_ratio": ratio(lagged["updates_per_s"], ppo["updates_per_s"]),
+        "staleness_max": results["ppo_async_k1"]["summary"]["stages"]["ppo"]["metrics"].get("ppo/async/staleness_max"),
+    }
+    async_vs_ppo["within_ci"] = abs(async_vs_ppo["gain_minus"]) <= async_vs_ppo["difference_ci95"]
     kto = within(by["kto"], dpo_row)
     kto["within_ci"] = abs(kto["gain_minus"]) <= kto["difference_ci95"]
     gap_ci = math.sqrt(ppo["gold_ci95"] ** 2 + dpo_row["gold_ci95"] ** 2)
@@ -227,6 +238,7 @@ def main(argv: list[str]) -> dict:
             "difference_ci95": gap_ci,
             "critic_free_vs_ppo": critic_free,
             "kto_vs_dpo": kto,
+            "async_k1_vs_ppo": async_vs_ppo,
             "verifiable_grpo_vs_sft": verifiable["target"],
             "best_of_n_gain_over_ppo_gain": by["best_of_n"]["gain"] / ppo["gain"] if ppo["gain"] else None,
             "rlaif_gain_over_rlhf_gain": by["rlaif"]["gain"] / ppo["gain"] if ppo["gain"] else None,
@@ -258,6 +270,11 @@ def main(argv: list[str]) -> dict:
             f"model state {times(c['model_state_ratio'])} PPO's: "
             f"target (>= PPO's gain within the CI, <= 0.7x time, <= 0.8x RSS) {'met' if c['met'] else 'missed'}"
         )
+    a = t["async_k1_vs_ppo"]
+    print(
+        f"ppo_async_k1: {times(a['updates_per_s_ratio'])} PPO's updates/s (target >= 1.30x), gain - PPO's "
+        f"{a['gain_minus']:+.3f} (CI ±{a['difference_ci95']:.3f}): {'within' if a['within_ci'] else 'outside'} the CI"
+    )
     k = t["kto_vs_dpo"]
     print(
         f"kto: gain - DPO's {k['gain_minus']:+.3f} (CI ±{k['difference_ci95']:.3f}): "
