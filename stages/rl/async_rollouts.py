@@ -40,7 +40,7 @@ import torch
 from stages.models.modeling import Rollout
 
 _POLL_S = 0.002  # how often a waiting side looks again
-_WORKER_START_S = 600.0  # the longest the trainer waits for one batch before calling the worker stuck
+_LONGEST_WAIT_S = 600.0  # the longest the trainer waits for one batch before calling the worker stuck
 
 
 def rollout_seed(seed: int, rank: int, update: int) -> int:
@@ -145,10 +145,14 @@ class RolloutWorker:
             message = self.results.get(timeout=0.5)
         except queue.Empty:
             if not self.process.is_alive():
-                raise RuntimeError(f"ppo: the rollout worker died (exit code {self.process.exitcode})") from None
-            if time.monotonic() - began > _WORKER_START_S:
-                raise RuntimeError(f"ppo: no rollouts from the worker in {_WORKER_START_S:.0f} s") from None
+                self._raise_dead()
+            if time.monotonic() - began > _LONGEST_WAIT_S:
+                raise RuntimeError(f"ppo: no rollouts from the worker in {_LONGEST_WAIT_S:.0f} s") from None
             return
+        self._keep(message)
+
+    def _keep(self, message) -> None:
+        """A batch into `ready`; the worker's error raised here, with its traceback."""
         if message[0] == "error":
             raise RuntimeError(f"ppo: the rollout worker failed:\n{message[1]}")
         _, blob, published_at = message
@@ -156,13 +160,21 @@ class RolloutWorker:
         behaviour.published_at = published_at
         self.ready[behaviour.update] = behaviour
 
+    def _raise_dead(self) -> None:
+        """The worker has exited: its error if it sent one (batches it sent first are kept), else its exit."""
+        while True:
+            try:
+                self._keep(self.results.get(timeout=0.1))
+            except queue.Empty:
+                raise RuntimeError(f"ppo: the rollout worker died (exit code {self.process.exitcode})") from None
+
     def publish(self, done: int) -> None:
         """After update `done - 1`: the trained weights become version `done`, once the worker has copied
         in the old version for every batch that samples with it; then the batch `done + k` is asked for."""
         needs_old = min(done - 1 + self.k, self.submitted)
         while self.copied_for.value < needs_old:
             if not self.process.is_alive():
-                raise RuntimeError(f"ppo: the rollout worker died (exit code {self.process.exitcode})")
+                self._raise_dead()
             time.sleep(_POLL_S)
         params = dict(self.trained.named_parameters())
         with torch.no_grad():
@@ -284,6 +296,8 @@ class _WorkerPolicy:
         copied_for.value = update
         with generation_rng(rollout_seed(self.job.seed, self.job.rank, update)):
             rollout = self.engine.sample(self.tokenizer, prompts, **self.sampling)
+        if rollout.vision is not None:
+            raise ValueError("stage.ppo.async_rollouts: prompts with images sample in the trainer; set it to 0")
         with torch.no_grad(), autocast(self.job.tuning.compute):
             logp = response_logprobs(self.model, rollout, temperature=self.sampling["temperature"])[0].float()
         return Behaviour(update, rollout, logp, version, published).to_blob(), published
