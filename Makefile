@@ -135,7 +135,7 @@ bench-rerun: venv ## the embedded default cold, then rerun with nothing changed 
 	$(PY) -m bench.cached_rerun $(ARGS)
 
 bench-async: venv ## PPO with asynchronous rollouts (k = 1, 2) against the synchronous loop: updates/s, gold gain: artifacts/bench/async_rollouts.json
-	$(PY) -m bench.async_rollouts $(ARGS)
+	$(PY) -m bench.async_vs_sync $(ARGS)
 
 bench-lengths: venv ## rows each stage cuts and drops on the shared datasets, by tokenizer and context: artifacts/bench/length_defaults.{json,md}
 	$(PY) -m bench.length_defaults
