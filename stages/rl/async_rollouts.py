@@ -37,8 +37,10 @@ from dataclasses import dataclass
 
 import torch
 
-from stages.models.modeling import Rollout
+from stages.models.compute import autocast
+from stages.models.modeling import Rollout, response_logprobs
 
+_ROLLOUT_TENSORS = ("query", "query_mask", "response", "response_mask", "finished")  # a blob's, in order
 _POLL_S = 0.002  # how often a waiting side looks again
 _LONGEST_WAIT_S = 600.0  # the longest the trainer waits for one batch before calling the worker stuck
 
@@ -75,16 +77,12 @@ class Behaviour:
 
     def to_blob(self) -> dict:
         """As plain tensors and numbers (what `torch.load(weights_only=True)` reads back)."""
-        r = self.rollout
-        tensors = {"query": r.query, "query_mask": r.query_mask, "response": r.response,
-                   "response_mask": r.response_mask, "finished": r.finished}  # fmt: skip
-        return {"update": self.update, "version": self.version, "logp": self.logp.cpu(),
-                **{k: v.cpu() for k, v in tensors.items()}}  # fmt: skip
+        tensors = {k: getattr(self.rollout, k).cpu() for k in _ROLLOUT_TENSORS}
+        return {"update": self.update, "version": self.version, "logp": self.logp.cpu(), **tensors}
 
     @classmethod
     def from_blob(cls, blob: dict) -> Behaviour:
-        names = ("query", "query_mask", "response", "response_mask", "finished")
-        rollout = Rollout(*(blob[k] for k in names))
+        rollout = Rollout(*(blob[k] for k in _ROLLOUT_TENSORS))
         return cls(blob["update"], rollout, blob["logp"], blob["version"], published_at=time.time())
 
 
@@ -116,10 +114,9 @@ class RolloutWorker:
     def attach(self, trained_policy, *, start: int, pending: dict[int, Behaviour] | None = None) -> None:
         """The trained policy (its weights, `start` updates done, go to shared memory and to the worker)
         and the first batches asked for; `pending`: batches a checkpoint kept."""
-        self.trained = trained_policy
-        self.names = [n for n, p in trained_policy.named_parameters() if p.requires_grad]
-        params = dict(trained_policy.named_parameters())
-        self.shared = {n: params[n].detach().to("cpu", copy=True).share_memory_() for n in self.names}
+        trained = {n: p for n, p in trained_policy.named_parameters() if p.requires_grad}
+        self.shared = {n: p.detach().to("cpu", copy=True).share_memory_() for n, p in trained.items()}
+        self.copies = [(self.shared[n], p) for n, p in trained.items()]  # (buffer, trained parameter)
         self.version.value, self.published_at.value = start, time.time()
         self.requests.put(self.shared)  # shared memory: the worker sees every later `publish` in place
         self.ready = dict(pending or {})
@@ -176,10 +173,9 @@ class RolloutWorker:
             if not self.process.is_alive():
                 self._raise_dead()
             time.sleep(_POLL_S)
-        params = dict(self.trained.named_parameters())
         with torch.no_grad():
-            for n in self.names:
-                self.shared[n].copy_(params[n].detach())
+            for buffer, param in self.copies:
+                buffer.copy_(param.detach())
         self.published_at.value = time.time()
         self.version.value = done
         self._submit_through(done + self.k)
@@ -278,9 +274,6 @@ class _WorkerPolicy:
 
     def answer(self, request, weights: dict, shared) -> tuple[dict, float]:
         """(the batch as a blob, when its weights were published) for `(update, prompts, version)`."""
-        from stages.models.compute import autocast
-        from stages.models.modeling import response_logprobs
-
         update, prompts, version = request
         current, published_at, copied_for = shared
         while current.value < version:

@@ -238,10 +238,10 @@ def async_row(cfg, scored: Scored, behaviour: Behaviour) -> dict[str, float]:
         "ppo/async/is_weight": 1.0,
         "ppo/async/is_truncated": 0.0,
     }
-    if scored.behaviour_logp is not None:
-        raw, m = torch.exp(scored.old_logp - scored.behaviour_logp), scored.mask
-        row["ppo/async/is_weight"] = pm.masked_mean(raw.clamp(max=cfg.tis_cap), m).item()
-        row["ppo/async/is_truncated"] = pm.masked_mean((raw > cfg.tis_cap).float(), m).item()
+    if scored.behaviour_logp is not None:  # the loss's weights (`policy_loss`), token by token
+        log_ratio, m = scored.old_logp - scored.behaviour_logp, scored.mask
+        row["ppo/async/is_weight"] = pm.masked_mean(pm.truncated_is_weight(log_ratio, cfg.tis_cap), m).item()
+        row["ppo/async/is_truncated"] = pm.masked_mean((log_ratio > math.log(cfg.tis_cap)).float(), m).item()
     return row
 
 
