@@ -116,6 +116,54 @@ def tiny_comparisons(tiny_prepare, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_reward_model(tiny_prepare, tiny_comparisons, tmp_path_factory) -> str:
+    """The folder of a reward model trained 1 epoch on the tiny task's comparisons: what PPO tests score with."""
+    from stages import reward_model
+
+    return reward_model.run(
+        reward_model.RewardModelConfig(epochs=1),
+        policy=tiny_prepare.file("base"),
+        comparisons=tiny_comparisons.file("comparisons"),
+        heldout=tiny_comparisons.file("heldout_comparisons"),
+        out_dir=tmp_path_factory.mktemp("rm"),
+    ).path
+
+
+def run_tiny_ppo(cfg, prepared, rm_dir, out: Path, checkpoint_dir: Path | None = None):
+    """The PPO stage in this process, full fine-tuning, on the tiny prepared task and `rm_dir`'s reward model."""
+    from stages import ppo
+    from stages.settings.models import PeftConfig, Tuning
+
+    return ppo.run(
+        cfg,
+        Tuning(PeftConfig("full")),
+        policy=prepared.file("base"),
+        reward_model=Path(rm_dir, "model"),
+        normalization=Path(rm_dir, "normalization.json"),
+        prompts=prepared.file("ppo_prompts"),
+        out_dir=out,
+        checkpoint_dir=checkpoint_dir,
+    )
+
+
+# The PPO stage in a process of its own (to be killed): argv the config keys beside the defaults below as
+# JSON, the prepared folder, the reward model's, out and the checkpoint folder; prints its manifest's metrics.
+PPO_STAGE_SCRIPT = """
+import json, sys
+from pathlib import Path
+import flows  # telemetry off
+from stages import ppo
+from stages.settings.models import PeftConfig, Tuning
+p, rm, out, ck = (Path(a) for a in sys.argv[2:6])
+keys = {"updates": 6, "rollouts_per_update": 16, "minibatch_size": 8, "checkpoint_every": 2, **json.loads(sys.argv[1])}
+m = ppo.run(ppo.PpoConfig(**keys), Tuning(PeftConfig("full")), policy=p / "base", reward_model=rm / "model",
+            normalization=rm / "normalization.json",
+            prompts=p / "ppo_prompts.jsonl", out_dir=out, checkpoint_dir=ck)
+print("MANIFEST " + json.dumps(m.metrics))
+"""
+
+
+@pytest.fixture(scope="session")
 def shared_tiny_run(tmp_path_factory) -> tuple[Path, dict]:
     """`alignflow align +experiment=tiny` once for the whole session, every xdist worker included (a file
     lock under the session's shared temporary folder): (its artifacts folder, the first run's summary).

@@ -10,50 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import finish, kill_after_checkpoint
+from conftest import PPO_STAGE_SCRIPT, finish, kill_after_checkpoint, run_tiny_ppo
 from safetensors.torch import load_file
-
-SCRIPT = """
-import json, sys
-from pathlib import Path
-import flows  # telemetry off
-from stages import ppo
-from stages.settings.models import PeftConfig, Tuning
-p, rm, out, ck = (Path(a) for a in sys.argv[1:5])
-cfg = ppo.PpoConfig(updates=6, rollouts_per_update=16, minibatch_size=8, checkpoint_every=2, async_rollouts=1)
-m = ppo.run(cfg, Tuning(PeftConfig("full")), policy=p / "base", reward_model=rm / "model",
-            normalization=rm / "normalization.json",
-            prompts=p / "ppo_prompts.jsonl", out_dir=out, checkpoint_dir=ck)
-print("MANIFEST " + json.dumps(m.metrics))
-"""
-
-
-@pytest.fixture(scope="module")
-def reward_model_dir(tiny_prepare, tiny_comparisons, tmp_path_factory):
-    from stages import reward_model
-
-    return reward_model.run(
-        reward_model.RewardModelConfig(epochs=1),
-        policy=tiny_prepare.file("base"),
-        comparisons=tiny_comparisons.file("comparisons"),
-        heldout=tiny_comparisons.file("heldout_comparisons"),
-        out_dir=tmp_path_factory.mktemp("rm"),
-    ).path
-
-
-def run_ppo(cfg, prepared, rm_dir, out: Path):
-    from stages import ppo
-    from stages.settings.models import PeftConfig, Tuning
-
-    return ppo.run(
-        cfg,
-        Tuning(PeftConfig("full")),
-        policy=prepared.file("base"),
-        reward_model=Path(rm_dir, "model"),
-        normalization=Path(rm_dir, "normalization.json"),
-        prompts=prepared.file("ppo_prompts"),
-        out_dir=out,
-    )
 
 
 def published(out: Path) -> dict[str, torch.Tensor]:
@@ -65,16 +23,16 @@ def same_weights(a: dict, b: dict) -> bool:
 
 
 def test_the_worker_on_the_synchronous_schedule_is_the_synchronous_loop(
-    tiny_prepare, reward_model_dir, tmp_path, monkeypatch
+    tiny_prepare, tiny_reward_model, tmp_path, monkeypatch
 ):
     """With lag 0 the worker samples update u's batch with the weights after u updates, in its own
     process, from the update's own seed: the same tokens, scores and published weights, bit for bit."""
     from stages import ppo
 
     cfg = ppo.PpoConfig(updates=3, rollouts_per_update=16, minibatch_size=8, ema_decay=None)
-    sync = run_ppo(cfg, tiny_prepare, reward_model_dir, tmp_path / "sync")
+    sync = run_tiny_ppo(cfg, tiny_prepare, tiny_reward_model, tmp_path / "sync")
     monkeypatch.setattr(ppo, "rollout_worker", functools.partial(ppo.rollout_worker, lag=0))
-    worker = run_ppo(cfg, tiny_prepare, reward_model_dir, tmp_path / "worker")
+    worker = run_tiny_ppo(cfg, tiny_prepare, tiny_reward_model, tmp_path / "worker")
     assert worker.metrics["ppo/async/staleness_max"] == 0.0  # it ran through the worker
     assert "ppo/async/staleness_max" not in sync.metrics
     assert same_weights(published(tmp_path / "sync"), published(tmp_path / "worker"))
@@ -83,21 +41,21 @@ def test_the_worker_on_the_synchronous_schedule_is_the_synchronous_loop(
         assert worker.metrics[key] == sync.metrics[key], key
 
 
-def test_with_k_1_no_batch_is_more_than_one_update_old(tiny_prepare, reward_model_dir, tmp_path):
+def test_with_k_1_no_batch_is_more_than_one_update_old(tiny_prepare, tiny_reward_model, tmp_path):
     """The first batch is sampled by the starting weights (staleness 0), every later one by the weights
     one update behind (1); the loss corrects them by their importance weights, so training differs."""
     from stages import ppo
 
     cfg = ppo.PpoConfig(updates=4, rollouts_per_update=16, minibatch_size=8, ema_decay=None)
-    lagged = run_ppo(dataclasses.replace(cfg, async_rollouts=1), tiny_prepare, reward_model_dir, tmp_path / "k1")
+    lagged = run_tiny_ppo(dataclasses.replace(cfg, async_rollouts=1), tiny_prepare, tiny_reward_model, tmp_path / "k1")
     assert lagged.metrics["ppo/async/staleness_max"] == 1.0
     assert lagged.metrics["ppo/async/staleness_mean"] == pytest.approx(3 / 4)
     assert 0.0 <= lagged.metrics["ppo/async/is_truncated_mean"] < 1.0
-    run_ppo(cfg, tiny_prepare, reward_model_dir, tmp_path / "sync")
+    run_tiny_ppo(cfg, tiny_prepare, tiny_reward_model, tmp_path / "sync")
     assert not same_weights(published(tmp_path / "sync"), published(tmp_path / "k1"))
 
 
-def test_a_dead_worker_stops_the_stage_with_its_reason(tiny_prepare, reward_model_dir, tmp_path, monkeypatch):
+def test_a_dead_worker_stops_the_stage_with_its_reason(tiny_prepare, tiny_reward_model, tmp_path, monkeypatch):
     """A worker that fails (here: a policy folder it cannot load) raises in the trainer with its traceback,
     not a hang; the worker process is gone afterwards."""
     from stages import ppo
@@ -114,16 +72,17 @@ def test_a_dead_worker_stops_the_stage_with_its_reason(tiny_prepare, reward_mode
     monkeypatch.setattr(ppo, "RolloutWorker", BrokenFolder)
     cfg = ppo.PpoConfig(updates=2, rollouts_per_update=16, minibatch_size=8, ema_decay=None, async_rollouts=1)
     with pytest.raises(RuntimeError, match=r"the rollout worker failed:(.|\n)*no-such-policy"):
-        run_ppo(cfg, tiny_prepare, reward_model_dir, tmp_path / "out")
+        run_tiny_ppo(cfg, tiny_prepare, tiny_reward_model, tmp_path / "out")
     assert not started[0].process.is_alive()
 
 
 @pytest.mark.slow
-def test_a_killed_async_run_resumes_to_the_uninterrupted_result(tiny_prepare, reward_model_dir, tmp_path):
+def test_a_killed_async_run_resumes_to_the_uninterrupted_result(tiny_prepare, tiny_reward_model, tmp_path):
     """Killed with SIGKILL after a checkpoint and run again, a k = 1 run publishes the weights the
     uninterrupted run publishes, bit for bit: the checkpoint kept the batch already sampled by the older
     weights, and the resumed run trains on it rather than sampling it again."""
-    base = [sys.executable, "-c", SCRIPT, tiny_prepare.path, reward_model_dir]
+    keys = json.dumps({"async_rollouts": 1})
+    base = [sys.executable, "-c", PPO_STAGE_SCRIPT, keys, tiny_prepare.path, tiny_reward_model]
     whole = finish(base + [str(tmp_path / "whole"), str(tmp_path / "ck_whole")])
     ck = tmp_path / "ck"
     kill_after_checkpoint(base + [str(tmp_path / "out1"), str(ck)], lambda: (ck / "state.pt").exists())

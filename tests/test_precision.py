@@ -24,19 +24,6 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def rm_dir(tiny_prepare, tiny_comparisons, tmp_path_factory):
-    from stages import reward_model
-
-    return reward_model.run(
-        reward_model.RewardModelConfig(epochs=1),
-        policy=tiny_prepare.file("base"),
-        comparisons=tiny_comparisons.file("comparisons"),
-        heldout=tiny_comparisons.file("heldout_comparisons"),
-        out_dir=tmp_path_factory.mktemp("rm"),
-    ).path
-
-
 def run_ppo(prepared, rm_dir, out, keys: dict, peft: PeftConfig, compute: ComputeConfig = BF16) -> list[dict]:
     """PPO's per-update rows (what the flow's MLflow run would get), through the stages' metrics sink."""
     rows: list[dict] = []
@@ -56,12 +43,12 @@ def run_ppo(prepared, rm_dir, out, keys: dict, peft: PeftConfig, compute: Comput
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_ppo_first_minibatch_has_ratio_exactly_one_under_bf16_autocast(tiny_prepare, rm_dir, tmp_path, case):
+def test_ppo_first_minibatch_has_ratio_exactly_one_under_bf16_autocast(tiny_prepare, tiny_reward_model, tmp_path, case):
     """Old log-probs are scored under the update's autocast, in the first epoch's minibatches: the first
     minibatch's ratio is 1 to the bit, so its clipfrac and approx-KL are 0 (fp32 scoring against a bf16
     update gave neither)."""
     keys, peft = CASES[case]
-    rows = run_ppo(tiny_prepare, rm_dir, tmp_path, keys, peft)
+    rows = run_ppo(tiny_prepare, tiny_reward_model, tmp_path, keys, peft)
     assert len(rows) == 2
     for row in rows:
         assert row["ppo/policy/first_minibatch_approxkl"] == 0.0
@@ -107,19 +94,19 @@ def count_syncs_per_minibatch(monkeypatch) -> list[list[str]]:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_a_ppo_minibatch_makes_at_most_one_host_sync(tiny_prepare, rm_dir, tmp_path, monkeypatch, case):
+def test_a_ppo_minibatch_makes_at_most_one_host_sync(tiny_prepare, tiny_reward_model, tmp_path, monkeypatch, case):
     per_minibatch = count_syncs_per_minibatch(monkeypatch)
     keys, peft = CASES[case]
-    run_ppo(tiny_prepare, rm_dir, tmp_path, keys, peft)
+    run_ppo(tiny_prepare, tiny_reward_model, tmp_path, keys, peft)
     assert len(per_minibatch) == 2 * 2 * 4  # updates x epochs x minibatches
     assert max(len(calls) for calls in per_minibatch) == 1, per_minibatch[0]
 
 
-def test_the_host_sync_guard_sees_a_stray_item(tiny_prepare, rm_dir, tmp_path, monkeypatch):
+def test_the_host_sync_guard_sees_a_stray_item(tiny_prepare, tiny_reward_model, tmp_path, monkeypatch):
     """The guard can fail: a statistic read with `.item()` from code under stages/ is a second sync."""
     per_minibatch = count_syncs_per_minibatch(monkeypatch)
     monkeypatch.setattr(pm, "masked_mean", _stray_item_masked_mean(pm.masked_mean))
-    run_ppo(tiny_prepare, rm_dir, tmp_path, {"updates": 1}, PeftConfig("full"))
+    run_ppo(tiny_prepare, tiny_reward_model, tmp_path, {"updates": 1}, PeftConfig("full"))
     assert min(len(calls) for calls in per_minibatch) >= 2
 
 
