@@ -197,7 +197,7 @@ def ppo(run, cfg: Config, sft: Manifest, prep: Manifest, *, rm: Manifest | None 
         scorer = {"reward_model": rm.file("model"), "normalization": rm.file("normalization")}
     elif judge is not None:
         scorer = {"judge": Path(judge.path)}
-    files = {}
+    files = _tool_files(cfg)  # an edited tool retrains
     if cfg.stage.ppo.reward_function and (source := rewards.source_file(cfg.stage.ppo.reward_function)):
         files["stage.ppo.reward_function"] = source  # an edited reward function retrains
     watched: dict = {}
@@ -279,7 +279,22 @@ def evaluate(
         **scored,
         **held,
         **judged,
+        **_tools(cfg),
     )
+
+
+def _tools(cfg: Config) -> dict:
+    """Where the policy trained with tools (`stage.ppo.tools`), evaluation samples with them too."""
+    if not cfg.stage.ppo.tools:
+        return {}
+    ppo = cfg.stage.ppo
+    return {"tools": list(ppo.tools), "max_tool_calls": ppo.max_tool_calls, "files": _tool_files(cfg)}
+
+
+def _tool_files(cfg: Config) -> dict[str, Path]:
+    """Each tool's source file by its key (`stage.ppo.tools[i]`), for the cache keys of what runs it."""
+    keys = {f"stage.ppo.tools[{i}]": spec for i, spec in enumerate(cfg.stage.ppo.tools)}
+    return {k: f for k, spec in keys.items() if (f := rewards.source_file(spec, k)) is not None}
 
 
 def config_files(cfg: Config, fingerprints: Fingerprints) -> dict[str, Path]:

@@ -17,6 +17,10 @@ branch and on every data source; a block is null where it does not apply:
 - `gold_sft`, `gold_policy`: the gold rule's mean score with a 95% CI (null without a gold rule);
 - `accuracy`: on an exact-match task (`data.task=arithmetic`), SFT's and the policy's share of right
   answers with 95% Wilson intervals, their difference with its 95% CI and their ratio (null elsewhere);
+- `tools`: where the policy was trained with tools (`stage.ppo.tools`, `stages/rl/tools.py`) on an
+  exact-match task, every response above is sampled with them; this block gives each model's accuracy
+  with the tools and without them (sampled again, single-turn), and the share of answers that read a
+  tool result (null elsewhere);
 - `proxy_rm`: the policy's own reward model's scores, labelled as the proxy that was optimised;
   `eval_rm`: the evaluation reward model's scores;
 - `kl_to_sft`: mean per-token KL of the policy to SFT on its own samples;
@@ -59,6 +63,7 @@ from stages.models.modeling import (
 from stages.preference.rankings import encode_rankings, preference_pairs
 from stages.preference.scorers import TrainedRewardModel, implicit_reward_accuracy
 from stages.preference.validity import length_controlled, validity, wilson
+from stages.rl.tools import Toolbox, sample_with_tools, tool_use
 from stages.runtime import diagnostics
 from stages.runtime.manifest import Manifest, folder_digest, read_jsonl, write_jsonl
 from stages.runtime.progress import progress
@@ -71,10 +76,7 @@ def accuracy_block(sft: list[float], policy: list[float]) -> dict[str, Any]:
     """Exact-match accuracies (scores 0 or 1) with Wilson intervals; the difference's 95% CI by the
     normal approximation of two proportions."""
 
-    def one(xs: list[float]) -> dict[str, Any]:
-        return {"accuracy": sum(xs) / len(xs), "ci95": list(wilson(sum(xs), len(xs))), "n": len(xs)}
-
-    a, b = one(sft), one(policy)
+    a, b = _accuracy(sft), _accuracy(policy)
     n = len(sft)
     p, q = a["accuracy"], b["accuracy"]
     half = 1.96 * math.sqrt((p * (1 - p) + q * (1 - q)) / n)
@@ -92,25 +94,47 @@ def mean_ci95(xs: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(xs), "ci95": ci}
 
 
-def _generate(model, tokenizer, prompts, cfg, budget, precision: str):
+def _generate(model, tokenizer, prompts, cfg, budget, precision: str, tools: tuple | None = None):
+    """Each prompt's response, single-turn, or with `tools` = (toolbox, max_calls) calling them."""
     texts, rollouts = [], []
     bar = progress(len(prompts), "evaluate: sampling", unit="response")
     for start in range(0, len(prompts), cfg.batch_size):
-        r = sample(
-            model,
-            tokenizer,
-            prompts[start : start + cfg.batch_size],
-            max_new_tokens=budget.max_new_tokens,
-            max_prompt_length=budget.max_prompt_length,
-            temperature=cfg.temperature,
-            generator_seed=cfg.seed + start,
-            precision=precision,
-        )
+        batch = prompts[start : start + cfg.batch_size]
+        kw = {"max_new_tokens": budget.max_new_tokens, "max_prompt_length": budget.max_prompt_length,
+              "temperature": cfg.temperature, "precision": precision}  # fmt: skip
+        if tools is None:
+            r = sample(model, tokenizer, batch, generator_seed=cfg.seed + start, **kw)
+        else:
+            torch.manual_seed(cfg.seed + start)
+            r = sample_with_tools(model, tokenizer, batch, tools[0], max_calls=tools[1], **kw)
         texts += decode_responses(tokenizer, r)
         rollouts.append(r)
         bar.update(r.response.shape[0])
     bar.close()
     return texts, rollouts
+
+
+def tools_block(models: dict, tokenizer, prompts, cfg, budget, precision, gold_fn, tools: tuple, with_tool: dict):
+    """Per model: exact-match accuracy with the tools (the samples evaluated everywhere else) and without
+    them (sampled again, single-turn), each with its Wilson interval, and the share of answers that
+    read a tool result."""
+    out = {}
+    for side, model in models.items():
+        texts, rollouts = with_tool[side]
+        single, _ = _generate(model, tokenizer, prompts, cfg, budget, precision)
+        used, calls = (torch.cat(x).float() for x in zip(*(tool_use(r, tokenizer) for r in rollouts)))
+        out[side] = {
+            "with_tool": _accuracy([gold_fn(p, y) for p, y in zip(prompts, texts)]),
+            "without_tool": _accuracy([gold_fn(p, y) for p, y in zip(prompts, single)]),
+            "share_using_tool": used.mean().item(),
+            "calls_per_answer": calls.mean().item(),
+        }
+    out["tools"] = sorted(tools[0].functions)
+    return out
+
+
+def _accuracy(xs: list[float]) -> dict[str, Any]:
+    return {"accuracy": sum(xs) / len(xs), "ci95": list(wilson(sum(xs), len(xs))), "n": len(xs)}
 
 
 def _win(ranks: list[int]) -> float:
@@ -193,6 +217,8 @@ def run(
     max_dropped_fraction: float = 0.0,
     device: str = "auto",
     precision: str = "fp32",
+    tools: list[str] | None = None,
+    max_tool_calls: int = 2,
 ) -> Manifest:
     """`gold`: the data's gold rule (null for real data); `judge` with `labeler` (the AI labeler) or
     `eval_reward_model` judges wins where there is no gold rule; `data_sources`: prepare's sources.json;
@@ -209,13 +235,15 @@ def run(
     where = pick_device(device)
     frozen = {"device": where, "dtype": compute_dtype(precision)}
     sft, pol = load_causal_lm(sft_policy, **frozen), load_causal_lm(policy, **frozen)
-    sft_texts, sft_rollouts = _generate(sft, tokenizer, texts, cfg, budget, precision)
-    pol_texts, rollouts = _generate(pol, tokenizer, texts, cfg, budget, precision)
+    toolbox = (Toolbox.load(tools), max_tool_calls) if tools else None
+    sft_texts, sft_rollouts = _generate(sft, tokenizer, texts, cfg, budget, precision, toolbox)
+    pol_texts, rollouts = _generate(pol, tokenizer, texts, cfg, budget, precision, toolbox)
     held = read_jsonl(heldout_comparisons) if heldout_comparisons is not None else []
     result: dict[str, Any] = {
         "gold_sft": None,
         "gold_policy": None,
         "accuracy": None,
+        "tools": None,
         "win": None,
         "proxy_rm": None,
         "eval_rm": None,
@@ -233,6 +261,10 @@ def run(
         result["gold_sft"], result["gold_policy"] = mean_ci95(gold_sft), mean_ci95(gold_pol)
         if gold in EXACT_MATCH:
             result["accuracy"] = accuracy_block(gold_sft, gold_pol)
+        if gold in EXACT_MATCH and toolbox is not None:
+            sampled = {"sft": (sft_texts, sft_rollouts), "policy": (pol_texts, rollouts)}
+            result["tools"] = tools_block({"sft": sft, "policy": pol}, tokenizer, texts, cfg, budget, precision,
+                                          gold_fn, toolbox, sampled)  # fmt: skip
         human = SimulatedLabeler(LabelerConfig(noise=cfg.win_labeler_noise), target_len, gold)  # one scale
         wins = [_win(human.rank(p, [a, b])) for p, a, b in triples]
         items = [(r["prompt"], r["responses"]) for r in held] or [(p, [a, b]) for p, a, b in triples]
@@ -302,6 +334,11 @@ def run(
     if result["accuracy"] is not None:
         metrics["eval/accuracy/sft"] = result["accuracy"]["sft"]["accuracy"]
         metrics["eval/accuracy/policy"] = result["accuracy"]["policy"]["accuracy"]
+    for side in ("sft", "policy") if result["tools"] is not None else ():
+        block = result["tools"][side]
+        metrics[f"eval/tools/{side}/with_tool"] = block["with_tool"]["accuracy"]
+        metrics[f"eval/tools/{side}/without_tool"] = block["without_tool"]["accuracy"]
+        metrics[f"eval/tools/{side}/share_using_tool"] = block["share_using_tool"]
     for key in ("win_rate", "win_rate_lc", "rm_accuracy", "labeler_ceiling"):
         if result[key] is not None:
             metrics[f"eval/{key}"] = result[key]

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from stages.data import sources
 from stages.data.tokens import SamplingBudget, fit_prompt_file, resolve_sampling
+from stages.data.tool_calls import tag_ids
 from stages.labeling.labelers import make_labeler
 from stages.models.modeling import decode_responses, load_tokenizer, model_context, save_tokenizer
 from stages.models.tuning import device
@@ -45,6 +46,7 @@ from stages.rl.ppo_state import PpoState, model_state_mb
 from stages.rl.ppo_update import one_update
 from stages.rl.rollout import check
 from stages.rl.scoring import Scores, make_scorer
+from stages.rl.tools import Toolbox
 from stages.rl.watch import Watch
 from stages.runtime import checkpoints, diagnostics
 from stages.runtime import process_group as dist
@@ -88,10 +90,13 @@ def run(
     and scores its share of each update and trains on its share of each minibatch; whitening, the KL,
     the controller and the diagnostics use the global batch, so two processes compute what one does."""
     check(cfg.generation)
+    toolbox = Toolbox.load(cfg.tools) if cfg.tools else None  # a wrong name stops here, before any model loads
     if cfg.async_rollouts and dist.world_size() > 1:
         raise ValueError("stage.ppo.async_rollouts: one rollout worker per run; it does not run in a process group")
     where, precision = device(tuning), tuning.compute.precision
     tokenizer = load_tokenizer(policy)
+    if toolbox is not None:
+        tag_ids(tokenizer)  # the call tags as single tokens, or one error line before any model loads
     budget = _budget(cfg, policy)
     texts, fitted = fit_prompt_file(
         tokenizer, prompts, budget, stage="ppo", truncation=truncation, max_dropped_fraction=max_dropped_fraction
@@ -99,7 +104,7 @@ def run(
     with rollout_worker(cfg, tuning, policy, texts, budget) as worker:  # None: synchronous
         scorer = _scorer(cfg, labeler, reward_model, normalization, judge, where, precision)
         gold_fn = sources.gold_scorer(gold, target_len)
-        state = PpoState(cfg, tuning, policy, reward_model or policy, distributed, checkpoint_dir)
+        state = PpoState(cfg, tuning, policy, reward_model or policy, distributed, checkpoint_dir, toolbox)
         if cfg.watch_every:
             judged = (judge_reward_model, judge_normalization)
             state.watch = _watch(cfg, tokenizer, scorer, gold_fn, watch_prompts, *judged, budget, where, precision)

@@ -31,6 +31,7 @@ import torch
 
 from stages.data import sources
 from stages.data.images import IMAGE_TOKEN
+from stages.data.tool_calls import ensure_tool_tags, has_tool_turns
 from stages.data.tokens import (
     DEFAULT_CHAT_TEMPLATE,
     ROLE_MARKERS,
@@ -156,6 +157,13 @@ def _texts(prompt: Any) -> list[str]:
     return [prompt] if isinstance(prompt, str) else [m["content"] for m in prompt]
 
 
+def _tool_tags(tokenizer, data: sources.Sourced) -> list[str]:
+    """Where the demonstrations call tools: the tool-call tags as tokens of the tokenizer (added ones)."""
+    if not any(has_tool_turns(r["messages"]) for r in data.demonstrations):
+        return []
+    return ensure_tool_tags(tokenizer)
+
+
 def base_model(
     cfg: DataConfig, model_cfg: ModelConfig, data: sources.Sourced, device: str = "auto", precision: str = "fp32"
 ):
@@ -167,6 +175,8 @@ def base_model(
         model = load_causal_lm(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
         had_template = tokenizer.chat_template is not None
         added = ensure_chat_template(tokenizer)
+        if tags := _tool_tags(tokenizer, data):
+            notes["tool_tags"] = f"added tokens {tags} (the demonstrations call tools)"
         if not had_template:
             notes["chat_template"] = "default (the model has none)" + (f"; added tokens {added}" if added else "")
             log.warning(
@@ -189,6 +199,7 @@ def base_model(
         texts += [" ".join(_texts(p)) for ps in data.prompt_sets.values() for p in ps]
         texts += [" ".join(_texts(r["prompt"]) + r["responses"]) for rows in data.comparisons.values() for r in rows]
         tokenizer = build_bpe_tokenizer(texts, model_cfg.bpe_vocab_size)
+        _tool_tags(tokenizer, data)
         notes["tokenizer"] = f"byte-level BPE trained on the data ({len(tokenizer)} tokens)"
     if data.gold != "vision":
         model = build_tiny_llama(model_cfg, tokenizer, cfg.seed).to(pick_device(device))

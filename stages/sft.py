@@ -2,7 +2,8 @@
 
 Demonstrations are `{"messages": [...]}` rows (the data worker's schema); the loss is on the final
 assistant turn only, earlier turns are context rendered with the chat template, and the response
-ends with EOS. Rows are tokenized here, by `stages/data/tokens.py` (the ids every later stage samples
+ends with EOS. A demonstration of tool use trains on every assistant turn after the last user turn,
+its tool calls included, and on none of the tool results between them (`stages/data/tool_calls.py`). Rows are tokenized here, by `stages/data/tokens.py` (the ids every later stage samples
 and scores), cut to `max_prompt_length` / `max_length` (the counts go to the metrics), and handed
 to trl pre-tokenized. With an adapter method (`peft/`) the adapter is saved as `adapter/` and merged
 into the base, so the SFT policy is a plain model folder (safetensors) plus the tokenizer and chat
@@ -19,6 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from stages.data.images import row_vision
+from stages.data.tool_calls import has_tool_turns, split_conversation
 from stages.data.tokens import fit_rows, prompt_ids, resolve_budget, response_ids, row_sources
 from stages.models.modeling import load_tokenizer, model_context, save_tokenizer
 from stages.models.tuning import export, load, trainer_setup
@@ -31,12 +33,25 @@ from stages.settings.models import Tuning
 from stages.settings.recipe import SftConfig, chosen_learning_rate
 
 
+def encode_demonstration(tokenizer, messages: list[dict]) -> tuple[list[int], list[int], list[int]]:
+    """(prompt ids, response ids + EOS, trained): the context and the final assistant turn, all trained;
+    with tool use, the context up to the last user turn and the tool-using turns as one response whose
+    tool results are not trained (`trained` 0 there: `stages/data/tool_calls.py`)."""
+    if not has_tool_turns(messages):
+        response = response_ids(tokenizer, messages[-1]["content"])
+        return prompt_ids(tokenizer, messages[:-1]), response, [1] * len(response)
+    context, segments = split_conversation(messages)
+    response, trained = [], []
+    for text, is_trained in segments:
+        ids = response_ids(tokenizer, text, finished=False)
+        response += ids
+        trained += [int(is_trained)] * len(ids)
+    return prompt_ids(tokenizer, context), [*response, tokenizer.eos_token_id], [*trained, 1]
+
+
 def encode_demonstrations(tokenizer, rows: list[dict]) -> list[tuple[list[int], list[list[int]]]]:
-    """(prompt ids, [response ids + EOS]) per demonstration: the context and the final assistant turn."""
-    return [
-        (prompt_ids(tokenizer, r["messages"][:-1]), [response_ids(tokenizer, r["messages"][-1]["content"])])
-        for r in rows
-    ]
+    """(prompt ids, [response ids + EOS]) per demonstration (`encode_demonstration`)."""
+    return [(p, [r]) for p, r, _ in (encode_demonstration(tokenizer, row["messages"]) for row in rows)]
 
 
 class _VisionCollator:
@@ -78,8 +93,9 @@ def run(
     tokenizer = load_tokenizer(base)
     budget = resolve_budget("sft", cfg.max_prompt_length, cfg.max_length, model_context(base))
     rows = read_jsonl(demonstrations)
+    encoded = [encode_demonstration(tokenizer, row["messages"]) for row in rows]
     fitted = fit_rows(
-        encode_demonstrations(tokenizer, rows),
+        [(p, [r]) for p, r, _ in encoded],
         budget,
         stage="sft",
         truncation=truncation,
@@ -94,7 +110,7 @@ def run(
     model = load(base, tuning, "causal_lm")
     columns = {
         "input_ids": [list(p) + r[0] for p, r in fitted.rows],
-        "completion_mask": [[0] * len(p) + [1] * len(r[0]) for p, r in fitted.rows],
+        "completion_mask": [[0] * len(p) + encoded[i][2][: len(r[0])] for i, (p, r) in zip(fitted.kept, fitted.rows)],
     }
     vision = [row_vision(p) for p, _ in fitted.rows]
     keys = sorted(vision[0]) if vision and vision[0] else []

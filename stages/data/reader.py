@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.data import images
+from stages.data.tool_calls import arguments_text, has_tool_turns, split_conversation
 from stages.runtime.errors import ExpectedFailure
 from stages.settings.data import DatasetConfig
 
@@ -227,17 +228,82 @@ def _list(rec: dict[str, Any], key: str) -> list[Any]:
     return rec[key]
 
 
-def _messages(turns: list[Any], key: str, role_key: str, content_key: str) -> list[dict[str, str]]:
+def _messages(turns: list[Any], key: str, role_key: str, content_key: str) -> list[dict[str, Any]]:
+    """Turns as `{"role", "content"}`; OpenAI's tool use kept: an assistant turn's `tool_calls` (as
+    `{"name", "arguments"}`, its content then optional) and `tool` turns (`stages/data/tool_calls.py`)."""
     out = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise RowError(f"{key}[{i}]", "expected an object")
         role = _text(turn, role_key)
         role = SHAREGPT_ROLES.get(role, role) if role_key == "from" else role
-        if role not in ("system", "user", "assistant"):
+        if role not in ("system", "user", "assistant", "tool"):
             raise RowError(f"{key}[{i}].{role_key}", f"unknown role {role!r}")
-        out.append({"role": role, "content": _text(turn, content_key)})
+        calls = _tool_calls(turn, f"{key}[{i}]") if role == "assistant" and turn.get("tool_calls") else []
+        content = turn.get(content_key) if calls else _text(turn, content_key, allow_empty=role == "tool")
+        if content is None:
+            content = ""  # OpenAI's: a turn that only calls tools has null content
+        if not isinstance(content, str):
+            raise RowError(f"{key}[{i}].{content_key}", f"expected a string, got {type(content).__name__}")
+        out.append({"role": role, "content": content, **({"tool_calls": calls} if calls else {})})
     return out
+
+
+def _tool_calls(turn: dict[str, Any], where: str) -> list[dict[str, str]]:
+    """An assistant turn's OpenAI `tool_calls`: `[{"function": {"name", "arguments"}}, ...]`."""
+    calls = turn["tool_calls"]
+    if not isinstance(calls, list):
+        raise RowError(f"{where}.tool_calls", f"expected a list, got {type(calls).__name__}")
+    out = []
+    for j, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict):
+            raise RowError(f"{where}.tool_calls[{j}].function", "expected an object with name and arguments")
+        name = _text(fn, "name")
+        if " " in name.strip():
+            raise RowError(f"{where}.tool_calls[{j}].function.name", f"{name!r} has a space")
+        arguments = fn.get("arguments", "")
+        if not isinstance(arguments, str | dict):
+            raise RowError(f"{where}.tool_calls[{j}].function.arguments", "expected a JSON string or an object")
+        out.append({"name": name.strip(), "arguments": arguments_text(arguments)})
+    return out
+
+
+def _check_tool_use(msgs: list[dict[str, Any]], key: str, tools: Any) -> None:
+    """Every tool turn answers a call, each call has its tool turn, tool use comes after the last user
+    turn (the one layout SFT and rollouts share), and each call names a tool of the row's `tools`."""
+    if not has_tool_turns(msgs):
+        return
+    declared = _declared_tools(tools) if tools is not None else None
+    last_user = max((i for i, m in enumerate(msgs) if m["role"] in ("user", "system")), default=-1)
+    owed = 0
+    for i, m in enumerate(msgs):
+        if (m["role"] == "tool" or m.get("tool_calls")) and i < last_user:
+            raise RowError(f"{key}[{i}]", "tool use before the last user turn is not supported; keep it in the last exchange")
+        for j, call in enumerate(m.get("tool_calls") or []):
+            if declared is not None and call["name"] not in declared:
+                raise RowError(f"{key}[{i}].tool_calls[{j}].function.name", f"{call['name']!r} is not in the row's tools")
+        if m["role"] == "tool":
+            if owed == 0:
+                raise RowError(f"{key}[{i}].role", "a tool turn with no assistant tool call before it")
+            owed -= 1
+        elif m.get("tool_calls"):
+            owed += len(m["tool_calls"])
+        elif m["role"] == "assistant" and owed:
+            raise RowError(f"{key}[{i}]", f"{owed} tool call(s) before this turn have no tool turn answering")
+
+
+def _declared_tools(tools: Any) -> set[str]:
+    """The names in OpenAI's `tools`: `[{"type": "function", "function": {"name", ...}}, ...]`."""
+    if not isinstance(tools, list):
+        raise RowError("tools", f"expected a list, got {type(tools).__name__}")
+    names = set()
+    for j, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(fn, dict):
+            raise RowError(f"tools[{j}].function", "expected an object with a name")
+        names.add(_text(fn, "name").strip())
+    return names
 
 
 def _split_hh(chosen: str, rejected: str) -> tuple[list[dict[str, str]], str, str]:
@@ -265,7 +331,7 @@ def _split_hh(chosen: str, rejected: str) -> tuple[list[dict[str, str]], str, st
 
 
 # 4. normalisation, one function per format
-def _normalise(rec: dict[str, Any], fmt: str, kind: str) -> dict[str, Any]:
+def normalise_record(rec: dict[str, Any], fmt: str, kind: str) -> dict[str, Any]:
     if not isinstance(rec, dict):
         raise RowError("-", f"expected an object, got {type(rec).__name__}")
     if fmt == "text":
@@ -289,8 +355,10 @@ def _normalise(rec: dict[str, Any], fmt: str, kind: str) -> dict[str, Any]:
             ("conversations", "from", "value") if fmt == "sharegpt" else ("messages", "role", "content")
         )
         msgs = _messages(_list(rec, key), key, role_key, content_key)
+        _check_tool_use(msgs, key, rec.get("tools"))
         if kind == "prompts":  # a conversation prompt; a trailing assistant turn is not part of it
             context = msgs[:-1] if msgs[-1]["role"] == "assistant" else msgs
+            context = split_conversation(context)[0] if has_tool_turns(context) else context
             if not context:
                 raise RowError(key, "no user turn to use as the prompt")
             return {"prompt": context}
@@ -300,8 +368,8 @@ def _normalise(rec: dict[str, Any], fmt: str, kind: str) -> dict[str, Any]:
             if not isinstance(rec.get("label"), bool):
                 raise RowError("label", f"expected true or false, got {rec.get('label')!r}")
             return {"prompt": msgs[:-1], "completion": msgs[-1]["content"], "label": rec["label"]}
-        if msgs[-1]["role"] != "assistant":
-            raise RowError(key, "the last turn must be the assistant's")
+        if msgs[-1]["role"] != "assistant" or msgs[-1].get("tool_calls"):
+            raise RowError(key, "the last turn must be the assistant's (an answer, not a tool call)")
         return {"messages": msgs}
     if fmt == "prompt_completion":
         prompt, completion = _text(rec, "prompt"), _text(rec, "completion")
@@ -448,7 +516,7 @@ def load(cfg: DatasetConfig) -> Loaded:
                 if key in seen_ids:
                     raise RowError("id", f"duplicated id {key!r} (first on line {seen_ids[key]})")
                 seen_ids[key] = line
-            row = _normalise(rec, fmt, cfg.kind)
+            row = normalise_record(rec, fmt, cfg.kind)
             if isinstance(rec, dict) and rec.get("images"):  # image-text rows (LLaMA-Factory's `images` column)
                 if cfg.kind == "text":
                     raise RowError("images", "raw text for pretraining takes no images")

@@ -9,7 +9,8 @@ compute.
   that names it, with its hidden gold rule (`gold_scorer("embedded")`); or, `data.task=arithmetic`,
   the verifiable task of `stages/data/arithmetic.py`, scored by exact match (`gold_scorer("arithmetic")`);
   or, `data.task=vision`, the visual task of `stages/data/shapes.py` (images drawn here, the colour
-  of the shape read back from the pixels as the gold rule, `gold_scorer("vision")`).
+  of the shape read back from the pixels as the gold rule, `gold_scorer("vision")`); or, `data.task=calculator`,
+  the tool task of `stages/data/calculator.py` (two-digit sums, a calculator to call, exact match).
 - **files** (`data.demonstrations`, `data.comparisons`, `data.prompts`, `data.eval_prompts`, any of
   them): rows through the data worker (`stages/data/reader.py`). Nothing comes from the synthetic
   generator and there is no gold rule. Without a prompt file the prompts come from the user's data:
@@ -27,8 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from stages.data import arithmetic, shapes, task
-from stages.data.reader import DataError, as_ranking_rows, load
+from stages.data import arithmetic, calculator, shapes, task
+from stages.data.reader import DataError, as_ranking_rows, load, normalise_record
+from stages.data.tool_calls import split_conversation
 from stages.settings.data import EMBEDDED_GOLD, DatasetConfig
 
 PROMPT_SETS = ("comparison_prompts", "heldout_comparison_prompts", "ppo_prompts", "eval_prompts")
@@ -54,6 +56,8 @@ def gold_scorer(name: str | None, target_len: int = 6) -> Callable[[Any, str], f
         return lambda prompt, response: arithmetic.exact_match(prompt, response)
     if name == "vision":
         return lambda prompt, response: shapes.exact_match(prompt, response)
+    if name == "calculator":
+        return lambda prompt, response: calculator.exact_match(prompt, response)
     if name != "embedded":
         raise ValueError(f"gold: {name!r} is not a known gold rule ({', '.join(EMBEDDED_GOLD.values())})")
     return lambda prompt, response: task.gold_score(prompt, response, target_len=target_len)
@@ -74,6 +78,8 @@ def embedded(cfg, pretrain_documents: int) -> Sourced:
         return embedded_arithmetic(cfg, pretrain_documents)
     if cfg.task == "vision":
         return embedded_vision(cfg, pretrain_documents)
+    if cfg.task == "calculator":
+        return embedded_calculator(cfg, pretrain_documents)
     demos = task.make_demonstrations(cfg.n_demonstrations, cfg.seed, target_len=cfg.target_len)
     rows = [
         {"messages": [{"role": "user", "content": d.prompt}, {"role": "assistant", "content": d.response}]}
@@ -120,6 +126,40 @@ def embedded_arithmetic(cfg, pretrain_documents: int) -> Sourced:
     )
 
 
+def embedded_calculator(cfg, pretrain_documents: int) -> Sourced:
+    """The tool task (`stages/data/calculator.py`): OpenAI-style tool-use conversations, read through the
+    data worker's normalisation as a user's file is; prompts as the arithmetic task's."""
+    train, held = calculator.split(cfg.seed)
+    demos = calculator.make_demonstrations(cfg.n_demonstrations, cfg.seed, train)
+    rows = [normalise_record({"messages": d.messages, "tools": [calculator.SCHEMA]}, "messages", "demonstrations")
+            for d in demos]  # fmt: skip
+    sets = {
+        name: calculator.make_prompts(n, cfg.seed * 1000 + i + 1, held if name == "eval_prompts" else train)
+        for i, (name, n) in enumerate(_sizes(cfg).items())
+    }
+    web = calculator.make_demonstrations(pretrain_documents, cfg.seed + 7919, train)
+    web_rows = [normalise_record({"messages": d.messages}, "messages", "demonstrations") for d in web]
+    source = dict.fromkeys(sets, "embedded calculator task, training combinations")
+    source["eval_prompts"] = "embedded calculator task, held-out combinations"
+    return Sourced(
+        demonstrations=rows,
+        prompt_sets=sets,
+        prompt_source=source,
+        pretrain=[_plain_text(r["messages"]) for r in web_rows],
+        gold="calculator",
+        metrics={
+            "prepare/demonstrations/accuracy": sum(d.correct for d in demos) / max(1, len(demos)),
+            "prepare/demonstrations/tool_share": sum(d.uses_tool for d in demos) / max(1, len(demos)),
+        },
+    )
+
+
+def _plain_text(messages: list[dict]) -> str:
+    """A conversation as unformatted text, its tool use in the tagged form (pretraining's documents)."""
+    context, segments = split_conversation(messages)
+    return " ".join(m["content"] for m in context) + " " + "".join(text for text, _ in segments)
+
+
 def embedded_vision(cfg, pretrain_documents: int) -> Sourced:
     """The visual task: every prompt a fresh picture, each set from its own seed (`stages/data/shapes.py`)."""
     demos = shapes.make_demonstrations(cfg.n_demonstrations, cfg.seed)
@@ -140,7 +180,8 @@ def embedded_vision(cfg, pretrain_documents: int) -> Sourced:
 
 def vocabulary_hint(gold: str = "embedded") -> list[str]:
     """Every word of an embedded task, so its word-level tokenizer has no unknown words."""
-    return {"arithmetic": arithmetic.vocabulary, "vision": shapes.vocabulary}.get(gold, task.vocabulary)()
+    known = {"arithmetic": arithmetic.vocabulary, "vision": shapes.vocabulary, "calculator": calculator.vocabulary}
+    return known.get(gold, task.vocabulary)()
 
 
 def _loaded(ds: DatasetConfig, kind: str) -> tuple[list[dict[str, Any]], int]:

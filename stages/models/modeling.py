@@ -117,7 +117,9 @@ class Rollout:
     query: (batch, query_len) left-padded; response: (batch, response_len) right-padded with pad;
     response_mask: (batch, response_len) 1 on response tokens up to and including EOS;
     finished: (batch,) whether the response ended with EOS;
-    vision: each row's image tensors (`stages/data/images.py`), None for text prompts.
+    vision: each row's image tensors (`stages/data/images.py`), None for text prompts;
+    tool_mask: (batch, response_len) 1 on the tokens a tool wrote into the response (`stages/rl/tools.py`),
+    None without tools. They are context the policy reads, never tokens it is trained on (`loss_mask`).
     """
 
     query: torch.Tensor
@@ -126,12 +128,19 @@ class Rollout:
     response_mask: torch.Tensor
     finished: torch.Tensor
     vision: list[dict[str, torch.Tensor] | None] | None = None
+    tool_mask: torch.Tensor | None = None
+
+    @property
+    def loss_mask(self) -> torch.Tensor:
+        """1 on the tokens the policy sampled: the response less what tools wrote into it."""
+        return self.response_mask if self.tool_mask is None else self.response_mask * (1 - self.tool_mask)
 
     def to(self, device) -> Rollout:
         if self.query.device == torch.device(device):
             return self
         tensors = (self.query, self.query_mask, self.response, self.response_mask, self.finished)
-        return Rollout(*(t.to(device) for t in tensors), vision=self.vision)
+        tools = None if self.tool_mask is None else self.tool_mask.to(device)
+        return Rollout(*(t.to(device) for t in tensors), vision=self.vision, tool_mask=tools)
 
     def select(self, idx) -> Rollout:
         """The rows `idx` (a list or a tensor of indices)."""
@@ -139,7 +148,8 @@ class Rollout:
         vision = None  # the rows' indices are read on the host only for images (a sync on a GPU)
         if self.vision is not None:
             vision = [self.vision[i] for i in (idx.tolist() if isinstance(idx, torch.Tensor) else list(idx))]
-        return Rollout(*(t[idx] for t in tensors), vision=vision)
+        tools = None if self.tool_mask is None else self.tool_mask[idx]
+        return Rollout(*(t[idx] for t in tensors), vision=vision, tool_mask=tools)
 
     def sequences(self) -> tuple[torch.Tensor, torch.Tensor]:
         ids = torch.cat([self.query, self.response], dim=1)
@@ -195,9 +205,30 @@ def sample(
     the decode step for on a GPU (`torch.compile`); the same tokens as the dynamic cache. `precision`:
     the stage's compute dtype (`compute.precision`), autocast over the whole generation."""
     query, query_mask, images = encode_queries(tokenizer, prompts, max_prompt_length, device=model_device(model))
-    image_token = getattr(getattr(tokenizer, "processor", None), "image_token_id", None)
     if generator_seed is not None:
         torch.manual_seed(generator_seed)
+    kw = {"temperature": temperature, "top_p": top_p, "static_cache": static_cache, "precision": precision}
+    return sample_ids(model, tokenizer, query, query_mask, images, max_new_tokens=max_new_tokens, **kw)
+
+
+@torch.no_grad()
+def sample_ids(
+    model,
+    tokenizer,
+    query: torch.Tensor,
+    query_mask: torch.Tensor,
+    images: list | None = None,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    static_cache: bool = False,
+    precision: str = "fp32",
+    stop_ids: tuple[int, ...] = (),
+) -> Rollout:
+    """`sample` from encoded, left-padded queries. A response ends at EOS or at the first of `stop_ids`
+    (kept, as EOS is; `finished` stays EOS's alone): where a multi-turn rollout hands over to a tool."""
+    image_token = getattr(getattr(tokenizer, "processor", None), "image_token_id", None)
     was_training = model.training
     model.eval()
     with amp(query.device, precision):
@@ -209,7 +240,7 @@ def sample(
             top_p=top_p,
             top_k=0,
             max_new_tokens=max_new_tokens,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=[tokenizer.eos_token_id, *stop_ids] if stop_ids else tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
             use_cache=True,  # on while sampling, though gradient checkpointing turns it off for training
             **({"cache_implementation": "static"} if static_cache else {}),
@@ -220,10 +251,13 @@ def sample(
     model.train(was_training)
     response = out[:, query.shape[1] :]
     is_eos = response == tokenizer.eos_token_id
-    # mask: tokens up to and including the first EOS
-    after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
-    response_mask = (~after_eos).long()
-    finished = is_eos.any(dim=1)
+    is_stop = is_eos
+    for stop in stop_ids:
+        is_stop = is_stop | (response == stop)
+    # mask: tokens up to and including the first EOS (or stop token)
+    after_stop = (is_stop.cumsum(dim=1) - is_stop.long()) > 0
+    response_mask = (~after_stop).long()
+    finished = (is_eos & ~after_stop).any(dim=1)
     response = response.masked_fill(response_mask == 0, tokenizer.pad_token_id)
     return Rollout(query, query_mask, response, response_mask, finished, images)
 

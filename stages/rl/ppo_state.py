@@ -17,6 +17,7 @@ from stages.rl import ppo_math as pm
 from stages.rl.async_rollouts import Behaviour
 from stages.rl.ppo_models import FullCopies, SharedBase
 from stages.rl.rollout import HfRollout, VllmRollout
+from stages.rl.tools import Toolbox, ToolRollout
 from stages.rl.watch import Watch
 from stages.runtime import process_group as dist
 from stages.runtime.process_group import Engine
@@ -37,7 +38,9 @@ class PpoState:
         critic_init: Path,
         distributed: DistributedConfig | None,
         checkpoint_dir: Path | None = None,
+        toolbox: Toolbox | None = None,
     ) -> None:
+        """`toolbox`: the tools the policy's rollouts may call (`stages/rl/tools.py`), None: single-turn."""
         torch.manual_seed(cfg.seed)
         # ZeRO-3 partitions the policy: rollouts come from a whole copy, synced after each update
         self.zero3 = dist.partitioned(distributed)
@@ -65,6 +68,8 @@ class PpoState:
         if dist.world_size() > 1:  # each rank samples its own rollouts
             torch.manual_seed(cfg.seed + dist.rank())
         self.rollout = _rollout_engine(cfg, policy, self.models.policy, self.rollout_policy, tuning)
+        if toolbox is not None:
+            self.rollout = ToolRollout(self.rollout, toolbox, cfg.max_tool_calls)
         if self.offload:
             self.frozen_to("cpu")
 

@@ -19,6 +19,7 @@ from stages.rl import dynamic_sampling
 from stages.rl import ppo_math as pm
 from stages.rl.async_rollouts import Behaviour, generation_rng, rollout_seed
 from stages.rl.ppo_state import PpoState
+from stages.rl.tools import tool_metrics
 from stages.runtime import process_group as dist
 from stages.runtime.errors import NonFiniteStop
 from stages.settings.recipe import PpoConfig
@@ -35,7 +36,7 @@ class Scored:
     def __init__(self, rollout: Rollout, score, old_logp, ref_logp, old_values, first_order, prompts, dynamic) -> None:
         self.rollout, self.score, self.first_order = rollout, score, first_order
         self.old_logp, self.ref_logp, self.old_values = old_logp, ref_logp, old_values
-        self.mask = rollout.response_mask.float()
+        self.mask = rollout.loss_mask.float()  # the policy's tokens: never what a tool wrote (`stages/rl/tools.py`)
         self.prompts, self.dynamic = prompts, dynamic  # the prompts answered; dynamic sampling's figures
         self.behaviour_logp = None  # asynchronous rollouts sampled by older weights: their log-probs
 
@@ -225,6 +226,7 @@ def one_update(cfg, state: PpoState, tokenizer, scorer, batch_prompts, ptx_docs,
     row |= {f"ppo/dynamic/{k}": over_ranks(v) for k, v in scored.dynamic.items()}
     if behaviour is not None:
         row |= async_row(cfg, scored, behaviour)
+    row |= {f"ppo/tools/{k}": over_ranks(v) for k, v in tool_metrics(scored.rollout, tokenizer).items()}
     return row, scored.rollout, scored.prompts
 
 

@@ -13,7 +13,8 @@ the PPO stage's cache key, so an edited function retrains. A wrong name, a non-c
 number of scores or a non-finite score stops the stage naming the key.
 
 Shipped: `stages.rl.rewards:arithmetic_exact_match`, the embedded arithmetic task's exact match of
-the final answer (`data=embedded_arithmetic`).
+the final answer (`data=embedded_arithmetic`), and `calculator_exact_match`, the tool task's
+(`data=embedded_calculator`).
 """
 
 from __future__ import annotations
@@ -25,13 +26,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from stages.data import arithmetic
+from stages.data import arithmetic, calculator
 
 if TYPE_CHECKING:
     import torch
 
 KEY = "stage.ppo.reward_function"
-RewardFunction = Callable[[list[str], list[str]], list[float]]
 
 
 def arithmetic_exact_match(prompts: list[str], responses: list[str]) -> list[float]:
@@ -39,35 +39,42 @@ def arithmetic_exact_match(prompts: list[str], responses: list[str]) -> list[flo
     return [arithmetic.exact_match(p, r) for p, r in zip(prompts, responses)]
 
 
-def _parts(spec: str) -> tuple[str, str]:
+def calculator_exact_match(prompts: list[str], responses: list[str]) -> list[float]:
+    """1.0 where the last number after the last tool result is the prompt's sum, else 0.0."""
+    return [calculator.exact_match(p, r) for p, r in zip(prompts, responses)]
+
+
+def parts(spec: str, key: str = KEY) -> tuple[str, str]:
+    """(module, name) of `package.module:name`; a clear error naming `key` when it is not of that form."""
     module, sep, name = spec.partition(":")
     if not sep or not module.strip() or not name.strip():
-        raise ValueError(f"{KEY}: {spec!r} is not of the form package.module:name")
+        raise ValueError(f"{key}: {spec!r} is not of the form package.module:name")
     return module.strip(), name.strip()
 
 
-def source_file(spec: str) -> Path | None:
+def source_file(spec: str, key: str = KEY) -> Path | None:
     """The file that defines `spec`'s module (for the cache key); None where there is none (a builtin)."""
-    module, _ = _parts(spec)
+    module, _ = parts(spec, key)
     try:
         found = importlib.util.find_spec(module)
     except (ImportError, ValueError) as e:
-        raise ValueError(f"{KEY}: cannot find module {module!r} of {spec!r}: {e}") from None
+        raise ValueError(f"{key}: cannot find module {module!r} of {spec!r}: {e}") from None
     if found is None:
-        raise ValueError(f"{KEY}: no module named {module!r} (from {spec!r}) on the path")
+        raise ValueError(f"{key}: no module named {module!r} (from {spec!r}) on the path")
     return Path(found.origin) if found.origin and Path(found.origin).is_file() else None
 
 
-def load(spec: str) -> RewardFunction:
-    """The callable `spec` names; a clear error naming the key when it is not one."""
-    module, name = _parts(spec)
-    source_file(spec)
+def load(spec: str, key: str = KEY) -> Callable:
+    """The callable `spec` names (a reward function, or a tool: `stages/rl/tools.py`); a clear error naming
+    `key` when it is not one."""
+    module, name = parts(spec, key)
+    source_file(spec, key)
     try:
         fn = getattr(importlib.import_module(module), name)
     except AttributeError:
-        raise ValueError(f"{KEY}: module {module!r} has no attribute {name!r}") from None
+        raise ValueError(f"{key}: module {module!r} has no attribute {name!r}") from None
     if not callable(fn):
-        raise ValueError(f"{KEY}: {spec!r} is a {type(fn).__name__}, not a callable")
+        raise ValueError(f"{key}: {spec!r} is a {type(fn).__name__}, not a callable")
     return fn
 
 

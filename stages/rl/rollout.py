@@ -158,4 +158,8 @@ def merge(parts: list[Rollout], order: list[int], pad: int) -> Rollout:
     if any(p.vision is not None for p in parts):
         rows = [v for p in parts for v in (p.vision or [None] * p.query.shape[0])]
         vision = [rows[i] for i in inverse.tolist()]
-    return Rollout(*cat, vision=vision)
+    tools = None
+    if any(p.tool_mask is not None for p in parts):
+        masks = [p.tool_mask if p.tool_mask is not None else torch.zeros_like(p.response_mask) for p in parts]
+        tools = torch.cat([torch.nn.functional.pad(m, (0, r_width - m.shape[1])) for m in masks])[inverse]
+    return Rollout(*cat, vision=vision, tool_mask=tools)

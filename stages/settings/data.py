@@ -66,16 +66,16 @@ class DatasetConfig:
 
 # the embedded tasks (`data.task`) by the name of their gold rule; an exact-match rule scores 0 or 1,
 # so its mean is an accuracy (evaluation reports it with a Wilson interval)
-EMBEDDED_GOLD = {"words": "embedded", "arithmetic": "arithmetic", "vision": "vision"}
+EMBEDDED_GOLD = {"words": "embedded", "arithmetic": "arithmetic", "vision": "vision", "calculator": "calculator"}
 
 
-EXACT_MATCH = ("arithmetic", "vision")
+EXACT_MATCH = ("arithmetic", "vision", "calculator")
 
 
 @dataclass(frozen=True)
 class DataConfig:
     seed: int = 0
-    task: str = "words"  # the embedded task: words (the hidden gold rule) or arithmetic (exact match, verifiable)
+    task: str = "words"  # the embedded task: words (hidden gold rule), arithmetic or calculator (exact match), vision
     target_len: int = 6  # the gold rule's preferred response length, in words
     n_demonstrations: int = 3000
     n_comparison_prompts: int = 600  # the embedded task sets 3,000: its RM needs about that many to near the ceiling

@@ -5,7 +5,7 @@ Configs are data: this module imports no torch, so composing and checking a conf
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from stages.runtime.rules import (
@@ -311,6 +311,11 @@ class PpoConfig:
     reward_function: str | None = None
     reward_function_weight: float = 1.0  # score = reward_model_weight * RM + reward_function_weight * function
     reward_model_weight: float = 1.0
+    # multi-turn tool use (stages/rl/tools.py): functions `package.module:name` the policy may call by writing
+    # `<call> name arguments </call>`; the result comes back as `<result> text </result>`, context the policy
+    # reads but is never trained on (masked from every loss and the KL); at most max_tool_calls per response
+    tools: list[str] = field(default_factory=list)
+    max_tool_calls: int = 2
     seed: int = 0
 
     RULES: ClassVar[dict[str, Rule]] = {
@@ -326,6 +331,7 @@ class PpoConfig:
         "reward_function_weight": NONNEGATIVE, "reward_model_weight": NONNEGATIVE, "seed": UNCONSTRAINED,
         "clip_high": POSITIVE, "overlong_buffer": NONNEGATIVE, "overlong_penalty": NONNEGATIVE,
         "max_refills": NONNEGATIVE, "async_rollouts": OFF_OR_COUNT, "tis_cap": at_least(1),
+        "max_tool_calls": COUNT,
     }  # fmt: skip
 
     @property
@@ -373,6 +379,24 @@ class PpoConfig:
             raise ValueError(f"stage.ppo.generation: {self.generation!r} is not one of {', '.join(GENERATIONS)}")
         self._check_dapo_gspo()
         self._check_async()
+        self._check_tools()
+
+    def _check_tools(self) -> None:
+        """What a multi-turn rollout needs: whole-response advantages (a value model would bootstrap
+        across the tool's tokens) and the synchronous transformers engine that runs the tool loop."""
+        if not self.tools:
+            return
+        for i, spec in enumerate(self.tools):
+            if not isinstance(spec, str) or ":" not in spec:
+                raise ValueError(f"stage.ppo.tools[{i}]: {spec!r} is not of the form package.module:name")
+        for refused, why in (
+            (not self.critic_free, f"advantage={self.advantage}: use a critic-free estimator (grpo, rloo, ...)"),
+            (self.generation != "hf", f"generation={self.generation}: the tool loop samples with transformers"),
+            (bool(self.async_rollouts), "async_rollouts: the rollout worker samples single-turn responses"),
+            (self.watch_every > 0, "watch_every: the over-optimisation watch samples single-turn responses"),
+        ):
+            if refused:
+                raise ValueError(f"stage.ppo.tools does not run with stage.ppo.{why}")
 
     def _check_async(self) -> None:
         """What the rollout worker cannot do: it samples a whole batch ahead with one model copy."""
