@@ -31,7 +31,6 @@ import torch
 
 from stages.data import sources
 from stages.data.images import IMAGE_TOKEN
-from stages.data.tool_calls import ensure_tool_tags, has_tool_turns
 from stages.data.tokens import (
     DEFAULT_CHAT_TEMPLATE,
     ROLE_MARKERS,
@@ -40,6 +39,7 @@ from stages.data.tokens import (
     pack,
     response_ids,
 )
+from stages.data.tool_calls import ensure_tool_tags, has_tool_turns
 from stages.models import vision
 from stages.models.compute import amp, model_device, pick_device
 from stages.models.modeling import (

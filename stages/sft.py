@@ -3,9 +3,10 @@
 Demonstrations are `{"messages": [...]}` rows (the data worker's schema); the loss is on the final
 assistant turn only, earlier turns are context rendered with the chat template, and the response
 ends with EOS. A demonstration of tool use trains on every assistant turn after the last user turn,
-its tool calls included, and on none of the tool results between them (`stages/data/tool_calls.py`). Rows are tokenized here, by `stages/data/tokens.py` (the ids every later stage samples
-and scores), cut to `max_prompt_length` / `max_length` (the counts go to the metrics), and handed
-to trl pre-tokenized. With an adapter method (`peft/`) the adapter is saved as `adapter/` and merged
+its tool calls included, and on none of the tool results between them (`stages/data/tool_calls.py`).
+Rows are tokenized here, by `stages/data/tokens.py` (the ids every later stage samples and scores),
+cut to `max_prompt_length` / `max_length` (the counts go to the metrics), and handed to trl
+pre-tokenized. With an adapter method (`peft/`) the adapter is saved as `adapter/` and merged
 into the base, so the SFT policy is a plain model folder (safetensors) plus the tokenizer and chat
 template that every later stage reuses.
 
@@ -20,8 +21,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from stages.data.images import row_vision
-from stages.data.tool_calls import has_tool_turns, split_conversation
 from stages.data.tokens import fit_rows, prompt_ids, resolve_budget, response_ids, row_sources
+from stages.data.tool_calls import has_tool_turns, split_conversation
 from stages.models.modeling import load_tokenizer, model_context, save_tokenizer
 from stages.models.tuning import export, load, trainer_setup
 from stages.runtime import checkpoints

@@ -279,10 +279,11 @@ def _check_tool_use(msgs: list[dict[str, Any]], key: str, tools: Any) -> None:
     owed = 0
     for i, m in enumerate(msgs):
         if (m["role"] == "tool" or m.get("tool_calls")) and i < last_user:
-            raise RowError(f"{key}[{i}]", "tool use before the last user turn is not supported; keep it in the last exchange")
+            raise RowError(f"{key}[{i}]", "tool use before the last user turn is not supported: keep it to the last")
         for j, call in enumerate(m.get("tool_calls") or []):
             if declared is not None and call["name"] not in declared:
-                raise RowError(f"{key}[{i}].tool_calls[{j}].function.name", f"{call['name']!r} is not in the row's tools")
+                where = f"{key}[{i}].tool_calls[{j}].function.name"
+                raise RowError(where, f"{call['name']!r} is not in the row's tools")
         if m["role"] == "tool":
             if owed == 0:
                 raise RowError(f"{key}[{i}].role", "a tool turn with no assistant tool call before it")
