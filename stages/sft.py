@@ -55,6 +55,15 @@ def encode_demonstrations(tokenizer, rows: list[dict]) -> list[tuple[list[int], 
     return [(p, [r]) for p, r, _ in (encode_demonstration(tokenizer, row["messages"]) for row in rows)]
 
 
+def token_columns(encoded: list[tuple[list[int], list[int], list[int]]], fitted) -> dict[str, list[list[int]]]:
+    """trl's columns for the rows `fitted` kept of `encoded` (`encode_demonstration`'s): the ids, and the
+    completion mask, 1 where the loss is (trl makes the other labels -100)."""
+    return {
+        "input_ids": [list(p) + r[0] for p, r in fitted.rows],
+        "completion_mask": [[0] * len(p) + encoded[i][2][: len(r[0])] for i, (p, r) in zip(fitted.kept, fitted.rows)],
+    }
+
+
 class _VisionCollator:
     """trl's padding collator, plus each row's image tensors concatenated along dim 0."""
 
@@ -109,10 +118,7 @@ def run(
 
     set_seed(cfg.seed)  # what trl does before it creates adapters: the same initial LoRA weights
     model = load(base, tuning, "causal_lm")
-    columns = {
-        "input_ids": [list(p) + r[0] for p, r in fitted.rows],
-        "completion_mask": [[0] * len(p) + encoded[i][2][: len(r[0])] for i, (p, r) in zip(fitted.kept, fitted.rows)],
-    }
+    columns = token_columns(encoded, fitted)
     vision = [row_vision(p) for p, _ in fitted.rows]
     keys = sorted(vision[0]) if vision and vision[0] else []
     if keys and not all(vision):

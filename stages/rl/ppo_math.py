@@ -201,12 +201,15 @@ def group_relative(score: torch.Tensor, n: int, estimator: str) -> torch.Tensor:
 
 
 def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
-    """G_t = sum_{s >= t} gamma^(s - t) r_s over the response (the REINFORCE return)."""
+    """G_t = sum_{s >= t} gamma^(s - t) r_s over the policy's tokens of the response (the REINFORCE
+    return), 0 off them. Tokens a tool wrote inside a response (`mask` 0 between ones) are not steps:
+    the return passes over them undiscounted, so a tool call is credited with the score that follows."""
     returns = torch.zeros_like(rewards)
     running = torch.zeros(rewards.shape[0], device=rewards.device, dtype=rewards.dtype)
     for t in reversed(range(rewards.shape[1])):
-        running = (rewards[:, t] + gamma * running) * mask[:, t]
-        returns[:, t] = running
+        step = mask[:, t] > 0
+        running = torch.where(step, rewards[:, t] + gamma * running, running)
+        returns[:, t] = running * mask[:, t]
     return returns
 
 
