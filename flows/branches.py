@@ -7,7 +7,7 @@
 - `grpo` (Shao et al. 2024), `rloo` (Ahmadian et al. 2024): rlhf's DAG, the ppo stage with a critic-free
   estimator (`stage.ppo.advantage`, n samples per prompt, no value model); the other stages are rlhf's, cached
 - `rlvr` (verifiable rewards, Tülu 3 / DeepSeek-R1): sft -> ppo (GRPO scored by `stage.ppo.reward_function`)
-  -> evaluate
+  -> evaluate; `rlvr_tools`: the same DAG, its rollouts calling tools (`stage.ppo.tools`, the calculator task)
 - `best_of_n` (rejection sampling, Llama 2; RAFT): sft -> comparisons -> reward_model -> [best_of_n -> sft on the
   kept best] per round -> evaluate; prepare, sft, comparisons and reward_model are rlhf's, cached
 
@@ -83,6 +83,10 @@ def rlvr(run, cfg: Config) -> Manifest:
     return steps.evaluate(run, cfg, sft, ppo, prep, rm=None, cmp=None)
 
 
+def rlvr_tools(run, cfg: Config) -> Manifest:
+    return rlvr(run, cfg)  # the tools are the ppo stage's config (conf/pipeline/rlvr_tools.yaml)
+
+
 def best_of_n(run, cfg: Config) -> Manifest:
     prep = steps.prepare(run, cfg)
     sft = steps.sft(run, cfg, prep)
@@ -106,5 +110,6 @@ BRANCHES = {
     "dapo": dapo,
     "gspo": gspo,
     "rlvr": rlvr,
+    "rlvr_tools": rlvr_tools,
     "best_of_n": best_of_n,
 }

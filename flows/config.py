@@ -53,6 +53,8 @@ PIPELINES = {
     "gspo": ("prepare", "sft", "comparisons", "reward_model", "ppo", "evaluate"),
     # verifiable rewards: the ppo stage scored by `stage.ppo.reward_function` alone, no reward model
     "rlvr": ("prepare", "sft", "ppo", "evaluate"),
+    # rlvr with multi-turn rollouts that call tools (conf/pipeline/rlvr_tools.yaml): the same DAG
+    "rlvr_tools": ("prepare", "sft", "ppo", "evaluate"),
     # rejection-sampling fine-tuning: best_of_n samples and keeps the RM's best, SFT trains on them (per round)
     "best_of_n": ("prepare", "sft", "comparisons", "reward_model", "best_of_n", "evaluate"),
 }
@@ -204,9 +206,9 @@ class Config:
                 f"stage.ppo.advantage: pipeline={self.pipeline.name} runs {' or '.join(estimators)}, "
                 f"got {self.stage.ppo.advantage!r} (other estimators run under pipeline=rlhf)"
             )
-        if self.pipeline.name == "rlvr" and self.stage.ppo.reward_function is None:
+        if self.pipeline.name in ("rlvr", "rlvr_tools") and self.stage.ppo.reward_function is None:
             raise ValueError(
-                "stage.ppo.reward_function: pipeline=rlvr scores with a reward from code; name one "
+                f"stage.ppo.reward_function: pipeline={self.pipeline.name} scores with a reward from code; name one "
                 "(package.module:name, see stages/rl/rewards.py)"
             )
         unary = self.data.comparisons is not None and self.data.comparisons.kind == "unary"
