@@ -293,6 +293,11 @@ def _finish(
         **{f"ppo/{k}_last": last[f"ppo/{k}"] for k in ("empty_share", "prompt_copy_share", "top_response_share")},
     }
     metrics |= _async_metrics(state.history)
+    for key in ("share_using", "calls") if "ppo/tools/calls" in last else ():  # multi-turn tool use
+        metrics |= {
+            f"ppo/tools/{key}_first": first[f"ppo/tools/{key}"],
+            f"ppo/tools/{key}_last": last[f"ppo/tools/{key}"],
+        }
     files = {"policy": "policy", "samples": "samples.jsonl", "verdict": "verdict.json"}
     if watch is not None:
         watch.write(out_dir / "watch.json", published_update)

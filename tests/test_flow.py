@@ -265,3 +265,19 @@ def test_every_estimator_loss_and_baseline_shares_the_cached_stages(tmp_path):
     assert 0 <= accuracy["sft"]["accuracy"] <= 1 and accuracy["sft"]["n"] == 32
     assert rlvr["eval"]["gold_sft"]["mean"] == accuracy["sft"]["accuracy"]  # exact match: the mean is the accuracy
     assert rlhf["eval"]["accuracy"] is None  # not an exact-match task
+
+
+def test_the_tool_task_runs_with_and_without_its_tool(tmp_path):
+    """pipeline=rlvr_tools at tiny size: rollouts that call the calculator, evaluation with and without it."""
+    tools = align(tmp_path, *TINY, "pipeline=rlvr_tools")
+    assert statuses(tools) == dict.fromkeys(["prepare", "sft", "ppo", "evaluate"], "ran")
+    ppo = tools["stages"]["ppo"]["metrics"]
+    assert ppo["ppo/tools/calls_first"] > 0 and 0 < ppo["ppo/tools/share_using_first"] <= 1
+    block = tools["eval"]["tools"]
+    assert block["tools"] == ["calculator"] and 0 < block["sft"]["share_using_tool"] <= 1
+    for side in ("sft", "policy"):  # the accuracy block reads the samples made with the tool
+        assert block[side]["with_tool"]["accuracy"] == tools["eval"]["accuracy"][side]["accuracy"]
+        assert block[side]["without_tool"]["n"] == 32
+    without = align(tmp_path, *TINY, "pipeline=rlvr_tools", "stage.ppo.tools=[]")  # the same SFT, no tool
+    assert statuses(without) == {"prepare": "cached", "sft": "cached", "ppo": "ran", "evaluate": "ran"}
+    assert without["eval"]["tools"] is None and "ppo/tools/calls_first" not in without["stages"]["ppo"]["metrics"]
