@@ -221,6 +221,14 @@ def test_make_compare_writes_its_table_on_tiny_settings(tiny):
         right = block["accuracy"] * block["n"]
         assert block["n"] > 0 and right == pytest.approx(round(right))
         assert block["ci95"] == pytest.approx(list(wilson(round(right), block["n"])))
+    tools = report["tool_task"]  # GRPO with the calculator against GRPO without it, one SFT
+    assert (
+        tools["with_tool"]["n"] == tools["without_tool"]["n"] > 0 and tools["ppo_metrics"]["ppo/tools/calls_first"] > 0
+    )
+    assert tools["target"]["points"] == pytest.approx(
+        100 * (tools["with_tool"]["accuracy"] - tools["without_tool"]["accuracy"])
+    )
+    assert "tool task (pipeline=rlvr_tools" in make.stdout and report["targets"]["tool_vs_no_tool"] == tools["target"]
     assert set(report["shared_stages"].values()) == {"cached"}  # the tiny run's prepare, sft and comparisons
     assert list(report["dpo_betas"]) == ["0.3"] and report["dpo_best_beta"] == 0.3
     assert (art / "compare" / "compare.txt").read_text().strip() in make.stdout

@@ -6,7 +6,9 @@ GRPO with DAPO's or GSPO's keys); DPO
 (best of a small beta set) and the other preference losses at that beta (KTO on each ranking split
 into thumbs) or their papers' defaults (SimPO, ORPO: reference-free); RLAIF and d-RLAIF; best-of-n.
 Then the verifiable task (`pipeline=rlvr` on `data=embedded_arithmetic`): held-out exact-match
-accuracy of SFT and GRPO, and of GRPO with DAPO's and with GSPO's keys.
+accuracy of SFT and GRPO, and of GRPO with DAPO's and with GSPO's keys. Then the tool task
+(`pipeline=rlvr_tools` on `data=embedded_calculator`): GRPO whose rollouts call a calculator against
+GRPO without it, from the same SFT.
 
 The best DPO beta is chosen by the gold score on the evaluation prompts (a small sweep, reported as
 such, not a held-out selection).
@@ -54,6 +56,7 @@ ON_RLVR = {
     "dapo": ["stage.ppo.clip_high=0.28", "stage.ppo.beta=0.0", "stage.ppo.dynamic_sampling=true"],
     "gspo": ["stage.ppo.ratio_level=sequence", "stage.ppo.clip=0.0003", "stage.ppo.clip_high=0.0004"],
 }
+NO_TOOL = ["stage.ppo.tools=[]"]  # the tool task's GRPO, its rollouts single-turn
 PREFERENCE_LOSSES = ("kto", "simpo", "orpo")  # kto at DPO's best beta; simpo and orpo reference-free
 # the stages (by name in the flow) a row computes itself (the rest are the shared, cached ones)
 OWN_STAGES = {"ppo", "dpo", "judge", "best_of_n", "best_of_n_sft"}
@@ -196,6 +199,10 @@ def main(argv: list[str]) -> dict:
     ppo, dpo_row = by["rlhf"], by["dpo"]
     verifiable = verifiable_task(run_branch(["pipeline=rlvr", *extra]))
     variants = {name: verifiable_task(run_branch(["pipeline=rlvr", *keys, *extra])) for name, keys in ON_RLVR.items()}
+    # the tool task: GRPO whose rollouts call the calculator, and the same GRPO from the same SFT without it
+    tools = tool_task(
+        run_branch(["pipeline=rlvr_tools", *extra]), run_branch(["pipeline=rlvr_tools", *NO_TOOL, *extra])
+    )
 
     def within(a: dict, b: dict) -> dict:
         ci = math.sqrt(a["gold_ci95"] ** 2 + b["gold_ci95"] ** 2)
@@ -232,6 +239,7 @@ def main(argv: list[str]) -> dict:
         "dpo_loss_type": DPO_LOSS,
         "verifiable": verifiable,
         "verifiable_variants": variants,
+        "tool_task": tools,
         "targets": {
             "dpo_gain_minus_ppo_gain": dpo_row["gain"] - ppo["gain"],
             "dpo_gain_within_ci_of_ppo": abs(dpo_row["gain"] - ppo["gain"]) <= gap_ci,
@@ -240,6 +248,7 @@ def main(argv: list[str]) -> dict:
             "kto_vs_dpo": kto,
             "async_k1_vs_ppo": async_vs_ppo,
             "verifiable_grpo_vs_sft": verifiable["target"],
+            "tool_vs_no_tool": tools["target"],
             "best_of_n_gain_over_ppo_gain": by["best_of_n"]["gain"] / ppo["gain"] if ppo["gain"] else None,
             "rlaif_gain_over_rlhf_gain": by["rlaif"]["gain"] / ppo["gain"] if ppo["gain"] else None,
             "rlaif_direct_gain_over_rlhf_gain": by["rlaif_direct"]["gain"] / ppo["gain"] if ppo["gain"] else None,
@@ -257,8 +266,8 @@ def main(argv: list[str]) -> dict:
     out = Path(artifacts, "compare", "compare.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
-    text = "\n".join([table(rows, sft), "", verifiable_line(verifiable),
-                      *(verifiable_line(v, name.upper()) for name, v in variants.items())])  # fmt: skip
+    lines = [verifiable_line(verifiable), *(verifiable_line(v, name.upper()) for name, v in variants.items())]
+    text = "\n".join([table(rows, sft), "", *lines, tool_line(tools)])
     (out.parent / "compare.txt").write_text(text + "\n")
     _log_to_mlflow(artifacts, out)
     print(text)
@@ -319,6 +328,37 @@ def verifiable_line(v: dict, method: str = "GRPO") -> str:
         f"{ratio}, {t['points']:+.1f} points (95% CI of the difference "
         f"[{100 * dl:+.1f}, {100 * dh:+.1f}]): "
         f"target (>= 2x and >= +20 points) {'met' if t['met'] else 'missed'}"
+    )
+
+
+def tool_task(with_tool: dict, without_tool: dict) -> dict:
+    """GRPO with the calculator against GRPO without it, both from the same SFT, on held-out prompts:
+    exact match, the difference with its 95% CI (two proportions, normal approximation), and each
+    model's accuracy with and without the tool and share of answers that used it."""
+    a, b = with_tool["summary"]["eval"]["accuracy"]["policy"], without_tool["summary"]["eval"]["accuracy"]["policy"]
+    p, q = a["accuracy"], b["accuracy"]
+    half = 1.96 * math.sqrt(p * (1 - p) / a["n"] + q * (1 - q) / b["n"])
+    return {
+        "with_tool": a,
+        "without_tool": b,
+        "evaluation": with_tool["summary"]["eval"]["tools"],  # SFT's and the policy's, with and without
+        "ppo_metrics": {k: v for k, v in with_tool["summary"]["stages"]["ppo"]["metrics"].items() if "/tools/" in k},
+        "ppo_stage_s": {"with_tool": with_tool["own_stage_s"], "without_tool": without_tool["own_stage_s"]},
+        "target": {"points": 100 * (p - q), "difference_ci95": [p - q - half, p - q + half], "met": p - q >= 0.2},
+    }
+
+
+def tool_line(t: dict) -> str:
+    a, b, d = t["with_tool"], t["without_tool"], t["target"]
+    share = t["evaluation"]["policy"]["share_using_tool"] if t["evaluation"] else float("nan")
+    sft = t["evaluation"]["sft"]["with_tool"]["accuracy"] if t["evaluation"] else float("nan")
+    return (
+        f"tool task (pipeline=rlvr_tools, data=embedded_calculator, {a['n']} held-out prompts): exact match "
+        f"GRPO with the calculator {a['accuracy']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}] "
+        f"(answers using it {share:.0%}; SFT with it {sft:.3f}), GRPO without it {b['accuracy']:.3f} "
+        f"[{b['ci95'][0]:.3f}, {b['ci95'][1]:.3f}]; {d['points']:+.1f} points (95% CI of the difference "
+        f"[{100 * d['difference_ci95'][0]:+.1f}, {100 * d['difference_ci95'][1]:+.1f}]): "
+        f"target (>= +20 points) {'met' if d['met'] else 'missed'}"
     )
 
 
