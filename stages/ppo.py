@@ -36,7 +36,7 @@ from pathlib import Path
 
 from stages.data import sources
 from stages.data.tokens import SamplingBudget, fit_prompt_file, resolve_sampling
-from stages.data.tool_calls import tag_ids
+from stages.data.tool_calls import tool_format
 from stages.labeling.labelers import make_labeler
 from stages.models.modeling import decode_responses, load_tokenizer, model_context, save_tokenizer
 from stages.models.tuning import device
@@ -96,7 +96,7 @@ def run(
     where, precision = device(tuning), tuning.compute.precision
     tokenizer = load_tokenizer(policy)
     if toolbox is not None:
-        tag_ids(tokenizer)  # the call tags as single tokens, or one error line before any model loads
+        tool_format(tokenizer).check()  # one error line before any model loads, where the format cannot run
     budget = _budget(cfg, policy)
     texts, fitted = fit_prompt_file(
         tokenizer, prompts, budget, stage="ppo", truncation=truncation, max_dropped_fraction=max_dropped_fraction

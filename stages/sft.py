@@ -22,7 +22,7 @@ from pathlib import Path
 
 from stages.data.images import row_vision
 from stages.data.tokens import fit_rows, prompt_ids, resolve_budget, response_ids, row_sources
-from stages.data.tool_calls import has_tool_turns, split_conversation
+from stages.data.tool_calls import has_tool_turns, split_conversation, tool_format
 from stages.models.modeling import load_tokenizer, model_context, save_tokenizer
 from stages.models.tuning import export, load, trainer_setup
 from stages.runtime import checkpoints
@@ -41,10 +41,9 @@ def encode_demonstration(tokenizer, messages: list[dict]) -> tuple[list[int], li
     if not has_tool_turns(messages):
         response = response_ids(tokenizer, messages[-1]["content"])
         return prompt_ids(tokenizer, messages[:-1]), response, [1] * len(response)
-    context, segments = split_conversation(messages)
+    context, rest = split_conversation(messages)
     response, trained = [], []
-    for text, is_trained in segments:
-        ids = response_ids(tokenizer, text, finished=False)
+    for ids, is_trained in tool_format(tokenizer).segments(context, rest):
         response += ids
         trained += [int(is_trained)] * len(ids)
     return prompt_ids(tokenizer, context), [*response, tokenizer.eos_token_id], [*trained, 1]

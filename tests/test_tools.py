@@ -40,10 +40,12 @@ def test_the_calculator_by_hand_and_its_refusals():
 
 def test_a_toolbox_runs_calls_and_returns_failures_as_results():
     box = tools.Toolbox.load(["stages.rl.tools:calculator"])
-    assert box.run("<call> calculator 47 + 85 </call>") == "132"
-    assert box.run("<call> calculator 2 ** 8 </call>").startswith("error: not 'a + b'")
-    assert box.run("<call> search cats </call>") == "error: unknown tool 'search' (tools: calculator)"
-    assert box.run("calculator 1 + 1 </call>") == "error: no <call> before </call>"
+    fmt = tool_calls.Tagged(_word_tokenizer())
+    turn = lambda text: fmt.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert box.results(fmt, turn("<call> calculator 47 + 85 </call>")) == ["132"]
+    assert box.results(fmt, turn("<call> calculator 47 plus 85 </call>"))[0].startswith("error: not 'a + b'")
+    assert box.results(fmt, turn("<call> what 1 + 1 </call>")) == ["error: unknown tool 'what' (tools: calculator)"]
+    assert box.results(fmt, turn("calculator 1 + 1 </call>")) == ["error: no <call> before </call>"]
     assert (box.calls, box.errors, box.by_name) == (4, 3, {"calculator": 2})
 
 
@@ -78,10 +80,10 @@ def test_tools_refuse_what_the_tool_loop_cannot_do():
 def test_openai_tool_messages_become_one_response_of_segments():
     row = normalise_record(TOOL_ROW, "messages", "demonstrations")
     assert row["messages"][1] == {"role": "assistant", "content": "", "tool_calls": [
-        {"name": "calculator", "arguments": "47 + 85"}]}  # fmt: skip
-    context, segments = tool_calls.split_conversation(row["messages"])
+        {"name": "calculator", "arguments": '{"expression": "47 + 85"}'}]}  # fmt: skip
+    context, rest = tool_calls.split_conversation(row["messages"])
     assert context == [{"role": "user", "content": "what is 47 plus 85"}]
-    assert segments == [
+    assert tool_calls.tagged_segments(rest) == [
         ("<call> calculator 47 + 85 </call>", True),
         (" <result> 132 </result>", False),
         (" the answer is 132", True),
@@ -98,7 +100,7 @@ def test_two_calls_in_one_turn_render_each_followed_by_its_result():
         {"role": "tool", "content": "132"}, {"role": "tool", "content": "3"},
         {"role": "assistant", "content": "done"}]}  # fmt: skip
     msgs = normalise_record(row, "messages", "demonstrations")["messages"]
-    assert [t for t, _ in tool_calls.split_conversation(msgs)[1]] == [
+    assert [t for t, _ in tool_calls.tagged_segments(tool_calls.split_conversation(msgs)[1])] == [
         "both <call> calculator 47 + 85 </call>", " <result> 132 </result>",
         " <call> calculator 1 + 2 </call>", " <result> 3 </result>", " done"]  # fmt: skip
 
@@ -249,9 +251,7 @@ class ScriptedPolicy:
         for q, m in zip(query, mask):
             context = self.tok.decode(q[m.bool()].tolist())
             prompt = next(p for p in self.turns if p in context)
-            text = self.turns[prompt].pop(0)
-            ids = self.tok(text.removesuffix(" <eos>"), add_special_tokens=False)["input_ids"]
-            out.append((ids + [self.tok.eos_token_id] * text.endswith("<eos>"))[:max_new_tokens])
+            out.append(self.tok(self.turns[prompt].pop(0), add_special_tokens=False)["input_ids"][:max_new_tokens])
         width = max(len(o) for o in out)
         response = torch.tensor([o + [self.tok.pad_token_id] * (width - len(o)) for o in out])
         lengths = torch.tensor([len(o) for o in out])
@@ -317,5 +317,69 @@ def test_the_calculator_task_scores_the_answer_after_the_last_result():
 
 
 def _words(messages: list[dict]) -> list[str]:
-    context, segments = tool_calls.split_conversation(messages)
-    return " ".join([m["content"] for m in context] + [t for t, _ in segments]).split()
+    context, rest = tool_calls.split_conversation(messages)
+    return " ".join([m["content"] for m in context] + [t for t, _ in tool_calls.tagged_segments(rest)]).split()
+
+
+# A chat template with its own tool format, as Qwen2.5's and Hermes' render it (ChatML turns, calls as
+# `<tool_call>` JSON, results as a user turn of `<tool_response>`s).
+HERMES_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message.role in ['user', 'system'] %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n"
+    "{% elif message.role == 'assistant' %}<|im_start|>assistant\n{{ message.content or '' }}"
+    "{% for call in message.tool_calls or [] %}{% set f = call.function if call.function is defined else call %}"
+    '<tool_call>\n{"name": "{{ f.name }}", "arguments": {{ f.arguments | tojson }}}\n</tool_call>'
+    "{% endfor %}<|im_end|>\n"
+    "{% elif message.role == 'tool' %}"
+    "{% if loop.first or messages[loop.index0 - 1].role != 'tool' %}<|im_start|>user{% endif %}"
+    "{{ '\\n' }}<tool_response>\n{{ message.content }}\n</tool_response>"  # a newline right after a tag is trimmed
+    "{% if loop.last or messages[loop.index0 + 1].role != 'tool' %}<|im_end|>\n{% endif %}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _hermes_tokenizer():
+    from transformers import GPT2TokenizerFast
+
+    from tests.conftest import SHARED, need_shared
+
+    tok = GPT2TokenizerFast.from_pretrained(str(need_shared(SHARED / "tokenizers" / "gpt2")))
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.add_tokens(["<tool_call>", "</tool_call>"])
+    tok.eos_token, tok.pad_token, tok.chat_template = "<|im_end|>", "<|im_end|>", HERMES_TEMPLATE
+    return tok
+
+
+def test_a_template_with_a_tool_format_trains_and_samples_in_it(monkeypatch):
+    """Hermes/Qwen-style templates: SFT's prompt and response are the template's rendering of the whole
+    conversation, the tool turn untrained; a rollout appends the template's tool turn after a call."""
+    from stages.data.tokens import prompt_ids
+    from stages.sft import encode_demonstration
+
+    tok = _hermes_tokenizer()
+    fmt = tool_calls.tool_format(tok)
+    assert isinstance(fmt, tool_calls.Hermes) and tool_calls.ensure_tool_tags(tok) == []
+    msgs = normalise_record(TOOL_ROW, "messages", "demonstrations")["messages"]
+    prompt, response, trained = encode_demonstration(tok, msgs)
+    whole = tok.apply_chat_template([tool_calls._openai(m) for m in msgs], tokenize=False)
+    assert tok.decode(prompt + response) == whole.removesuffix("\n")  # the template's text, its last newline aside
+    untrained = tok.decode([t for t, w in zip(response, trained) if not w])
+    assert untrained == "\n<|im_start|>user\n<tool_response>\n132\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+    assert tok.decode([t for t, w in zip(response, trained) if w]).startswith('<tool_call>\n{"name": "calculator"')
+
+    call = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "47 + 85"}}\n</tool_call><|im_end|>'
+    bad = "<tool_call>\nnot json\n</tool_call><|im_end|>"
+    policy = ScriptedPolicy(
+        tok, {"47 plus 85": [call, "the answer is 132<|im_end|>"], "11 and 11": [bad, "no<|im_end|>"]}
+    )
+    monkeypatch.setattr(tools, "sample_ids", policy)
+    box = tools.Toolbox.load(["stages.rl.tools:calculator"])
+    prompts = ["what is 47 plus 85", "add 11 and 11"]
+    rollout = tools.sample_with_tools(torch.nn.Linear(1, 1), tok, prompts, box, max_calls=2, max_new_tokens=96)
+    ids = rollout.response[0][rollout.response_mask[0].bool()].tolist()
+    assert tok.decode(prompt_ids(tok, prompts[0]) + ids) == whole.removesuffix("\n")  # what SFT trained on
+    assert tok.decode([t for t, w in zip(ids, rollout.tool_mask[0].tolist()) if w]) == untrained
+    assert rollout.finished.tolist() == [True, True] and tools.tool_use(rollout, tok)[1].tolist() == [1, 1]
+    errors = rollout.response[1][rollout.tool_mask[1].bool()].tolist()
+    assert "error: <tool_call> holds no JSON object with a name" in tok.decode(errors) and box.errors == 1

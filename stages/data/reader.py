@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.data import images
-from stages.data.tool_calls import arguments_text, has_tool_turns, split_conversation
+from stages.data.tool_calls import has_tool_turns, split_conversation
 from stages.runtime.errors import ExpectedFailure
 from stages.settings.data import DatasetConfig
 
@@ -265,7 +265,8 @@ def _tool_calls(turn: dict[str, Any], where: str) -> list[dict[str, str]]:
         arguments = fn.get("arguments", "")
         if not isinstance(arguments, str | dict):
             raise RowError(f"{where}.tool_calls[{j}].function.arguments", "expected a JSON string or an object")
-        out.append({"name": name.strip(), "arguments": arguments_text(arguments)})
+        text = arguments if isinstance(arguments, str) else json.dumps(arguments)
+        out.append({"name": name.strip(), "arguments": text})  # as given: a template renders the JSON
     return out
 
 

@@ -30,7 +30,7 @@ from typing import Any
 
 from stages.data import arithmetic, calculator, shapes, task
 from stages.data.reader import DataError, as_ranking_rows, load, normalise_record
-from stages.data.tool_calls import split_conversation
+from stages.data.tool_calls import split_conversation, tagged_segments
 from stages.settings.data import EMBEDDED_GOLD, DatasetConfig
 
 PROMPT_SETS = ("comparison_prompts", "heldout_comparison_prompts", "ppo_prompts", "eval_prompts")
@@ -156,8 +156,8 @@ def embedded_calculator(cfg, pretrain_documents: int) -> Sourced:
 
 def _plain_text(messages: list[dict]) -> str:
     """A conversation as unformatted text, its tool use in the tagged form (pretraining's documents)."""
-    context, segments = split_conversation(messages)
-    return " ".join(m["content"] for m in context) + " " + "".join(text for text, _ in segments)
+    context, rest = split_conversation(messages)
+    return " ".join(m["content"] for m in context) + " " + "".join(text for text, _ in tagged_segments(rest))
 
 
 def embedded_vision(cfg, pretrain_documents: int) -> Sourced:

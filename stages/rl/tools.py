@@ -6,15 +6,16 @@ from the run's directory; its source joins the stage's cache key):
 
     name(arguments: str) -> str
 
-The policy calls it by writing `<call> name arguments </call>` (`stages/data/tool_calls.py`). Sampling
-stops at `</call>`; the call is parsed, the function runs, and ` <result> text </result>` is appended to
-the response, its tokens marked in the rollout's `tool_mask`. Sampling then resumes from the whole
-context. The tool's tokens are what the policy reads, never what it is trained on: `Rollout.loss_mask`
-drops them from the policy loss, the KL (in the reward and as a loss), the entropy and every statistic
-over response tokens. A tool that raises, an unknown tool name or a malformed call comes back as an
-`error: ...` result the policy reads (as verl's and OpenAI's tool loops do); they are counted. A call past
-the limit ends the response unanswered. The response budget (`max_new_tokens`) covers both the
-policy's and the tools' tokens.
+The policy calls it in its chat template's tool format, or, where the template has none, by writing
+`<call> name arguments </call>` (`stages/data/tool_calls.py`). Sampling stops at the call; it is parsed,
+the function runs, and its result is appended to the response (` <result> text </result>`, or the
+template's tool turn and generation prompt), its tokens marked in the rollout's `tool_mask`. Sampling
+then resumes from the whole context. The tool's tokens are what the policy reads, never what it is
+trained on: `Rollout.loss_mask` drops them from the policy loss, the KL (in the reward and as a loss),
+the entropy and every statistic over response tokens. A tool that raises, an unknown tool name or a
+malformed call comes back as an `error: ...` result the policy reads (as verl's and OpenAI's tool
+loops do); they are counted. A call past the limit ends the response unanswered. The response budget
+(`max_new_tokens`) covers both the policy's and the tools' tokens.
 
 Shipped: `stages.rl.tools:calculator`, the embedded tool task's (`data=embedded_calculator`).
 """
@@ -27,13 +28,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from stages.data.tokens import decode_response, response_ids
-from stages.data.tool_calls import END_CALL, parse_call, result_text, tag_ids
+from stages.data.tool_calls import Hermes, Tagged, tool_format
 from stages.models.compute import model_device
 from stages.models.modeling import Rollout, encode_queries, response_rollout, sample_ids
 from stages.rl import rewards
 
 KEY = "stage.ppo.tools"
+ToolFormat = Tagged | Hermes
 MAX_OPERAND = 10**12  # the calculator's bound: no client makes it multiply huge numbers
 _EXPRESSION = re.compile(r"^\s*(-?\d+)\s*([+*-])\s*(-?\d+)\s*$")
 
@@ -70,11 +71,19 @@ class Toolbox:
             functions[name] = rewards.load(spec, key)
         return cls(functions)
 
-    def run(self, turn: str) -> str:
-        """The result text of the call that ends `turn` (an `error: ...` text where it fails)."""
+    def results(self, fmt: ToolFormat, turn: list[int]) -> list[str]:
+        """The results of the calls that end `turn` (one `error: ...` result where they cannot be read)."""
+        try:
+            calls = fmt.calls(turn)
+        except ValueError as e:
+            self.calls, self.errors = self.calls + 1, self.errors + 1
+            return [f"error: {e}"]
+        return [self.run(name, arguments) for name, arguments in calls]
+
+    def run(self, name: str, arguments: str) -> str:
+        """One call's result text (an `error: ...` text where it fails)."""
         self.calls += 1
         try:
-            name, arguments = parse_call(turn)
             if name not in self.functions:
                 raise ValueError(f"unknown tool {name!r} (tools: {', '.join(sorted(self.functions))})")
             self.by_name[name] = self.by_name.get(name, 0) + 1
@@ -92,7 +101,7 @@ def sample_with_tools(model, tokenizer, prompts: list, toolbox: Toolbox, *, max_
     query, query_mask, images = encode_queries(tokenizer, prompts, max_prompt_length, device=model_device(model))
     if images is not None:
         raise ValueError(f"{KEY}: prompts with images are not sampled with tools")
-    end_call, eos = tag_ids(tokenizer)[END_CALL], tokenizer.eos_token_id
+    fmt, eos = tool_format(tokenizer), tokenizer.eos_token_id
     n = len(prompts)
     rows: list[list[int]] = [[] for _ in range(n)]
     written: list[list[int]] = [[] for _ in range(n)]  # 1 where a tool wrote the token
@@ -101,22 +110,21 @@ def sample_with_tools(model, tokenizer, prompts: list, toolbox: Toolbox, *, max_
     while active:
         left = {i: max_new_tokens - len(rows[i]) for i in active}
         turn = _next_turn(model, tokenizer, [contexts[i] + rows[i] for i in active], max(left.values()),
-                          end_call, sampling)  # fmt: skip
+                          fmt.stop_ids, sampling)  # fmt: skip
         still = []
         for i, new in zip(active, turn, strict=True):
             new = new[: left[i]]
             rows[i] += new
             written[i] += [0] * len(new)
-            if new and new[-1] == eos:
-                finished[i] = True
-            elif new and new[-1] == end_call and calls[i] < max_calls and len(rows[i]) < max_new_tokens:
+            if fmt.is_call(new) and calls[i] < max_calls and len(rows[i]) < max_new_tokens:
                 calls[i] += 1
-                result = response_ids(tokenizer, result_text(toolbox.run(decode_response(tokenizer, new))), False)
-                result = result[: max_new_tokens - len(rows[i])]
+                result = fmt.result_ids(toolbox.results(fmt, new))[: max_new_tokens - len(rows[i])]
                 rows[i] += result
                 written[i] += [1] * len(result)
                 if len(rows[i]) < max_new_tokens:
                     still.append(i)
+            else:  # answered, out of budget, or a call past the limit: the response ends here
+                finished[i] = bool(new) and new[-1] == eos
         active = still
     rollout = response_rollout(query, query_mask, rows, tokenizer.pad_token_id, finished)
     width = rollout.response.shape[1]
@@ -126,19 +134,21 @@ def sample_with_tools(model, tokenizer, prompts: list, toolbox: Toolbox, *, max_
     return rollout
 
 
-def _next_turn(model, tokenizer, contexts: list[list[int]], budget: int, end_call: int, sampling: dict) -> list:
-    """Each context's next turn: tokens up to and including EOS or `</call>`, or `budget` of them."""
+def _next_turn(model, tokenizer, contexts: list[list[int]], budget: int, stop_ids: tuple, sampling: dict) -> list:
+    """Each context's next turn: tokens up to and including EOS or a stop token, or `budget` of them."""
     width = max(len(c) for c in contexts)
     pad, device = tokenizer.pad_token_id, model_device(model)
     query = torch.tensor([[pad] * (width - len(c)) + c for c in contexts], dtype=torch.long, device=device)
     mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts], dtype=torch.long, device=device)
-    out = sample_ids(model, tokenizer, query, mask, max_new_tokens=budget, stop_ids=(end_call,), **sampling)
+    out = sample_ids(model, tokenizer, query, mask, max_new_tokens=budget, stop_ids=stop_ids, **sampling)
     return [r[m.bool()].tolist() for r, m in zip(out.response, out.response_mask)]
 
 
 def tool_use(rollout: Rollout, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     """Per response: whether it read a tool result, and how many calls it wrote."""
-    calls = ((rollout.response == tag_ids(tokenizer)[END_CALL]) & rollout.loss_mask.bool()).sum(1)
+    fmt = tool_format(tokenizer)
+    rows = [r[m.bool()].tolist() for r, m in zip(rollout.response, rollout.loss_mask)]  # the policy's tokens
+    calls = torch.tensor([fmt.count_calls(r) for r in rows], device=rollout.response.device)
     return rollout.tool_mask.any(dim=1), calls
 
 
