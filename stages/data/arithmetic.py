@@ -69,7 +69,12 @@ def _combinations() -> list[str]:
 
 def split(seed: int) -> tuple[list[str], list[str]]:
     """(training prompts, held-out prompts): every combination in exactly one, seeded."""
-    prompts = _combinations()
+    return held_out_split(_combinations(), seed)
+
+
+def held_out_split(prompts: list[str], seed: int) -> tuple[list[str], list[str]]:
+    """(training prompts, held-out prompts): a seeded share `HELDOUT_SHARE` of `prompts` held out."""
+    prompts = list(prompts)
     random.Random(seed).shuffle(prompts)
     cut = round(len(prompts) * HELDOUT_SHARE)
     return sorted(prompts[cut:]), sorted(prompts[:cut])

@@ -20,15 +20,14 @@ import random
 import re
 from dataclasses import dataclass
 
+from stages.data import arithmetic
+from stages.data.arithmetic import ANSWER, TEMPLATES, solve  # its prompts and answers are the arithmetic task's
 from stages.data.tool_calls import END_RESULT, TAGS
 
 LOW, HIGH = 10, 99
-TEMPLATES = ("what is {} plus {}", "add {} and {}", "compute {} plus {}", "what do {} and {} make")
-ANSWER = "the answer is {}"
 TOOL = "calculator"
 DEMO_TOOL_SHARE = 0.5
 DEMO_DIRECT_ACCURACY = 0.3
-HELDOUT_SHARE = 0.25
 _NUMBER = re.compile(r"-?\d+")
 SCHEMA = {
     "type": "function",
@@ -55,17 +54,9 @@ def vocabulary() -> list[str]:
     return sorted(words)
 
 
-def solve(prompt: str) -> int:
-    numbers = _NUMBER.findall(prompt)
-    if len(numbers) != 2:
-        raise ValueError(f"prompt {prompt!r} is not a calculator task prompt (two numbers)")
-    return int(numbers[0]) + int(numbers[1])
-
-
 def final_answer(response: str) -> int | None:
     """The last number after the last tool result (`</result>`); None without one."""
-    numbers = _NUMBER.findall(response.rpartition(END_RESULT)[2])
-    return int(numbers[-1]) if numbers else None
+    return arithmetic.final_answer(response.rpartition(END_RESULT)[2])
 
 
 def exact_match(prompt: str, response: str) -> float:
@@ -75,9 +66,7 @@ def exact_match(prompt: str, response: str) -> float:
 def split(seed: int) -> tuple[list[str], list[str]]:
     """(training prompts, held-out prompts), every (phrasing, a, b) combination in exactly one."""
     prompts = [t.format(a, b) for t in TEMPLATES for a in range(LOW, HIGH + 1) for b in range(LOW, HIGH + 1)]
-    random.Random(seed).shuffle(prompts)
-    cut = round(len(prompts) * HELDOUT_SHARE)
-    return sorted(prompts[cut:]), sorted(prompts[:cut])
+    return arithmetic.held_out_split(prompts, seed)
 
 
 def demonstration(rng: random.Random, prompt: str) -> CalculatorExample:
@@ -102,8 +91,3 @@ def demonstration(rng: random.Random, prompt: str) -> CalculatorExample:
 def make_demonstrations(n: int, seed: int, pool: list[str]) -> list[CalculatorExample]:
     rng = random.Random(seed)
     return [demonstration(rng, rng.choice(pool)) for _ in range(n)]
-
-
-def make_prompts(n: int, seed: int, pool: list[str]) -> list[str]:
-    rng = random.Random(seed)
-    return [rng.choice(pool) for _ in range(n)]

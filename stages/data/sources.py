@@ -108,14 +108,8 @@ def embedded_arithmetic(cfg, pretrain_documents: int) -> Sourced:
         {"messages": [{"role": "user", "content": d.prompt}, {"role": "assistant", "content": d.response}]}
         for d in demos
     ]
-    sizes = _sizes(cfg)
-    sets = {
-        name: arithmetic.make_prompts(n, cfg.seed * 1000 + i + 1, held if name == "eval_prompts" else train)
-        for i, (name, n) in enumerate(sizes.items())
-    }
+    sets, source = _held_out_sets(cfg, train, held, "arithmetic")
     web = arithmetic.make_demonstrations(pretrain_documents, cfg.seed + 7919, train)
-    source = dict.fromkeys(sets, "embedded arithmetic task, training combinations")
-    source["eval_prompts"] = "embedded arithmetic task, held-out combinations"
     return Sourced(
         demonstrations=rows,
         prompt_sets=sets,
@@ -126,6 +120,18 @@ def embedded_arithmetic(cfg, pretrain_documents: int) -> Sourced:
     )
 
 
+def _held_out_sets(cfg, train: list[str], held: list[str], task: str) -> tuple[dict, dict]:
+    """(prompt sets, where each came from) of a task split into combinations: every training set drawn
+    from `train`, evaluation's from `held`."""
+    sets = {
+        name: arithmetic.make_prompts(n, cfg.seed * 1000 + i + 1, held if name == "eval_prompts" else train)
+        for i, (name, n) in enumerate(_sizes(cfg).items())
+    }
+    source = dict.fromkeys(sets, f"embedded {task} task, training combinations")
+    source["eval_prompts"] = f"embedded {task} task, held-out combinations"
+    return sets, source
+
+
 def embedded_calculator(cfg, pretrain_documents: int) -> Sourced:
     """The tool task (`stages/data/calculator.py`): OpenAI-style tool-use conversations, read through the
     data worker's normalisation as a user's file is; prompts as the arithmetic task's."""
@@ -133,14 +139,9 @@ def embedded_calculator(cfg, pretrain_documents: int) -> Sourced:
     demos = calculator.make_demonstrations(cfg.n_demonstrations, cfg.seed, train)
     rows = [normalise_record({"messages": d.messages, "tools": [calculator.SCHEMA]}, "messages", "demonstrations")
             for d in demos]  # fmt: skip
-    sets = {
-        name: calculator.make_prompts(n, cfg.seed * 1000 + i + 1, held if name == "eval_prompts" else train)
-        for i, (name, n) in enumerate(_sizes(cfg).items())
-    }
+    sets, source = _held_out_sets(cfg, train, held, "calculator")
     web = calculator.make_demonstrations(pretrain_documents, cfg.seed + 7919, train)
     web_rows = [normalise_record({"messages": d.messages}, "messages", "demonstrations") for d in web]
-    source = dict.fromkeys(sets, "embedded calculator task, training combinations")
-    source["eval_prompts"] = "embedded calculator task, held-out combinations"
     return Sourced(
         demonstrations=rows,
         prompt_sets=sets,
