@@ -276,7 +276,7 @@ def _check_tool_use(msgs: list[dict[str, Any]], key: str, tools: Any) -> None:
     if not has_tool_turns(msgs):
         return
     declared = _declared_tools(tools) if tools is not None else None
-    last_user = max((i for i, m in enumerate(msgs) if m["role"] in ("user", "system")), default=-1)
+    last_user = len(split_conversation(msgs)[0]) - 1
     owed = 0
     for i, m in enumerate(msgs):
         if (m["role"] == "tool" or m.get("tool_calls")) and i < last_user:

@@ -26,6 +26,7 @@ A tool function receives its arguments as `arguments_text` gives them.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -111,9 +112,9 @@ class Tagged:
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
 
-    @property
+    @functools.cached_property
     def end_call(self) -> int:
-        return tag_ids(self.tokenizer)[END_CALL]
+        return tag_ids(self.tokenizer)[END_CALL]  # once: `is_call` reads it for every row of every turn
 
     def check(self) -> None:
         tag_ids(self.tokenizer)
